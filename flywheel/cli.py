@@ -1,0 +1,194 @@
+"""The `flywheel` command line. Every command takes `--config FILE`; scriptable ones take `--json`."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from flywheel.config import Settings, load_settings
+from flywheel.logs import configure_logging
+from flywheel.registry import RegistryError
+
+app = typer.Typer(
+    help="flywheel: serve LoRA-tuned DeepSeek-R1-distilled models and keep improving them from feedback.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+adapters_app = typer.Typer(help="Inspect adapter versions in the registry.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML settings file (env FLYWHEEL_* overrides it).",
+                 envvar="FLYWHEEL_CONFIG", show_envvar=True),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(f"invalid configuration: {exc}")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _emit(as_json: bool, payload: Any, text: str) -> None:
+    typer.echo(json.dumps(payload, indent=2, default=str) if as_json else text)
+
+
+def _progress(message: str) -> None:
+    typer.echo(f"  {message}", err=True)
+
+
+@app.command()
+def bootstrap(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Build the local demo model (no hub) and register a first champion adapter. Idempotent."""
+    from flywheel.bootstrap import bootstrap as run_bootstrap
+
+    result = run_bootstrap(_settings(config), progress=_progress)
+    _emit(as_json, result.model_dump(),
+          f"ready: base {result.base_model}, champion {result.champion}"
+          + ("" if result.base_built or result.adapter_registered else " (already bootstrapped)"))
+
+
+@app.command()
+def up(
+    config: ConfigOption = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default from config: 8000).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    engine: Annotated[str | None, typer.Option(help="`vllm` or `hf` (default from config).")] = None,
+) -> None:
+    """Start local Ray and the Serve app; bootstrap first if needed. Ctrl-C stops everything."""
+    from flywheel.bootstrap import bootstrap as run_bootstrap
+    from services import app as serve_app
+
+    configure_logging()
+    settings = _settings(config)
+    overrides = {k: v for k, v in {"port": port, "host": host, "engine": engine}.items() if v is not None}
+    try:
+        settings.serving = type(settings.serving).model_validate({**settings.serving.model_dump(), **overrides})
+    except ValueError as exc:
+        _fail(f"invalid option: {exc}")
+    result = run_bootstrap(settings, progress=_progress)
+    typer.echo(f"starting Ray and Serve (engine={settings.serving.engine}, champion={result.champion}) …",
+               err=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        url = serve_app.run(settings)
+        typer.echo(f"flywheel is serving at {url}  (POST {url}/predict, GET {url}/healthz; Ctrl-C stops)")
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    except TimeoutError as exc:
+        _fail(str(exc))
+    finally:
+        typer.echo("stopping Serve and Ray …", err=True)
+        serve_app.shutdown()
+
+
+@adapters_app.command("list")
+def adapters_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """List registered adapter versions, oldest first, marking aliases."""
+    from flywheel.bootstrap import registry_for
+
+    registry = registry_for(_settings(config))
+    aliases = registry.aliases()
+    rows = []
+    for manifest in registry.versions():
+        names = [a for a, record in aliases.items() if record.version == manifest.version]
+        rows.append({"version": manifest.version, "status": manifest.status, "parent": manifest.parent,
+                     "created_at": manifest.created_at.isoformat(), "aliases": names})
+    lines = [f"{r['version']:<16} {r['status']:<9} {r['created_at'][:19]}  parent={r['parent'] or '-':<14}"
+             f" {' '.join(r['aliases'])}" for r in rows]
+    _emit(as_json, rows, "\n".join(lines) or "no adapter versions yet (run `flywheel bootstrap`)")
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="Adapter version to make champion, e.g. demo-v2.")],
+    config: ConfigOption = None,
+    reason: Annotated[str, typer.Option(help="Why; recorded in the alias history.")] = "manual promotion",
+    as_json: JsonOption = False,
+) -> None:
+    """Point the champion alias at VERSION (weights and base are verified first). Serving hot-swaps."""
+    from flywheel.bootstrap import registry_for
+
+    try:
+        entry = registry_for(_settings(config)).promote(version, actor=getpass.getuser(), reason=reason)
+    except RegistryError as exc:
+        _fail(f"{version} not promoted: {exc}")
+    _emit(as_json, entry.model_dump(mode="json"),
+          f"champion: {entry.previous or '-'} -> {entry.version}")
+
+
+@app.command()
+def rollback(
+    config: ConfigOption = None,
+    reason: Annotated[str, typer.Option(help="Why; recorded in the alias history.")] = "manual rollback",
+    as_json: JsonOption = False,
+) -> None:
+    """Move the champion alias back to the version it pointed at before the last promotion."""
+    from flywheel.bootstrap import registry_for
+
+    try:
+        entry = registry_for(_settings(config)).rollback(actor=getpass.getuser(), reason=reason)
+    except RegistryError as exc:
+        _fail(f"rollback refused: {exc}")
+    _emit(as_json, entry.model_dump(mode="json"), f"champion rolled back: {entry.previous} -> {entry.version}")
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    url: Annotated[str | None, typer.Option(help="Also ask a running server's /healthz.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The champion, registered versions, recent alias moves, and (with --url) what serving runs."""
+    import httpx
+
+    from flywheel.bootstrap import registry_for
+
+    settings = _settings(config)
+    registry = registry_for(settings)
+    payload: dict[str, Any] = {
+        "champion": registry.alias("champion"),
+        "aliases": {k: v.model_dump(mode="json") for k, v in registry.aliases().items()},
+        "versions": [m.version for m in registry.versions()],
+        "history": [e.model_dump(mode="json") for e in registry.history()[-5:]],
+        "registry": settings.registry_uri,
+        "engine": settings.serving.engine,
+        "base_model": settings.model.base,
+    }
+    if url:
+        try:
+            payload["serving"] = httpx.get(f"{url.rstrip('/')}/healthz", timeout=10).json()
+        except httpx.HTTPError as exc:
+            payload["serving"] = {"error": repr(exc)}
+    lines = [f"champion: {payload['champion'] or '-'}", f"versions: {', '.join(payload['versions']) or '-'}",
+             f"engine: {payload['engine']}  base: {payload['base_model']}", "recent alias moves:"]
+    lines += [f"  {e['at'][:19]} {e['action']:<8} {e['alias']} {e['previous'] or '-'} -> {e['version']}"
+              f"  by {e['actor']}: {e['reason']}" for e in payload["history"]]
+    if "serving" in payload:
+        lines.append(f"serving: {json.dumps(payload['serving'].get('serving', payload['serving']))}")
+    _emit(as_json, payload, "\n".join(lines))
+
+
+def main() -> None:
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""One settings object for the CLI and every deployment.
+
+Sources, highest priority first: explicit keyword arguments, ``FLYWHEEL_*`` environment variables
+(nested with ``__``, e.g. ``FLYWHEEL_SERVING__ENGINE=hf``), the YAML file named by ``--config`` or
+``FLYWHEEL_CONFIG``, then the embedded defaults below (one box, local Ray, local registry, demo model).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEMO_MODEL = "demo"
+
+
+class ModelSettings(BaseModel):
+    """The base model every adapter is trained against and served on."""
+
+    base: str = Field(
+        DEMO_MODEL,
+        description="`demo` (the tiny model `flywheel bootstrap` builds locally), a local HF model "
+        "directory, or a hub id such as deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B.",
+    )
+    task: str = Field("demo", description="Task name; adapter versions are named `<task>-v<N>`.")
+
+
+class RegistrySettings(BaseModel):
+    uri: str = Field("", description="Local path or fsspec URL (s3://, gs://). Empty: `<home>/registry`.")
+
+
+class VLLMSettings(BaseModel):
+    """Engine arguments passed to vLLM's AsyncLLM."""
+
+    dtype: str = "auto"
+    max_model_len: int = 512
+    max_loras: int = Field(3, description="Adapters resident at once: champion, incoming, draining.")
+    max_lora_rank: int = 16
+    max_num_seqs: int = 64
+    gpu_memory_utilization: float = 0.85
+    quantization: str | None = None
+    cpu_kvcache_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE for the CPU build.")
+    enforce_eager: bool = True
+
+
+class ServingSettings(BaseModel):
+    engine: Literal["vllm", "hf"] = Field(
+        "vllm", description="`vllm` (AsyncLLM) or `hf` (transformers+PEFT reference engine)."
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = Field(1, ge=1)
+    replica_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per LLM replica.")
+    max_prompt_chars: int = Field(4000, ge=1)
+    max_tokens_limit: int = Field(256, ge=1, description="Largest `max_tokens` a request may ask for.")
+    default_max_tokens: int = Field(64, ge=1)
+    alias: str = Field("champion", description="Registry alias this app serves.")
+    poll_interval_s: float = Field(0.2, gt=0, description="How often replicas re-read the alias.")
+    probe_prompt: str = "ping"
+    drain_timeout_s: float = Field(30.0, gt=0, description="Wait this long for old-version requests.")
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> ServingSettings:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("serving.default_max_tokens must be <= serving.max_tokens_limit")
+        return self
+
+
+class RaySettings(BaseModel):
+    address: str | None = Field(None, description="Existing cluster address; None starts a local Ray.")
+    num_cpus: int | None = Field(None, description="Logical CPUs for a local Ray (None: detect).")
+    object_store_mb: int = Field(512, ge=80)
+
+
+class BootstrapSettings(BaseModel):
+    """How `flywheel bootstrap` builds the embedded demo model and its first adapter."""
+
+    seed: int = 0
+    base_steps: int = 400
+    adapter_steps: int = 60
+    train_examples: int = 600
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FLYWHEEL_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    home: Path = Field(Path(".flywheel"), description="Where local state lives (models, registry, logs).")
+    admin_token: str = Field("", description="Token for /admin routes; empty disables them.")
+    model: ModelSettings = ModelSettings()
+    registry: RegistrySettings = RegistrySettings()
+    serving: ServingSettings = ServingSettings()
+    vllm: VLLMSettings = VLLMSettings()
+    ray: RaySettings = RaySettings()
+    bootstrap: BootstrapSettings = BootstrapSettings()
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        # Ray workers run in other directories: pin the path before it travels.
+        return home.expanduser().resolve()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = os.environ.get("FLYWHEEL_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    @property
+    def registry_uri(self) -> str:
+        return self.registry.uri or str(self.home / "registry")
+
+    @property
+    def demo_base_dir(self) -> Path:
+        return self.home / "models" / "demo-base"
+
+    @property
+    def base_model_path(self) -> str:
+        """What the engines load: the demo model's directory, or the configured dir / hub id."""
+        return str(self.demo_base_dir) if self.model.base == DEMO_MODEL else self.model.base
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Load settings; a `config_file` becomes FLYWHEEL_CONFIG so Ray workers see the same file."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        os.environ["FLYWHEEL_CONFIG"] = str(config_file.resolve())
+    return Settings(**overrides)

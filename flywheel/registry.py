@@ -1,0 +1,353 @@
+"""The adapter registry: the one contract between training and serving.
+
+Layout under the registry root (a local directory or any fsspec URL)::
+
+    versions/<task>-v<N>/adapter_config.json, adapter_model.safetensors, manifest.json
+    aliases.json                       {"champion": {...}, "canary": {...}}
+    history/<utc-timestamp>-<id>.json  one file per alias move, never rewritten
+
+A version is visible only once its ``manifest.json`` exists, and the manifest is written last (on a
+local disk the whole directory appears with one atomic rename), so a reader never sees half a version.
+Versions are immutable; promotion and rollback move an alias, never weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, Field
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+MANIFEST = "manifest.json"
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot be done; the message says why."""
+
+
+class VersionNotFoundError(RegistryError):
+    pass
+
+
+class AdapterIntegrityError(RegistryError):
+    """Weights that do not match their manifest, or an adapter built for another base."""
+
+
+class BaseModelRef(BaseModel):
+    id: str = Field(description="What the base was loaded from: a hub id or a directory.")
+    sha256: str = Field(description="Fingerprint of the base's config, tokenizer and weights.")
+
+
+class AdapterManifest(BaseModel):
+    schema_version: int = 1
+    version: str
+    number: int
+    task: str
+    parent: str | None = None
+    base_model: BaseModelRef
+    created_at: datetime
+    status: Literal["ready", "rejected"] = "ready"
+    files: dict[str, str] = Field(description="File name -> sha256 of every file in the version.")
+    lora: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    gate: dict[str, Any] | None = None
+
+
+class AliasRecord(BaseModel):
+    version: str
+    set_at: datetime
+    actor: str
+    reason: str = ""
+    traffic_fraction: float | None = Field(None, description="For a canary alias: its share of traffic.")
+
+
+class HistoryEntry(BaseModel):
+    at: datetime
+    action: Literal["promote", "rollback"]
+    alias: str
+    version: str
+    previous: str | None
+    actor: str
+    reason: str = ""
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=8)
+def _fingerprint_dir(path: str, stat_key: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for name, _size, _mtime in stat_key:
+        digest.update(name.encode())
+        digest.update(_sha256_file(Path(path) / name).encode())
+    return digest.hexdigest()
+
+
+def fingerprint_base(model: str) -> str:
+    """sha256 over a base model's config, tokenizer and weight files (cached per file stat).
+
+    `model` is a local directory or a hub id (resolved through the local HF cache).
+    """
+    path = Path(model)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(model))
+    names = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name in ("config.json", "tokenizer.json"))
+    )
+    if "config.json" not in names:
+        raise RegistryError(f"{model} is not a model directory: no config.json")
+    stat_key = tuple((n, (path / n).stat().st_size, (path / n).stat().st_mtime_ns) for n in names)
+    return _fingerprint_dir(str(path.resolve()), stat_key)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Registry:
+    """Adapter versions, aliases and their history for one task."""
+
+    def __init__(self, uri: str, task: str, cache_dir: Path | None = None) -> None:
+        self.uri = uri.rstrip("/")
+        self.task = task
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "flywheel-adapter-cache"
+        self._version_re = re.compile(rf"^{re.escape(task)}-v(\d+)$")
+
+    # -- paths ---------------------------------------------------------------------------------------
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _version_dir(self, version: str) -> str:
+        return self._path("versions", version)
+
+    # -- versions ------------------------------------------------------------------------------------
+
+    def versions(self) -> list[AdapterManifest]:
+        """All complete versions, oldest first."""
+        if not self.fs.exists(self._path("versions")):
+            return []
+        manifests = []
+        for entry in self.fs.ls(self._path("versions"), detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if self._version_re.match(name) and self.fs.exists(self._path("versions", name, MANIFEST)):
+                manifests.append(self.manifest(name))
+        return sorted(manifests, key=lambda m: m.number)
+
+    def manifest(self, version: str) -> AdapterManifest:
+        path = self._path("versions", version, MANIFEST)
+        if not self.fs.exists(path):
+            raise VersionNotFoundError(f"adapter version {version!r} is not in the registry at {self.uri}")
+        with self.fs.open(path, "r") as f:
+            return AdapterManifest.model_validate_json(f.read())
+
+    def _next_number(self) -> int:
+        numbers = [0]
+        if self.fs.exists(self._path("versions")):
+            for entry in self.fs.ls(self._path("versions"), detail=False):
+                match = self._version_re.match(entry.rstrip("/").rsplit("/", 1)[-1])
+                if match:
+                    numbers.append(int(match.group(1)))
+        return max(numbers) + 1
+
+    def register(
+        self,
+        adapter_dir: Path,
+        *,
+        base: BaseModelRef,
+        parent: str | None = None,
+        status: Literal["ready", "rejected"] = "ready",
+        **fields: Any,
+    ) -> AdapterManifest:
+        """Copy a PEFT adapter directory in as a new immutable version and return its manifest.
+
+        Extra keyword fields (lora, training, data, metrics, gate) go into the manifest as given.
+        """
+        files = sorted(p for p in Path(adapter_dir).iterdir() if p.is_file() and p.name != MANIFEST)
+        if not any(p.name.startswith("adapter_config") for p in files):
+            raise RegistryError(f"{adapter_dir} holds no PEFT adapter (adapter_config.json missing)")
+        hashes = {p.name: _sha256_file(p) for p in files}
+        self.fs.makedirs(self._path("versions"), exist_ok=True)
+        for _attempt in range(100):
+            number = self._next_number()
+            manifest = AdapterManifest(
+                version=f"{self.task}-v{number}",
+                number=number,
+                task=self.task,
+                parent=parent,
+                base_model=base,
+                created_at=_now(),
+                status=status,
+                files=hashes,
+                **fields,
+            )
+            if self._publish(manifest, files):
+                return manifest
+        raise RegistryError("could not allocate a version number after 100 attempts")
+
+    def _publish(self, manifest: AdapterManifest, files: list[Path]) -> bool:
+        """Write a version; False when its number was taken meanwhile (the caller picks another)."""
+        target = self._version_dir(manifest.version)
+        if self.is_local:
+            staging = Path(self._path(".staging", uuid.uuid4().hex))
+            staging.mkdir(parents=True)
+            for p in files:
+                shutil.copy2(p, staging / p.name)
+            (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+            try:
+                os.rename(staging, target)  # atomic; fails if another writer took the number
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+                return False
+            return True
+        if self.fs.exists(target):
+            return False
+        for p in files:
+            self.fs.put_file(str(p), f"{target}/{p.name}")
+        with self.fs.open(f"{target}/{MANIFEST}", "w") as f:  # last: makes the version visible
+            f.write(manifest.model_dump_json(indent=2))
+        return True
+
+    def verify(self, version: str, *, base_sha256: str | None = None) -> AdapterManifest:
+        """Recompute every file's sha256 (and check the base); raise AdapterIntegrityError if off."""
+        manifest = self.manifest(version)
+        local = self.local_path(version)
+        for name, expected in manifest.files.items():
+            path = local / name
+            if not path.is_file():
+                raise AdapterIntegrityError(f"{version}: file {name} is missing")
+            actual = _sha256_file(path)
+            if actual != expected:
+                raise AdapterIntegrityError(
+                    f"{version}: {name} sha256 {actual[:12]}… does not match manifest {expected[:12]}…"
+                )
+        if base_sha256 is not None and manifest.base_model.sha256 != base_sha256:
+            raise AdapterIntegrityError(
+                f"{version} was trained on base {manifest.base_model.id} "
+                f"({manifest.base_model.sha256[:12]}…), not on the served base ({base_sha256[:12]}…)"
+            )
+        return manifest
+
+    def local_path(self, version: str) -> Path:
+        """A local directory holding the version's files (downloaded once for remote registries)."""
+        if self.is_local:
+            return Path(self._version_dir(version))
+        cached = self._cache_dir / version
+        if not (cached / MANIFEST).exists():
+            staging = self._cache_dir / f".{version}.{uuid.uuid4().hex}"
+            self.fs.get(self._version_dir(version) + "/", str(staging), recursive=True)
+            staging.rename(cached)
+        return cached
+
+    # -- aliases -------------------------------------------------------------------------------------
+
+    def aliases(self) -> dict[str, AliasRecord]:
+        path = self._path("aliases.json")
+        if not self.fs.exists(path):
+            return {}
+        with self.fs.open(path, "r") as f:
+            raw = json.load(f)
+        return {name: AliasRecord.model_validate(record) for name, record in raw.items()}
+
+    def alias(self, name: str = "champion") -> str | None:
+        record = self.aliases().get(name)
+        return record.version if record else None
+
+    def _write_aliases(self, aliases: dict[str, AliasRecord]) -> None:
+        payload = json.dumps({k: v.model_dump(mode="json") for k, v in aliases.items()}, indent=2)
+        path = self._path("aliases.json")
+        if self.is_local:
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            Path(tmp).write_text(payload)
+            os.replace(tmp, path)
+        else:
+            with self.fs.open(path, "w") as f:
+                f.write(payload)
+
+    def _append_history(self, entry: HistoryEntry) -> None:
+        name = f"{entry.at.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.json"
+        self.fs.makedirs(self._path("history"), exist_ok=True)
+        with self.fs.open(self._path("history", name), "w") as f:
+            f.write(entry.model_dump_json())
+
+    def history(self, alias: str | None = None) -> list[HistoryEntry]:
+        if not self.fs.exists(self._path("history")):
+            return []
+        entries = []
+        for path in sorted(self.fs.ls(self._path("history"), detail=False)):
+            with self.fs.open(path, "r") as f:
+                entries.append(HistoryEntry.model_validate_json(f.read()))
+        return [e for e in entries if alias is None or e.alias == alias]
+
+    def promote(
+        self, version: str, *, alias: str = "champion", actor: str, reason: str = "",
+        traffic_fraction: float | None = None,
+    ) -> HistoryEntry:
+        """Point `alias` at `version` after checking its weights and that it fits the current base."""
+        manifest = self.verify(version)
+        if manifest.status != "ready":
+            raise RegistryError(f"{version} is {manifest.status}; only ready versions can be promoted")
+        current = self.alias(alias)
+        if current is not None:
+            current_base = self.manifest(current).base_model
+            if current_base.sha256 != manifest.base_model.sha256:
+                raise AdapterIntegrityError(
+                    f"{version} was trained on base {manifest.base_model.id}, but {alias} {current} "
+                    f"serves on base {current_base.id}"
+                )
+        return self._move(alias, version, current, "promote", actor, reason, traffic_fraction)
+
+    def rollback(self, *, alias: str = "champion", actor: str, reason: str = "") -> HistoryEntry:
+        """Undo the latest promotion of `alias` (repeatable: each call goes one step further back)."""
+        stack: list[str] = []
+        for entry in self.history(alias):
+            if entry.action == "promote":
+                stack.append(entry.version)
+            elif stack:
+                stack.pop()
+        if len(stack) < 2:
+            raise RegistryError(f"nothing to roll back to: {alias} has no earlier version in its history")
+        target = stack[-2]
+        self.verify(target)
+        return self._move(alias, target, stack[-1], "rollback", actor, reason, None)
+
+    def _move(
+        self, alias: str, version: str, previous: str | None,
+        action: Literal["promote", "rollback"], actor: str, reason: str, traffic_fraction: float | None,
+    ) -> HistoryEntry:
+        entry = HistoryEntry(
+            at=_now(), action=action, alias=alias, version=version, previous=previous,
+            actor=actor, reason=reason,
+        )
+        self._append_history(entry)
+        aliases = self.aliases()
+        aliases[alias] = AliasRecord(
+            version=version, set_at=entry.at, actor=actor, reason=reason, traffic_fraction=traffic_fraction
+        )
+        self._write_aliases(aliases)
+        return entry

@@ -1,0 +1,1 @@
+"""Serving plane: Ray Serve gateway + LLM deployment, engines, adapter hot swap."""

@@ -1,0 +1,178 @@
+"""The adapter lifecycle inside one replica: loading → probing → ready → draining → unloaded (or failed).
+
+The manager follows one registry alias. When the alias moves it preloads the new version, probes it
+with one short generation, then flips: new requests use the new version while requests already
+running finish on the one they started with; the old version is unloaded once drained. A replica that
+starts later converges by reading the alias itself. A failed load or probe leaves the old version
+serving and is remembered (not retried until the alias moves again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from flywheel.registry import Registry, RegistryError
+from services.engines.protocol import AdapterHandle, ChatMessage, Engine, SamplingOptions
+
+log = logging.getLogger("flywheel.adapters")
+
+BASE_VERSION = "base"
+
+
+class AdapterState(StrEnum):
+    LOADING = "loading"
+    PROBING = "probing"
+    READY = "ready"
+    DRAINING = "draining"
+    UNLOADED = "unloaded"
+    FAILED = "failed"
+
+
+@dataclass
+class AdapterSlot:
+    version: str
+    handle: AdapterHandle | None
+    state: AdapterState
+    in_flight: int = 0
+    error: str | None = None
+    since: float = field(default_factory=time.time)
+
+    def move(self, state: AdapterState, error: str | None = None) -> None:
+        self.state, self.error, self.since = state, error, time.time()
+        log.info("event=adapter_state version=%s state=%s%s", self.version, state,
+                 f" error={error!r}" if error else "")
+
+
+@dataclass
+class SwapCounters:
+    succeeded: int = 0
+    failed: int = 0
+
+
+class AdapterManager:
+    def __init__(
+        self,
+        engine: Engine,
+        registry: Registry,
+        *,
+        alias: str,
+        base_sha256: str,
+        probe_prompt: str,
+        drain_timeout_s: float,
+    ) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.alias = alias
+        self.base_sha256 = base_sha256
+        self.probe_prompt = probe_prompt
+        self.drain_timeout_s = drain_timeout_s
+        self.active = AdapterSlot(BASE_VERSION, None, AdapterState.READY)
+        self.slots: dict[str, AdapterSlot] = {}
+        self.counters = SwapCounters()
+        self.last_failure: AdapterSlot | None = None
+        self._swap_lock = asyncio.Lock()
+
+    @contextlib.contextmanager
+    def acquire(self) -> Iterator[AdapterSlot]:
+        """The slot a new request runs on; it stays loaded until the request finishes."""
+        slot = self.active
+        slot.in_flight += 1
+        try:
+            yield slot
+        finally:
+            slot.in_flight -= 1
+
+    async def converge(self) -> None:
+        """Read the alias once and swap if it points somewhere else (and has not already failed there)."""
+        try:
+            target = await asyncio.to_thread(self.registry.alias, self.alias)
+        except (OSError, ValueError, RegistryError) as exc:
+            log.warning("event=alias_read_failed alias=%s error=%r", self.alias, exc)
+            return
+        if target is None or target == self.active.version:
+            return
+        if self.last_failure is not None and self.last_failure.version == target:
+            return
+        await self.swap(target)
+
+    async def watch(self, interval_s: float) -> None:
+        while True:
+            await self.converge()
+            await asyncio.sleep(interval_s)
+
+    async def swap(self, version: str) -> bool:
+        """Preload, probe and flip to `version`; True when it now serves."""
+        async with self._swap_lock:
+            if version == self.active.version:
+                return True
+            started = time.perf_counter()
+            slot = AdapterSlot(version, None, AdapterState.LOADING)
+            log.info("event=swap_started from=%s to=%s", self.active.version, version)
+            try:
+                manifest = await asyncio.to_thread(
+                    self.registry.verify, version, base_sha256=self.base_sha256
+                )
+                slot.handle = AdapterHandle(
+                    name=version, int_id=manifest.number, path=self.registry.local_path(version)
+                )
+                await self.engine.add_adapter(slot.handle)
+                slot.move(AdapterState.PROBING)
+                probe = await self.engine.generate(
+                    [ChatMessage(role="user", content=self.probe_prompt)],
+                    SamplingOptions(max_tokens=4),
+                    slot.handle,
+                    request_id=f"probe-{version}-{time.monotonic_ns()}",
+                )
+                if probe.completion_tokens < 1:
+                    raise RuntimeError("probe generated no tokens")
+            except Exception as exc:  # any failure must leave the old version serving
+                slot.move(AdapterState.FAILED, f"{type(exc).__name__}: {exc}")
+                self.last_failure = slot
+                self.counters.failed += 1
+                if slot.handle is not None:
+                    with contextlib.suppress(Exception):
+                        await self.engine.remove_adapter(slot.handle)
+                log.error("event=swap_failed to=%s keeps=%s error=%r", version, self.active.version, exc)
+                return False
+            old, self.active = self.active, slot
+            slot.move(AdapterState.READY)
+            self.slots[version] = slot
+            self.last_failure = None
+            self.counters.succeeded += 1
+            log.info("event=swap_flipped from=%s to=%s ms=%.0f", old.version, version,
+                     (time.perf_counter() - started) * 1000)
+            if old.handle is not None:
+                asyncio.get_running_loop().create_task(self._drain(old))
+            return True
+
+    async def _drain(self, slot: AdapterSlot) -> None:
+        slot.move(AdapterState.DRAINING)
+        deadline = time.monotonic() + self.drain_timeout_s
+        while slot.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if slot.handle is None or self.active.version == slot.version:  # flipped back meanwhile: keep it
+            return
+        await self.engine.remove_adapter(slot.handle)
+        slot.move(AdapterState.UNLOADED)
+        self.slots.pop(slot.version, None)
+
+    def status(self) -> dict:
+        return {
+            "active": self.active.version,
+            "active_since": self.active.since,
+            "in_flight": self.active.in_flight,
+            "adapters": {v: {"state": s.state, "in_flight": s.in_flight} for v, s in self.slots.items()},
+            "swaps_succeeded": self.counters.succeeded,
+            "swaps_failed": self.counters.failed,
+            "last_failure": (
+                {"version": self.last_failure.version, "error": self.last_failure.error}
+                if self.last_failure
+                else None
+            ),
+        }

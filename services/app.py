@@ -1,0 +1,96 @@
+"""Assemble the Serve application and run it on a local or existing Ray cluster.
+
+`serve run services.app:app_builder` and `deploy/serve.yaml` use `app_builder`; `flywheel up` and
+the tests use `run`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import httpx
+import ray
+from ray import serve
+from ray.serve import Application
+
+from flywheel.config import Settings, load_settings
+from services.gateway import Gateway
+from services.llm_server import LLMServer
+
+APP_NAME = "flywheel"
+
+
+def _replica_env(settings: Settings) -> dict[str, str]:
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(settings.vllm.cpu_kvcache_gib),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if os.environ.get("FLYWHEEL_CONFIG"):
+        env["FLYWHEEL_CONFIG"] = os.environ["FLYWHEEL_CONFIG"]
+    return env
+
+
+def build_app(settings: Settings) -> Application:
+    payload = settings.model_dump(mode="json")
+    llm = LLMServer.options(
+        num_replicas=settings.serving.replicas,
+        ray_actor_options={
+            "num_cpus": settings.serving.replica_cpus,
+            "runtime_env": {"env_vars": _replica_env(settings)},
+        },
+    ).bind(payload)
+    return Gateway.bind(llm, payload)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for `serve run` / `serve deploy`: args may name a `config` YAML file."""
+    config = args.get("config")
+    from pathlib import Path
+
+    return build_app(load_settings(Path(config) if config else None))
+
+
+def ensure_ray(settings: Settings) -> None:
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=settings.ray.address,
+        num_cpus=settings.ray.num_cpus,
+        object_store_memory=settings.ray.object_store_mb * 1024 * 1024 if not settings.ray.address else None,
+        include_dashboard=False,
+        log_to_driver=True,
+        namespace="flywheel",
+    )
+
+
+def run(settings: Settings, *, timeout_s: float = 300.0) -> str:
+    """Start (or reuse) Ray, deploy the app, and return its URL once /healthz answers."""
+    ensure_ray(settings)
+    serve.start(http_options={"host": settings.serving.host, "port": settings.serving.port})
+    serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{settings.serving.host}:{settings.serving.port}"
+    wait_healthy(url, timeout_s=timeout_s)
+    return url
+
+
+def wait_healthy(url: str, *, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    last_error = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/healthz", timeout=5)
+            if response.status_code == 200 and response.json()["replicas"]:
+                return response.json()
+            last_error = f"HTTP {response.status_code}: {response.text[:200]}"
+        except httpx.HTTPError as exc:
+            last_error = repr(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/healthz did not answer within {timeout_s:.0f}s (last: {last_error})")
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,112 @@
+"""The reference engine: transformers + PEFT, one request at a time.
+
+Used where vLLM is absent and as the parity reference for the serving engine. Adapters live side by
+side in one PeftModel; a lock serialises generation because the active adapter is global state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from services.engines.chat import load_tokenizer, render_prompt_ids
+from services.engines.protocol import AdapterHandle, ChatMessage, Generation, SamplingOptions
+
+log = logging.getLogger("flywheel.engine.hf")
+
+
+class HFEngine:
+    def __init__(self, base_model: str, *, max_model_len: int = 512) -> None:
+        self.base_model = base_model
+        self.max_model_len = max_model_len
+        self._lock = asyncio.Lock()
+        self._model: Any = None
+        self._tokenizer: Any = None
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        log.info("event=engine_started engine=hf base=%s", self.base_model)
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_flush_denormal(True)
+        self._tokenizer = load_tokenizer(self.base_model)
+        self._model = AutoModelForCausalLM.from_pretrained(self.base_model).eval()
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._add, adapter)
+
+    def _add(self, adapter: AdapterHandle) -> None:
+        from peft import PeftModel
+
+        if isinstance(self._model, PeftModel):
+            if adapter.name in self._model.peft_config:  # immutable versions: already resident
+                return
+            self._model.load_adapter(str(adapter.path), adapter_name=adapter.name)
+        else:
+            self._model = PeftModel.from_pretrained(self._model, str(adapter.path), adapter_name=adapter.name)
+        self._model.eval()
+
+    async def remove_adapter(self, adapter: AdapterHandle) -> None:
+        async with self._lock:
+            if adapter.name in getattr(self._model, "peft_config", {}):
+                remaining = [n for n in self._model.peft_config if n != adapter.name]
+                if remaining:
+                    self._model.set_adapter(remaining[0])
+                    self._model.delete_adapter(adapter.name)
+
+    async def generate(
+        self,
+        messages: list[ChatMessage],
+        options: SamplingOptions,
+        adapter: AdapterHandle | None,
+        request_id: str,
+    ) -> Generation:
+        prompt_ids = render_prompt_ids(self._tokenizer, messages, options.max_tokens, self.max_model_len)
+        async with self._lock:
+            return await asyncio.to_thread(self._generate, prompt_ids, options, adapter)
+
+    def _generate(
+        self, prompt_ids: list[int], options: SamplingOptions, adapter: AdapterHandle | None
+    ) -> Generation:
+        import contextlib
+
+        import torch
+
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        sampling: dict[str, Any] = (
+            {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p}
+            if options.temperature > 0
+            else {"do_sample": False}
+        )
+        use_base = adapter is None and hasattr(self._model, "disable_adapter")
+        context = self._model.disable_adapter() if use_base else contextlib.nullcontext()
+        if adapter is not None:
+            self._model.set_adapter(adapter.name)
+        with torch.inference_mode(), context:
+            output = self._model.generate(
+                input_ids=torch.tensor([prompt_ids]),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                max_new_tokens=options.max_tokens,
+                pad_token_id=self._tokenizer.pad_token_id,
+                **sampling,
+            )
+        new_ids = output[0, len(prompt_ids):].tolist()
+        eos = self._tokenizer.eos_token_id
+        finish = "stop" if eos in new_ids else "length"
+        if eos in new_ids:
+            new_ids = new_ids[: new_ids.index(eos)]
+        return Generation(
+            text=self._tokenizer.decode(new_ids, skip_special_tokens=True),
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(new_ids) + (1 if finish == "stop" else 0),
+            finish_reason=finish,
+        )
+
+    async def shutdown(self) -> None:
+        self._model = None

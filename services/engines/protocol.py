@@ -1,0 +1,70 @@
+"""The engine protocol every serving engine implements, and the types it speaks.
+
+An engine owns one base model and any number of resident LoRA adapters. It knows nothing about the
+registry or aliases: the adapter manager decides what to load and which adapter a request uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+
+class EngineError(Exception):
+    """The engine could not serve a request (not the caller's fault)."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt plus the requested tokens do not fit the model's context."""
+
+
+class AdapterHandle(BaseModel):
+    """One adapter version as the engine sees it. `name` and `int_id` are never reused for other weights."""
+
+    name: str
+    int_id: int = Field(ge=1)
+    path: Path
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class SamplingOptions(BaseModel):
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class Generation(BaseModel):
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the LLM deployment needs from an engine."""
+
+    base_model: str
+
+    async def start(self) -> None: ...
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None: ...
+
+    async def remove_adapter(self, adapter: AdapterHandle) -> None: ...
+
+    async def generate(
+        self,
+        messages: list[ChatMessage],
+        options: SamplingOptions,
+        adapter: AdapterHandle | None,
+        request_id: str,
+    ) -> Generation: ...
+
+    async def shutdown(self) -> None: ...

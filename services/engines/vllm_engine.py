@@ -1,0 +1,131 @@
+"""The production engine: vLLM's AsyncLLM with LoRA enabled.
+
+Adapters are added and removed through `AsyncLLM.add_lora` / `remove_lora` directly (vLLM's runtime
+LoRA HTTP routes are dev-only). Each version has its own LoRA name and int id, so vLLM's caches keyed
+by either can never serve one version's state for another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from services.engines.chat import load_tokenizer, render_prompt_ids
+from services.engines.protocol import (
+    AdapterHandle,
+    ChatMessage,
+    EngineError,
+    Generation,
+    SamplingOptions,
+)
+
+log = logging.getLogger("flywheel.engine.vllm")
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        base_model: str,
+        *,
+        dtype: str = "auto",
+        max_model_len: int = 512,
+        max_loras: int = 3,
+        max_lora_rank: int = 16,
+        max_num_seqs: int = 64,
+        gpu_memory_utilization: float = 0.85,
+        quantization: str | None = None,
+        cpu_kvcache_gib: int = 1,
+        enforce_eager: bool = True,
+    ) -> None:
+        self.base_model = base_model
+        self.max_model_len = max_model_len
+        self._engine_kwargs = dict(
+            model=base_model,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enable_lora=True,
+            max_loras=max_loras,
+            max_cpu_loras=max_loras,
+            max_lora_rank=max_lora_rank,
+            max_num_seqs=max_num_seqs,
+            quantization=quantization,
+            enforce_eager=enforce_eager,
+        )
+        self._gpu_memory_utilization = gpu_memory_utilization
+        self._cpu_kvcache_gib = cpu_kvcache_gib
+        self._engine = None
+        self._tokenizer = None
+
+    async def start(self) -> None:
+        import torch
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = dict(self._engine_kwargs)
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = self._gpu_memory_utilization
+        else:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self._cpu_kvcache_gib))
+        self._tokenizer = load_tokenizer(self.base_model)
+        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        log.info("event=engine_started engine=vllm base=%s", self.base_model)
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None:
+        added = await self._llm.add_lora(self._lora_request(adapter))
+        if not added and adapter.int_id not in await self._llm.list_loras():
+            raise EngineError(f"vLLM refused to load adapter {adapter.name}")
+
+    async def remove_adapter(self, adapter: AdapterHandle) -> None:
+        await self._llm.remove_lora(adapter.int_id)
+
+    async def generate(
+        self,
+        messages: list[ChatMessage],
+        options: SamplingOptions,
+        adapter: AdapterHandle | None,
+        request_id: str,
+    ) -> Generation:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompt_ids = render_prompt_ids(self._tokenizer, messages, options.max_tokens, self.max_model_len)
+        params = SamplingParams(
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed,
+        )
+        final = None
+        async for output in self._llm.generate(
+            TokensPrompt(prompt_token_ids=prompt_ids),
+            params,
+            request_id,
+            lora_request=self._lora_request(adapter) if adapter else None,
+        ):
+            final = output
+        if final is None or not final.outputs:
+            raise EngineError(f"vLLM returned no output for request {request_id}")
+        completion = final.outputs[0]
+        return Generation(
+            text=completion.text,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(completion.token_ids),
+            finish_reason=completion.finish_reason,
+        )
+
+    async def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    @property
+    def _llm(self):  # noqa: ANN202 - vLLM's type is imported lazily
+        if self._engine is None:
+            raise EngineError("engine not started")
+        return self._engine
+
+    @staticmethod
+    def _lora_request(adapter: AdapterHandle):  # noqa: ANN205
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.int_id, lora_path=str(adapter.path))

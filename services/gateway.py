@@ -1,0 +1,143 @@
+"""The HTTP face of flywheel: a FastAPI app as the Ray Serve ingress. Routes stay thin.
+
+The path of one /predict call: validate (protocol.py) → check sizes against config → LLM deployment
+(llm_server.py: adapter slot → engine) → response naming the adapter version that produced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from flywheel.config import Settings
+from flywheel.logs import configure_logging
+from flywheel.registry import Registry
+from services.engines.protocol import PromptTooLongError, SamplingOptions
+from services.metrics import GatewayMetrics, ReplicaCollector
+from services.protocol import HealthResponse, PredictRequest, PredictResponse
+from services.status_board import get_board
+
+log = logging.getLogger("flywheel.gateway")
+
+api = FastAPI(title="flywheel", description="Serve LoRA-tuned R1-distilled models; learn from feedback.")
+
+
+def _error(status: int, errors: list[dict[str, str]]) -> JSONResponse:
+    message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return JSONResponse(status_code=status, content={"error": message, "detail": errors})
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = []
+    for err in exc.errors():
+        loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+        if err.get("type") == "json_invalid":  # loc holds a character offset, not a field
+            loc = []
+        errors.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid"),
+                       "type": err.get("type", "")})
+    return _error(422, errors)
+
+
+@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, llm: DeploymentHandle, settings: dict[str, Any]) -> None:
+        configure_logging()
+        self.llm = llm
+        self.settings = Settings.model_validate(settings)
+        self.registry = Registry(self.settings.registry_uri, self.settings.model.task)
+        self.board = get_board()
+        self.metrics = GatewayMetrics()
+        self._replicas: list[dict[str, Any]] = []
+        self.metrics.watch_replicas(ReplicaCollector(lambda: self._replicas, self._champion))
+
+    def _champion(self) -> str | None:
+        return self.registry.alias(self.settings.serving.alias)
+
+    async def _refresh_replicas(self) -> list[dict[str, Any]]:
+        self._replicas = await self.board.snapshot.remote()
+        return self._replicas
+
+    @api.post("/predict", response_model=PredictResponse)
+    async def predict(self, body: PredictRequest) -> Any:
+        started = time.perf_counter()
+        limits = self.settings.serving
+        if body.prompt_chars() > limits.max_prompt_chars:
+            field = "prompt" if body.prompt is not None else "messages"
+            return self._reject(400, field, f"is {body.prompt_chars()} characters; the limit is "
+                                f"{limits.max_prompt_chars}")
+        max_tokens = body.max_tokens or limits.default_max_tokens
+        if max_tokens > limits.max_tokens_limit:
+            return self._reject(422, "max_tokens", f"must be <= {limits.max_tokens_limit}")
+        request_id = uuid.uuid4().hex
+        options = SamplingOptions(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
+        )
+        try:
+            completion = await self.llm.generate.remote(body.chat(), options, request_id)
+        except PromptTooLongError as exc:
+            field = "prompt" if body.prompt is not None else "messages"
+            return self._reject(400, field, str(exc))
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # engine or replica trouble is ours, not the caller's: 503, logged
+            log.exception("event=predict_failed request_id=%s", request_id)
+            self.metrics.requests.labels("/predict", "503").inc()
+            return JSONResponse(status_code=503, content={
+                "error": f"the model could not answer right now ({type(exc).__name__}); retry shortly",
+                "request_id": request_id,
+            })
+        latency = time.perf_counter() - started
+        version = completion.adapter_version
+        self.metrics.requests.labels("/predict", "200").inc()
+        self.metrics.latency.labels("/predict", version).observe(latency)
+        self.metrics.tokens.labels("prompt", version).inc(completion.usage.prompt_tokens)
+        self.metrics.tokens.labels("completion", version).inc(completion.usage.completion_tokens)
+        log.info("event=predict request_id=%s version=%s replica=%s tokens=%d ms=%.1f", request_id,
+                 version, completion.replica, completion.usage.completion_tokens, latency * 1000)
+        response = PredictResponse(
+            request_id=request_id,
+            adapter_version=version,
+            answer=completion.answer,
+            reasoning=completion.reasoning,
+            usage=completion.usage,
+            latency_ms=round(latency * 1000, 2),
+        )
+        return JSONResponse(response.model_dump(), headers={"x-flywheel-replica": completion.replica})
+
+    def _reject(self, status: int, field: str, message: str) -> JSONResponse:
+        self.metrics.requests.labels("/predict", str(status)).inc()
+        return _error(status, [{"field": field, "message": message, "type": "limit"}])
+
+    @api.get("/healthz", response_model=HealthResponse)
+    async def healthz(self) -> HealthResponse:
+        replicas = await self._refresh_replicas()
+        champion = await asyncio.to_thread(self._champion)
+        serving = sorted({r["active"] for r in replicas})
+        healthy = bool(replicas) and all(
+            r["active"] == champion and not r["last_failure"] for r in replicas
+        ) if champion else bool(replicas)
+        return HealthResponse(
+            status="ok" if healthy else "degraded",
+            champion=champion,
+            serving=serving,
+            engine=self.settings.serving.engine,
+            base_model=self.settings.model.base,
+            replicas=replicas,
+        )
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        await self._refresh_replicas()
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,91 @@
+"""Request and response types of the HTTP API, and the completion the LLM deployment returns."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.engines.protocol import ChatMessage
+
+
+class Message(ChatMessage):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+class PredictRequest(BaseModel):
+    """`prompt` or `messages`, not both. Limits on sizes are checked by the gateway against config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, min_length=1, description="A single user turn.")
+    messages: list[Message] | None = Field(None, min_length=1, description="A chat, oldest first.")
+    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate; default from config.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> PredictRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("`prompt` must not be blank")
+        return self
+
+    def chat(self) -> list[ChatMessage]:
+        if self.prompt is not None:
+            return [ChatMessage(role="user", content=self.prompt)]
+        return [ChatMessage(role=m.role, content=m.content) for m in self.messages or []]
+
+    def prompt_chars(self) -> int:
+        return sum(len(m.content) for m in self.chat())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Completion(BaseModel):
+    """What one LLM replica returns for one request."""
+
+    adapter_version: str
+    replica: str
+    answer: str
+    reasoning: str
+    usage: Usage
+    finish_reason: str | None = None
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    adapter_version: str
+    answer: str
+    reasoning: str
+    usage: Usage
+    latency_ms: float
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded"]
+    champion: str | None
+    serving: list[str] = Field(description="Adapter versions the live replicas are serving.")
+    engine: str
+    base_model: str
+    replicas: list[dict] = Field(default_factory=list)
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning, answer) of an R1-style completion: reasoning inside <think>…</think>, answer after.
+
+    The generation prompt already opens `<think>`, so the completion usually starts inside it.
+    A completion without `</think>` is all answer.
+    """
+    if "</think>" not in text:
+        return "", text.replace("<think>", "").strip()
+    reasoning, answer = text.split("</think>", 1)
+    return reasoning.replace("<think>", "").strip(), answer.strip()

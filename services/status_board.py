@@ -1,0 +1,38 @@
+"""A small Ray actor where every LLM replica posts its adapter status, so the gateway sees them all.
+
+Ray Serve routes a call to one replica; /healthz and /metrics need every replica's view, and the
+swap benchmark needs to know when the last replica flipped.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+BOARD_NAME = "flywheel-replica-board"
+STALE_AFTER_S = 10.0
+
+
+@ray.remote(num_cpus=0)
+class ReplicaBoard:
+    def __init__(self) -> None:
+        self._replicas: dict[str, dict[str, Any]] = {}
+
+    def report(self, replica: str, status: dict[str, Any]) -> None:
+        self._replicas[replica] = {**status, "replica": replica, "reported_at": time.time()}
+
+    def forget(self, replica: str) -> None:
+        self._replicas.pop(replica, None)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Replicas that reported recently (a dead replica drops out by going quiet)."""
+        cutoff = time.time() - STALE_AFTER_S
+        return [s for s in self._replicas.values() if s["reported_at"] >= cutoff]
+
+
+def get_board() -> Any:
+    return ReplicaBoard.options(  # type: ignore[attr-defined]
+        name=BOARD_NAME, namespace="flywheel", get_if_exists=True, lifetime="detached"
+    ).remote()
