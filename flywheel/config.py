@@ -59,6 +59,7 @@ class ServingSettings(BaseModel):
     port: int = 8000
     replicas: int = Field(1, ge=1)
     replica_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per LLM replica.")
+    replica_gpus: float = Field(0.0, ge=0, description="Ray GPUs per LLM replica (1 for vLLM on CUDA).")
     max_prompt_chars: int = Field(4000, ge=1)
     max_tokens_limit: int = Field(256, ge=1, description="Largest `max_tokens` a request may ask for.")
     default_max_tokens: int = Field(64, ge=1)

@@ -77,6 +77,7 @@ class AdapterManager:
         self.counters = SwapCounters()
         self.last_failure: AdapterSlot | None = None
         self._swap_lock = asyncio.Lock()
+        self._drains: set[asyncio.Task[None]] = set()  # keep references so tasks are not collected
 
     @contextlib.contextmanager
     def acquire(self) -> Iterator[AdapterSlot]:
@@ -95,7 +96,10 @@ class AdapterManager:
         except (OSError, ValueError, RegistryError) as exc:
             log.warning("event=alias_read_failed alias=%s error=%r", self.alias, exc)
             return
-        if target is None or target == self.active.version:
+        if target == self.active.version:
+            self.last_failure = None  # the alias came back: a failed attempt elsewhere is moot
+            return
+        if target is None:
             return
         if self.last_failure is not None and self.last_failure.version == target:
             return
@@ -148,11 +152,12 @@ class AdapterManager:
             log.info("event=swap_flipped from=%s to=%s ms=%.0f", old.version, version,
                      (time.perf_counter() - started) * 1000)
             if old.handle is not None:
-                asyncio.get_running_loop().create_task(self._drain(old))
+                old.move(AdapterState.DRAINING)
+                self._drains.add(asyncio.get_running_loop().create_task(self._drain(old)))
+                self._drains = {t for t in self._drains if not t.done()}
             return True
 
     async def _drain(self, slot: AdapterSlot) -> None:
-        slot.move(AdapterState.DRAINING)
         deadline = time.monotonic() + self.drain_timeout_s
         while slot.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

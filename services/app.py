@@ -38,6 +38,7 @@ def build_app(settings: Settings) -> Application:
         num_replicas=settings.serving.replicas,
         ray_actor_options={
             "num_cpus": settings.serving.replica_cpus,
+            "num_gpus": settings.serving.replica_gpus,
             "runtime_env": {"env_vars": _replica_env(settings)},
         },
     ).bind(payload)

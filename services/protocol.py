@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.engines.protocol import ChatMessage
 
@@ -28,12 +28,17 @@ class PredictRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0)
 
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str | None) -> str | None:
+        if prompt is not None and not prompt.strip():
+            raise ValueError("must not be blank")
+        return prompt
+
     @model_validator(mode="after")
     def _one_input(self) -> PredictRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of `prompt` or `messages`")
-        if self.prompt is not None and not self.prompt.strip():
-            raise ValueError("`prompt` must not be blank")
         return self
 
     def chat(self) -> list[ChatMessage]:

@@ -119,13 +119,13 @@ class VLLMEngine:
             self._engine = None
 
     @property
-    def _llm(self):  # noqa: ANN202 - vLLM's type is imported lazily
+    def _llm(self):
         if self._engine is None:
             raise EngineError("engine not started")
         return self._engine
 
     @staticmethod
-    def _lora_request(adapter: AdapterHandle):  # noqa: ANN205
+    def _lora_request(adapter: AdapterHandle):
         from vllm.lora.request import LoRARequest
 
         return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.int_id, lora_path=str(adapter.path))

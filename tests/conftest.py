@@ -1,0 +1,74 @@
+"""Shared fixtures: a bootstrapped demo home (built once per session) and a live Serve app on it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from flywheel.bootstrap import bootstrap, registry_for, train_demo_adapter
+from flywheel.config import Settings
+from flywheel.registry import Registry
+
+# Small but real: enough steps that the base answers in the R1 format and v1/v2 differ.
+TEST_BOOTSTRAP = {"base_steps": 300, "adapter_steps": 40, "train_examples": 300, "seed": 0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_settings(home: Path, **serving: object) -> Settings:
+    return Settings(
+        home=home,
+        bootstrap=TEST_BOOTSTRAP,
+        serving={"port": free_port(), **serving},
+        ray={"num_cpus": 4, "object_store_mb": 256},
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home with the demo base, champion demo-v1 (original task) and demo-v2 (drifted task)."""
+    home = tmp_path_factory.mktemp("flywheel-home")
+    settings = make_settings(home)
+    bootstrap(settings)
+    train_demo_adapter(settings, registry_for(settings), distribution="drifted", seed=7)
+    return home
+
+
+@pytest.fixture
+def home_copy(demo_home: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo home, for tests that change the registry."""
+    target = tmp_path / "home"
+    shutil.copytree(demo_home, target, symlinks=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def served(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Settings]]:
+    """A real local Ray + Serve app (vLLM engine) over its own copy of the demo registry."""
+    from services import app as serve_app
+
+    home = tmp_path_factory.mktemp("served-home")
+    shutil.copytree(demo_home, home, dirs_exist_ok=True)
+    settings = make_settings(home, engine="vllm")
+    url = serve_app.run(settings, timeout_s=600)
+    try:
+        yield url, settings
+    finally:
+        serve_app.shutdown()
+
+
+@pytest.fixture
+def served_registry(served: tuple[str, Settings]) -> Registry:
+    return registry_for(served[1])

@@ -1,0 +1,142 @@
+"""The replica's adapter state machine, driven with a fake engine (the real one is in test_serving)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from flywheel.registry import BaseModelRef, Registry
+from services.adapters import AdapterManager, AdapterState
+from services.engines.protocol import AdapterHandle, ChatMessage, Generation, SamplingOptions
+from tests.test_registry import fake_adapter
+
+BASE = BaseModelRef(id="demo", sha256="a" * 64)
+
+
+class FakeEngine:
+    """Answers with the adapter's name; can be told to fail loading or probing one version."""
+
+    base_model = "fake"
+
+    def __init__(self) -> None:
+        self.resident: set[str] = set()
+        self.fail_load: set[str] = set()
+        self.fail_probe: set[str] = set()
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None:
+        if adapter.name in self.fail_load:
+            raise RuntimeError("cannot load")
+        self.resident.add(adapter.name)
+
+    async def remove_adapter(self, adapter: AdapterHandle) -> None:
+        self.resident.discard(adapter.name)
+
+    async def generate(
+        self, messages: list[ChatMessage], options: SamplingOptions, adapter: AdapterHandle | None,
+        request_id: str,
+    ) -> Generation:
+        name = adapter.name if adapter else "base"
+        assert adapter is None or name in self.resident, f"{name} used after unload"
+        if request_id.startswith("probe") and name in self.fail_probe:
+            return Generation(text="", prompt_tokens=1, completion_tokens=0)
+        if not request_id.startswith("probe"):
+            await self.release.wait()
+        return Generation(text=name, prompt_tokens=1, completion_tokens=1)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Registry, FakeEngine, AdapterManager]:
+    registry = Registry(str(tmp_path / "registry"), "demo")
+    for i in range(3):
+        registry.register(fake_adapter(tmp_path / f"a{i}", bytes([i])), base=BASE)
+    registry.promote("demo-v1", actor="test")
+    engine = FakeEngine()
+    manager = AdapterManager(engine, registry, alias="champion", base_sha256=BASE.sha256,
+                             probe_prompt="ping", drain_timeout_s=5)
+    return registry, engine, manager
+
+
+async def ask(manager: AdapterManager, engine: FakeEngine, request_id: str = "r") -> str:
+    with manager.acquire() as slot:
+        out = await engine.generate([], SamplingOptions(max_tokens=1), slot.handle, request_id)
+    return out.text
+
+
+async def test_converges_on_start_then_follows_the_alias(setup) -> None:
+    registry, engine, manager = setup
+    await manager.converge()
+    assert manager.active.version == "demo-v1"
+    registry.promote("demo-v2", actor="test")
+    await manager.converge()
+    assert manager.active.version == "demo-v2"
+    assert await ask(manager, engine) == "demo-v2"
+    await asyncio.sleep(0.2)  # drain runs in the background
+    assert engine.resident == {"demo-v2"}
+    assert manager.counters.succeeded == 2
+
+
+async def test_running_requests_finish_on_their_version(setup) -> None:
+    registry, engine, manager = setup
+    await manager.converge()
+    engine.release.clear()
+    in_flight = asyncio.create_task(ask(manager, engine))
+    await asyncio.sleep(0.05)
+    registry.promote("demo-v2", actor="test")
+    await manager.converge()
+    assert manager.active.version == "demo-v2"
+    assert "demo-v1" in engine.resident  # still draining: its request is running
+    assert manager.status()["adapters"]["demo-v1"]["state"] == AdapterState.DRAINING
+    engine.release.set()
+    assert await in_flight == "demo-v1"
+    await asyncio.sleep(0.2)
+    assert engine.resident == {"demo-v2"}
+
+
+@pytest.mark.parametrize("failure", ["load", "probe", "hash"])
+async def test_a_failed_swap_keeps_the_old_version(setup, failure: str) -> None:
+    registry, engine, manager = setup
+    await manager.converge()
+    if failure == "load":
+        engine.fail_load.add("demo-v2")
+    elif failure == "probe":
+        engine.fail_probe.add("demo-v2")
+    registry.promote("demo-v2", actor="test")
+    if failure == "hash":
+        (registry.local_path("demo-v2") / "adapter_model.safetensors").write_bytes(b"tampered")
+    await manager.converge()
+    assert manager.active.version == "demo-v1"
+    assert await ask(manager, engine) == "demo-v1"
+    status = manager.status()
+    assert status["swaps_failed"] == 1 and status["last_failure"]["version"] == "demo-v2"
+    assert "demo-v2" not in engine.resident
+    await manager.converge()  # not retried while the alias stays on the failed version
+    assert manager.counters.failed == 1
+    registry.promote("demo-v3", actor="test")
+    await manager.converge()
+    assert manager.active.version == "demo-v3" and manager.last_failure is None
+
+
+async def test_rollback_to_a_draining_version_keeps_it_loaded(setup) -> None:
+    registry, engine, manager = setup
+    await manager.converge()
+    engine.release.clear()
+    in_flight = asyncio.create_task(ask(manager, engine))
+    await asyncio.sleep(0.05)
+    registry.promote("demo-v2", actor="test")
+    await manager.converge()
+    registry.rollback(actor="test")
+    await manager.converge()
+    engine.release.set()
+    await in_flight
+    await asyncio.sleep(0.2)
+    assert manager.active.version == "demo-v1"
+    assert await ask(manager, engine) == "demo-v1"
+    assert engine.resident == {"demo-v1"}

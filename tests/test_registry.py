@@ -1,0 +1,154 @@
+"""The registry contract: immutable versions, verified promotion, aliases and their history."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from flywheel.registry import (
+    AdapterIntegrityError,
+    BaseModelRef,
+    Registry,
+    RegistryError,
+    VersionNotFoundError,
+    fingerprint_base,
+)
+
+BASE = BaseModelRef(id="demo", sha256="a" * 64)
+OTHER_BASE = BaseModelRef(id="other", sha256="b" * 64)
+
+
+def fake_adapter(path: Path, payload: bytes = b"weights") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps({"r": 16}))
+    (path / "adapter_model.safetensors").write_bytes(payload)
+    return path
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(str(tmp_path / "registry"), "demo")
+
+
+def test_register_assigns_increasing_versions_and_hashes(registry: Registry, tmp_path: Path) -> None:
+    v1 = registry.register(fake_adapter(tmp_path / "a1", b"one"), base=BASE, metrics={"loss": 1.0})
+    v2 = registry.register(fake_adapter(tmp_path / "a2", b"two"), base=BASE, parent=v1.version)
+    assert (v1.version, v2.version) == ("demo-v1", "demo-v2")
+    assert v2.parent == "demo-v1"
+    assert [m.version for m in registry.versions()] == ["demo-v1", "demo-v2"]
+    assert registry.manifest("demo-v1").metrics == {"loss": 1.0}
+    assert set(v1.files) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert v1.files["adapter_model.safetensors"] != v2.files["adapter_model.safetensors"]
+
+
+def test_concurrent_registrations_never_share_a_version(registry: Registry, tmp_path: Path) -> None:
+    sources = [fake_adapter(tmp_path / f"a{i}", str(i).encode()) for i in range(6)]
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda s=s: results.append(registry.register(s, base=BASE).version))
+               for s in sources]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == sorted(f"demo-v{i}" for i in range(1, 7))
+    for manifest in registry.versions():
+        registry.verify(manifest.version)
+
+
+def test_half_written_version_is_invisible(registry: Registry, tmp_path: Path) -> None:
+    registry.register(fake_adapter(tmp_path / "a1"), base=BASE)
+    half = Path(registry.root) / "versions" / "demo-v2"
+    half.mkdir()
+    (half / "adapter_model.safetensors").write_bytes(b"partial")  # no manifest yet
+    assert [m.version for m in registry.versions()] == ["demo-v1"]
+    with pytest.raises(VersionNotFoundError):
+        registry.manifest("demo-v2")
+
+
+def test_register_refuses_a_directory_without_an_adapter(registry: Registry, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RegistryError, match="adapter_config"):
+        registry.register(tmp_path / "empty", base=BASE)
+
+
+def test_tampered_weights_cannot_be_promoted(registry: Registry, tmp_path: Path) -> None:
+    v1 = registry.register(fake_adapter(tmp_path / "a1", b"one"), base=BASE)
+    registry.promote(v1.version, actor="test")
+    v2 = registry.register(fake_adapter(tmp_path / "a2", b"two"), base=BASE)
+    (registry.local_path(v2.version) / "adapter_model.safetensors").write_bytes(b"corrupted")
+    with pytest.raises(AdapterIntegrityError, match="sha256"):
+        registry.promote(v2.version, actor="test")
+    assert registry.alias("champion") == "demo-v1"
+
+
+def test_adapter_for_another_base_is_refused(registry: Registry, tmp_path: Path) -> None:
+    v1 = registry.register(fake_adapter(tmp_path / "a1", b"one"), base=BASE)
+    registry.promote(v1.version, actor="test")
+    v2 = registry.register(fake_adapter(tmp_path / "a2", b"two"), base=OTHER_BASE)
+    with pytest.raises(AdapterIntegrityError, match="base"):
+        registry.promote(v2.version, actor="test")
+    with pytest.raises(AdapterIntegrityError, match="served base"):
+        registry.verify(v2.version, base_sha256=BASE.sha256)
+
+
+def test_rejected_versions_cannot_be_promoted(registry: Registry, tmp_path: Path) -> None:
+    v1 = registry.register(fake_adapter(tmp_path / "a1"), base=BASE, status="rejected")
+    with pytest.raises(RegistryError, match="rejected"):
+        registry.promote(v1.version, actor="test")
+
+
+def test_promote_and_rollback_keep_an_append_only_history(registry: Registry, tmp_path: Path) -> None:
+    versions = [registry.register(fake_adapter(tmp_path / f"a{i}", bytes([i])), base=BASE).version
+                for i in range(3)]
+    with pytest.raises(RegistryError, match="nothing to roll back"):
+        registry.rollback(actor="ops")
+    for version in versions:
+        registry.promote(version, actor="ops", reason=f"ship {version}")
+    assert registry.alias("champion") == "demo-v3"
+    assert registry.rollback(actor="ops", reason="bad ratings").version == "demo-v2"
+    assert registry.rollback(actor="ops").version == "demo-v1"
+    with pytest.raises(RegistryError):
+        registry.rollback(actor="ops")
+    history = registry.history("champion")
+    assert [(e.action, e.previous, e.version) for e in history] == [
+        ("promote", None, "demo-v1"),
+        ("promote", "demo-v1", "demo-v2"),
+        ("promote", "demo-v2", "demo-v3"),
+        ("rollback", "demo-v3", "demo-v2"),
+        ("rollback", "demo-v2", "demo-v1"),
+    ]
+    assert history[3].reason == "bad ratings" and history[3].actor == "ops"
+    aliases = registry.aliases()
+    assert aliases["champion"].version == "demo-v1"
+
+
+def test_unknown_version_is_a_clear_error(registry: Registry) -> None:
+    with pytest.raises(VersionNotFoundError, match="demo-v9"):
+        registry.promote("demo-v9", actor="test")
+
+
+def test_remote_style_registry_through_fsspec(tmp_path: Path) -> None:
+    """A non-local filesystem (fsspec memory://) takes the upload-then-manifest path."""
+    registry = Registry("memory://flywheel-test-registry", "demo", cache_dir=tmp_path / "cache")
+    v1 = registry.register(fake_adapter(tmp_path / "a1", b"one"), base=BASE)
+    registry.promote(v1.version, actor="test")
+    assert not registry.is_local
+    assert registry.alias("champion") == "demo-v1"
+    assert (registry.local_path("demo-v1") / "adapter_model.safetensors").read_bytes() == b"one"
+    registry.verify("demo-v1", base_sha256=BASE.sha256)
+
+
+def test_base_fingerprint_changes_with_weights(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"one")
+    first = fingerprint_base(str(model))
+    assert fingerprint_base(str(model)) == first
+    (model / "model.safetensors").write_bytes(b"two!")
+    assert fingerprint_base(str(model)) != first
+    with pytest.raises(RegistryError, match=r"config\.json"):
+        fingerprint_base(str(tmp_path))
