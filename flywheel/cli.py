@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 adapters_app = typer.Typer(help="Inspect adapter versions in the registry.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
+bench_app = typer.Typer(help="Benchmarks: ratios measured in one run (see loadtests/).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 ConfigOption = Annotated[
     Path | None,
@@ -184,6 +186,39 @@ def status(
     if "serving" in payload:
         lines.append(f"serving: {json.dumps(payload['serving'].get('serving', payload['serving']))}")
     _emit(as_json, payload, "\n".join(lines))
+
+
+@bench_app.command("serve")
+def bench_serve(
+    config: ConfigOption = None,
+    seconds: Annotated[float, typer.Option(help="Length of each load phase.")] = 10.0,
+    replicas: Annotated[int | None, typer.Option(help="LLM replicas (default from config).")] = None,
+    port: Annotated[int, typer.Option(help="Port for the benchmark's own Serve app.")] = 8765,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/serve.json"),
+    as_json: JsonOption = False,
+) -> None:
+    """HTTP vs in-process p50, 16-vs-1 concurrency throughput, and a hot swap under load."""
+    from loadtests.bench_serve import run_serve_bench
+
+    configure_logging()
+    settings = _settings(config)
+    settings.serving.port = port
+    if replicas:
+        settings.serving.replicas = replicas
+    report = run_serve_bench(settings, seconds=seconds, say=_progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.model_dump_json(indent=2))
+    r = report
+    _emit(as_json, report.model_dump(), "\n".join([
+        f"HTTP p50 {r.http_p50_ms:.1f} ms / in-process p50 {r.in_process_p50_ms:.1f} ms "
+        f"= {r.http_over_in_process_p50:.2f} (goal <= 1.10)",
+        f"rps at 16 concurrent {r.rps_at_16:.1f} / at 1 {r.rps_at_1:.1f} = {r.rps_16_over_1:.1f}x (goal >= 4x)",
+        f"swap under load: {r.swap_failed_requests} failed of {r.swap_requests} (goal 0); p99 "
+        f"{r.swap_p99_ms:.0f} ms / steady {r.steady_p99_ms:.0f} ms = {r.swap_p99_over_steady_p99:.2f} "
+        f"(goal <= 1.5); alias -> all {r.replicas} replicas on {r.swapped_to} in "
+        f"{r.alias_to_all_replicas_s:.2f} s (goal <= 1 s)",
+        f"report: {out}",
+    ]))
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -75,6 +75,30 @@ class ServingSettings(BaseModel):
         return self
 
 
+class FeedbackSettings(BaseModel):
+    """The feedback bus (Kafka, or an embedded durable local log) and the curator."""
+
+    kafka_bootstrap: str | None = Field(
+        None, description="host:port[,host:port]; None uses the embedded local log under <home>/feedback."
+    )
+    kafka_api_version: str | None = Field(
+        None, description="Broker protocol version, e.g. `0.9` for the dev broker; None auto-detects."
+    )
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    predictions_topic: str = "flywheel.predictions"
+    feedback_topic: str = "flywheel.feedback"
+    consumer_group: str = "flywheel-curator"
+    max_correction_chars: int = Field(4000, ge=1)
+    max_comment_chars: int = Field(2000, ge=1)
+    producer_buffer_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Bounded in-memory buffer.")
+    curator_batch_size: int = Field(200, ge=1, description="Curated rows per Parquet file at most.")
+    curator_flush_s: float = Field(2.0, gt=0, description="Write a partial batch after this long.")
+
+
 class RaySettings(BaseModel):
     address: str | None = Field(None, description="Existing cluster address; None starts a local Ray.")
     num_cpus: int | None = Field(None, description="Logical CPUs for a local Ray (None: detect).")
@@ -102,7 +126,10 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     vllm: VLLMSettings = VLLMSettings()
     ray: RaySettings = RaySettings()
+    feedback: FeedbackSettings = FeedbackSettings()
     bootstrap: BootstrapSettings = BootstrapSettings()
+
+    _config_file: ClassVar[Path | None] = None  # set by load_settings for one construction
 
     @field_validator("home")
     @classmethod
@@ -119,7 +146,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        yaml_file = os.environ.get("FLYWHEEL_CONFIG")
+        yaml_file = cls._config_file or os.environ.get("FLYWHEEL_CONFIG")
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if yaml_file:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
@@ -134,15 +161,22 @@ class Settings(BaseSettings):
         return self.home / "models" / "demo-base"
 
     @property
+    def feedback_dir(self) -> Path:
+        """Local log, spool, curator state and curated dataset live under here."""
+        return self.home / "feedback"
+
+    @property
     def base_model_path(self) -> str:
         """What the engines load: the demo model's directory, or the configured dir / hub id."""
         return str(self.demo_base_dir) if self.model.base == DEMO_MODEL else self.model.base
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Load settings; a `config_file` becomes FLYWHEEL_CONFIG so Ray workers see the same file."""
-    if config_file is not None:
-        if not config_file.is_file():
-            raise FileNotFoundError(f"config file not found: {config_file}")
-        os.environ["FLYWHEEL_CONFIG"] = str(config_file.resolve())
-    return Settings(**overrides)
+    """Settings from `config_file` (else FLYWHEEL_CONFIG), FLYWHEEL_* env and `overrides`."""
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+    Settings._config_file = config_file
+    try:
+        return Settings(**overrides)
+    finally:
+        Settings._config_file = None

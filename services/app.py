@@ -6,8 +6,8 @@ the tests use `run`.
 
 from __future__ import annotations
 
-import os
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,13 +23,10 @@ APP_NAME = "flywheel"
 
 
 def _replica_env(settings: Settings) -> dict[str, str]:
-    env = {
+    return {
         "VLLM_CPU_KVCACHE_SPACE": str(settings.vllm.cpu_kvcache_gib),
         "TOKENIZERS_PARALLELISM": "false",
     }
-    if os.environ.get("FLYWHEEL_CONFIG"):
-        env["FLYWHEEL_CONFIG"] = os.environ["FLYWHEEL_CONFIG"]
-    return env
 
 
 def build_app(settings: Settings) -> Application:
@@ -48,8 +45,6 @@ def build_app(settings: Settings) -> Application:
 def app_builder(args: dict[str, Any]) -> Application:
     """Entry point for `serve run` / `serve deploy`: args may name a `config` YAML file."""
     config = args.get("config")
-    from pathlib import Path
-
     return build_app(load_settings(Path(config) if config else None))
 
 
