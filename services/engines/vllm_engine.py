@@ -22,6 +22,14 @@ from services.engines.protocol import (
 log = logging.getLogger("flywheel.engine.vllm")
 
 
+def _checkpoint_dtype(model: str) -> str:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype else "auto"
+
+
 class VLLMEngine:
     def __init__(
         self,
@@ -66,6 +74,8 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = self._gpu_memory_utilization
         else:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self._cpu_kvcache_gib))
+            if kwargs["dtype"] == "auto":  # vLLM's CPU "auto" turns fp32 into bf16; keep the checkpoint's
+                kwargs["dtype"] = _checkpoint_dtype(self.base_model)
         self._tokenizer = load_tokenizer(self.base_model)
         self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         log.info("event=engine_started engine=vllm base=%s", self.base_model)
