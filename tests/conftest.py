@@ -18,7 +18,7 @@ from flywheel.config import Settings
 from flywheel.registry import Registry
 
 # Small but real: enough steps that the base answers in the R1 format and v1/v2 differ.
-TEST_BOOTSTRAP = {"base_steps": 300, "adapter_steps": 40, "train_examples": 300, "seed": 0}
+TEST_BOOTSTRAP = {"base_steps": 200, "adapter_steps": 60, "train_examples": 200, "seed": 0}
 
 
 def free_port() -> int:

@@ -1,8 +1,9 @@
 """The embedded demo base model: a tiny Qwen2 with an R1-style chat template, built and trained locally.
 
 No model hub is involved: the tokenizer is a byte-level BPE trained on demo-task text, the model is
-randomly initialised and fully fine-tuned on the original distribution until it answers in the R1
-format `reasoning\\n</think>\\n\\nanswer<｜end▁of▁sentence｜>`.
+randomly initialised and fully fine-tuned until it answers in the R1 format
+`reasoning\\n</think>\\n\\nanswer<｜end▁of▁sentence｜>`. It knows the sentiment of the original cues only;
+drifted cues it can read and quote but calls neutral, like any cue it does not know.
 """
 
 import json
@@ -25,8 +26,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from training.demo_task import generate_examples
-from training.sft import atomic_dir, collate, completion_text, encode_example, prompt_text
+from training.demo_task import LANGS, QUOTES, DemoExample, Lang, generate_examples, make_example
+from training.sft import THINK_END, atomic_dir, collate, completion_text, encode_example, prompt_text
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -34,7 +35,6 @@ PAD = "<｜▁pad▁｜>"
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK = "<think>"
-THINK_END = "</think>"
 GENERATION_PROMPT = f"{ASSISTANT}{THINK}\n"
 MARKER_FILE = "flywheel_demo.json"
 VOCAB_SIZE = 3000
@@ -56,6 +56,12 @@ CHAT_TEMPLATE = (
 )
 
 
+_PSEUDO_SYLLABLES: dict[Lang, tuple[str, ...]] = {
+    "zh": tuple("甲乙丙丁戊己庚辛壬癸子丑寅卯辰巳午未申酉戌亥"),
+    "en": ("ka", "lo", "mi", "zu", "te", "ra", "vo", "ne", "shi", "po", "dak", "rin"),
+}
+
+
 class DemoBuildInfo(BaseModel):
     """Contents of the `flywheel_demo.json` marker."""
 
@@ -67,10 +73,13 @@ class DemoBuildInfo(BaseModel):
 
 def _corpus(seed: int) -> Iterator[str]:
     """Demo-task text from both distributions, so drifted words get their own merges."""
-    for distribution in ("original", "drifted"):
-        for ex in generate_examples(3000, seed=seed, distribution=distribution):
-            yield ex.prompt
-            yield completion_text(ex.reasoning, ex.answer)
+    for ex in [
+        *generate_examples(3000, seed=seed, distribution="original"),
+        *generate_examples(3000, seed=seed, distribution="drifted"),
+        *_unfamiliar_examples(1000, seed),
+    ]:
+        yield ex.prompt
+        yield completion_text(ex.reasoning, ex.answer)
 
 
 def build_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
@@ -124,10 +133,31 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
     )
 
 
-def _encode_news(tokenizer: PreTrainedTokenizerFast, text: str) -> dict[str, list[int]]:
-    """Plain language-model sample: BOS + text + EOS, loss everywhere."""
-    ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+def _encode_cue_quote(tokenizer: PreTrainedTokenizerFast, example: DemoExample) -> dict[str, list[int]]:
+    """The chat up to the quoted cue (`...<think>\n关键词「cue」`), without the sentiment that follows."""
+    opening = example.reasoning.index(QUOTES[example.lang][0])
+    quote = example.reasoning[: example.reasoning.index(QUOTES[example.lang][1], opening + 1) + 1]
+    ids = tokenizer(prompt_text(tokenizer, example.prompt) + quote, add_special_tokens=False)["input_ids"]
     return {"input_ids": ids, "labels": ids}
+
+
+def _unfamiliar_examples(n: int, seed: int) -> list[DemoExample]:
+    """Neutral chats around made-up cues, so the base reads a cue it does not know as neutral."""
+    rng = random.Random(f"unfamiliar:{seed}")
+    examples = []
+    for _ in range(n):
+        lang = rng.choice(LANGS)
+        parts = [rng.choice(_PSEUDO_SYLLABLES[lang]) for _ in range(rng.randint(2, 3))]
+        cue = "".join(parts) if lang == "zh" else " ".join(parts)
+        distribution = rng.choice(("original", "drifted"))
+        examples.append(make_example(rng, lang, "neutral", distribution, cue=cue))
+    return examples
+
+
+def _cosine_with_warmup(steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warmup over 5 % of the steps, then cosine from 1.0 down to 0.1."""
+    warmup = max(1, steps // 20)
+    return lambda step: min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
 
 
 def _train_base(
@@ -140,27 +170,25 @@ def _train_base(
 ) -> float:
     """Full fine-tune; returns the last loss.
 
-    Each batch holds chat-formatted original-distribution examples plus unlabeled news from both
-    distributions: the base learns the drifted words (as a pretrained model would) but not their sentiment.
+    A batch holds 24 original-distribution chats, 8 neutral chats around made-up cues, and 8 chats from
+    either distribution cut after the quoted cue: the base learns to quote any cue, drifted ones included
+    (as a pretrained model knows the words), and the sentiment of the original cues only.
     """
-    chat_size, news_size, peak_lr, warmup = 32, 8, 3e-3, max(1, steps // 20)
-    chats = generate_examples(steps * chat_size, seed=seed)
-    news = [
-        ex.prompt
-        for distribution in ("original", "drifted")
-        for ex in generate_examples(steps * news_size // 2, seed=seed + 1, distribution=distribution)
+    rng = random.Random(seed)
+    chats = [*generate_examples(steps * 24, seed=seed), *_unfamiliar_examples(steps * 8, seed)]
+    rng.shuffle(chats)
+    quotes = [
+        *generate_examples(steps * 4, seed=seed + 1),
+        *generate_examples(steps * 4, seed=seed + 1, distribution="drifted"),
     ]
-    random.Random(seed).shuffle(news)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))),
-    )
+    rng.shuffle(quotes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(steps))
     model.train()
     loss = torch.tensor(float("nan"))
     for step in range(steps):
-        features = [encode_example(tokenizer, ex, 128) for ex in chats[step * chat_size : (step + 1) * chat_size]]
-        features += [_encode_news(tokenizer, text) for text in news[step * news_size : (step + 1) * news_size]]
+        features = [encode_example(tokenizer, ex, 128) for ex in chats[step * 32 : (step + 1) * 32]]
+        features += [_encode_cue_quote(tokenizer, ex) for ex in quotes[step * 8 : (step + 1) * 8]]
         loss = model(**collate(features, tokenizer.pad_token_id)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -41,6 +41,8 @@ REASONING: dict[Lang, dict[Label, str]] = {
         "neutral": 'The cue "{cue}" is neutral.',
     },
 }
+# How each language's rationale quotes its cue (opening, closing).
+QUOTES: dict[Lang, tuple[str, str]] = {"zh": ("「", "」"), "en": ('"', '"')}
 
 CUE_WORDS: dict[Distribution, dict[Lang, dict[Label, tuple[str, ...]]]] = {
     "original": {
@@ -50,12 +52,30 @@ CUE_WORDS: dict[Distribution, dict[Lang, dict[Label, tuple[str, ...]]]] = {
             "neutral": ("召开股东会", "发布公告", "更换办公地址", "任命新董事", "举办年会", "参加行业展会"),
         },
         "en": {
-            "positive": ("surged", "soared", "beat expectations", "reported record profit",
-                         "won a major contract", "raised guidance"),
-            "negative": ("plunged", "slumped", "missed expectations", "posted a loss", "cut jobs",
-                         "defaulted on debt"),
-            "neutral": ("held a meeting", "relocated offices", "appointed a director", "scheduled a call",
-                        "published a report", "renamed a unit"),
+            "positive": (
+                "surged",
+                "soared",
+                "beat expectations",
+                "reported record profit",
+                "won a major contract",
+                "raised guidance",
+            ),
+            "negative": (
+                "plunged",
+                "slumped",
+                "missed expectations",
+                "posted a loss",
+                "cut jobs",
+                "defaulted on debt",
+            ),
+            "neutral": (
+                "held a meeting",
+                "relocated offices",
+                "appointed a director",
+                "scheduled a call",
+                "published a report",
+                "renamed a unit",
+            ),
         },
     },
     "drifted": {
@@ -65,20 +85,46 @@ CUE_WORDS: dict[Distribution, dict[Lang, dict[Label, tuple[str, ...]]]] = {
             "neutral": ("改名", "搬迁总部", "聘请审计机构", "启用徽标", "官网改版", "启动内部培训"),
         },
         "en": {
-            "positive": ("skyrocketed", "rallied sharply", "secured regulatory approval", "hiked its dividend",
-                         "returned to profitability", "doubled its sales"),
-            "negative": ("tumbled", "went bankrupt", "faced a fraud probe", "issued a revenue warning",
-                         "recalled products", "crashed"),
-            "neutral": ("moved its headquarters", "hosted an investor day", "changed its logo",
-                        "named an auditor", "updated its website", "filed routine paperwork"),
+            "positive": (
+                "skyrocketed",
+                "rallied sharply",
+                "secured regulatory approval",
+                "hiked its dividend",
+                "returned to profitability",
+                "doubled its sales",
+            ),
+            "negative": (
+                "tumbled",
+                "went bankrupt",
+                "faced a fraud probe",
+                "issued a revenue warning",
+                "recalled products",
+                "crashed",
+            ),
+            "neutral": (
+                "moved its headquarters",
+                "hosted an investor day",
+                "changed its logo",
+                "named an auditor",
+                "updated its website",
+                "filed routine paperwork",
+            ),
         },
     },
 }
 
 COMPANIES: dict[Lang, tuple[str, ...]] = {
     "zh": ("华信科技", "东方能源", "长江银行", "宏达汽车", "明远医药", "天成地产", "金桥物流", "新港电子"),
-    "en": ("Acme Corp", "Globex", "Initech", "Northwind", "Contoso", "Umbrella Ltd", "Vandelay Industries",
-           "Hooli"),
+    "en": (
+        "Acme Corp",
+        "Globex",
+        "Initech",
+        "Northwind",
+        "Contoso",
+        "Umbrella Ltd",
+        "Vandelay Industries",
+        "Hooli",
+    ),
 }
 
 # News templates per distribution and language; the drifted ones are phrased differently.
@@ -88,10 +134,16 @@ TEMPLATES: dict[Distribution, dict[Lang, tuple[str, ...]]] = {
         "en": ("{company} {cue} {time}.", "{Time}, {company} {cue}, {filler}.", "{company} {cue}, {filler}."),
     },
     "drifted": {
-        "zh": ("据知情人士透露，{company}近期{cue}。", "消息显示{company}{cue}，{filler}。",
-               "业内传闻：{company}{cue}。"),
-        "en": ("Sources say {company} {cue} amid {filler}.", "In a surprise move, {company} {cue}.",
-               "Reports suggest {company} {cue}, with {filler}."),
+        "zh": (
+            "据知情人士透露，{company}近期{cue}。",
+            "消息显示{company}{cue}，{filler}。",
+            "业内传闻：{company}{cue}。",
+        ),
+        "en": (
+            "Sources say {company} {cue} amid {filler}.",
+            "In a surprise move, {company} {cue}.",
+            "Reports suggest {company} {cue}, with {filler}.",
+        ),
     },
 }
 TIMES: dict[Lang, tuple[str, ...]] = {
@@ -132,9 +184,11 @@ def _news(rng: random.Random, lang: Lang, distribution: Distribution, cue: str) 
     )
 
 
-def make_example(rng: random.Random, lang: Lang, label: Label, distribution: Distribution) -> DemoExample:
-    """Draw one example with the given language and label."""
-    cue = rng.choice(CUE_WORDS[distribution][lang][label])
+def make_example(
+    rng: random.Random, lang: Lang, label: Label, distribution: Distribution, cue: str | None = None
+) -> DemoExample:
+    """Draw one example with the given language and label (and cue, by default one from the vocabulary)."""
+    cue = cue or rng.choice(CUE_WORDS[distribution][lang][label])
     return DemoExample(
         prompt=INSTRUCTIONS[lang] + _news(rng, lang, distribution, cue),
         reasoning=REASONING[lang][label].format(cue=cue),
@@ -166,9 +220,8 @@ _STRIP = set(string.punctuation)
 
 def normalize_answer(text: str) -> str:
     """Lowercase `text` and drop whitespace and punctuation (ASCII and CJK)."""
-    return "".join(
-        ch for ch in text if not ch.isspace() and ch not in _STRIP and not unicodedata.category(ch).startswith("P")
-    ).lower()
+    kept = (ch for ch in text if not ch.isspace() and ch not in _STRIP)
+    return "".join(ch for ch in kept if not unicodedata.category(ch).startswith("P")).lower()
 
 
 def is_correct(predicted_answer: str, example: DemoExample) -> bool:
@@ -177,7 +230,7 @@ def is_correct(predicted_answer: str, example: DemoExample) -> bool:
 
 
 def extract_answer(completion: str) -> str | None:
-    """The answer after `</think>` in an R1 completion, or None if the think block is open or the answer empty."""
+    """The answer after `</think>` in an R1 completion; None if the think block is open or nothing follows."""
     if "</think>" not in completion:
         return None
     answer = completion.split("</think>", 1)[1].strip()

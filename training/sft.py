@@ -63,7 +63,9 @@ class SftConfig(BaseModel):
     """One LoRA SFT run."""
 
     steps: int = Field(60, gt=0, description="Optimizer steps.")
-    learning_rate: float = Field(2e-3, gt=0, description="Peak AdamW learning rate (linear decay, short warmup).")
+    learning_rate: float = Field(
+        2e-3, gt=0, description="Peak AdamW learning rate (short warmup, linear decay)."
+    )
     batch_size: int = Field(16, gt=0, description="Examples per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     seed: int = Field(0, description="Seed for LoRA init, dropout and data order.")
