@@ -13,6 +13,12 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+import torch  # noqa: E402
+
+# The tiny demo model is 50-100x slower on 2 threads when the other core is busy (Ray, vLLM).
+torch.set_num_threads(1)
+torch.set_flush_denormal(True)
+
 from flywheel.bootstrap import bootstrap, registry_for, train_demo_adapter
 from flywheel.config import Settings
 from flywheel.registry import Registry
