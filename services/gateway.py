@@ -1,7 +1,9 @@
 """The HTTP face of flywheel: a FastAPI app as the Ray Serve ingress. Routes stay thin.
 
 The path of one /predict call: validate (protocol.py) → check sizes against config → LLM deployment
-(llm_server.py: adapter slot → engine) → response naming the adapter version that produced it.
+(llm_server.py: adapter slot → engine) → response naming the adapter version that produced it, and a
+prediction event on the feedback bus. The path of one rating: POST /feedback → validate
+(feedback/schemas.py) → feedback event on the bus → 202; the curator joins it to its prediction.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from feedback.bus import build_bus
+from feedback.schemas import FeedbackAccepted, FeedbackEvent, FeedbackRequest, Message, PredictionEvent
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
 from flywheel.registry import Registry
@@ -59,6 +63,7 @@ class Gateway:
         self.registry = Registry(self.settings.registry_uri, self.settings.model.task)
         self.board = get_board()
         self.metrics = GatewayMetrics()
+        self.bus = build_bus(self.settings)  # publish() never waits on a broker: a spool absorbs outages
         self._replicas: list[dict[str, Any]] = []
         self.metrics.watch_replicas(ReplicaCollector(lambda: self._replicas, self._champion))
 
@@ -114,11 +119,45 @@ class Gateway:
             usage=completion.usage,
             latency_ms=round(latency * 1000, 2),
         )
+        self._publish(PredictionEvent(
+            request_id=request_id,
+            prompt=body.prompt,
+            messages=[Message(role=m.role, content=m.content) for m in body.messages] if body.messages else None,
+            answer=completion.answer,
+            reasoning=completion.reasoning,
+            adapter_version=version,
+            latency_ms=response.latency_ms,
+            prompt_tokens=completion.usage.prompt_tokens,
+            completion_tokens=completion.usage.completion_tokens,
+        ))
         return JSONResponse(response.model_dump(), headers={"x-flywheel-replica": completion.replica})
 
-    def _reject(self, status: int, field: str, message: str) -> JSONResponse:
-        self.metrics.requests.labels("/predict", str(status)).inc()
+    def _reject(self, status: int, field: str, message: str, route: str = "/predict") -> JSONResponse:
+        self.metrics.requests.labels(route, str(status)).inc()
         return _error(status, [{"field": field, "message": message, "type": "limit"}])
+
+    def _publish(self, event: PredictionEvent | FeedbackEvent) -> bool:
+        stored = self.bus.publish(event)
+        self.metrics.events.labels(event.event_type, "stored" if stored else "lost").inc()
+        if not stored:
+            log.error("event=bus_publish_failed type=%s request_id=%s", event.event_type, event.request_id)
+        return stored
+
+    @api.post("/feedback", status_code=202, response_model=FeedbackAccepted)
+    async def feedback(self, body: FeedbackRequest) -> Any:
+        limits = self.settings.feedback
+        too_long = body.check_limits(limits.max_correction_chars, limits.max_comment_chars)
+        if too_long:
+            self.metrics.requests.labels("/feedback", "422").inc()
+            return _error(422, [{"field": f, "message": m, "type": "limit"} for f, m in too_long])
+        event = body.to_event()
+        if not self._publish(event):
+            self.metrics.requests.labels("/feedback", "503").inc()
+            return JSONResponse(status_code=503, content={"error": "feedback could not be stored; retry"})
+        self.metrics.requests.labels("/feedback", "202").inc()
+        log.info("event=feedback event_id=%s request_id=%s rating=%s thumb=%s correction=%s", event.event_id,
+                 event.request_id, event.rating, event.thumb, event.correction is not None)
+        return JSONResponse(status_code=202, content=FeedbackAccepted(event_id=event.event_id).model_dump())
 
     @api.get("/healthz", response_model=HealthResponse)
     async def healthz(self) -> HealthResponse:
@@ -136,6 +175,9 @@ class Gateway:
             base_model=self.settings.model.base,
             replicas=replicas,
         )
+
+    def __del__(self) -> None:
+        self.bus.close()  # flushes what is buffered; the spool/log keeps the rest for the next process
 
     @api.get("/metrics")
     async def metrics(self) -> Response:

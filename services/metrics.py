@@ -59,5 +59,10 @@ class GatewayMetrics:
             "flywheel_tokens", "Tokens processed by kind", ["kind", "adapter_version"], registry=self.registry
         )
 
+        self.events = Counter(
+            "flywheel_bus_events", "Events handed to the feedback bus by type and result", ["type", "result"],
+            registry=self.registry,
+        )
+
     def watch_replicas(self, collector: ReplicaCollector) -> None:
         self.registry.register(collector)  # type: ignore[arg-type]

@@ -9,19 +9,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-import torch  # noqa: E402
-
-# The tiny demo model is 50-100x slower on 2 threads when the other core is busy (Ray, vLLM).
-torch.set_num_threads(1)
-torch.set_flush_denormal(True)
+import torch
 
 from flywheel.bootstrap import bootstrap, registry_for, train_demo_adapter
 from flywheel.config import Settings
 from flywheel.registry import Registry
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# The tiny demo model is 50-100x slower on 2 threads when the other core is busy (Ray, vLLM).
+torch.set_num_threads(1)
+torch.set_flush_denormal(True)
 
 # Small but real: enough steps that the base answers in the R1 format and v1/v2 differ.
 TEST_BOOTSTRAP = {"base_steps": 200, "adapter_steps": 60, "train_examples": 200, "seed": 0}

@@ -72,3 +72,29 @@ async def test_vllm_engine_matches_the_reference_greedy(hf_engine: HFEngine, ser
             served_answers.append(body["answer"])
     agreement = sum(a == b for a, b in zip(reference, served_answers, strict=True)) / len(PROMPTS)
     assert agreement >= 0.75, list(zip(reference, served_answers, strict=True))
+
+
+@pytest.mark.vllm
+async def test_reference_logprobs_agree_across_engines(hf_engine: HFEngine, demo_home: Path) -> None:
+    """Perplexity of reference answers (a gate metric) is the same number on either engine."""
+    from services.engines.vllm_engine import VLLMEngine
+
+    settings = make_settings(demo_home)
+    adapter = handle(settings, "demo-v1")
+    await hf_engine.add_adapter(adapter)
+    vllm_engine = VLLMEngine(settings.base_model_path, max_model_len=512)
+    await vllm_engine.start()
+    try:
+        await vllm_engine.add_adapter(adapter)
+        example = generate_examples(1, seed=5)[0]
+        messages = [ChatMessage(role="user", content=example.prompt)]
+        completion = f"{example.reasoning}\n</think>\n\n{example.answer}"
+        for lora in (adapter, None):
+            hf_sum, hf_n = await hf_engine.completion_logprob(messages, completion, lora)
+            vllm_sum, vllm_n = await vllm_engine.completion_logprob(messages, completion, lora)
+            assert hf_n == vllm_n > 5
+            assert vllm_sum == pytest.approx(hf_sum, rel=0.05, abs=0.5)
+        wrong = completion.replace(example.answer, "??")
+        assert (await vllm_engine.completion_logprob(messages, wrong, adapter))[0] < vllm_sum
+    finally:
+        await vllm_engine.shutdown()

@@ -73,8 +73,6 @@ class HFEngine:
     def _generate(
         self, prompt_ids: list[int], options: SamplingOptions, adapter: AdapterHandle | None
     ) -> Generation:
-        import contextlib
-
         import torch
 
         if options.seed is not None:
@@ -84,11 +82,7 @@ class HFEngine:
             if options.temperature > 0
             else {"do_sample": False}
         )
-        use_base = adapter is None and hasattr(self._model, "disable_adapter")
-        context = self._model.disable_adapter() if use_base else contextlib.nullcontext()
-        if adapter is not None:
-            self._model.set_adapter(adapter.name)
-        with torch.inference_mode(), context:
+        with torch.inference_mode(), self._adapter_context(adapter):
             output = self._model.generate(
                 input_ids=torch.tensor([prompt_ids]),
                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
@@ -107,6 +101,33 @@ class HFEngine:
             completion_tokens=len(new_ids) + (1 if finish == "stop" else 0),
             finish_reason=finish,
         )
+
+    async def completion_logprob(
+        self, messages: list[ChatMessage], completion: str, adapter: AdapterHandle | None
+    ) -> tuple[float, int]:
+        prompt_ids = render_prompt_ids(self._tokenizer, messages, 1, self.max_model_len)
+        target = self._tokenizer.encode(completion, add_special_tokens=False)
+        async with self._lock:
+            return await asyncio.to_thread(self._logprob, prompt_ids, target, adapter)
+
+    def _logprob(self, prompt_ids: list[int], target: list[int], adapter: AdapterHandle | None) -> tuple[float, int]:
+        import torch
+
+        ids = (prompt_ids + target)[: self.max_model_len]
+        with torch.inference_mode(), self._adapter_context(adapter):
+            logits = self._model(input_ids=torch.tensor([ids])).logits[0]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        scored = range(len(prompt_ids), len(ids))
+        return float(sum(logprobs[i - 1, ids[i]] for i in scored)), len(scored)
+
+    def _adapter_context(self, adapter: AdapterHandle | None) -> Any:
+        """Select `adapter`, or disable adapters for the bare base (a no-op before any is loaded)."""
+        import contextlib
+
+        if adapter is not None:
+            self._model.set_adapter(adapter.name)
+            return contextlib.nullcontext()
+        return self._model.disable_adapter() if hasattr(self._model, "disable_adapter") else contextlib.nullcontext()
 
     async def shutdown(self) -> None:
         self._model = None

@@ -67,4 +67,10 @@ class Engine(Protocol):
         request_id: str,
     ) -> Generation: ...
 
+    async def completion_logprob(
+        self, messages: list[ChatMessage], completion: str, adapter: AdapterHandle | None
+    ) -> tuple[float, int]:
+        """(sum of log-probabilities, token count) of `completion` as the answer to `messages`."""
+        ...
+
     async def shutdown(self) -> None: ...

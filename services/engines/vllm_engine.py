@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 
 from services.engines.chat import load_tokenizer, render_prompt_ids
 from services.engines.protocol import (
@@ -122,6 +123,29 @@ class VLLMEngine:
             completion_tokens=len(completion.token_ids),
             finish_reason=completion.finish_reason,
         )
+
+    async def completion_logprob(
+        self, messages: list[ChatMessage], completion: str, adapter: AdapterHandle | None
+    ) -> tuple[float, int]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompt_ids = render_prompt_ids(self._tokenizer, messages, 1, self.max_model_len)
+        target = self._tokenizer.encode(completion, add_special_tokens=False)
+        ids = (prompt_ids + target)[: self.max_model_len - 1]
+        final = None
+        async for output in self._llm.generate(
+            TokensPrompt(prompt_token_ids=ids),
+            SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0),
+            f"score-{uuid.uuid4().hex}",
+            lora_request=self._lora_request(adapter) if adapter else None,
+        ):
+            final = output
+        if final is None or final.prompt_logprobs is None:
+            raise EngineError("vLLM returned no prompt logprobs")
+        scored = range(len(prompt_ids), len(ids))
+        total = sum(final.prompt_logprobs[i][ids[i]].logprob for i in scored)
+        return total, len(scored)
 
     async def shutdown(self) -> None:
         if self._engine is not None:
