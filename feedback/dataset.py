@@ -1,0 +1,145 @@
+"""The curated dataset: Parquet parts partitioned by day, and a manifest of what each part covers.
+
+Layout under `<feedback_dir>/dataset`: `day=YYYY-MM-DD/part-<batch>-<n>.parquet` and `manifest.json`.
+Parts are written atomically (temp file, fsync, rename). The curator lists a part in its state in the
+same transaction that records the positions it consumed, then rewrites the manifest from that state,
+so the manifest names only committed parts: readers go through it and never see a part from a batch
+that crashed before its commit (the curator deletes such leftovers when it starts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from feedback.schemas import CuratedExample
+
+MANIFEST = "manifest.json"
+
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
+SCHEMA = pa.schema([
+    ("event_id", pa.string()), ("request_id", pa.string()),
+    ("feedback_ts", _TIMESTAMP), ("prediction_ts", _TIMESTAMP),
+    ("adapter_version", pa.string()), ("prompt_kind", pa.string()), ("prompt", pa.string()),
+    ("answer", pa.string()), ("reasoning", pa.string()),
+    ("rating", pa.int8()), ("thumb", pa.string()), ("correction", pa.string()), ("comment", pa.string()),
+    ("user_id", pa.string()), ("tenant_id", pa.string()),
+    ("feedback_source", pa.string()), ("feedback_offset", pa.int64()),
+    ("prediction_source", pa.string()), ("prediction_offset", pa.int64()),
+])
+
+
+class PartFile(BaseModel):
+    """One Parquet part and the source positions of the batch that produced it."""
+
+    path: str = Field(description="Relative to the dataset root, e.g. day=2026-01-31/part-0000000007-000.parquet")
+    day: str
+    batch: int
+    rows: int
+    offsets: dict[str, tuple[int, int]] = Field(
+        description="`topic/partition` -> [first, next) Kafka offsets or local-log byte positions consumed."
+    )
+    created_at: datetime
+
+
+class Manifest(BaseModel):
+    schema_version: Literal[1] = 1
+    updated_at: datetime
+    positions: dict[str, int] = Field(
+        default_factory=dict, description="Next position per `topic/partition`: all before it is curated."
+    )
+    files: list[PartFile] = Field(default_factory=list)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp_path)`, fsync the result, rename it onto `path`, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class CuratedDataset:
+    """Writer (for the curator) and reader (for the learning plane and `flywheel feedback export`)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def write_part(self, relative_path: str, rows: list[CuratedExample]) -> None:
+        table = pa.Table.from_pylist([row.model_dump() for row in rows], schema=SCHEMA)
+        _write_atomically(self.root / relative_path, lambda tmp: pq.write_table(table, tmp))
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        text = manifest.model_dump_json(indent=1)
+        _write_atomically(self.root / MANIFEST, lambda tmp: tmp.write_text(text))
+
+    def remove_unlisted(self, listed: Iterable[str]) -> list[str]:
+        """Delete parts (and temp files) the manifest does not name: leftovers of a crashed batch."""
+        keep = set(listed)
+        removed = []
+        for path in sorted(self.root.glob("day=*/*")):
+            relative = path.relative_to(self.root).as_posix()
+            if relative not in keep:
+                path.unlink()
+                removed.append(relative)
+        return removed
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def manifest(self) -> Manifest:
+        path = self.root / MANIFEST
+        if not path.is_file():
+            return Manifest(updated_at=datetime.now(UTC))
+        return Manifest.model_validate_json(path.read_text())
+
+    def read_table(self, manifest: Manifest | None = None, until: Mapping[str, int] | None = None) -> pa.Table:
+        """Rows of the parts `manifest` names (default: the current one), PII already masked.
+
+        `until` (`topic/partition` -> position, e.g. a training snapshot's `manifest.positions`) keeps
+        only rows whose feedback and prediction records both lie before those positions.
+        """
+        manifest = manifest or self.manifest()
+        tables = [pq.read_table(self.root / part.path, schema=SCHEMA) for part in manifest.files]
+        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        if until is None:
+            return table
+        columns = table.select(["feedback_source", "feedback_offset", "prediction_source", "prediction_offset"])
+        keep = [offset_f < until.get(source_f, 0) and offset_p < until.get(source_p, 0)
+                for source_f, offset_f, source_p, offset_p in zip(*columns.to_pydict().values(), strict=True)]
+        return table.filter(pa.array(keep, type=pa.bool_()))
+
+    def examples(self, manifest: Manifest | None = None, until: Mapping[str, int] | None = None
+                 ) -> list[CuratedExample]:
+        return [CuratedExample.model_validate(row) for row in self.read_table(manifest, until).to_pylist()]
+
+    def export_jsonl(self, path: Path, manifest: Manifest | None = None, until: Mapping[str, int] | None = None
+                     ) -> int:
+        """Write the rows as JSON lines (atomically); returns how many."""
+        rows = self.examples(manifest, until)
+        lines = "".join(json.dumps(row.model_dump(mode="json"), ensure_ascii=False) + "\n" for row in rows)
+        _write_atomically(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+        return len(rows)

@@ -1,0 +1,62 @@
+"""Mask personal data before anything is stored: the seeds' finance and medical texts carry it.
+
+Masks emails, Chinese resident ID numbers, mainland mobile numbers and bank card numbers, in that
+order, so that a longer identifier is replaced whole before a shorter pattern could bite into it (an
+ID number is never half-masked as a card, an email holding a phone number becomes `[EMAIL]`). Ordinary
+numbers survive: prices, years, percentages and decimals do not match, and a digit run is only a card
+when it has 13..19 digits, starts like a card (3-6) and passes the Luhn check.
+"""
+
+from __future__ import annotations
+
+import re
+
+EMAIL_TOKEN, ID_TOKEN, PHONE_TOKEN, CARD_TOKEN = "[EMAIL]", "[ID]", "[PHONE]", "[CARD]"
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# 6-digit region, birth date YYYYMMDD (1800..2099), 3-digit sequence, check digit or X.
+_RESIDENT_ID = re.compile(
+    r"(?<!\d)[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx](?!\d)"
+)
+# 1[3-9]x xxxx xxxx, optionally +86 / 0086 / 86 in front, optionally split by spaces or dashes.
+_PHONE = re.compile(r"(?<![\d+])(?:(?:\+|00)?86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}(?!\d)")
+# Digit groups separated by single spaces or dashes, not part of a decimal or a 1,000-style number.
+_DIGIT_RUN = re.compile(r"(?<![\d.,])\d+(?:[ -]\d+)*(?!\d|[.,]\d)")
+_DIGITS = re.compile(r"\d+")
+
+
+def _luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, char in enumerate(reversed(digits)):
+        value = int(char) * (2 if i % 2 else 1)
+        total += value - 9 if value > 9 else value
+    return total % 10 == 0
+
+
+def _is_card(digits: str) -> bool:
+    return 13 <= len(digits) <= 19 and digits[0] in "3456" and _luhn_ok(digits)
+
+
+def _mask_cards(match: re.Match[str]) -> str:
+    """Within one run of digit groups, replace each longest stretch of whole groups that is a card."""
+    run = match.group()
+    groups = list(_DIGITS.finditer(run))
+    pieces: list[str] = []
+    copied = start = 0
+    while start < len(groups):
+        end = next((e for e in range(len(groups), start, -1)
+                    if _is_card("".join(g.group() for g in groups[start:e]))), None)
+        if end is None:
+            start += 1
+            continue
+        pieces += [run[copied:groups[start].start()], CARD_TOKEN]
+        copied, start = groups[end - 1].end(), end
+    return "".join(pieces) + run[copied:]
+
+
+def mask_pii(text: str) -> str:
+    """`text` with emails, resident IDs, mobile numbers and bank cards replaced by tokens."""
+    text = _EMAIL.sub(EMAIL_TOKEN, text)
+    text = _RESIDENT_ID.sub(ID_TOKEN, text)
+    text = _PHONE.sub(PHONE_TOKEN, text)
+    return _DIGIT_RUN.sub(_mask_cards, text)
