@@ -44,6 +44,7 @@ def train_demo_adapter(
 ) -> AdapterManifest:
     """Train a LoRA adapter on demo-task examples and register it (not promoted)."""
     from training.demo_task import generate_examples
+    from training.retrain_data import TrainExample, write_train_data
     from training.sft import SftConfig, train_lora
 
     seed = settings.bootstrap.seed if seed is None else seed
@@ -53,6 +54,8 @@ def train_demo_adapter(
     with tempfile.TemporaryDirectory(prefix="flywheel-adapter-") as scratch:
         out = Path(scratch) / "adapter"
         result = train_lora(Path(settings.base_model_path), examples, out, config, progress=progress)
+        write_train_data(out, [TrainExample(prompt=e.prompt, reasoning=e.reasoning, answer=e.answer,
+                                            source="bootstrap") for e in examples])  # replayed by retrains
         return registry.register(
             out,
             base=base_ref(settings),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import signal
 import sys
 import threading
@@ -71,9 +72,15 @@ def up(
     port: Annotated[int | None, typer.Option(help="HTTP port (default from config: 8000).")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
     engine: Annotated[str | None, typer.Option(help="`vllm` or `hf` (default from config).")] = None,
+    kafka: Annotated[str | None, typer.Option(
+        help="Kafka bootstrap HOST:PORT for the feedback stream (default: the embedded local log).")] = None,
+    kafka_api_version: Annotated[str | None, typer.Option(
+        help="Broker protocol version, e.g. 0.9 for deploy/local/kafka.sh's broker (default: detect).")] = None,
 ) -> None:
-    """Start local Ray and the Serve app; bootstrap first if needed. Ctrl-C stops everything."""
+    """Start local Ray, the Serve app, the curator and the retrain scheduler. Ctrl-C stops everything."""
+    from feedback.curator import Curator
     from flywheel.bootstrap import bootstrap as run_bootstrap
+    from flywheel.scheduler import RetrainScheduler
     from services import app as serve_app
 
     configure_logging()
@@ -83,22 +90,45 @@ def up(
         settings.serving = type(settings.serving).model_validate({**settings.serving.model_dump(), **overrides})
     except ValueError as exc:
         _fail(f"invalid option: {exc}")
+    if kafka:
+        settings.feedback.kafka_bootstrap = kafka
+        settings.feedback.kafka_api_version = kafka_api_version or settings.feedback.kafka_api_version
     result = run_bootstrap(settings, progress=_progress)
-    typer.echo(f"starting Ray and Serve (engine={settings.serving.engine}, champion={result.champion}) …",
-               err=True)
+    feedback_target = f"kafka {kafka}" if settings.feedback.kafka_bootstrap else f"local log {settings.feedback_dir}"
+    typer.echo(f"starting Ray and Serve (engine={settings.serving.engine}, champion={result.champion}, "
+               f"feedback={feedback_target}) …", err=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    workers: list[threading.Thread] = []
     try:
         url = serve_app.run(settings)
-        typer.echo(f"flywheel is serving at {url}  (POST {url}/predict, GET {url}/healthz; Ctrl-C stops)")
-        stop.wait()
+        curator = Curator(settings)
+        workers.append(threading.Thread(target=_curate, args=(curator, stop), name="curator", daemon=True))
+        if settings.retrain.schedule_enabled:
+            workers.append(RetrainScheduler(settings, stop))
+        for worker in workers:
+            worker.start()
+        typer.echo(f"flywheel is serving at {url}  (POST {url}/predict, POST {url}/feedback, GET {url}/healthz; "
+                   "Ctrl-C stops)")
+        while not stop.wait(1.0):
+            pass
     except KeyboardInterrupt:
         pass
     except TimeoutError as exc:
         _fail(str(exc))
     finally:
-        typer.echo("stopping Serve and Ray …", err=True)
+        typer.echo("stopping the curator, Serve and Ray …", err=True)
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=30)
         serve_app.shutdown()
+
+
+def _curate(curator: Any, stop: threading.Event) -> None:
+    try:
+        curator.run(stop)
+    finally:
+        curator.close()
 
 
 @adapters_app.command("list")
@@ -152,16 +182,63 @@ def rollback(
     _emit(as_json, entry.model_dump(mode="json"), f"champion rolled back: {entry.previous} -> {entry.version}")
 
 
+RETRAIN_EXIT = {"passed": 0, "rejected": 0, "insufficient_data": 2, "failed": 1}
+
+
+@app.command()
+def retrain(
+    config: ConfigOption = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Run in the foreground and print the verdict.")] = False,
+    as_json: JsonOption = False,
+    run_id: Annotated[str | None, typer.Option(hidden=True)] = None,
+    trigger: Annotated[str, typer.Option(hidden=True)] = "cli",
+    lock_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Retrain the champion adapter on curated feedback; the gate decides whether it ships.
+
+    Without --wait the run starts in the background and its id is printed (see `flywheel status`).
+    Exit codes with --wait: 0 passed or rejected, 2 too little data, 1 failed, 3 another run is busy.
+    """
+    from flywheel.runs import RetrainBusyError, RunRecord, RunStore, new_run_id, retrain_command
+
+    configure_logging()
+    settings = _settings(config)
+    store = RunStore(settings.home / "runs")
+    if not wait and lock_fd is None:
+        try:
+            record = store.launch(retrain_command(settings, store.root), trigger)
+        except RetrainBusyError as exc:
+            _fail(str(exc), code=3)
+        _emit(as_json, {"run_id": record.run_id, "state": record.state},
+              f"retrain {record.run_id} started (pid {record.pid}); follow it with `flywheel status`")
+        return
+    from training.pipeline import Retrain
+
+    run_id = run_id or new_run_id()
+    record = store.get(run_id) or RunRecord(run_id=run_id, trigger=trigger)
+    record.pid = os.getpid()
+    try:
+        with store.exclusive(inherited_fd=lock_fd):
+            result = Retrain(settings, record, say=_progress).run()
+    except RetrainBusyError as exc:
+        _fail(str(exc), code=3)
+    payload = {"run_id": result.run_id, "verdict": result.verdict, "version": result.version,
+               "report": result.report, "message": result.message, "dataset": result.dataset}
+    _emit(as_json, payload, f"{result.run_id}: {result.verdict} {result.version or ''} — {result.message}")
+    raise typer.Exit(RETRAIN_EXIT[result.verdict])
+
+
 @app.command()
 def status(
     config: ConfigOption = None,
     url: Annotated[str | None, typer.Option(help="Also ask a running server's /healthz.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The champion, registered versions, recent alias moves, and (with --url) what serving runs."""
+    """The champion, versions, recent alias moves and retrains, and (with --url) what serving runs."""
     import httpx
 
     from flywheel.bootstrap import registry_for
+    from flywheel.runs import RunStore
 
     settings = _settings(config)
     registry = registry_for(settings)
@@ -173,6 +250,7 @@ def status(
         "registry": settings.registry_uri,
         "engine": settings.serving.engine,
         "base_model": settings.model.base,
+        "runs": [r.model_dump(mode="json", exclude={"report"}) for r in RunStore(settings.home / "runs").list(5)],
     }
     if url:
         try:
@@ -183,6 +261,9 @@ def status(
              f"engine: {payload['engine']}  base: {payload['base_model']}", "recent alias moves:"]
     lines += [f"  {e['at'][:19]} {e['action']:<8} {e['alias']} {e['previous'] or '-'} -> {e['version']}"
               f"  by {e['actor']}: {e['reason']}" for e in payload["history"]]
+    lines.append("recent retrains:")
+    lines += [f"  {r['run_id']} {r['state']:<17} stage={r['stage']:<9} version={r['version'] or '-'}"
+              f"  {r['message'][:80]}" for r in payload["runs"]]
     if "serving" in payload:
         lines.append(f"serving: {json.dumps(payload['serving'].get('serving', payload['serving']))}")
     _emit(as_json, payload, "\n".join(lines))

@@ -99,6 +99,47 @@ class FeedbackSettings(BaseModel):
     curator_flush_s: float = Field(2.0, gt=0, description="Write a partial batch after this long.")
 
 
+class GateSettings(BaseModel):
+    """When a candidate adapter may replace the champion."""
+
+    min_improvement: float = Field(0.05, description="Accuracy gain required on the newest feedback slice.")
+    max_golden_regression: float = Field(0.02, description="Largest accuracy drop allowed on the golden set.")
+    significance_alpha: float = Field(0.05, description="McNemar p-value the gain on the new slice must beat.")
+    min_format_validity: float = Field(0.9, description="Share of answers with a closed <think> and an answer.")
+    max_latency_ratio: float = Field(1.5, description="Candidate mean latency / champion's, at most.")
+    min_parity: float = Field(0.75, description="Greedy agreement of serving engine and PEFT reference.")
+    parity_prompts: int = Field(8, ge=1, description="Prompts in the engine-parity probe.")
+
+
+class RetrainSettings(BaseModel):
+    """How a retrain builds its data, trains the candidate, and when the scheduler starts one."""
+
+    method: Literal["sft", "kto"] = "sft"
+    steps: int = Field(80, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
+    replay_fraction: float = Field(0.3, ge=0, lt=1, description="Share of the champion's own data replayed.")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Newest share of feedback held out for the gate.")
+    min_examples: int = Field(20, ge=1, description="Fewer usable feedback examples than this: no retrain.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int = Field(1, ge=1)
+    early_stopping_patience: int | None = None
+    schedule_enabled: bool = True
+    schedule_interval_s: float = Field(600.0, gt=0, description="Scheduler: at least this long between runs.")
+    schedule_min_new_examples: int = Field(50, ge=1, description="Scheduler: and at least this many new rows.")
+    golden_path: str | None = Field(
+        None, description="JSONL of {prompt, answer, reasoning}: the task's fixed regression set (demo: built in)."
+    )
+    gate: GateSettings = GateSettings()
+
+
 class RaySettings(BaseModel):
     address: str | None = Field(None, description="Existing cluster address; None starts a local Ray.")
     num_cpus: int | None = Field(None, description="Logical CPUs for a local Ray (None: detect).")
@@ -127,6 +168,7 @@ class Settings(BaseSettings):
     vllm: VLLMSettings = VLLMSettings()
     ray: RaySettings = RaySettings()
     feedback: FeedbackSettings = FeedbackSettings()
+    retrain: RetrainSettings = RetrainSettings()
     bootstrap: BootstrapSettings = BootstrapSettings()
 
     _config_file: ClassVar[Path | None] = None  # set by load_settings for one construction

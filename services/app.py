@@ -6,6 +6,8 @@ the tests use `run`.
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -51,9 +53,13 @@ def app_builder(args: dict[str, Any]) -> Application:
 def ensure_ray(settings: Settings) -> None:
     if ray.is_initialized():
         return
+    # Logical CPUs: enough for the LLM replicas AND a retrain's workers, so training never waits on
+    # serving (the OS shares the real cores; Ray only counts reservations).
+    wanted = settings.serving.replicas * settings.serving.replica_cpus + (
+        settings.retrain.num_workers * settings.retrain.cpus_per_worker + 1)
     ray.init(
         address=settings.ray.address,
-        num_cpus=settings.ray.num_cpus,
+        num_cpus=None if settings.ray.address else settings.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted)),
         object_store_memory=settings.ray.object_store_mb * 1024 * 1024 if not settings.ray.address else None,
         include_dashboard=False,
         log_to_driver=True,

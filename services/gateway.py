@@ -9,9 +9,11 @@ prediction event on the feedback bus. The path of one rating: POST /feedback →
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,10 +27,11 @@ from feedback.bus import build_bus
 from feedback.schemas import FeedbackAccepted, FeedbackEvent, FeedbackRequest, Message, PredictionEvent
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
-from flywheel.registry import Registry
+from flywheel.registry import HistoryEntry, Registry, RegistryError, VersionNotFoundError
+from flywheel.runs import RetrainBusyError, RunStore, retrain_command
 from services.engines.protocol import PromptTooLongError, SamplingOptions
 from services.metrics import GatewayMetrics, ReplicaCollector
-from services.protocol import HealthResponse, PredictRequest, PredictResponse
+from services.protocol import AliasMove, HealthResponse, PredictRequest, PredictResponse
 from services.status_board import get_board
 
 log = logging.getLogger("flywheel.gateway")
@@ -175,6 +178,67 @@ class Gateway:
             base_model=self.settings.model.base,
             replicas=replicas,
         )
+
+    # -- admin: token-protected operations ----------------------------------------------------------
+
+    def _unauthorized(self, request: Request) -> JSONResponse | None:
+        token = self.settings.admin_token
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not token:
+            return JSONResponse(status_code=401, content={"error": "admin routes are disabled: set admin_token"})
+        if not hmac.compare_digest(given, token):
+            return JSONResponse(status_code=401, content={"error": "missing or wrong admin token (Authorization: "
+                                                                   "Bearer <token>)"})
+        return None
+
+    @api.post("/admin/retrain", status_code=202)
+    async def admin_retrain(self, request: Request) -> Any:
+        if denied := self._unauthorized(request):
+            return denied
+        store = RunStore(self.settings.home / "runs")
+        try:
+            record = await asyncio.to_thread(store.launch, retrain_command(self.settings, store.root), "admin")
+        except RetrainBusyError as exc:
+            return JSONResponse(status_code=409, content={"error": str(exc)})
+        log.info("event=retrain_triggered run_id=%s by=admin", record.run_id)
+        return JSONResponse(status_code=202, content={"run_id": record.run_id, "state": record.state})
+
+    @api.post("/admin/promote")
+    async def admin_promote(self, request: Request, body: AliasMove) -> Any:
+        if denied := self._unauthorized(request):
+            return denied
+        if not body.version:
+            return _error(422, [{"field": "version", "message": "required", "type": "missing"}])
+        return await self._move_alias(lambda: self.registry.promote(
+            body.version, actor=body.actor, reason=body.reason or "promoted via /admin/promote"))
+
+    @api.post("/admin/rollback")
+    async def admin_rollback(self, request: Request, body: AliasMove) -> Any:
+        if denied := self._unauthorized(request):
+            return denied
+        return await self._move_alias(lambda: self.registry.rollback(
+            actor=body.actor, reason=body.reason or "rolled back via /admin/rollback"))
+
+    async def _move_alias(self, move: Callable[[], HistoryEntry]) -> JSONResponse:
+        try:
+            entry = await asyncio.to_thread(move)
+        except VersionNotFoundError as exc:
+            return JSONResponse(status_code=404, content={"error": str(exc)})
+        except RegistryError as exc:
+            return JSONResponse(status_code=409, content={"error": str(exc)})
+        log.info("event=alias_moved alias=%s %s->%s by=%s", entry.alias, entry.previous, entry.version, entry.actor)
+        return JSONResponse(entry.model_dump(mode="json"))
+
+    @api.get("/admin/status")
+    async def admin_status(self, request: Request) -> Any:
+        if denied := self._unauthorized(request):
+            return denied
+        runs = await asyncio.to_thread(RunStore(self.settings.home / "runs").list, 10)
+        return {
+            "champion": await asyncio.to_thread(self._champion),
+            "replicas": await self._refresh_replicas(),
+            "runs": [r.model_dump(mode="json") for r in runs],
+        }
 
     def __del__(self) -> None:
         self.bus.close()  # flushes what is buffered; the spool/log keeps the rest for the next process

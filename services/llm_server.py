@@ -17,11 +17,12 @@ from ray import serve
 
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
+from flywheel.r1 import split_reasoning
 from flywheel.registry import Registry, fingerprint_base
 from services.adapters import AdapterManager
 from services.engines import build_engine
 from services.engines.protocol import ChatMessage, Engine, SamplingOptions
-from services.protocol import Completion, Usage, split_reasoning
+from services.protocol import Completion, Usage
 from services.status_board import get_board
 
 log = logging.getLogger("flywheel.llm")

@@ -84,13 +84,11 @@ class HealthResponse(BaseModel):
     replicas: list[dict] = Field(default_factory=list)
 
 
-def split_reasoning(text: str) -> tuple[str, str]:
-    """(reasoning, answer) of an R1-style completion: reasoning inside <think>…</think>, answer after.
+class AliasMove(BaseModel):
+    """Body of /admin/promote and /admin/rollback."""
 
-    The generation prompt already opens `<think>`, so the completion usually starts inside it.
-    A completion without `</think>` is all answer.
-    """
-    if "</think>" not in text:
-        return "", text.replace("<think>", "").strip()
-    reasoning, answer = text.split("</think>", 1)
-    return reasoning.replace("<think>", "").strip(), answer.strip()
+    model_config = ConfigDict(extra="forbid")
+
+    version: str | None = Field(None, description="Version to promote (promote only).")
+    reason: str = ""
+    actor: str = Field("admin-api", max_length=128)

@@ -15,6 +15,8 @@ from flywheel.bootstrap import bootstrap, registry_for, train_demo_adapter
 from flywheel.config import Settings
 from flywheel.registry import Registry
 
+pytest_plugins = ["tests.kafka_broker"]
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # The tiny demo model is 50-100x slower on 2 threads when the other core is busy (Ray, vLLM).

@@ -9,9 +9,9 @@ import pytest
 
 from flywheel.bootstrap import registry_for
 from flywheel.config import Settings
+from flywheel.r1 import split_reasoning
 from services.engines.hf_engine import HFEngine
 from services.engines.protocol import AdapterHandle, ChatMessage, PromptTooLongError, SamplingOptions
-from services.protocol import split_reasoning
 from tests.conftest import make_settings
 from training.demo_task import generate_examples
 

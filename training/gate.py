@@ -10,14 +10,7 @@ import math
 
 from pydantic import BaseModel, Field
 
-
-class GatePolicy(BaseModel):
-    min_improvement: float = Field(0.05, description="Accuracy gain required on the newest feedback slice.")
-    max_golden_regression: float = Field(0.02, description="Largest accuracy drop allowed on the golden set.")
-    significance_alpha: float = Field(0.05, description="McNemar p-value the gain on the new slice must beat.")
-    min_format_validity: float = Field(0.9, description="Share of answers with a closed <think> and an answer.")
-    max_latency_ratio: float = Field(1.5, description="Candidate mean latency ÷ champion's, at most.")
-    min_parity: float = Field(0.75, description="Greedy agreement of serving engine and PEFT reference.")
+from flywheel.config import GateSettings
 
 
 class SliceScores(BaseModel):
@@ -68,7 +61,7 @@ def decide(
     new_slice: str,
     golden_slice: str,
     parity: float | None,
-    policy: GatePolicy,
+    policy: GateSettings,
 ) -> GateReport:
     """Apply `policy` to paired scores of the two adapters."""
     new_c, new_k = candidate[new_slice], champion[new_slice]

@@ -1,0 +1,154 @@
+"""Retrain runs: one JSON record per run, and a lock so only one retrain runs at a time.
+
+Shared by the training plane (which does runs) and the serving plane (whose admin routes and
+scheduler start them and show their state). The lock is an OS file lock held by the process doing the
+run, so a crashed run releases it by dying; a record left `running` by a dead process reads `failed`.
+A launcher takes the lock itself and hands the open descriptor to the child, so two triggers racing
+cannot both start a run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from flywheel.config import Settings
+
+
+class RetrainBusyError(RuntimeError):
+    """Another retrain holds the lock."""
+
+
+class RunState(StrEnum):
+    RUNNING = "running"
+    PASSED = "passed"
+    REJECTED = "rejected"
+    INSUFFICIENT_DATA = "insufficient_data"
+    FAILED = "failed"
+
+
+class RunRecord(BaseModel):
+    run_id: str
+    state: RunState = RunState.RUNNING
+    stage: str = "starting"
+    trigger: str
+    pid: int = Field(default_factory=os.getpid)
+    started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    finished_at: datetime | None = None
+    champion_before: str | None = None
+    version: str | None = None
+    dataset: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    report: dict[str, Any] | None = None
+    message: str = ""
+
+    @property
+    def verdict(self) -> str:
+        return self.state.value
+
+
+def new_run_id() -> str:
+    return f"run-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _lock(self) -> int:
+        """An open descriptor holding the retrain lock, or RetrainBusyError naming the running run."""
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            running = [r.run_id for r in self.list() if r.state == RunState.RUNNING]
+            raise RetrainBusyError(
+                f"a retrain is already running ({', '.join(running) or 'starting'}); one at a time"
+            ) from None
+        return fd
+
+    @contextmanager
+    def exclusive(self, inherited_fd: int | None = None) -> Iterator[None]:
+        """Hold the retrain lock for the block (or keep the one a launcher handed over)."""
+        fd = inherited_fd if inherited_fd is not None else self._lock()
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    def launch(self, command: list[str], trigger: str) -> RunRecord:
+        """Start `command` (a `flywheel retrain` child) holding the lock; return the new run's record.
+
+        The child gets the locked descriptor as `--lock-fd`; this process drops its copy, so the lock
+        lives exactly as long as the child.
+        """
+        fd = self._lock()
+        run_id = new_run_id()
+        try:
+            with (self.root / f"{run_id}.log").open("ab") as log_file:
+                child = subprocess.Popen(
+                    [*command, "--run-id", run_id, "--trigger", trigger, "--lock-fd", str(fd)],
+                    pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        finally:
+            os.close(fd)
+        record = RunRecord(run_id=run_id, trigger=trigger, pid=child.pid)
+        self.save(record)
+        return record
+
+    def save(self, record: RunRecord) -> None:
+        tmp = self.root / f".{record.run_id}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(record.model_dump_json(indent=2))
+        os.replace(tmp, self.root / f"{record.run_id}.json")
+
+    def get(self, run_id: str) -> RunRecord | None:
+        path = self.root / f"{run_id}.json"
+        if not path.exists():
+            return None
+        record = RunRecord.model_validate_json(path.read_text())
+        if record.state == RunState.RUNNING and not _alive(record.pid):
+            record.state, record.message = RunState.FAILED, f"the run's process {record.pid} died at {record.stage}"
+        return record
+
+    def list(self, limit: int | None = None) -> list[RunRecord]:
+        names = sorted(p.stem for p in self.root.glob("run-*.json"))
+        if limit:
+            names = names[-limit:]
+        return [r for r in (self.get(n) for n in names) if r]
+
+
+def retrain_command(settings: Settings, runs_dir: Path) -> list[str]:
+    """`flywheel retrain` in a fresh process, with these exact settings (and this Ray cluster, if any)."""
+    import ray
+    import yaml
+
+    payload = settings.model_dump(mode="json")
+    if ray.is_initialized():
+        payload["ray"]["address"] = ray.get_runtime_context().gcs_address
+    settings_file = runs_dir / f".settings-{uuid.uuid4().hex}.yaml"
+    settings_file.write_text(yaml.safe_dump(payload, allow_unicode=True))
+    return [sys.executable, "-m", "flywheel.cli", "retrain", "--config", str(settings_file)]

@@ -1,0 +1,52 @@
+"""The retrain schedule inside `flywheel up`: a run starts when enough time AND enough new data exist."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from feedback.dataset import CuratedDataset
+from flywheel.config import Settings
+from flywheel.runs import RetrainBusyError, RunStore, retrain_command
+
+log = logging.getLogger("flywheel.scheduler")
+
+
+class RetrainScheduler(threading.Thread):
+    def __init__(self, settings: Settings, stop: threading.Event, check_every_s: float = 5.0) -> None:
+        super().__init__(name="retrain-scheduler", daemon=True)
+        self.settings = settings
+        self.stop = stop
+        self.check_every_s = check_every_s
+        self.store = RunStore(settings.home / "runs")
+        self.dataset = CuratedDataset(settings.feedback_dir / "dataset")
+        self.started = time.time()
+
+    def due(self) -> tuple[bool, str]:
+        """(start a run now?, why or why not)."""
+        cfg = self.settings.retrain
+        runs = self.store.list()
+        last_start = runs[-1].started_at.timestamp() if runs else self.started
+        waited = time.time() - last_start
+        seen = max((r.dataset.get("feedback_rows", 0) for r in runs), default=0)
+        new_rows = sum(part.rows for part in self.dataset.manifest().files) - seen
+        if waited < cfg.schedule_interval_s:
+            return False, f"{waited:.0f}s since the last run; interval {cfg.schedule_interval_s:.0f}s"
+        if new_rows < cfg.schedule_min_new_examples:
+            return False, f"{new_rows} new curated rows; need {cfg.schedule_min_new_examples}"
+        return True, f"{new_rows} new curated rows after {waited:.0f}s"
+
+    def run(self) -> None:
+        log.info("event=scheduler_started interval_s=%s min_new=%s", self.settings.retrain.schedule_interval_s,
+                 self.settings.retrain.schedule_min_new_examples)
+        while not self.stop.wait(self.check_every_s):
+            try:
+                go, why = self.due()
+                if go:
+                    record = self.store.launch(retrain_command(self.settings, self.store.root), "schedule")
+                    log.info("event=retrain_triggered run_id=%s by=schedule why=%r", record.run_id, why)
+            except RetrainBusyError:
+                continue
+            except Exception:  # the scheduler must outlive a bad check
+                log.exception("event=scheduler_check_failed")

@@ -1,0 +1,226 @@
+"""One retrain, top to bottom: snapshot → dataset → train → evaluate → gate → register → promote.
+
+Any failure marks the run failed and leaves the registry and serving as they were: nothing is
+registered before the gate has decided, and only a passing candidate moves the champion alias.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from feedback.dataset import CuratedDataset
+from flywheel.bootstrap import base_ref, registry_for
+from flywheel.config import Settings
+from flywheel.registry import Registry
+from flywheel.runs import RunRecord, RunState, RunStore
+from services.engines import build_engine
+from services.engines.hf_engine import HFEngine
+from services.engines.protocol import AdapterHandle
+from training.demo_task import golden_set
+from training.evaluate import EvalExample, evaluate, parity
+from training.gate import SliceScores, decide
+from training.ray_train import TrainJob, train_on_ray
+from training.retrain_data import (
+    RetrainData,
+    TrainExample,
+    build_retrain_data,
+    kto_example,
+    read_train_data,
+    write_train_data,
+)
+from training.sft import LoraSpec, SftConfig
+
+log = logging.getLogger("flywheel.retrain")
+
+NEW_SLICE, GOLDEN_SLICE = "new_feedback", "golden"
+CANDIDATE_LORA_ID = 1_000_000  # evaluation engines are private to a run: no clash with served ids
+
+
+def golden_examples(settings: Settings) -> list[EvalExample]:
+    """The task's fixed regression set (the demo task ships one)."""
+    path = settings.retrain.golden_path
+    if path:
+        return [EvalExample.model_validate_json(line) for line in Path(path).read_text().splitlines() if line]
+    return [EvalExample(prompt=e.prompt, answer=e.answer, reasoning=e.reasoning) for e in golden_set()]
+
+
+class Retrain:
+    """A retrain run; `run()` never raises: the outcome is in the returned record."""
+
+    def __init__(self, settings: Settings, record: RunRecord, say: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.record = record
+        self.store = RunStore(settings.home / "runs")
+        self.registry: Registry = registry_for(settings)
+        self.workdir = self.store.root / record.run_id
+        self._say = say or (lambda _msg: None)
+
+    def stage(self, name: str) -> None:
+        self.record.stage = name
+        self.store.save(self.record)
+        log.info("event=retrain_stage run_id=%s stage=%s", self.record.run_id, name)
+        self._say(f"[{self.record.run_id}] {name}")
+
+    def finish(self, state: RunState, message: str) -> RunRecord:
+        self.record.state, self.record.message = state, message
+        self.record.finished_at = datetime.now(UTC)
+        self.store.save(self.record)
+        log.info("event=retrain_finished run_id=%s verdict=%s version=%s message=%r", self.record.run_id,
+                 state, self.record.version, message)
+        self._say(f"[{self.record.run_id}] {state}: {message}")
+        return self.record
+
+    def run(self) -> RunRecord:
+        try:
+            return self._run()
+        except Exception as exc:  # a crash must leave registry and serving untouched, and say why
+            log.exception("event=retrain_failed run_id=%s stage=%s", self.record.run_id, self.record.stage)
+            return self.finish(RunState.FAILED, f"{type(exc).__name__} at {self.record.stage}: {exc}")
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _run(self) -> RunRecord:
+        cfg = self.settings.retrain
+        self.stage("snapshot")
+        champion = self.registry.alias("champion")
+        if champion is None:
+            raise RuntimeError("no champion adapter to start from: run `flywheel bootstrap` first")
+        self.record.champion_before = champion
+        dataset = CuratedDataset(self.settings.feedback_dir / "dataset")
+        snapshot = dataset.manifest()
+        rows = dataset.examples(snapshot)
+
+        self.stage("dataset")
+        champion_dir = self.registry.local_path(champion)
+        data = build_retrain_data(rows, read_train_data(champion_dir), holdout_fraction=cfg.holdout_fraction,
+                                  replay_fraction=cfg.replay_fraction)
+        fresh = len(data.train) - data.replay
+        self.record.dataset = {
+            "feedback_rows": data.feedback_rows, "usable": data.usable, "duplicates_removed": data.duplicates,
+            "train": len(data.train), "replay": data.replay, "holdout": len(data.holdout),
+            "snapshot_positions": snapshot.positions,
+        }
+        if fresh < cfg.min_examples:
+            return self.finish(
+                RunState.INSUFFICIENT_DATA,
+                f"{fresh} usable feedback examples for training; at least {cfg.min_examples} are needed "
+                f"(corrections or answers rated >= 4; {data.feedback_rows} curated rows in all)",
+            )
+
+        self.stage("train")
+        candidate_dir = self._train(data, champion_dir, rows)
+
+        self.stage("evaluate")
+        slices = {
+            NEW_SLICE: [EvalExample(prompt=e.prompt, answer=e.answer, reasoning=e.reasoning) for e in data.holdout],
+            GOLDEN_SLICE: golden_examples(self.settings),
+        }
+        scores, agreement = asyncio.run(self._evaluate(champion, candidate_dir, slices))
+
+        self.stage("gate")
+        report = decide(scores[champion], scores["candidate"], new_slice=NEW_SLICE, golden_slice=GOLDEN_SLICE,
+                        parity=agreement, policy=cfg.gate)
+        summary = {
+            version: {name: s.model_dump(exclude={"correct"}) for name, s in by_slice.items()}
+            for version, by_slice in (("champion", scores[champion]), ("candidate", scores["candidate"]))
+        }
+        self.record.report = {"passed": report.passed, "checks": [c.model_dump() for c in report.checks],
+                              "scores": summary, "parity": agreement}
+
+        self.stage("register")
+        manifest = self.registry.register(
+            candidate_dir,
+            base=base_ref(self.settings),
+            parent=champion,
+            status="ready" if report.passed else "rejected",
+            lora=self._lora_spec().model_dump(),
+            training={"method": cfg.method, "run_id": self.record.run_id, **self.record.metrics},
+            data=self.record.dataset,
+            metrics=summary,
+            gate=self.record.report,
+        )
+        self.record.version = manifest.version
+        if not report.passed:
+            return self.finish(RunState.REJECTED, "; ".join(report.failures()))
+
+        self.stage("promote")
+        self.registry.promote(manifest.version, actor=f"retrain:{self.record.run_id}",
+                              reason=f"gate passed ({self.record.trigger})")
+        gain = report.checks[0].detail
+        return self.finish(RunState.PASSED, f"{manifest.version} is champion; {gain}")
+
+    def _lora_spec(self) -> LoraSpec:
+        cfg = self.settings.retrain
+        return LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                        target_modules=cfg.lora_target_modules)
+
+    def _train(self, data: RetrainData, champion_dir: Path, rows: list) -> Path:  # type: ignore[type-arg]
+        cfg = self.settings.retrain
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        train_path = self.workdir / "train.parquet"
+        if cfg.method == "kto":
+            from training.kto import balance_kto
+
+            kto = balance_kto([k for k in (kto_example(r) for r in rows) if k is not None])
+            pq.write_table(pa.Table.from_pylist([k.model_dump() for k in kto]), train_path)
+        else:
+            pq.write_table(pa.Table.from_pylist([e.model_dump(exclude={"at", "source"}) for e in data.train]),
+                           train_path)
+        eval_path = self.workdir / "eval.parquet"
+        pq.write_table(pa.Table.from_pylist([e.model_dump(exclude={"at", "source"}) for e in data.holdout]),
+                       eval_path)
+        out_dir = self.workdir / "candidate"
+        outcome = train_on_ray(
+            TrainJob(
+                base_dir=Path(self.settings.base_model_path),
+                train_path=train_path,
+                eval_path=eval_path,
+                out_dir=out_dir,
+                method=cfg.method,
+                sft=SftConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
+                              grad_accum=cfg.grad_accum, lora=self._lora_spec()),
+                init_adapter=champion_dir,
+                num_workers=cfg.num_workers,
+                use_gpu=cfg.use_gpu,
+                cpus_per_worker=cfg.cpus_per_worker,
+                torch_threads=cfg.torch_threads,
+                early_stopping_patience=cfg.early_stopping_patience,
+                checkpoint_dir=self.workdir / "checkpoints",
+            ),
+            progress=self._say,
+        )
+        self.record.metrics = outcome.model_dump(mode="json", exclude={"adapter_dir"})
+        self.store.save(self.record)
+        write_train_data(out_dir, [TrainExample.model_validate(e) for e in data.train])
+        return out_dir
+
+    async def _evaluate(
+        self, champion: str, candidate_dir: Path, slices: dict[str, list[EvalExample]]
+    ) -> tuple[dict[str, dict[str, SliceScores]], float]:
+        """Score both adapters on the serving engine; probe it against the PEFT reference."""
+        champion_handle = AdapterHandle(name=champion, int_id=self.registry.manifest(champion).number,
+                                        path=self.registry.local_path(champion))
+        candidate = AdapterHandle(name=f"candidate-{self.record.run_id}", int_id=CANDIDATE_LORA_ID, path=candidate_dir)
+        engine = build_engine(self.settings)
+        await engine.start()
+        try:
+            for handle in (champion_handle, candidate):
+                await engine.add_adapter(handle)
+            scores = await evaluate(engine, {champion: champion_handle, "candidate": candidate}, slices)
+            reference = HFEngine(self.settings.base_model_path, max_model_len=self.settings.vllm.max_model_len)
+            await reference.start()
+            await reference.add_adapter(candidate)
+            prompts = [e.prompt for e in slices[NEW_SLICE][: self.settings.retrain.gate.parity_prompts]]
+            agreement = await parity(engine, reference, candidate, prompts)
+            await reference.shutdown()
+        finally:
+            await engine.shutdown()
+        return scores, agreement
