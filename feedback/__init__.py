@@ -1,0 +1,19 @@
+"""The feedback plane: event schemas, the bus (Kafka or an embedded local log), the curator, the dataset.
+
+The serving plane needs only what is exported here; the curator and the dataset live in
+`feedback.curator` and `feedback.dataset` (they pull in pyarrow).
+"""
+
+from feedback.bus import EventBus, KafkaBus, LocalLogBus, build_bus
+from feedback.schemas import FeedbackAccepted, FeedbackEvent, FeedbackRequest, PredictionEvent
+
+__all__ = [
+    "EventBus",
+    "FeedbackAccepted",
+    "FeedbackEvent",
+    "FeedbackRequest",
+    "KafkaBus",
+    "LocalLogBus",
+    "PredictionEvent",
+    "build_bus",
+]

@@ -30,6 +30,8 @@ from flywheel.config import FeedbackSettings, Settings
 
 log = logging.getLogger("flywheel.feedback.bus")
 
+LINGER_S = 0.005
+
 
 class EventBus(Protocol):
     def publish(self, event: PredictionEvent | FeedbackEvent) -> bool:
@@ -205,7 +207,8 @@ class KafkaBus:
             self._wake.clear()
             records = self._spool.peek(self._batch_records, self._settings.producer_buffer_bytes)
             if not records:
-                self._wake.wait(0.5)
+                if self._wake.wait(0.5):
+                    self._closing.wait(LINGER_S)  # let a few more events arrive: fewer, larger sends
                 continue
             try:
                 delivered = self._send(records)

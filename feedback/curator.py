@@ -177,8 +177,12 @@ class KafkaSource:
         if not assignment:
             return False
         for tp in assignment:
-            highwater = self._consumer.highwater(tp)
-            if highwater is None or self._consumer.position(tp) < highwater:
+            highwater = self._consumer.highwater(tp)  # known once a fetch for it came back
+            try:
+                position = self._consumer.position(tp, timeout_ms=1000)
+            except KafkaError:  # revoked by a rebalance meanwhile
+                return False
+            if highwater is None or position is None or position < highwater:
                 return False
         return True
 
@@ -225,7 +229,7 @@ class CuratorState:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
@@ -392,7 +396,7 @@ class Curator:
         self._batch_size = settings.feedback.curator_batch_size
         self._flush_s = settings.feedback.curator_flush_s
         self._retention_s = prediction_retention_s
-        self._last_prune = 0.0
+        self._last_prune = float("-inf")
         self.state = CuratorState(state_path(settings))
         self.dataset = CuratedDataset(dataset_path(settings))
         self._recover()
@@ -465,7 +469,7 @@ class Curator:
                 positions[record.partition] = record.next_offset
                 first = result.offsets.get(record.partition, (record.offset, 0))[0]
                 result.offsets[record.partition] = (first, record.next_offset)
-            result.files = self._write_parts(rows, batch, result.offsets)
+            result.files = self._write_parts(rows, batch, result.offsets, positions)
             result.curated = len(rows)
             self.state.set_positions(positions)
             for name in ("predictions", "curated", "duplicates", "rejected"):
@@ -510,8 +514,8 @@ class Curator:
         self.state.mark_curated(event.event_id, batch)
         return [join(feedback, prediction)]
 
-    def _write_parts(self, rows: list[CuratedExample], batch: int, offsets: dict[str, tuple[int, int]]
-                     ) -> list[str]:
+    def _write_parts(self, rows: list[CuratedExample], batch: int, offsets: dict[str, tuple[int, int]],
+                     positions: dict[str, int]) -> list[str]:
         by_day: dict[str, list[CuratedExample]] = defaultdict(list)
         for row in rows:
             by_day[row.feedback_ts.strftime("%Y-%m-%d")].append(row)
@@ -520,7 +524,7 @@ class Curator:
             for n, start in enumerate(range(0, len(day_rows), self._batch_size)):
                 chunk = day_rows[start:start + self._batch_size]
                 part = PartFile(path=f"day={day}/part-{batch:010d}-{n:03d}.parquet", day=day, batch=batch,
-                                rows=len(chunk), offsets=offsets, created_at=datetime.now(UTC))
+                                rows=len(chunk), offsets=offsets, positions=positions, created_at=datetime.now(UTC))
                 self.dataset.write_part(part.path, chunk)
                 self.state.add_part(part)
                 paths.append(part.path)

@@ -45,7 +45,12 @@ class PartFile(BaseModel):
     batch: int
     rows: int
     offsets: dict[str, tuple[int, int]] = Field(
-        description="`topic/partition` -> [first, next) Kafka offsets or local-log byte positions consumed."
+        description="`topic/partition` -> [first, next) Kafka offsets or local-log byte positions its batch "
+        "consumed (a row's other half may come from an earlier batch)."
+    )
+    positions: dict[str, int] = Field(
+        description="Next position per `topic/partition` once its batch was committed: every row of this part "
+        "and of the parts before it lies before these (`read_table(until=...)`)."
     )
     created_at: datetime
 
