@@ -67,12 +67,15 @@ def ensure_ray(settings: Settings) -> None:
     )
 
 
-def run(settings: Settings, *, timeout_s: float = 300.0) -> str:
-    """Start (or reuse) Ray, deploy the app, and return its URL once /healthz answers."""
+def run(settings: Settings, *, timeout_s: float = 300.0, name: str = APP_NAME, route_prefix: str = "/") -> str:
+    """Start (or reuse) Ray and Serve, deploy the app, and return its URL once /healthz answers.
+
+    Several apps (e.g. two registries) can share one Serve instance under different route prefixes.
+    """
     ensure_ray(settings)
     serve.start(http_options={"host": settings.serving.host, "port": settings.serving.port})
-    serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
-    url = f"http://{settings.serving.host}:{settings.serving.port}"
+    serve.run(build_app(settings), name=name, route_prefix=route_prefix, blocking=False)
+    url = f"http://{settings.serving.host}:{settings.serving.port}{route_prefix.rstrip('/')}"
     wait_healthy(url, timeout_s=timeout_s)
     return url
 

@@ -64,7 +64,7 @@ class Gateway:
         self.llm = llm
         self.settings = Settings.model_validate(settings)
         self.registry = Registry(self.settings.registry_uri, self.settings.model.task)
-        self.board = get_board()
+        self.board = get_board(self.settings.registry_uri, self.settings.serving.alias)
         self.metrics = GatewayMetrics()
         self.bus = build_bus(self.settings)  # publish() never waits on a broker: a spool absorbs outages
         self._replicas: list[dict[str, Any]] = []

@@ -51,7 +51,7 @@ class LLMServer:
             drain_timeout_s=self.settings.serving.drain_timeout_s,
         )
         await self.manager.converge()  # serve the current alias from the first request on
-        self._board = get_board()
+        self._board = get_board(self.settings.registry_uri, self.settings.serving.alias)
         self._tasks = [
             asyncio.create_task(self.manager.watch(self.settings.serving.poll_interval_s)),
             asyncio.create_task(self._report_forever()),

@@ -6,6 +6,7 @@ swap benchmark needs to know when the last replica flipped.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
@@ -32,7 +33,9 @@ class ReplicaBoard:
         return [s for s in self._replicas.values() if s["reported_at"] >= cutoff]
 
 
-def get_board() -> Any:
+def get_board(registry_uri: str, alias: str) -> Any:
+    """The board of the app serving `alias` from `registry_uri` (two apps on one cluster stay apart)."""
+    key = hashlib.sha256(f"{registry_uri}#{alias}".encode()).hexdigest()[:12]
     return ReplicaBoard.options(  # type: ignore[attr-defined]
-        name=BOARD_NAME, namespace="flywheel", get_if_exists=True, lifetime="detached"
+        name=f"{BOARD_NAME}-{key}", namespace="flywheel", get_if_exists=True, lifetime="detached"
     ).remote()

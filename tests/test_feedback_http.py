@@ -1,0 +1,137 @@
+"""The feedback proof over real HTTP: every rating sent to /feedback is curated exactly once.
+
+Runs against the embedded local log (the `served` app) and against a real Kafka broker that is
+stopped and restarted in the middle of the calls (a second app on the same Serve instance).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from feedback.curator import Curator
+from feedback.dataset import CuratedDataset
+from flywheel.config import Settings
+from tests.conftest import make_settings
+from training.demo_task import generate_examples
+
+pytestmark = [pytest.mark.serve, pytest.mark.vllm]
+
+N = 1000
+PROMPTS = [e.prompt for e in generate_examples(50, seed=31)]
+
+
+async def exercise(url: str, n: int, halfway: Callable[[], None] | None = None) -> dict[str, dict]:
+    """n predictions, each followed by one rating (every 10th with a correction); returns them by request_id.
+
+    Every 50th rating is sent twice with the same event_id: it must be curated once.
+    """
+    sent: dict[str, dict] = {}
+    statuses: list[int] = []
+    gate = asyncio.Semaphore(16)
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        async with gate:
+            predicted = (await client.post(f"{url}/predict", json={"prompt": PROMPTS[i % len(PROMPTS)],
+                                                                   "max_tokens": 8})).json()
+            body = {"request_id": predicted["request_id"], "rating": 1 + i % 5, "event_id": f"ev-{i}"}
+            if i % 10 == 0:
+                body["correction"] = "积极"
+            for _ in range(2 if i % 50 == 0 else 1):
+                statuses.append((await client.post(f"{url}/feedback", json=body)).status_code)
+            sent[predicted["request_id"]] = {**body, "answer": predicted["answer"],
+                                             "adapter_version": predicted["adapter_version"]}
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        first = [one(client, i) for i in range(n // 2)]
+        await asyncio.gather(*first)
+        if halfway:
+            await asyncio.to_thread(halfway)
+        await asyncio.gather(*(one(client, i) for i in range(n // 2, n)))
+    assert set(statuses) == {202}, f"/feedback answered {set(statuses)}"
+    return sent
+
+
+def assert_curated_exactly_once(settings: Settings, sent: dict[str, dict]) -> None:
+    curator = Curator(settings)
+    try:
+        deadline = time.monotonic() + 180
+        rows = []
+        while time.monotonic() < deadline:
+            curator.drain(timeout_s=60)
+            rows = CuratedDataset(settings.feedback_dir / "dataset").examples()
+            if len(rows) >= len(sent):
+                break
+            time.sleep(1)
+    finally:
+        curator.close()
+    assert len(rows) == len(sent) == N
+    assert len({r.event_id for r in rows}) == N, "duplicate curated rows"
+    for row in rows:
+        expected = sent[row.request_id]
+        assert row.event_id == expected["event_id"] and row.rating == expected["rating"]
+        assert row.answer == expected["answer"] and row.adapter_version == expected["adapter_version"]
+        assert row.correction == expected.get("correction")
+
+
+def test_every_rating_is_curated_once_through_the_local_log(served: tuple[str, Settings]) -> None:
+    url, settings = served
+    sent = asyncio.run(exercise(url, N))
+    assert_curated_exactly_once(settings, sent)
+
+
+@pytest.fixture
+def kafka_app(served: tuple[str, Settings], demo_home: Path, kafka_broker, tmp_path: Path) -> Iterator[tuple]:
+    """A second flywheel app on the same Serve instance, its feedback on the real Kafka broker."""
+    from ray import serve
+
+    from services import app as serve_app
+
+    home = tmp_path / "kafka-home"
+    shutil.copytree(demo_home, home)
+    settings = make_settings(home, engine="vllm", port=served[1].serving.port)
+    settings.feedback.kafka_bootstrap = kafka_broker.bootstrap
+    settings.feedback.kafka_api_version = "0.9"
+    url = serve_app.run(settings, name="flywheel-kafka", route_prefix="/kafka", timeout_s=600)
+    try:
+        yield url, settings, kafka_broker
+    finally:
+        serve.delete("flywheel-kafka")
+
+
+def test_every_rating_is_curated_once_through_kafka_despite_an_outage(kafka_app: tuple) -> None:
+    url, settings, broker = kafka_app
+
+    def outage() -> None:
+        broker.stop()
+        threading.Timer(3.0, broker.start).start()  # comes back while the second half is being sent
+
+    sent = asyncio.run(exercise(url, N, halfway=outage))
+    assert_curated_exactly_once(settings, sent)
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"request_id": "0" * 32}, "body"),  # says nothing
+        ({"request_id": "not-a-request-id", "rating": 3}, "request_id"),
+        ({"request_id": "0" * 32, "rating": 6}, "rating"),
+        ({"request_id": "0" * 32, "rating": "good"}, "rating"),
+        ({"request_id": "0" * 32, "thumb": "sideways"}, "thumb"),
+        ({"request_id": "0" * 32, "correction": "x" * 5000}, "correction"),
+        ({"request_id": "0" * 32, "rating": 4, "comment": "y" * 3000}, "comment"),
+        ({"request_id": "0" * 32, "rating": 4, "event_id": "bad id!"}, "event_id"),
+        ({"request_id": "0" * 32, "rating": 4, "extra": 1}, "extra"),
+    ],
+)
+def test_bad_feedback_gets_a_422_naming_the_field(served: tuple[str, Settings], payload: dict, field: str) -> None:
+    response = httpx.post(f"{served[0]}/feedback", json=payload, timeout=30)
+    assert response.status_code == 422, response.text
+    assert field in {d["field"] for d in response.json()["detail"]}, response.text
