@@ -1,51 +1,25 @@
 """`flywheel feedback curator|status|export` (and `flywheel curator`): the feedback plane's commands.
 
-Mounted by flywheel/cli.py. The option types and the three helpers mirror flywheel/cli.py's instead of
-importing them, because flywheel/cli.py imports this module (the import would be circular).
+Mounted by flywheel/cli.py; the shared options and helpers come from flywheel/cli_common.py.
 """
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
 import typer
 from kafka.errors import KafkaError
 
 from feedback.curator import Curator, dataset_path, feedback_status
 from feedback.dataset import CuratedDataset
-from flywheel.config import Settings, load_settings
+from flywheel.cli_common import ConfigOption, JsonOption, emit, fail, settings_or_exit
 from flywheel.logs import configure_logging
 
 app = typer.Typer(help="The feedback plane: curator, stream status, dataset export.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="YAML settings file (env FLYWHEEL_* overrides it).",
-                 envvar="FLYWHEEL_CONFIG", show_envvar=True),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-
-
-def _settings(config: Path | None) -> Settings:
-    try:
-        return load_settings(config)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(f"invalid configuration: {exc}")
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
-
-
-def _emit(as_json: bool, payload: Any, text: str) -> None:
-    typer.echo(json.dumps(payload, indent=2, default=str) if as_json else text)
-
 
 @app.command()
 def curator(
@@ -55,15 +29,15 @@ def curator(
 ) -> None:
     """Join feedback to its prediction, mask PII, append to the dataset. Runs until Ctrl-C / SIGTERM."""
     configure_logging()
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     try:
         worker = Curator(settings)
     except (KafkaError, OSError, ValueError) as exc:
-        _fail(f"the curator could not start: {exc!r}")
+        fail(f"the curator could not start: {exc!r}")
     try:
         if once:
             result = worker.drain()
-            _emit(as_json, result.model_dump(mode="json"),
+            emit(as_json, result.model_dump(mode="json"),
                   f"curated {result.curated} rows from {result.records} records "
                   f"({result.duplicates} duplicates dropped, {result.unmatched} waiting for their prediction)")
             return
@@ -73,7 +47,7 @@ def curator(
         typer.echo("curator running (Ctrl-C stops after the current batch)", err=True)
         worker.run(stop)
     except TimeoutError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         worker.close()
 
@@ -81,7 +55,7 @@ def curator(
 @app.command()
 def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Received, curated, unmatched (and how old), duplicates, spooled, and the curator's positions."""
-    report = feedback_status(_settings(config))
+    report = feedback_status(settings_or_exit(config))
     age = "" if report.unmatched_oldest_age_s is None else f" (oldest {report.unmatched_oldest_age_s:.0f} s)"
     lines = [
         f"backend: {report.backend}",
@@ -91,7 +65,7 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
                                   for p, n in sorted(report.positions.items())) or "-"),
         f"dataset: {report.dataset} ({report.parts} parts)",
     ]
-    _emit(as_json, report.model_dump(mode="json"), "\n".join(lines))
+    emit(as_json, report.model_dump(mode="json"), "\n".join(lines))
 
 
 @app.command()
@@ -101,12 +75,12 @@ def export(
     as_json: JsonOption = False,
 ) -> None:
     """Write the curated dataset (every part the manifest names) as JSON lines."""
-    dataset = CuratedDataset(dataset_path(_settings(config)))
+    dataset = CuratedDataset(dataset_path(settings_or_exit(config)))
     try:
         rows = dataset.export_jsonl(out)
     except OSError as exc:
-        _fail(f"could not write {out}: {exc}")
-    _emit(as_json, {"rows": rows, "out": str(out)}, f"exported {rows} rows to {out}")
+        fail(f"could not write {out}: {exc}")
+    emit(as_json, {"rows": rows, "out": str(out)}, f"exported {rows} rows to {out}")
 
 
 if __name__ == "__main__":

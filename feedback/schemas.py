@@ -21,7 +21,7 @@ RequestId = Annotated[
 EventId = Annotated[
     str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Dedupe key: 1..64 of [A-Za-z0-9_-].")
 ]
-Rating = Annotated[int, Field(ge=1, le=5, description="1 (bad) .. 5 (good).")]
+Rating = Annotated[int, Field(ge=1, le=5, strict=True, description="1 (bad) .. 5 (good); a JSON integer.")]
 Thumb = Literal["up", "down"]
 OptionalId = Annotated[str | None, Field(min_length=1, max_length=128)]
 

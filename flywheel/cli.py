@@ -13,7 +13,9 @@ from typing import Annotated, Any
 
 import typer
 
-from flywheel.config import Settings, load_settings
+from feedback.cli import app as feedback_app
+from feedback.cli import curator as curator_command
+from flywheel.cli_common import ConfigOption, JsonOption, emit, fail, progress, settings_or_exit
 from flywheel.logs import configure_logging
 from flywheel.registry import RegistryError
 
@@ -24,44 +26,18 @@ app = typer.Typer(
 )
 adapters_app = typer.Typer(help="Inspect adapter versions in the registry.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(feedback_app, name="feedback")
+app.command("curator")(curator_command)
 bench_app = typer.Typer(help="Benchmarks: ratios measured in one run (see loadtests/).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="YAML settings file (env FLYWHEEL_* overrides it).",
-                 envvar="FLYWHEEL_CONFIG", show_envvar=True),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-
-
-def _settings(config: Path | None, **overrides: Any) -> Settings:
-    try:
-        return load_settings(config, **overrides)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(f"invalid configuration: {exc}")
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
-
-
-def _emit(as_json: bool, payload: Any, text: str) -> None:
-    typer.echo(json.dumps(payload, indent=2, default=str) if as_json else text)
-
-
-def _progress(message: str) -> None:
-    typer.echo(f"  {message}", err=True)
-
 
 @app.command()
 def bootstrap(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Build the local demo model (no hub) and register a first champion adapter. Idempotent."""
     from flywheel.bootstrap import bootstrap as run_bootstrap
 
-    result = run_bootstrap(_settings(config), progress=_progress)
-    _emit(as_json, result.model_dump(),
+    result = run_bootstrap(settings_or_exit(config), progress=progress)
+    emit(as_json, result.model_dump(),
           f"ready: base {result.base_model}, champion {result.champion}"
           + ("" if result.base_built or result.adapter_registered else " (already bootstrapped)"))
 
@@ -84,16 +60,16 @@ def up(
     from services import app as serve_app
 
     configure_logging()
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     overrides = {k: v for k, v in {"port": port, "host": host, "engine": engine}.items() if v is not None}
     try:
         settings.serving = type(settings.serving).model_validate({**settings.serving.model_dump(), **overrides})
     except ValueError as exc:
-        _fail(f"invalid option: {exc}")
+        fail(f"invalid option: {exc}")
     if kafka:
         settings.feedback.kafka_bootstrap = kafka
         settings.feedback.kafka_api_version = kafka_api_version or settings.feedback.kafka_api_version
-    result = run_bootstrap(settings, progress=_progress)
+    result = run_bootstrap(settings, progress=progress)
     feedback_target = f"kafka {kafka}" if settings.feedback.kafka_bootstrap else f"local log {settings.feedback_dir}"
     typer.echo(f"starting Ray and Serve (engine={settings.serving.engine}, champion={result.champion}, "
                f"feedback={feedback_target}) …", err=True)
@@ -115,7 +91,7 @@ def up(
     except KeyboardInterrupt:
         pass
     except TimeoutError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         typer.echo("stopping the curator, Serve and Ray …", err=True)
         stop.set()
@@ -136,7 +112,7 @@ def adapters_list(config: ConfigOption = None, as_json: JsonOption = False) -> N
     """List registered adapter versions, oldest first, marking aliases."""
     from flywheel.bootstrap import registry_for
 
-    registry = registry_for(_settings(config))
+    registry = registry_for(settings_or_exit(config))
     aliases = registry.aliases()
     rows = []
     for manifest in registry.versions():
@@ -145,7 +121,7 @@ def adapters_list(config: ConfigOption = None, as_json: JsonOption = False) -> N
                      "created_at": manifest.created_at.isoformat(), "aliases": names})
     lines = [f"{r['version']:<16} {r['status']:<9} {r['created_at'][:19]}  parent={r['parent'] or '-':<14}"
              f" {' '.join(r['aliases'])}" for r in rows]
-    _emit(as_json, rows, "\n".join(lines) or "no adapter versions yet (run `flywheel bootstrap`)")
+    emit(as_json, rows, "\n".join(lines) or "no adapter versions yet (run `flywheel bootstrap`)")
 
 
 @app.command()
@@ -159,10 +135,10 @@ def promote(
     from flywheel.bootstrap import registry_for
 
     try:
-        entry = registry_for(_settings(config)).promote(version, actor=getpass.getuser(), reason=reason)
+        entry = registry_for(settings_or_exit(config)).promote(version, actor=getpass.getuser(), reason=reason)
     except RegistryError as exc:
-        _fail(f"{version} not promoted: {exc}")
-    _emit(as_json, entry.model_dump(mode="json"),
+        fail(f"{version} not promoted: {exc}")
+    emit(as_json, entry.model_dump(mode="json"),
           f"champion: {entry.previous or '-'} -> {entry.version}")
 
 
@@ -176,10 +152,10 @@ def rollback(
     from flywheel.bootstrap import registry_for
 
     try:
-        entry = registry_for(_settings(config)).rollback(actor=getpass.getuser(), reason=reason)
+        entry = registry_for(settings_or_exit(config)).rollback(actor=getpass.getuser(), reason=reason)
     except RegistryError as exc:
-        _fail(f"rollback refused: {exc}")
-    _emit(as_json, entry.model_dump(mode="json"), f"champion rolled back: {entry.previous} -> {entry.version}")
+        fail(f"rollback refused: {exc}")
+    emit(as_json, entry.model_dump(mode="json"), f"champion rolled back: {entry.previous} -> {entry.version}")
 
 
 RETRAIN_EXIT = {"passed": 0, "rejected": 0, "insufficient_data": 2, "failed": 1}
@@ -202,14 +178,14 @@ def retrain(
     from flywheel.runs import RetrainBusyError, RunRecord, RunStore, new_run_id, retrain_command
 
     configure_logging()
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     store = RunStore(settings.home / "runs")
     if not wait and lock_fd is None:
         try:
             record = store.launch(retrain_command(settings, store.root), trigger)
         except RetrainBusyError as exc:
-            _fail(str(exc), code=3)
-        _emit(as_json, {"run_id": record.run_id, "state": record.state},
+            fail(str(exc), code=3)
+        emit(as_json, {"run_id": record.run_id, "state": record.state},
               f"retrain {record.run_id} started (pid {record.pid}); follow it with `flywheel status`")
         return
     from training.pipeline import Retrain
@@ -219,12 +195,12 @@ def retrain(
     record.pid = os.getpid()
     try:
         with store.exclusive(inherited_fd=lock_fd):
-            result = Retrain(settings, record, say=_progress).run()
+            result = Retrain(settings, record, say=progress).run()
     except RetrainBusyError as exc:
-        _fail(str(exc), code=3)
+        fail(str(exc), code=3)
     payload = {"run_id": result.run_id, "verdict": result.verdict, "version": result.version,
                "report": result.report, "message": result.message, "dataset": result.dataset}
-    _emit(as_json, payload, f"{result.run_id}: {result.verdict} {result.version or ''} — {result.message}")
+    emit(as_json, payload, f"{result.run_id}: {result.verdict} {result.version or ''} — {result.message}")
     raise typer.Exit(RETRAIN_EXIT[result.verdict])
 
 
@@ -240,7 +216,7 @@ def status(
     from flywheel.bootstrap import registry_for
     from flywheel.runs import RunStore
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     registry = registry_for(settings)
     payload: dict[str, Any] = {
         "champion": registry.alias("champion"),
@@ -266,7 +242,7 @@ def status(
               f"  {r['message'][:80]}" for r in payload["runs"]]
     if "serving" in payload:
         lines.append(f"serving: {json.dumps(payload['serving'].get('serving', payload['serving']))}")
-    _emit(as_json, payload, "\n".join(lines))
+    emit(as_json, payload, "\n".join(lines))
 
 
 @bench_app.command("serve")
@@ -282,15 +258,15 @@ def bench_serve(
     from loadtests.bench_serve import run_serve_bench
 
     configure_logging()
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     settings.serving.port = port
     if replicas:
         settings.serving.replicas = replicas
-    report = run_serve_bench(settings, seconds=seconds, say=_progress)
+    report = run_serve_bench(settings, seconds=seconds, say=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.model_dump_json(indent=2))
     r = report
-    _emit(as_json, report.model_dump(), "\n".join([
+    emit(as_json, report.model_dump(), "\n".join([
         f"HTTP p50 {r.http_p50_ms:.1f} ms / in-process p50 {r.in_process_p50_ms:.1f} ms "
         f"= {r.http_over_in_process_p50:.2f} (goal <= 1.10)",
         f"rps at 16 concurrent {r.rps_at_16:.1f} / at 1 {r.rps_at_1:.1f} = {r.rps_16_over_1:.1f}x (goal >= 4x)",

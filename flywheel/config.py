@@ -94,7 +94,9 @@ class FeedbackSettings(BaseModel):
     consumer_group: str = "flywheel-curator"
     max_correction_chars: int = Field(4000, ge=1)
     max_comment_chars: int = Field(2000, ge=1)
-    producer_buffer_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Bounded in-memory buffer.")
+    producer_buffer_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Most bytes the spool hands the producer at once (bounded memory)."
+    )
     curator_batch_size: int = Field(200, ge=1, description="Curated rows per Parquet file at most.")
     curator_flush_s: float = Field(2.0, gt=0, description="Write a partial batch after this long.")
 

@@ -90,6 +90,13 @@ class RunStore:
             ) from None
         return fd
 
+    def busy(self) -> bool:
+        try:
+            os.close(self._lock())
+        except RetrainBusyError:
+            return True
+        return False
+
     @contextmanager
     def exclusive(self, inherited_fd: int | None = None) -> Iterator[None]:
         """Hold the retrain lock for the block (or keep the one a launcher handed over)."""

@@ -27,6 +27,9 @@ torch.set_flush_denormal(True)
 TEST_BOOTSTRAP = {"base_steps": 200, "adapter_steps": 60, "train_examples": 200, "seed": 0}
 
 
+ADMIN_TOKEN = "test-admin-token"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,6 +39,7 @@ def free_port() -> int:
 def make_settings(home: Path, **serving: object) -> Settings:
     return Settings(
         home=home,
+        admin_token=ADMIN_TOKEN,
         bootstrap=TEST_BOOTSTRAP,
         serving={"port": free_port(), **serving},
         ray={"num_cpus": 4, "object_store_mb": 256},

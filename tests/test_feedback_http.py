@@ -106,6 +106,7 @@ def kafka_app(served: tuple[str, Settings], demo_home: Path, kafka_broker, tmp_p
         serve.delete("flywheel-kafka")
 
 
+@pytest.mark.kafka
 def test_every_rating_is_curated_once_through_kafka_despite_an_outage(kafka_app: tuple) -> None:
     url, settings, broker = kafka_app
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from feedback.schemas import CuratedExample
 from flywheel.r1 import split_reasoning
+from training.kto import KtoExample
 
 TRAIN_DATA_FILE = "train_data.jsonl"  # stored in each adapter version: what it learned from
 
@@ -30,12 +31,6 @@ class TrainExample(BaseModel):
     answer: str
     source: Literal["correction", "approved", "replay", "bootstrap"]
     at: datetime | None = None
-
-
-class KtoExample(BaseModel):
-    prompt: str
-    completion: str
-    label: bool
 
 
 class RetrainData(BaseModel):

@@ -22,13 +22,22 @@ say() { echo "kafka.sh: $*" >&2; }
 
 usage() { die "usage: $0 start|stop|status STATE_DIR"; }
 
-alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() {  # alive PIDFILE: that process runs and is ours (its command line names STATE_DIR: pids get reused)
+  [[ -f "$1" ]] || return 1
+  local pid
+  pid="$(cat "$1")"
+  kill -0 "$pid" 2>/dev/null || return 1
+  [[ ! -r "/proc/$pid/cmdline" ]] || tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "$STATE/"
+}
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-free_port() {
-  # Ask the kernel for a free port; python3 is on every machine that can run flywheel.
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+free_ports() {  # two distinct free ports from the kernel; python3 is on every machine that runs flywheel
+  python3 -c 'import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))'
 }
 
 require_java() {
@@ -82,8 +91,10 @@ start() {
     # shellcheck disable=SC1091
     source "$STATE/ports"
   fi
-  ZK_PORT="${FLYWHEEL_ZK_PORT:-${ZK_PORT:-$(free_port)}}"
-  KAFKA_PORT="${FLYWHEEL_KAFKA_PORT:-${KAFKA_PORT:-$(free_port)}}"
+  local free_zk free_kafka
+  read -r free_zk free_kafka < <(free_ports)
+  ZK_PORT="${FLYWHEEL_ZK_PORT:-${ZK_PORT:-$free_zk}}"
+  KAFKA_PORT="${FLYWHEEL_KAFKA_PORT:-${KAFKA_PORT:-$free_kafka}}"
   printf 'ZK_PORT=%s\nKAFKA_PORT=%s\n' "$ZK_PORT" "$KAFKA_PORT" >"$STATE/ports"
 
   if alive "$STATE/kafka.pid" && port_open "$KAFKA_PORT"; then
@@ -121,7 +132,6 @@ offsets.topic.num.partitions=4
 num.network.threads=2
 num.io.threads=2
 num.recovery.threads.per.data.dir=1
-log.flush.interval.messages=1
 log.cleaner.enable=true
 log.retention.hours=168
 controlled.shutdown.enable=true
@@ -144,7 +154,7 @@ stop_one() {  # stop_one NAME: SIGTERM (Kafka shuts down cleanly), SIGKILL after
   local pidfile="$STATE/$1.pid" pid
   [[ -f "$pidfile" ]] || return 0
   pid="$(cat "$pidfile")"
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pidfile"; then
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     if kill -0 "$pid" 2>/dev/null; then

@@ -1,0 +1,281 @@
+"""The curator: every rating curated exactly once, joined, masked, through duplicates and crashes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from feedback import cli
+from feedback.bus import build_bus
+from feedback.curator import Curator, CuratorState, feedback_status
+from feedback.dataset import CuratedDataset, PartFile
+from feedback.local_log import RecordLog
+from feedback.pii import mask_pii
+from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, encode_event
+from flywheel.config import Settings
+from tests.kafka_broker import BACKENDS, event_pairs, feedback, interleaved, prediction, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _publish(settings: Settings, events: list[PredictionEvent | FeedbackEvent]) -> None:
+    bus = build_bus(settings)
+    try:
+        for event in events:
+            assert bus.publish(event)
+        assert bus.flush(timeout_s=60), bus.stats()
+    finally:
+        bus.close()
+
+
+def _curate(settings: Settings) -> list[CuratedExample]:
+    curator = Curator(settings)
+    try:
+        curator.drain(timeout_s=120)
+        return curator.dataset.examples()
+    finally:
+        curator.close()
+
+
+def _assert_exactly_once(rows: list[CuratedExample], pairs: list[tuple[PredictionEvent, FeedbackEvent]]) -> None:
+    assert len(rows) == len(pairs)
+    assert len({row.event_id for row in rows}) == len(rows), "duplicates in the dataset"
+    by_event = {row.event_id: row for row in rows}
+    for pred, fb in pairs:  # each row joined to its own prediction
+        row = by_event[fb.event_id]
+        assert (row.request_id, row.adapter_version, row.prompt, row.rating, row.prediction_ts) == (
+            pred.request_id, pred.adapter_version, pred.prompt, fb.rating, pred.timestamp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_feedback_is_curated_once_and_joined(backend: str, feedback_settings: Callable[..., Settings]) -> None:
+    settings = feedback_settings(backend)
+    pairs = event_pairs(1000)
+    _publish(settings, interleaved(pairs))  # some predictions only after all the feedback
+    started = time.monotonic()
+    rows = _curate(settings)
+    print(f"curated {len(rows)} rows in {time.monotonic() - started:.2f}s ({backend})")
+    _assert_exactly_once(rows, pairs)
+
+    status = feedback_status(settings)
+    assert (status.received, status.curated, status.unmatched, status.duplicates) == (1000, 1000, 0, 0)
+    manifest = CuratedDataset(settings.feedback_dir / "dataset").manifest()
+    assert sum(part.rows for part in manifest.files) == 1000 and manifest.positions == status.positions
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    assert all(part.path.startswith(f"day={day}/part-") for part in manifest.files)
+    assert all(part.rows <= settings.feedback.curator_batch_size for part in manifest.files)
+
+    # Lineage: rows are selectable by the positions a snapshot covers.
+    dataset = CuratedDataset(settings.feedback_dir / "dataset")
+    assert dataset.read_table(until=manifest.positions).num_rows == 1000
+    assert dataset.read_table(until={}).num_rows == 0
+    first = manifest.files[0]
+    assert dataset.read_table(until=first.positions).num_rows == first.rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicates_are_curated_once(backend: str, feedback_settings: Callable[..., Settings]) -> None:
+    settings = feedback_settings(backend)
+    pairs = event_pairs(100)
+    events = interleaved(pairs)
+    resubmitted = [fb.model_copy(update={"timestamp": datetime.now(UTC)}) for _, fb in pairs[:30]]
+    _publish(settings, events + events[:50] + resubmitted)  # redelivery, and the client sending again
+    _assert_exactly_once(_curate(settings), pairs)
+    _publish(settings, events)  # everything again, to a restarted curator
+    _assert_exactly_once(_curate(settings), pairs)
+    status = feedback_status(settings)
+    redelivered = sum(isinstance(event, FeedbackEvent) for event in events[:50])
+    assert status.received == 100 and status.duplicates == redelivered + 30 + 100
+
+
+def _parts_rows(settings: Settings) -> int:
+    return sum(part.rows for part in CuratedDataset(settings.feedback_dir / "dataset").manifest().files)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_curator_killed_mid_run_loses_and_duplicates_nothing(
+    backend: str, feedback_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = feedback_settings(backend, curator_batch_size=10, curator_flush_s=0.05)
+    pairs = event_pairs(1000)
+    _publish(settings, interleaved(pairs))
+    config = write_config(settings, tmp_path / "flywheel.yaml")
+    with (tmp_path / "curator.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "feedback.cli", "curator", "-c", str(config)],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while _parts_rows(settings) < 100 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.01)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+    before = _parts_rows(settings)
+    assert 100 <= before < 1000, (tmp_path / "curator.log").read_text()[-3000:]
+
+    _assert_exactly_once(_curate(settings), pairs)  # the restarted curator finishes the job
+
+
+class _Crash(BaseException):
+    """Stands for the process dying: nothing after it runs, no except-Exception handler sees it."""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_crash_between_parquet_write_and_commit_is_replayed_exactly(
+    backend: str, feedback_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = feedback_settings(backend)
+    pairs = event_pairs(300)
+    _publish(settings, interleaved(pairs))
+    curator = Curator(settings)
+    parts = 0
+    add_part = CuratorState.add_part
+
+    def crash_after_second_part(self: CuratorState, part: PartFile) -> None:
+        nonlocal parts
+        add_part(self, part)
+        parts += 1
+        if parts == 2:  # the part is on disk; the transaction listing it never commits
+            raise _Crash
+
+    monkeypatch.setattr(CuratorState, "add_part", crash_after_second_part)
+    with pytest.raises(_Crash):
+        curator.drain(timeout_s=120)
+    curator.close()  # the dead process's consumer leaves the group
+    monkeypatch.undo()
+    dataset = CuratedDataset(settings.feedback_dir / "dataset")
+    on_disk = {p.relative_to(dataset.root).as_posix() for p in dataset.root.glob("day=*/*.parquet")}
+    listed = {part.path for part in dataset.manifest().files}
+    assert listed < on_disk, "the crashed batch left parts the manifest does not name"
+
+    with caplog.at_level("WARNING", logger="flywheel.feedback.curator"):
+        rows = _curate(settings)
+    assert "event=uncommitted_parts_removed" in caplog.text
+    _assert_exactly_once(rows, pairs)
+
+
+def test_unmatched_feedback_is_reported_until_its_prediction_arrives(
+    feedback_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = feedback_settings("local")
+    pairs = event_pairs(15)
+    orphans = pairs[:10]
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    late_feedback = [fb.model_copy(update={"timestamp": hour_ago}) if i == 0 else fb
+                     for i, (_, fb) in enumerate(orphans)]
+    _publish(settings, [e for pair in pairs[10:] for e in pair] + late_feedback)
+    assert len(_curate(settings)) == 5
+
+    status = feedback_status(settings)
+    assert (status.received, status.curated, status.unmatched) == (15, 5, 10)
+    assert status.unmatched_oldest_age_s is not None and status.unmatched_oldest_age_s >= 3600
+    config = write_config(settings, tmp_path / "flywheel.yaml")
+    shown = CliRunner().invoke(cli.app, ["status", "-c", str(config)])
+    assert shown.exit_code == 0 and "unmatched 10 (oldest 36" in shown.output
+
+    _publish(settings, [pred for pred, _ in orphans])  # the predictions finally arrive
+    rows = _curate(settings)
+    assert len(rows) == 15 and feedback_status(settings).unmatched == 0
+    assert {r.event_id for r in rows} == {fb.event_id for _, fb in pairs}
+
+
+PII = {
+    "id": "11010519900307123X",
+    "phone": "+86 138-1234-5678",
+    "email": "zhang.san@example.com",
+    "card": "6222 0212 3456 7892 009",  # UnionPay, 19 digits, Luhn-valid
+}
+
+
+@pytest.mark.parametrize(("text", "masked"), [
+    ("身份证110105199003071234，手机13912345678", "身份证[ID]，手机[PHONE]"),
+    (f"ID {PII['id']} phone {PII['phone']}", "ID [ID] phone [PHONE]"),
+    ("mail 13800138000@163.com now", "mail [EMAIL] now"),
+    (f"card {PII['card']} or 4111-1111-1111-1111", "card [CARD] or [CARD]"),
+    ("order 4111111111111112 is not Luhn-valid", "order 4111111111111112 is not Luhn-valid"),
+    ("Price ¥1,299.00 (+3.5%) in 2024, 12 units, ts 1700000000000", None),
+    ("pi is 3.14159265358979323846", None),
+    ("call 0086 15912345678, or 8615912345678.", "call [PHONE], or [PHONE]."),
+])
+def test_mask_pii(text: str, masked: str | None) -> None:
+    assert mask_pii(text) == (text if masked is None else masked)
+
+
+def test_pii_is_masked_before_anything_is_stored(feedback_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    settings = feedback_settings("local")
+    ordinary = "revenue rose 3.5% to ¥1,299.00 in 2024"
+    text_id, chat_id, orphan_id = (uuid.uuid4().hex for _ in range(3))
+    events: list[PredictionEvent | FeedbackEvent] = [
+        prediction(text_id, prompt=f"My ID is {PII['id']}, {ordinary}", answer=f"Call {PII['phone']}",
+                   reasoning=f"user id {PII['id']}"),
+        feedback(text_id, correction=f"Pay to {PII['card']}", comment=f"write to {PII['email']}"),
+        prediction(chat_id, prompt=None, messages=[{"role": "system", "content": "be brief"},
+                                                   {"role": "user", "content": f"card {PII['card']}; {ordinary}"}]),
+        feedback(chat_id, thumb="down"),
+        feedback(orphan_id, correction=f"phone {PII['phone']}"),  # waits in the state DB, masked too
+    ]
+    _publish(settings, events)
+    rows = {row.request_id: row for row in _curate(settings)}
+
+    text_row, chat_row = rows[text_id], rows[chat_id]
+    assert text_row.prompt == f"My ID is [ID], {ordinary}" and text_row.answer == "Call [PHONE]"
+    assert text_row.reasoning == "user id [ID]"
+    assert text_row.correction == "Pay to [CARD]" and text_row.comment == "write to [EMAIL]"
+    assert chat_row.prompt_kind == "messages"
+    assert json.loads(chat_row.prompt) == [{"role": "system", "content": "be brief"},
+                                           {"role": "user", "content": f"card [CARD]; {ordinary}"}]
+
+    out = tmp_path / "export.jsonl"
+    exported = CliRunner().invoke(cli.app, ["export", "--out", str(out), "-c",
+                                            str(write_config(settings, tmp_path / "c.yaml"))])
+    assert exported.exit_code == 0 and "exported 2 rows" in exported.output
+    assert len(out.read_text().splitlines()) == 2
+    stored = [out, *(settings.feedback_dir / "curator").iterdir(), *(settings.feedback_dir / "dataset").rglob("*.*")]
+    for path in stored:  # dataset, manifest, curator state (with its WAL), export
+        data = path.read_bytes()
+        for value in (*PII.values(), "138-1234-5678", "zhang.san"):
+            assert value.encode() not in data, f"{value} stored unmasked in {path}"
+
+
+def test_records_that_are_not_events_are_kept_aside(feedback_settings: Callable[..., Settings]) -> None:
+    settings = feedback_settings("local")
+    (pred, fb), = event_pairs(1)
+    newer = encode_event(fb).replace(b'"schema_version":1', b'"schema_version":2')
+    log = RecordLog(settings.feedback_dir / "log" / f"{settings.feedback.feedback_topic}.log")
+    for record in (b"not json at all", newer, encode_event(fb)):
+        log.append(record)
+    log.close()
+    _publish(settings, [pred])
+    assert len(_curate(settings)) == 1
+    status = feedback_status(settings)
+    assert (status.rejected, status.curated, status.received) == (2, 1, 1)
+
+
+def test_cli_curator_once_status_and_errors(feedback_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    settings = feedback_settings("local")
+    _publish(settings, interleaved(event_pairs(40)))
+    config = str(write_config(settings, tmp_path / "flywheel.yaml"))
+    runner = CliRunner()
+
+    once = runner.invoke(cli.app, ["curator", "--once", "--json", "-c", config])
+    assert once.exit_code == 0, once.output
+    assert json.loads(once.stdout)["curated"] == 40
+
+    status = runner.invoke(cli.app, ["status", "--json", "-c", config])
+    report = json.loads(status.stdout)
+    assert (report["backend"], report["received"], report["curated"], report["spooled"]) == ("local", 40, 40, 0)
+    assert report["positions"] == report["log_end"]
+
+    missing = runner.invoke(cli.app, ["status", "-c", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 1 and "error: invalid configuration" in missing.output
