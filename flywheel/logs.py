@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
+
+
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is now (test runners swap and close it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -11,7 +24,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     logger = logging.getLogger("flywheel")
     if logger.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)

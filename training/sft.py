@@ -1,7 +1,7 @@
 """LoRA supervised fine-tuning with HF `Trainer` + PEFT.
 
-`train_lora` is one plain function so a Ray Train worker can call it unchanged (pass Ray's report
-callback through `callbacks`). Examples are formatted with the base tokenizer's own chat template:
+`fit_sft` is the one training step: `train_lora` runs it in-process, and each Ray Train worker runs it
+unchanged (`training.ray_train`). Examples are formatted with the base tokenizer's own chat template:
 the prompt is the user turn plus the generation prompt (`<｜Assistant｜><think>\\n` for R1 models), the
 target is `reasoning\\n</think>\\n\\nanswer` + EOS, and the loss covers the target only.
 """
@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    EarlyStoppingCallback,
     PreTrainedTokenizerBase,
     PrinterCallback,
     Trainer,
@@ -74,14 +75,25 @@ class SftConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
 
 
-class SftResult(BaseModel):
-    """What a run did."""
+class TrainResult(BaseModel):
+    """What a training run did (SFT or KTO; plain or on Ray)."""
 
     first_loss: float
     last_loss: float
     steps: int
-    train_tokens: int = Field(description="Non-padding tokens fed to the model.")
-    seconds: float
+    train_tokens: int = Field(description="Non-padding tokens fed to the model (all workers).")
+    seconds: float = Field(description="Wall time of the run: loading, training and evaluation.")
+    train_seconds: float = Field(description="Wall time inside the training loop (`Trainer.train`).")
+    best_eval_loss: float | None = Field(None, description="Lowest eval loss; None without eval data.")
+    stopped_early: bool = Field(False, description="Early stopping ended the run before `steps`.")
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Training-loop throughput."""
+        return self.train_tokens / self.train_seconds
+
+
+SftResult = TrainResult  # the name `train_lora`'s callers know
 
 
 def completion_text(reasoning: str, answer: str) -> str:
@@ -144,10 +156,11 @@ def atomic_dir(out_dir: Path) -> Iterator[Path]:
 
 
 class _Progress(TrainerCallback):
-    """Forwards logged losses to a progress function."""
+    """Forwards logged losses (rank 0 only) to a progress function as `event=train_progress` lines."""
 
-    def __init__(self, progress: Callable[[str], None]) -> None:
+    def __init__(self, progress: Callable[[str], None], method: str) -> None:
         self.progress = progress
+        self.method = method
 
     def on_log(
         self,
@@ -157,8 +170,172 @@ class _Progress(TrainerCallback):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if logs and "loss" in logs:
-            self.progress(f"sft step={state.global_step}/{state.max_steps} loss={logs['loss']:.4f}")
+        if not logs or not state.is_world_process_zero:
+            return
+        for key in ("loss", "eval_loss"):
+            if key in logs:
+                self.progress(
+                    f"event=train_progress method={self.method} step={state.global_step}/{state.max_steps} "
+                    f"{key}={logs[key]:.4f}"
+                )
+
+
+def load_lora_model(base_dir: Path, lora: LoraSpec, init_adapter: Path | None = None) -> PeftModel:
+    """The base model with a trainable LoRA adapter: `init_adapter`'s weights and shape, or a fresh `lora`."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    if init_adapter is not None:
+        return PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, config)  # type: ignore[return-value]
+
+
+def trainer_arguments(
+    config: SftConfig, output_dir: Path, *, use_gpu: bool, eval_steps: int | None = None
+) -> dict[str, Any]:
+    """`TrainingArguments` keywords shared by SFT and KTO (`KTOConfig` subclasses `TrainingArguments`).
+
+    Mixed precision only on a GPU (bf16 where supported, else fp16): CPU autocast is slower for small models.
+    With `eval_steps`, each evaluation also saves a checkpoint, and the best one (lowest eval loss) is
+    restored at the end, which is what early stopping needs.
+    """
+    bf16 = use_gpu and torch.cuda.is_bf16_supported()
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "max_steps": config.steps,
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": config.batch_size,
+        "gradient_accumulation_steps": config.grad_accum,
+        "learning_rate": config.learning_rate,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": min(5, config.steps // 10),
+        "max_grad_norm": config.max_grad_norm,
+        "weight_decay": 0.0,
+        "seed": config.seed,
+        "logging_steps": 1,
+        "logging_strategy": "steps",
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "log_level": "error",
+        "log_level_replica": "error",
+        "use_cpu": not use_gpu,
+        "bf16": bf16,
+        "fp16": use_gpu and not bf16,
+        "gradient_checkpointing": False,  # TRL turns it on by default; LoRA on these sizes does not need it
+        "ddp_find_unused_parameters": False,  # the frozen base gets no gradients, by design
+        "remove_unused_columns": False,
+        "dataloader_num_workers": 0,
+        "include_num_input_tokens_seen": "non_padding",
+    }
+    if eval_steps is not None:
+        kwargs |= {
+            "eval_strategy": "steps",
+            "eval_steps": eval_steps,
+            "save_strategy": "steps",
+            "save_steps": eval_steps,
+            "save_total_limit": 1,  # the Trainer still keeps the best checkpoint beside the latest
+            "save_only_model": True,
+            "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+        }
+    return kwargs
+
+
+def trainer_callbacks(
+    method: str,
+    *,
+    progress: Callable[[str], None] | None,
+    early_stopping_patience: int | None,
+    extra: Sequence[TrainerCallback] = (),
+) -> list[TrainerCallback]:
+    """Progress lines, early stopping on eval loss (when asked) and the caller's own callbacks."""
+    callbacks = list(extra)
+    if progress is not None:
+        callbacks.append(_Progress(progress, method))
+    if early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
+    return callbacks
+
+
+def run_trainer(trainer: Trainer, started: float) -> TrainResult:
+    """Run `trainer` and summarise what it did; `started` is when the whole run began (for `seconds`)."""
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+    loop_started = time.perf_counter()
+    trainer.train()
+    loop_seconds = time.perf_counter() - loop_started
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    return TrainResult(
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        steps=trainer.state.global_step,
+        train_tokens=int(trainer.state.num_input_tokens_seen),
+        seconds=time.perf_counter() - started,
+        train_seconds=loop_seconds,
+        best_eval_loss=min(eval_losses) if eval_losses else None,
+        stopped_early=trainer.state.global_step < trainer.state.max_steps,
+    )
+
+
+def save_adapter(model: PeftModel, out_dir: Path) -> None:
+    """Write the trained adapter (only the `default` one: TRL adds a frozen `ref` copy) atomically to `out_dir`."""
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, selected_adapters=["default"])
+
+
+def fit_sft(
+    base_dir: Path,
+    examples: Sequence[SupervisedExample],
+    config: SftConfig,
+    scratch: Path,
+    *,
+    eval_examples: Sequence[SupervisedExample] = (),
+    init_adapter: Path | None = None,
+    use_gpu: bool = False,
+    eval_steps: int = 10,
+    early_stopping_patience: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> tuple[PeftModel, TrainResult]:
+    """Train a LoRA adapter with the HF `Trainer` (checkpoints go to `scratch`); the caller saves the model.
+
+    This is the one training step: `train_lora` calls it in-process, and every Ray Train worker calls it
+    with the same arguments (the Trainer sees the torch process group Ray set up and shards the batches).
+    """
+    if not examples:
+        raise ValueError("SFT needs at least one example")
+    if early_stopping_patience is not None and not eval_examples:
+        raise ValueError("early stopping needs eval examples")
+    started = time.perf_counter()
+    torch.set_flush_denormal(True)
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_set = [encode_example(tokenizer, ex, config.max_seq_len) for ex in examples]
+    eval_set = [encode_example(tokenizer, ex, config.max_seq_len) for ex in eval_examples]
+    model = load_lora_model(base_dir, config.lora, init_adapter)
+    args = TrainingArguments(
+        **trainer_arguments(config, scratch, use_gpu=use_gpu, eval_steps=eval_steps if eval_set else None)
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,  # type: ignore[arg-type]  # a list is a map-style dataset
+        eval_dataset=eval_set or None,  # type: ignore[arg-type]
+        data_collator=lambda batch: collate(batch, pad_id),
+        callbacks=trainer_callbacks(
+            "sft", progress=progress, early_stopping_patience=early_stopping_patience, extra=callbacks
+        ),
+    )
+    return model, run_trainer(trainer, started)
 
 
 def train_lora(
@@ -176,69 +353,16 @@ def train_lora(
     With `init_adapter` training continues from that adapter's weights (and its LoRA shape);
     otherwise a fresh adapter is built from `config.lora`.
     """
-    if not examples:
-        raise ValueError("train_lora needs at least one example")
-    started = time.perf_counter()
-    torch.set_flush_denormal(True)
-    torch.manual_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dataset = [encode_example(tokenizer, ex, config.max_seq_len) for ex in examples]
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    if init_adapter is not None:
-        model = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
-    else:
-        lora = LoraConfig(
-            r=config.lora.r,
-            lora_alpha=config.lora.alpha,
-            lora_dropout=config.lora.dropout,
-            target_modules=config.lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(base, lora)
-
     with tempfile.TemporaryDirectory(prefix="flywheel-sft-") as scratch:
-        args = TrainingArguments(
-            output_dir=scratch,
-            max_steps=config.steps,
-            per_device_train_batch_size=config.batch_size,
-            gradient_accumulation_steps=config.grad_accum,
-            learning_rate=config.learning_rate,
-            lr_scheduler_type="linear",
-            warmup_steps=min(5, config.steps // 10),
-            max_grad_norm=config.max_grad_norm,
-            weight_decay=0.0,
-            seed=config.seed,
-            logging_steps=1,
-            logging_strategy="steps",
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            log_level="error",
-            use_cpu=not torch.cuda.is_available(),
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-            include_num_input_tokens_seen="non_padding",
+        model, result = fit_sft(
+            base_dir,
+            examples,
+            config,
+            Path(scratch),
+            init_adapter=init_adapter,
+            use_gpu=torch.cuda.is_available(),
+            progress=progress,
+            callbacks=callbacks,
         )
-        all_callbacks = [*callbacks, *([_Progress(progress)] if progress else [])]
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,  # type: ignore[arg-type]  # a list is a map-style dataset
-            data_collator=lambda batch: collate(batch, pad_id),
-            callbacks=all_callbacks,
-        )
-        trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
-        trainer.train()
-
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-    return SftResult(
-        first_loss=losses[0],
-        last_loss=losses[-1],
-        steps=trainer.state.global_step,
-        train_tokens=int(trainer.state.num_input_tokens_seen),
-        seconds=time.perf_counter() - started,
-    )
+    save_adapter(model, out_dir)
+    return result

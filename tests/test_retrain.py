@@ -1,0 +1,197 @@
+"""The learning proof: feedback becomes a better adapter, and only a better adapter reaches users.
+
+A dedicated app (its own registry and feedback log) on the shared Serve instance; real Ray Train,
+the real vLLM engine for evaluation, the real gate. Tests run in file order and share the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from feedback.curator import Curator
+from flywheel.bootstrap import registry_for
+from flywheel.cli import app as cli
+from flywheel.config import Settings
+from flywheel.runs import RunStore
+from tests.conftest import ADMIN_TOKEN, make_settings
+from training.demo_task import ANSWERS, DemoExample, generate_examples, is_correct
+
+pytestmark = [pytest.mark.serve, pytest.mark.vllm]
+
+AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+DRIFTED = generate_examples(160, seed=2024, distribution="drifted")
+
+
+@pytest.fixture(scope="module")
+def learning_app(served: tuple[str, Settings], demo_home: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[tuple[str, Settings, Path]]:
+    from ray import serve
+
+    from services import app as serve_app
+
+    home = tmp_path_factory.mktemp("learning-home")
+    shutil.copytree(demo_home, home, dirs_exist_ok=True)
+    settings = make_settings(home, engine="vllm", port=served[1].serving.port)
+    settings.retrain.min_examples = 40
+    settings.retrain.steps = 80
+    settings.retrain.gate.max_latency_ratio = 3.0  # shared 2-core CI boxes: latency is noise, not signal
+    config = home / "flywheel.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json"), allow_unicode=True))
+    url = serve_app.run(settings, name="flywheel-learning", route_prefix="/learning", timeout_s=600)
+    try:
+        yield url, settings, config
+    finally:
+        serve.delete("flywheel-learning")
+
+
+async def rate(url: str, examples: list[DemoExample], correction_for: Callable[[DemoExample], str]) -> list[str]:
+    """Ask each prompt, then send the rater's verdict: rating 1 and a correction where it was wrong."""
+    gate = asyncio.Semaphore(16)
+
+    async def one(client: httpx.AsyncClient, example: DemoExample) -> str:
+        async with gate:
+            answer = (await client.post(f"{url}/predict", json={"prompt": example.prompt, "max_tokens": 48})).json()
+            body = {"request_id": answer["request_id"], "rating": 5, "correction": correction_for(example)}
+            if not is_correct(answer["answer"], example) or body["correction"] != example.answer:
+                body["rating"] = 1
+            response = await client.post(f"{url}/feedback", json=body)
+            assert response.status_code == 202
+            return answer["request_id"]
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await asyncio.gather(*(one(client, e) for e in examples))
+
+
+def curate(settings: Settings) -> None:
+    curator = Curator(settings)
+    try:
+        curator.drain(timeout_s=120)
+    finally:
+        curator.close()
+
+
+def retrain(config: Path) -> tuple[int, dict]:
+    result = CliRunner().invoke(cli, ["retrain", "--wait", "--json", "--config", str(config)])
+    report = result.stdout[result.stdout.rindex("\n{\n") + 1:] if "\n{\n" in result.stdout else result.stdout
+    return result.exit_code, json.loads(report)  # libraries may print to stdout before the JSON
+
+
+def accuracy(url: str, examples: list[DemoExample]) -> tuple[float, set[str]]:
+    versions, correct = set(), 0
+    for example in examples:
+        body = httpx.post(f"{url}/predict", json={"prompt": example.prompt, "max_tokens": 48}, timeout=60).json()
+        versions.add(body["adapter_version"])
+        correct += is_correct(body["answer"], example)
+    return correct / len(examples), versions
+
+
+def wait_serving(url: str, version: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if httpx.get(f"{url}/healthz").json()["serving"] == [version]:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"serving did not move to {version}")
+
+
+def test_too_little_data_changes_nothing(learning_app: tuple[str, Settings, Path]) -> None:
+    url, settings, config = learning_app
+    asyncio.run(rate(url, DRIFTED[:5], lambda e: e.answer))
+    curate(settings)
+    code, result = retrain(config)
+    assert code == 2 and result["verdict"] == "insufficient_data", result
+    assert "at least 40" in result["message"]
+    assert registry_for(settings).alias("champion") == "demo-v1"
+    assert [m.version for m in registry_for(settings).versions()] == ["demo-v1", "demo-v2"]
+
+
+def test_corrections_retrain_pass_the_gate_and_swap_in(learning_app: tuple[str, Settings, Path]) -> None:
+    url, settings, config = learning_app
+    before, versions = accuracy(url, DRIFTED[:40])
+    assert versions == {"demo-v1"}
+    asyncio.run(rate(url, DRIFTED[5:], lambda e: e.answer))  # the raters correct every answer
+    curate(settings)
+
+    code, result = retrain(config)
+    assert code == 0 and result["verdict"] == "passed", result
+    version = result["version"]
+    registry = registry_for(settings)
+    assert registry.alias("champion") == version
+    manifest = registry.manifest(version)
+    assert manifest.parent == "demo-v1" and manifest.status == "ready"
+    assert manifest.data["snapshot_positions"], "lineage: the feedback positions the data covers"
+    assert manifest.data["train"] > 0 and manifest.data["holdout"] > 0
+    assert manifest.gate and manifest.gate["passed"] is True
+    assert {c["name"] for c in manifest.gate["checks"]} >= {"improvement", "significance", "golden_regression",
+                                                            "engine_parity"}
+    assert manifest.training["last_loss"] < manifest.training["first_loss"]
+
+    wait_serving(url, version)
+    after, versions = accuracy(url, DRIFTED[:40])
+    assert versions == {version}
+    assert after >= before + 0.3, (before, after)
+
+
+def test_wrong_labels_are_rejected_and_the_champion_stays(learning_app: tuple[str, Settings, Path]) -> None:
+    url, settings, config = learning_app
+    registry = registry_for(settings)
+    champion = registry.alias("champion")
+    original = generate_examples(160, seed=77)
+
+    def wrong(example: DemoExample) -> str:  # a label shifted by one: always wrong
+        labels = list(ANSWERS[example.lang].values())
+        return labels[(labels.index(example.answer) + 1) % len(labels)]
+
+    asyncio.run(rate(url, original, wrong))
+    curate(settings)
+    code, result = retrain(config)
+    assert code == 0 and result["verdict"] == "rejected", result
+    assert registry.alias("champion") == champion
+    assert registry.manifest(result["version"]).status == "rejected"
+    assert "golden_regression" in result["message"]
+    assert httpx.post(f"{url}/predict", json={"prompt": "hi"}).json()["adapter_version"] == champion
+
+
+def test_admin_retrain_is_exclusive_and_a_killed_run_changes_nothing(
+    learning_app: tuple[str, Settings, Path],
+) -> None:
+    url, settings, _ = learning_app
+    registry = registry_for(settings)
+    champion, versions = registry.alias("champion"), [m.version for m in registry.versions()]
+    assert httpx.post(f"{url}/admin/retrain").status_code == 401
+    assert httpx.post(f"{url}/admin/retrain", headers={"authorization": "Bearer nope"}).status_code == 401
+
+    first = httpx.post(f"{url}/admin/retrain", headers=AUTH)
+    assert first.status_code == 202, first.text
+    run_id = first.json()["run_id"]
+    second = httpx.post(f"{url}/admin/retrain", headers=AUTH)
+    assert second.status_code == 409 and "already running" in second.json()["error"]
+
+    store = RunStore(settings.home / "runs")
+    deadline = time.monotonic() + 120
+    while (record := store.get(run_id)) and record.stage not in ("train", "evaluate") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(record.pid, signal.SIGKILL)  # the run and everything it started
+    deadline = time.monotonic() + 30
+    while store.get(run_id).state == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    status = httpx.get(f"{url}/admin/status", headers=AUTH).json()
+    killed = next(r for r in status["runs"] if r["run_id"] == run_id)
+    assert killed["state"] == "failed" and "died" in killed["message"]
+    assert status["champion"] == champion
+    assert [m.version for m in registry.versions()] == versions
+    assert httpx.post(f"{url}/predict", json={"prompt": "hi"}).json()["adapter_version"] == champion
+    assert not store.busy()  # the lock died with the run
