@@ -13,6 +13,7 @@ import fcntl
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,7 +70,10 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed child not yet reaped by its launcher is a zombie: dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 class RunStore:
@@ -123,6 +127,7 @@ class RunStore:
                 )
         finally:
             os.close(fd)
+        threading.Thread(target=child.wait, name=f"reap-{run_id}", daemon=True).start()
         record = RunRecord(run_id=run_id, trigger=trigger, pid=child.pid)
         self.save(record)
         return record

@@ -31,9 +31,15 @@ def _replica_env(settings: Settings) -> dict[str, str]:
     }
 
 
+# Our gateway logs one `event=predict` line per request with the adapter version; Serve's access log
+# would repeat every request twice more (proxy and replica).
+QUIET = {"enable_access_log": False}
+
+
 def build_app(settings: Settings) -> Application:
     payload = settings.model_dump(mode="json")
     llm = LLMServer.options(
+        logging_config=QUIET,
         num_replicas=settings.serving.replicas,
         ray_actor_options={
             "num_cpus": settings.serving.replica_cpus,
@@ -41,7 +47,7 @@ def build_app(settings: Settings) -> Application:
             "runtime_env": {"env_vars": _replica_env(settings)},
         },
     ).bind(payload)
-    return Gateway.bind(llm, payload)
+    return Gateway.options(logging_config=QUIET).bind(llm, payload)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -168,6 +168,8 @@ def test_admin_retrain_is_exclusive_and_a_killed_run_changes_nothing(
     learning_app: tuple[str, Settings, Path],
 ) -> None:
     url, settings, _ = learning_app
+    asyncio.run(rate(url, DRIFTED[5:], lambda e: e.answer))  # enough data that the run gets to training
+    curate(settings)
     registry = registry_for(settings)
     champion, versions = registry.alias("champion"), [m.version for m in registry.versions()]
     assert httpx.post(f"{url}/admin/retrain").status_code == 401
@@ -183,6 +185,7 @@ def test_admin_retrain_is_exclusive_and_a_killed_run_changes_nothing(
     deadline = time.monotonic() + 120
     while (record := store.get(run_id)) and record.stage not in ("train", "evaluate") and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert record is not None and record.state == "running", record
     os.killpg(record.pid, signal.SIGKILL)  # the run and everything it started
     deadline = time.monotonic() + 30
     while store.get(run_id).state == "running" and time.monotonic() < deadline:
