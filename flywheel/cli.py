@@ -278,6 +278,35 @@ def bench_serve(
     ]))
 
 
+@bench_app.command("train")
+def bench_train(
+    config: ConfigOption = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps in each run.")] = 40,
+    workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 1,
+    threads: Annotated[int, typer.Option(help="Torch threads per process.")] = 1,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/train.json"),
+    as_json: JsonOption = False,
+) -> None:
+    """LoRA SFT tokens/s through Ray Train vs the same HF Trainer run without Ray (goal >= 1.0)."""
+    from flywheel.bootstrap import bootstrap as run_bootstrap
+    from loadtests.bench_train import run_train_bench
+
+    configure_logging()
+    settings = settings_or_exit(config)
+    run_bootstrap(settings, progress=progress)
+    report = run_train_bench(Path(settings.base_model_path), steps=steps, workers=workers, threads=threads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.model_dump_json(indent=2))
+    r = report
+    emit(as_json, report.model_dump(), "\n".join([
+        f"tokens/s through Ray Train {r.ray_tokens_per_s:.0f} / plain HF Trainer {r.plain_tokens_per_s:.0f} "
+        f"= {r.ray_over_plain:.2f} (goal >= 1.0)",
+        f"wall: plain {r.plain_wall_s:.1f} s, Ray {r.ray_wall_s:.1f} s (of which start-up {r.ray_startup_s:.1f} s, "
+        f"ray.init {r.ray_init_s:.1f} s)",
+        f"report: {out}",
+    ]))
+
+
 def main() -> None:
     sys.exit(app())
 
