@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: install up test lint bench clean
+.PHONY: install up test test-all lint bench demo clean
 
 install: $(VENV)/.installed
 
@@ -21,15 +21,23 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 up: install
 	$(VENV)/bin/flywheel up
 
+# Everything but tests marked `slow` (the 10-minute demo loop under Locust, 2-worker Ray Train).
 test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
 
+demo: install
+	$(VENV)/bin/flywheel demo --quick --out demo-out
+
 bench: install
 	$(VENV)/bin/flywheel bench serve
 
 clean:
-	rm -rf .flywheel bench-out
+	rm -rf .flywheel bench-out demo-out

@@ -245,6 +245,22 @@ def status(
     emit(as_json, payload, "\n".join(lines))
 
 
+@app.command()
+def demo(
+    config: ConfigOption = None,
+    quick: Annotated[bool, typer.Option("--quick", help="One full loop in about 10 minutes.")] = False,
+    out: Annotated[Path, typer.Option(help="Where report.json, the PNG and Locust's stats go.")] = Path("demo-out"),
+    url: Annotated[str | None, typer.Option(help="Drive a running platform instead of starting one.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for prompts, drift and raters.")] = 0,
+) -> None:
+    """Drifting traffic + simulated raters under Locust; retrains, swaps, and a learning report."""
+    from loadtests.demo import run_demo
+
+    configure_logging()
+    report = run_demo(settings_or_exit(config), out_dir=out, quick=quick, url=url, seed=seed)
+    raise typer.Exit(0 if report.swaps and report.failed_requests == 0 else 1)
+
+
 @bench_app.command("serve")
 def bench_serve(
     config: ConfigOption = None,

@@ -3,8 +3,8 @@
 Users rate answers one at a time, so there are no preference pairs: KTO learns from each rated
 completion alone. The reference policy is the adapter training starts from (the champion's, or the bare
 base for a fresh adapter): TRL keeps a frozen copy of it beside the trained one. Prompts go through the
-tokenizer's own chat template (R1's `<think>` generation prompt), completions are
-`reasoning\\n</think>\\n\\nanswer` + EOS, exactly as in SFT.
+tokenizer's own chat template (R1's `<think>` generation prompt) as in SFT; a completion is the assistant
+text that followed (`reasoning\\n</think>\\n\\nanswer` when well formed) and TRL appends the EOS.
 """
 
 import random

@@ -174,9 +174,11 @@ class Retrain:
         else:
             pq.write_table(pa.Table.from_pylist([e.model_dump(exclude={"at", "source"}) for e in data.train]),
                            train_path)
-        eval_path = self.workdir / "eval.parquet"
-        pq.write_table(pa.Table.from_pylist([e.model_dump(exclude={"at", "source"}) for e in data.holdout]),
-                       eval_path)
+        eval_path: Path | None = None
+        if cfg.method == "sft":  # KTO rows are rated completions: its eval loss has no SFT hold-out to use
+            eval_path = self.workdir / "eval.parquet"
+            pq.write_table(pa.Table.from_pylist([e.model_dump(exclude={"at", "source"}) for e in data.holdout]),
+                           eval_path)
         out_dir = self.workdir / "candidate"
         outcome = train_on_ray(
             TrainJob(
@@ -192,7 +194,7 @@ class Retrain:
                 use_gpu=cfg.use_gpu,
                 cpus_per_worker=cfg.cpus_per_worker,
                 torch_threads=cfg.torch_threads,
-                early_stopping_patience=cfg.early_stopping_patience,
+                early_stopping_patience=cfg.early_stopping_patience if eval_path else None,
                 checkpoint_dir=self.workdir / "checkpoints",
             ),
             progress=self._say,

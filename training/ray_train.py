@@ -1,26 +1,31 @@
 """The candidate's training step on Ray Train: a `TorchTrainer` whose workers run `fit_sft` or `fit_kto`.
 
 Data flows Parquet → `ray.data.read_parquet` → `TorchTrainer(datasets=...)` → `ray.train.get_dataset_shard`
-in each worker. Every worker reads the whole (feedback-sized) dataset and the HF Trainer inside shards the
-batches over the torch process group Ray set up: TRL's `KTOTrainer` needs a map-style dataset (it
-tokenizes up front and pairs neighbours for its KL term), and a map-style dataset gets a fresh seeded
-shuffle every epoch — so one worker trains exactly the batches `train_lora` would, and `prepare_trainer`
-(which only matters for streamed Ray Data iterables) is not needed.
+in each worker. The driver reads the (feedback-sized) data once; every worker gets all rows and the HF
+Trainer inside shards the batches over the torch process group Ray set up. Why not Ray Data's streaming
+split: TRL's `KTOTrainer` needs a map-style dataset (it tokenizes up front and pairs neighbours for its
+KL term), and a map-style dataset gets a fresh seeded shuffle every epoch — so one worker trains exactly
+the batches `train_lora` would, and `prepare_trainer` (which only matters for streamed Ray Data
+iterables) has nothing to do.
 
 Training never blocks serving: Ray is asked for `num_workers` workers of `cpus_per_worker` CPUs (and a
-GPU each with `use_gpu`) and nothing else; the Parquet is read before the workers start.
+GPU each with `use_gpu`) and nothing else.
 """
 
 import contextlib
+import os
 import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
+import pyarrow.dataset as pa_dataset
+import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
@@ -31,18 +36,21 @@ from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 
 from training.kto import KtoExample, KtoSpec, fit_kto
-from training.sft import SftConfig, TrainResult, completion_text, fit_sft, save_adapter
+from training.sft import SftConfig, SupervisedExample, TrainResult, fit_sft, save_adapter
 
-SFT_COLUMNS = ["prompt", "reasoning", "answer"]
-KTO_COLUMNS = [*SFT_COLUMNS, "label"]
+# The Parquet layout per method. KTO rows carry the rated completion whole: a thumbs-down answer is often
+# malformed (no closed think block), so it need not split into reasoning and answer.
+COLUMNS: dict[str, list[str]] = {"sft": ["prompt", "reasoning", "answer"], "kto": ["prompt", "completion", "label"]}
 
 
 class TrainJob(BaseModel):
     """One candidate training run on Ray Train."""
 
     base_dir: Path = Field(description="The base model directory (HF format).")
-    train_path: Path = Field(description="Parquet file or directory: prompt, reasoning, answer (+ label for KTO).")
-    eval_path: Path | None = Field(None, description="Held-out Parquet with the same columns, for eval loss.")
+    train_path: Path = Field(
+        description="Parquet file or directory: prompt, reasoning, answer (SFT) or prompt, completion, label (KTO)."
+    )
+    eval_path: Path | None = Field(None, description="Held-out Parquet with the method's columns, for eval loss.")
     out_dir: Path = Field(description="Where the final PEFT adapter is written (atomically, by rank 0).")
     method: Literal["sft", "kto"] = "sft"
     sft: SftConfig = Field(default_factory=SftConfig, description="Steps, optimizer, batch and LoRA shape.")
@@ -73,61 +81,57 @@ class TrainJob(BaseModel):
         return self
 
 
-class TrainOutcome(BaseModel):
-    """What a Ray Train run produced."""
+class TrainOutcome(TrainResult):
+    """What a Ray Train run produced; `seconds` is the whole `train_on_ray` call, worker start-up included."""
 
     method: Literal["sft", "kto"]
-    first_loss: float
-    last_loss: float
-    best_eval_loss: float | None = Field(description="Lowest eval loss (its adapter is the one saved).")
-    steps: int
-    train_tokens: int = Field(description="Non-padding tokens, all workers.")
-    seconds: float = Field(description="Wall time of `train_on_ray`: worker start-up, data, training, saving.")
-    train_seconds: float = Field(description="Wall time of the training loop on rank 0.")
-    tokens_per_s: float = Field(description="train_tokens / train_seconds.")
-    stopped_early: bool
-    adapter_dir: Path
+    adapter_dir: Path = Field(description="The final adapter (with eval data: the checkpoint of best eval loss).")
 
 
-class _Row(BaseModel):
-    """One Parquet row; it satisfies `SupervisedExample`."""
+class _SftRow(BaseModel):
+    """One SFT Parquet row; it satisfies `SupervisedExample`."""
 
     prompt: str
     reasoning: str
     answer: str
-    label: bool | None = None
 
-    def kto(self) -> KtoExample:
-        if self.label is None:
-            raise ValueError("KTO rows need a boolean 'label' column")
-        return KtoExample(prompt=self.prompt, completion=completion_text(self.reasoning, self.answer), label=self.label)
+
+def write_rows(path: Path, rows: Sequence[SupervisedExample] | Sequence[KtoExample]) -> Path:
+    """Write SFT examples or KTO rated completions as the Parquet `TrainJob` reads."""
+    columns = COLUMNS["kto" if rows and isinstance(rows[0], KtoExample) else "sft"]
+    pq.write_table(pa.Table.from_pylist([{c: getattr(row, c) for c in columns} for row in rows]), path)
+    return path
 
 
 def connect_ray(*, object_store_mb: int = 256) -> bool:
-    """Use the Ray this process is already connected to; otherwise start a small local one.
+    """Use the Ray this process is connected to, or the cluster in `RAY_ADDRESS`; else start a small local one.
 
-    Returns whether Ray was started here (the caller may then `ray.shutdown()` when done).
+    Returns whether this call initialised Ray (the caller may then `ray.shutdown()` when done).
     """
     if ray.is_initialized():
         return False
-    ray.init(object_store_memory=object_store_mb * 1024 * 1024, include_dashboard=False)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # e.g. a KubeRay RayJob: the cluster's own memory settings apply
+    else:
+        ray.init(object_store_memory=object_store_mb * 1024 * 1024, include_dashboard=False)
     return True
 
 
-def _rows(name: str) -> list[_Row]:
+def _rows(name: str, row_type: type[BaseModel]) -> list[Any]:
     """This worker's copy of a dataset (every worker gets all rows, in file order)."""
     shard = ray.train.get_dataset_shard(name)
     assert shard is not None, f"no dataset {name!r} was given to the trainer"
-    return [_Row.model_validate(row) for row in shard.iter_rows()]
+    return [row_type.model_validate(row) for row in shard.iter_rows()]
 
 
-def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
+def _train_worker(config: dict[str, Any]) -> TrainResult:
     """Ray Train worker loop: fit on the shared data, rank 0 saves the adapter; returns rank 0's `TrainResult`."""
     job: TrainJob = config["job"]
     lines: Queue | None = config["progress"]
     torch.set_num_threads(job.torch_threads)
-    train_rows = _rows("train")
-    eval_rows = _rows("eval") if job.eval_path is not None else []
+    row_type = KtoExample if job.method == "kto" else _SftRow
+    train_rows = _rows("train", row_type)
+    eval_rows = _rows("eval", row_type) if job.eval_path is not None else []
     options: dict[str, Any] = {
         "init_adapter": job.init_adapter,
         "use_gpu": job.use_gpu,
@@ -138,10 +142,8 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix=f"flywheel-{job.method}-") as scratch:
         if job.method == "kto":
-            kto_rows = [row.kto() for row in train_rows]
-            kto_eval = [row.kto() for row in eval_rows]
             model, result = fit_kto(
-                job.base_dir, kto_rows, job.sft, Path(scratch), kto=job.kto, eval_rows=kto_eval, **options
+                job.base_dir, train_rows, job.sft, Path(scratch), kto=job.kto, eval_rows=eval_rows, **options
             )
         else:
             model, result = fit_sft(
@@ -149,7 +151,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
             )
     if ray.train.get_context().get_world_rank() == 0:
         save_adapter(model, job.out_dir)
-    return result.model_dump()
+    return result
 
 
 @contextlib.contextmanager
@@ -179,17 +181,23 @@ def _forwarding(progress: Callable[[str], None] | None) -> Iterator[Queue | None
         lines.shutdown()
 
 
-def _dataset(path: Path, method: str) -> ray.data.Dataset:
+def _check_columns(path: Path, method: str) -> None:
+    """Fail before any Ray work when the Parquet lacks the method's columns (reads the schema only)."""
+    missing = set(COLUMNS[method]) - set(pa_dataset.dataset(str(path), format="parquet").schema.names)
+    if missing:
+        raise ValueError(f"{method} reads columns {COLUMNS[method]}; {path} lacks {sorted(missing)}")
+
+
+def _dataset(path: Path) -> ray.data.Dataset:
     """Read a Parquet file or directory into the object store, here, before the workers take their CPUs.
 
     Ray Data's file listing asks for a whole CPU, which a worker group that holds every CPU would never
     leave it; read once here, every worker then only fetches the same blocks, in the same order.
     """
-    columns = KTO_COLUMNS if method == "kto" else SFT_COLUMNS
     context = ray.data.DataContext.get_current()
     progress_bars, context.enable_progress_bars = context.enable_progress_bars, False  # noise for tiny reads
     try:
-        return ray.data.read_parquet(str(path), columns=columns, num_cpus=0).materialize()
+        return ray.data.read_parquet(str(path), num_cpus=0).materialize()
     finally:
         context.enable_progress_bars = progress_bars
 
@@ -198,13 +206,14 @@ def train_on_ray(job: TrainJob, *, progress: Callable[[str], None] | None = None
     """Train a candidate adapter with Ray Train and write it to `job.out_dir`.
 
     `progress` gets `event=train_progress ...` lines from rank 0 (on a helper thread). A failed run raises
-    Ray's `TrainingFailedError` and leaves `job.out_dir` untouched.
+    Ray's `TrainingFailedError`.
     """
     started = time.perf_counter()
+    paths = {"train": job.train_path, **({"eval": job.eval_path} if job.eval_path is not None else {})}
+    for path in paths.values():
+        _check_columns(path, job.method)
     connect_ray()
-    datasets = {"train": _dataset(job.train_path, job.method)}
-    if job.eval_path is not None:
-        datasets["eval"] = _dataset(job.eval_path, job.method)
+    datasets = {name: _dataset(path) for name, path in paths.items()}
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # every worker must see the same row order for the Trainer's sharding
     storage = job.checkpoint_dir or Path(tempfile.mkdtemp(prefix="flywheel-ray-train-"))
@@ -228,20 +237,13 @@ def train_on_ray(job: TrainJob, *, progress: Callable[[str], None] | None = None
                 datasets=datasets,
                 dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
             )
-            result = TrainResult.model_validate(trainer.fit().return_value)
+            result: TrainResult = trainer.fit().return_value
     finally:
         if job.checkpoint_dir is None:
             shutil.rmtree(storage, ignore_errors=True)
     return TrainOutcome(
-        method=job.method,
-        first_loss=result.first_loss,
-        last_loss=result.last_loss,
-        best_eval_loss=result.best_eval_loss,
-        steps=result.steps,
-        train_tokens=result.train_tokens,
+        **result.model_dump(exclude={"seconds", "tokens_per_s"}),
         seconds=time.perf_counter() - started,
-        train_seconds=result.train_seconds,
-        tokens_per_s=result.tokens_per_s,
-        stopped_early=result.stopped_early,
+        method=job.method,
         adapter_dir=job.out_dir,
     )

@@ -9,6 +9,7 @@ target is `reasoning\\n</think>\\n\\nanswer` + EOS, and the loss covers the targ
 import contextlib
 import os
 import shutil
+import statistics
 import tempfile
 import time
 import uuid
@@ -18,7 +19,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -64,9 +65,7 @@ class SftConfig(BaseModel):
     """One LoRA SFT run."""
 
     steps: int = Field(60, gt=0, description="Optimizer steps.")
-    learning_rate: float = Field(
-        2e-3, gt=0, description="Peak AdamW learning rate (short warmup, linear decay)."
-    )
+    learning_rate: float = Field(2e-3, gt=0, description="Peak AdamW learning rate (short warmup, linear decay).")
     batch_size: int = Field(16, gt=0, description="Examples per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     seed: int = Field(0, description="Seed for LoRA init, dropout and data order.")
@@ -84,9 +83,11 @@ class TrainResult(BaseModel):
     train_tokens: int = Field(description="Non-padding tokens fed to the model (all workers).")
     seconds: float = Field(description="Wall time of the run: loading, training and evaluation.")
     train_seconds: float = Field(description="Wall time inside the training loop (`Trainer.train`).")
+    step_seconds_p50: float = Field(description="Median wall time from one optimizer step to the next.")
     best_eval_loss: float | None = Field(None, description="Lowest eval loss; None without eval data.")
     stopped_early: bool = Field(False, description="Early stopping ended the run before `steps`.")
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def tokens_per_s(self) -> float:
         """Training-loop throughput."""
@@ -180,6 +181,24 @@ class _Progress(TrainerCallback):
                 )
 
 
+class _StepClock(TrainerCallback):
+    """Times the loop step by step: the median survives the stalls of a busy machine, the total does not."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.seconds: list[float] = []
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        self.seconds.append(now - self.last)
+        self.last = now
+
+
 def load_lora_model(base_dir: Path, lora: LoraSpec, init_adapter: Path | None = None) -> PeftModel:
     """The base model with a trainable LoRA adapter: `init_adapter`'s weights and shape, or a fresh `lora`."""
     base = AutoModelForCausalLM.from_pretrained(base_dir)
@@ -267,6 +286,8 @@ def trainer_callbacks(
 def run_trainer(trainer: Trainer, started: float) -> TrainResult:
     """Run `trainer` and summarise what it did; `started` is when the whole run began (for `seconds`)."""
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+    clock = _StepClock()
+    trainer.add_callback(clock)
     loop_started = time.perf_counter()
     trainer.train()
     loop_seconds = time.perf_counter() - loop_started
@@ -280,6 +301,7 @@ def run_trainer(trainer: Trainer, started: float) -> TrainResult:
         train_tokens=int(trainer.state.num_input_tokens_seen),
         seconds=time.perf_counter() - started,
         train_seconds=loop_seconds,
+        step_seconds_p50=statistics.median(clock.seconds),
         best_eval_loss=min(eval_losses) if eval_losses else None,
         stopped_early=trainer.state.global_step < trainer.state.max_steps,
     )

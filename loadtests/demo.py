@@ -1,0 +1,386 @@
+"""`flywheel demo`: one command that shows the loop working under real HTTP load.
+
+Starts the platform (Serve app, curator, retrain scheduler) unless given a URL, runs the mixed Locust
+scenario (drifting traffic, simulated raters that correct wrong answers), lets the scheduler retrain,
+gate and promote, and reports per adapter version and per time window what users got: accuracy on
+original vs drifted prompts, ratings, latency, failures and swaps. Writes `report.json`,
+`learning_curve.png` and Locust's CSV/HTML into the output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flywheel.bootstrap import bootstrap, registry_for
+from flywheel.config import Settings
+from flywheel.runs import RunState, RunStore
+
+log = logging.getLogger("flywheel.demo")
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+REPO_ROOT = LOCUSTFILE.parent.parent
+SWAP_WINDOW_S = 10.0  # requests this long after an alias move count as "during the swap"
+
+
+class DemoPlan(BaseModel):
+    """How long and how hard the demo drives the platform, and how eagerly its scheduler retrains."""
+
+    users: int = Field(4, ge=1, description="Concurrent Locust users (each a rater).")
+    spawn_rate: float = Field(4.0, gt=0)
+    max_duration_s: float = Field(420.0, gt=0, description="Stop the load after this long unless a retrain runs.")
+    retrain_grace_s: float = Field(600.0, ge=0, description="How much longer the load waits on a running retrain.")
+    loops: int = Field(1, ge=1, description="Stop retraining after this many swaps.")
+    post_swap_s: float = Field(60.0, ge=0, description="Keep the load this long after the last swap, then stop.")
+    drift_start: float = Field(0.2, ge=0, le=1)
+    drift_end: float = Field(0.9, ge=0, le=1)
+    drift_ramp_s: float = Field(90.0, ge=0)
+    correction_p: float = Field(0.8, ge=0, le=1)
+    max_tokens: int = Field(48, ge=1)
+    schedule_interval_s: float = Field(20.0, gt=0)
+    schedule_min_new_examples: int = Field(120, ge=1)
+    check_every_s: float = Field(2.0, gt=0, description="How often the scheduler checks.")
+    window_s: float = Field(15.0, gt=0, description="Width of a time window in the report.")
+
+    @classmethod
+    def quick(cls) -> DemoPlan:
+        return cls()
+
+    @classmethod
+    def full(cls) -> DemoPlan:
+        return cls(users=8, spawn_rate=8, max_duration_s=1500, loops=2, post_swap_s=120, drift_ramp_s=300,
+                   schedule_interval_s=60, schedule_min_new_examples=200, window_s=30)
+
+
+class VersionStats(BaseModel):
+    """What users got from one adapter version (from the raters' ground truth)."""
+
+    requests: int
+    accuracy_original: float | None
+    accuracy_drifted: float | None
+    mean_rating: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+class Window(BaseModel):
+    start_s: float = Field(description="Seconds after the load started.")
+    requests: int
+    failures: int
+    drift_share: float | None
+    accuracy_original: float | None
+    accuracy_drifted: float | None
+    mean_rating: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    versions: dict[str, int] = Field(description="Predictions answered by each adapter version.")
+
+
+class Swap(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    at: datetime
+    at_s: float = Field(description="Seconds after the load started.")
+    from_: str | None = Field(alias="from")
+    to: str
+    action: str
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    trigger: str
+    verdict: str
+    version: str | None
+    seconds: float | None
+    message: str = ""
+
+
+class DemoReport(BaseModel):
+    seed: int
+    quick: bool
+    url: str
+    plan: DemoPlan
+    load_s: float = Field(description="How long the load ran.")
+    champion_before: str | None
+    champion_after: str | None
+    swaps: list[Swap]
+    runs: list[RunSummary]
+    requests: int
+    failed_requests: int
+    loop_s: float | None = Field(description="First rating → first answer from the first new champion.")
+    steady_p99_ms: float | None = Field(description="/predict p99 away from swaps and retrains.")
+    swap_p99_ms: float | None = Field(description=f"/predict p99 within {SWAP_WINDOW_S:.0f} s after a swap.")
+    swap_p99_over_steady_p99: float | None
+    versions: dict[str, VersionStats]
+    windows: list[Window]
+
+    def summary(self) -> str:
+        lines = [f"champion {self.champion_before} → {self.champion_after}; {len(self.swaps)} swap(s); "
+                 f"{self.requests} requests, {self.failed_requests} failed; loop {_fmt(self.loop_s, 's')}"]
+        for version, stats in self.versions.items():
+            lines.append(f"  {version}: original {_pct(stats.accuracy_original)}, "
+                         f"drifted {_pct(stats.accuracy_drifted)}, rating {_fmt(stats.mean_rating)}, "
+                         f"p50 {_fmt(stats.p50_ms, 'ms')}, p99 {_fmt(stats.p99_ms, 'ms')} ({stats.requests} answers)")
+        lines.append(f"  p99 during swap {_fmt(self.swap_p99_ms, 'ms')} vs steady {_fmt(self.steady_p99_ms, 'ms')}"
+                     f" (ratio {_fmt(self.swap_p99_over_steady_p99)})")
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:.1f}{unit}" if unit else f"{value:.2f}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _accuracy(rows: list[dict[str, Any]], distribution: str) -> float | None:
+    return _mean([float(r["correct"]) for r in rows if r["distribution"] == distribution])
+
+
+@contextmanager
+def _platform(settings: Settings, plan: DemoPlan, app_name: str, route_prefix: str
+              ) -> Iterator[tuple[str, threading.Event]]:
+    """Serve app + curator + scheduler on `settings`; yields (url, event that stops the scheduler)."""
+    import ray
+    from ray import serve
+
+    from feedback.curator import Curator
+    from flywheel.scheduler import RetrainScheduler
+    from services import app as serve_app
+
+    bootstrap(settings)
+    ray_was_up = ray.is_initialized()
+    stop, stop_scheduler = threading.Event(), threading.Event()
+    curator = Curator(settings)
+    threads = [threading.Thread(target=curator.run, args=(stop,), name="demo-curator", daemon=True),
+               RetrainScheduler(settings, stop_scheduler, check_every_s=plan.check_every_s)]
+    try:
+        url = serve_app.run(settings, name=app_name, route_prefix=route_prefix, timeout_s=600)
+        for thread in threads:
+            thread.start()
+        yield url, stop_scheduler
+    finally:
+        stop.set()
+        stop_scheduler.set()
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(timeout=30)
+        curator.close()
+        _stop_runs(RunStore(settings.home / "runs"))
+        if ray_was_up:
+            serve.delete(app_name)
+        else:
+            serve_app.shutdown()
+
+
+def _stop_runs(store: RunStore, grace_s: float = 120.0) -> None:
+    """Let a retrain the demo's scheduler started finish (up to `grace_s`), then kill it."""
+    deadline = time.monotonic() + grace_s
+    while (running := [r for r in store.list() if r.state == RunState.RUNNING]) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    for record in running:
+        log.warning("event=demo_kill_run run_id=%s stage=%s", record.run_id, record.stage)
+        with suppress(ProcessLookupError):
+            os.killpg(record.pid, signal.SIGKILL)  # the scheduler starts each run in its own session
+
+
+def _drive(url: str, plan: DemoPlan, seed: int, out_dir: Path, champion: Callable[[], str | None],
+           retraining: Callable[[], bool], on_loops_done: Callable[[], None]) -> float:
+    """Run the mixed Locust scenario until `plan.loops` swaps plus `plan.post_swap_s`, or the time limit.
+
+    At the time limit a retrain in progress gets up to `plan.retrain_grace_s` more, under the same load.
+    """
+    env = {**os.environ, "FLYWHEEL_SCENARIO": "mixed", "FLYWHEEL_SEED": str(seed),
+           "FLYWHEEL_CORRECTION_P": str(plan.correction_p), "FLYWHEEL_DRIFT_START": str(plan.drift_start),
+           "FLYWHEEL_DRIFT_END": str(plan.drift_end), "FLYWHEEL_DRIFT_RAMP_S": str(plan.drift_ramp_s),
+           "FLYWHEEL_MAX_TOKENS": str(plan.max_tokens), "FLYWHEEL_DEMO_LOG": str(out_dir / "requests.jsonl"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(plan.users),
+               "-r", str(plan.spawn_rate), "-t", f"{int(plan.max_duration_s + plan.retrain_grace_s)}s", "--host", url,
+               "--csv", str(out_dir / "locust"), "--html", str(out_dir / "locust.html"), "--only-summary",
+               "--stop-timeout", "30", "--loglevel", "WARNING"]
+    started = time.monotonic()
+    current, swaps, last_swap = champion(), 0, 0.0
+    with (out_dir / "locust.log").open("wb") as output:
+        locust = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        try:
+            while locust.poll() is None:
+                time.sleep(1.0)
+                if (now := champion()) != current:
+                    current, swaps, last_swap = now, swaps + 1, time.monotonic()
+                    log.info("event=demo_swap champion=%s swaps=%d", now, swaps)
+                    if swaps >= plan.loops:
+                        on_loops_done()
+                elapsed = time.monotonic() - started
+                looped = swaps >= plan.loops and time.monotonic() - last_swap >= plan.post_swap_s
+                if looped or (elapsed >= plan.max_duration_s and swaps < plan.loops and not retraining()):
+                    locust.send_signal(signal.SIGTERM)  # Locust stops its users and writes its stats
+                    break
+            locust.wait(timeout=120)
+        finally:
+            if locust.poll() is None:
+                locust.kill()
+    return time.monotonic() - started
+
+
+def _locust_failures(out_dir: Path) -> int:
+    """Failed requests as Locust counted them, plus exceptions raised in tasks."""
+    with (out_dir / "locust_stats.csv").open() as f:
+        aggregated = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
+    exceptions = out_dir / "locust_exceptions.csv"
+    raised = sum(int(row["Count"]) for row in csv.DictReader(exceptions.open())) if exceptions.exists() else 0
+    return int(aggregated["Failure Count"]) + raised
+
+
+def _version_stats(predictions: list[dict[str, Any]], ratings: list[dict[str, Any]]) -> dict[str, VersionStats]:
+    stats = {}
+    for version in sorted({r["adapter_version"] for r in predictions}):
+        rows = [r for r in predictions if r["adapter_version"] == version]
+        latencies = [r["latency_ms"] for r in rows]
+        stats[version] = VersionStats(
+            requests=len(rows), accuracy_original=_accuracy(rows, "original"),
+            accuracy_drifted=_accuracy(rows, "drifted"),
+            mean_rating=_mean([r["rating"] for r in ratings if r["adapter_version"] == version]),
+            p50_ms=percentile(latencies, 0.5), p99_ms=percentile(latencies, 0.99))
+    return stats
+
+
+def _windows(rows: list[dict[str, Any]], t0: float, width: float) -> list[Window]:
+    windows: list[Window] = []
+    if not rows:
+        return windows
+    for index in range(int((max(r["t"] for r in rows) - t0) // width) + 1):
+        inside = [r for r in rows if t0 + index * width <= r["t"] < t0 + (index + 1) * width]
+        answered = [r for r in inside if r["kind"] == "predict" and r["status"] == 200]
+        versions: dict[str, int] = {}
+        for r in answered:
+            versions[r["adapter_version"]] = versions.get(r["adapter_version"], 0) + 1
+        latencies = [r["latency_ms"] for r in answered]
+        windows.append(Window(
+            start_s=index * width, requests=len(inside),
+            failures=sum(r["status"] not in (200, 202) for r in inside),
+            drift_share=_mean([float(r["distribution"] == "drifted") for r in answered]),
+            accuracy_original=_accuracy(answered, "original"), accuracy_drifted=_accuracy(answered, "drifted"),
+            mean_rating=_mean([r["rating"] for r in inside if r["kind"] == "feedback"]),
+            p50_ms=percentile(latencies, 0.5), p99_ms=percentile(latencies, 0.99), versions=versions))
+    return windows
+
+
+def plot(report: DemoReport, path: Path) -> None:
+    """Accuracy on original vs drifted prompts per window with swap markers, and latency per window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centers = [w.start_s + report.plan.window_s / 2 for w in report.windows]
+    fig, (acc, lat) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for name, values in (("original", [w.accuracy_original for w in report.windows]),
+                         ("drifted", [w.accuracy_drifted for w in report.windows])):
+        acc.plot(centers, [float("nan") if v is None else v for v in values], marker="o", label=name)
+    lat.plot(centers, [float("nan") if w.p50_ms is None else w.p50_ms for w in report.windows], label="p50")
+    lat.plot(centers, [float("nan") if w.p99_ms is None else w.p99_ms for w in report.windows], label="p99")
+    for axis in (acc, lat):
+        for swap in report.swaps:
+            axis.axvline(swap.at_s, color="red", linestyle="--")
+    if report.swaps:
+        acc.text(report.swaps[0].at_s, 1.02, f" swap → {report.swaps[0].to}", color="red", fontsize=8)
+    acc.set(ylabel="live accuracy", ylim=(0, 1.1), title=f"flywheel demo (seed {report.seed})")
+    lat.set(ylabel="/predict latency (ms)", xlabel="seconds since the load started")
+    acc.legend(loc="lower right")
+    lat.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def build_report(settings: Settings, *, out_dir: Path, seed: int, quick: bool, url: str, plan: DemoPlan,
+                 t0: float, load_s: float, champion_before: str | None) -> DemoReport:
+    """The report from the request log, Locust's stats, the registry's history and the run records."""
+    rows = [json.loads(line) for line in (out_dir / "requests.jsonl").read_text().splitlines() if line]
+    predictions = [r for r in rows if r["kind"] == "predict" and r["status"] == 200]
+    ratings = [r for r in rows if r["kind"] == "feedback" and r["status"] == 202]
+    registry = registry_for(settings)
+    swaps = [Swap(at=e.at, at_s=e.at.timestamp() - t0, from_=e.previous, to=e.version, action=e.action)
+             for e in registry.history("champion") if e.at.timestamp() >= t0]
+    runs = [r for r in RunStore(settings.home / "runs").list() if r.started_at.timestamp() >= t0]
+
+    busy = [(s.at_s + t0, s.at_s + t0 + SWAP_WINDOW_S) for s in swaps]
+    during_swap = [r["latency_ms"] for r in predictions if any(a <= r["t"] <= b for a, b in busy)]
+    busy += [(r.started_at.timestamp(), (r.finished_at.timestamp() if r.finished_at else time.time())) for r in runs]
+    steady = [r["latency_ms"] for r in predictions if not any(a <= r["t"] <= b for a, b in busy)]
+    steady_p99, swap_p99 = percentile(steady, 0.99), percentile(during_swap, 0.99)
+
+    loop_s = None
+    if swaps and ratings:
+        served_new = [r["t"] for r in predictions if r["adapter_version"] == swaps[0].to]
+        loop_s = min(served_new) - ratings[0]["t"] if served_new else None
+    return DemoReport(
+        seed=seed, quick=quick, url=url, plan=plan, load_s=load_s, champion_before=champion_before,
+        champion_after=registry.alias("champion"), swaps=swaps,
+        runs=[RunSummary(run_id=r.run_id, trigger=r.trigger, verdict=r.verdict, version=r.version,
+                         seconds=(r.finished_at - r.started_at).total_seconds() if r.finished_at else None,
+                         message=r.message) for r in runs],
+        requests=len(rows), failed_requests=_locust_failures(out_dir), loop_s=loop_s,
+        steady_p99_ms=steady_p99, swap_p99_ms=swap_p99,
+        swap_p99_over_steady_p99=swap_p99 / steady_p99 if swap_p99 and steady_p99 else None,
+        versions=_version_stats(predictions, ratings), windows=_windows(rows, t0, plan.window_s))
+
+
+def run_demo(settings: Settings, *, out_dir: Path, quick: bool, url: str | None = None, seed: int = 0,
+             plan: DemoPlan | None = None, app_name: str = "flywheel", route_prefix: str = "/") -> DemoReport:
+    """Run the demo and write `out_dir/report.json` and `learning_curve.png`; print a summary.
+
+    With `url`, drive that running platform (its own curator and scheduler retrain); otherwise start
+    one on `settings` as Serve app `app_name` at `route_prefix`, with a scheduler tuned by `plan`, and
+    stop everything it started at the end.
+    """
+    plan = plan or (DemoPlan.quick() if quick else DemoPlan.full())
+    settings = settings.model_copy(deep=True)
+    settings.retrain.schedule_interval_s = plan.schedule_interval_s
+    settings.retrain.schedule_min_new_examples = plan.schedule_min_new_examples
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "requests.jsonl").unlink(missing_ok=True)
+    registry = registry_for(settings)
+
+    with ExitStack() as stack:
+        stop_scheduler = threading.Event()
+        if url is None:
+            url, stop_scheduler = stack.enter_context(_platform(settings, plan, app_name, route_prefix))
+        champion_before = registry.alias("champion")
+        t0 = time.time()
+        load_s = _drive(url, plan, seed, out_dir, lambda: registry.alias("champion"),
+                        RunStore(settings.home / "runs").busy, stop_scheduler.set)
+    report = build_report(settings, out_dir=out_dir, seed=seed, quick=quick, url=url, plan=plan, t0=t0,
+                          load_s=load_s, champion_before=champion_before)
+    (out_dir / "report.json").write_text(report.model_dump_json(indent=2, by_alias=True))
+    plot(report, out_dir / "learning_curve.png")
+    print(report.summary())
+    return report

@@ -1,0 +1,127 @@
+"""Simulated users and raters for flywheel, under drifting traffic.
+
+    FLYWHEEL_SCENARIO=mixed locust -f loadtests/locustfile.py --headless -u 8 -r 8 -t 60s --host URL \
+        --csv OUT/locust --html OUT/locust.html
+
+Environment:
+    FLYWHEEL_SCENARIO        predict (predict only) | mixed (predict, then rate; default) | swap (predict only,
+                             while something else moves the alias)
+    FLYWHEEL_CORRECTION_P    mixed: chance a rater sends the ground truth as a correction (default 0.8)
+    FLYWHEEL_DRIFT_START/END share of drifted prompts at the start / after the ramp (default 0.2 / 0.8)
+    FLYWHEEL_DRIFT_RAMP_S    seconds the share takes to go from START to END (default 120)
+    FLYWHEEL_SEED            seeds the prompt pools and every user's choices (default 0)
+    FLYWHEEL_MAX_TOKENS      max_tokens of each /predict (default 48)
+    FLYWHEEL_DEMO_LOG        if set, one JSON line per request is appended to this file
+
+Ground truth stays with the rater (this process): the model only ever sees it as a correction.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import time
+from typing import IO, Any
+
+from locust import HttpUser, between, events, task
+from locust.env import Environment
+
+from training.demo_task import DemoExample, generate_examples, is_correct
+
+SCENARIO = os.environ.get("FLYWHEEL_SCENARIO", "mixed")
+CORRECTION_P = float(os.environ.get("FLYWHEEL_CORRECTION_P", "0.8"))
+DRIFT_START = float(os.environ.get("FLYWHEEL_DRIFT_START", "0.2"))
+DRIFT_END = float(os.environ.get("FLYWHEEL_DRIFT_END", "0.8"))
+DRIFT_RAMP_S = float(os.environ.get("FLYWHEEL_DRIFT_RAMP_S", "120"))
+SEED = int(os.environ.get("FLYWHEEL_SEED", "0"))
+MAX_TOKENS = int(os.environ.get("FLYWHEEL_MAX_TOKENS", "48"))
+if SCENARIO not in ("predict", "mixed", "swap"):
+    raise SystemExit(f"FLYWHEEL_SCENARIO must be predict, mixed or swap, not {SCENARIO!r}")
+
+POOL_SIZE = 3000  # distinct prompts per distribution: the retrain keeps one target per prompt
+POOLS = {
+    "original": generate_examples(POOL_SIZE, seed=SEED + 1, distribution="original"),
+    "drifted": generate_examples(POOL_SIZE, seed=SEED + 2, distribution="drifted"),
+}
+_user_numbers = itertools.count()
+_started = time.time()
+_log: IO[str] | None = None
+
+
+@events.test_start.add_listener
+def _on_test_start(environment: Environment, **_: Any) -> None:
+    global _started, _log
+    _started = time.time()
+    path = os.environ.get("FLYWHEEL_DEMO_LOG")
+    _log = open(path, "a", buffering=1, encoding="utf-8") if path else None  # noqa: SIM115 - closed at test_stop
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment: Environment, **_: Any) -> None:
+    if _log is not None:
+        _log.close()
+
+
+def drift_share(elapsed_s: float) -> float:
+    """Share of drifted prompts `elapsed_s` into the run: a linear ramp from DRIFT_START to DRIFT_END."""
+    progress = min(1.0, max(0.0, elapsed_s / DRIFT_RAMP_S)) if DRIFT_RAMP_S > 0 else 1.0
+    return DRIFT_START + (DRIFT_END - DRIFT_START) * progress
+
+
+def rating_for(correct: bool, rng: random.Random) -> int:
+    """A rater's 1-5 score: 4-5 for a right answer, 1-2 for a wrong one."""
+    return rng.choice((4, 5)) if correct else rng.choice((1, 2))
+
+
+def _record(**fields: Any) -> None:
+    if _log is not None:
+        _log.write(json.dumps({"t": time.time(), **fields}, ensure_ascii=False) + "\n")
+
+
+class Rater(HttpUser):
+    """Asks a prompt from the (drifting) traffic and, in the mixed scenario, rates the answer."""
+
+    wait_time = between(0.2, 0.6)
+
+    def on_start(self) -> None:
+        self.rng = random.Random(f"{SEED}:{next(_user_numbers)}")
+
+    def _pick(self) -> DemoExample:
+        distribution = "drifted" if self.rng.random() < drift_share(time.time() - _started) else "original"
+        return self.rng.choice(POOLS[distribution])
+
+    @task
+    def ask(self) -> None:
+        example = self._pick()
+        body = {"prompt": example.prompt, "max_tokens": MAX_TOKENS}
+        started = time.perf_counter()
+        with self.client.post("/predict", json=body, name="/predict", catch_response=True) as response:
+            latency_ms = (time.perf_counter() - started) * 1000
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                _record(kind="predict", status=response.status_code, adapter_version=None,
+                        distribution=example.distribution, correct=False, rating=None, latency_ms=latency_ms)
+                return
+            answer = response.json()
+            correct = is_correct(answer["answer"], example)
+            rating = rating_for(correct, self.rng) if SCENARIO == "mixed" else None
+            _record(kind="predict", status=200, adapter_version=answer["adapter_version"],
+                    distribution=example.distribution, correct=correct, rating=rating, latency_ms=latency_ms)
+        if rating is not None:
+            self._rate(example, answer, correct, rating)
+
+    def _rate(self, example: DemoExample, answer: dict[str, Any], correct: bool, rating: int) -> None:
+        correction = None
+        if self.rng.random() < CORRECTION_P:
+            correction = f"<think>\n{example.reasoning}\n</think>\n\n{example.answer}"
+        body = {"request_id": answer["request_id"], "rating": rating, "thumb": "up" if correct else "down",
+                "correction": correction, "event_id": f"demo-{answer['request_id']}"}
+        started = time.perf_counter()
+        with self.client.post("/feedback", json=body, name="/feedback", catch_response=True) as response:
+            latency_ms = (time.perf_counter() - started) * 1000
+            if response.status_code != 202:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+            _record(kind="feedback", status=response.status_code, adapter_version=answer["adapter_version"],
+                    distribution=example.distribution, correct=correct, rating=rating, latency_ms=latency_ms)
