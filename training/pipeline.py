@@ -111,8 +111,9 @@ class Retrain:
         if fresh < cfg.min_examples:
             return self.finish(
                 RunState.INSUFFICIENT_DATA,
-                f"{fresh} usable feedback examples for training; at least {cfg.min_examples} are needed "
-                f"(corrections or answers rated >= 4; {data.feedback_rows} curated rows in all)",
+                f"{fresh} feedback examples left for training after holding out {len(data.holdout)} for the gate; "
+                f"at least {cfg.min_examples} are needed ({data.usable} usable, i.e. corrections or answers "
+                f"rated >= 4, of {data.feedback_rows} curated rows)",
             )
 
         self.stage("train")
