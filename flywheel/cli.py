@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -19,6 +20,10 @@ from flywheel.cli_common import ConfigOption, JsonOption, emit, fail, progress, 
 from flywheel.logs import configure_logging
 from flywheel.registry import RegistryError
 
+if TYPE_CHECKING:
+    from flywheel.bases import ServedBase
+    from flywheel.config import Settings
+
 app = typer.Typer(
     help="flywheel: serve LoRA-tuned DeepSeek-R1-distilled models and keep improving them from feedback.",
     no_args_is_help=True,
@@ -26,6 +31,8 @@ app = typer.Typer(
 )
 adapters_app = typer.Typer(help="Inspect adapter versions in the registry.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
+bases_app = typer.Typer(help="Inspect quantized base versions in the registry.", no_args_is_help=True)
+app.add_typer(bases_app, name="bases")
 app.add_typer(feedback_app, name="feedback")
 app.command("curator")(curator_command)
 bench_app = typer.Typer(help="Benchmarks: ratios measured in one run (see loadtests/).", no_args_is_help=True)
@@ -70,9 +77,10 @@ def up(
         settings.feedback.kafka_bootstrap = kafka
         settings.feedback.kafka_api_version = kafka_api_version or settings.feedback.kafka_api_version
     result = run_bootstrap(settings, progress=progress)
+    base = _servable_base_or_exit(settings)
     feedback_target = f"kafka {kafka}" if settings.feedback.kafka_bootstrap else f"local log {settings.feedback_dir}"
-    typer.echo(f"starting Ray and Serve (engine={settings.serving.engine}, champion={result.champion}, "
-               f"feedback={feedback_target}) …", err=True)
+    typer.echo(f"starting Ray and Serve (engine={settings.serving.engine}, base={base.label}, "
+               f"champion={result.champion}, feedback={feedback_target}) …", err=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     workers: list[threading.Thread] = []
@@ -98,6 +106,21 @@ def up(
         for worker in workers:
             worker.join(timeout=30)
         serve_app.shutdown()
+
+
+def _servable_base_or_exit(settings: Settings) -> ServedBase:
+    """Check before Ray starts that the configured engine can serve the configured base."""
+    from flywheel.bases import served_base
+    from flywheel.bootstrap import registry_for
+    from services.engines import check_engine_runs_base
+    from services.engines.protocol import UnsupportedBaseError
+
+    try:
+        base = served_base(settings, registry_for(settings))
+        check_engine_runs_base(settings, base)
+    except (RegistryError, UnsupportedBaseError) as exc:
+        fail(f"cannot serve: {exc}", code=2)
+    return base
 
 
 def _curate(curator: Any, stop: threading.Event) -> None:
@@ -156,6 +179,71 @@ def rollback(
     except RegistryError as exc:
         fail(f"rollback refused: {exc}")
     emit(as_json, entry.model_dump(mode="json"), f"champion rolled back: {entry.previous} -> {entry.version}")
+
+
+@app.command()
+def quantize(
+    config: ConfigOption = None,
+    bits: Annotated[int | None, typer.Option(help="Bits per weight: 2, 3, 4 or 8 (default from config: 4).")] = None,
+    group_size: Annotated[int | None, typer.Option(
+        help="Columns per quantization group, -1 for one per row (default from config: 128).")] = None,
+    calibration: Annotated[Path | None, typer.Option(
+        help="JSONL of {prompt, reasoning, answer} to calibrate on (default: the champion's training data).",
+        exists=True, dir_okay=False)] = None,
+    min_top1_agreement: Annotated[float | None, typer.Option(
+        help="Quality bar: refuse a base whose next token agrees with the source's less often (default 0.9).")
+    ] = None,
+    min_logit_cosine: Annotated[float | None, typer.Option(
+        help="Quality bar: refuse a base whose mean logit cosine with the source is lower (default 0.95).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """GPTQ-quantize the base model into the registry as a base version, checked against the original.
+
+    Calibration uses the task's own training data; the quality check compares next-token predictions
+    with the unquantized base on the held-out golden set. Exit codes: 0 ready, 1 refused by the quality bar.
+    """
+    from training.quantize import QuantizeError, quantize_base
+
+    configure_logging()
+    overrides = {"bits": bits, "group_size": group_size, "min_top1_agreement": min_top1_agreement,
+                 "min_logit_cosine": min_logit_cosine}
+    settings = settings_or_exit(config)
+    try:
+        settings.quantize = settings.quantize.model_validate(
+            {**settings.quantize.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+    except ValueError as exc:
+        fail(f"invalid option: {exc}", code=2)
+    try:
+        outcome, _manifest = quantize_base(settings, calibration_path=calibration, say=progress)
+    except QuantizeError as exc:
+        fail(str(exc), code=2)
+    except Exception as exc:  # GPTQModel's own errors: say so plainly; nothing was registered
+        logging.getLogger("flywheel.quantize").exception("event=quantize_failed")
+        fail(f"quantization failed, nothing was registered: {type(exc).__name__}: {exc}")
+    emit(as_json, outcome.model_dump(), "\n".join([
+        f"{outcome.name}: {outcome.status}",
+        f"  GPTQ {outcome.bits}-bit group {outcome.group_size}, {outcome.size_bytes / 1e6:.2f} MB "
+        f"(source {outcome.source_size_bytes / 1e6:.2f} MB), {outcome.seconds:.0f} s",
+        f"  top-1 agreement {outcome.top1_agreement:.4f} (bar {outcome.min_top1_agreement}), "
+        f"logit cosine {outcome.logit_cosine:.4f} (bar {outcome.min_logit_cosine})",
+        f"  {outcome.message}",
+    ]))
+    raise typer.Exit(0 if outcome.status == "ready" else 1)
+
+
+@bases_app.command("list")
+def bases_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """List quantized base versions (from `flywheel quantize`) with their quality figures."""
+    from flywheel.bootstrap import registry_for
+
+    settings = settings_or_exit(config)
+    rows = [m.model_dump(mode="json", exclude={"files"}) for m in registry_for(settings).bases()]
+    lines = [f"{r['name']:<28} {r['status']:<9} {r['created_at'][:19]}  top-1 "
+             f"{r['quality'].get('top1_agreement', 0):.3f}"
+             f"{'  (serving)' if r['name'] == settings.model.quantized_base else ''}"
+             f"{'  ' + r['reason'] if r['reason'] else ''}" for r in rows]
+    emit(as_json, rows, "\n".join(lines) or "no quantized bases yet (run `flywheel quantize`)")
 
 
 RETRAIN_EXIT = {"passed": 0, "rejected": 0, "insufficient_data": 2, "failed": 1}
@@ -226,6 +314,7 @@ def status(
         "registry": settings.registry_uri,
         "engine": settings.serving.engine,
         "base_model": settings.model.base,
+        "quantized_base": settings.model.quantized_base,
         "runs": [r.model_dump(mode="json", exclude={"report"}) for r in RunStore(settings.home / "runs").list(5)],
     }
     if url:
@@ -234,7 +323,9 @@ def status(
         except httpx.HTTPError as exc:
             payload["serving"] = {"error": repr(exc)}
     lines = [f"champion: {payload['champion'] or '-'}", f"versions: {', '.join(payload['versions']) or '-'}",
-             f"engine: {payload['engine']}  base: {payload['base_model']}", "recent alias moves:"]
+             f"engine: {payload['engine']}  base: {payload['base_model']}"
+             + (f"  quantized base: {payload['quantized_base']}" if payload["quantized_base"] else ""),
+             "recent alias moves:"]
     lines += [f"  {e['at'][:19]} {e['action']:<8} {e['alias']} {e['previous'] or '-'} -> {e['version']}"
               f"  by {e['actor']}: {e['reason']}" for e in payload["history"]]
     lines.append("recent retrains:")

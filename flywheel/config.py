@@ -31,6 +31,11 @@ class ModelSettings(BaseModel):
         "directory, or a hub id such as deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B.",
     )
     task: str = Field("demo", description="Task name; adapter versions are named `<task>-v<N>`.")
+    quantized_base: str | None = Field(
+        None,
+        description="Registry base version from `flywheel quantize` (e.g. demo-gptq-w4g128-v1) that serving "
+        "and the gate run on; None serves the unquantized base. Adapters are trained against `base`.",
+    )
 
 
 class RegistrySettings(BaseModel):
@@ -117,6 +122,9 @@ class RetrainSettings(BaseModel):
     """How a retrain builds its data, trains the candidate, and when the scheduler starts one."""
 
     method: Literal["sft", "kto"] = "sft"
+    train_on: Literal["base", "quantized"] = Field(
+        "base", description="Train on the unquantized base, or QLoRA-style on `model.quantized_base`."
+    )
     steps: int = Field(80, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
     batch_size: int = Field(16, ge=1)
@@ -140,6 +148,22 @@ class RetrainSettings(BaseModel):
         None, description="JSONL of {prompt, answer, reasoning}: the task's fixed regression set (demo: built in)."
     )
     gate: GateSettings = GateSettings()
+
+
+class QuantizeSettings(BaseModel):
+    """How `flywheel quantize` builds a GPTQ base, and the quality bar it must clear to be served."""
+
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(128, description="Columns sharing one scale; -1 for one group per row.")
+    calibration_examples: int = Field(256, ge=8, description="Training examples used as calibration texts.")
+    quality_examples: int = Field(64, ge=1, description="Held-out examples the quality check scores.")
+    min_top1_agreement: float = Field(
+        0.9, ge=0, le=1, description="Refuse a base whose greedy next token agrees with the source's less often."
+    )
+    min_logit_cosine: float = Field(
+        0.95, ge=-1, le=1, description="Refuse a base whose logits point elsewhere than the source's (mean cosine)."
+    )
+    cpu_workers: int | None = Field(None, ge=1, description="GPTQMODEL_CPU_WORKERS (None: the core count).")
 
 
 class RaySettings(BaseModel):
@@ -172,6 +196,7 @@ class Settings(BaseSettings):
     feedback: FeedbackSettings = FeedbackSettings()
     retrain: RetrainSettings = RetrainSettings()
     bootstrap: BootstrapSettings = BootstrapSettings()
+    quantize: QuantizeSettings = QuantizeSettings()
 
     _config_file: ClassVar[Path | None] = None  # set by load_settings for one construction
 

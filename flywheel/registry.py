@@ -3,8 +3,13 @@
 Layout under the registry root (a local directory or any fsspec URL)::
 
     versions/<task>-v<N>/adapter_config.json, adapter_model.safetensors, manifest.json
+    bases/<model>-gptq-w<bits>g<group>-v<N>/config.json, model.safetensors, …, manifest.json
     aliases.json                       {"champion": {...}, "canary": {...}}
     history/<utc-timestamp>-<id>.json  one file per alias move, never rewritten
+
+Base versions are quantized copies of the base model (`flywheel quantize`). Adapters keep naming the
+unquantized base they were trained against; a base version names it as its `source`, which is how
+serving knows an adapter fits a quantized base.
 
 A version is visible only once its ``manifest.json`` exists, and the manifest is written last (on a
 local disk the whole directory appears with one atomic rename), so a reader never sees half a version.
@@ -67,6 +72,28 @@ class AdapterManifest(BaseModel):
     gate: dict[str, Any] | None = None
 
 
+class BaseManifest(BaseModel):
+    """A quantized base model: where it came from, how it was made, and how close it stays to its source."""
+
+    schema_version: int = 1
+    name: str
+    number: int
+    method: Literal["gptq"] = "gptq"
+    source: BaseModelRef = Field(description="The unquantized base it was made from (adapters name this one).")
+    created_at: datetime
+    status: Literal["ready", "rejected"] = "ready"
+    reason: str = Field("", description="Why a rejected base was refused.")
+    files: dict[str, str] = Field(description="File name -> sha256 of every file in the version.")
+    quantization: dict[str, Any] = Field(default_factory=dict)
+    calibration: dict[str, Any] = Field(default_factory=dict)
+    quality: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class BaseRefusedError(RegistryError):
+    """A base version that must not be served: rejected by its quality check, or not built from our base."""
+
+
 class AliasRecord(BaseModel):
     version: str
     set_at: datetime
@@ -121,6 +148,18 @@ def fingerprint_base(model: str) -> str:
         raise RegistryError(f"{model} is not a model directory: no config.json")
     stat_key = tuple((n, (path / n).stat().st_size, (path / n).stat().st_mtime_ns) for n in names)
     return _fingerprint_dir(str(path.resolve()), stat_key)
+
+
+def _check_files(name: str, directory: Path, files: dict[str, str]) -> None:
+    for file, expected in files.items():
+        path = directory / file
+        if not path.is_file():
+            raise AdapterIntegrityError(f"{name}: file {file} is missing")
+        actual = _sha256_file(path)
+        if actual != expected:
+            raise AdapterIntegrityError(
+                f"{name}: {file} sha256 {actual[:12]}… does not match manifest {expected[:12]}…"
+            )
 
 
 def _now() -> datetime:
@@ -206,13 +245,12 @@ class Registry:
                 files=hashes,
                 **fields,
             )
-            if self._publish(manifest, files):
+            if self._publish(self._version_dir(manifest.version), manifest, files):
                 return manifest
         raise RegistryError("could not allocate a version number after 100 attempts")
 
-    def _publish(self, manifest: AdapterManifest, files: list[Path]) -> bool:
+    def _publish(self, target: str, manifest: BaseModel, files: list[Path]) -> bool:
         """Write a version; False when its number was taken meanwhile (the caller picks another)."""
-        target = self._version_dir(manifest.version)
         if self.is_local:
             staging = Path(self._path(".staging", uuid.uuid4().hex))
             staging.mkdir(parents=True)
@@ -236,16 +274,7 @@ class Registry:
     def verify(self, version: str, *, base_sha256: str | None = None) -> AdapterManifest:
         """Recompute every file's sha256 (and check the base); raise AdapterIntegrityError if off."""
         manifest = self.manifest(version)
-        local = self.local_path(version)
-        for name, expected in manifest.files.items():
-            path = local / name
-            if not path.is_file():
-                raise AdapterIntegrityError(f"{version}: file {name} is missing")
-            actual = _sha256_file(path)
-            if actual != expected:
-                raise AdapterIntegrityError(
-                    f"{version}: {name} sha256 {actual[:12]}… does not match manifest {expected[:12]}…"
-                )
+        _check_files(version, self.local_path(version), manifest.files)
         if base_sha256 is not None and manifest.base_model.sha256 != base_sha256:
             raise AdapterIntegrityError(
                 f"{version} was trained on base {manifest.base_model.id} "
@@ -255,14 +284,72 @@ class Registry:
 
     def local_path(self, version: str) -> Path:
         """A local directory holding the version's files (downloaded once for remote registries)."""
+        return self._local_copy(self._version_dir(version), version)
+
+    def _local_copy(self, remote_dir: str, name: str) -> Path:
         if self.is_local:
-            return Path(self._version_dir(version))
-        cached = self._cache_dir / version
+            return Path(remote_dir)
+        cached = self._cache_dir / name
         if not (cached / MANIFEST).exists():
-            staging = self._cache_dir / f".{version}.{uuid.uuid4().hex}"
-            self.fs.get(self._version_dir(version) + "/", str(staging), recursive=True)
+            staging = self._cache_dir / f".{name}.{uuid.uuid4().hex}"
+            self.fs.get(remote_dir + "/", str(staging), recursive=True)
             staging.rename(cached)
         return cached
+
+    # -- base versions (quantized bases) -------------------------------------------------------------
+
+    def bases(self) -> list[BaseManifest]:
+        """All complete base versions, oldest first."""
+        if not self.fs.exists(self._path("bases")):
+            return []
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self._path("bases"), detail=False)]
+        manifests = [self.base_manifest(n) for n in names if self.fs.exists(self._path("bases", n, MANIFEST))]
+        return sorted(manifests, key=lambda m: m.created_at)
+
+    def base_manifest(self, name: str) -> BaseManifest:
+        path = self._path("bases", name, MANIFEST)
+        if not self.fs.exists(path):
+            raise VersionNotFoundError(f"base version {name!r} is not in the registry at {self.uri}")
+        with self.fs.open(path, "r") as f:
+            return BaseManifest.model_validate_json(f.read())
+
+    def register_base(
+        self, model_dir: Path, *, prefix: str, source: BaseModelRef,
+        status: Literal["ready", "rejected"] = "ready", **fields: Any,
+    ) -> BaseManifest:
+        """Copy a quantized model directory in as base version `<prefix>-v<N>` and return its manifest."""
+        files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and p.name != MANIFEST)
+        if not any(p.name == "config.json" for p in files):
+            raise RegistryError(f"{model_dir} is not a model directory: no config.json")
+        hashes = {p.name: _sha256_file(p) for p in files}
+        self.fs.makedirs(self._path("bases"), exist_ok=True)
+        pattern = re.compile(rf"^{re.escape(prefix)}-v(\d+)$")
+        for _attempt in range(100):
+            entries = self.fs.ls(self._path("bases"), detail=False)
+            taken = [pattern.match(e.rstrip("/").rsplit("/", 1)[-1]) for e in entries]
+            number = max([0, *(int(m.group(1)) for m in taken if m)]) + 1
+            manifest = BaseManifest(name=f"{prefix}-v{number}", number=number, source=source, created_at=_now(),
+                                    status=status, files=hashes, **fields)
+            if self._publish(self._path("bases", manifest.name), manifest, files):
+                return manifest
+        raise RegistryError("could not allocate a base version number after 100 attempts")
+
+    def base_path(self, name: str, *, source_sha256: str) -> tuple[Path, BaseManifest]:
+        """The local directory of a servable base version, after checking its files, status and source.
+
+        Raises BaseRefusedError for a base its quality check rejected, or one made from another base.
+        """
+        manifest = self.base_manifest(name)
+        if manifest.status != "ready":
+            raise BaseRefusedError(f"base version {name} was refused and is never served: {manifest.reason}")
+        if manifest.source.sha256 != source_sha256:
+            raise BaseRefusedError(
+                f"base version {name} was made from {manifest.source.id} ({manifest.source.sha256[:12]}…), "
+                f"not from the configured base ({source_sha256[:12]}…)"
+            )
+        local = self._local_copy(self._path("bases", name), f"base-{name}")
+        _check_files(name, local, manifest.files)
+        return local, manifest
 
     # -- aliases -------------------------------------------------------------------------------------
 

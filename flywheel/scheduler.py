@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from feedback.dataset import CuratedDataset
 from flywheel.config import Settings
@@ -14,11 +15,15 @@ log = logging.getLogger("flywheel.scheduler")
 
 
 class RetrainScheduler(threading.Thread):
-    def __init__(self, settings: Settings, stop: threading.Event, check_every_s: float = 5.0) -> None:
+    """Starts a retrain whenever one is due; `may_start` (checked just before each launch) can veto it."""
+
+    def __init__(self, settings: Settings, stop: threading.Event, check_every_s: float = 5.0,
+                 may_start: Callable[[], bool] = lambda: True) -> None:
         super().__init__(name="retrain-scheduler", daemon=True)
         self.settings = settings
         self.stop = stop
         self.check_every_s = check_every_s
+        self.may_start = may_start
         self.store = RunStore(settings.home / "runs")
         self.dataset = CuratedDataset(settings.feedback_dir / "dataset")
         self.started = time.time()
@@ -43,7 +48,7 @@ class RetrainScheduler(threading.Thread):
         while not self.stop.wait(self.check_every_s):
             try:
                 go, why = self.due()
-                if go:
+                if go and self.may_start():
                     record = self.store.launch(retrain_command(self.settings, self.store.root), "schedule")
                     log.info("event=retrain_triggered run_id=%s by=schedule why=%r", record.run_id, why)
             except RetrainBusyError:

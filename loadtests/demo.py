@@ -179,8 +179,14 @@ def _platform(settings: Settings, plan: DemoPlan, app_name: str, route_prefix: s
     ray_was_up = ray.is_initialized()
     stop, stop_scheduler = threading.Event(), threading.Event()
     curator = Curator(settings)
+    registry, started = registry_for(settings), time.time()
+
+    def loops_left() -> bool:  # asked right before a launch: a run that just promoted is already counted
+        promotions = [e for e in registry.history("champion") if e.action == "promote" and e.at.timestamp() >= started]
+        return len(promotions) < plan.loops
+
     threads = [threading.Thread(target=curator.run, args=(stop,), name="demo-curator", daemon=True),
-               RetrainScheduler(settings, stop_scheduler, check_every_s=plan.check_every_s)]
+               RetrainScheduler(settings, stop_scheduler, check_every_s=plan.check_every_s, may_start=loops_left)]
     try:
         url = serve_app.run(settings, name=app_name, route_prefix=route_prefix, timeout_s=600)
         for thread in threads:

@@ -175,7 +175,8 @@ class Gateway:
             champion=champion,
             serving=serving,
             engine=self.settings.serving.engine,
-            base_model=self.settings.model.base,
+            base_model=self.settings.model.quantized_base or self.settings.model.base,
+            quantization=next((r["quantization"] for r in replicas if r.get("quantization")), None),
             replicas=replicas,
         )
 

@@ -15,10 +15,11 @@ from typing import Any
 
 from ray import serve
 
+from flywheel.bases import served_base
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
 from flywheel.r1 import split_reasoning
-from flywheel.registry import Registry, fingerprint_base
+from flywheel.registry import Registry
 from services.adapters import AdapterManager
 from services.engines import build_engine
 from services.engines.protocol import ChatMessage, Engine, SamplingOptions
@@ -36,17 +37,17 @@ class LLMServer:
         configure_logging()
         self.settings = Settings.model_validate(settings)
         self.replica = self._replica_id()
-        self.engine = engine or build_engine(self.settings)
-        await self.engine.start()
         registry = Registry(
             self.settings.registry_uri, self.settings.model.task, cache_dir=self.settings.home / "cache"
         )
-        base_sha256 = await asyncio.to_thread(fingerprint_base, self.settings.base_model_path)
+        self.base = await asyncio.to_thread(served_base, self.settings, registry)
+        self.engine = engine or build_engine(self.settings, self.base)
+        await self.engine.start()
         self.manager = AdapterManager(
             self.engine,
             registry,
             alias=self.settings.serving.alias,
-            base_sha256=base_sha256,
+            base_sha256=self.base.source_sha256,  # adapters name the unquantized base they were trained on
             probe_prompt=self.settings.serving.probe_prompt,
             drain_timeout_s=self.settings.serving.drain_timeout_s,
         )
@@ -82,7 +83,7 @@ class LLMServer:
 
     def status(self) -> dict[str, Any]:
         return {**self.manager.status(), "engine": self.settings.serving.engine,
-                "base_model": self.engine.base_model}
+                "base_model": self.base.label, "quantization": self.base.quantization or None}
 
     async def _report_forever(self) -> None:
         last: dict[str, Any] | None = None

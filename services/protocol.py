@@ -80,7 +80,8 @@ class HealthResponse(BaseModel):
     champion: str | None
     serving: list[str] = Field(description="Adapter versions the live replicas are serving.")
     engine: str
-    base_model: str
+    base_model: str = Field(description="The base the replicas run: the model, or a quantized base version.")
+    quantization: dict | None = Field(None, description="method, bits, group size of a quantized base.")
     replicas: list[dict] = Field(default_factory=list)
 
 

@@ -11,6 +11,7 @@ import pytest
 from flywheel.registry import (
     AdapterIntegrityError,
     BaseModelRef,
+    BaseRefusedError,
     Registry,
     RegistryError,
     VersionNotFoundError,
@@ -152,3 +153,38 @@ def test_base_fingerprint_changes_with_weights(tmp_path: Path) -> None:
     assert fingerprint_base(str(model)) != first
     with pytest.raises(RegistryError, match=r"config\.json"):
         fingerprint_base(str(tmp_path))
+
+
+def fake_model(path: Path, payload: bytes = b"packed int4") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq"}}))
+    (path / "model.safetensors").write_bytes(payload)
+    return path
+
+
+@pytest.mark.parametrize("uri", ["local", "memory://flywheel-test-bases"])
+def test_base_versions_number_per_shape_and_serve_only_when_ready_and_ours(
+    uri: str, tmp_path: Path
+) -> None:
+    registry = Registry(str(tmp_path / "registry") if uri == "local" else uri, "demo", cache_dir=tmp_path / "c")
+    w4 = registry.register_base(fake_model(tmp_path / "q1"), prefix="demo-gptq-w4g128", source=BASE,
+                                quantization={"bits": 4}, quality={"top1_agreement": 0.99})
+    again = registry.register_base(fake_model(tmp_path / "q2"), prefix="demo-gptq-w4g128", source=BASE)
+    w2 = registry.register_base(fake_model(tmp_path / "q3"), prefix="demo-gptq-w2g32", source=BASE,
+                                status="rejected", reason="top-1 agreement 0.41 below 0.90")
+    assert (w4.name, again.name, w2.name) == ("demo-gptq-w4g128-v1", "demo-gptq-w4g128-v2", "demo-gptq-w2g32-v1")
+    assert [m.name for m in registry.bases()] == [w4.name, again.name, w2.name]
+    assert registry.base_manifest(w4.name).quality == {"top1_agreement": 0.99}
+
+    path, manifest = registry.base_path(w4.name, source_sha256=BASE.sha256)
+    assert (path / "model.safetensors").read_bytes() == b"packed int4" and manifest.quantization == {"bits": 4}
+    with pytest.raises(BaseRefusedError, match=r"never served: top-1 agreement 0\.41"):
+        registry.base_path(w2.name, source_sha256=BASE.sha256)
+    with pytest.raises(BaseRefusedError, match="not from the configured base"):
+        registry.base_path(w4.name, source_sha256=OTHER_BASE.sha256)
+    with pytest.raises(VersionNotFoundError, match="demo-gptq-w4g128-v9"):
+        registry.base_path("demo-gptq-w4g128-v9", source_sha256=BASE.sha256)
+    (path / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(AdapterIntegrityError, match="sha256"):
+        registry.base_path(w4.name, source_sha256=BASE.sha256)
+    assert [m.version for m in registry.versions()] == [], "base versions are not adapter versions"

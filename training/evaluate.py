@@ -12,13 +12,15 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import TypeVar
 
 from pydantic import BaseModel
 
+from flywheel.config import Settings
 from flywheel.r1 import split_reasoning
 from services.engines.protocol import AdapterHandle, ChatMessage, Engine, SamplingOptions
-from training.demo_task import normalize_answer
+from training.demo_task import golden_set, normalize_answer
 from training.gate import SliceScores
 from training.sft import completion_text
 
@@ -30,6 +32,14 @@ class EvalExample(BaseModel):
     prompt: str
     answer: str
     reasoning: str = ""
+
+
+def golden_examples(settings: Settings) -> list[EvalExample]:
+    """The task's fixed regression set (the demo task ships one)."""
+    path = settings.retrain.golden_path
+    if path:
+        return [EvalExample.model_validate_json(line) for line in Path(path).read_text().splitlines() if line]
+    return [EvalExample(prompt=e.prompt, answer=e.answer, reasoning=e.reasoning) for e in golden_set()]
 
 
 def _chat(prompt: str) -> list[ChatMessage]:

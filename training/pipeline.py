@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feedback.dataset import CuratedDataset
+from flywheel.bases import ServedBase, served_base
 from flywheel.bootstrap import base_ref, registry_for
 from flywheel.config import Settings
 from flywheel.registry import Registry
@@ -24,8 +25,7 @@ from flywheel.runs import RunRecord, RunState, RunStore
 from services.engines import build_engine
 from services.engines.hf_engine import HFEngine
 from services.engines.protocol import AdapterHandle
-from training.demo_task import golden_set
-from training.evaluate import EvalExample, evaluate, parity
+from training.evaluate import EvalExample, evaluate, golden_examples, parity
 from training.gate import SliceScores, decide
 from training.ray_train import TrainJob, train_on_ray
 from training.retrain_data import (
@@ -42,14 +42,6 @@ log = logging.getLogger("flywheel.retrain")
 
 NEW_SLICE, GOLDEN_SLICE = "new_feedback", "golden"
 CANDIDATE_LORA_ID = 1_000_000  # evaluation engines are private to a run: no clash with served ids
-
-
-def golden_examples(settings: Settings) -> list[EvalExample]:
-    """The task's fixed regression set (the demo task ships one)."""
-    path = settings.retrain.golden_path
-    if path:
-        return [EvalExample.model_validate_json(line) for line in Path(path).read_text().splitlines() if line]
-    return [EvalExample(prompt=e.prompt, answer=e.answer, reasoning=e.reasoning) for e in golden_set()]
 
 
 class Retrain:
@@ -116,15 +108,18 @@ class Retrain:
                 f"rated >= 4, of {data.feedback_rows} curated rows)",
             )
 
+        # The gate judges on the weights that will serve (a quantized base, when configured): a
+        # candidate that only works unquantized must not pass.
+        base = served_base(self.settings, self.registry)
         self.stage("train")
-        candidate_dir = self._train(data, champion_dir, rows)
+        candidate_dir = self._train(data, champion_dir, rows, base)
 
         self.stage("evaluate")
         slices = {
             NEW_SLICE: [EvalExample(prompt=e.prompt, answer=e.answer, reasoning=e.reasoning) for e in data.holdout],
             GOLDEN_SLICE: golden_examples(self.settings),
         }
-        scores, agreement = asyncio.run(self._evaluate(champion, candidate_dir, slices))
+        scores, agreement = asyncio.run(self._evaluate(champion, candidate_dir, slices, base))
 
         self.stage("gate")
         report = decide(scores[champion], scores["candidate"], new_slice=NEW_SLICE, golden_slice=GOLDEN_SLICE,
@@ -134,7 +129,9 @@ class Retrain:
             for version, by_slice in (("champion", scores[champion]), ("candidate", scores["candidate"]))
         }
         self.record.report = {"passed": report.passed, "checks": [c.model_dump() for c in report.checks],
-                              "scores": summary, "parity": agreement}
+                              "scores": summary, "parity": agreement,
+                              "engine": {"engine": self.settings.serving.engine, "base": base.label,
+                                         "quantization": base.quantization or None}}
 
         self.stage("register")
         manifest = self.registry.register(
@@ -163,8 +160,11 @@ class Retrain:
         return LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         target_modules=cfg.lora_target_modules)
 
-    def _train(self, data: RetrainData, champion_dir: Path, rows: list) -> Path:  # type: ignore[type-arg]
+    def _train(self, data: RetrainData, champion_dir: Path, rows: list, base: ServedBase) -> Path:  # type: ignore[type-arg]
         cfg = self.settings.retrain
+        if cfg.train_on == "quantized" and not base.quantized:
+            raise ValueError("retrain.train_on=quantized needs model.quantized_base (run `flywheel quantize`)")
+        train_base = base.path if cfg.train_on == "quantized" else self.settings.base_model_path
         self.workdir.mkdir(parents=True, exist_ok=True)
         train_path = self.workdir / "train.parquet"
         if cfg.method == "kto":
@@ -183,7 +183,7 @@ class Retrain:
         out_dir = self.workdir / "candidate"
         outcome = train_on_ray(
             TrainJob(
-                base_dir=Path(self.settings.base_model_path),
+                base_dir=Path(train_base),
                 train_path=train_path,
                 eval_path=eval_path,
                 out_dir=out_dir,
@@ -200,25 +200,25 @@ class Retrain:
             ),
             progress=self._say,
         )
-        self.record.metrics = outcome.model_dump(mode="json", exclude={"adapter_dir"})
+        self.record.metrics = {**outcome.model_dump(mode="json", exclude={"adapter_dir"}), "trained_on": train_base}
         self.store.save(self.record)
         write_train_data(out_dir, [TrainExample.model_validate(e) for e in data.train])
         return out_dir
 
     async def _evaluate(
-        self, champion: str, candidate_dir: Path, slices: dict[str, list[EvalExample]]
+        self, champion: str, candidate_dir: Path, slices: dict[str, list[EvalExample]], base: ServedBase
     ) -> tuple[dict[str, dict[str, SliceScores]], float]:
-        """Score both adapters on the serving engine; probe it against the PEFT reference."""
+        """Score both adapters on the serving engine and base; probe it against the PEFT reference."""
         champion_handle = AdapterHandle(name=champion, int_id=self.registry.manifest(champion).number,
                                         path=self.registry.local_path(champion))
         candidate = AdapterHandle(name=f"candidate-{self.record.run_id}", int_id=CANDIDATE_LORA_ID, path=candidate_dir)
-        engine = build_engine(self.settings)
+        engine = build_engine(self.settings, base)
         await engine.start()
         try:
             for handle in (champion_handle, candidate):
                 await engine.add_adapter(handle)
             scores = await evaluate(engine, {champion: champion_handle, "candidate": candidate}, slices)
-            reference = HFEngine(self.settings.base_model_path, max_model_len=self.settings.vllm.max_model_len)
+            reference = HFEngine(base.path, max_model_len=self.settings.vllm.max_model_len)
             await reference.start()
             await reference.add_adapter(candidate)
             prompts = [e.prompt for e in slices[NEW_SLICE][: self.settings.retrain.gate.parity_prompts]]

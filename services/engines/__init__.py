@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+from flywheel.bases import ServedBase, served_base
 from flywheel.config import Settings
-from services.engines.protocol import Engine
+from services.engines.protocol import Engine, UnsupportedBaseError
 
 
-def build_engine(settings: Settings) -> Engine:
-    """The engine named by `serving.engine`, configured from the settings."""
-    base = settings.base_model_path
+def build_engine(settings: Settings, base: ServedBase | None = None) -> Engine:
+    """The engine named by `serving.engine`, on `base` (default: the served base the settings name)."""
+    if base is None:
+        from flywheel.bootstrap import registry_for
+
+        base = served_base(settings, registry_for(settings))
+    check_engine_runs_base(settings, base)
     if settings.serving.engine == "hf":
         from services.engines.hf_engine import HFEngine
 
-        return HFEngine(base, max_model_len=settings.vllm.max_model_len)
+        return HFEngine(base.path, max_model_len=settings.vllm.max_model_len)
     from services.engines.vllm_engine import VLLMEngine
 
-    return VLLMEngine(base, **settings.vllm.model_dump())
+    return VLLMEngine(base.path, **settings.vllm.model_dump())
+
+
+def check_engine_runs_base(settings: Settings, base: ServedBase) -> None:
+    """Raise UnsupportedBaseError, saying what to change, when the engine cannot run `base` here."""
+    if settings.serving.engine == "vllm" and base.quantized and not _cuda_available():
+        raise UnsupportedBaseError(
+            f"vLLM's CPU build cannot run the GPTQ kernels {base.quantized} needs (they want AVX-512 or CUDA); "
+            "serve a quantized base on CPU with serving.engine=hf (FLYWHEEL_SERVING__ENGINE=hf)"
+        )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -16,6 +16,18 @@ from services.engines.protocol import AdapterHandle, ChatMessage, Generation, Sa
 log = logging.getLogger("flywheel.engine.hf")
 
 
+def load_causal_lm(path: str) -> Any:
+    """The model as this engine runs it: on CPU with fp32 activations, GPTQ base or not.
+
+    (A GPTQ checkpoint would otherwise load in bf16, which most CPUs only emulate.)
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_flush_denormal(True)  # random-init weights carry denormals that slow CPU matmuls ~6x
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 class HFEngine:
     def __init__(self, base_model: str, *, max_model_len: int = 512) -> None:
         self.base_model = base_model
@@ -29,12 +41,8 @@ class HFEngine:
         log.info("event=engine_started engine=hf base=%s", self.base_model)
 
     def _load(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        torch.set_flush_denormal(True)
         self._tokenizer = load_tokenizer(self.base_model)
-        self._model = AutoModelForCausalLM.from_pretrained(self.base_model).eval()
+        self._model = load_causal_lm(self.base_model)
 
     async def add_adapter(self, adapter: AdapterHandle) -> None:
         async with self._lock:

@@ -16,6 +16,10 @@ class EngineError(Exception):
     """The engine could not serve a request (not the caller's fault)."""
 
 
+class UnsupportedBaseError(EngineError):
+    """The configured engine cannot run the configured base on this machine."""
+
+
 class PromptTooLongError(ValueError):
     """The prompt plus the requested tokens do not fit the model's context."""
 

@@ -1,0 +1,36 @@
+"""Which base weights serve: the configured base model, or a quantized base version from the registry.
+
+Serving, the gate and `flywheel status` all ask here, so the engine that answers users and the one
+that judges candidates always run on the same weights.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from flywheel.config import Settings
+from flywheel.registry import Registry, fingerprint_base
+
+
+class ServedBase(BaseModel):
+    path: str = Field(description="What the engine loads.")
+    label: str = Field(description="The base as people name it: `demo`, a hub id, or a base version.")
+    source_sha256: str = Field(description="Fingerprint of the unquantized base that adapters are trained on.")
+    quantized: str | None = Field(None, description="The base version name when serving a quantized base.")
+    quantization: dict[str, object] = Field(default_factory=dict, description="method, bits, group size.")
+
+
+def served_base(settings: Settings, registry: Registry) -> ServedBase:
+    """The base serving runs on, checked: a quantized base must be ready and made from `model.base`.
+
+    Raises flywheel.registry.BaseRefusedError (or VersionNotFoundError) with a message that says why.
+    """
+    source_sha256 = fingerprint_base(settings.base_model_path)
+    name = settings.model.quantized_base
+    if name is None:
+        return ServedBase(path=settings.base_model_path, label=settings.model.base, source_sha256=source_sha256)
+    path, manifest = registry.base_path(name, source_sha256=source_sha256)
+    return ServedBase(
+        path=str(path), label=name, source_sha256=source_sha256, quantized=name,
+        quantization={"method": manifest.method, **manifest.quantization},
+    )
