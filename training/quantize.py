@@ -141,9 +141,11 @@ def gptq_quantize(source_dir: str, out_dir: Path, texts: list[str], *, bits: int
     config = QuantizeConfig(bits=bits, group_size=group_size, sym=True, desc_act=False, format=FORMAT.GPTQ,
                             act_group_aware=group_size > 0)  # GPTQModel's reordering needs groups
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = GPTQModel.load(source_dir, config, device=device)
-    model.quantize(texts, batch_size=8)
-    model.save(str(out_dir))
+    source = str(Path(source_dir).resolve()) if Path(source_dir).is_dir() else source_dir
+    with contextlib.chdir(out_dir.parent):  # GPTQModel writes per-layer logs to ./logs; keep them in scratch
+        model = GPTQModel.load(source, config, device=device)
+        model.quantize(texts, batch_size=8)
+        model.save(str(out_dir))
 
 
 def _weights_bytes(directory: Path) -> int:
