@@ -385,6 +385,26 @@ def bench_serve(
     ]))
 
 
+@bench_app.command("soak")
+def bench_soak(
+    config: ConfigOption = None,
+    minutes: Annotated[float, typer.Option(help="How long the load runs.")] = 10.0,
+    swap_every: Annotated[float, typer.Option(help="Seconds between hot swaps of the champion (two versions).")
+                          ] = 60.0,
+    users: Annotated[int, typer.Option(help="Concurrent Locust users (each rates every answer).")] = 4,
+    out: Annotated[Path, typer.Option(help="Where soak.json and Locust's stats go.")] = Path("bench-out/soak"),
+    as_json: JsonOption = False,
+) -> None:
+    """Minutes of mixed traffic with a hot swap every --swap-every seconds: failures and memory growth."""
+    from loadtests.soak import run_soak
+
+    configure_logging()
+    report = run_soak(settings_or_exit(config), out_dir=out, minutes=minutes, swap_every_s=swap_every,
+                      users=users, say=progress)
+    emit(as_json, report.model_dump(), f"{report.summary()}\nreport: {out / 'soak.json'}")
+    raise typer.Exit(0 if report.failed_requests == 0 else 1)
+
+
 @bench_app.command("train")
 def bench_train(
     config: ConfigOption = None,

@@ -165,7 +165,7 @@ def _accuracy(rows: list[dict[str, Any]], distribution: str) -> float | None:
 
 
 @contextmanager
-def _platform(settings: Settings, plan: DemoPlan, app_name: str, route_prefix: str
+def platform(settings: Settings, plan: DemoPlan, app_name: str, route_prefix: str
               ) -> Iterator[tuple[str, threading.Event]]:
     """Serve app + curator + scheduler on `settings`; yields (url, event that stops the scheduler)."""
     import ray
@@ -185,8 +185,10 @@ def _platform(settings: Settings, plan: DemoPlan, app_name: str, route_prefix: s
         promotions = [e for e in registry.history("champion") if e.action == "promote" and e.at.timestamp() >= started]
         return len(promotions) < plan.loops
 
-    threads = [threading.Thread(target=curator.run, args=(stop,), name="demo-curator", daemon=True),
-               RetrainScheduler(settings, stop_scheduler, check_every_s=plan.check_every_s, may_start=loops_left)]
+    threads = [threading.Thread(target=curator.run, args=(stop,), name="demo-curator", daemon=True)]
+    if settings.retrain.schedule_enabled:
+        threads.append(RetrainScheduler(settings, stop_scheduler, check_every_s=plan.check_every_s,
+                                        may_start=loops_left))
     try:
         url = serve_app.run(settings, name=app_name, route_prefix=route_prefix, timeout_s=600)
         for thread in threads:
@@ -223,40 +225,54 @@ def _drive(url: str, plan: DemoPlan, seed: int, out_dir: Path, champion: Callabl
 
     At the time limit a retrain in progress gets up to `plan.retrain_grace_s` more, under the same load.
     """
-    env = {**os.environ, "FLYWHEEL_SCENARIO": "mixed", "FLYWHEEL_SEED": str(seed),
+    env = {"FLYWHEEL_SCENARIO": "mixed", "FLYWHEEL_SEED": str(seed),
            "FLYWHEEL_CORRECTION_P": str(plan.correction_p), "FLYWHEEL_DRIFT_START": str(plan.drift_start),
            "FLYWHEEL_DRIFT_END": str(plan.drift_end), "FLYWHEEL_DRIFT_RAMP_S": str(plan.drift_ramp_s),
-           "FLYWHEEL_MAX_TOKENS": str(plan.max_tokens), "FLYWHEEL_DEMO_LOG": str(out_dir / "requests.jsonl"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(plan.users),
-               "-r", str(plan.spawn_rate), "-t", f"{int(plan.max_duration_s + plan.retrain_grace_s)}s", "--host", url,
-               "--csv", str(out_dir / "locust"), "--html", str(out_dir / "locust.html"), "--only-summary",
-               "--stop-timeout", "30", "--loglevel", "WARNING"]
+           "FLYWHEEL_MAX_TOKENS": str(plan.max_tokens)}
     started = time.monotonic()
     current, swaps, last_swap = champion(), 0, 0.0
+    with start_locust(url, out_dir, env, users=plan.users, spawn_rate=plan.spawn_rate,
+                      seconds=plan.max_duration_s + plan.retrain_grace_s) as locust:
+        while locust.poll() is None:
+            time.sleep(1.0)
+            if (now := champion()) != current:
+                current, swaps, last_swap = now, swaps + 1, time.monotonic()
+                log.info("event=demo_swap champion=%s swaps=%d", now, swaps)
+                if swaps >= plan.loops:
+                    on_loops_done()
+            elapsed = time.monotonic() - started
+            looped = swaps >= plan.loops and time.monotonic() - last_swap >= plan.post_swap_s
+            if looped or (elapsed >= plan.max_duration_s and swaps < plan.loops and not retraining()):
+                break
+    return time.monotonic() - started
+
+
+@contextmanager
+def start_locust(url: str, out_dir: Path, scenario_env: dict[str, str], *, users: int, spawn_rate: float,
+                 seconds: float) -> Iterator[subprocess.Popen[bytes]]:
+    """Locust, headless, on the locustfile with `scenario_env`; stopped (stats written) when the block ends.
+
+    Every request is logged to `out_dir/requests.jsonl`; Locust's CSV/HTML go to `out_dir/locust*`.
+    """
+    env = {**os.environ, **scenario_env, "FLYWHEEL_DEMO_LOG": str(out_dir / "requests.jsonl"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users),
+               "-r", str(spawn_rate), "-t", f"{int(seconds)}s", "--host", url,
+               "--csv", str(out_dir / "locust"), "--html", str(out_dir / "locust.html"), "--only-summary",
+               "--stop-timeout", "30", "--loglevel", "WARNING"]
     with (out_dir / "locust.log").open("wb") as output:
         locust = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         try:
-            while locust.poll() is None:
-                time.sleep(1.0)
-                if (now := champion()) != current:
-                    current, swaps, last_swap = now, swaps + 1, time.monotonic()
-                    log.info("event=demo_swap champion=%s swaps=%d", now, swaps)
-                    if swaps >= plan.loops:
-                        on_loops_done()
-                elapsed = time.monotonic() - started
-                looped = swaps >= plan.loops and time.monotonic() - last_swap >= plan.post_swap_s
-                if looped or (elapsed >= plan.max_duration_s and swaps < plan.loops and not retraining()):
-                    locust.send_signal(signal.SIGTERM)  # Locust stops its users and writes its stats
-                    break
+            yield locust
+            if locust.poll() is None:
+                locust.send_signal(signal.SIGTERM)  # Locust stops its users and writes its stats
             locust.wait(timeout=120)
         finally:
             if locust.poll() is None:
                 locust.kill()
-    return time.monotonic() - started
 
 
-def _locust_failures(out_dir: Path) -> int:
+def locust_failures(out_dir: Path) -> int:
     """Failed requests as Locust counted them, plus exceptions raised in tasks."""
     with (out_dir / "locust_stats.csv").open() as f:
         aggregated = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
@@ -354,7 +370,7 @@ def build_report(settings: Settings, *, out_dir: Path, seed: int, quick: bool, u
         runs=[RunSummary(run_id=r.run_id, trigger=r.trigger, verdict=r.verdict, version=r.version,
                          seconds=(r.finished_at - r.started_at).total_seconds() if r.finished_at else None,
                          message=r.message) for r in runs],
-        requests=len(rows), failed_requests=_locust_failures(out_dir), loop_s=loop_s,
+        requests=len(rows), failed_requests=locust_failures(out_dir), loop_s=loop_s,
         steady_p99_ms=steady_p99, swap_p99_ms=swap_p99,
         swap_p99_over_steady_p99=swap_p99 / steady_p99 if swap_p99 and steady_p99 else None,
         versions=_version_stats(predictions, ratings), windows=_windows(rows, t0, plan.window_s))
@@ -379,7 +395,7 @@ def run_demo(settings: Settings, *, out_dir: Path, quick: bool, url: str | None 
     with ExitStack() as stack:
         stop_scheduler = threading.Event()
         if url is None:
-            url, stop_scheduler = stack.enter_context(_platform(settings, plan, app_name, route_prefix))
+            url, stop_scheduler = stack.enter_context(platform(settings, plan, app_name, route_prefix))
         champion_before = registry.alias("champion")
         t0 = time.time()
         load_s = _drive(url, plan, seed, out_dir, lambda: registry.alias("champion"),

@@ -1,0 +1,130 @@
+"""`flywheel bench soak`: steady traffic for minutes, a hot swap every so often; failures and memory growth.
+
+Starts the platform (Serve app and curator; no scheduler, this driver moves the alias itself), runs
+the mixed Locust scenario (every answer rated, most with a correction, so the feedback path and the
+curator work too), and alternates the champion between two ready adapter versions every
+`swap_every_s` (the swap-under-load scenario). Every `sample_every_s` it records the resident memory
+of the Serve replicas and their children (vLLM's engine core) and of this process (the curator).
+Memory growth is measured from the first sample after warm-up to the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+from pydantic import BaseModel, Field
+
+from flywheel.bootstrap import bootstrap, registry_for, train_demo_adapter
+from flywheel.config import DEMO_MODEL, Settings
+from flywheel.registry import Registry
+from loadtests.demo import DemoPlan, locust_failures, percentile, platform, start_locust
+
+log = logging.getLogger("flywheel.soak")
+
+
+class MemorySample(BaseModel):
+    t_s: float
+    total_mb: float
+    by_process: dict[str, float]
+
+
+class SoakReport(BaseModel):
+    seconds: float
+    requests: int
+    failed_requests: int
+    swaps: int
+    p50_ms: float | None
+    p99_ms: float | None
+    baseline_mb: float = Field(description="Resident memory of the serving processes after warm-up.")
+    final_mb: float
+    rss_growth: float = Field(description="final / baseline - 1 (goal < 0.10).")
+    samples: list[MemorySample]
+
+    def summary(self) -> str:
+        return (f"soak {self.seconds / 60:.1f} min: {self.requests} requests, {self.failed_requests} failed "
+                f"(goal 0), {self.swaps} swaps; p50 {self.p50_ms or 0:.0f} ms, p99 {self.p99_ms or 0:.0f} ms; "
+                f"resident memory {self.baseline_mb:.0f} MB after warm-up -> {self.final_mb:.0f} MB "
+                f"= {self.rss_growth:+.1%} (goal < 10%)")
+
+
+def serving_processes(app_name: str) -> dict[str, psutil.Process]:
+    """This process and every Serve replica of `app_name`, with their children, by a readable name."""
+    found = {"driver+curator": psutil.Process()}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if f"ServeReplica:{app_name}:" in cmdline:
+            name = cmdline.split(f"ServeReplica:{app_name}:", 1)[1].split()[0]
+            found[f"{name}[{proc.pid}]"] = proc
+            for child in proc.children(recursive=True):
+                found[f"{name}[{proc.pid}]/child[{child.pid}]"] = child
+    return found
+
+
+def _rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    sizes = {}
+    for name, proc in processes.items():
+        try:
+            sizes[name] = proc.memory_info().rss / 2**20
+        except psutil.Error:  # a process that went away counts as nothing
+            sizes[name] = 0.0
+    return sizes
+
+
+def two_ready_versions(settings: Settings, registry: Registry, say: Callable[[str], None]) -> tuple[str, str]:
+    """The champion and another ready version to swap with (the demo trains one if there is none)."""
+    champion = registry.alias("champion")
+    others = [m.version for m in registry.versions() if m.status == "ready" and m.version != champion]
+    if champion and others:
+        return champion, others[-1]
+    if settings.model.base != DEMO_MODEL or champion is None:
+        raise RuntimeError("the soak swaps between two ready adapter versions; the registry has fewer")
+    say("training a second demo adapter to swap with")
+    return champion, train_demo_adapter(settings, registry, distribution="drifted", seed=7, progress=say).version
+
+
+def run_soak(settings: Settings, *, out_dir: Path, minutes: float = 10.0, swap_every_s: float = 60.0,
+             users: int = 4, warmup_s: float = 60.0, sample_every_s: float = 10.0,
+             say: Callable[[str], None] = print) -> SoakReport:
+    settings = settings.model_copy(deep=True)
+    settings.retrain.schedule_enabled = False  # this driver moves the alias; no retrains mid-soak
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "requests.jsonl").unlink(missing_ok=True)
+    bootstrap(settings, progress=say)
+    registry = registry_for(settings)
+    versions = two_ready_versions(settings, registry, say)
+    seconds = minutes * 60
+    samples: list[MemorySample] = []
+    swaps = 0
+    with platform(settings, DemoPlan(), "flywheel-soak", "/soak") as (url, _):
+        started = time.monotonic()
+        env = {"FLYWHEEL_SCENARIO": "mixed", "FLYWHEEL_DRIFT_START": "0.5", "FLYWHEEL_DRIFT_END": "0.5"}
+        with start_locust(url, out_dir, env, users=users, spawn_rate=users, seconds=seconds + 60) as locust:
+            next_swap, next_sample = started + swap_every_s, started
+            while locust.poll() is None and (now := time.monotonic()) - started < seconds:
+                if now >= next_sample:
+                    sizes = _rss_mb(serving_processes("flywheel-soak"))
+                    samples.append(MemorySample(t_s=now - started, total_mb=sum(sizes.values()), by_process=sizes))
+                    say(f"{now - started:5.0f} s  resident {samples[-1].total_mb:.0f} MB  swaps {swaps}")
+                    next_sample += sample_every_s
+                if now >= next_swap:
+                    target = versions[(swaps + 1) % 2]
+                    registry.promote(target, actor="soak", reason="swap under load")
+                    swaps, next_swap = swaps + 1, next_swap + swap_every_s
+                time.sleep(0.5)
+        elapsed = time.monotonic() - started
+    rows = [json.loads(line) for line in (out_dir / "requests.jsonl").read_text().splitlines() if line]
+    latencies = [r["latency_ms"] for r in rows if r["kind"] == "predict" and r["status"] == 200]
+    warm = [s for s in samples if s.t_s >= warmup_s] or samples
+    report = SoakReport(
+        seconds=elapsed, requests=len(rows), failed_requests=locust_failures(out_dir), swaps=swaps,
+        p50_ms=percentile(latencies, 0.5), p99_ms=percentile(latencies, 0.99),
+        baseline_mb=warm[0].total_mb, final_mb=warm[-1].total_mb,
+        rss_growth=warm[-1].total_mb / warm[0].total_mb - 1, samples=samples,
+    )
+    (out_dir / "soak.json").write_text(report.model_dump_json(indent=2))
+    return report
