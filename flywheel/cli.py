@@ -405,6 +405,23 @@ def bench_soak(
     raise typer.Exit(0 if report.failed_requests == 0 else 1)
 
 
+@bench_app.command("quant")
+def bench_quant(
+    config: ConfigOption = None,
+    requests: Annotated[int, typer.Option(help="Generations per engine and concurrency.")] = 24,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/quant.json"),
+    as_json: JsonOption = False,
+) -> None:
+    """GPTQ: quantize time and size; CPU tokens/s GPTQ+LoRA vs fp32+LoRA; vLLM GPU rows where CUDA exists."""
+    from loadtests.bench_quant import run_quant_bench
+
+    configure_logging()
+    report = run_quant_bench(settings_or_exit(config), requests=requests, say=progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.model_dump_json(indent=2))
+    emit(as_json, report.model_dump(), f"{report.summary()}\nreport: {out}")
+
+
 @bench_app.command("train")
 def bench_train(
     config: ConfigOption = None,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -178,7 +179,7 @@ def test_a_base_below_the_quality_bar_is_refused_and_never_served(
     assert result.exit_code == 2 and "never served" in result.output, result.output
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only refusal")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_vllm_on_cpu_refuses_a_gptq_base_with_the_fix_in_the_message(
     quantized: tuple[Settings, Path, dict],
 ) -> None:
@@ -186,3 +187,68 @@ def test_vllm_on_cpu_refuses_a_gptq_base_with_the_fix_in_the_message(
     settings.serving.engine = "vllm"
     with pytest.raises(UnsupportedBaseError, match=r"serving\.engine=hf"):
         build_engine(settings)
+
+
+NO_GPU = "no CUDA GPU here: the vLLM GPTQ path and GPU quantization run where a GPU is lent (see the closing notes)"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+def test_quantize_runs_on_cuda_where_there_is_one(quantized: tuple[Settings, Path, dict]) -> None:
+    settings, _, outcome = quantized  # the fixture's `flywheel quantize` saw the GPU
+    manifest = registry_for(settings).base_manifest(outcome["name"])
+    assert manifest.metrics["device"] == "cuda" and manifest.status == "ready"
+    assert outcome["top1_agreement"] >= MIN_TOP1_AGREEMENT
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+def test_vllm_on_cuda_serves_the_gptq_base_with_two_lora_versions_and_swaps(
+    quantized: tuple[Settings, Path, dict],
+) -> None:
+    from services.adapters import AdapterManager
+
+    settings = quantized[0].model_copy(deep=True)
+    settings.serving.engine = "vllm"
+    settings.vllm.gpu_memory_utilization = 0.3
+    registry = registry_for(settings)
+    base = served_base(settings, registry)
+    prompts = [e.prompt for e in DRIFTED[:16]]
+
+    async def run() -> tuple[list[str], list[str], str]:
+        engine = build_engine(settings, base)  # quantization comes from the checkpoint: gptq_marlin
+        await engine.start()
+        try:
+            manager = AdapterManager(engine, registry, alias="champion", base_sha256=base.source_sha256,
+                                     probe_prompt="ping", drain_timeout_s=10)
+            await manager.converge()
+            with manager.acquire() as slot:
+                v1 = await _answers(engine, slot.handle, prompts)
+            registry.promote("demo-v2", actor="test", reason="gpu hot swap")
+            await manager.converge()
+            with manager.acquire() as slot:
+                v2 = await _answers(engine, slot.handle, prompts)
+            return v1, v2, manager.active.version
+        finally:
+            registry.rollback(actor="test", reason="restore")
+            await engine.shutdown()
+
+    v1_answers, v2_answers, active = asyncio.run(run())
+    assert active == "demo-v2"
+    assert all(v1_answers) and all(v2_answers)
+    assert v1_answers != v2_answers  # GPTQ+LoRA on GPU is noisy: assert the adapters differ, not exact text
+
+
+def test_qlora_style_training_on_the_gptq_base(quantized: tuple[Settings, Path, dict], tmp_path: Path) -> None:
+    """retrain.train_on=quantized: the LoRA learns on top of the packed GPTQ weights."""
+    from training.demo_task import generate_examples
+    from training.sft import SftConfig, train_lora
+
+    settings = quantized[0]
+    registry = registry_for(settings)
+    gptq_dir = Path(served_base(settings, registry).path)
+    result = train_lora(gptq_dir, generate_examples(64, seed=3, distribution="drifted"), tmp_path / "adapter",
+                        SftConfig(steps=15), init_adapter=registry.local_path("demo-v1"))
+    assert result.last_loss < result.first_loss
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()

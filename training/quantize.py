@@ -131,8 +131,8 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 
 def gptq_quantize(source_dir: str, out_dir: Path, texts: list[str], *, bits: int, group_size: int,
-                  cpu_workers: int) -> None:
-    """Run GPTQModel on `texts` and save a GPTQ v1 checkpoint (sym, desc_act off) in `out_dir`."""
+                  cpu_workers: int) -> str:
+    """Run GPTQModel on `texts`, save a GPTQ v1 checkpoint (sym, desc_act off) in `out_dir`; return the device."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(cpu_workers))  # read when gptqmodel is imported
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
@@ -146,6 +146,7 @@ def gptq_quantize(source_dir: str, out_dir: Path, texts: list[str], *, bits: int
         model = GPTQModel.load(source, config, device=device)
         model.quantize(texts, batch_size=8)
         model.save(str(out_dir))
+    return device
 
 
 def _weights_bytes(directory: Path) -> int:
@@ -186,8 +187,8 @@ def _quantize_base(settings: Settings, calibration_path: Path | None, say: Say) 
     registry = registry_for(settings)
     with tempfile.TemporaryDirectory(prefix="flywheel-gptq-") as scratch:
         out = Path(scratch) / "model"
-        gptq_quantize(source_dir, out, calibration_texts(tokenizer, examples), bits=cfg.bits,
-                      group_size=cfg.group_size, cpu_workers=cfg.cpu_workers or os.cpu_count() or 1)
+        device = gptq_quantize(source_dir, out, calibration_texts(tokenizer, examples), bits=cfg.bits,
+                               group_size=cfg.group_size, cpu_workers=cfg.cpu_workers or os.cpu_count() or 1)
         seconds = time.monotonic() - started
         say(f"quantized in {seconds:.0f} s; checking quality on {len(held_out)} held-out examples")
         quality = measure_quality(load_causal_lm(source_dir), load_causal_lm(str(out)), tokenizer, held_out,
@@ -212,7 +213,7 @@ def _quantize_base(settings: Settings, calibration_path: Path | None, say: Say) 
             calibration={"examples": len(examples), "source": calibration_source},
             quality={**quality.model_dump(), "min_top1_agreement": cfg.min_top1_agreement,
                      "min_logit_cosine": cfg.min_logit_cosine, "held_out": "golden set"},
-            metrics={"seconds": seconds, "size_bytes": _weights_bytes(out),
+            metrics={"seconds": seconds, "device": device, "size_bytes": _weights_bytes(out),
                      "source_size_bytes": _weights_bytes(Path(source_dir))},
         )
     message = (

@@ -201,7 +201,8 @@ class _StepClock(TrainerCallback):
 
 def load_lora_model(base_dir: Path, lora: LoraSpec, init_adapter: Path | None = None) -> PeftModel:
     """The base model with a trainable LoRA adapter: `init_adapter`'s weights and shape, or a fresh `lora`."""
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    # fp32 on CPU: a GPTQ base (QLoRA-style training) would otherwise load in bf16, which CPUs emulate
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto" if torch.cuda.is_available() else torch.float32)
     if init_adapter is not None:
         return PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
     config = LoraConfig(
