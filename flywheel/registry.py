@@ -28,7 +28,7 @@ import uuid
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -92,6 +92,9 @@ class BaseManifest(BaseModel):
 
 class BaseRefusedError(RegistryError):
     """A base version that must not be served: rejected by its quality check, or not built from our base."""
+
+
+ManifestT = TypeVar("ManifestT", AdapterManifest, BaseManifest)
 
 
 class AliasRecord(BaseModel):
@@ -199,11 +202,14 @@ class Registry:
         return sorted(manifests, key=lambda m: m.number)
 
     def manifest(self, version: str) -> AdapterManifest:
-        path = self._path("versions", version, MANIFEST)
+        return self._read_manifest("versions", version, AdapterManifest, "adapter version")
+
+    def _read_manifest(self, folder: str, name: str, model: type[ManifestT], what: str) -> ManifestT:
+        path = self._path(folder, name, MANIFEST)
         if not self.fs.exists(path):
-            raise VersionNotFoundError(f"adapter version {version!r} is not in the registry at {self.uri}")
+            raise VersionNotFoundError(f"{what} {name!r} is not in the registry at {self.uri}")
         with self.fs.open(path, "r") as f:
-            return AdapterManifest.model_validate_json(f.read())
+            return model.model_validate_json(f.read())
 
     def _next_number(self) -> int:
         numbers = [0]
@@ -307,11 +313,7 @@ class Registry:
         return sorted(manifests, key=lambda m: m.created_at)
 
     def base_manifest(self, name: str) -> BaseManifest:
-        path = self._path("bases", name, MANIFEST)
-        if not self.fs.exists(path):
-            raise VersionNotFoundError(f"base version {name!r} is not in the registry at {self.uri}")
-        with self.fs.open(path, "r") as f:
-            return BaseManifest.model_validate_json(f.read())
+        return self._read_manifest("bases", name, BaseManifest, "base version")
 
     def register_base(
         self, model_dir: Path, *, prefix: str, source: BaseModelRef,
