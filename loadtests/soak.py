@@ -1,10 +1,11 @@
 """`flywheel bench soak`: steady traffic for minutes, a hot swap every so often; failures and memory growth.
 
 Starts the platform (Serve app and curator; no scheduler, this driver moves the alias itself), runs
-the mixed Locust scenario (every answer rated, most with a correction, so the feedback path and the
-curator work too), and alternates the champion between two ready adapter versions every
-`swap_every_s` (the swap-under-load scenario). Every `sample_every_s` it records the resident memory
-of the Serve replicas and their children (vLLM's engine core) and of this process (the curator).
+a Locust scenario (`mixed`: every answer rated, most with a correction, so the feedback path and the
+curator work too; `swap`: predict only), and alternates the champion between two ready adapter
+versions every `swap_every_s`: the driver of the swap-under-load scenario. Every `sample_every_s` it
+records the resident memory of the Serve replicas and their children (vLLM's engine core) and of this
+process (the curator).
 Memory growth is measured from the first sample after warm-up to the last one.
 """
 
@@ -15,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import psutil
 from pydantic import BaseModel, Field
@@ -34,6 +36,7 @@ class MemorySample(BaseModel):
 
 
 class SoakReport(BaseModel):
+    scenario: str
     seconds: float
     requests: int
     failed_requests: int
@@ -46,8 +49,9 @@ class SoakReport(BaseModel):
     samples: list[MemorySample]
 
     def summary(self) -> str:
-        return (f"soak {self.seconds / 60:.1f} min: {self.requests} requests, {self.failed_requests} failed "
-                f"(goal 0), {self.swaps} swaps; p50 {self.p50_ms or 0:.0f} ms, p99 {self.p99_ms or 0:.0f} ms; "
+        return (f"soak ({self.scenario}) {self.seconds / 60:.1f} min: {self.requests} requests, "
+                f"{self.failed_requests} failed (goal 0), {self.swaps} swaps; "
+                f"p50 {self.p50_ms or 0:.0f} ms, p99 {self.p99_ms or 0:.0f} ms; "
                 f"resident memory {self.baseline_mb:.0f} MB after warm-up -> {self.final_mb:.0f} MB "
                 f"= {self.rss_growth:+.1%} (goal < 10%)")
 
@@ -88,8 +92,8 @@ def two_ready_versions(settings: Settings, registry: Registry, say: Callable[[st
 
 
 def run_soak(settings: Settings, *, out_dir: Path, minutes: float = 10.0, swap_every_s: float = 60.0,
-             users: int = 4, warmup_s: float = 60.0, sample_every_s: float = 10.0,
-             say: Callable[[str], None] = print) -> SoakReport:
+             scenario: Literal["mixed", "swap"] = "mixed", users: int = 4, warmup_s: float = 60.0,
+             sample_every_s: float = 10.0, say: Callable[[str], None] = print) -> SoakReport:
     settings = settings.model_copy(deep=True)
     settings.retrain.schedule_enabled = False  # this driver moves the alias; no retrains mid-soak
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +106,7 @@ def run_soak(settings: Settings, *, out_dir: Path, minutes: float = 10.0, swap_e
     swaps = 0
     with platform(settings, DemoPlan(), "flywheel-soak", "/soak") as (url, _):
         started = time.monotonic()
-        env = {"FLYWHEEL_SCENARIO": "mixed", "FLYWHEEL_DRIFT_START": "0.5", "FLYWHEEL_DRIFT_END": "0.5"}
+        env = {"FLYWHEEL_SCENARIO": scenario, "FLYWHEEL_DRIFT_START": "0.5", "FLYWHEEL_DRIFT_END": "0.5"}
         with start_locust(url, out_dir, env, users=users, spawn_rate=users, seconds=seconds + 60) as locust:
             next_swap, next_sample = started + swap_every_s, started
             while locust.poll() is None and (now := time.monotonic()) - started < seconds:
@@ -121,7 +125,7 @@ def run_soak(settings: Settings, *, out_dir: Path, minutes: float = 10.0, swap_e
     latencies = [r["latency_ms"] for r in rows if r["kind"] == "predict" and r["status"] == 200]
     warm = [s for s in samples if s.t_s >= warmup_s] or samples
     report = SoakReport(
-        seconds=elapsed, requests=len(rows), failed_requests=locust_failures(out_dir), swaps=swaps,
+        scenario=scenario, seconds=elapsed, requests=len(rows), failed_requests=locust_failures(out_dir), swaps=swaps,
         p50_ms=percentile(latencies, 0.5), p99_ms=percentile(latencies, 0.99),
         baseline_mb=warm[0].total_mb, final_mb=warm[-1].total_mb,
         rss_growth=warm[-1].total_mb / warm[0].total_mb - 1, samples=samples,
