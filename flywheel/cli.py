@@ -240,7 +240,7 @@ def bases_list(config: ConfigOption = None, as_json: JsonOption = False) -> None
     settings = settings_or_exit(config)
     rows = [m.model_dump(mode="json", exclude={"files"}) for m in registry_for(settings).bases()]
     lines = [f"{r['name']:<28} {r['status']:<9} {r['created_at'][:19]}  top-1 "
-             f"{r['quality'].get('top1_agreement', 0):.3f}"
+             f"{r['quality'].get('top1_agreement', 0):.3f}  cosine {r['quality'].get('logit_cosine', 0):.4f}"
              f"{'  (serving)' if r['name'] == settings.model.quantized_base else ''}"
              f"{'  ' + r['reason'] if r['reason'] else ''}" for r in rows]
     emit(as_json, rows, "\n".join(lines) or "no quantized bases yet (run `flywheel quantize`)")
