@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 up: install
 	$(VENV)/bin/flywheel up
 
-# Everything but tests marked `slow` (the 10-minute demo loop under Locust, 2-worker Ray Train).
+# Everything but tests marked `slow` (2-worker Ray Train on a 2-core box).
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

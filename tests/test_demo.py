@@ -16,7 +16,7 @@ from flywheel.config import Settings
 from loadtests.demo import DemoPlan, run_demo
 from tests.conftest import make_settings
 
-pytestmark = [pytest.mark.serve, pytest.mark.vllm, pytest.mark.slow]  # ~10 min: one real loop under load
+pytestmark = [pytest.mark.serve, pytest.mark.vllm]  # ~6-8 min on 2 cores: one real loop under load
 
 # Mostly drifted traffic from the start, every answer rated and corrected: enough evidence for the gate
 # after ~150 ratings; a short tail after the swap measures the new version.
