@@ -413,6 +413,8 @@ def bench_soak(
 def bench_quant(
     config: ConfigOption = None,
     requests: Annotated[int, typer.Option(help="Generations per engine and concurrency.")] = 24,
+    wide: Annotated[bool, typer.Option(help="Also measure a random model with R1-Distill-1.5B-wide layers.")
+                    ] = True,
     out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/quant.json"),
     as_json: JsonOption = False,
 ) -> None:
@@ -420,7 +422,7 @@ def bench_quant(
     from loadtests.bench_quant import run_quant_bench
 
     configure_logging()
-    report = run_quant_bench(settings_or_exit(config), requests=requests, say=progress)
+    report = run_quant_bench(settings_or_exit(config), requests=requests, wide=wide, say=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.model_dump_json(indent=2))
     emit(as_json, report.model_dump(), f"{report.summary()}\nreport: {out}")

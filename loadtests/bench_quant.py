@@ -1,7 +1,9 @@
 """`flywheel bench quant`: what GPTQ buys, measured as ratios in one run on one machine.
 
-CPU (always): time and size of quantizing the base; decode tokens/s of the transformers+PEFT engine
-on the GPTQ base + the champion's LoRA ÷ the same engine on the fp32 base + the same LoRA.
+CPU (always), for the demo base and for a random-weight model as wide as DeepSeek-R1-Distill-Qwen-1.5B
+(hidden 1536, MLP 8960, two layers: the tiny demo model is too small for int4 kernels to matter):
+time and size of quantizing, and decode tokens/s of the transformers+PEFT engine on the GPTQ base +
+a LoRA ÷ the same engine on the fp32 base + the same LoRA.
 GPU (where CUDA exists): vLLM decode tokens/s for base, base+LoRA and GPTQ base+LoRA at 1 and 32
 concurrent requests, and the device memory each engine holds (weights, plus the KV cache vLLM
 reserves at `gpu_memory_utilization`). Without a GPU those rows say "not measured".
@@ -21,9 +23,21 @@ from flywheel.bootstrap import bootstrap, registry_for
 from flywheel.config import Settings
 from services.engines.hf_engine import HFEngine
 from services.engines.protocol import AdapterHandle, ChatMessage, Engine, SamplingOptions
-from training.quantize import calibration_examples, calibration_texts, gptq_quantize
+from training.quantize import calibration_examples, calibration_texts, gptq_quantize, stdout_to_stderr
 
 MAX_TOKENS = 48
+WIDE = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 2, "num_attention_heads": 12,
+        "num_key_value_heads": 2, "head_dim": 128}  # DeepSeek-R1-Distill-Qwen-1.5B's layer shapes
+
+
+class CpuRow(BaseModel):
+    model: str
+    quantize_s: float
+    source_mb: float
+    quantized_mb: float
+    fp32_lora_tokens_per_s: float
+    gptq_lora_tokens_per_s: float
+    gptq_over_fp32: float
 
 
 class GpuRow(BaseModel):
@@ -34,25 +48,17 @@ class GpuRow(BaseModel):
 
 
 class QuantBenchReport(BaseModel):
-    base: str
     bits: int
     group_size: int
-    quantize_s: float
-    source_mb: float
-    quantized_mb: float
-    cpu_fp32_lora_tokens_per_s: float
-    cpu_gptq_lora_tokens_per_s: float
-    cpu_gptq_over_fp32: float
+    cpu: list[CpuRow]
     gpu: list[GpuRow] | None = None
     gpu_note: str = ""
 
     def summary(self) -> str:
-        lines = [
-            f"quantize {self.base} to GPTQ {self.bits}-bit g{self.group_size}: {self.quantize_s:.1f} s, "
-            f"{self.source_mb:.2f} MB -> {self.quantized_mb:.2f} MB ({self.quantized_mb / self.source_mb:.0%})",
-            f"CPU tokens/s, transformers+PEFT: GPTQ+LoRA {self.cpu_gptq_lora_tokens_per_s:.0f} / fp32+LoRA "
-            f"{self.cpu_fp32_lora_tokens_per_s:.0f} = {self.cpu_gptq_over_fp32:.2f}",
-        ]
+        lines = [f"GPTQ {self.bits}-bit g{self.group_size}; CPU tokens/s with the transformers+PEFT engine:"]
+        lines += [f"  {r.model}: quantize {r.quantize_s:.1f} s, {r.source_mb:.1f} MB -> {r.quantized_mb:.1f} MB; "
+                  f"GPTQ+LoRA {r.gptq_lora_tokens_per_s:.0f} / fp32+LoRA {r.fp32_lora_tokens_per_s:.0f} "
+                  f"= {r.gptq_over_fp32:.2f}" for r in self.cpu]
         if self.gpu is None:
             lines.append(f"GPU rows: not measured ({self.gpu_note})")
         else:
@@ -92,6 +98,45 @@ async def _engine_rate(engine: Engine, adapter: AdapterHandle | None, concurrenc
         await engine.shutdown()
 
 
+def _size_mb(directory: Path) -> float:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors")) / 1e6
+
+
+def _wide_model(demo_dir: Path, out: Path) -> tuple[Path, AdapterHandle]:
+    """A random-weight Qwen2 with the demo tokenizer and 1.5B-wide layers, and a fresh LoRA on it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(demo_dir)
+    for key, value in WIDE.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out / "base")
+    AutoTokenizer.from_pretrained(demo_dir).save_pretrained(out / "base")
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))  # non-zero B: the adapter does work
+    lora.save_pretrained(out / "lora")
+    return out / "base", AdapterHandle(name="wide-lora", int_id=1, path=out / "lora")
+
+
+def _cpu_row(label: str, source: Path, adapter: AdapterHandle, texts: list[str], settings: Settings,
+             scratch: Path, requests: int, say: Callable[[str], None]) -> tuple[CpuRow, Path]:
+    cfg = settings.quantize
+    out = scratch / f"{label}-gptq"
+    say(f"{label}: quantizing on {len(texts)} calibration texts")
+    started = time.perf_counter()
+    gptq_quantize(str(source), out, texts, bits=cfg.bits, group_size=cfg.group_size,
+                  cpu_workers=cfg.cpu_workers or 2)
+    quantize_s = time.perf_counter() - started
+    say(f"{label}: {requests} greedy generations on fp32+LoRA, then on GPTQ+LoRA")
+    fp32 = asyncio.run(_engine_rate(HFEngine(str(source)), adapter, 1, requests))
+    gptq = asyncio.run(_engine_rate(HFEngine(str(out)), adapter, 1, requests))
+    return CpuRow(model=label, quantize_s=quantize_s, source_mb=_size_mb(source), quantized_mb=_size_mb(out),
+                  fp32_lora_tokens_per_s=fp32, gptq_lora_tokens_per_s=gptq, gptq_over_fp32=gptq / fp32), out
+
+
 def _gpu_rows(settings: Settings, gptq_dir: Path, adapter: AdapterHandle, requests: int) -> list[GpuRow]:
     import torch
 
@@ -110,8 +155,10 @@ def _gpu_rows(settings: Settings, gptq_dir: Path, adapter: AdapterHandle, reques
     return rows
 
 
-def run_quant_bench(settings: Settings, *, requests: int = 24, say: Callable[[str], None] = print) -> QuantBenchReport:
+def run_quant_bench(settings: Settings, *, requests: int = 24, wide: bool = True,
+                    say: Callable[[str], None] = print) -> QuantBenchReport:
     import torch
+    from transformers import AutoTokenizer
 
     bootstrap(settings, progress=say)
     registry = registry_for(settings)
@@ -120,32 +167,20 @@ def run_quant_bench(settings: Settings, *, requests: int = 24, say: Callable[[st
         raise RuntimeError("no champion adapter to benchmark with: run `flywheel bootstrap`")
     adapter = AdapterHandle(name=champion, int_id=registry.manifest(champion).number,
                             path=registry.local_path(champion))
-    cfg = settings.quantize
     source = Path(settings.base_model_path)
-    with tempfile.TemporaryDirectory(prefix="flywheel-bench-gptq-") as scratch:
-        out = Path(scratch) / "model"
-        examples, _ = calibration_examples(settings, cfg.calibration_examples)
-        from transformers import AutoTokenizer
-
-        texts = calibration_texts(AutoTokenizer.from_pretrained(source), examples)
-        say(f"quantizing {settings.model.base} on {len(texts)} calibration texts")
-        started = time.perf_counter()
-        gptq_quantize(str(source), out, texts, bits=cfg.bits, group_size=cfg.group_size,
-                      cpu_workers=cfg.cpu_workers or 2)
-        quantize_s = time.perf_counter() - started
-
-        def size_mb(d: Path) -> float:
-            return sum(p.stat().st_size for p in d.glob("*.safetensors")) / 1e6
-
-        say(f"CPU decode: {requests} requests each on fp32+LoRA and GPTQ+LoRA (transformers+PEFT)")
-        fp32 = asyncio.run(_engine_rate(HFEngine(str(source)), adapter, 1, requests))
-        gptq = asyncio.run(_engine_rate(HFEngine(str(out)), adapter, 1, requests))
+    examples, _ = calibration_examples(settings, settings.quantize.calibration_examples)
+    texts = calibration_texts(AutoTokenizer.from_pretrained(source), examples)
+    with tempfile.TemporaryDirectory(prefix="flywheel-bench-gptq-") as scratch_dir, stdout_to_stderr():
+        scratch = Path(scratch_dir)
+        demo_row, demo_gptq = _cpu_row(settings.model.base, source, adapter, texts, settings, scratch, requests, say)
+        rows = [demo_row]
+        if wide:
+            wide_base, wide_lora = _wide_model(source, scratch / "wide")
+            rows.append(_cpu_row("random, 1.5B-wide x2 layers", wide_base, wide_lora, texts, settings, scratch,
+                                 requests, say)[0])
         gpu_rows, note = None, "no CUDA GPU on this machine"
         if torch.cuda.is_available():
             say("GPU: vLLM base, base+LoRA, GPTQ+LoRA at 1 and 32 concurrent")
-            gpu_rows, note = _gpu_rows(settings, out, adapter, requests), ""
-        return QuantBenchReport(
-            base=settings.model.base, bits=cfg.bits, group_size=cfg.group_size, quantize_s=quantize_s,
-            source_mb=size_mb(source), quantized_mb=size_mb(out), cpu_fp32_lora_tokens_per_s=fp32,
-            cpu_gptq_lora_tokens_per_s=gptq, cpu_gptq_over_fp32=gptq / fp32, gpu=gpu_rows, gpu_note=note,
-        )
+            gpu_rows, note = _gpu_rows(settings, demo_gptq, adapter, requests), ""
+    return QuantBenchReport(bits=settings.quantize.bits, group_size=settings.quantize.group_size, cpu=rows,
+                            gpu=gpu_rows, gpu_note=note)

@@ -116,7 +116,7 @@ def measure_quality(source: Any, quantized: Any, tokenizer: Any, examples: Seque
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
+def stdout_to_stderr() -> Iterator[None]:
     """GPTQModel prints its banner, logs and progress bars on stdout; keep stdout for our --json."""
     sys.stdout.flush()
     saved = os.dup(1)
@@ -162,7 +162,7 @@ def base_version_prefix(settings: Settings, bits: int, group_size: int) -> str:
 def quantize_base(settings: Settings, *, calibration_path: Path | None = None,
                   say: Say | None = None) -> tuple[QuantizeOutcome, BaseManifest]:
     """Quantize the configured base, check it against its source, and register it as a base version."""
-    with _stdout_to_stderr():
+    with stdout_to_stderr():
         return _quantize_base(settings, calibration_path, say or (lambda _msg: None))
 
 
