@@ -159,6 +159,22 @@ def base_version_prefix(settings: Settings, bits: int, group_size: int) -> str:
     return f"{model}-gptq-w{bits}g{group_size if group_size > 0 else 'row'}"
 
 
+def _local_model_dir(settings: Settings) -> str:
+    """The base's directory: the demo's or a local one as is, a hub id through the HF cache."""
+    source = settings.base_model_path
+    looks_like_hub_id = settings.model.base != DEMO_MODEL and not source.startswith(("/", ".", "~"))
+    if not Path(source).is_dir() and looks_like_hub_id:
+        from huggingface_hub import snapshot_download
+
+        try:
+            source = snapshot_download(source)
+        except Exception as exc:
+            raise QuantizeError(f"cannot load base {source!r}: {exc}") from exc
+    if not Path(source, "config.json").exists():
+        raise QuantizeError(f"no base model at {source}: run `flywheel bootstrap` (demo) or set model.base")
+    return source
+
+
 def quantize_base(settings: Settings, *, calibration_path: Path | None = None,
                   say: Say | None = None) -> tuple[QuantizeOutcome, BaseManifest]:
     """Quantize the configured base, check it against its source, and register it as a base version."""
@@ -170,9 +186,7 @@ def _quantize_base(settings: Settings, calibration_path: Path | None, say: Say) 
     from transformers import AutoTokenizer
 
     cfg = settings.quantize
-    source_dir = settings.base_model_path
-    if not Path(source_dir, "config.json").exists():
-        raise QuantizeError(f"no base model at {source_dir}: run `flywheel bootstrap` (demo) or set model.base")
+    source_dir = _local_model_dir(settings)
     started = time.monotonic()
     examples, calibration_source = calibration_examples(settings, cfg.calibration_examples, calibration_path)
     if len(examples) < 8:
