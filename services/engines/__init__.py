@@ -25,7 +25,9 @@ def build_engine(settings: Settings, base: ServedBase | None = None) -> Engine:
 
 def check_engine_runs_base(settings: Settings, base: ServedBase) -> None:
     """Raise UnsupportedBaseError, saying what to change, when the engine cannot run `base` here."""
-    if settings.serving.engine == "vllm" and base.quantized and not _cuda_available():
+    # replica_gpus > 0: replicas run on GPU nodes even when this process (say, a head node) has none
+    on_gpu = settings.serving.replica_gpus > 0 or _cuda_available()
+    if settings.serving.engine == "vllm" and base.quantized and not on_gpu:
         raise UnsupportedBaseError(
             f"vLLM's CPU build cannot run the GPTQ kernels {base.quantized} needs (they want AVX-512 or CUDA); "
             "serve a quantized base on CPU with serving.engine=hf (FLYWHEEL_SERVING__ENGINE=hf)"
