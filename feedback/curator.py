@@ -340,7 +340,9 @@ def mask_feedback(event: FeedbackEvent) -> FeedbackEvent:
     })
 
 
-def join(feedback: Located[FeedbackEvent], prediction: Located[PredictionEvent]) -> CuratedExample:
+def join(
+    feedback: Located[FeedbackEvent], prediction: Located[PredictionEvent], default_task: str
+) -> CuratedExample:
     fb, pred = feedback.event, prediction.event
     if pred.prompt is not None:
         prompt_kind: Literal["text", "messages"] = "text"
@@ -349,7 +351,8 @@ def join(feedback: Located[FeedbackEvent], prediction: Located[PredictionEvent])
         prompt_kind = "messages"
         prompt = json.dumps([m.model_dump() for m in pred.messages or []], ensure_ascii=False)
     return CuratedExample(
-        event_id=fb.event_id, request_id=fb.request_id, feedback_ts=fb.timestamp, prediction_ts=pred.timestamp,
+        event_id=fb.event_id, request_id=fb.request_id, task=pred.task or default_task,
+        feedback_ts=fb.timestamp, prediction_ts=pred.timestamp,
         adapter_version=pred.adapter_version, prompt_kind=prompt_kind, prompt=prompt, answer=pred.answer,
         reasoning=pred.reasoning, rating=fb.rating, thumb=fb.thumb, correction=fb.correction, comment=fb.comment,
         user_id=fb.user_id, tenant_id=fb.tenant_id, feedback_source=feedback.source,
@@ -500,7 +503,7 @@ class Curator:
             waiting = self.state.take_unmatched(event.request_id)
             for feedback in waiting:
                 self.state.mark_curated(feedback.event.event_id, batch)
-            return [join(feedback, prediction) for feedback in waiting]
+            return [join(feedback, prediction, self.settings.default_task) for feedback in waiting]
         result.feedback += 1
         if self.state.known_feedback(event.event_id):
             result.duplicates += 1
@@ -512,7 +515,7 @@ class Curator:
             result.unmatched += 1
             return []
         self.state.mark_curated(event.event_id, batch)
-        return [join(feedback, prediction)]
+        return [join(feedback, prediction, self.settings.default_task)]
 
     def _write_parts(self, rows: list[CuratedExample], batch: int, offsets: dict[str, tuple[int, int]],
                      positions: dict[str, int]) -> list[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
@@ -26,7 +27,7 @@ MANIFEST = "manifest.json"
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 SCHEMA = pa.schema([
-    ("event_id", pa.string()), ("request_id", pa.string()),
+    ("event_id", pa.string()), ("request_id", pa.string()), ("task", pa.string()),
     ("feedback_ts", _TIMESTAMP), ("prediction_ts", _TIMESTAMP),
     ("adapter_version", pa.string()), ("prompt_kind", pa.string()), ("prompt", pa.string()),
     ("answer", pa.string()), ("reasoning", pa.string()),
@@ -137,9 +138,23 @@ class CuratedDataset:
                 for source_f, offset_f, source_p, offset_p in zip(*columns.to_pydict().values(), strict=True)]
         return table.filter(pa.array(keep, type=pa.bool_()))
 
-    def examples(self, manifest: Manifest | None = None, until: Mapping[str, int] | None = None
-                 ) -> list[CuratedExample]:
-        return [CuratedExample.model_validate(row) for row in self.read_table(manifest, until).to_pylist()]
+    def rows_by_task(self, manifest: Manifest | None = None) -> dict[str, int]:
+        """Curated rows per task (reads only the task column)."""
+        manifest = manifest or self.manifest()
+        counts: dict[str, int] = {}
+        for part in manifest.files:
+            column = pq.read_table(self.root / part.path, columns=["task"], schema=SCHEMA)["task"]
+            for entry in pc.value_counts(column).to_pylist():
+                counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
+        return counts
+
+    def examples(self, manifest: Manifest | None = None, until: Mapping[str, int] | None = None,
+                 task: str | None = None) -> list[CuratedExample]:
+        """Curated rows, all tasks' or (`task`) one task's: each task retrains on its own feedback only."""
+        table = self.read_table(manifest, until)
+        if task is not None:
+            table = table.filter(pc.equal(table["task"], task))
+        return [CuratedExample.model_validate(row) for row in table.to_pylist()]
 
     def export_jsonl(self, path: Path, manifest: Manifest | None = None, until: Mapping[str, int] | None = None
                      ) -> int:

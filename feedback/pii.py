@@ -25,6 +25,9 @@ _DIGIT_RUN = re.compile(r"(?<![\d.,])\d+(?:[ -]\d+)*(?!\d|[.,]\d)")
 _DIGITS = re.compile(r"\d+")
 
 
+MAX_CARD_DIGITS = 19
+
+
 def _luhn_ok(digits: str) -> bool:
     total = 0
     for i, char in enumerate(reversed(digits)):
@@ -34,23 +37,33 @@ def _luhn_ok(digits: str) -> bool:
 
 
 def _is_card(digits: str) -> bool:
-    return 13 <= len(digits) <= 19 and digits[0] in "3456" and _luhn_ok(digits)
+    return 13 <= len(digits) <= MAX_CARD_DIGITS and digits[0] in "3456" and _luhn_ok(digits)
 
 
 def _mask_cards(match: re.Match[str]) -> str:
-    """Within one run of digit groups, replace each longest stretch of whole groups that is a card."""
+    """Within one run of digit groups, replace each longest stretch of whole groups that is a card.
+
+    A card has at most 19 digits, so from each group only the next few groups are candidates: the scan
+    is linear in the run's length, whatever shape (thousands of one-digit groups) the run takes.
+    """
     run = match.group()
-    groups = list(_DIGITS.finditer(run))
+    groups = [g.group() for g in _DIGITS.finditer(run)]
+    spans = [g.span() for g in _DIGITS.finditer(run)]
     pieces: list[str] = []
     copied = start = 0
     while start < len(groups):
-        end = next((e for e in range(len(groups), start, -1)
-                    if _is_card("".join(g.group() for g in groups[start:e]))), None)
+        candidates, digits = [], ""
+        for end in range(start, len(groups)):
+            digits += groups[end]
+            if len(digits) > MAX_CARD_DIGITS:
+                break
+            candidates.append((end + 1, digits))
+        end = next((e for e, d in reversed(candidates) if _is_card(d)), None)
         if end is None:
             start += 1
             continue
-        pieces += [run[copied:groups[start].start()], CARD_TOKEN]
-        copied, start = groups[end - 1].end(), end
+        pieces += [run[copied:spans[start][0]], CARD_TOKEN]
+        copied, start = spans[end - 1][1], end
     return "".join(pieces) + run[copied:]
 
 

@@ -56,6 +56,10 @@ class PredictionEvent(_Event):
     """Emitted by /predict once the answer is known; the curator joins feedback to it."""
 
     event_type: Literal["prediction"] = "prediction"
+    task: str | None = Field(
+        None, pattern=r"^[a-z0-9][a-z0-9-]{0,63}$",
+        description="The task that answered; None (events from before tasks) means the default task.",
+    )
     prompt: str | None = None
     messages: list[Message] | None = None
     answer: str
@@ -152,6 +156,7 @@ class CuratedExample(BaseModel):
 
     event_id: str
     request_id: str
+    task: str = Field(description="The task that answered: each task's rows train only that task.")
     feedback_ts: datetime
     prediction_ts: datetime
     adapter_version: str

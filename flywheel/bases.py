@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from flywheel.config import Settings
-from flywheel.registry import Registry, fingerprint_base
+from flywheel.registry import BaseModelRef, Registry, fingerprint_base
 
 
 class ServedBase(BaseModel):
@@ -34,3 +34,8 @@ def served_base(settings: Settings, registry: Registry) -> ServedBase:
         path=str(path), label=name, source_sha256=source_sha256, quantized=name,
         quantization={"method": manifest.method, **manifest.quantization},
     )
+
+
+def base_ref(settings: Settings) -> BaseModelRef:
+    """The unquantized base adapters are trained against, as their manifests name it."""
+    return BaseModelRef(id=settings.model.base, sha256=fingerprint_base(settings.base_model_path))

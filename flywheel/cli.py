@@ -29,8 +29,13 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-adapters_app = typer.Typer(help="Inspect adapter versions in the registry.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Adapter versions in the registry: list them, import one trained elsewhere.",
+                           no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
+tasks_app = typer.Typer(help="The tasks this platform serves: list them, declare a new one.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
+TaskOption = Annotated[str | None, typer.Option("--task", "-t", help="Task name (default: model.task, else the "
+                                                "first configured task).")]
 bases_app = typer.Typer(help="Inspect quantized base versions in the registry.", no_args_is_help=True)
 app.add_typer(bases_app, name="bases")
 app.add_typer(feedback_app, name="feedback")
@@ -41,7 +46,7 @@ app.add_typer(bench_app, name="bench")
 @app.command()
 def bootstrap(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Build the local demo model (no hub) and register a first champion adapter. Idempotent."""
-    from flywheel.bootstrap import bootstrap as run_bootstrap
+    from training.demo_bootstrap import bootstrap as run_bootstrap
 
     result = run_bootstrap(settings_or_exit(config), progress=progress)
     emit(as_json, result.model_dump(),
@@ -62,9 +67,9 @@ def up(
 ) -> None:
     """Start local Ray, the Serve app, the curator and the retrain scheduler. Ctrl-C stops everything."""
     from feedback.curator import Curator
-    from flywheel.bootstrap import bootstrap as run_bootstrap
     from flywheel.scheduler import RetrainScheduler
     from services import app as serve_app
+    from training.demo_bootstrap import bootstrap as run_bootstrap
 
     configure_logging()
     settings = settings_or_exit(config)
@@ -78,6 +83,7 @@ def up(
         settings.feedback.kafka_api_version = kafka_api_version or settings.feedback.kafka_api_version
     result = run_bootstrap(settings, progress=progress)
     base = _servable_base_or_exit(settings)
+    _say_which_tasks_need_an_adapter(settings)
     feedback_target = f"kafka {kafka}" if settings.feedback.kafka_bootstrap else f"local log {settings.feedback_dir}"
     typer.echo(f"starting Ray and Serve (engine={settings.serving.engine}, base={base.label}, "
                f"champion={result.champion}, feedback={feedback_target}) …", err=True)
@@ -111,7 +117,7 @@ def up(
 def _servable_base_or_exit(settings: Settings) -> ServedBase:
     """Check before Ray starts that the configured engine can serve the configured base."""
     from flywheel.bases import served_base
-    from flywheel.bootstrap import registry_for
+    from flywheel.registry import registry_for
     from services.engines import check_engine_runs_base
     from services.engines.protocol import UnsupportedBaseError
 
@@ -123,6 +129,18 @@ def _servable_base_or_exit(settings: Settings) -> ServedBase:
     return base
 
 
+def _say_which_tasks_need_an_adapter(settings: Settings) -> None:
+    """A task with no champion answers with the bare base: say exactly how to give it an adapter."""
+    from flywheel.registry import known_tasks, registry_for
+
+    for name in known_tasks(settings):
+        if registry_for(settings, name).alias("champion") is None:
+            typer.secho(f"warning: task {name!r} has no adapter yet and answers with the bare base; train one "
+                        f"from your data with `flywheel train --task {name} --data FILE.jsonl`, or register one "
+                        f"trained elsewhere with `flywheel adapters import --task {name} DIR`", err=True,
+                        fg=typer.colors.YELLOW)
+
+
 def _curate(curator: Any, stop: threading.Event) -> None:
     try:
         curator.run(stop)
@@ -131,11 +149,9 @@ def _curate(curator: Any, stop: threading.Event) -> None:
 
 
 @adapters_app.command("list")
-def adapters_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """List registered adapter versions, oldest first, marking aliases."""
-    from flywheel.bootstrap import registry_for
-
-    registry = registry_for(settings_or_exit(config))
+def adapters_list(config: ConfigOption = None, task: TaskOption = None, as_json: JsonOption = False) -> None:
+    """List a task's registered adapter versions, oldest first, marking aliases."""
+    registry = _registry_or_exit(settings_or_exit(config), task)
     aliases = registry.aliases()
     rows = []
     for manifest in registry.versions():
@@ -147,18 +163,194 @@ def adapters_list(config: ConfigOption = None, as_json: JsonOption = False) -> N
     emit(as_json, rows, "\n".join(lines) or "no adapter versions yet (run `flywheel bootstrap`)")
 
 
+def _registry_or_exit(settings: Settings, task: str | None) -> Any:
+    from flywheel.registry import registry_for
+
+    try:
+        return registry_for(settings, task)
+    except RegistryError as exc:
+        fail(str(exc), code=2)
+
+
+def _task_of(version: str) -> str:
+    """`faq-v3` -> `faq`: a version names its task."""
+    return version.rsplit("-v", 1)[0] if "-v" in version else version
+
+
+@adapters_app.command("import")
+def adapters_import(
+    path: Annotated[Path, typer.Argument(help="A PEFT adapter directory (adapter_config.json + weights).")],
+    task: Annotated[str, typer.Option("--task", "-t", help="The task it answers (declared in config or by "
+                                      "`flywheel tasks add`).")],
+    config: ConfigOption = None,
+    promote_it: Annotated[bool, typer.Option("--promote", help="Make it champion even if the task has one.")
+                          ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Register an adapter trained elsewhere, after checking it fits the configured base.
+
+    It becomes champion when the task has none (or with --promote); otherwise it is registered ready.
+    """
+    from flywheel.bases import base_ref
+    from flywheel.registry import UnknownTaskError, resolve_task
+    from training.adapter_import import AdapterImportError, check_adapter_fits
+
+    settings = settings_or_exit(config)
+    try:
+        spec = resolve_task(settings, task)
+    except UnknownTaskError as exc:
+        fail(f"{exc}; declare it in config (`tasks:`) or with `flywheel tasks add`", code=2)
+    registry = _registry_or_exit(settings, spec.name)
+    try:
+        summary = check_adapter_fits(path, settings.base_model_path)
+        manifest = registry.register(path, base=base_ref(settings), parent=registry.alias("champion"),
+                                     lora=summary, training={"source": "import", "path": path.name})
+    except (AdapterImportError, RegistryError) as exc:
+        fail(f"{path} not imported: {exc}", code=2)
+    registry.save_task_spec(spec) if registry.task_spec() is None else None
+    promoted = registry.alias("champion") is None or promote_it
+    if promoted:
+        registry.promote(manifest.version, actor=getpass.getuser(), reason=f"imported from {path.name}")
+    emit(as_json, {"version": manifest.version, "champion": promoted, "lora": summary},
+         f"imported {path} as {manifest.version}" + (" (champion)" if promoted else " (ready)"))
+
+
+@tasks_app.command("list")
+def tasks_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Every task: declared in config or stored in the registry, with its kind, metric and champion."""
+    from flywheel.registry import known_tasks, registry_for
+
+    settings = settings_or_exit(config)
+    rows = [{**spec.model_dump(), "champion": registry_for(settings, name).alias("champion"),
+             "default": name == settings.default_task} for name, spec in sorted(known_tasks(settings).items())]
+    lines = [f"{r['name']:<24} {r['kind']:<15} metric={r['metric'] or '-':<11} champion={r['champion'] or '-'}"
+             f"{'  (default)' if r['default'] else ''}" for r in rows]
+    emit(as_json, rows, "\n".join(lines) or "no tasks")
+
+
+@tasks_app.command("add")
+def tasks_add(
+    name: Annotated[str, typer.Argument(help="Task name: lowercase letters, digits and dashes (max 64).")],
+    kind: Annotated[str, typer.Option(help="`classification` or `generation`.")] = "generation",
+    labels: Annotated[str | None, typer.Option(help="Classification: the allowed answers, comma-separated.")
+                      ] = None,
+    metric: Annotated[str | None, typer.Option(help="Gate metric (default: accuracy or token_f1 by kind).")
+                      ] = None,
+    instruction: Annotated[str | None, typer.Option(help="System prompt added to every conversation.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer budget, thinking included.")] = 512,
+    max_seq_len: Annotated[int, typer.Option(help="Training sequence length.")] = 1024,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Declare a task in the registry (every serving replica picks it up); config `tasks:` does the same."""
+    from pydantic import ValidationError
+
+    from flywheel.registry import registry_for
+    from flywheel.tasks import TaskSpec
+
+    settings = settings_or_exit(config)
+    try:
+        spec = TaskSpec(name=name, kind=kind, labels=[x.strip() for x in (labels or "").split(",") if x.strip()],
+                        metric=metric, instruction=instruction, max_new_tokens=max_new_tokens,
+                        max_seq_len=max_seq_len)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        fail("invalid task: " + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'task'}: {e['msg']}"
+                                          for e in exc.errors()), code=2)
+    registry_for(settings, spec.name).save_task_spec(spec)
+    emit(as_json, spec.model_dump(), f"task {spec.name} declared ({spec.kind}, metric {spec.gate_metric})")
+
+
+@app.command()
+def train(
+    task: Annotated[str, typer.Option("--task", "-t", help="The task to train (declared in config or by "
+                                      "`flywheel tasks add`).")],
+    data: Annotated[Path, typer.Option(help="Your data: JSONL, JSON, CSV or Parquet; alpaca, prompt/completion, "
+                                       "OpenAI messages or sharegpt rows.", exists=True, dir_okay=False)],
+    eval_file: Annotated[Path | None, typer.Option(help="A held-out file to score and keep as the golden set "
+                                                   "(default: a test split of --data).", exists=True,
+                                                   dir_okay=False)] = None,
+    val_size: Annotated[float | None, typer.Option(help="Validation share (<1) or rows (>=1); default 0.15.")
+                        ] = None,
+    test_size: Annotated[float | None, typer.Option(help="Test share (<1) or rows (>=1); default 0.15.")] = None,
+    columns: Annotated[str | None, typer.Option(help="Map your field names: `text=input,label=output`.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad row instead of skipping it.")
+                      ] = False,
+    balance: Annotated[bool, typer.Option("--balance", help="Oversample minority labels in the training split.")
+                       ] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a task's adapter from your own data on Ray Train, score it, and register it.
+
+    Bad rows are counted by type with their line numbers and skipped (--strict stops instead); rows are
+    normalised, deduplicated (exactly and near-exactly) and PII-masked before anything is written; the
+    split is seeded (stratified by label for classification). The new version becomes champion when the
+    task has none. Exit codes: 0 registered, 2 unusable input (nothing registered), 1 training failed.
+    """
+    from flywheel.registry import UnknownTaskError, resolve_task
+    from training.train_task import TaskTrainer, TrainError, TrainRequest
+    from training.user_data import DataError
+
+    configure_logging()
+    settings = settings_or_exit(config)
+    try:
+        spec = resolve_task(settings, task)
+    except (UnknownTaskError, RegistryError) as exc:
+        fail(f"{exc}; declare it in config (`tasks:`) or with `flywheel tasks add {task} --kind ...`", code=2)
+    mapping: dict[str, str] = {}
+    for pair in (columns or "").split(","):
+        if pair.strip():
+            source, _, target = pair.partition("=")
+            if not source.strip() or not target.strip():
+                fail(f"--columns takes `yours=ours` pairs, not {pair!r}", code=2)
+            mapping[source.strip()] = target.strip()
+    run_bootstrap_base(settings)
+    request = TrainRequest(task=spec.name, data=data, eval_file=eval_file, val_size=val_size, test_size=test_size,
+                           strict=strict, balance=balance, columns=mapping)
+    trainer = TaskTrainer(settings, spec, request, say=progress)
+    try:
+        splits, data_report = trainer.prepare()
+    except DataError as exc:
+        fail(str(exc), code=2)
+    for line in data_report.lines():
+        progress(line)
+    try:
+        report = trainer.run(splits, data_report)
+    except TrainError as exc:
+        fail(str(exc), code=2)
+    except Exception as exc:  # Ray Train or the engine: nothing was registered
+        logging.getLogger("flywheel.train").exception("event=train_failed task=%s", spec.name)
+        fail(f"training {spec.name} failed, nothing was registered: {type(exc).__name__}: {exc}")
+    finally:
+        _shutdown_ray()
+    emit(as_json, report.model_dump(mode="json"), "\n".join(report.lines()))
+
+
+def run_bootstrap_base(settings: Settings) -> None:
+    """Build the demo base when it is the configured base and not built yet (no model hub involved)."""
+    from training.demo_bootstrap import bootstrap as run_bootstrap
+
+    run_bootstrap(settings, progress=progress)
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @app.command()
 def promote(
-    version: Annotated[str, typer.Argument(help="Adapter version to make champion, e.g. demo-v2.")],
+    version: Annotated[str, typer.Argument(help="Adapter version to make champion of its task, e.g. faq-v2.")],
     config: ConfigOption = None,
     reason: Annotated[str, typer.Option(help="Why; recorded in the alias history.")] = "manual promotion",
     as_json: JsonOption = False,
 ) -> None:
-    """Point the champion alias at VERSION (weights and base are verified first). Serving hot-swaps."""
-    from flywheel.bootstrap import registry_for
-
+    """Point VERSION's task's champion alias at it (weights and base are verified first). Serving hot-swaps."""
+    registry = _registry_or_exit(settings_or_exit(config), _task_of(version))
     try:
-        entry = registry_for(settings_or_exit(config)).promote(version, actor=getpass.getuser(), reason=reason)
+        entry = registry.promote(version, actor=getpass.getuser(), reason=reason)
     except RegistryError as exc:
         fail(f"{version} not promoted: {exc}")
     emit(as_json, entry.model_dump(mode="json"),
@@ -168,14 +360,14 @@ def promote(
 @app.command()
 def rollback(
     config: ConfigOption = None,
+    task: TaskOption = None,
     reason: Annotated[str, typer.Option(help="Why; recorded in the alias history.")] = "manual rollback",
     as_json: JsonOption = False,
 ) -> None:
-    """Move the champion alias back to the version it pointed at before the last promotion."""
-    from flywheel.bootstrap import registry_for
-
+    """Move a task's champion alias back to the version it pointed at before the last promotion."""
+    registry = _registry_or_exit(settings_or_exit(config), task)
     try:
-        entry = registry_for(settings_or_exit(config)).rollback(actor=getpass.getuser(), reason=reason)
+        entry = registry.rollback(actor=getpass.getuser(), reason=reason)
     except RegistryError as exc:
         fail(f"rollback refused: {exc}")
     emit(as_json, entry.model_dump(mode="json"), f"champion rolled back: {entry.previous} -> {entry.version}")
@@ -235,7 +427,7 @@ def quantize(
 @bases_app.command("list")
 def bases_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List quantized base versions (from `flywheel quantize`) with their quality figures."""
-    from flywheel.bootstrap import registry_for
+    from flywheel.registry import registry_for
 
     settings = settings_or_exit(config)
     rows = [m.model_dump(mode="json", exclude={"files"}) for m in registry_for(settings).bases()]
@@ -252,25 +444,31 @@ RETRAIN_EXIT = {"passed": 0, "rejected": 0, "insufficient_data": 2, "failed": 1}
 @app.command()
 def retrain(
     config: ConfigOption = None,
+    task: TaskOption = None,
     wait: Annotated[bool, typer.Option("--wait", help="Run in the foreground and print the verdict.")] = False,
     as_json: JsonOption = False,
     run_id: Annotated[str | None, typer.Option(hidden=True)] = None,
     trigger: Annotated[str, typer.Option(hidden=True)] = "cli",
     lock_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
-    """Retrain the champion adapter on curated feedback; the gate decides whether it ships.
+    """Retrain a task's champion adapter on that task's curated feedback; the gate decides whether it ships.
 
     Without --wait the run starts in the background and its id is printed (see `flywheel status`).
     Exit codes with --wait: 0 passed or rejected, 2 too little data, 1 failed, 3 another run is busy.
     """
+    from flywheel.registry import UnknownTaskError, resolve_task
     from flywheel.runs import RetrainBusyError, RunRecord, RunStore, new_run_id, retrain_command
 
     configure_logging()
     settings = settings_or_exit(config)
+    try:
+        task = resolve_task(settings, task).name
+    except (UnknownTaskError, RegistryError) as exc:
+        fail(str(exc), code=2)
     store = RunStore(settings.home / "runs")
     if not wait and lock_fd is None:
         try:
-            record = store.launch(retrain_command(settings, store.root), trigger)
+            record = store.launch(retrain_command(settings, store.root, task), trigger, task)
         except RetrainBusyError as exc:
             fail(str(exc), code=3)
         emit(as_json, {"run_id": record.run_id, "state": record.state},
@@ -279,14 +477,15 @@ def retrain(
     from training.pipeline import Retrain
 
     run_id = run_id or new_run_id()
-    record = store.get(run_id) or RunRecord(run_id=run_id, trigger=trigger)
+    record = store.get(run_id) or RunRecord(run_id=run_id, trigger=trigger, task=task)
+    record.task = task
     record.pid = os.getpid()
     try:
         with store.exclusive(inherited_fd=lock_fd):
             result = Retrain(settings, record, say=progress).run()
     except RetrainBusyError as exc:
         fail(str(exc), code=3)
-    payload = {"run_id": result.run_id, "verdict": result.verdict, "version": result.version,
+    payload = {"run_id": result.run_id, "task": result.task, "verdict": result.verdict, "version": result.version,
                "report": result.report, "message": result.message, "dataset": result.dataset}
     emit(as_json, payload, f"{result.run_id}: {result.verdict} {result.version or ''} — {result.message}")
     raise typer.Exit(RETRAIN_EXIT[result.verdict])
@@ -295,19 +494,23 @@ def retrain(
 @app.command()
 def status(
     config: ConfigOption = None,
+    task: TaskOption = None,
     url: Annotated[str | None, typer.Option(help="Also ask a running server's /healthz.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The champion, versions, recent alias moves and retrains, and (with --url) what serving runs."""
+    """A task's champion, versions, recent alias moves and retrains, every task's champion, and (with --url)
+    what serving runs."""
     import httpx
 
-    from flywheel.bootstrap import registry_for
+    from flywheel.registry import known_tasks, registry_for
     from flywheel.runs import RunStore
 
     settings = settings_or_exit(config)
-    registry = registry_for(settings)
+    registry = _registry_or_exit(settings, task)
     payload: dict[str, Any] = {
+        "task": registry.task,
         "champion": registry.alias("champion"),
+        "tasks": {name: registry_for(settings, name).alias("champion") for name in known_tasks(settings)},
         "aliases": {k: v.model_dump(mode="json") for k, v in registry.aliases().items()},
         "versions": [m.version for m in registry.versions()],
         "history": [e.model_dump(mode="json") for e in registry.history()[-5:]],
@@ -322,7 +525,9 @@ def status(
             payload["serving"] = httpx.get(f"{url.rstrip('/')}/healthz", timeout=10).json()
         except httpx.HTTPError as exc:
             payload["serving"] = {"error": repr(exc)}
-    lines = [f"champion: {payload['champion'] or '-'}", f"versions: {', '.join(payload['versions']) or '-'}",
+    lines = [f"task: {payload['task']}  champion: {payload['champion'] or '-'}",
+             f"versions: {', '.join(payload['versions']) or '-'}",
+             "tasks: " + ", ".join(f"{t}={c or '-'}" for t, c in payload["tasks"].items()),
              f"engine: {payload['engine']}  base: {payload['base_model']}"
              + (f"  quantized base: {payload['quantized_base']}" if payload["quantized_base"] else ""),
              "recent alias moves:"]
@@ -438,8 +643,8 @@ def bench_train(
     as_json: JsonOption = False,
 ) -> None:
     """LoRA SFT tokens/s through Ray Train vs the same HF Trainer run without Ray (goal >= 1.0)."""
-    from flywheel.bootstrap import bootstrap as run_bootstrap
     from loadtests.bench_train import run_train_bench
+    from training.demo_bootstrap import bootstrap as run_bootstrap
 
     configure_logging()
     settings = settings_or_exit(config)

@@ -11,13 +11,15 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from flywheel.tasks import DEMO_TASK, TaskName, TaskSpec
 
 DEMO_MODEL = "demo"
 
@@ -30,7 +32,9 @@ class ModelSettings(BaseModel):
         description="`demo` (the tiny model `flywheel bootstrap` builds locally), a local HF model "
         "directory, or a hub id such as deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B.",
     )
-    task: str = Field("demo", description="Task name; adapter versions are named `<task>-v<N>`.")
+    task: TaskName | None = Field(
+        None, description="The default task (a request that names none gets it); None: the first of `tasks`."
+    )
     quantized_base: str | None = Field(
         None,
         description="Registry base version from `flywheel quantize` (e.g. demo-gptq-w4g128-v1) that serving "
@@ -48,7 +52,7 @@ class VLLMSettings(BaseModel):
     dtype: str = "auto"
     max_model_len: int = 512
     max_loras: int = Field(3, description="Adapters resident at once: champion, incoming, draining.")
-    max_lora_rank: int = 16
+    max_lora_rank: int = Field(32, description="Largest LoRA rank an adapter may have (vLLM: 8, 16, 32, 64…).")
     max_num_seqs: int = 64
     gpu_memory_utilization: float = 0.85
     quantization: str | None = None
@@ -66,18 +70,14 @@ class ServingSettings(BaseModel):
     replica_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per LLM replica.")
     replica_gpus: float = Field(0.0, ge=0, description="Ray GPUs per LLM replica (1 for vLLM on CUDA).")
     max_prompt_chars: int = Field(4000, ge=1)
-    max_tokens_limit: int = Field(256, ge=1, description="Largest `max_tokens` a request may ask for.")
-    default_max_tokens: int = Field(64, ge=1)
+    max_tokens_limit: int = Field(
+        4096, ge=1, description="Largest `max_tokens` a request may ask for. A request that asks for none gets its "
+        "task's `max_new_tokens` (capped by this and by the model's context)."
+    )
     alias: str = Field("champion", description="Registry alias this app serves.")
     poll_interval_s: float = Field(0.2, gt=0, description="How often replicas re-read the alias.")
     probe_prompt: str = "ping"
     drain_timeout_s: float = Field(30.0, gt=0, description="Wait this long for old-version requests.")
-
-    @model_validator(mode="after")
-    def _defaults_within_limits(self) -> ServingSettings:
-        if self.default_max_tokens > self.max_tokens_limit:
-            raise ValueError("serving.default_max_tokens must be <= serving.max_tokens_limit")
-        return self
 
 
 class FeedbackSettings(BaseModel):
@@ -150,6 +150,42 @@ class RetrainSettings(BaseModel):
     gate: GateSettings = GateSettings()
 
 
+class TrainSettings(BaseModel):
+    """How `flywheel train` fits a task's adapter from a user's own data.
+
+    Fields left None take the base model's defaults (`training_defaults`): what a tiny base needs to learn
+    a new task is not what a 1.5B R1-Distill needs, so those numbers belong to the base, not to code.
+    Steps follow from epochs and the data's size.
+    """
+
+    epochs: float | None = Field(None, gt=0, description="Passes over the training split.")
+    max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps, whatever the epochs say.")
+    learning_rate: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1)
+    lora_r: int | None = Field(None, ge=1)
+    lora_alpha: int | None = Field(None, ge=1)
+    lora_target_modules: list[str] | Literal["all-linear"] | None = None
+    early_stopping_patience: int | None = Field(
+        3, ge=1, description="Stop after this many evaluations on the validation split without a lower loss."
+    )
+    val_size: float = Field(0.15, ge=0, description="Validation share (<1) or row count (>=1): early stopping.")
+    test_size: float = Field(0.15, ge=0, description="Test share (<1) or row count (>=1): scored, becomes golden.")
+    seed: int = 0
+    near_duplicate_threshold: float = Field(
+        0.9, gt=0, le=1, description="MinHash Jaccard similarity above which a row is a near-duplicate."
+    )
+
+
+def training_defaults(base: str) -> dict[str, Any]:
+    """Training numbers that suit `base` when `train.*` leaves them unset."""
+    if base == DEMO_MODEL:  # a 2-layer random-init model: a new task needs every linear layer and many steps
+        return {"epochs": 12.0, "learning_rate": 2e-3, "lora_r": 32, "lora_alpha": 64,
+                "lora_target_modules": "all-linear"}
+    # a real R1-Distill base learns a task with the seeds' q/v rank-16 LoRA in a few epochs
+    return {"epochs": 3.0, "learning_rate": 2e-4, "lora_r": 16, "lora_alpha": 32,
+            "lora_target_modules": ["q_proj", "v_proj"]}
+
+
 class QuantizeSettings(BaseModel):
     """How `flywheel quantize` builds a GPTQ base, and the quality bar it must clear to be served."""
 
@@ -187,6 +223,11 @@ class Settings(BaseSettings):
     )
 
     home: Path = Field(Path(".flywheel"), description="Where local state lives (models, registry, logs).")
+    tasks: list[TaskSpec] = Field(
+        default_factory=lambda: [DEMO_TASK],
+        description="The tasks this platform serves (more can be added with `flywheel train` / `flywheel tasks "
+        "add`). Default: the built-in demo task.",
+    )
     admin_token: str = Field("", description="Token for /admin routes; empty disables them.")
     model: ModelSettings = ModelSettings()
     registry: RegistrySettings = RegistrySettings()
@@ -195,6 +236,7 @@ class Settings(BaseSettings):
     ray: RaySettings = RaySettings()
     feedback: FeedbackSettings = FeedbackSettings()
     retrain: RetrainSettings = RetrainSettings()
+    train: TrainSettings = TrainSettings()
     bootstrap: BootstrapSettings = BootstrapSettings()
     quantize: QuantizeSettings = QuantizeSettings()
 
@@ -220,6 +262,26 @@ class Settings(BaseSettings):
         if yaml_file:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
         return tuple(sources)
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_tasks(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: each name once ({', '.join(sorted(names))})")
+        return tasks
+
+    @property
+    def default_task(self) -> str:
+        """The task of a request that names none, and of commands given no --task."""
+        if self.model.task:
+            return self.model.task
+        return self.tasks[0].name if self.tasks else DEMO_TASK.name
+
+    def training(self) -> TrainSettings:
+        """`train` with every unset field filled from the base's defaults."""
+        filled = {k: v for k, v in training_defaults(self.model.base).items() if getattr(self.train, k) is None}
+        return self.train.model_copy(update=filled)
 
     @property
     def registry_uri(self) -> str:

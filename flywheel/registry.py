@@ -4,8 +4,12 @@ Layout under the registry root (a local directory or any fsspec URL)::
 
     versions/<task>-v<N>/adapter_config.json, adapter_model.safetensors, manifest.json
     bases/<model>-gptq-w<bits>g<group>-v<N>/config.json, model.safetensors, …, manifest.json
-    aliases.json                       {"champion": {...}, "canary": {...}}
-    history/<utc-timestamp>-<id>.json  one file per alias move, never rewritten
+    tasks/<task>/task.json                     the task's spec (kind, labels, metric, budgets)
+    tasks/<task>/golden.jsonl                  its fixed regression set
+    tasks/<task>/aliases.json                  {"champion": {...}, "canary": {...}}
+    tasks/<task>/history/<utc-ts>-<id>.json    one file per alias move, never rewritten
+
+Aliases are per task: one registry holds every task of one base, each with its own champion.
 
 Base versions are quantized copies of the base model (`flywheel quantize`). Adapters keep naming the
 unquantized base they were trained against; a base version names it as its `source`, which is how
@@ -28,14 +32,21 @@ import uuid
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+
+from flywheel.tasks import TASK_NAME_PATTERN, TaskSpec
+
+if TYPE_CHECKING:
+    from flywheel.config import Settings
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 MANIFEST = "manifest.json"
+TASK_SPEC, GOLDEN = "task.json", "golden.jsonl"
+_TASK_NAME = re.compile(TASK_NAME_PATTERN)
 
 
 class RegistryError(Exception):
@@ -44,6 +55,19 @@ class RegistryError(Exception):
 
 class VersionNotFoundError(RegistryError):
     pass
+
+
+class UnknownTaskError(RegistryError):
+    """A task name that neither config nor the registry declares."""
+
+
+def lora_int_id(version: str) -> int:
+    """The LoRA int id engines know `version` by: stable, and distinct across tasks (demo-v1 vs faq-v1).
+
+    vLLM caches adapters by name and id, so one id must never stand for two sets of weights; a 31-bit
+    hash of the (never reused) version name gives that without a shared counter.
+    """
+    return int.from_bytes(hashlib.sha256(version.encode()).digest()[:4], "big") % (2**31 - 2) + 1
 
 
 class AdapterIntegrityError(RegistryError):
@@ -173,6 +197,8 @@ class Registry:
     """Adapter versions, aliases and their history for one task."""
 
     def __init__(self, uri: str, task: str, cache_dir: Path | None = None) -> None:
+        if not _TASK_NAME.match(task):
+            raise RegistryError(f"invalid task name {task!r}: use lowercase letters, digits and dashes (max 64)")
         self.uri = uri.rstrip("/")
         self.task = task
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
@@ -186,7 +212,49 @@ class Registry:
         return "/".join([self.root, *parts])
 
     def _version_dir(self, version: str) -> str:
+        if not self._version_re.match(version):  # a version name becomes a path: refuse anything else
+            raise VersionNotFoundError(f"{version!r} is not a version of task {self.task!r} ({self.task}-v<N>)")
         return self._path("versions", version)
+
+    def _task_path(self, *parts: str) -> str:
+        return self._path("tasks", self.task, *parts)
+
+    # -- the task itself -----------------------------------------------------------------------------
+
+    def task_spec(self) -> TaskSpec | None:
+        """The spec stored for this task (by `flywheel train` or `flywheel tasks add`), if any."""
+        path = self._task_path(TASK_SPEC)
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "r") as f:
+            return TaskSpec.model_validate_json(f.read())
+
+    def save_task_spec(self, spec: TaskSpec) -> None:
+        if spec.name != self.task:
+            raise RegistryError(f"spec of task {spec.name!r} cannot be stored under task {self.task!r}")
+        self._write_text(self._task_path(TASK_SPEC), spec.model_dump_json(indent=2))
+
+    def golden_text(self) -> str | None:
+        """The task's golden set as JSONL text (rows of the training data format), if it has one."""
+        path = self._task_path(GOLDEN)
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "r") as f:
+            return f.read()
+
+    def save_golden(self, jsonl: str) -> None:
+        self._write_text(self._task_path(GOLDEN), jsonl)
+
+    def _write_text(self, path: str, text: str) -> None:
+        """Replace a small file whole: readers see the old or the new text, never a mix."""
+        if self.is_local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            Path(tmp).write_text(text)
+            os.replace(tmp, path)
+        else:
+            with self.fs.open(path, "w") as f:
+                f.write(text)
 
     # -- versions ------------------------------------------------------------------------------------
 
@@ -356,7 +424,7 @@ class Registry:
     # -- aliases -------------------------------------------------------------------------------------
 
     def aliases(self) -> dict[str, AliasRecord]:
-        path = self._path("aliases.json")
+        path = self._task_path("aliases.json")
         if not self.fs.exists(path):
             return {}
         with self.fs.open(path, "r") as f:
@@ -369,26 +437,19 @@ class Registry:
 
     def _write_aliases(self, aliases: dict[str, AliasRecord]) -> None:
         payload = json.dumps({k: v.model_dump(mode="json") for k, v in aliases.items()}, indent=2)
-        path = self._path("aliases.json")
-        if self.is_local:
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            Path(tmp).write_text(payload)
-            os.replace(tmp, path)
-        else:
-            with self.fs.open(path, "w") as f:
-                f.write(payload)
+        self._write_text(self._task_path("aliases.json"), payload)
 
     def _append_history(self, entry: HistoryEntry) -> None:
         name = f"{entry.at.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.json"
-        self.fs.makedirs(self._path("history"), exist_ok=True)
-        with self.fs.open(self._path("history", name), "w") as f:
+        self.fs.makedirs(self._task_path("history"), exist_ok=True)
+        with self.fs.open(self._task_path("history", name), "w") as f:
             f.write(entry.model_dump_json())
 
     def history(self, alias: str | None = None) -> list[HistoryEntry]:
-        if not self.fs.exists(self._path("history")):
+        if not self.fs.exists(self._task_path("history")):
             return []
         entries = []
-        for path in sorted(self.fs.ls(self._path("history"), detail=False)):
+        for path in sorted(self.fs.ls(self._task_path("history"), detail=False)):
             with self.fs.open(path, "r") as f:
                 entries.append(HistoryEntry.model_validate_json(f.read()))
         return [e for e in entries if alias is None or e.alias == alias]
@@ -440,3 +501,45 @@ class Registry:
         )
         self._write_aliases(aliases)
         return entry
+
+
+def task_names(uri: str) -> list[str]:
+    """Tasks that have anything in the registry at `uri` (a spec, versions or aliases)."""
+    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
+    names: set[str] = set()
+    if fs.exists(f"{root}/tasks"):
+        names |= {e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(f"{root}/tasks", detail=False)}
+    if fs.exists(f"{root}/versions"):
+        names |= {e.rstrip("/").rsplit("/", 1)[-1].rsplit("-v", 1)[0] for e in fs.ls(f"{root}/versions", detail=False)}
+    return sorted(n for n in names if _TASK_NAME.match(n))
+
+
+def registry_for(settings: Settings, task: str | None = None) -> Registry:
+    """The registry of `task` (default: the settings' default task)."""
+    return Registry(settings.registry_uri, task or settings.default_task, cache_dir=settings.home / "cache")
+
+
+def known_tasks(settings: Settings) -> dict[str, TaskSpec]:
+    """Every task this platform serves: declared in config, or stored in the registry (`flywheel train`).
+
+    Config wins over a stored spec of the same name: it is what the operator declared last.
+    """
+    tasks: dict[str, TaskSpec] = {}
+    for name in task_names(settings.registry_uri):
+        try:
+            spec = registry_for(settings, name).task_spec()
+        except (OSError, ValidationError):
+            continue
+        if spec is not None:
+            tasks[name] = spec
+    tasks.update({t.name: t for t in settings.tasks})
+    return tasks
+
+
+def resolve_task(settings: Settings, name: str | None = None) -> TaskSpec:
+    """The spec of task `name` (default: the settings' default task); UnknownTaskError names the known ones."""
+    name = name or settings.default_task
+    tasks = known_tasks(settings)
+    if name not in tasks:
+        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(sorted(tasks)) or 'none'}")
+    return tasks[name]

@@ -41,6 +41,7 @@ class RunState(StrEnum):
 
 class RunRecord(BaseModel):
     run_id: str
+    task: str | None = Field(None, description="The task retrained (None: the default task).")
     state: RunState = RunState.RUNNING
     stage: str = "starting"
     trigger: str
@@ -110,7 +111,7 @@ class RunStore:
         finally:
             os.close(fd)
 
-    def launch(self, command: list[str], trigger: str) -> RunRecord:
+    def launch(self, command: list[str], trigger: str, task: str | None = None) -> RunRecord:
         """Start `command` (a `flywheel retrain` child) holding the lock; return the new run's record.
 
         The child gets the locked descriptor as `--lock-fd`; this process drops its copy, so the lock
@@ -128,7 +129,7 @@ class RunStore:
         finally:
             os.close(fd)
         threading.Thread(target=child.wait, name=f"reap-{run_id}", daemon=True).start()
-        record = RunRecord(run_id=run_id, trigger=trigger, pid=child.pid)
+        record = RunRecord(run_id=run_id, trigger=trigger, pid=child.pid, task=task)
         self.save(record)
         return record
 
@@ -153,8 +154,8 @@ class RunStore:
         return [r for r in (self.get(n) for n in names) if r]
 
 
-def retrain_command(settings: Settings, runs_dir: Path) -> list[str]:
-    """`flywheel retrain` in a fresh process, with these exact settings (and this Ray cluster, if any)."""
+def retrain_command(settings: Settings, runs_dir: Path, task: str | None = None) -> list[str]:
+    """`flywheel retrain` of `task` in a fresh process, with these exact settings (and this Ray cluster, if any)."""
     import ray
     import yaml
 
@@ -163,4 +164,5 @@ def retrain_command(settings: Settings, runs_dir: Path) -> list[str]:
         payload["ray"]["address"] = ray.get_runtime_context().gcs_address
     settings_file = runs_dir / f".settings-{uuid.uuid4().hex}.yaml"
     settings_file.write_text(yaml.safe_dump(payload, allow_unicode=True))
-    return [sys.executable, "-m", "flywheel.cli", "retrain", "--config", str(settings_file)]
+    return [sys.executable, "-m", "flywheel.cli", "retrain", "--config", str(settings_file),
+            "--task", task or settings.default_task]

@@ -1,4 +1,7 @@
-"""The retrain schedule inside `flywheel up`: a run starts when enough time AND enough new data exist."""
+"""The retrain schedule inside `flywheel up`: a task's run starts when enough time AND enough new data exist.
+
+Each task is watched on its own (its own runs, its own curated rows); runs still go one at a time.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from collections.abc import Callable
 
 from feedback.dataset import CuratedDataset
 from flywheel.config import Settings
+from flywheel.registry import known_tasks, registry_for
 from flywheel.runs import RetrainBusyError, RunStore, retrain_command
 
 log = logging.getLogger("flywheel.scheduler")
@@ -28,14 +32,15 @@ class RetrainScheduler(threading.Thread):
         self.dataset = CuratedDataset(settings.feedback_dir / "dataset")
         self.started = time.time()
 
-    def due(self) -> tuple[bool, str]:
-        """(start a run now?, why or why not)."""
+    def due(self, task: str | None = None) -> tuple[bool, str]:
+        """(start a run of `task` now?, why or why not)."""
         cfg = self.settings.retrain
-        runs = self.store.list()
+        task = task or self.settings.default_task
+        runs = [r for r in self.store.list() if (r.task or self.settings.default_task) == task]
         last_start = runs[-1].started_at.timestamp() if runs else self.started
         waited = time.time() - last_start
         seen = max((r.dataset.get("feedback_rows", 0) for r in runs), default=0)
-        new_rows = sum(part.rows for part in self.dataset.manifest().files) - seen
+        new_rows = self.dataset.rows_by_task().get(task, 0) - seen
         if waited < cfg.schedule_interval_s:
             return False, f"{waited:.0f}s since the last run; interval {cfg.schedule_interval_s:.0f}s"
         if new_rows < cfg.schedule_min_new_examples:
@@ -47,10 +52,16 @@ class RetrainScheduler(threading.Thread):
                  self.settings.retrain.schedule_min_new_examples)
         while not self.stop.wait(self.check_every_s):
             try:
-                go, why = self.due()
-                if go and self.may_start():
-                    record = self.store.launch(retrain_command(self.settings, self.store.root), "schedule")
-                    log.info("event=retrain_triggered run_id=%s by=schedule why=%r", record.run_id, why)
+                for task in known_tasks(self.settings):
+                    if registry_for(self.settings, task).alias("champion") is None:
+                        continue  # nothing to start from: `flywheel train` gives a task its first adapter
+                    go, why = self.due(task)
+                    if go and self.may_start():
+                        record = self.store.launch(retrain_command(self.settings, self.store.root, task),
+                                                   "schedule", task)
+                        log.info("event=retrain_triggered run_id=%s task=%s by=schedule why=%r", record.run_id,
+                                 task, why)
+                        break  # one run at a time
             except RetrainBusyError:
                 continue
             except Exception:  # the scheduler must outlive a bad check

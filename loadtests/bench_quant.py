@@ -19,10 +19,11 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from flywheel.bootstrap import bootstrap, registry_for
 from flywheel.config import Settings
+from flywheel.registry import registry_for
 from services.engines.hf_engine import HFEngine
 from services.engines.protocol import AdapterHandle, ChatMessage, Engine, SamplingOptions
+from training.demo_bootstrap import bootstrap
 from training.quantize import calibration_examples, calibration_texts, gptq_quantize, stdout_to_stderr
 
 MAX_TOKENS = 48

@@ -17,10 +17,11 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
-from flywheel.bootstrap import bootstrap, registry_for, train_demo_adapter
 from flywheel.config import Settings
+from flywheel.registry import registry_for
 from services.engines import build_engine
 from services.engines.protocol import AdapterHandle, ChatMessage, SamplingOptions
+from training.demo_bootstrap import bootstrap, train_demo_adapter
 
 PROMPT = "Analyze the sentiment of this news: Acme shares surged after record quarterly profits"
 MAX_TOKENS = 32

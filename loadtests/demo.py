@@ -26,9 +26,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flywheel.bootstrap import bootstrap, registry_for
 from flywheel.config import Settings
+from flywheel.registry import registry_for
 from flywheel.runs import RunState, RunStore
+from training.demo_bootstrap import bootstrap
 
 log = logging.getLogger("flywheel.demo")
 

@@ -21,10 +21,10 @@ from typing import Literal
 import psutil
 from pydantic import BaseModel, Field
 
-from flywheel.bootstrap import bootstrap, registry_for, train_demo_adapter
 from flywheel.config import DEMO_MODEL, Settings
-from flywheel.registry import Registry
+from flywheel.registry import Registry, registry_for
 from loadtests.demo import DemoPlan, locust_failures, percentile, platform, start_locust
+from training.demo_bootstrap import bootstrap, train_demo_adapter
 
 log = logging.getLogger("flywheel.soak")
 

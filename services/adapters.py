@@ -1,10 +1,11 @@
 """The adapter lifecycle inside one replica: loading → probing → ready → draining → unloaded (or failed).
 
-The manager follows one registry alias. When the alias moves it preloads the new version, probes it
-with one short generation, then flips: new requests use the new version while requests already
-running finish on the one they started with; the old version is unloaded once drained. A replica that
-starts later converges by reading the alias itself. A failed load or probe leaves the old version
-serving and is remembered (not retried until the alias moves again).
+The manager follows one registry alias of one task (a replica holds one manager per task). When the
+alias moves it preloads the new version, probes it with one short generation, then flips: new requests
+use the new version while requests already running finish on the one they started with; the old
+version is unloaded once drained. A replica that starts later converges by reading the alias itself.
+A failed load or probe leaves the old version serving and is remembered (not retried until the alias
+moves again).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from flywheel.registry import Registry, RegistryError
+from flywheel.registry import Registry, RegistryError, lora_int_id
 from services.engines.protocol import AdapterHandle, ChatMessage, Engine, SamplingOptions
 
 log = logging.getLogger("flywheel.adapters")
@@ -123,7 +124,7 @@ class AdapterManager:
                     self.registry.verify, version, base_sha256=self.base_sha256
                 )
                 slot.handle = AdapterHandle(
-                    name=version, int_id=manifest.number, path=self.registry.local_path(version)
+                    name=version, int_id=lora_int_id(manifest.version), path=self.registry.local_path(version)
                 )
                 await self.engine.add_adapter(slot.handle)
                 slot.move(AdapterState.PROBING)

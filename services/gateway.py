@@ -27,14 +27,23 @@ from feedback.bus import build_bus
 from feedback.schemas import FeedbackAccepted, FeedbackEvent, FeedbackRequest, Message, PredictionEvent
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
-from flywheel.registry import HistoryEntry, Registry, RegistryError, VersionNotFoundError
+from flywheel.registry import (
+    HistoryEntry,
+    RegistryError,
+    UnknownTaskError,
+    VersionNotFoundError,
+    known_tasks,
+    registry_for,
+)
 from flywheel.runs import RetrainBusyError, RunStore, retrain_command
+from flywheel.tasks import TaskName, TaskSpec
 from services.engines.protocol import PromptTooLongError, SamplingOptions
 from services.metrics import GatewayMetrics, ReplicaCollector
-from services.protocol import AliasMove, HealthResponse, PredictRequest, PredictResponse
+from services.protocol import AliasMove, HealthResponse, PredictRequest, PredictResponse, TaskHealth
 from services.status_board import get_board
 
 log = logging.getLogger("flywheel.gateway")
+TASKS_TTL_S = 2.0  # how stale the gateway's list of tasks may be (new tasks come from `flywheel train`)
 
 api = FastAPI(title="flywheel", description="Serve LoRA-tuned R1-distilled models; learn from feedback.")
 
@@ -63,7 +72,9 @@ class Gateway:
         configure_logging()
         self.llm = llm
         self.settings = Settings.model_validate(settings)
-        self.registry = Registry(self.settings.registry_uri, self.settings.model.task)
+        self.registry = registry_for(self.settings)
+        self._tasks: dict[str, TaskSpec] = {}
+        self._tasks_read_at = 0.0
         self.board = get_board(self.settings.registry_uri, self.settings.serving.alias)
         self.metrics = GatewayMetrics()
         self.bus = build_bus(self.settings)  # publish() never waits on a broker: a spool absorbs outages
@@ -72,6 +83,12 @@ class Gateway:
 
     def _champion(self) -> str | None:
         return self.registry.alias(self.settings.serving.alias)
+
+    async def _known_tasks(self) -> dict[str, TaskSpec]:
+        if time.monotonic() - self._tasks_read_at > TASKS_TTL_S:
+            self._tasks = await asyncio.to_thread(known_tasks, self.settings)
+            self._tasks_read_at = time.monotonic()
+        return self._tasks
 
     async def _refresh_replicas(self) -> list[dict[str, Any]]:
         self._replicas = await self.board.snapshot.remote()
@@ -85,18 +102,24 @@ class Gateway:
             field = "prompt" if body.prompt is not None else "messages"
             return self._reject(400, field, f"is {body.prompt_chars()} characters; the limit is "
                                 f"{limits.max_prompt_chars}")
-        max_tokens = body.max_tokens or limits.default_max_tokens
-        if max_tokens > limits.max_tokens_limit:
+        tasks = await self._known_tasks()
+        task = body.task or self.settings.default_task
+        if task not in tasks:
+            return self._reject(404, "task", f"unknown task {task!r}; known tasks: {', '.join(sorted(tasks))}")
+        if body.max_tokens is not None and body.max_tokens > limits.max_tokens_limit:
             return self._reject(422, "max_tokens", f"must be <= {limits.max_tokens_limit}")
+        max_tokens = body.max_tokens or min(tasks[task].max_new_tokens, limits.max_tokens_limit)
         request_id = uuid.uuid4().hex
         options = SamplingOptions(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
         )
         try:
-            completion = await self.llm.generate.remote(body.chat(), options, request_id)
+            completion = await self.llm.generate.remote(body.chat(), options, request_id, task)
         except PromptTooLongError as exc:
             field = "prompt" if body.prompt is not None else "messages"
             return self._reject(400, field, str(exc))
+        except UnknownTaskError:  # registered a moment ago: this replica has not seen it yet
+            return self._reject(404, "task", f"task {task!r} is not loaded yet; retry in a few seconds")
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception as exc:  # engine or replica trouble is ours, not the caller's: 503, logged
@@ -112,18 +135,23 @@ class Gateway:
         self.metrics.latency.labels("/predict", version).observe(latency)
         self.metrics.tokens.labels("prompt", version).inc(completion.usage.prompt_tokens)
         self.metrics.tokens.labels("completion", version).inc(completion.usage.completion_tokens)
-        log.info("event=predict request_id=%s version=%s replica=%s tokens=%d ms=%.1f", request_id,
-                 version, completion.replica, completion.usage.completion_tokens, latency * 1000)
+        log.info("event=predict request_id=%s task=%s version=%s replica=%s tokens=%d truncated=%s ms=%.1f",
+                 request_id, task, version, completion.replica, completion.usage.completion_tokens,
+                 completion.truncated, latency * 1000)
         response = PredictResponse(
             request_id=request_id,
+            task=task,
             adapter_version=version,
             answer=completion.answer,
             reasoning=completion.reasoning,
+            truncated=completion.truncated,
+            finish_reason=completion.finish_reason,
             usage=completion.usage,
             latency_ms=round(latency * 1000, 2),
         )
         self._publish(PredictionEvent(
             request_id=request_id,
+            task=task,
             prompt=body.prompt,
             messages=[Message(role=m.role, content=m.content) for m in body.messages] if body.messages else None,
             answer=completion.answer,
@@ -165,15 +193,23 @@ class Gateway:
     @api.get("/healthz", response_model=HealthResponse)
     async def healthz(self) -> HealthResponse:
         replicas = await self._refresh_replicas()
-        champion = await asyncio.to_thread(self._champion)
-        serving = sorted({r["active"] for r in replicas})
-        healthy = bool(replicas) and all(
-            r["active"] == champion and not r["last_failure"] for r in replicas
-        ) if champion else bool(replicas)
+        tasks = await self._known_tasks()
+        champions = await asyncio.to_thread(
+            lambda: {t: registry_for(self.settings, t).alias(self.settings.serving.alias) for t in tasks})
+        health: dict[str, TaskHealth] = {}
+        healthy = bool(replicas)
+        for task, champion in champions.items():
+            states = [r.get("tasks", {}).get(task, {}) for r in replicas]
+            health[task] = TaskHealth(champion=champion, serving=sorted({s.get("active", "-") for s in states}))
+            # a replica off its task's champion, or whose last swap failed, is degraded
+            healthy = healthy and all(
+                (champion is None or s.get("active") == champion) and not s.get("last_failure") for s in states)
+        default = health.get(self.settings.default_task, TaskHealth(champion=None, serving=[]))
         return HealthResponse(
             status="ok" if healthy else "degraded",
-            champion=champion,
-            serving=serving,
+            champion=default.champion,
+            serving=default.serving,
+            tasks=health,
             engine=self.settings.serving.engine,
             base_model=self.settings.model.quantized_base or self.settings.model.base,
             quantization=next((r["quantization"] for r in replicas if r.get("quantization")), None),
@@ -193,16 +229,20 @@ class Gateway:
         return None
 
     @api.post("/admin/retrain", status_code=202)
-    async def admin_retrain(self, request: Request) -> Any:
+    async def admin_retrain(self, request: Request, task: TaskName | None = None) -> Any:
         if denied := self._unauthorized(request):
             return denied
+        task = task or self.settings.default_task
+        if task not in await self._known_tasks():
+            return JSONResponse(status_code=404, content={"error": f"unknown task {task!r}"})
         store = RunStore(self.settings.home / "runs")
         try:
-            record = await asyncio.to_thread(store.launch, retrain_command(self.settings, store.root), "admin")
+            record = await asyncio.to_thread(store.launch, retrain_command(self.settings, store.root, task), "admin",
+                                             task)
         except RetrainBusyError as exc:
             return JSONResponse(status_code=409, content={"error": str(exc)})
-        log.info("event=retrain_triggered run_id=%s by=admin", record.run_id)
-        return JSONResponse(status_code=202, content={"run_id": record.run_id, "state": record.state})
+        log.info("event=retrain_triggered run_id=%s task=%s by=admin", record.run_id, task)
+        return JSONResponse(status_code=202, content={"run_id": record.run_id, "task": task, "state": record.state})
 
     @api.post("/admin/promote")
     async def admin_promote(self, request: Request, body: AliasMove) -> Any:
@@ -210,14 +250,17 @@ class Gateway:
             return denied
         if not body.version:
             return _error(422, [{"field": "version", "message": "required", "type": "missing"}])
-        return await self._move_alias(lambda: self.registry.promote(
-            body.version, actor=body.actor, reason=body.reason or "promoted via /admin/promote"))
+        version = body.version
+        registry = registry_for(self.settings, version.rsplit("-v", 1)[0]) if "-v" in version else self.registry
+        return await self._move_alias(lambda: registry.promote(
+            version, actor=body.actor, reason=body.reason or "promoted via /admin/promote"))
 
     @api.post("/admin/rollback")
     async def admin_rollback(self, request: Request, body: AliasMove) -> Any:
         if denied := self._unauthorized(request):
             return denied
-        return await self._move_alias(lambda: self.registry.rollback(
+        registry = registry_for(self.settings, body.task) if body.task else self.registry
+        return await self._move_alias(lambda: registry.rollback(
             actor=body.actor, reason=body.reason or "rolled back via /admin/rollback"))
 
     async def _move_alias(self, move: Callable[[], HistoryEntry]) -> JSONResponse:

@@ -1,7 +1,10 @@
-"""The LLM deployment: one engine per replica, following the registry alias on its own.
+"""The LLM deployment: one engine per replica, one LoRA per task, each following its task's alias.
 
-Each replica reads the alias on start (so a late replica converges), then watches it; the swap itself
-lives in `AdapterManager`. It reports its state to the status board for /healthz and /metrics.
+Every task served on the one base keeps its champion resident as its own LoRA (vLLM multi-LoRA) and
+has its own `AdapterManager`, so a swap in one task never touches another task's requests. Each
+replica reads the aliases on start (so a late replica converges), then watches them, and looks for
+tasks added meanwhile (`flywheel train` registers new ones). It reports its state to the status
+board for /healthz and /metrics.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from ray import serve
 from flywheel.bases import served_base
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
-from flywheel.r1 import split_reasoning
-from flywheel.registry import Registry
+from flywheel.r1 import split_completion
+from flywheel.registry import UnknownTaskError, known_tasks, registry_for
+from flywheel.tasks import TaskSpec
 from services.adapters import AdapterManager
 from services.engines import build_engine
 from services.engines.protocol import ChatMessage, Engine, SamplingOptions
@@ -29,6 +33,7 @@ from services.status_board import get_board
 log = logging.getLogger("flywheel.llm")
 
 REPORT_INTERVAL_S = 1.0
+DISCOVER_INTERVAL_S = 2.0  # how often a replica looks for tasks registered after it started
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=5)
@@ -37,27 +42,44 @@ class LLMServer:
         configure_logging()
         self.settings = Settings.model_validate(settings)
         self.replica = self._replica_id()
-        registry = Registry(
-            self.settings.registry_uri, self.settings.model.task, cache_dir=self.settings.home / "cache"
-        )
-        self.base = await asyncio.to_thread(served_base, self.settings, registry)
-        self.engine = engine or build_engine(self.settings, self.base)
+        self.base = await asyncio.to_thread(served_base, self.settings, registry_for(self.settings))
+        self.specs: dict[str, TaskSpec] = await asyncio.to_thread(known_tasks, self.settings)
+        self.engine = engine or build_engine(self.settings, self.base, tasks=len(self.specs))
         await self.engine.start()
-        self.manager = AdapterManager(
-            self.engine,
-            registry,
-            alias=self.settings.serving.alias,
-            base_sha256=self.base.source_sha256,  # adapters name the unquantized base they were trained on
-            probe_prompt=self.settings.serving.probe_prompt,
-            drain_timeout_s=self.settings.serving.drain_timeout_s,
-        )
-        await self.manager.converge()  # serve the current alias from the first request on
+        self.managers: dict[str, AdapterManager] = {}
+        await self._discover()  # every task's current champion from the first request on
         self._board = get_board(self.settings.registry_uri, self.settings.serving.alias)
         self._tasks = [
-            asyncio.create_task(self.manager.watch(self.settings.serving.poll_interval_s)),
+            asyncio.create_task(self._watch_forever()),
             asyncio.create_task(self._report_forever()),
         ]
-        log.info("event=replica_ready replica=%s version=%s", self.replica, self.manager.active.version)
+        log.info("event=replica_ready replica=%s %s", self.replica,
+                 " ".join(f"{t}={m.active.version}" for t, m in self.managers.items()))
+
+    async def _discover(self) -> None:
+        """Start following tasks that appeared in config or the registry, converging each at once."""
+        self.specs = await asyncio.to_thread(known_tasks, self.settings)
+        new = [name for name in self.specs if name not in self.managers]
+        for name in new:
+            self.managers[name] = AdapterManager(
+                self.engine,
+                registry_for(self.settings, name),
+                alias=self.settings.serving.alias,
+                base_sha256=self.base.source_sha256,  # adapters name the unquantized base they were trained on
+                probe_prompt=self.settings.serving.probe_prompt,
+                drain_timeout_s=self.settings.serving.drain_timeout_s,
+            )
+        await asyncio.gather(*(self.managers[name].converge() for name in new))
+
+    async def _watch_forever(self) -> None:
+        last_discovery = time.monotonic()
+        while True:
+            await asyncio.sleep(self.settings.serving.poll_interval_s)
+            if time.monotonic() - last_discovery > DISCOVER_INTERVAL_S:
+                with contextlib.suppress(OSError, ValueError):  # a registry hiccup: try again next round
+                    await self._discover()
+                last_discovery = time.monotonic()
+            await asyncio.gather(*(m.converge() for m in list(self.managers.values())))
 
     @staticmethod
     def _replica_id() -> str:
@@ -67,23 +89,33 @@ class LLMServer:
             return f"local-{uuid.uuid4().hex[:8]}"
 
     async def generate(
-        self, messages: list[ChatMessage], options: SamplingOptions, request_id: str
+        self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None = None
     ) -> Completion:
-        with self.manager.acquire() as slot:
-            generation = await self.engine.generate(messages, options, slot.handle, request_id)
-        reasoning, answer = split_reasoning(generation.text)
+        task = task or self.settings.default_task
+        manager, spec = self.managers.get(task), self.specs.get(task)
+        if manager is None or spec is None:
+            raise UnknownTaskError(f"unknown task {task!r}; known tasks: {', '.join(sorted(self.managers))}")
+        chat = [ChatMessage(**m) for m in spec.conversation([m.model_dump() for m in messages])]
+        with manager.acquire() as slot:
+            generation = await self.engine.generate(chat, options, slot.handle, request_id)
+        reasoning, answer, truncated = split_completion(generation.text, opened_think=generation.opened_think)
         return Completion(
+            task=task,
             adapter_version=slot.version,
             replica=self.replica,
             answer=answer,
             reasoning=reasoning,
+            truncated=truncated,
             usage=Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
             finish_reason=generation.finish_reason,
         )
 
     def status(self) -> dict[str, Any]:
-        return {**self.manager.status(), "engine": self.settings.serving.engine,
-                "base_model": self.base.label, "quantization": self.base.quantization or None}
+        tasks = {name: manager.status() for name, manager in self.managers.items()}
+        default = tasks.get(self.settings.default_task) or {"active": "base", "last_failure": None}
+        return {"active": default["active"], "last_failure": default["last_failure"], "tasks": tasks,
+                "engine": self.settings.serving.engine, "base_model": self.base.label,
+                "quantization": self.base.quantization or None}
 
     async def _report_forever(self) -> None:
         last: dict[str, Any] | None = None

@@ -20,25 +20,27 @@ class ReplicaCollector:
 
     def collect(self) -> Iterator[Metric]:
         active = GaugeMetricFamily(
-            "flywheel_adapter_active", "1 for the adapter version each replica serves",
-            labels=["replica", "version"],
+            "flywheel_adapter_active", "1 for the adapter version each replica serves for each task",
+            labels=["replica", "task", "version"],
         )
         swaps = CounterMetricFamily(
-            "flywheel_adapter_swaps", "Adapter swaps per replica by result", labels=["replica", "result"]
+            "flywheel_adapter_swaps", "Adapter swaps per replica and task by result",
+            labels=["replica", "task", "result"],
         )
         failed = GaugeMetricFamily(
-            "flywheel_adapter_swap_failed", "1 while a replica's last swap attempt failed",
-            labels=["replica", "version"],
+            "flywheel_adapter_swap_failed", "1 while a replica's last swap attempt for a task failed",
+            labels=["replica", "task", "version"],
         )
         for status in self._snapshot():
             replica = status["replica"]
-            active.add_metric([replica, status["active"]], 1)
-            swaps.add_metric([replica, "succeeded"], status["swaps_succeeded"])
-            swaps.add_metric([replica, "failed"], status["swaps_failed"])
-            if status["last_failure"]:
-                failed.add_metric([replica, status["last_failure"]["version"]], 1)
+            for task, state in status.get("tasks", {}).items():
+                active.add_metric([replica, task, state["active"]], 1)
+                swaps.add_metric([replica, task, "succeeded"], state["swaps_succeeded"])
+                swaps.add_metric([replica, task, "failed"], state["swaps_failed"])
+                if state["last_failure"]:
+                    failed.add_metric([replica, task, state["last_failure"]["version"]], 1)
         champion = GaugeMetricFamily(
-            "flywheel_champion_info", "The version the champion alias points at", labels=["version"]
+            "flywheel_champion_info", "The version the default task's champion alias points at", labels=["version"]
         )
         champion.add_metric([self._champion() or "none"], 1)
         yield from (active, swaps, failed, champion)

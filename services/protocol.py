@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flywheel.tasks import TaskName
 from services.engines.protocol import ChatMessage
 
 
@@ -27,6 +28,7 @@ class PredictRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0)
+    task: TaskName | None = Field(None, description="Which task answers (default: the platform's default task).")
 
     @field_validator("prompt")
     @classmethod
@@ -58,27 +60,40 @@ class Usage(BaseModel):
 class Completion(BaseModel):
     """What one LLM replica returns for one request."""
 
+    task: str
     adapter_version: str
     replica: str
     answer: str
     reasoning: str
+    truncated: bool = False
     usage: Usage
     finish_reason: str | None = None
 
 
 class PredictResponse(BaseModel):
     request_id: str
+    task: str
     adapter_version: str
     answer: str
     reasoning: str
+    truncated: bool = Field(
+        False, description="The answer budget ran out while the model was still thinking: `answer` is empty."
+    )
+    finish_reason: str | None = None
     usage: Usage
     latency_ms: float
 
 
+class TaskHealth(BaseModel):
+    champion: str | None
+    serving: list[str] = Field(description="Versions of this task the live replicas serve.")
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok", "degraded"]
-    champion: str | None
-    serving: list[str] = Field(description="Adapter versions the live replicas are serving.")
+    champion: str | None = Field(description="The default task's champion.")
+    serving: list[str] = Field(description="Versions of the default task the live replicas serve.")
+    tasks: dict[str, TaskHealth] = Field(default_factory=dict, description="Every task's champion and serving.")
     engine: str
     base_model: str = Field(description="The base the replicas run: the model, or a quantized base version.")
     quantization: dict | None = Field(None, description="method, bits, group size of a quantized base.")
@@ -90,6 +105,9 @@ class AliasMove(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: str | None = Field(None, description="Version to promote (promote only).")
+    version: str | None = Field(
+        None, pattern=r"^[a-z0-9][a-z0-9-]{0,63}-v[0-9]{1,9}$", description="Version to promote (promote only)."
+    )
+    task: TaskName | None = Field(None, description="Task to roll back (rollback only; default: the default task).")
     reason: str = ""
     actor: str = Field("admin-api", max_length=128)

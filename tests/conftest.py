@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flywheel.bootstrap import bootstrap, registry_for, train_demo_adapter
 from flywheel.config import Settings
-from flywheel.registry import Registry
+from flywheel.registry import Registry, registry_for
+from training.demo_bootstrap import bootstrap, train_demo_adapter
 
 pytest_plugins = ["tests.kafka_broker"]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flywheel.bootstrap import registry_for
 from flywheel.config import Settings
 from flywheel.r1 import split_reasoning
+from flywheel.registry import registry_for
 from services.engines.hf_engine import HFEngine
 from services.engines.protocol import AdapterHandle, ChatMessage, PromptTooLongError, SamplingOptions
 from tests.conftest import make_settings

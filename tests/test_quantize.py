@@ -21,10 +21,9 @@ import yaml
 from typer.testing import CliRunner
 
 from flywheel.bases import served_base
-from flywheel.bootstrap import registry_for
 from flywheel.cli import app as cli
 from flywheel.config import Settings
-from flywheel.registry import BaseRefusedError
+from flywheel.registry import BaseRefusedError, registry_for
 from services.engines import build_engine
 from services.engines.hf_engine import HFEngine
 from services.engines.protocol import AdapterHandle, ChatMessage, SamplingOptions, UnsupportedBaseError

@@ -21,9 +21,9 @@ import yaml
 from typer.testing import CliRunner
 
 from feedback.curator import Curator
-from flywheel.bootstrap import registry_for
 from flywheel.cli import app as cli
 from flywheel.config import Settings
+from flywheel.registry import registry_for
 from flywheel.runs import RunStore
 from tests.conftest import ADMIN_TOKEN, make_settings
 from training.demo_task import ANSWERS, DemoExample, generate_examples, is_correct

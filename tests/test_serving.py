@@ -178,8 +178,8 @@ def test_corrupt_adapter_never_becomes_champion(champion_v1: tuple[str, Registry
         assert health["status"] == "degraded" and health["serving"] == ["demo-v1"], health
         assert predict(url, "ping", max_tokens=4).json()["adapter_version"] == "demo-v1"
         metrics = httpx.get(f"{url}/metrics").text
-        assert f'flywheel_adapter_swap_failed{{replica="{health["replicas"][0]["replica"]}",version="{bad}"}} 1.0' \
-            in metrics
+        replica = health["replicas"][0]["replica"]
+        assert f'flywheel_adapter_swap_failed{{replica="{replica}",task="demo",version="{bad}"}} 1.0' in metrics
         registry.promote("demo-v1", actor="test", reason="undo forced alias")
         wait_for_version(url, "demo-v1")
 

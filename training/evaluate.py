@@ -1,27 +1,30 @@
-"""Score adapters on evaluation slices with the engine that serves them.
+"""Score adapters on evaluation slices with the engine that serves them, by the task's own metric.
 
-Every adapter sees the same examples in the same order, so the per-example results pair up for the
-gate's significance test. Metrics per slice: answer accuracy (text after `</think>`, normalised),
-format validity (a closed think block and a non-empty answer), perplexity of the reference answers,
-mean latency. The parity probe compares the serving engine's greedy answers with the PEFT reference.
+Every adapter sees the same examples in the same order, so the per-example scores pair up for the
+gate's significance test. Per slice: the task's gate metric (mean and per example), every metric of
+its kind for the report (classification: accuracy, macro-F1, per-label scores and the confusion
+matrix; generation: exact match, contains, token-F1, ROUGE-L, chrF), format validity (a closed think
+block and a non-empty answer), the share cut off while thinking (never scored as an answer),
+perplexity of the reference answers and mean latency. Budgets come from the task. The parity probe
+compares the serving engine's greedy answers with the PEFT reference.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections.abc import Awaitable
-from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from flywheel.config import Settings
-from flywheel.r1 import split_reasoning
-from services.engines.protocol import AdapterHandle, ChatMessage, Engine, SamplingOptions
-from training.demo_task import golden_set, normalize_answer
-from training.gate import SliceScores
+from flywheel.r1 import split_completion
+from flywheel.registry import Registry
+from flywheel.tasks import TaskSpec
+from services.engines.protocol import AdapterHandle, ChatMessage, Engine, PromptTooLongError, SamplingOptions
+from training.metrics import classification_report, generation_report, match_label
 from training.sft import completion_text
 
 T = TypeVar("T")
@@ -29,21 +32,49 @@ CONCURRENCY = 16  # enough to keep vLLM's continuous batching busy
 
 
 class EvalExample(BaseModel):
-    prompt: str
+    """A conversation (ending with the user turn) and the answer it should get."""
+
+    messages: list[dict[str, str]]
     answer: str
     reasoning: str = ""
 
+    @classmethod
+    def of(cls, prompt: str, answer: str, reasoning: str = "") -> EvalExample:
+        return cls(messages=[{"role": "user", "content": prompt}], answer=answer, reasoning=reasoning)
 
-def golden_examples(settings: Settings) -> list[EvalExample]:
-    """The task's fixed regression set (the demo task ships one)."""
-    path = settings.retrain.golden_path
-    if path:
-        return [EvalExample.model_validate_json(line) for line in Path(path).read_text().splitlines() if line]
-    return [EvalExample(prompt=e.prompt, answer=e.answer, reasoning=e.reasoning) for e in golden_set()]
+    @property
+    def prompt(self) -> str:
+        return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
 
 
-def _chat(prompt: str) -> list[ChatMessage]:
-    return [ChatMessage(role="user", content=prompt)]
+class SliceScores(BaseModel):
+    """One adapter on one evaluation slice."""
+
+    n: int
+    metric: str = Field(description="The task's gate metric.")
+    score: float = Field(description="The gate metric on the slice (accuracy, macro-F1 or the generation mean).")
+    per_example: list[float] = Field(description="Per example, in slice order: the pairing for significance.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Every metric of the task's kind.")
+    classification: dict[str, Any] | None = Field(None, description="Per-label scores and confusion matrix.")
+    format_validity: float
+    truncated: float = Field(0.0, description="Share of completions cut off while thinking (scored 0).")
+    too_long: int = Field(0, description="Examples whose prompt did not fit the context with the answer budget.")
+    perplexity: float | None = None
+    mean_latency_ms: float
+    samples: list[dict[str, str]] = Field(default_factory=list, description="A few predictions, for the report.")
+
+
+def golden_examples(registry: Registry) -> list[EvalExample]:
+    """The task's fixed regression set from the registry (empty when it has none yet)."""
+    text = registry.golden_text()
+    if not text:
+        return []
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [EvalExample(messages=r["messages"], answer=r["answer"], reasoning=r.get("reasoning", "")) for r in rows]
+
+
+def _chat(spec: TaskSpec, example: EvalExample) -> list[ChatMessage]:
+    return [ChatMessage(**m) for m in spec.conversation(example.messages)]
 
 
 async def _bounded(coros: list[Awaitable[T]], limit: int = CONCURRENCY) -> list[T]:
@@ -56,55 +87,98 @@ async def _bounded(coros: list[Awaitable[T]], limit: int = CONCURRENCY) -> list[
     return await asyncio.gather(*(run(c) for c in coros))
 
 
-async def score_slice(
-    engine: Engine, adapter: AdapterHandle | None, examples: list[EvalExample], *, max_tokens: int = 64
-) -> SliceScores:
-    greedy = SamplingOptions(max_tokens=max_tokens)
+class _Answer(BaseModel):
+    text: str
+    valid: bool
+    truncated: bool
+    too_long: bool
+    ms: float
 
-    async def answer(i: int, example: EvalExample) -> tuple[str, bool, float]:
+
+async def score_slice(
+    engine: Engine, adapter: AdapterHandle | None, examples: list[EvalExample], spec: TaskSpec
+) -> SliceScores:
+    greedy = SamplingOptions(max_tokens=spec.max_new_tokens)
+    if spec.kind == "classification":  # a reference naming no label cannot be scored (data loading refuses them)
+        examples = [e for e in examples if match_label(e.answer, spec.labels) is not None]
+
+    async def answer(i: int, example: EvalExample) -> _Answer:
         started = time.perf_counter()
-        generation = await engine.generate(_chat(example.prompt), greedy, adapter, f"eval-{i}-{time.time_ns()}")
+        try:
+            generation = await engine.generate(_chat(spec, example), greedy, adapter, f"eval-{i}-{time.time_ns()}")
+        except PromptTooLongError:
+            return _Answer(text="", valid=False, truncated=False, too_long=True, ms=0.0)
         elapsed = (time.perf_counter() - started) * 1000
-        _, predicted = split_reasoning(generation.text)
-        return predicted, "</think>" in generation.text and bool(predicted), elapsed
+        _, predicted, truncated = split_completion(generation.text, opened_think=generation.opened_think)
+        return _Answer(text=predicted, valid=not truncated and "</think>" in generation.text and bool(predicted),
+                       truncated=truncated, too_long=False, ms=elapsed)
 
     results = await _bounded([answer(i, e) for i, e in enumerate(examples)])
-    logprobs = await _bounded([
-        engine.completion_logprob(_chat(e.prompt), completion_text(e.reasoning, e.answer), adapter)
-        for e in examples
-    ])
-    correct = [normalize_answer(pred) == normalize_answer(e.answer) for (pred, _, _), e in zip(
-        results, examples, strict=True)]
+
+    async def logprob(example: EvalExample) -> tuple[float, int]:
+        try:
+            return await engine.completion_logprob(_chat(spec, example), completion_text(example.reasoning,
+                                                                                         example.answer), adapter)
+        except PromptTooLongError:
+            return 0.0, 0
+
+    logprobs = await _bounded([logprob(e) for e in examples])
+    n = len(examples)
+    predictions = [r.text for r in results]
+    references = [e.answer for e in examples]
+    classification = None
+    if spec.kind == "classification":
+        predicted = [match_label(p, spec.labels) for p in predictions]
+        expected = [match_label(r, spec.labels) or "" for r in references]
+        report = classification_report(predicted, expected, spec.labels)
+        per_example = [float(p == e) for p, e in zip(predicted, expected, strict=True)]
+        metrics = {"accuracy": report.accuracy, "macro_f1": report.macro_f1}
+        score = metrics[spec.gate_metric]
+        classification = report.model_dump()
+    else:
+        generated = generation_report(spec.gate_metric, predictions, references)
+        per_example, metrics = generated.values, generated.means
+        score = metrics[spec.gate_metric]
     total_logprob = sum(lp for lp, _ in logprobs)
-    total_tokens = sum(n for _, n in logprobs)
+    total_tokens = sum(k for _, k in logprobs)
+    answered = [r.ms for r in results if not r.too_long]
     return SliceScores(
-        n=len(examples),
-        accuracy=sum(correct) / len(examples),
-        format_validity=sum(valid for _, valid, _ in results) / len(examples),
+        n=n,
+        metric=spec.gate_metric,
+        score=score if n else 0.0,
+        per_example=per_example,
+        metrics=metrics,
+        classification=classification,
+        format_validity=sum(r.valid for r in results) / n if n else 0.0,
+        truncated=sum(r.truncated for r in results) / n if n else 0.0,
+        too_long=sum(r.too_long for r in results),
         perplexity=math.exp(-total_logprob / total_tokens) if total_tokens else None,
-        mean_latency_ms=sum(ms for _, _, ms in results) / len(examples),
-        correct=correct,
+        mean_latency_ms=sum(answered) / len(answered) if answered else 0.0,
+        samples=[{"prompt": e.prompt[:200], "expected": e.answer[:200], "predicted": p[:200]}
+                 for e, p in list(zip(examples, predictions, strict=True))[:5]],
     )
 
 
 async def evaluate(
-    engine: Engine, adapters: dict[str, AdapterHandle], slices: dict[str, list[EvalExample]]
+    engine: Engine, adapters: dict[str, AdapterHandle | None], slices: dict[str, list[EvalExample]], spec: TaskSpec
 ) -> dict[str, dict[str, SliceScores]]:
-    """{version: {slice: scores}} for every adapter on every slice (adapters must be loaded)."""
+    """{name: {slice: scores}} for every adapter (None: the bare base) on every slice (adapters loaded)."""
     return {
-        version: {name: await score_slice(engine, handle, examples) for name, examples in slices.items()}
-        for version, handle in adapters.items()
+        name: {slice_name: await score_slice(engine, handle, examples, spec) for slice_name, examples in slices.items()}
+        for name, handle in adapters.items()
     }
 
 
 async def parity(
-    serving: Engine, reference: Engine, adapter: AdapterHandle, prompts: list[str], *, max_tokens: int = 48
+    serving: Engine, reference: Engine, adapter: AdapterHandle, examples: list[EvalExample], spec: TaskSpec
 ) -> float:
     """Share of prompts where the serving engine's greedy answer equals the PEFT reference's."""
-    greedy = SamplingOptions(max_tokens=max_tokens)
+    greedy = SamplingOptions(max_tokens=spec.max_new_tokens)
     agree = 0
-    for i, prompt in enumerate(prompts):
-        served = await serving.generate(_chat(prompt), greedy, adapter, f"parity-s-{i}-{time.time_ns()}")
-        expected = await reference.generate(_chat(prompt), greedy, adapter, f"parity-r-{i}")
-        agree += split_reasoning(served.text)[1] == split_reasoning(expected.text)[1]
-    return agree / len(prompts)
+    for i, example in enumerate(examples):
+        chat = _chat(spec, example)
+        served = await serving.generate(chat, greedy, adapter, f"parity-s-{i}-{time.time_ns()}")
+        expected = await reference.generate(chat, greedy, adapter, f"parity-r-{i}")
+        agree += (split_completion(served.text, opened_think=served.opened_think).answer
+                  == split_completion(expected.text, opened_think=expected.opened_think).answer)
+    return agree / len(examples) if examples else 1.0

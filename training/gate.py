@@ -1,27 +1,23 @@
 """The evaluation gate: only a candidate that is better where it should be, and no worse elsewhere, ships.
 
-Candidate and champion are scored on the same examples by the engine that serves them, so results
-are paired: significance is McNemar's exact test on the discordant pairs.
+Candidate and champion are scored on the same examples by the engine that serves them, with the task's
+own metric, so results are paired: McNemar's exact test for 0/1 scores (accuracy, exact match,
+contains), a seeded paired bootstrap for continuous ones (token-F1, ROUGE-L, chrF). A hold-out too small
+for the test to ever reach the configured alpha gives `insufficient_data`, never a rejection.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from flywheel.config import GateSettings
+from flywheel.tasks import TaskSpec
+from training.evaluate import SliceScores
+from training.metrics import mcnemar_p, min_pairs_for_alpha, paired_bootstrap
 
-
-class SliceScores(BaseModel):
-    """One adapter on one evaluation slice."""
-
-    n: int
-    accuracy: float
-    format_validity: float
-    perplexity: float | None = None
-    mean_latency_ms: float
-    correct: list[bool] = Field(description="Per example, in slice order: the pairing for significance.")
+Verdict = Literal["passed", "rejected", "insufficient_data"]
 
 
 class GateCheck(BaseModel):
@@ -33,53 +29,70 @@ class GateCheck(BaseModel):
 
 
 class GateReport(BaseModel):
-    passed: bool
+    verdict: Verdict
+    metric: str
     checks: list[GateCheck]
+    message: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "passed"
 
     def failures(self) -> list[str]:
         return [f"{c.name}: {c.detail}" for c in self.checks if not c.passed]
 
 
-def mcnemar_p(champion: list[bool], candidate: list[bool]) -> float:
-    """Two-sided exact McNemar p-value for paired correctness (1.0 when nothing differs)."""
-    if len(champion) != len(candidate):
-        raise ValueError("paired results must have the same length")
-    only_candidate = sum(1 for a, b in zip(champion, candidate, strict=True) if b and not a)
-    only_champion = sum(1 for a, b in zip(champion, candidate, strict=True) if a and not b)
-    n = only_candidate + only_champion
-    if n == 0:
-        return 1.0
-    k = min(only_candidate, only_champion)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
+def significance(champion: SliceScores, candidate: SliceScores, spec: TaskSpec, alpha: float) -> tuple[float, str]:
+    """(p-value that the candidate is better, how it was computed) on paired per-example scores."""
+    if spec.binary_metric or spec.kind == "classification":
+        p = mcnemar_p([v >= 0.5 for v in champion.per_example], [v >= 0.5 for v in candidate.per_example])
+        return p, f"McNemar p={p:.4f} on {candidate.n} paired examples"
+    result = paired_bootstrap(champion.per_example, candidate.per_example)
+    return result.p_value, (f"paired bootstrap p={result.p_value:.4f} on {result.n} pairs, mean difference "
+                            f"{result.mean_diff:+.3f} (95% CI {result.ci_low:+.3f}..{result.ci_high:+.3f})")
+
+
+def golden_check(champion: SliceScores | None, candidate: SliceScores | None, policy: GateSettings) -> GateCheck:
+    if champion is None or candidate is None or candidate.n == 0:
+        return GateCheck(name="golden_regression", passed=True, value=None, threshold=policy.max_golden_regression,
+                         detail="the task has no golden set yet")
+    drop = champion.score - candidate.score
+    return GateCheck(name="golden_regression", passed=drop <= policy.max_golden_regression, value=drop,
+                     threshold=policy.max_golden_regression,
+                     detail=f"golden {candidate.metric} {champion.score:.3f} -> {candidate.score:.3f}")
 
 
 def decide(
     champion: dict[str, SliceScores],
     candidate: dict[str, SliceScores],
     *,
+    spec: TaskSpec,
     new_slice: str,
     golden_slice: str,
     parity: float | None,
     policy: GateSettings,
 ) -> GateReport:
-    """Apply `policy` to paired scores of the two adapters."""
+    """Apply `policy` to paired scores of the two adapters on the task's metric."""
     new_c, new_k = candidate[new_slice], champion[new_slice]
-    gold_c, gold_k = candidate[golden_slice], champion[golden_slice]
-    gain = new_c.accuracy - new_k.accuracy
-    drop = gold_k.accuracy - gold_c.accuracy
-    p = mcnemar_p(new_k.correct, new_c.correct)
-    validity = min(new_c.format_validity, gold_c.format_validity)
+    metric = spec.gate_metric
+    needed = min_pairs_for_alpha(policy.significance_alpha, binary=spec.binary_metric)
+    if new_c.n < needed:
+        return GateReport(
+            verdict="insufficient_data", metric=metric, checks=[],
+            message=f"{new_c.n} held-out examples; a paired test at alpha={policy.significance_alpha} needs at "
+                    f"least {needed} to ever be significant",
+        )
+    gain = new_c.score - new_k.score
+    p, how = significance(new_k, new_c, spec, policy.significance_alpha)
+    validity = min(s.format_validity for s in candidate.values() if s.n)
     latency_ratio = new_c.mean_latency_ms / max(new_k.mean_latency_ms, 1e-6)
     checks = [
         GateCheck(name="improvement", passed=gain >= policy.min_improvement, value=gain,
                   threshold=policy.min_improvement,
-                  detail=f"{new_slice} accuracy {new_k.accuracy:.3f} -> {new_c.accuracy:.3f} ({gain:+.3f})"),
+                  detail=f"{new_slice} {metric} {new_k.score:.3f} -> {new_c.score:.3f} ({gain:+.3f})"),
         GateCheck(name="significance", passed=gain > 0 and p <= policy.significance_alpha, value=p,
-                  threshold=policy.significance_alpha, detail=f"McNemar p={p:.4f} on {new_c.n} paired examples"),
-        GateCheck(name="golden_regression", passed=drop <= policy.max_golden_regression, value=drop,
-                  threshold=policy.max_golden_regression,
-                  detail=f"{golden_slice} accuracy {gold_k.accuracy:.3f} -> {gold_c.accuracy:.3f}"),
+                  threshold=policy.significance_alpha, detail=how),
+        golden_check(champion.get(golden_slice), candidate.get(golden_slice), policy),
         GateCheck(name="format_validity", passed=validity >= policy.min_format_validity, value=validity,
                   threshold=policy.min_format_validity, detail=f"worst slice validity {validity:.3f}"),
         GateCheck(name="latency", passed=latency_ratio <= policy.max_latency_ratio, value=latency_ratio,
@@ -89,4 +102,7 @@ def decide(
         checks.append(GateCheck(name="engine_parity", passed=parity >= policy.min_parity, value=parity,
                                 threshold=policy.min_parity,
                                 detail=f"serving engine agrees with the PEFT reference on {parity:.0%}"))
-    return GateReport(passed=all(c.passed for c in checks), checks=checks)
+    passed = all(c.passed for c in checks)
+    return GateReport(verdict="passed" if passed else "rejected", metric=metric, checks=checks,
+                      message=checks[0].detail if passed else "; ".join(f"{c.name}: {c.detail}"
+                                                                        for c in checks if not c.passed))

@@ -17,16 +17,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feedback.dataset import CuratedDataset
-from flywheel.bases import ServedBase, served_base
-from flywheel.bootstrap import base_ref, registry_for
+from flywheel.bases import ServedBase, base_ref, served_base
 from flywheel.config import Settings
-from flywheel.registry import Registry
+from flywheel.registry import Registry, lora_int_id, registry_for, resolve_task
 from flywheel.runs import RunRecord, RunState, RunStore
 from services.engines import build_engine
 from services.engines.hf_engine import HFEngine
 from services.engines.protocol import AdapterHandle
-from training.evaluate import EvalExample, evaluate, golden_examples, parity
-from training.gate import SliceScores, decide
+from training.evaluate import EvalExample, SliceScores, evaluate, golden_examples, parity
+from training.gate import decide
 from training.ray_train import TrainJob, train_on_ray
 from training.retrain_data import (
     RetrainData,
@@ -51,7 +50,9 @@ class Retrain:
         self.settings = settings
         self.record = record
         self.store = RunStore(settings.home / "runs")
-        self.registry: Registry = registry_for(settings)
+        self.task = resolve_task(settings, record.task)
+        self.record.task = self.task.name
+        self.registry: Registry = registry_for(settings, self.task.name)
         self.workdir = self.store.root / record.run_id
         self._say = say or (lambda _msg: None)
 
@@ -84,11 +85,12 @@ class Retrain:
         self.stage("snapshot")
         champion = self.registry.alias("champion")
         if champion is None:
-            raise RuntimeError("no champion adapter to start from: run `flywheel bootstrap` first")
+            raise RuntimeError(f"task {self.task.name} has no champion adapter to start from: train one with "
+                               f"`flywheel train --task {self.task.name} --data FILE` first")
         self.record.champion_before = champion
         dataset = CuratedDataset(self.settings.feedback_dir / "dataset")
         snapshot = dataset.manifest()
-        rows = dataset.examples(snapshot)
+        rows = dataset.examples(snapshot, task=self.task.name)
 
         self.stage("dataset")
         champion_dir = self.registry.local_path(champion)
@@ -116,22 +118,25 @@ class Retrain:
 
         self.stage("evaluate")
         slices = {
-            NEW_SLICE: [EvalExample(prompt=e.prompt, answer=e.answer, reasoning=e.reasoning) for e in data.holdout],
-            GOLDEN_SLICE: golden_examples(self.settings),
+            NEW_SLICE: [EvalExample.of(e.prompt, e.answer, e.reasoning) for e in data.holdout],
+            GOLDEN_SLICE: golden_examples(self.registry),
         }
         scores, agreement = asyncio.run(self._evaluate(champion, candidate_dir, slices, base))
 
         self.stage("gate")
-        report = decide(scores[champion], scores["candidate"], new_slice=NEW_SLICE, golden_slice=GOLDEN_SLICE,
-                        parity=agreement, policy=cfg.gate)
+        report = decide(scores[champion], scores["candidate"], spec=self.task, new_slice=NEW_SLICE,
+                        golden_slice=GOLDEN_SLICE, parity=agreement, policy=cfg.gate)
         summary = {
-            version: {name: s.model_dump(exclude={"correct"}) for name, s in by_slice.items()}
+            version: {name: s.model_dump(exclude={"per_example"}) for name, s in by_slice.items()}
             for version, by_slice in (("champion", scores[champion]), ("candidate", scores["candidate"]))
         }
-        self.record.report = {"passed": report.passed, "checks": [c.model_dump() for c in report.checks],
-                              "scores": summary, "parity": agreement,
+        self.record.report = {"passed": report.passed, "verdict": report.verdict, "metric": report.metric,
+                              "checks": [c.model_dump() for c in report.checks], "scores": summary,
+                              "parity": agreement, "message": report.message,
                               "engine": {"engine": self.settings.serving.engine, "base": base.label,
                                          "quantization": base.quantization or None}}
+        if report.verdict == "insufficient_data":  # nothing is registered: the data could not have decided
+            return self.finish(RunState.INSUFFICIENT_DATA, report.message)
 
         self.stage("register")
         manifest = self.registry.register(
@@ -152,8 +157,7 @@ class Retrain:
         self.stage("promote")
         self.registry.promote(manifest.version, actor=f"retrain:{self.record.run_id}",
                               reason=f"gate passed ({self.record.trigger})")
-        gain = report.checks[0].detail
-        return self.finish(RunState.PASSED, f"{manifest.version} is champion; {gain}")
+        return self.finish(RunState.PASSED, f"{manifest.version} is champion; {report.message}")
 
     def _lora_spec(self) -> LoraSpec:
         cfg = self.settings.retrain
@@ -189,7 +193,7 @@ class Retrain:
                 out_dir=out_dir,
                 method=cfg.method,
                 sft=SftConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
-                              grad_accum=cfg.grad_accum, lora=self._lora_spec()),
+                              grad_accum=cfg.grad_accum, lora=self._lora_spec(), max_seq_len=self.task.max_seq_len),
                 init_adapter=champion_dir,
                 num_workers=cfg.num_workers,
                 use_gpu=cfg.use_gpu,
@@ -209,7 +213,7 @@ class Retrain:
         self, champion: str, candidate_dir: Path, slices: dict[str, list[EvalExample]], base: ServedBase
     ) -> tuple[dict[str, dict[str, SliceScores]], float]:
         """Score both adapters on the serving engine and base; probe it against the PEFT reference."""
-        champion_handle = AdapterHandle(name=champion, int_id=self.registry.manifest(champion).number,
+        champion_handle = AdapterHandle(name=champion, int_id=lora_int_id(champion),
                                         path=self.registry.local_path(champion))
         candidate = AdapterHandle(name=f"candidate-{self.record.run_id}", int_id=CANDIDATE_LORA_ID, path=candidate_dir)
         engine = build_engine(self.settings, base)
@@ -217,12 +221,12 @@ class Retrain:
         try:
             for handle in (champion_handle, candidate):
                 await engine.add_adapter(handle)
-            scores = await evaluate(engine, {champion: champion_handle, "candidate": candidate}, slices)
+            scores = await evaluate(engine, {champion: champion_handle, "candidate": candidate}, slices, self.task)
             reference = HFEngine(base.path, max_model_len=self.settings.vllm.max_model_len)
             await reference.start()
             await reference.add_adapter(candidate)
-            prompts = [e.prompt for e in slices[NEW_SLICE][: self.settings.retrain.gate.parity_prompts]]
-            agreement = await parity(engine, reference, candidate, prompts)
+            probe = slices[NEW_SLICE][: self.settings.retrain.gate.parity_prompts]
+            agreement = await parity(engine, reference, candidate, probe, self.task)
             await reference.shutdown()
         finally:
             await engine.shutdown()

@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from flywheel.bootstrap import base_ref, registry_for
+from flywheel.bases import base_ref
 from flywheel.config import DEMO_MODEL, Settings
-from flywheel.registry import WEIGHT_SUFFIXES, BaseManifest
+from flywheel.registry import WEIGHT_SUFFIXES, BaseManifest, registry_for
 from services.engines.hf_engine import load_causal_lm
 from training.evaluate import golden_examples
 from training.retrain_data import TrainExample, read_train_data
@@ -192,7 +192,7 @@ def _quantize_base(settings: Settings, calibration_path: Path | None, say: Say) 
     if len(examples) < 8:
         raise QuantizeError(f"{len(examples)} calibration examples from {calibration_source}; at least 8 are needed")
     seen = {e.prompt for e in examples}
-    held_out = [e for e in golden_examples(settings) if e.prompt not in seen][: cfg.quality_examples]
+    held_out = [e for e in golden_examples(registry_for(settings)) if e.prompt not in seen][: cfg.quality_examples]
     if not held_out:
         raise QuantizeError("no held-out examples for the quality check: the golden set is empty or all calibration")
     tokenizer = AutoTokenizer.from_pretrained(source_dir)

@@ -13,6 +13,7 @@ GPU each with `use_gpu`) and nothing else.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -67,8 +68,10 @@ class TrainJob(BaseModel):
     checkpoint_dir: Path | None = Field(
         None, description="Ray Train storage for run state and checkpoints; None: a temp dir removed afterwards."
     )
+    tensorboard_dir: Path | None = Field(None, description="Where rank 0 writes TensorBoard loss curves (SFT).")
 
-    @field_validator("base_dir", "train_path", "eval_path", "out_dir", "init_adapter", "checkpoint_dir")
+    @field_validator("base_dir", "train_path", "eval_path", "out_dir", "init_adapter", "checkpoint_dir",
+                     "tensorboard_dir")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
         """Workers run in other directories: pin paths before they travel."""
@@ -89,11 +92,16 @@ class TrainOutcome(TrainResult):
 
 
 class _SftRow(BaseModel):
-    """One SFT Parquet row; it satisfies `SupervisedExample`."""
+    """One SFT Parquet row; it satisfies `SupervisedExample`. `messages_json`: the turns before the answer."""
 
     prompt: str
     reasoning: str
     answer: str
+    messages_json: str = ""
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return json.loads(self.messages_json) if self.messages_json else []
 
 
 def write_rows(path: Path, rows: Sequence[SupervisedExample] | Sequence[KtoExample]) -> Path:
@@ -146,8 +154,10 @@ def _train_worker(config: dict[str, Any]) -> TrainResult:
                 job.base_dir, train_rows, job.sft, Path(scratch), kto=job.kto, eval_rows=eval_rows, **options
             )
         else:
+            is_rank0 = ray.train.get_context().get_world_rank() == 0
             model, result = fit_sft(
-                job.base_dir, train_rows, job.sft, Path(scratch), eval_examples=eval_rows, **options
+                job.base_dir, train_rows, job.sft, Path(scratch), eval_examples=eval_rows,
+                tensorboard_dir=job.tensorboard_dir if is_rank0 else None, **options
             )
     if ray.train.get_context().get_world_rank() == 0:
         save_adapter(model, job.out_dir)

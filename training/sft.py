@@ -85,6 +85,7 @@ class TrainResult(BaseModel):
     train_seconds: float = Field(description="Wall time inside the training loop (`Trainer.train`).")
     step_seconds_p50: float = Field(description="Median wall time from one optimizer step to the next.")
     best_eval_loss: float | None = Field(None, description="Lowest eval loss; None without eval data.")
+    trainable_share: float | None = Field(None, description="Trainable (LoRA) parameters / all parameters.")
     stopped_early: bool = Field(False, description="Early stopping ended the run before `steps`.")
 
     @computed_field  # type: ignore[prop-decorator]
@@ -102,20 +103,31 @@ def completion_text(reasoning: str, answer: str) -> str:
     return f"{reasoning}\n{THINK_END}\n\n{answer}"
 
 
-def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The user turn rendered with the tokenizer's chat template, ending in the generation prompt."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
+def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """A conversation rendered with the tokenizer's chat template, ending in the generation prompt."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert isinstance(text, str)
     return text
+
+
+def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The user turn rendered with the tokenizer's chat template, ending in the generation prompt."""
+    return chat_text(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def conversation_of(example: SupervisedExample) -> list[dict[str, str]]:
+    """The turns before the answer: an example's own `messages` (system, earlier turns) or its one prompt."""
+    messages = getattr(example, "messages", None)
+    if messages:
+        return [m if isinstance(m, dict) else m.model_dump() for m in messages]
+    return [{"role": "user", "content": example.prompt}]
 
 
 def encode_example(
     tokenizer: PreTrainedTokenizerBase, example: SupervisedExample, max_seq_len: int
 ) -> dict[str, list[int]]:
-    """Token ids and labels for one example; labels are `IGNORE_INDEX` on the prompt."""
-    prompt_ids = tokenizer(prompt_text(tokenizer, example.prompt), add_special_tokens=False)["input_ids"]
+    """Token ids and labels for one example; labels are `IGNORE_INDEX` on the prompt (loss on the answer)."""
+    prompt_ids = tokenizer(chat_text(tokenizer, conversation_of(example)), add_special_tokens=False)["input_ids"]
     target = completion_text(example.reasoning, example.answer)
     target_ids = [*tokenizer(target, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
     input_ids = [*prompt_ids, *target_ids][:max_seq_len]
@@ -216,7 +228,8 @@ def load_lora_model(base_dir: Path, lora: LoraSpec, init_adapter: Path | None = 
 
 
 def trainer_arguments(
-    config: SftConfig, output_dir: Path, *, use_gpu: bool, eval_steps: int | None = None
+    config: SftConfig, output_dir: Path, *, use_gpu: bool, eval_steps: int | None = None,
+    tensorboard_dir: Path | None = None,
 ) -> dict[str, Any]:
     """`TrainingArguments` keywords shared by SFT and KTO (`KTOConfig` subclasses `TrainingArguments`).
 
@@ -240,7 +253,7 @@ def trainer_arguments(
         "logging_steps": 1,
         "logging_strategy": "steps",
         "save_strategy": "no",
-        "report_to": [],
+        "report_to": ["tensorboard"] if tensorboard_dir is not None else [],
         "disable_tqdm": True,
         "log_level": "error",
         "log_level_replica": "error",
@@ -253,6 +266,8 @@ def trainer_arguments(
         "dataloader_num_workers": 0,
         "include_num_input_tokens_seen": "non_padding",
     }
+    if tensorboard_dir is not None:  # loss curves where TensorBoard reads them
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_dir)
     if eval_steps is not None:
         kwargs |= {
             "eval_strategy": "steps",
@@ -305,7 +320,15 @@ def run_trainer(trainer: Trainer, started: float) -> TrainResult:
         step_seconds_p50=statistics.median(clock.seconds),
         best_eval_loss=min(eval_losses) if eval_losses else None,
         stopped_early=trainer.state.global_step < trainer.state.max_steps,
+        trainable_share=_trainable_share(trainer.model),
     )
+
+
+def _trainable_share(model: Any) -> float | None:
+    if not hasattr(model, "get_nb_trainable_parameters"):
+        return None
+    trainable, total = model.get_nb_trainable_parameters()
+    return trainable / total if total else None
 
 
 def save_adapter(model: PeftModel, out_dir: Path) -> None:
@@ -327,6 +350,7 @@ def fit_sft(
     early_stopping_patience: int | None = None,
     progress: Callable[[str], None] | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    tensorboard_dir: Path | None = None,
 ) -> tuple[PeftModel, TrainResult]:
     """Train a LoRA adapter with the HF `Trainer` (checkpoints go to `scratch`); the caller saves the model.
 
@@ -346,7 +370,8 @@ def fit_sft(
     eval_set = [encode_example(tokenizer, ex, config.max_seq_len) for ex in eval_examples]
     model = load_lora_model(base_dir, config.lora, init_adapter)
     args = TrainingArguments(
-        **trainer_arguments(config, scratch, use_gpu=use_gpu, eval_steps=eval_steps if eval_set else None)
+        **trainer_arguments(config, scratch, use_gpu=use_gpu, eval_steps=eval_steps if eval_set else None,
+                            tensorboard_dir=tensorboard_dir)
     )
     trainer = Trainer(
         model=model,

@@ -7,10 +7,13 @@ from flywheel.config import Settings
 from services.engines.protocol import Engine, UnsupportedBaseError
 
 
-def build_engine(settings: Settings, base: ServedBase | None = None) -> Engine:
-    """The engine named by `serving.engine`, on `base` (default: the served base the settings name)."""
+def build_engine(settings: Settings, base: ServedBase | None = None, *, tasks: int = 1) -> Engine:
+    """The engine named by `serving.engine`, on `base` (default: the served base the settings name).
+
+    vLLM is sized to keep every task's champion resident, plus one incoming and one draining version.
+    """
     if base is None:
-        from flywheel.bootstrap import registry_for
+        from flywheel.registry import registry_for
 
         base = served_base(settings, registry_for(settings))
     check_engine_runs_base(settings, base)
@@ -20,7 +23,9 @@ def build_engine(settings: Settings, base: ServedBase | None = None) -> Engine:
         return HFEngine(base.path, max_model_len=settings.vllm.max_model_len)
     from services.engines.vllm_engine import VLLMEngine
 
-    return VLLMEngine(base.path, **settings.vllm.model_dump())
+    engine_args = settings.vllm.model_dump()
+    engine_args["max_loras"] = max(settings.vllm.max_loras, tasks + 2)
+    return VLLMEngine(base.path, **engine_args)
 
 
 def check_engine_runs_base(settings: Settings, base: ServedBase) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
+from flywheel.r1 import THINK
 from services.engines.protocol import ChatMessage, PromptTooLongError
 
 
@@ -14,6 +15,14 @@ def load_tokenizer(model: str) -> Any:
     if tokenizer.chat_template is None:
         raise ValueError(f"{model} has no chat template; flywheel serves chat models only")
     return tokenizer
+
+
+def opens_think(tokenizer: Any) -> bool:
+    """Whether the model's generation prompt opens a think block (R1's does: `<｜Assistant｜><think>\\n`)."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False
+    )
+    return str(text).rstrip().endswith(THINK)
 
 
 def render_prompt_ids(

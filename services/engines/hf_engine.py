@@ -10,7 +10,7 @@ import asyncio
 import logging
 from typing import Any
 
-from services.engines.chat import load_tokenizer, render_prompt_ids
+from services.engines.chat import load_tokenizer, opens_think, render_prompt_ids
 from services.engines.protocol import AdapterHandle, ChatMessage, Generation, SamplingOptions
 
 log = logging.getLogger("flywheel.engine.hf")
@@ -35,6 +35,7 @@ class HFEngine:
         self._lock = asyncio.Lock()
         self._model: Any = None
         self._tokenizer: Any = None
+        self._opens_think = False
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
@@ -42,6 +43,7 @@ class HFEngine:
 
     def _load(self) -> None:
         self._tokenizer = load_tokenizer(self.base_model)
+        self._opens_think = opens_think(self._tokenizer)
         self._model = load_causal_lm(self.base_model)
 
     async def add_adapter(self, adapter: AdapterHandle) -> None:
@@ -108,6 +110,7 @@ class HFEngine:
             prompt_tokens=len(prompt_ids),
             completion_tokens=len(new_ids) + (1 if finish == "stop" else 0),
             finish_reason=finish,
+            opened_think=self._opens_think,
         )
 
     async def completion_logprob(

@@ -49,6 +49,9 @@ class Generation(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
+    opened_think: bool = Field(
+        False, description="The chat template's generation prompt opened <think> (R1): the text starts inside it."
+    )
 
 
 @runtime_checkable

@@ -11,7 +11,7 @@ import logging
 import os
 import uuid
 
-from services.engines.chat import load_tokenizer, render_prompt_ids
+from services.engines.chat import load_tokenizer, opens_think, render_prompt_ids
 from services.engines.protocol import (
     AdapterHandle,
     ChatMessage,
@@ -64,6 +64,7 @@ class VLLMEngine:
         self._cpu_kvcache_gib = cpu_kvcache_gib
         self._engine = None
         self._tokenizer = None
+        self._opens_think = False
 
     async def start(self) -> None:
         import torch
@@ -78,6 +79,7 @@ class VLLMEngine:
             if kwargs["dtype"] == "auto":  # vLLM's CPU "auto" turns fp32 into bf16; keep the checkpoint's
                 kwargs["dtype"] = _checkpoint_dtype(self.base_model)
         self._tokenizer = load_tokenizer(self.base_model)
+        self._opens_think = opens_think(self._tokenizer)
         self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         log.info("event=engine_started engine=vllm base=%s", self.base_model)
 
@@ -122,6 +124,7 @@ class VLLMEngine:
             prompt_tokens=len(prompt_ids),
             completion_tokens=len(completion.token_ids),
             finish_reason=completion.finish_reason,
+            opened_think=self._opens_think,
         )
 
     async def completion_logprob(

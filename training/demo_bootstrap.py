@@ -1,19 +1,24 @@
 """`flywheel bootstrap`: make the embedded defaults servable on a fresh machine, with no model hub.
 
-Builds the tiny demo base (when the configured base is `demo`), trains a first LoRA adapter on the
-demo task, registers it and makes it champion. Every step is skipped when its result already exists.
+Builds the tiny demo base (when the configured base is `demo`) and, when the demo task is one of the
+configured tasks, stores its spec and golden set, trains a first LoRA adapter on it, registers it and
+makes it champion. A real base never gets a demo adapter: its tasks are trained from their own data
+(`flywheel train`). Every step is skipped when its result already exists.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel
 
+from flywheel.bases import base_ref
 from flywheel.config import DEMO_MODEL, Settings
-from flywheel.registry import AdapterManifest, BaseModelRef, Registry, fingerprint_base
+from flywheel.registry import AdapterManifest, Registry, registry_for
+from flywheel.tasks import DEMO_TASK
 
 Progress = Callable[[str], None]
 
@@ -21,16 +26,8 @@ Progress = Callable[[str], None]
 class BootstrapResult(BaseModel):
     base_model: str
     base_built: bool
-    champion: str
-    adapter_registered: bool
-
-
-def registry_for(settings: Settings) -> Registry:
-    return Registry(settings.registry_uri, settings.model.task, cache_dir=settings.home / "cache")
-
-
-def base_ref(settings: Settings) -> BaseModelRef:
-    return BaseModelRef(id=settings.model.base, sha256=fingerprint_base(settings.base_model_path))
+    champion: str | None = None
+    adapter_registered: bool = False
 
 
 def train_demo_adapter(
@@ -78,7 +75,17 @@ def bootstrap(settings: Settings, progress: Progress | None = None) -> Bootstrap
             progress=say,
         )
         built = True
-    registry = registry_for(settings)
+    if settings.model.base != DEMO_MODEL or DEMO_TASK.name not in {t.name for t in settings.tasks}:
+        return BootstrapResult(base_model=settings.base_model_path, base_built=built)
+    registry = registry_for(settings, DEMO_TASK.name)
+    if registry.golden_text() is None:
+        from training.demo_task import golden_set
+
+        registry.save_task_spec(next(t for t in settings.tasks if t.name == DEMO_TASK.name))
+        registry.save_golden("".join(
+            json.dumps({"messages": [{"role": "user", "content": e.prompt}], "reasoning": e.reasoning,
+                        "answer": e.answer, "line": i + 1}, ensure_ascii=False) + "\n"
+            for i, e in enumerate(golden_set())))
     champion = registry.alias("champion")
     registered = False
     if champion is None:
