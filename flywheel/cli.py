@@ -308,6 +308,7 @@ def train(
     request = TrainRequest(task=spec.name, data=data, eval_file=eval_file, val_size=val_size, test_size=test_size,
                            strict=strict, balance=balance, columns=mapping)
     trainer = TaskTrainer(settings, spec, request, say=progress)
+    ray_was_up = _ray_is_up()
     try:
         splits, data_report = trainer.prepare()
     except DataError as exc:
@@ -322,7 +323,8 @@ def train(
         logging.getLogger("flywheel.train").exception("event=train_failed task=%s", spec.name)
         fail(f"training {spec.name} failed, nothing was registered: {type(exc).__name__}: {exc}")
     finally:
-        _shutdown_ray()
+        if not ray_was_up:  # a Ray this command started for training; never one it was handed
+            _shutdown_ray()
     emit(as_json, report.model_dump(mode="json"), "\n".join(report.lines()))
 
 
@@ -331,6 +333,12 @@ def run_bootstrap_base(settings: Settings) -> None:
     from training.demo_bootstrap import bootstrap as run_bootstrap
 
     run_bootstrap(settings, progress=progress)
+
+
+def _ray_is_up() -> bool:
+    import ray
+
+    return ray.is_initialized()
 
 
 def _shutdown_ray() -> None:

@@ -115,6 +115,10 @@ class GateSettings(BaseModel):
     min_format_validity: float = Field(0.9, description="Share of answers with a closed <think> and an answer.")
     max_latency_ratio: float = Field(1.5, description="Candidate mean latency / champion's, at most.")
     min_parity: float = Field(0.75, description="Greedy agreement of serving engine and PEFT reference.")
+    min_confirmed_score: float = Field(
+        0.8, ge=0, le=1, description="Small-data policy: the candidate's mean task metric on the confirmed "
+        "corrections' own prompts must reach this (it must honour what users agreed on).",
+    )
     parity_prompts: int = Field(8, ge=1, description="Prompts in the engine-parity probe.")
 
 
@@ -135,7 +139,15 @@ class RetrainSettings(BaseModel):
     lora_target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
     replay_fraction: float = Field(0.3, ge=0, lt=1, description="Share of the champion's own data replayed.")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Newest share of feedback held out for the gate.")
-    min_examples: int = Field(20, ge=1, description="Fewer usable feedback examples than this: no retrain.")
+    min_examples: int = Field(20, ge=1, description="Fewer usable feedback examples than this: no retrain "
+                              "(unless the small-data policy applies: see confirm_repeats).")
+    confirm_repeats: int = Field(
+        2, ge=2, description="A prompt corrected this many times with the same answer is a confirmed correction. "
+        "When the hold-out is too small for significance, confirmed corrections are learned in one retrain and "
+        "gated on honouring them plus golden non-regression (the small-data policy).",
+    )
+    small_data_replay_per_row: int = Field(
+        4, ge=0, description="Small-data policy: champion rows replayed per (weighted) confirmed correction.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)

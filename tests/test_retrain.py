@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import time
@@ -25,8 +26,9 @@ from flywheel.cli import app as cli
 from flywheel.config import Settings
 from flywheel.registry import registry_for
 from flywheel.runs import RunStore
+from flywheel.tasks import DEMO_TASK
 from tests.conftest import ADMIN_TOKEN, make_settings
-from training.demo_task import ANSWERS, DemoExample, generate_examples, is_correct
+from training.demo_task import ANSWERS, DemoExample, generate_examples, is_correct, make_example
 
 pytestmark = [pytest.mark.serve, pytest.mark.vllm]
 
@@ -82,8 +84,8 @@ def curate(settings: Settings) -> None:
         curator.close()
 
 
-def retrain(config: Path) -> tuple[int, dict]:
-    result = CliRunner().invoke(cli, ["retrain", "--wait", "--json", "--config", str(config)])
+def retrain(config: Path, *args: str) -> tuple[int, dict]:
+    result = CliRunner().invoke(cli, ["retrain", "--wait", "--json", "--config", str(config), *args])
     report = result.stdout[result.stdout.rindex("\n{\n") + 1:] if "\n{\n" in result.stdout else result.stdout
     return result.exit_code, json.loads(report)  # libraries may print to stdout before the JSON
 
@@ -198,3 +200,63 @@ def test_admin_retrain_is_exclusive_and_a_killed_run_changes_nothing(
     assert [m.version for m in registry.versions()] == versions
     assert httpx.post(f"{url}/predict", json={"prompt": "hi"}).json()["adapter_version"] == champion
     assert not store.busy()  # the lock died with the run
+
+
+def test_a_small_batch_of_confirmed_corrections_is_learned_in_one_retrain(
+    learning_app: tuple[str, Settings, Path], tmp_path: Path,
+) -> None:
+    """A support desk corrects a few distinct questions several times with one answer: learned at once.
+
+    A second task (`desk`, on the same base, starting from a copy of demo-v1) keeps this batch apart from
+    the demo task's feedback: its retrain reads only its own rows, and the demo task is not retrained.
+    """
+    url, settings, config = learning_app
+    demo = registry_for(settings)
+    desk = registry_for(settings, "desk")
+    desk.save_task_spec(DEMO_TASK.model_copy(update={"name": "desk"}))
+    desk.save_golden(demo.golden_text() or "")
+    source = tmp_path / "desk-adapter"
+    shutil.copytree(demo.local_path("demo-v1"), source, ignore=shutil.ignore_patterns("manifest.json"))
+    desk.promote(desk.register(source, base=demo.manifest("demo-v1").base_model).version, actor="test")
+    demo_champion, demo_versions = demo.alias("champion"), [m.version for m in demo.versions()]
+
+    rng = random.Random(5)
+    pool = [make_example(rng, "en", "positive", "original", cue=f"{a} {b}") for a, b in
+            zip(["zorbex", "quilty", "mavren", "trundle", "pexal", "vintor", "gossam", "lurken"],
+                ["ka", "lo", "mi", "zu", "te", "ra", "vo", "ne"], strict=True)]
+
+    def ask(prompt: str) -> dict:
+        deadline = time.monotonic() + 30
+        while True:  # the replicas pick the new task up within a few seconds
+            response = httpx.post(f"{url}/predict", json={"prompt": prompt, "task": "desk", "max_tokens": 48},
+                                  timeout=60)
+            if response.status_code == 200 or time.monotonic() > deadline:
+                return response.json()
+            time.sleep(0.5)
+
+    wrong = [e for e in pool if ask(e.prompt)["answer"] != "positive"][:5]
+    assert len(wrong) >= 3, "the champion already answers these made-up cues"
+    for example in wrong:
+        for _ in range(3):  # three users, one answer
+            answer = ask(example.prompt)
+            assert answer["task"] == "desk"
+            feedback = httpx.post(f"{url}/feedback", json={"request_id": answer["request_id"], "rating": 1,
+                                                          "correction": "positive"})
+            assert feedback.status_code == 202
+    curate(settings)
+
+    code, result = retrain(config, "--task", "desk")
+    assert code == 0 and result["verdict"] == "passed", result
+    assert result["task"] == "desk" and result["report"]["policy"] == "confirmed_corrections", result["report"]
+    assert result["dataset"]["feedback_rows"] == 3 * len(wrong)  # only this task's rows
+    golden = next(c for c in result["report"]["checks"] if c["name"] == "golden_regression")
+    assert golden["passed"] and golden["value"] is not None, golden
+    new = result["version"]
+    assert desk.alias("champion") == new
+    assert (demo.alias("champion"), [m.version for m in demo.versions()]) == (demo_champion, demo_versions)
+
+    deadline = time.monotonic() + 30
+    while ask("ping")["adapter_version"] != new and time.monotonic() < deadline:
+        time.sleep(0.2)
+    honoured = sum(ask(e.prompt)["answer"] == "positive" for e in wrong)
+    assert honoured >= len(wrong) - 1, f"{honoured} of {len(wrong)} corrections served after the retrain"

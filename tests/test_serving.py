@@ -53,8 +53,9 @@ def test_predict_answers_with_the_champion(champion_v1: tuple[str, Registry]) ->
     response = predict(url, "Analyze the sentiment of this news: Acme shares surged", max_tokens=48)
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"request_id", "adapter_version", "answer", "reasoning", "usage", "latency_ms"}
-    assert body["adapter_version"] == "demo-v1"
+    assert set(body) == {"request_id", "task", "adapter_version", "answer", "reasoning", "truncated",
+                         "finish_reason", "usage", "latency_ms"}
+    assert body["adapter_version"] == "demo-v1" and body["task"] == "demo" and not body["truncated"]
     assert body["answer"] and body["reasoning"], body  # the R1 format: reasoning, </think>, answer
     assert "</think>" not in body["answer"]
     assert body["usage"]["prompt_tokens"] > 0 and body["usage"]["completion_tokens"] > 0

@@ -166,3 +166,24 @@ def test_a_hold_out_too_small_to_ever_be_significant_is_insufficient_data_not_a_
     enough = decide({"new": _scores([0.0] * 8, "accuracy")}, {"new": _scores([1.0] * 8, "accuracy")},
                     spec=spec, new_slice="new", golden_slice="golden", parity=None, policy=Settings().retrain.gate)
     assert enough.verdict == "passed", enough
+
+
+async def test_evaluation_never_scores_a_completion_cut_off_while_thinking(demo_home: Path) -> None:
+    """The demo base's template opens <think> like R1's: a budget that ends inside it yields no answer."""
+    from services.engines.hf_engine import HFEngine
+    from services.engines.protocol import AdapterHandle
+    from tests.conftest import make_settings
+    from training.demo_task import generate_examples
+    from training.evaluate import EvalExample, score_slice
+
+    settings = make_settings(demo_home)
+    registry = registry_for(settings, "demo")
+    engine = HFEngine(settings.base_model_path)
+    await engine.start()
+    adapter = AdapterHandle(name="demo-v1", int_id=lora_int_id("demo-v1"), path=registry.local_path("demo-v1"))
+    await engine.add_adapter(adapter)
+    examples = [EvalExample.of(e.prompt, e.answer, e.reasoning) for e in generate_examples(6, seed=5)]
+    cut = await score_slice(engine, adapter, examples, DEMO_TASK.model_copy(update={"max_new_tokens": 3}))
+    assert (cut.truncated, cut.score, cut.format_validity) == (1.0, 0.0, 0.0), cut
+    whole = await score_slice(engine, adapter, examples, DEMO_TASK)
+    assert whole.truncated == 0.0 and whole.score >= 0.5 and whole.format_validity == 1.0, whole

@@ -4,6 +4,9 @@ Candidate and champion are scored on the same examples by the engine that serves
 own metric, so results are paired: McNemar's exact test for 0/1 scores (accuracy, exact match,
 contains), a seeded paired bootstrap for continuous ones (token-F1, ROUGE-L, chrF). A hold-out too small
 for the test to ever reach the configured alpha gives `insufficient_data`, never a rejection.
+
+The small-data policy (`decide_confirmed`) judges a batch of corrections users confirmed by repeating
+them: the candidate must give those answers on their own prompts, and regress nothing on the golden set.
 """
 
 from __future__ import annotations
@@ -62,8 +65,34 @@ def golden_check(champion: SliceScores | None, candidate: SliceScores | None, po
                      detail=f"golden {candidate.metric} {champion.score:.3f} -> {candidate.score:.3f}")
 
 
-def decide(
-    champion: dict[str, SliceScores],
+def _serving_checks(
+    candidate: dict[str, SliceScores], new_c: SliceScores, new_k: SliceScores, parity: float | None,
+    policy: GateSettings,
+) -> list[GateCheck]:
+    """What every policy asks of a candidate besides quality: well-formed answers, speed, engine parity."""
+    validity = min(s.format_validity for s in candidate.values() if s.n)
+    latency_ratio = new_c.mean_latency_ms / max(new_k.mean_latency_ms, 1e-6)
+    checks = [
+        GateCheck(name="format_validity", passed=validity >= policy.min_format_validity, value=validity,
+                  threshold=policy.min_format_validity, detail=f"worst slice validity {validity:.3f}"),
+        GateCheck(name="latency", passed=latency_ratio <= policy.max_latency_ratio, value=latency_ratio,
+                  threshold=policy.max_latency_ratio, detail=f"mean latency ratio {latency_ratio:.2f}"),
+    ]
+    if parity is not None:
+        checks.append(GateCheck(name="engine_parity", passed=parity >= policy.min_parity, value=parity,
+                                threshold=policy.min_parity,
+                                detail=f"serving engine agrees with the PEFT reference on {parity:.0%}"))
+    return checks
+
+
+def _report(metric: str, checks: list[GateCheck]) -> GateReport:
+    passed = all(c.passed for c in checks)
+    return GateReport(verdict="passed" if passed else "rejected", metric=metric, checks=checks,
+                      message=checks[0].detail if passed else "; ".join(f"{c.name}: {c.detail}"
+                                                                        for c in checks if not c.passed))
+
+
+def decide(    champion: dict[str, SliceScores],
     candidate: dict[str, SliceScores],
     *,
     spec: TaskSpec,
@@ -84,8 +113,6 @@ def decide(
         )
     gain = new_c.score - new_k.score
     p, how = significance(new_k, new_c, spec, policy.significance_alpha)
-    validity = min(s.format_validity for s in candidate.values() if s.n)
-    latency_ratio = new_c.mean_latency_ms / max(new_k.mean_latency_ms, 1e-6)
     checks = [
         GateCheck(name="improvement", passed=gain >= policy.min_improvement, value=gain,
                   threshold=policy.min_improvement,
@@ -93,16 +120,28 @@ def decide(
         GateCheck(name="significance", passed=gain > 0 and p <= policy.significance_alpha, value=p,
                   threshold=policy.significance_alpha, detail=how),
         golden_check(champion.get(golden_slice), candidate.get(golden_slice), policy),
-        GateCheck(name="format_validity", passed=validity >= policy.min_format_validity, value=validity,
-                  threshold=policy.min_format_validity, detail=f"worst slice validity {validity:.3f}"),
-        GateCheck(name="latency", passed=latency_ratio <= policy.max_latency_ratio, value=latency_ratio,
-                  threshold=policy.max_latency_ratio, detail=f"mean latency ratio {latency_ratio:.2f}"),
     ]
-    if parity is not None:
-        checks.append(GateCheck(name="engine_parity", passed=parity >= policy.min_parity, value=parity,
-                                threshold=policy.min_parity,
-                                detail=f"serving engine agrees with the PEFT reference on {parity:.0%}"))
-    passed = all(c.passed for c in checks)
-    return GateReport(verdict="passed" if passed else "rejected", metric=metric, checks=checks,
-                      message=checks[0].detail if passed else "; ".join(f"{c.name}: {c.detail}"
-                                                                        for c in checks if not c.passed))
+    return _report(metric, checks + _serving_checks(candidate, new_c, new_k, parity, policy))
+
+
+def decide_confirmed(
+    champion: dict[str, SliceScores],
+    candidate: dict[str, SliceScores],
+    *,
+    spec: TaskSpec,
+    new_slice: str,
+    golden_slice: str,
+    parity: float | None,
+    policy: GateSettings,
+) -> GateReport:
+    """The small-data policy: `new_slice` holds the confirmed corrections (trained on, by design)."""
+    new_c, new_k = candidate[new_slice], champion[new_slice]
+    metric = spec.gate_metric
+    checks = [
+        GateCheck(name="confirmed_corrections", passed=new_c.score >= policy.min_confirmed_score, value=new_c.score,
+                  threshold=policy.min_confirmed_score,
+                  detail=f"{new_c.n} confirmed corrections honoured on their own prompts: {metric} "
+                         f"{new_k.score:.3f} -> {new_c.score:.3f}"),
+        golden_check(champion.get(golden_slice), candidate.get(golden_slice), policy),
+    ]
+    return _report(metric, checks + _serving_checks(candidate, new_c, new_k, parity, policy))

@@ -25,12 +25,14 @@ from services.engines import build_engine
 from services.engines.hf_engine import HFEngine
 from services.engines.protocol import AdapterHandle
 from training.evaluate import EvalExample, SliceScores, evaluate, golden_examples, parity
-from training.gate import decide
+from training.gate import decide, decide_confirmed
+from training.metrics import min_pairs_for_alpha
 from training.ray_train import TrainJob, train_on_ray
 from training.retrain_data import (
     RetrainData,
     TrainExample,
     build_retrain_data,
+    confirmed_batch,
     kto_example,
     read_train_data,
     write_train_data,
@@ -94,15 +96,25 @@ class Retrain:
 
         self.stage("dataset")
         champion_dir = self.registry.local_path(champion)
-        data = build_retrain_data(rows, read_train_data(champion_dir), holdout_fraction=cfg.holdout_fraction,
-                                  replay_fraction=cfg.replay_fraction)
+        champion_data = read_train_data(champion_dir)
+        data = build_retrain_data(rows, champion_data, holdout_fraction=cfg.holdout_fraction,
+                                  replay_fraction=cfg.replay_fraction, confirm_repeats=cfg.confirm_repeats)
         fresh = len(data.train) - data.replay
+        # Small-data policy: a hold-out too small for significance cannot judge a few distinct prompts that
+        # users corrected again and again with one answer; learn them, and gate on honouring them.
+        needed = min_pairs_for_alpha(cfg.gate.significance_alpha, binary=self.task.binary_metric)
+        policy = "held_out_significance"
+        if data.confirmed and cfg.method == "sft" and (fresh < cfg.min_examples or len(data.holdout) < needed):
+            policy = "confirmed_corrections"
+            batch = confirmed_batch(data, champion_data, replay_per_row=cfg.small_data_replay_per_row)
+            data = data.model_copy(update={"train": batch, "holdout": data.confirmed,
+                                           "replay": sum(e.source == "replay" for e in batch)})
         self.record.dataset = {
             "feedback_rows": data.feedback_rows, "usable": data.usable, "duplicates_removed": data.duplicates,
             "train": len(data.train), "replay": data.replay, "holdout": len(data.holdout),
-            "snapshot_positions": snapshot.positions,
+            "confirmed": len(data.confirmed), "policy": policy, "snapshot_positions": snapshot.positions,
         }
-        if fresh < cfg.min_examples:
+        if policy == "held_out_significance" and fresh < cfg.min_examples:
             return self.finish(
                 RunState.INSUFFICIENT_DATA,
                 f"{fresh} feedback examples left for training after holding out {len(data.holdout)} for the gate; "
@@ -124,13 +136,15 @@ class Retrain:
         scores, agreement = asyncio.run(self._evaluate(champion, candidate_dir, slices, base))
 
         self.stage("gate")
-        report = decide(scores[champion], scores["candidate"], spec=self.task, new_slice=NEW_SLICE,
-                        golden_slice=GOLDEN_SLICE, parity=agreement, policy=cfg.gate)
+        judge = decide_confirmed if policy == "confirmed_corrections" else decide
+        report = judge(scores[champion], scores["candidate"], spec=self.task, new_slice=NEW_SLICE,
+                       golden_slice=GOLDEN_SLICE, parity=agreement, policy=cfg.gate)
         summary = {
             version: {name: s.model_dump(exclude={"per_example"}) for name, s in by_slice.items()}
             for version, by_slice in (("champion", scores[champion]), ("candidate", scores["candidate"]))
         }
         self.record.report = {"passed": report.passed, "verdict": report.verdict, "metric": report.metric,
+                              "policy": policy,
                               "checks": [c.model_dump() for c in report.checks], "scores": summary,
                               "parity": agreement, "message": report.message,
                               "engine": {"engine": self.settings.serving.engine, "base": base.label,

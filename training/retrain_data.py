@@ -5,6 +5,9 @@
 - Time-ordered split: the newest `holdout_fraction` is held out for the gate (it is the traffic the
   candidate must be better on); exact duplicates are removed before the split.
 - Replay: a share of the champion's own training data, so the candidate does not forget.
+- Confirmed corrections: a prompt corrected at least `confirm_repeats` times, every time with the same
+  answer, is strong evidence even when there are few such prompts. They are listed apart so the
+  retrain can learn a small, focused batch (the pipeline's small-data policy) instead of starving it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from feedback.schemas import CuratedExample
 from flywheel.r1 import split_reasoning
@@ -40,6 +43,10 @@ class RetrainData(BaseModel):
     feedback_rows: int
     usable: int
     duplicates: int
+    confirmed: list[TrainExample] = Field(
+        default_factory=list, description="Prompts whose repeated corrections all agree (one row each, newest)."
+    )
+    confirmations: dict[str, int] = Field(default_factory=dict, description="Prompt -> agreeing corrections.")
 
 
 def _prompt_text(row: CuratedExample) -> str:
@@ -82,15 +89,28 @@ def write_train_data(adapter_dir: Path, examples: Sequence[TrainExample]) -> Non
     (adapter_dir / TRAIN_DATA_FILE).write_text("".join(e.model_dump_json() + "\n" for e in examples))
 
 
+def _agreeing_corrections(targets: Sequence[TrainExample]) -> dict[str, int]:
+    """Prompt -> number of corrections, for prompts whose corrections all give the same answer."""
+    answers: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
+    for t in targets:
+        if t.source == "correction":
+            answers.setdefault(t.prompt, set()).add(" ".join(t.answer.split()).casefold())
+            counts[t.prompt] = counts.get(t.prompt, 0) + 1
+    return {prompt: n for prompt, n in counts.items() if len(answers[prompt]) == 1}
+
+
 def build_retrain_data(
     rows: Sequence[CuratedExample],
     champion_data: Sequence[TrainExample],
     *,
     holdout_fraction: float,
     replay_fraction: float,
+    confirm_repeats: int = 2,
     seed: int = 0,
 ) -> RetrainData:
     targets = [t for t in (target_of(r) for r in sorted(rows, key=lambda r: r.feedback_ts)) if t is not None]
+    agreeing = _agreeing_corrections(targets)
     # A correction beats an approval of the same prompt: keep one target per prompt, corrections first,
     # the newest of each kind.
     by_prompt: dict[str, TrainExample] = {}
@@ -105,6 +125,7 @@ def build_retrain_data(
     pool = [e for e in champion_data if e.prompt not in by_prompt]
     replay = random.Random(seed).sample(pool, min(replay_count, len(pool)))
     replayed = [e.model_copy(update={"source": "replay"}) for e in replay]
+    confirmed = [e for e in unique if agreeing.get(e.prompt, 0) >= confirm_repeats]
     return RetrainData(
         train=train + replayed,
         holdout=holdout,
@@ -112,4 +133,18 @@ def build_retrain_data(
         feedback_rows=len(rows),
         usable=len(targets),
         duplicates=len(targets) - len(unique),
+        confirmed=confirmed,
+        confirmations={e.prompt: agreeing[e.prompt] for e in confirmed},
     )
+
+
+def confirmed_batch(
+    data: RetrainData, champion_data: Sequence[TrainExample], *, replay_per_row: int, seed: int = 0
+) -> list[TrainExample]:
+    """Training rows for the small-data policy: every confirmed correction, weighted by its agreeing
+    repeats, plus a replay of the champion's own data large enough that the rest is not forgotten."""
+    weighted = [e for e in data.confirmed for _ in range(data.confirmations[e.prompt])]
+    confirmed_prompts = {e.prompt for e in data.confirmed}
+    pool = [e for e in champion_data if e.prompt not in confirmed_prompts]
+    replay = random.Random(seed).sample(pool, min(len(weighted) * replay_per_row, len(pool)))
+    return weighted + [e.model_copy(update={"source": "replay"}) for e in replay]
