@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from flywheel.config import Settings
 from flywheel.registry import BaseModelRef, Registry, fingerprint_base
+from flywheel.tasks import TaskSpec
 
 
 class ServedBase(BaseModel):
@@ -34,6 +35,28 @@ def served_base(settings: Settings, registry: Registry) -> ServedBase:
         path=str(path), label=name, source_sha256=source_sha256, quantized=name,
         quantization={"method": manifest.method, **manifest.quantization},
     )
+
+
+def context_length(settings: Settings) -> int:
+    """Tokens of context the engines serve with: `vllm.max_model_len`, else the base model's own."""
+    if settings.vllm.max_model_len is not None:
+        return settings.vllm.max_model_len
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(settings.base_model_path)
+    return int(getattr(config, "max_position_embeddings", None) or 2048)
+
+
+def budget_problem(settings: Settings, task: TaskSpec) -> str | None:
+    """Why `task`'s budgets cannot fit the serving context, or None when they do."""
+    context = context_length(settings)
+    if task.max_new_tokens >= context:
+        return (f"task {task.name}: max_new_tokens {task.max_new_tokens} leaves no room for a prompt in the "
+                f"{context}-token context (vllm.max_model_len); lower the task's budget or raise the context")
+    if task.max_seq_len > context:
+        return (f"task {task.name}: max_seq_len {task.max_seq_len} is longer than the {context}-token context "
+                "(vllm.max_model_len): the model could not serve what it was trained on")
+    return None
 
 
 def base_ref(settings: Settings) -> BaseModelRef:

@@ -17,7 +17,7 @@ import typer
 from feedback.cli import app as feedback_app
 from feedback.cli import curator as curator_command
 from flywheel.cli_common import ConfigOption, JsonOption, emit, fail, progress, settings_or_exit
-from flywheel.logs import configure_logging
+from flywheel.logs import configure_logging, stdout_to_stderr
 from flywheel.registry import RegistryError
 
 if TYPE_CHECKING:
@@ -131,9 +131,12 @@ def _servable_base_or_exit(settings: Settings) -> ServedBase:
 
 def _say_which_tasks_need_an_adapter(settings: Settings) -> None:
     """A task with no champion answers with the bare base: say exactly how to give it an adapter."""
+    from flywheel.bases import budget_problem
     from flywheel.registry import known_tasks, registry_for
 
-    for name in known_tasks(settings):
+    for name, spec in known_tasks(settings).items():
+        if problem := budget_problem(settings, spec):
+            typer.secho(f"warning: {problem}", err=True, fg=typer.colors.YELLOW)
         if registry_for(settings, name).alias("champion") is None:
             typer.secho(f"warning: task {name!r} has no adapter yet and answers with the bare base; train one "
                         f"from your data with `flywheel train --task {name} --data FILE.jsonl`, or register one "
@@ -311,12 +314,13 @@ def train(
     ray_was_up = _ray_is_up()
     try:
         splits, data_report = trainer.prepare()
-    except DataError as exc:
+    except (DataError, TrainError) as exc:
         fail(str(exc), code=2)
     for line in data_report.lines():
         progress(line)
     try:
-        report = trainer.run(splits, data_report)
+        with stdout_to_stderr():  # Ray forwards its workers' output to stdout: keep stdout for --json
+            report = trainer.run(splits, data_report)
     except TrainError as exc:
         fail(str(exc), code=2)
     except Exception as exc:  # Ray Train or the engine: nothing was registered
@@ -489,7 +493,7 @@ def retrain(
     record.task = task
     record.pid = os.getpid()
     try:
-        with store.exclusive(inherited_fd=lock_fd):
+        with store.exclusive(inherited_fd=lock_fd), stdout_to_stderr():  # stdout is for --json
             result = Retrain(settings, record, say=progress).run()
     except RetrainBusyError as exc:
         fail(str(exc), code=3)
@@ -668,6 +672,44 @@ def bench_train(
         f"ray.init {r.ray_init_s:.1f} s)",
         f"report: {out}",
     ]))
+
+
+@bench_app.command("data")
+def bench_data(
+    rows: Annotated[int, typer.Option(help="Synthetic rows (5 % exact, 5 % near duplicates).")] = 100_000,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/data.json"),
+    as_json: JsonOption = False,
+) -> None:
+    """Exact + near-duplicate removal throughput, and the whole own-data preparation, in rows/s."""
+    from loadtests.bench_data import run_data_bench
+
+    report = run_data_bench(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.model_dump_json(indent=2))
+    emit(as_json, report.model_dump(), f"{report.summary()}\nreport: {out}")
+
+
+@bench_app.command("own-task")
+def bench_own_task(
+    config: ConfigOption = None,
+    rows: Annotated[int, typer.Option(help="Rows of the synthetic classification export.")] = 1000,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/own-task.json"),
+    as_json: JsonOption = False,
+) -> None:
+    """`flywheel train` wall time per stage (load+clean+split, train, evaluate, register) on N rows."""
+    from loadtests.bench_data import run_own_task_bench
+
+    configure_logging()
+    settings = settings_or_exit(config)
+    ray_was_up = _ray_is_up()
+    try:
+        report = run_own_task_bench(settings, rows, say=progress)
+    finally:
+        if not ray_was_up:
+            _shutdown_ray()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.model_dump_json(indent=2))
+    emit(as_json, report.model_dump(), f"{report.summary()}\nreport: {out}")
 
 
 def main() -> None:

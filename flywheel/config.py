@@ -50,7 +50,10 @@ class VLLMSettings(BaseModel):
     """Engine arguments passed to vLLM's AsyncLLM."""
 
     dtype: str = "auto"
-    max_model_len: int = 512
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context (prompt + answer) in tokens; None: the base model's own "
+        "(max_position_embeddings). Size the KV cache for it on GPUs (R1-Distill's own is 131072).",
+    )
     max_loras: int = Field(3, description="Adapters resident at once: champion, incoming, draining.")
     max_lora_rank: int = Field(32, description="Largest LoRA rank an adapter may have (vLLM: 8, 16, 32, 64…).")
     max_num_seqs: int = 64

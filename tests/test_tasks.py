@@ -187,3 +187,27 @@ async def test_evaluation_never_scores_a_completion_cut_off_while_thinking(demo_
     assert (cut.truncated, cut.score, cut.format_validity) == (1.0, 0.0, 0.0), cut
     whole = await score_slice(engine, adapter, examples, DEMO_TASK)
     assert whole.truncated == 0.0 and whole.score >= 0.5 and whole.format_validity == 1.0, whole
+
+
+def test_a_hub_id_reaches_ray_train_as_a_hub_id_and_a_directory_as_an_absolute_path(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    from training.ray_train import TrainJob
+
+    monkeypatch.chdir(tmp_path)
+    hub = TrainJob(base_dir=Path("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"), train_path=Path("t.parquet"),
+                   out_dir=Path("out"))
+    assert str(hub.base_dir) == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"  # not <cwd>/deepseek-ai/…
+    (tmp_path / "my-base").mkdir()
+    local = TrainJob(base_dir=Path("my-base"), train_path=Path("t.parquet"), out_dir=Path("out"))
+    assert local.base_dir == tmp_path / "my-base" and hub.train_path == tmp_path / "t.parquet"
+
+
+def test_bootstrap_never_trains_a_demo_adapter_on_another_base(demo_home: Path, tmp_path: Path) -> None:
+    """A real base (here: a directory, as a hub id would be) gets no demo adapter, whatever tasks say."""
+    from training.demo_bootstrap import bootstrap
+
+    base_dir = demo_home / "models" / "demo-base"
+    settings = Settings(home=tmp_path, model={"base": str(base_dir)})
+    result = bootstrap(settings)
+    assert result.champion is None and not result.adapter_registered and not result.base_built
+    assert registry_for(settings, "demo").versions() == []

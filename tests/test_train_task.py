@@ -22,30 +22,11 @@ from typer.testing import CliRunner
 from flywheel.cli import app
 from flywheel.config import Settings
 from flywheel.registry import registry_for
+from loadtests.bench_data import ROUTINE, URGENT, WHO, triage_rows
 
 pytestmark = [pytest.mark.serve, pytest.mark.vllm]
 
 EMAIL, PHONE = "jane.roe@example.org", "13912345678"
-
-URGENT = ["chest pain", "trouble breathing", "heavy bleeding", "fainted twice", "a seizure", "stroke signs"]
-ROUTINE = ["a mild rash", "a refill request", "a checkup question", "a sore throat", "a booking change",
-           "a vaccine question"]
-WHO = ["Ann", "Bo", "Cruz", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kai", "Lu", "Max", "Ned"]
-WHEN = ["today", "since noon", "this week", "at night", "after lunch", "for an hour", "on and off", "again"]
-
-
-def triage_rows(n: int, seed: int) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    while len(rows) < n:
-        label = rng.choice(["urgent", "routine"])
-        cue = rng.choice(URGENT if label == "urgent" else ROUTINE)
-        text = f"{rng.choice(WHO)} ({rng.randint(18, 90)}) writes: {cue} {rng.choice(WHEN)}"
-        if text not in seen:
-            seen.add(text)
-            rows.append({"instruction": "Triage this patient message.", "input": text, "output": label})
-    return rows
-
 
 def write_messy_triage(path: Path) -> dict[str, list[int]]:
     """A classification export with every defect the issue names; returns the defects' line numbers."""
@@ -175,6 +156,44 @@ def test_train_a_classification_task_from_a_messy_export(served: tuple[str, Sett
     assert unknown.status_code == 404 and "triage" in unknown.json()["error"] and "demo" in unknown.json()["error"]
     health = httpx.get(f"{url}/healthz", timeout=30).json()
     assert health["tasks"]["triage"]["serving"] == ["triage-v1"]
+
+
+def test_a_promote_in_one_task_under_load_on_both_disturbs_neither(served: tuple[str, Settings],
+                                                                    tmp_path: Path) -> None:
+    """Two tasks on one app: swapping triage's champion under concurrent load on both fails nothing, and
+    the demo task keeps answering exactly as before."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, settings = served
+    triage = registry_for(settings, "triage")
+    source = tmp_path / "v2"
+    shutil.copytree(triage.local_path("triage-v1"), source, ignore=shutil.ignore_patterns("manifest.json"))
+    v2 = triage.register(source, base=triage.manifest("triage-v1").base_model, parent="triage-v1").version
+    demo_prompts = [f"Analyze the sentiment of this news: Acme shares {cue}" for cue in
+                    ("surged", "plunged", "held a meeting", "beat expectations")]
+    triage_prompts = [f"Triage this patient message.\n\n{who} (50) writes: {cue} today"
+                      for who, cue in zip(WHO, URGENT + ROUTINE, strict=False)]
+
+    def ask(task: str, prompt: str) -> tuple[int, str, str]:
+        response = httpx.post(f"{url}/predict", json={"prompt": prompt, "task": task, "max_tokens": 24}, timeout=120)
+        body = response.json()
+        return response.status_code, body.get("adapter_version", ""), body.get("answer", "")
+
+    before = {p: ask("demo", p)[2] for p in demo_prompts}
+    with ThreadPoolExecutor(8) as pool:
+        load = [pool.submit(ask, task, prompt) for _ in range(6)
+                for task, prompts in (("demo", demo_prompts), ("triage", triage_prompts)) for prompt in prompts]
+        time.sleep(1.0)
+        triage.promote(v2, actor="test", reason="swap under load")
+        results = [f.result() for f in load]
+    assert all(code == 200 for code, _, _ in results), [r for r in results if r[0] != 200]
+    wait_for_task(url, "triage", v2)
+    after = {p: ask("demo", p) for p in demo_prompts}
+    assert {version for _, version, _ in after.values()} == {"demo-v1"}
+    assert {p: answer for p, (_, _, answer) in after.items()} == before  # the other task never moved
+    versions = {version for code, version, _ in results if version.startswith("triage")}
+    assert versions <= {"triage-v1", v2}
 
 
 def test_train_a_generation_task_in_messages_format(served: tuple[str, Settings], tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feedback.dataset import CuratedDataset
-from flywheel.bases import ServedBase, base_ref, served_base
+from flywheel.bases import ServedBase, base_ref, context_length, served_base
 from flywheel.config import Settings
 from flywheel.registry import Registry, lora_int_id, registry_for, resolve_task
 from flywheel.runs import RunRecord, RunState, RunStore
@@ -236,7 +236,7 @@ class Retrain:
             for handle in (champion_handle, candidate):
                 await engine.add_adapter(handle)
             scores = await evaluate(engine, {champion: champion_handle, "candidate": candidate}, slices, self.task)
-            reference = HFEngine(base.path, max_model_len=self.settings.vllm.max_model_len)
+            reference = HFEngine(base.path, max_model_len=context_length(self.settings))
             await reference.start()
             await reference.add_adapter(candidate)
             probe = slices[NEW_SLICE][: self.settings.retrain.gate.parity_prompts]

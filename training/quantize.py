@@ -13,17 +13,17 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from flywheel.bases import base_ref
+from flywheel.bases import base_ref, context_length
 from flywheel.config import DEMO_MODEL, Settings
+from flywheel.logs import stdout_to_stderr
 from flywheel.registry import WEIGHT_SUFFIXES, BaseManifest, registry_for
 from services.engines.hf_engine import load_causal_lm
 from training.evaluate import golden_examples
@@ -115,21 +115,6 @@ def measure_quality(source: Any, quantized: Any, tokenizer: Any, examples: Seque
                          examples=len(examples), tokens=tokens)
 
 
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """GPTQModel prints its banner, logs and progress bars on stdout; keep stdout for our --json."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def gptq_quantize(source_dir: str, out_dir: Path, texts: list[str], *, bits: int, group_size: int,
                   cpu_workers: int) -> str:
     """Run GPTQModel on `texts`, save a GPTQ v1 checkpoint (sym, desc_act off) in `out_dir`; return the device."""
@@ -206,7 +191,7 @@ def _quantize_base(settings: Settings, calibration_path: Path | None, say: Say) 
         seconds = time.monotonic() - started
         say(f"quantized in {seconds:.0f} s; checking quality on {len(held_out)} held-out examples")
         quality = measure_quality(load_causal_lm(source_dir), load_causal_lm(str(out)), tokenizer, held_out,
-                                  settings.vllm.max_model_len)
+                                  context_length(settings))
         shortfalls = [
             f"{label} with {settings.model.base} is {value:.4f}, below the quality bar {bar:.4f} (quantize.{key})"
             for label, key, value, bar in (

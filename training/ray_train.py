@@ -70,12 +70,17 @@ class TrainJob(BaseModel):
     )
     tensorboard_dir: Path | None = Field(None, description="Where rank 0 writes TensorBoard loss curves (SFT).")
 
-    @field_validator("base_dir", "train_path", "eval_path", "out_dir", "init_adapter", "checkpoint_dir",
-                     "tensorboard_dir")
+    @field_validator("train_path", "eval_path", "out_dir", "init_adapter", "checkpoint_dir", "tensorboard_dir")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
         """Workers run in other directories: pin paths before they travel."""
         return path.resolve() if path is not None else None
+
+    @field_validator("base_dir")
+    @classmethod
+    def _local_dir_or_hub_id(cls, base: Path) -> Path:
+        """A local directory is pinned like the other paths; a hub id (`org/name`) travels as it is."""
+        return base.resolve() if base.expanduser().exists() or str(base).startswith((".", "/", "~")) else base
 
     @model_validator(mode="after")
     def _early_stopping_needs_eval(self) -> "TrainJob":

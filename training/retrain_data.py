@@ -32,7 +32,7 @@ class TrainExample(BaseModel):
     prompt: str
     reasoning: str
     answer: str
-    source: Literal["correction", "approved", "replay", "bootstrap"]
+    source: Literal["correction", "approved", "replay", "bootstrap", "dataset"]
     at: datetime | None = None
 
 

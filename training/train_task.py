@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from flywheel.bases import base_ref, served_base
+from flywheel.bases import base_ref, budget_problem, served_base
 from flywheel.config import Settings
 from flywheel.registry import AdapterManifest, Registry, lora_int_id, registry_for
 from flywheel.tasks import TaskSpec
@@ -129,6 +129,8 @@ class TaskTrainer:
 
     def prepare(self) -> tuple[Splits, DataReport]:
         """Load, validate, clean and split the user's file (raises DataError on unusable data)."""
+        if problem := budget_problem(self.settings, self.spec):
+            raise TrainError(problem)
         cfg = self.settings.training()
         started = time.perf_counter()
         eval_file = self.request.eval_file or (Path(self.spec.golden_path) if self.spec.golden_path else None)
@@ -198,7 +200,7 @@ class TaskTrainer:
         for event_file in (out_dir.parent / "tensorboard").rglob("events.out.tfevents*"):
             event_file.rename(out_dir / event_file.name)
         write_train_data(out_dir, [TrainExample(prompt=e.prompt, reasoning=e.reasoning, answer=e.answer,
-                                                source="bootstrap") for e in splits.train])
+                                                source="dataset") for e in splits.train])
         self._timed("train", started)
         return out_dir
 

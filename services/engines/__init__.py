@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flywheel.bases import ServedBase, served_base
+from flywheel.bases import ServedBase, context_length, served_base
 from flywheel.config import Settings
 from services.engines.protocol import Engine, UnsupportedBaseError
 
@@ -20,11 +20,12 @@ def build_engine(settings: Settings, base: ServedBase | None = None, *, tasks: i
     if settings.serving.engine == "hf":
         from services.engines.hf_engine import HFEngine
 
-        return HFEngine(base.path, max_model_len=settings.vllm.max_model_len)
+        return HFEngine(base.path, max_model_len=context_length(settings))
     from services.engines.vllm_engine import VLLMEngine
 
     engine_args = settings.vllm.model_dump()
     engine_args["max_loras"] = max(settings.vllm.max_loras, tasks + 2)
+    engine_args["max_model_len"] = context_length(settings)
     return VLLMEngine(base.path, **engine_args)
 
 
