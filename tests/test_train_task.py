@@ -219,14 +219,19 @@ def test_train_a_generation_task_in_messages_format(served: tuple[str, Settings]
     assert answer["adapter_version"] == "support-v1" and "Reset password" in answer["answer"], answer
 
 
-def test_zero_valid_rows_and_strict_mode_are_clear_errors(served: tuple[str, Settings], tmp_path: Path) -> None:
-    _, settings = served
+def test_zero_valid_rows_and_strict_mode_are_clear_errors(home_copy: Path, tmp_path: Path) -> None:
     runner = CliRunner()
-    env = {"FLYWHEEL_HOME": str(settings.home)}
+    env = {"FLYWHEEL_HOME": str(home_copy)}
+    settings = Settings(home=home_copy)
     assert runner.invoke(app, ["tasks", "add", "strict-demo", "--kind", "classification", "--labels", "a,b"],
                          env=env).exit_code == 0
     garbage = tmp_path / "garbage.jsonl"
     garbage.write_text("nope\n{\"x\": 1}\n")
+    result = runner.invoke(app, ["train", "--task", "strict-demo", "--data", str(garbage)], env=env)
+    # the default 512-token answer budget cannot fit the tiny model's 512-token context: said before any work
+    assert result.exit_code == 2 and "max_new_tokens 512 leaves no room" in result.stderr, result.output
+    assert runner.invoke(app, ["tasks", "add", "strict-demo", "--kind", "classification", "--labels", "a,b",
+                               "--max-new-tokens", "32", "--max-seq-len", "128"], env=env).exit_code == 0
     result = runner.invoke(app, ["train", "--task", "strict-demo", "--data", str(garbage)], env=env)
     assert result.exit_code == 2 and "no valid rows" in result.stderr, result.output
     messy = tmp_path / "messy.jsonl"
