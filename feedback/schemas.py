@@ -119,10 +119,16 @@ class FeedbackRequest(_FeedbackFields):
 
     model_config = ConfigDict(extra="forbid")
 
-    request_id: RequestId
+    request_id: RequestId = Field(description="From /predict's `request_id`, or an OpenAI completion's `id` "
+                                  "(`chatcmpl-<request id>`).")
     event_id: EventId | None = Field(
         None, description="Client-chosen id; a resubmission with the same id is curated once."
     )
+
+    @field_validator("request_id", mode="before")
+    @classmethod
+    def _completion_id(cls, value: object) -> object:
+        return value.removeprefix("chatcmpl-") if isinstance(value, str) else value
 
     def check_limits(self, max_correction_chars: int, max_comment_chars: int) -> list[tuple[str, str]]:
         """(field, message) for each text over its configured limit; empty when the request fits."""

@@ -39,6 +39,8 @@ from flywheel.runs import RetrainBusyError, RunStore, retrain_command
 from flywheel.tasks import TaskName, TaskSpec
 from services.engines.protocol import PromptTooLongError, SamplingOptions
 from services.metrics import GatewayMetrics, ReplicaCollector
+from services.openai_api import ChatCompletions, openai_error
+from services.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, OpenAIError
 from services.protocol import AliasMove, HealthResponse, PredictRequest, PredictResponse, TaskHealth
 from services.status_board import get_board
 
@@ -54,7 +56,7 @@ def _error(status: int, errors: list[dict[str, str]]) -> JSONResponse:
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = []
     for err in exc.errors():
         loc = [str(part) for part in err.get("loc", ()) if part != "body"]
@@ -62,6 +64,10 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
             loc = []
         errors.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid"),
                        "type": err.get("type", "")})
+    if request.url.path.startswith("/v1/"):  # OpenAI clients expect their error shape, with 400
+        first = errors[0]
+        return openai_error(400, "; ".join(f"{e['field']}: {e['message']}" for e in errors), param=first["field"],
+                            code=first["type"] or None)
     return _error(422, errors)
 
 
@@ -80,6 +86,7 @@ class Gateway:
         self.bus = build_bus(self.settings)  # publish() never waits on a broker: a spool absorbs outages
         self._replicas: list[dict[str, Any]] = []
         self.metrics.watch_replicas(ReplicaCollector(lambda: self._replicas, self._champion))
+        self.chat = ChatCompletions(llm, self.settings, self._known_tasks, self._publish, self.metrics)
 
     def _champion(self) -> str | None:
         return self.registry.alias(self.settings.serving.alias)
@@ -189,6 +196,32 @@ class Gateway:
         log.info("event=feedback event_id=%s request_id=%s rating=%s thumb=%s correction=%s", event.event_id,
                  event.request_id, event.rating, event.thumb, event.correction is not None)
         return JSONResponse(status_code=202, content=FeedbackAccepted(event_id=event.event_id).model_dump())
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletion, responses={
+        200: {"description": "A completion, or with `stream: true` server-sent `chat.completion.chunk` events "
+                             "ending in `data: [DONE]`.", "content": {"text/event-stream": {}}},
+        400: {"model": OpenAIError, "description": "Invalid request, or the prompt does not fit the context."},
+        404: {"model": OpenAIError, "description": "Unknown model (models are task names)."},
+        503: {"model": OpenAIError, "description": "The model could not answer right now."},
+    })
+    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+        """OpenAI-compatible chat: `model` is a task name; its champion answers."""
+        return await self.chat(body)
+
+    @api.get("/v1/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        """Every task, and each task's champion as `task@version`."""
+        tasks = await self._known_tasks()
+        base = self.settings.model.quantized_base or self.settings.model.base
+        champions = await asyncio.to_thread(
+            lambda: {t: registry_for(self.settings, t).alias(self.settings.serving.alias) for t in tasks})
+        now = int(time.time())
+        cards = []
+        for task in sorted(tasks):
+            cards.append(ModelCard(id=task, created=now, parent=base, root=base))
+            if champions[task]:
+                cards.append(ModelCard(id=f"{task}@{champions[task]}", created=now, parent=task, root=base))
+        return ModelList(data=cards)
 
     @api.get("/healthz", response_model=HealthResponse)
     async def healthz(self) -> HealthResponse:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
@@ -21,13 +22,13 @@ from ray import serve
 from flywheel.bases import served_base
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
-from flywheel.r1 import split_completion
+from flywheel.r1 import StreamSplitter, split_completion
 from flywheel.registry import UnknownTaskError, known_tasks, registry_for
 from flywheel.tasks import TaskSpec
 from services.adapters import AdapterManager
 from services.engines import build_engine
 from services.engines.protocol import ChatMessage, Engine, SamplingOptions
-from services.protocol import Completion, Usage
+from services.protocol import Completion, StreamEvent, Usage
 from services.status_board import get_board
 
 log = logging.getLogger("flywheel.llm")
@@ -88,13 +89,17 @@ class LLMServer:
         except Exception:  # outside Serve (unit tests)
             return f"local-{uuid.uuid4().hex[:8]}"
 
-    async def generate(
-        self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None = None
-    ) -> Completion:
+    def _task(self, task: str | None) -> tuple[str, AdapterManager, TaskSpec]:
         task = task or self.settings.default_task
         manager, spec = self.managers.get(task), self.specs.get(task)
         if manager is None or spec is None:
             raise UnknownTaskError(f"unknown task {task!r}; known tasks: {', '.join(sorted(self.managers))}")
+        return task, manager, spec
+
+    async def generate(
+        self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None = None
+    ) -> Completion:
+        task, manager, spec = self._task(task)
         chat = [ChatMessage(**m) for m in spec.conversation([m.model_dump() for m in messages])]
         with manager.acquire() as slot:
             generation = await self.engine.generate(chat, options, slot.handle, request_id)
@@ -109,6 +114,33 @@ class LLMServer:
             usage=Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
             finish_reason=generation.finish_reason,
         )
+
+    async def generate_stream(
+        self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """The answer as the engine makes it: reasoning and answer deltas, then the totals.
+
+        The whole stream runs on the version it started with (a swap meanwhile waits for it to drain).
+        The first event comes with the first tokens, so a bad request fails before anything is sent.
+        """
+        task, manager, spec = self._task(task)
+        chat = [ChatMessage(**m) for m in spec.conversation([m.model_dump() for m in messages])]
+        with manager.acquire() as slot:
+            splitter: StreamSplitter | None = None
+            last = None
+            async for piece in self.engine.stream(chat, options, slot.handle, request_id):
+                splitter = splitter or StreamSplitter(opened_think=piece.opened_think)
+                reasoning, answer = splitter.feed(piece.text)
+                last = piece
+                yield StreamEvent(task=task, adapter_version=slot.version, replica=self.replica,
+                                  reasoning=reasoning, answer=answer)
+            reasoning, answer, truncated = splitter.finish() if splitter else ("", "", False)
+            yield StreamEvent(
+                task=task, adapter_version=slot.version, replica=self.replica, reasoning=reasoning, answer=answer,
+                done=True, truncated=truncated, finish_reason=last.finish_reason if last else None,
+                usage=Usage(prompt_tokens=last.prompt_tokens if last else 0,
+                            completion_tokens=last.completion_tokens if last else 0),
+            )
 
     def status(self) -> dict[str, Any]:
         tasks = {name: manager.status() for name, manager in self.managers.items()}

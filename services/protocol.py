@@ -70,6 +70,20 @@ class Completion(BaseModel):
     finish_reason: str | None = None
 
 
+class StreamEvent(BaseModel):
+    """One step of a streamed answer from an LLM replica: new reasoning and answer text; totals when done."""
+
+    task: str
+    adapter_version: str
+    replica: str
+    reasoning: str = ""
+    answer: str = ""
+    done: bool = False
+    truncated: bool = False
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
 class PredictResponse(BaseModel):
     request_id: str
     task: str

@@ -211,3 +211,29 @@ def test_bootstrap_never_trains_a_demo_adapter_on_another_base(demo_home: Path, 
     result = bootstrap(settings)
     assert result.champion is None and not result.adapter_registered and not result.base_built
     assert registry_for(settings, "demo").versions() == []
+
+
+STREAMED = ["\nThe cue signals good news.\n</think>\n\nPositive answer here.", "thinking <think> twice\n</think>\n\n",
+            "<think>\nself-opened\n</think>answer", "no think at all, just an answer  ", "cut off while thinking </thi",
+            "<th"]
+
+
+# A stream knows it is thinking only when the prompt or the model opened <think>: no (text, False) pair
+# whose reasoning nobody opened.
+@pytest.mark.parametrize(("text", "opened"), [(t, True) for t in STREAMED] + [
+    (t, False) for t in STREAMED if "</think>" not in t or t.lstrip().startswith("<think>")])
+def test_streamed_pieces_join_to_the_same_reasoning_and_answer(text: str, opened: bool) -> None:
+    from flywheel.r1 import StreamSplitter
+
+    expected = split_completion(text, opened_think=opened)
+    for seed in range(20):
+        rng = __import__("random").Random(seed)
+        cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(0, 6))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        splitter = StreamSplitter(opened_think=opened)
+        reasoning = answer = ""
+        for piece in pieces:
+            r, a = splitter.feed(piece)
+            reasoning, answer = reasoning + r, answer + a
+        r, a, truncated = splitter.finish()
+        assert (reasoning + r, answer + a, truncated) == tuple(expected), (pieces, expected)

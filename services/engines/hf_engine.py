@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from services.engines.chat import load_tokenizer, opens_think, render_prompt_ids
@@ -80,6 +81,16 @@ class HFEngine:
         async with self._lock:
             return await asyncio.to_thread(self._generate, prompt_ids, options, adapter)
 
+    async def stream(
+        self,
+        messages: list[ChatMessage],
+        options: SamplingOptions,
+        adapter: AdapterHandle | None,
+        request_id: str,
+    ) -> AsyncIterator[Generation]:
+        """The reference engine answers whole: one piece."""
+        yield await self.generate(messages, options, adapter, request_id)
+
     def _generate(
         self, prompt_ids: list[int], options: SamplingOptions, adapter: AdapterHandle | None
     ) -> Generation:
@@ -105,8 +116,12 @@ class HFEngine:
         finish = "stop" if eos in new_ids else "length"
         if eos in new_ids:
             new_ids = new_ids[: new_ids.index(eos)]
+        text = self._tokenizer.decode(new_ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in options.stop) if i >= 0), default=-1)
+        if cut >= 0:  # like vLLM: the text ends before the stop sequence
+            text, finish = text[:cut], "stop"
         return Generation(
-            text=self._tokenizer.decode(new_ids, skip_special_tokens=True),
+            text=text,
             prompt_tokens=len(prompt_ids),
             completion_tokens=len(new_ids) + (1 if finish == "stop" else 0),
             finish_reason=finish,

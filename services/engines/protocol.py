@@ -6,6 +6,7 @@ registry or aliases: the adapter manager decides what to load and which adapter 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -42,6 +43,7 @@ class SamplingOptions(BaseModel):
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stop: list[str] = Field(default_factory=list, description="Generation ends before any of these.")
 
 
 class Generation(BaseModel):
@@ -74,6 +76,17 @@ class Engine(Protocol):
         request_id: str,
     ) -> Generation: ...
 
+    def stream(
+        self,
+        messages: list[ChatMessage],
+        options: SamplingOptions,
+        adapter: AdapterHandle | None,
+        request_id: str,
+    ) -> AsyncIterator[Generation]:
+        """The completion as it is made: each item's `text` is the new piece, token counts are running
+        totals, and the last item carries the `finish_reason`."""
+        ...
+
     async def completion_logprob(
         self, messages: list[ChatMessage], completion: str, adapter: AdapterHandle | None
     ) -> tuple[float, int]:
@@ -81,3 +94,15 @@ class Engine(Protocol):
         ...
 
     async def shutdown(self) -> None: ...
+
+
+async def collect(pieces: AsyncIterator[Generation], request_id: str) -> Generation:
+    """A whole `Generation` from a stream of pieces (how engines answer a non-streamed request)."""
+    text: list[str] = []
+    last: Generation | None = None
+    async for piece in pieces:
+        text.append(piece.text)
+        last = piece
+    if last is None:
+        raise EngineError(f"the engine returned no output for request {request_id}")
+    return last.model_copy(update={"text": "".join(text)})

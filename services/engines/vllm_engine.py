@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import AsyncIterator
 
 from services.engines.chat import load_tokenizer, opens_think, render_prompt_ids
 from services.engines.protocol import (
@@ -18,6 +19,7 @@ from services.engines.protocol import (
     EngineError,
     Generation,
     SamplingOptions,
+    collect,
 )
 
 log = logging.getLogger("flywheel.engine.vllm")
@@ -98,8 +100,18 @@ class VLLMEngine:
         adapter: AdapterHandle | None,
         request_id: str,
     ) -> Generation:
+        return await collect(self.stream(messages, options, adapter, request_id), request_id)
+
+    async def stream(
+        self,
+        messages: list[ChatMessage],
+        options: SamplingOptions,
+        adapter: AdapterHandle | None,
+        request_id: str,
+    ) -> AsyncIterator[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         prompt_ids = render_prompt_ids(self._tokenizer, messages, options.max_tokens, self.max_model_len)
         params = SamplingParams(
@@ -107,25 +119,27 @@ class VLLMEngine:
             temperature=options.temperature,
             top_p=options.top_p,
             seed=options.seed,
+            stop=options.stop or None,
+            output_kind=RequestOutputKind.DELTA,  # each output holds only the new tokens: nothing re-sent
         )
-        final = None
+        produced = 0
         async for output in self._llm.generate(
             TokensPrompt(prompt_token_ids=prompt_ids),
             params,
             request_id,
             lora_request=self._lora_request(adapter) if adapter else None,
         ):
-            final = output
-        if final is None or not final.outputs:
-            raise EngineError(f"vLLM returned no output for request {request_id}")
-        completion = final.outputs[0]
-        return Generation(
-            text=completion.text,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=len(completion.token_ids),
-            finish_reason=completion.finish_reason,
-            opened_think=self._opens_think,
-        )
+            if not output.outputs:
+                continue
+            piece = output.outputs[0]
+            produced += len(piece.token_ids)
+            yield Generation(
+                text=piece.text,
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=produced,
+                finish_reason=piece.finish_reason,
+                opened_think=self._opens_think,
+            )
 
     async def completion_logprob(
         self, messages: list[ChatMessage], completion: str, adapter: AdapterHandle | None

@@ -1,0 +1,103 @@
+"""The OpenAI API as clients speak it: the official `openai` client against the live app (Ray Serve + vLLM)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from flywheel.config import Settings
+from flywheel.registry import registry_for
+
+pytestmark = [pytest.mark.serve, pytest.mark.vllm]
+
+PROMPT = "Analyze the sentiment of this news: Acme shares surged"
+
+
+@pytest.fixture
+def client(served: tuple[str, Settings]) -> openai.OpenAI:
+    url, settings = served
+    registry = registry_for(settings)
+    if registry.alias("champion") != "demo-v1":
+        registry.promote("demo-v1", actor="test", reason="reset")
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/healthz").json()["serving"] != ["demo-v1"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+def test_models_complete_stream_and_rate_with_the_official_client(client: openai.OpenAI,
+                                                                   served: tuple[str, Settings]) -> None:
+    url, _ = served
+    ids = {m.id for m in client.models.list().data}
+    assert {"demo", "demo@demo-v1"} <= ids
+
+    completion = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": PROMPT}], temperature=0, max_completion_tokens=48)
+    message = completion.choices[0].message
+    assert completion.model == "demo-v1" and completion.id.startswith("chatcmpl-")
+    assert message.content and message.model_extra["reasoning_content"] == message.model_extra["reasoning"] != ""
+    predicted = httpx.post(f"{url}/predict", json={"prompt": PROMPT, "max_tokens": 48}, timeout=60).json()
+    assert (message.content, message.model_extra["reasoning"]) == (predicted["answer"], predicted["reasoning"])
+    assert completion.usage.completion_tokens > 0 and completion.choices[0].finish_reason in ("stop", "length")
+
+    chunks = list(client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": PROMPT}], temperature=0, max_completion_tokens=48,
+        stream=True, stream_options={"include_usage": True}))
+    assert len(chunks) >= 3 and {c.model for c in chunks} == {"demo-v1"}
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                        for c in chunks if c.choices)
+    assert (content, reasoning) == (message.content, message.model_extra["reasoning"])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+
+    rated = httpx.post(f"{url}/feedback", json={"request_id": completion.id, "rating": 5})
+    assert rated.status_code == 202, rated.text
+
+
+def test_clear_openai_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-task", messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.body["code"] == "model_not_found" and "demo" in missing.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as two:
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], n=2)
+    assert two.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as empty:
+        client.chat.completions.create(model="demo", messages=[])
+    assert empty.value.body["param"] == "messages" and "Traceback" not in empty.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as long:
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "surged " * 500}],
+                                       max_completion_tokens=200)
+    body = long.value.body
+    assert body["code"] == "context_length_exceeded" and "512" in body["message"], body
+    assert "Traceback" not in body["message"] and "pid" not in body["message"] and "/" not in body["message"]
+
+
+def test_a_promote_during_concurrent_streams_cuts_none(client: openai.OpenAI, served: tuple[str, Settings]) -> None:
+    _, settings = served
+    results: list[tuple[set[str], str]] = []
+    failures: list[BaseException] = []
+
+    def stream() -> None:
+        try:
+            chunks = list(client.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": PROMPT}], temperature=0,
+                max_completion_tokens=48, stream=True))
+            results.append(({c.model for c in chunks}, "".join(c.choices[0].delta.content or "" for c in chunks
+                                                              if c.choices)))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=stream) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    registry_for(settings).promote("demo-v2", actor="test", reason="swap under streams")
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not failures, failures
+    assert len(results) == 8 and all(len(models) == 1 for models, _ in results), results
+    assert all(answer for _, answer in results)
