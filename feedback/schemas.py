@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 SCHEMA_VERSION = 1
 
@@ -79,9 +80,10 @@ class PredictionEvent(_Event):
 class _FeedbackFields(BaseModel):
     """What a user can say about an answer; shared by the HTTP body and the event."""
 
-    rating: Rating | None = None
-    thumb: Thumb | None = None
-    correction: str | None = Field(None, min_length=1, description="The answer the user wanted.")
+    # The document shows these as optional, not nullable: a body must carry at least one of them
+    rating: Rating | SkipJsonSchema[None] = None
+    thumb: Thumb | SkipJsonSchema[None] = None
+    correction: str | SkipJsonSchema[None] = Field(None, min_length=1, description="The answer the user wanted.")
     comment: str | None = Field(None, min_length=1)
     user_id: OptionalId = None
     tenant_id: OptionalId = None
@@ -117,7 +119,8 @@ def decode_event(data: bytes | str) -> PredictionEvent | FeedbackEvent:
 class FeedbackRequest(_FeedbackFields):
     """The body of POST /feedback. Size limits come from config: the gateway calls `check_limits`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "anyOf": [{"required": ["rating"]}, {"required": ["thumb"]}, {"required": ["correction"]}]})
 
     request_id: RequestId = Field(description="From /predict's `request_id`, or an OpenAI completion's `id` "
                                   "(`chatcmpl-<request id>`).")

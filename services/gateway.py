@@ -13,7 +13,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,13 +41,71 @@ from services.engines.protocol import PromptTooLongError, SamplingOptions
 from services.metrics import GatewayMetrics, ReplicaCollector
 from services.openai_api import ChatCompletions, openai_error
 from services.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, OpenAIError
-from services.protocol import AliasMove, HealthResponse, PredictRequest, PredictResponse, TaskHealth
+from services.protocol import (
+    AdminStatus,
+    AliasMove,
+    ErrorResponse,
+    HealthResponse,
+    PredictRequest,
+    PredictResponse,
+    TaskHealth,
+    client_message,
+)
 from services.status_board import get_board
 
 log = logging.getLogger("flywheel.gateway")
 TASKS_TTL_S = 2.0  # how stale the gateway's list of tasks may be (new tasks come from `flywheel train`)
 
 api = FastAPI(title="flywheel", description="Serve LoRA-tuned R1-distilled models; learn from feedback.")
+MAX_BODY_BYTES = 1 << 20  # far above any body the size limits allow; refused before anything is parsed
+
+
+@api.middleware("http")
+async def _cap_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """413 for a body over MAX_BODY_BYTES: by its Content-Length before reading, else once read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return _too_large()
+    if request.method in ("POST", "PUT", "PATCH") and not declared and len(await request.body()) > MAX_BODY_BYTES:
+        return _too_large()  # (the body read here is cached for the route)
+    return await call_next(request)
+
+
+def _too_large() -> JSONResponse:
+    return JSONResponse(status_code=413, content={"error": f"the request body is over {MAX_BODY_BYTES} bytes"})
+
+
+def _documented(**codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error codes a route really returns, all with the ErrorResponse body."""
+    return {int(code.removeprefix("e")): {"model": ErrorResponse, "description": text} for code, text in codes.items()}
+
+
+INVALID = "The body is not valid JSON or breaks the schema; `detail` names each field."
+TOO_LARGE = "The body is over the gateway's size cap."
+ADMIN = {"e401": "Missing or wrong admin token, or admin routes are disabled."}
+
+
+def _document_limits(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Write the configured size limits into the OpenAPI document, so what it allows is what the app accepts."""
+    models = schema["components"]["schemas"]
+
+    def cap(model: str, field: str, key: str, value: int) -> None:
+        prop = models[model]["properties"][field]
+        for branch in (prop, *prop.get("anyOf", [])):
+            if branch.get("type") in ("string", "integer"):
+                branch[key] = value
+
+    serving, feedback = settings.serving, settings.feedback
+    cap("PredictRequest", "prompt", "maxLength", serving.max_prompt_chars)
+    cap("Message", "content", "maxLength", serving.max_prompt_chars)
+    cap("ChatTurn", "content", "maxLength", serving.max_prompt_chars)
+    cap("TextPart", "text", "maxLength", serving.max_prompt_chars)
+    for model, field in (("PredictRequest", "max_tokens"), ("ChatCompletionRequest", "max_tokens"),
+                         ("ChatCompletionRequest", "max_completion_tokens")):
+        cap(model, field, "maximum", serving.max_tokens_limit)
+    cap("FeedbackRequest", "correction", "maxLength", feedback.max_correction_chars)
+    cap("FeedbackRequest", "comment", "maxLength", feedback.max_comment_chars)
+    return schema
 
 
 def _error(status: int, errors: list[dict[str, str]]) -> JSONResponse:
@@ -87,6 +145,7 @@ class Gateway:
         self._replicas: list[dict[str, Any]] = []
         self.metrics.watch_replicas(ReplicaCollector(lambda: self._replicas, self._champion))
         self.chat = ChatCompletions(llm, self.settings, self._known_tasks, self._publish, self.metrics)
+        api.openapi_schema = _document_limits(api.openapi(), self.settings)
 
     def _champion(self) -> str | None:
         return self.registry.alias(self.settings.serving.alias)
@@ -101,7 +160,9 @@ class Gateway:
         self._replicas = await self.board.snapshot.remote()
         return self._replicas
 
-    @api.post("/predict", response_model=PredictResponse)
+    @api.post("/predict", response_model=PredictResponse, responses=_documented(
+        e400="The prompt is longer than the configured limit or than the model's context.",
+        e404="Unknown task.", e413=TOO_LARGE, e422=INVALID, e503="The model could not answer right now; retry."))
     async def predict(self, body: PredictRequest) -> Any:
         started = time.perf_counter()
         limits = self.settings.serving
@@ -124,7 +185,7 @@ class Gateway:
             completion = await self.llm.generate.remote(body.chat(), options, request_id, task)
         except PromptTooLongError as exc:
             field = "prompt" if body.prompt is not None else "messages"
-            return self._reject(400, field, str(exc))
+            return self._reject(400, field, client_message(exc))
         except UnknownTaskError:  # registered a moment ago: this replica has not seen it yet
             return self._reject(404, "task", f"task {task!r} is not loaded yet; retry in a few seconds")
         except (asyncio.CancelledError, KeyboardInterrupt):
@@ -181,7 +242,8 @@ class Gateway:
             log.error("event=bus_publish_failed type=%s request_id=%s", event.event_type, event.request_id)
         return stored
 
-    @api.post("/feedback", status_code=202, response_model=FeedbackAccepted)
+    @api.post("/feedback", status_code=202, response_model=FeedbackAccepted, responses=_documented(
+        e413=TOO_LARGE, e422=INVALID, e503="The feedback could not be stored; retry."))
     async def feedback(self, body: FeedbackRequest) -> Any:
         limits = self.settings.feedback
         too_long = body.check_limits(limits.max_correction_chars, limits.max_comment_chars)
@@ -202,6 +264,7 @@ class Gateway:
                              "ending in `data: [DONE]`.", "content": {"text/event-stream": {}}},
         400: {"model": OpenAIError, "description": "Invalid request, or the prompt does not fit the context."},
         404: {"model": OpenAIError, "description": "Unknown model (models are task names)."},
+        413: {"model": ErrorResponse, "description": TOO_LARGE},
         503: {"model": OpenAIError, "description": "The model could not answer right now."},
     })
     async def chat_completions(self, body: ChatCompletionRequest) -> Any:
@@ -256,12 +319,13 @@ class Gateway:
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not token:
             return JSONResponse(status_code=401, content={"error": "admin routes are disabled: set admin_token"})
-        if not hmac.compare_digest(given, token):
+        if not hmac.compare_digest(given.encode(), token.encode()):  # bytes: any header, even non-ASCII, is a 401
             return JSONResponse(status_code=401, content={"error": "missing or wrong admin token (Authorization: "
                                                                    "Bearer <token>)"})
         return None
 
-    @api.post("/admin/retrain", status_code=202)
+    @api.post("/admin/retrain", status_code=202, responses=_documented(
+        **ADMIN, e404="Unknown task.", e409="A retrain is already running.", e422=INVALID))
     async def admin_retrain(self, request: Request, task: TaskName | None = None) -> Any:
         if denied := self._unauthorized(request):
             return denied
@@ -277,7 +341,9 @@ class Gateway:
         log.info("event=retrain_triggered run_id=%s task=%s by=admin", record.run_id, task)
         return JSONResponse(status_code=202, content={"run_id": record.run_id, "task": task, "state": record.state})
 
-    @api.post("/admin/promote")
+    @api.post("/admin/promote", response_model=HistoryEntry, responses=_documented(
+        **ADMIN, e404="No such version.", e409="The version cannot be promoted (rejected, or another base).",
+        e422=INVALID))
     async def admin_promote(self, request: Request, body: AliasMove) -> Any:
         if denied := self._unauthorized(request):
             return denied
@@ -288,7 +354,8 @@ class Gateway:
         return await self._move_alias(lambda: registry.promote(
             version, actor=body.actor, reason=body.reason or "promoted via /admin/promote"))
 
-    @api.post("/admin/rollback")
+    @api.post("/admin/rollback", response_model=HistoryEntry, responses=_documented(
+        **ADMIN, e404="No such task or version.", e409="Nothing to roll back to.", e422=INVALID))
     async def admin_rollback(self, request: Request, body: AliasMove) -> Any:
         if denied := self._unauthorized(request):
             return denied
@@ -306,7 +373,7 @@ class Gateway:
         log.info("event=alias_moved alias=%s %s->%s by=%s", entry.alias, entry.previous, entry.version, entry.actor)
         return JSONResponse(entry.model_dump(mode="json"))
 
-    @api.get("/admin/status")
+    @api.get("/admin/status", response_model=AdminStatus, responses=_documented(**ADMIN))
     async def admin_status(self, request: Request) -> Any:
         if denied := self._unauthorized(request):
             return denied
@@ -320,7 +387,8 @@ class Gateway:
     def __del__(self) -> None:
         self.bus.close()  # flushes what is buffered; the spool/log keeps the rest for the next process
 
-    @api.get("/metrics")
+    @api.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text exposition.", "content": {"text/plain": {}}}})
     async def metrics(self) -> Response:
         await self._refresh_replicas()
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)

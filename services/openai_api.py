@@ -36,7 +36,7 @@ from services.openai_protocol import (
     OpenAIError,
     OpenAIErrorBody,
 )
-from services.protocol import StreamEvent, Usage
+from services.protocol import StreamEvent, Usage, client_message
 
 log = logging.getLogger("flywheel.openai")
 
@@ -126,8 +126,7 @@ class ChatCompletions:
         if isinstance(exc, UnknownTaskError):
             return self._reject(404, "the model is not loaded yet; retry in a few seconds", "model",
                                 "model_not_found")
-        message = str(exc).splitlines()[-1].split(": ", 1)[-1]  # the engine's sentence, never a traceback
-        return self._reject(400, message, "messages", "context_length_exceeded")
+        return self._reject(400, client_message(exc), "messages", "context_length_exceeded")
 
     async def _stream(self, body: ChatCompletionRequest, task: str, options: SamplingOptions,
                       request_id: str) -> Any:

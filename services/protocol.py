@@ -5,9 +5,20 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from flywheel.tasks import TaskName
 from services.engines.protocol import ChatMessage
+
+
+def client_message(exc: BaseException) -> str:
+    """What a client may read of an error a replica raised: its own sentence, never Ray's traceback.
+
+    Ray re-raises a replica's exception as a subclass of both RayTaskError and the original type, whose
+    text is the whole remote traceback (pids, actor ids, paths); the original is kept as `cause`.
+    """
+    cause = getattr(exc, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else exc).strip().splitlines()[-1]
 
 
 class Message(ChatMessage):
@@ -20,10 +31,12 @@ class Message(ChatMessage):
 class PredictRequest(BaseModel):
     """`prompt` or `messages`, not both. Limits on sizes are checked by the gateway against config."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The cross-field rule, where JSON Schema can say it (clients and fuzzers read the document)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
 
-    prompt: str | None = Field(None, min_length=1, description="A single user turn.")
-    messages: list[Message] | None = Field(None, min_length=1, description="A chat, oldest first.")
+    prompt: str | SkipJsonSchema[None] = Field(None, min_length=1, description="A single user turn.")
+    messages: list[Message] | SkipJsonSchema[None] = Field(None, min_length=1, description="A chat, oldest first.")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate; default from config.")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -103,6 +116,20 @@ class TaskHealth(BaseModel):
     serving: list[str] = Field(description="Versions of this task the live replicas serve.")
 
 
+class ErrorItem(BaseModel):
+    field: str
+    message: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx outside /v1: one sentence for people, the details per field for code."""
+
+    error: str
+    detail: list[ErrorItem] = Field(default_factory=list)
+    request_id: str | None = None
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok", "degraded"]
     champion: str | None = Field(description="The default task's champion.")
@@ -125,3 +152,11 @@ class AliasMove(BaseModel):
     task: TaskName | None = Field(None, description="Task to roll back (rollback only; default: the default task).")
     reason: str = ""
     actor: str = Field("admin-api", max_length=128)
+
+
+class AdminStatus(BaseModel):
+    """GET /admin/status: the default task's champion, every replica's state, the latest retrains."""
+
+    champion: str | None
+    replicas: list[dict]
+    runs: list[dict]

@@ -101,6 +101,7 @@ def test_malformed_json_and_prompt_over_the_context(served: tuple[str, Settings]
     long_prompt = " ".join(["surged"] * 600)[:3990]
     response = predict(url, long_prompt, max_tokens=200)
     assert response.status_code == 400 and "context" in response.json()["error"], response.text
+    assert "Traceback" not in response.text and "pid=" not in response.text and "File " not in response.text
 
 
 def test_hot_swap_under_load_drops_nothing(champion_v1: tuple[str, Registry]) -> None:
