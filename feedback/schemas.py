@@ -11,8 +11,19 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
+
+from flywheel.jsontypes import whole_number
 
 SCHEMA_VERSION = 1
 
@@ -22,7 +33,9 @@ RequestId = Annotated[
 EventId = Annotated[
     str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Dedupe key: 1..64 of [A-Za-z0-9_-].")
 ]
-Rating = Annotated[int, Field(ge=1, le=5, strict=True, description="1 (bad) .. 5 (good); a JSON integer.")]
+Rating = Annotated[
+    int, Field(ge=1, le=5, description="1 (bad) .. 5 (good); a JSON integer."), BeforeValidator(whole_number)
+]
 Thumb = Literal["up", "down"]
 OptionalId = Annotated[str | None, Field(min_length=1, max_length=128)]
 
@@ -83,7 +96,8 @@ class _FeedbackFields(BaseModel):
     # The document shows these as optional, not nullable: a body must carry at least one of them
     rating: Rating | SkipJsonSchema[None] = None
     thumb: Thumb | SkipJsonSchema[None] = None
-    correction: str | SkipJsonSchema[None] = Field(None, min_length=1, description="The answer the user wanted.")
+    correction: Annotated[str, Field(min_length=1)] | SkipJsonSchema[None] = Field(
+        None, description="The answer the user wanted.")
     comment: str | None = Field(None, min_length=1)
     user_id: OptionalId = None
     tenant_id: OptionalId = None
@@ -116,10 +130,19 @@ def decode_event(data: bytes | str) -> PredictionEvent | FeedbackEvent:
     return _EVENT.validate_json(data)
 
 
+def refuse_nulls(data: object, fields: tuple[str, ...]) -> object:
+    """An optional field is left out, not sent as null: the document shows it non-nullable, so say so."""
+    if isinstance(data, dict):
+        nulls = [f for f in fields if f in data and data[f] is None]
+        if nulls:
+            raise ValueError(f"omit {', '.join(nulls)} instead of sending null")
+    return data
+
+
 class FeedbackRequest(_FeedbackFields):
     """The body of POST /feedback. Size limits come from config: the gateway calls `check_limits`."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "anyOf": [{"required": ["rating"]}, {"required": ["thumb"]}, {"required": ["correction"]}]})
 
     request_id: RequestId = Field(description="From /predict's `request_id`, or an OpenAI completion's `id` "
@@ -132,6 +155,11 @@ class FeedbackRequest(_FeedbackFields):
     @classmethod
     def _completion_id(cls, value: object) -> object:
         return value.removeprefix("chatcmpl-") if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_explicit_nulls(cls, data: object) -> object:
+        return refuse_nulls(data, ("rating", "thumb", "correction"))
 
     def check_limits(self, max_correction_chars: int, max_comment_chars: int) -> list[tuple[str, str]]:
         """(field, message) for each text over its configured limit; empty when the request fits."""

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from feedback.bus import build_bus
 from feedback.schemas import FeedbackAccepted, FeedbackEvent, FeedbackRequest, Message, PredictionEvent
@@ -105,6 +106,8 @@ def _document_limits(schema: dict[str, Any], settings: Settings) -> dict[str, An
         cap(model, field, "maximum", serving.max_tokens_limit)
     cap("FeedbackRequest", "correction", "maxLength", feedback.max_correction_chars)
     cap("FeedbackRequest", "comment", "maxLength", feedback.max_comment_chars)
+    # a real model name, so clients (and fuzzers) reading the document reach a task
+    models["ChatCompletionRequest"]["properties"]["model"]["examples"] = [settings.default_task]
     return schema
 
 
@@ -113,11 +116,34 @@ def _error(status: int, errors: list[dict[str, str]]) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message, "detail": errors})
 
 
+def _is_type_tag(part: object) -> bool:
+    """pydantic's names for the members of a union (`constrained-str`, `none`, `function-before[…]`):
+    internals that say nothing to a client about which field was wrong."""
+    text = str(part)
+    return isinstance(part, str) and (text in {"none", "str", "int", "float", "bool", "list", "dict"}
+                                      or any(c in text for c in "[]-("))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Framework errors (a body that is not even text, an unknown path) in the same shapes as ours."""
+    unreadable = exc.status_code == 400 and "parsing the body" in str(exc.detail)
+    if request.url.path.startswith("/v1/"):
+        response = openai_error(400 if unreadable else exc.status_code, "the body is not valid JSON" if unreadable
+                                else str(exc.detail), param="body" if unreadable else None)
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
+    if unreadable:
+        return _error(422, [{"field": "body", "message": "the body is not valid JSON", "type": "json_invalid"}])
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)},
+                        headers=getattr(exc, "headers", None))  # e.g. 405's Allow
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = []
     for err in exc.errors():
-        loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+        loc = [str(part) for part in err.get("loc", ()) if part != "body" and not _is_type_tag(part)]
         if err.get("type") == "json_invalid":  # loc holds a character offset, not a field
             loc = []
         errors.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid"),

@@ -93,10 +93,10 @@ class ChatCompletions:
         if chars > limits.max_prompt_chars:
             return self._reject(400, f"the messages are {chars} characters; the limit is {limits.max_prompt_chars}",
                                 "messages", "context_length_exceeded")
+        for field in ("max_completion_tokens", "max_tokens"):
+            if (getattr(body, field) or 0) > limits.max_tokens_limit:
+                return self._reject(400, f"{field} must be <= {limits.max_tokens_limit}", field)
         asked = body.max_completion_tokens or body.max_tokens
-        if asked is not None and asked > limits.max_tokens_limit:
-            return self._reject(400, f"max_completion_tokens must be <= {limits.max_tokens_limit}",
-                                "max_completion_tokens")
         options = SamplingOptions(
             max_tokens=asked or min(tasks[task].max_new_tokens, limits.max_tokens_limit),
             temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stops(),
@@ -109,6 +109,8 @@ class ChatCompletions:
             completion = await self.llm.generate.remote(body.chat(), options, request_id, task)
         except (PromptTooLongError, UnknownTaskError) as exc:
             return self._engine_refusal(exc)
+        except Exception:  # engine or replica trouble is ours, not the caller's: 503, logged
+            return self._unavailable(request_id)
         latency = time.perf_counter() - started
         self._record(body, request_id, task, completion.adapter_version, completion.answer, completion.reasoning,
                      completion.usage, latency)
@@ -122,6 +124,11 @@ class ChatCompletions:
         )
         return JSONResponse(response.model_dump(), headers={"x-flywheel-replica": completion.replica})
 
+    def _unavailable(self, request_id: str) -> JSONResponse:
+        log.exception("event=chat_failed request_id=%s", request_id)
+        self.metrics.requests.labels(ROUTE, "503").inc()
+        return openai_error(503, "the model could not answer right now; retry shortly", kind="server_error")
+
     def _engine_refusal(self, exc: Exception) -> JSONResponse:
         if isinstance(exc, UnknownTaskError):
             return self._reject(404, "the model is not loaded yet; retry in a few seconds", "model",
@@ -134,10 +141,10 @@ class ChatCompletions:
         events = self.llm.options(stream=True).generate_stream.remote(body.chat(), options, request_id, task)
         try:  # the first event comes with the first tokens: a bad request fails here, before any byte is sent
             first: StreamEvent = await events.__anext__()
-        except StopAsyncIteration:
-            return openai_error(503, "the model returned nothing; retry", kind="server_error")
         except (PromptTooLongError, UnknownTaskError) as exc:
             return self._engine_refusal(exc)
+        except Exception:  # StopAsyncIteration included: nothing came back
+            return self._unavailable(request_id)
         completion_id = COMPLETION_ID_PREFIX + request_id
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -7,19 +7,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from flywheel.jsontypes import NonNegativeInt, PositiveInt
 from services.engines.protocol import ChatMessage
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
 
 class ChatTurn(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] = Field(description="Text, or a list of text parts (joined).")
 
@@ -27,32 +32,31 @@ class ChatTurn(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+StopText = Annotated[str, Field(min_length=1, max_length=200)]
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(min_length=1, max_length=200, description="A task name: its champion answers.")
     messages: list[ChatTurn] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; max_completion_tokens wins.")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: PositiveInt | None = Field(None, description="Deprecated by OpenAI; max_completion_tokens wins.")
+    max_completion_tokens: PositiveInt | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = Field(None, description="Up to 4 sequences where generation stops.")
-    n: int = Field(1, ge=1, description="Only 1 is served.")
+    seed: NonNegativeInt | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = Field(
+        None, description="Up to 4 non-empty sequences where generation stops.")
+    n: PositiveInt = Field(1, description="Only 1 is served.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
-
-    @field_validator("stop")
-    @classmethod
-    def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return stop
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from feedback.schemas import refuse_nulls
+from flywheel.jsontypes import NonNegativeInt, PositiveInt
 from flywheel.tasks import TaskName
 from services.engines.protocol import ChatMessage
 
@@ -22,7 +24,7 @@ def client_message(exc: BaseException) -> str:
 
 
 class Message(ChatMessage):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str = Field(min_length=1)
@@ -32,15 +34,18 @@ class PredictRequest(BaseModel):
     """`prompt` or `messages`, not both. Limits on sizes are checked by the gateway against config."""
 
     # The cross-field rule, where JSON Schema can say it (clients and fuzzers read the document)
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
+    # strict: a JSON `false` is not a temperature, nor "5" a token count (the document says their types)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
 
-    prompt: str | SkipJsonSchema[None] = Field(None, min_length=1, description="A single user turn.")
-    messages: list[Message] | SkipJsonSchema[None] = Field(None, min_length=1, description="A chat, oldest first.")
-    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate; default from config.")
+    # constraints sit on the non-null branch: the document shows optional fields, never `null`
+    prompt: Annotated[str, Field(min_length=1)] | SkipJsonSchema[None] = Field(None, description="A single user turn.")
+    messages: Annotated[list[Message], Field(min_length=1)] | SkipJsonSchema[None] = Field(
+        None, description="A chat, oldest first.")
+    max_tokens: PositiveInt | None = Field(None, description="Tokens to generate; default: the task's budget.")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0)
+    seed: NonNegativeInt | None = None
     task: TaskName | None = Field(None, description="Which task answers (default: the platform's default task).")
 
     @field_validator("prompt")
@@ -49,6 +54,11 @@ class PredictRequest(BaseModel):
         if prompt is not None and not prompt.strip():
             raise ValueError("must not be blank")
         return prompt
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_explicit_nulls(cls, data: object) -> object:
+        return refuse_nulls(data, ("prompt", "messages"))
 
     @model_validator(mode="after")
     def _one_input(self) -> PredictRequest:

@@ -24,7 +24,8 @@ RID = uuid.uuid4().hex
 
 
 def _error_fields(exc: ValidationError) -> set[str]:
-    return {".".join(map(str, e["loc"])) for e in exc.errors()}
+    """The fields named (the first part of each location; the rest names union members, not fields)."""
+    return {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
 
 
 @pytest.mark.parametrize(("body", "field"), [
