@@ -703,7 +703,8 @@ def bench_own_task(
     settings = settings_or_exit(config)
     ray_was_up = _ray_is_up()
     try:
-        report = run_own_task_bench(settings, rows, say=progress)
+        with stdout_to_stderr():  # Ray's workers print on stdout
+            report = run_own_task_bench(settings, rows, say=progress)
     finally:
         if not ray_was_up:
             _shutdown_ray()
