@@ -92,7 +92,8 @@ def _report(metric: str, checks: list[GateCheck]) -> GateReport:
                                                                         for c in checks if not c.passed))
 
 
-def decide(    champion: dict[str, SliceScores],
+def decide(
+    champion: dict[str, SliceScores],
     candidate: dict[str, SliceScores],
     *,
     spec: TaskSpec,
