@@ -27,7 +27,7 @@ from services.engines.protocol import AdapterHandle
 from training.evaluate import EvalExample, SliceScores, evaluate, golden_examples, parity
 from training.gate import decide, decide_confirmed
 from training.metrics import min_pairs_for_alpha
-from training.ray_train import TrainJob, train_on_ray
+from training.ray_train import TrainJob, connect_ray, train_on_ray
 from training.retrain_data import (
     RetrainData,
     TrainExample,
@@ -199,6 +199,9 @@ class Retrain:
             pq.write_table(pa.Table.from_pylist([e.model_dump(exclude={"at", "source"}) for e in data.holdout]),
                            eval_path)
         out_dir = self.workdir / "candidate"
+        # A run launched by serving joins its cluster (its address is in the run's settings): no second
+        # Ray to start on a busy box, and the workers get the CPUs the cluster keeps for training.
+        connect_ray(address=self.settings.ray.address)
         outcome = train_on_ray(
             TrainJob(
                 base_dir=Path(train_base),

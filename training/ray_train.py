@@ -116,15 +116,17 @@ def write_rows(path: Path, rows: Sequence[SupervisedExample] | Sequence[KtoExamp
     return path
 
 
-def connect_ray(*, object_store_mb: int = 256) -> bool:
-    """Use the Ray this process is connected to, or the cluster in `RAY_ADDRESS`; else start a small local one.
+def connect_ray(*, address: str | None = None, object_store_mb: int = 256) -> bool:
+    """Use the Ray this process is connected to, else the cluster at `address` (or `RAY_ADDRESS`); else start
+    a small local one.
 
     Returns whether this call initialised Ray (the caller may then `ray.shutdown()` when done).
     """
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # e.g. a KubeRay RayJob: the cluster's own memory settings apply
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)  # the serving cluster, or a KubeRay RayJob's: its own settings apply
     else:
         ray.init(object_store_memory=object_store_mb * 1024 * 1024, include_dashboard=False)
     return True

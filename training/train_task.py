@@ -30,7 +30,7 @@ from services.engines import build_engine
 from services.engines.protocol import AdapterHandle
 from training.evaluate import EvalExample, SliceScores, evaluate
 from training.metrics import ClassificationReport, confusion_png
-from training.ray_train import TrainJob, train_on_ray
+from training.ray_train import TrainJob, connect_ray, train_on_ray
 from training.retrain_data import TrainExample, write_train_data
 from training.sft import LoraSpec, SftConfig, chat_text, completion_text
 from training.user_data import DataReport, Example, Splits, prepare_dataset
@@ -175,6 +175,7 @@ class TaskTrainer:
         self.say(f"training {self.spec.name} on {len(splits.train)} rows ({len(splits.val)} for validation): "
                  f"{steps} steps, LoRA r={lora.r} on {lora.target_modules}, lr {cfg.learning_rate}")
         patience = cfg.early_stopping_patience if eval_path is not None else None
+        connect_ray(address=self.settings.ray.address)
         outcome = train_on_ray(
             TrainJob(
                 base_dir=Path(self.settings.base_model_path),
