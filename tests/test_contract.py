@@ -1,29 +1,49 @@
-"""The OpenAPI document tells the truth: a contract fuzzer (schemathesis) runs every check against the live app.
+"""The OpenAPI document tells the truth: a contract fuzzer (schemathesis) runs every check against a live app.
 
 Every operation is fuzzed (admin routes with the token) except the ones that move aliases or start
-retrains: 0 server errors, 0 responses the document does not describe.
+retrains: 0 server errors, 0 responses the document does not describe. The fuzzer sends real feedback,
+so it gets an app of its own (own registry and feedback log) on the shared Serve instance.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from flywheel.config import Settings
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, make_settings
 
 pytestmark = [pytest.mark.serve, pytest.mark.vllm]
 
 
-def test_every_route_answers_as_its_openapi_document_says(served: tuple[str, Settings], tmp_path: Path) -> None:
-    url, _ = served
+@pytest.fixture(scope="module")
+def contract_app(served: tuple[str, Settings], demo_home: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[str]:
+    from ray import serve
+
+    from services import app as serve_app
+
+    home = tmp_path_factory.mktemp("contract-home")
+    shutil.copytree(demo_home, home, dirs_exist_ok=True)
+    settings = make_settings(home, engine="vllm", port=served[1].serving.port)
+    url = serve_app.run(settings, name="flywheel-contract", route_prefix="/contract", timeout_s=600)
+    try:
+        yield url
+    finally:
+        serve.delete("flywheel-contract")
+
+
+def test_every_route_answers_as_its_openapi_document_says(contract_app: str, tmp_path: Path) -> None:
+    url = contract_app
     command = [
         Path(sys.executable).with_name("schemathesis").as_posix(),
-        "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run", f"{url}/openapi.json",
+        "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run", f"{url}/openapi.json", "--url", url,
         "--checks", "all",
         "--exclude-path-regex", "^/admin/(promote|rollback|retrain)$",
         "--header", f"Authorization: Bearer {ADMIN_TOKEN}",
@@ -35,10 +55,10 @@ def test_every_route_answers_as_its_openapi_document_says(served: tuple[str, Set
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-2000:]
 
 
-def test_hostile_headers_paths_and_bodies_get_clear_4xx(served: tuple[str, Settings]) -> None:
+def test_hostile_headers_paths_and_bodies_get_clear_4xx(contract_app: str) -> None:
     import httpx
 
-    url, _ = served
+    url = contract_app
     odd = httpx.get(f"{url}/admin/status", headers={"authorization": "Bearer \xe9\xff".encode("latin-1")})
     assert odd.status_code == 401 and "token" in odd.json()["error"]  # was a 500 on a non-ASCII token
     auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
