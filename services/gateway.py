@@ -116,6 +116,12 @@ def _error(status: int, errors: list[dict[str, str]]) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message, "detail": errors})
 
 
+def _openai_route(request: Request) -> bool:
+    """Whether the request is for /v1/* (under whatever route prefix the app is deployed at)."""
+    path, root = request.url.path, request.scope.get("root_path", "")
+    return path.removeprefix(root).startswith("/v1/")
+
+
 def _is_type_tag(part: object) -> bool:
     """pydantic's names for the members of a union (`constrained-str`, `none`, `function-before[…]`):
     internals that say nothing to a client about which field was wrong."""
@@ -128,7 +134,7 @@ def _is_type_tag(part: object) -> bool:
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Framework errors (a body that is not even text, an unknown path) in the same shapes as ours."""
     unreadable = exc.status_code == 400 and "parsing the body" in str(exc.detail)
-    if request.url.path.startswith("/v1/"):
+    if _openai_route(request):
         response = openai_error(400 if unreadable else exc.status_code, "the body is not valid JSON" if unreadable
                                 else str(exc.detail), param="body" if unreadable else None)
         response.headers.update(getattr(exc, "headers", None) or {})
@@ -148,7 +154,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
             loc = []
         errors.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid"),
                        "type": err.get("type", "")})
-    if request.url.path.startswith("/v1/"):  # OpenAI clients expect their error shape, with 400
+    if _openai_route(request):  # OpenAI clients expect their error shape, with 400
         first = errors[0]
         return openai_error(400, "; ".join(f"{e['field']}: {e['message']}" for e in errors), param=first["field"],
                             code=first["type"] or None)
