@@ -119,7 +119,7 @@ def _error(status: int, errors: list[dict[str, str]]) -> JSONResponse:
 def _openai_route(request: Request) -> bool:
     """Whether the request is for /v1/* (under whatever route prefix the app is deployed at)."""
     path, root = request.url.path, request.scope.get("root_path", "")
-    return path.removeprefix(root).startswith("/v1/")
+    return "/v1/" in path.removeprefix(root)
 
 
 def _is_type_tag(part: object) -> bool:
