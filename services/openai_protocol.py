@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flywheel.jsontypes import NonNegativeInt, PositiveInt
+from flywheel.jsontypes import PositiveInt, Seed
 from services.engines.protocol import ChatMessage
 
 
@@ -50,7 +50,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: PositiveInt | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: NonNegativeInt | None = None
+    seed: Seed | None = None
     stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = Field(
         None, description="Up to 4 non-empty sequences where generation stops.")
     n: PositiveInt = Field(1, description="Only 1 is served.")

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.json_schema import SkipJsonSchema
 
 from feedback.schemas import refuse_nulls
-from flywheel.jsontypes import NonNegativeInt, PositiveInt
+from flywheel.jsontypes import PositiveInt, Seed
 from flywheel.tasks import TaskName
 from services.engines.protocol import ChatMessage
 
@@ -45,7 +45,7 @@ class PredictRequest(BaseModel):
     max_tokens: PositiveInt | None = Field(None, description="Tokens to generate; default: the task's budget.")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: NonNegativeInt | None = None
+    seed: Seed | None = None
     task: TaskName | None = Field(None, description="Which task answers (default: the platform's default task).")
 
     @field_validator("prompt")
