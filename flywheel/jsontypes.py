@@ -22,6 +22,5 @@ def whole_number(value: object) -> object:
 
 # The constraint sits before the validator, so the document shows it as `minimum` (and it is checked).
 PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(whole_number)]
-NonNegativeInt = Annotated[int, Field(ge=0), BeforeValidator(whole_number)]
 # A sampling seed the engines can hold (vLLM keeps it in a 64-bit integer).
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1), BeforeValidator(whole_number)]
