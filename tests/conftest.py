@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from flywheel.config import Settings
 from flywheel.registry import Registry, registry_for
@@ -62,6 +63,16 @@ def home_copy(demo_home: Path, tmp_path: Path) -> Path:
     target = tmp_path / "home"
     shutil.copytree(demo_home, target, symlinks=True)
     return target
+
+
+@pytest.fixture
+def cli(home_copy: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """The `flywheel` CLI, in-process, on a private copy of the demo home."""
+    monkeypatch.setenv("FLYWHEEL_HOME", str(home_copy))
+    for key, value in TEST_BOOTSTRAP.items():
+        monkeypatch.setenv(f"FLYWHEEL_BOOTSTRAP__{key.upper()}", str(value))
+    monkeypatch.delenv("FLYWHEEL_CONFIG", raising=False)
+    return CliRunner()
 
 
 @pytest.fixture(scope="session")

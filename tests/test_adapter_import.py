@@ -6,21 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from flywheel.cli import app
 from flywheel.registry import MANIFEST, registry_for
-from tests.conftest import TEST_BOOTSTRAP, make_settings
-
-
-@pytest.fixture
-def cli(home_copy: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.setenv("FLYWHEEL_HOME", str(home_copy))
-    for key, value in TEST_BOOTSTRAP.items():
-        monkeypatch.setenv(f"FLYWHEEL_BOOTSTRAP__{key.upper()}", str(value))
-    monkeypatch.delenv("FLYWHEEL_CONFIG", raising=False)
-    return CliRunner()
+from tests.conftest import make_settings
 
 
 def foreign_adapter(tmp_path: Path) -> Path:

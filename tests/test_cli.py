@@ -5,20 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from flywheel.cli import app
-from tests.conftest import TEST_BOOTSTRAP
-
-
-@pytest.fixture
-def cli(home_copy: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.setenv("FLYWHEEL_HOME", str(home_copy))
-    for key, value in TEST_BOOTSTRAP.items():
-        monkeypatch.setenv(f"FLYWHEEL_BOOTSTRAP__{key.upper()}", str(value))
-    monkeypatch.delenv("FLYWHEEL_CONFIG", raising=False)
-    return CliRunner()
 
 
 def run_json(cli: CliRunner, *args: str) -> object:
