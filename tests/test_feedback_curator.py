@@ -24,6 +24,7 @@ from feedback.pii import mask_pii
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, encode_event
 from flywheel.config import Settings
 from tests.kafka_broker import BACKENDS, event_pairs, feedback, interleaved, prediction, write_config
+from tests.timing import fastest_run_s
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -218,11 +219,9 @@ def test_mask_pii(text: str, masked: str | None) -> None:
     "1" * 4000,
 ])
 def test_mask_pii_is_linear_on_adversarial_digits(text: str) -> None:
-    """4 000 characters of digit groups mask in well under 100 ms (it took about a minute before)."""
-    started = time.perf_counter()
-    mask_pii(text)
-    mask_pii(f"card {PII['card']} " + text)
-    assert time.perf_counter() - started < 0.2  # generous for a busy 2-core box; the bug took seconds
+    """4 000 characters of digit groups mask in tens of milliseconds (it took about a minute before)."""
+    assert fastest_run_s(lambda: mask_pii(text)) < 0.5
+    assert fastest_run_s(lambda: mask_pii(f"card {PII['card']} " + text)) < 0.5
 
 
 def test_pii_is_masked_before_anything_is_stored(feedback_settings: Callable[..., Settings], tmp_path: Path) -> None:
