@@ -7,7 +7,7 @@ same partition. On the wire an event is compact JSON with `event_type` as the di
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -148,7 +148,8 @@ class FeedbackRequest(_FeedbackFields):
     request_id: RequestId = Field(description="From /predict's `request_id`, or an OpenAI completion's `id` "
                                   "(`chatcmpl-<request id>`).")
     event_id: EventId | None = Field(
-        None, description="Client-chosen id; a resubmission with the same id is curated once."
+        None, description="Client-chosen id; a resubmission with the same id is curated once. Without it "
+        "the id is derived from the request id and the verdict, so an identical retry also counts once."
     )
 
     @field_validator("request_id", mode="before")
@@ -171,10 +172,12 @@ class FeedbackRequest(_FeedbackFields):
         return errors
 
     def to_event(self) -> FeedbackEvent:
-        return FeedbackEvent(
-            event_id=self.event_id or uuid.uuid4().hex,
-            **self.model_dump(exclude={"event_id"}),
-        )
+        return FeedbackEvent(event_id=self.event_id or self.idempotency_key(), **self.model_dump(exclude={"event_id"}))
+
+    def idempotency_key(self) -> str:
+        """The same verdict on the same answer names the same event: a client's blind retry counts once."""
+        verdict = self.model_dump_json(exclude={"event_id"})  # fields in declaration order: stable
+        return hashlib.sha256(verdict.encode()).hexdigest()[:32]
 
 
 class FeedbackAccepted(BaseModel):

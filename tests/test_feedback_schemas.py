@@ -72,9 +72,21 @@ def test_to_event_keeps_a_client_event_id_or_makes_one() -> None:
     given = FeedbackRequest(request_id=RID, thumb="up", event_id="client-42", tenant_id="acme").to_event()
     assert (given.event_id, given.request_id, given.thumb, given.tenant_id) == ("client-42", RID, "up", "acme")
     made = FeedbackRequest(request_id=RID, rating=4).to_event()
-    assert len(made.event_id) == 32 and made.event_id != FeedbackRequest(request_id=RID, rating=4).to_event().event_id
+    assert len(made.event_id) == 32
     assert made.timestamp.tzinfo is UTC and made.schema_version == 1
     assert FeedbackAccepted(event_id=made.event_id).model_dump() == {"event_id": made.event_id}
+
+
+def test_a_blind_retry_without_an_event_id_names_the_same_event() -> None:
+    """A client that resends the same verdict (a timeout, a retry loop) is curated once."""
+    verdict = {"request_id": RID, "rating": 2, "correction": "积极", "user_id": "u1"}
+    first, retry = FeedbackRequest(**verdict).to_event(), FeedbackRequest(**dict(reversed(verdict.items()))).to_event()
+    assert first.event_id == retry.event_id and first.timestamp <= retry.timestamp
+    others = [{**verdict, "rating": 3}, {**verdict, "correction": "消极"}, {**verdict, "user_id": "u2"},
+              {**verdict, "request_id": "f" * 32}, {**verdict, "comment": "late"}]
+    ids = {FeedbackRequest(**other).to_event().event_id for other in others}
+    assert len(ids) == len(others) and first.event_id not in ids
+    assert FeedbackRequest(**{**verdict, "request_id": f"chatcmpl-{RID}"}).to_event().event_id == first.event_id
 
 
 def test_events_round_trip_through_bytes_by_event_type() -> None:
