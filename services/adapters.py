@@ -177,7 +177,8 @@ class AdapterManager:
             "swaps_succeeded": self.counters.succeeded,
             "swaps_failed": self.counters.failed,
             "last_failure": (
-                {"version": self.last_failure.version, "error": self.last_failure.error}
+                {"version": self.last_failure.version, "kind": (self.last_failure.error or "").partition(":")[0],
+                 "error": self.last_failure.error}
                 if self.last_failure
                 else None
             ),

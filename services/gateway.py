@@ -161,6 +161,17 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return _error(422, errors)
 
 
+def _without_failure_details(replica: dict[str, Any]) -> dict[str, Any]:
+    """/healthz is unauthenticated: a failed swap shows its version and kind; the message (which may
+    name registry paths) stays in the logs and behind the admin token (/admin/status)."""
+
+    def public(state: dict[str, Any]) -> dict[str, Any]:
+        failure = state.get("last_failure")
+        return {**state, "last_failure": failure and {k: failure[k] for k in ("version", "kind")}}
+
+    return {**public(replica), "tasks": {task: public(state) for task, state in replica.get("tasks", {}).items()}}
+
+
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Gateway:
@@ -341,7 +352,7 @@ class Gateway:
             engine=self.settings.serving.engine,
             base_model=self.settings.model.quantized_base or self.settings.model.base,
             quantization=next((r["quantization"] for r in replicas if r.get("quantization")), None),
-            replicas=replicas,
+            replicas=[_without_failure_details(r) for r in replicas],
         )
 
     # -- admin: token-protected operations ----------------------------------------------------------

@@ -14,6 +14,7 @@ import ray
 
 BOARD_NAME = "flywheel-replica-board"
 STALE_AFTER_S = 10.0
+FORGET_AFTER_S = 300.0  # a replica silent this long is gone (scaled down, crashed): its entry goes too
 
 
 @ray.remote(num_cpus=0)
@@ -22,7 +23,10 @@ class ReplicaBoard:
         self._replicas: dict[str, dict[str, Any]] = {}
 
     def report(self, replica: str, status: dict[str, Any]) -> None:
-        self._replicas[replica] = {**status, "replica": replica, "reported_at": time.time()}
+        now = time.time()
+        self._replicas[replica] = {**status, "replica": replica, "reported_at": now}
+        for gone in [r for r, s in self._replicas.items() if s["reported_at"] < now - FORGET_AFTER_S]:
+            del self._replicas[gone]
 
     def forget(self, replica: str) -> None:
         self._replicas.pop(replica, None)

@@ -140,3 +140,20 @@ async def test_rollback_to_a_draining_version_keeps_it_loaded(setup) -> None:
     assert manager.active.version == "demo-v1"
     assert await ask(manager, engine) == "demo-v1"
     assert engine.resident == {"demo-v1"}
+
+
+def test_the_status_board_forgets_replicas_that_went_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scaled-down or crashed replicas drop out of /healthz, then out of the board's memory."""
+    from services import status_board
+
+    clock = [1000.0]
+    monkeypatch.setattr(status_board.time, "time", lambda: clock[0])
+    board = status_board.ReplicaBoard.__ray_actor_class__()
+    board.report("a", {"active": "demo-v1"})
+    board.report("b", {"active": "demo-v1"})
+    clock[0] += status_board.STALE_AFTER_S + 1
+    board.report("a", {"active": "demo-v2"})
+    assert [s["replica"] for s in board.snapshot()] == ["a"]  # b is quiet: not in /healthz
+    clock[0] += status_board.FORGET_AFTER_S + 1
+    board.report("c", {"active": "demo-v2"})
+    assert set(board._replicas) == {"c"}  # a and b went quiet long ago: forgotten, the board stays small

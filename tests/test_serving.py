@@ -178,6 +178,8 @@ def test_corrupt_adapter_never_becomes_champion(champion_v1: tuple[str, Registry
                 break
             time.sleep(0.1)
         assert health["status"] == "degraded" and health["serving"] == ["demo-v1"], health
+        assert failures[0]["kind"].isidentifier() and "error" not in failures[0]  # the message stays in the logs
+        assert str(tmp_path) not in json.dumps(health) and str(registry.root) not in json.dumps(health)
         assert predict(url, "ping", max_tokens=4).json()["adapter_version"] == "demo-v1"
         metrics = httpx.get(f"{url}/metrics").text
         replica = health["replicas"][0]["replica"]
