@@ -71,7 +71,7 @@ def kafka_client_config(settings: FeedbackSettings) -> dict[str, Any]:
         "security_protocol": settings.security_protocol,
         "sasl_mechanism": settings.sasl_mechanism,
         "sasl_plain_username": settings.sasl_username,
-        "sasl_plain_password": settings.sasl_password,
+        "sasl_plain_password": settings.sasl_password.get_secret_value() if settings.sasl_password else None,
         "ssl_cafile": settings.ssl_cafile,
         "reconnect_backoff_max_ms": 1000,
         "bootstrap_timeout_ms": 5000,

@@ -469,7 +469,7 @@ def retrain(
     Exit codes with --wait: 0 passed or rejected, 2 too little data, 1 failed, 3 another run is busy.
     """
     from flywheel.registry import UnknownTaskError, resolve_task
-    from flywheel.runs import RetrainBusyError, RunRecord, RunStore, new_run_id, retrain_command
+    from flywheel.runs import RetrainBusyError, RunRecord, RunStore, new_run_id
 
     configure_logging()
     settings = settings_or_exit(config)
@@ -480,7 +480,7 @@ def retrain(
     store = RunStore(settings.home / "runs")
     if not wait and lock_fd is None:
         try:
-            record = store.launch(retrain_command(settings, store.root, task), trigger, task)
+            record = store.launch_retrain(settings, trigger, task)
         except RetrainBusyError as exc:
             fail(str(exc), code=3)
         emit(as_json, {"run_id": record.run_id, "state": record.state},

@@ -1,19 +1,26 @@
 """One settings object for the CLI and every deployment.
 
-Sources, highest priority first: explicit keyword arguments, ``FLYWHEEL_*`` environment variables
-(nested with ``__``, e.g. ``FLYWHEEL_SERVING__ENGINE=hf``), the YAML file named by ``--config`` or
-``FLYWHEEL_CONFIG``, then the embedded defaults below (one box, local Ray, local registry, demo model).
+Sources, highest priority first: explicit keyword arguments, the settings a parent process handed
+down (``FLYWHEEL_SETTINGS_JSON``), ``FLYWHEEL_*`` environment variables (nested with ``__``, e.g.
+``FLYWHEEL_SERVING__ENGINE=hf``), the YAML file named by ``--config`` or ``FLYWHEEL_CONFIG``, then the
+embedded defaults below (one box, local Ray, local registry, demo model).
+
+Secrets (`admin_token`, `feedback.sasl_password`) are `SecretStr`: masked in every dump, log and
+status output, and handed to other processes only through their environment, never a file or a
+deployment's init arguments.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -22,6 +29,7 @@ from pydantic_settings import (
 from flywheel.tasks import DEMO_TASK, TaskName, TaskSpec
 
 DEMO_MODEL = "demo"
+SHARED_SETTINGS_ENV = "FLYWHEEL_SETTINGS_JSON"
 
 
 class ModelSettings(BaseModel):
@@ -95,7 +103,7 @@ class FeedbackSettings(BaseModel):
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
-    sasl_password: str | None = None
+    sasl_password: SecretStr | None = None
     ssl_cafile: str | None = None
     predictions_topic: str = "flywheel.predictions"
     feedback_topic: str = "flywheel.feedback"
@@ -243,7 +251,8 @@ class Settings(BaseSettings):
         description="The tasks this platform serves (more can be added with `flywheel train` / `flywheel tasks "
         "add`). Default: the built-in demo task.",
     )
-    admin_token: str = Field("", description="Token for /admin routes; empty disables them.")
+    admin_token: SecretStr = Field(SecretStr(""), description="Token for /admin routes; empty disables them. "
+                                   "Set it with FLYWHEEL_ADMIN_TOKEN rather than in a file.")
     model: ModelSettings = ModelSettings()
     registry: RegistrySettings = RegistrySettings()
     serving: ServingSettings = ServingSettings()
@@ -273,7 +282,10 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         yaml_file = cls._config_file or os.environ.get("FLYWHEEL_CONFIG")
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings]
+        if handed_down := os.environ.get(SHARED_SETTINGS_ENV):
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=json.loads(handed_down)))
+        sources.append(env_settings)
         if yaml_file:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
         return tuple(sources)
@@ -285,6 +297,28 @@ class Settings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: each name once ({', '.join(sorted(names))})")
         return tasks
+
+    def shareable(self) -> dict[str, Any]:
+        """These settings as JSON-ready data without the secrets: what may travel in arguments or files."""
+        return self.model_dump(mode="json", exclude={"admin_token": True, "feedback": {"sasl_password"}})
+
+    def secret_env(self) -> dict[str, str]:
+        """The secrets as the environment variables another process reads them from."""
+        secrets = {"FLYWHEEL_ADMIN_TOKEN": self.admin_token,
+                   "FLYWHEEL_FEEDBACK__SASL_PASSWORD": self.feedback.sasl_password}
+        return {name: value for name, secret in secrets.items() if secret and (value := secret.get_secret_value())}
+
+    def child_env(self) -> dict[str, str]:
+        """Environment for a child process that must run with exactly these settings."""
+        return {**os.environ, SHARED_SETTINGS_ENV: json.dumps(self.shareable()), **self.secret_env()}
+
+    @classmethod
+    def from_shared(cls, shared: dict[str, Any]) -> Settings:
+        """Rebuild settings from `shareable()` data, the secrets read from this process's environment."""
+        secrets = {"admin_token": os.environ.get("FLYWHEEL_ADMIN_TOKEN", ""),
+                   "feedback": {**shared.get("feedback", {}),
+                                "sasl_password": os.environ.get("FLYWHEEL_FEEDBACK__SASL_PASSWORD")}}
+        return cls.model_validate({**shared, **secrets})
 
     @property
     def default_task(self) -> str:

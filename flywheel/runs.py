@@ -111,7 +111,19 @@ class RunStore:
         finally:
             os.close(fd)
 
-    def launch(self, command: list[str], trigger: str, task: str | None = None) -> RunRecord:
+    def launch_retrain(self, settings: Settings, trigger: str, task: str) -> RunRecord:
+        """`flywheel retrain` of `task` in a fresh process, with these exact settings (and this Ray cluster,
+        if any). The settings and secrets travel in the child's environment: nothing is written to disk."""
+        import ray
+
+        if ray.is_initialized():
+            settings = settings.model_copy(update={"ray": settings.ray.model_copy(
+                update={"address": ray.get_runtime_context().gcs_address})})
+        return self.launch([sys.executable, "-m", "flywheel.cli", "retrain", "--task", task], trigger, task,
+                           env=settings.child_env())
+
+    def launch(self, command: list[str], trigger: str, task: str | None = None,
+               env: dict[str, str] | None = None) -> RunRecord:
         """Start `command` (a `flywheel retrain` child) holding the lock; return the new run's record.
 
         The child gets the locked descriptor as `--lock-fd`; this process drops its copy, so the lock
@@ -124,7 +136,7 @@ class RunStore:
                 child = subprocess.Popen(
                     [*command, "--run-id", run_id, "--trigger", trigger, "--lock-fd", str(fd)],
                     pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                    start_new_session=True,
+                    start_new_session=True, env=env,
                 )
         finally:
             os.close(fd)
@@ -153,16 +165,3 @@ class RunStore:
             names = names[-limit:]
         return [r for r in (self.get(n) for n in names) if r]
 
-
-def retrain_command(settings: Settings, runs_dir: Path, task: str | None = None) -> list[str]:
-    """`flywheel retrain` of `task` in a fresh process, with these exact settings (and this Ray cluster, if any)."""
-    import ray
-    import yaml
-
-    payload = settings.model_dump(mode="json")
-    if ray.is_initialized():
-        payload["ray"]["address"] = ray.get_runtime_context().gcs_address
-    settings_file = runs_dir / f".settings-{uuid.uuid4().hex}.yaml"
-    settings_file.write_text(yaml.safe_dump(payload, allow_unicode=True))
-    return [sys.executable, "-m", "flywheel.cli", "retrain", "--config", str(settings_file),
-            "--task", task or settings.default_task]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from feedback.dataset import CuratedDataset
 from flywheel.config import Settings
 from flywheel.registry import known_tasks, registry_for
-from flywheel.runs import RetrainBusyError, RunStore, retrain_command
+from flywheel.runs import RetrainBusyError, RunStore
 
 log = logging.getLogger("flywheel.scheduler")
 
@@ -57,8 +57,7 @@ class RetrainScheduler(threading.Thread):
                         continue  # nothing to start from: `flywheel train` gives a task its first adapter
                     go, why = self.due(task)
                     if go and self.may_start():
-                        record = self.store.launch(retrain_command(self.settings, self.store.root, task),
-                                                   "schedule", task)
+                        record = self.store.launch_retrain(self.settings, "schedule", task)
                         log.info("event=retrain_triggered run_id=%s task=%s by=schedule why=%r", record.run_id,
                                  task, why)
                         break  # one run at a time

@@ -37,7 +37,7 @@ QUIET = {"enable_access_log": False}
 
 
 def build_app(settings: Settings) -> Application:
-    payload = settings.model_dump(mode="json")
+    payload = settings.shareable()  # secrets reach the gateway through its environment, never init args
     llm = LLMServer.options(
         logging_config=QUIET,
         num_replicas=settings.serving.replicas,
@@ -47,7 +47,8 @@ def build_app(settings: Settings) -> Application:
             "runtime_env": {"env_vars": _replica_env(settings)},
         },
     ).bind(payload)
-    return Gateway.options(logging_config=QUIET).bind(llm, payload)
+    gateway_env = {"runtime_env": {"env_vars": secrets}} if (secrets := settings.secret_env()) else {}
+    return Gateway.options(logging_config=QUIET, ray_actor_options={"num_cpus": 0, **gateway_env}).bind(llm, payload)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -36,7 +36,7 @@ from flywheel.registry import (
     known_tasks,
     registry_for,
 )
-from flywheel.runs import RetrainBusyError, RunStore, retrain_command
+from flywheel.runs import RetrainBusyError, RunStore
 from flywheel.tasks import TaskName, TaskSpec
 from services.engines.protocol import PromptTooLongError, SamplingOptions
 from services.metrics import GatewayMetrics, ReplicaCollector
@@ -178,7 +178,7 @@ class Gateway:
     def __init__(self, llm: DeploymentHandle, settings: dict[str, Any]) -> None:
         configure_logging()
         self.llm = llm
-        self.settings = Settings.model_validate(settings)
+        self.settings = Settings.from_shared(settings)
         self.registry = registry_for(self.settings)
         self._tasks: dict[str, TaskSpec] = {}
         self._tasks_read_at = 0.0
@@ -358,7 +358,7 @@ class Gateway:
     # -- admin: token-protected operations ----------------------------------------------------------
 
     def _unauthorized(self, request: Request) -> JSONResponse | None:
-        token = self.settings.admin_token
+        token = self.settings.admin_token.get_secret_value()
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not token:
             return JSONResponse(status_code=401, content={"error": "admin routes are disabled: set admin_token"})
@@ -377,8 +377,7 @@ class Gateway:
             return JSONResponse(status_code=404, content={"error": f"unknown task {task!r}"})
         store = RunStore(self.settings.home / "runs")
         try:
-            record = await asyncio.to_thread(store.launch, retrain_command(self.settings, store.root, task), "admin",
-                                             task)
+            record = await asyncio.to_thread(store.launch_retrain, self.settings, "admin", task)
         except RetrainBusyError as exc:
             return JSONResponse(status_code=409, content={"error": str(exc)})
         log.info("event=retrain_triggered run_id=%s task=%s by=admin", record.run_id, task)

@@ -41,7 +41,7 @@ DISCOVER_INTERVAL_S = 2.0  # how often a replica looks for tasks registered afte
 class LLMServer:
     async def __init__(self, settings: dict[str, Any], engine: Engine | None = None) -> None:
         configure_logging()
-        self.settings = Settings.model_validate(settings)
+        self.settings = Settings.from_shared(settings)
         self.replica = self._replica_id()
         self.base = await asyncio.to_thread(served_base, self.settings, registry_for(self.settings))
         self.specs: dict[str, TaskSpec] = await asyncio.to_thread(known_tasks, self.settings)

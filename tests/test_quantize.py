@@ -40,7 +40,7 @@ MIN_LOGIT_COSINE = 0.999
 
 def write_config(settings: Settings, name: str = "flywheel.yaml") -> Path:
     path = settings.home / name
-    path.write_text(yaml.safe_dump(settings.model_dump(mode="json"), allow_unicode=True))
+    path.write_text(yaml.safe_dump(settings.shareable(), allow_unicode=True))
     return path
 
 

@@ -50,7 +50,7 @@ def learning_app(served: tuple[str, Settings], demo_home: Path, tmp_path_factory
     settings.retrain.steps = 80
     settings.retrain.gate.max_latency_ratio = 3.0  # shared 2-core CI boxes: latency is noise, not signal
     config = home / "flywheel.yaml"
-    config.write_text(yaml.safe_dump(settings.model_dump(mode="json"), allow_unicode=True))
+    config.write_text(yaml.safe_dump(settings.shareable(), allow_unicode=True))
     url = serve_app.run(settings, name="flywheel-learning", route_prefix="/learning", timeout_s=600)
     try:
         yield url, settings, config

@@ -92,7 +92,7 @@ def flywheel_train(settings: Settings, tmp_path: Path, *args: str) -> tuple[int,
     import ray
 
     config = tmp_path / "flywheel.yaml"
-    config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    config.write_text(yaml.safe_dump(settings.shareable()))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "FLYWHEEL_TRAIN__MAX_STEPS": "240"}
     done = subprocess.run([sys.executable, "-m", "flywheel.cli", "train", "--config", str(config), *args, "--json"],
                           capture_output=True, text=True, env=env, timeout=1200)
