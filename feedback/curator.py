@@ -36,7 +36,7 @@ from pydantic import BaseModel, ValidationError
 from feedback.bus import kafka_client_config
 from feedback.dataset import CuratedDataset, Manifest, PartFile
 from feedback.local_log import RecordLog
-from feedback.pii import mask_pii
+from feedback.pii import mask_event, mask_pii
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, decode_event, encode_event
 from feedback.spool import spooled_pending
 from flywheel.config import Settings
@@ -323,23 +323,6 @@ class CuratorState:
 
 # -- masking and joining ------------------------------------------------------------------------
 
-def mask_prediction(event: PredictionEvent) -> PredictionEvent:
-    messages = event.messages and [m.model_copy(update={"content": mask_pii(m.content)}) for m in event.messages]
-    return event.model_copy(update={
-        "prompt": event.prompt and mask_pii(event.prompt),
-        "messages": messages,
-        "answer": mask_pii(event.answer),
-        "reasoning": mask_pii(event.reasoning),
-    })
-
-
-def mask_feedback(event: FeedbackEvent) -> FeedbackEvent:
-    return event.model_copy(update={
-        "correction": event.correction and mask_pii(event.correction),
-        "comment": event.comment and mask_pii(event.comment),
-    })
-
-
 def join(
     feedback: Located[FeedbackEvent], prediction: Located[PredictionEvent], default_task: str
 ) -> CuratedExample:
@@ -497,7 +480,7 @@ class Curator:
             return []
         if isinstance(event, PredictionEvent):
             result.predictions += 1
-            prediction = Located(mask_prediction(event), record.partition, record.offset)
+            prediction = Located(mask_event(event), record.partition, record.offset)
             if not self.state.add_prediction(prediction):
                 return []
             waiting = self.state.take_unmatched(event.request_id)
@@ -508,7 +491,7 @@ class Curator:
         if self.state.known_feedback(event.event_id):
             result.duplicates += 1
             return []
-        feedback = Located(mask_feedback(event), record.partition, record.offset)
+        feedback = Located(mask_event(event), record.partition, record.offset)
         prediction = self.state.prediction(event.request_id)
         if prediction is None:
             self.state.park_feedback(feedback)

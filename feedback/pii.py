@@ -5,11 +5,17 @@ order, so that a longer identifier is replaced whole before a shorter pattern co
 ID number is never half-masked as a card, an email holding a phone number becomes `[EMAIL]`). Ordinary
 numbers survive: prices, years, percentages and decimals do not match, and a digit run is only a card
 when it has 13..19 digits, starts like a card (3-6) and passes the Luhn check.
+
+`mask_event` applies it to every text of an event, and turns a `user_id`/`tenant_id` that is an email
+or a phone number into a stable pseudonym (one person still counts as one person, unnamed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+
+from feedback.schemas import FeedbackEvent, PredictionEvent
 
 EMAIL_TOKEN, ID_TOKEN, PHONE_TOKEN, CARD_TOKEN = "[EMAIL]", "[ID]", "[PHONE]", "[CARD]"
 
@@ -73,3 +79,28 @@ def mask_pii(text: str) -> str:
     text = _RESIDENT_ID.sub(ID_TOKEN, text)
     text = _PHONE.sub(PHONE_TOKEN, text)
     return _DIGIT_RUN.sub(_mask_cards, text)
+
+
+def pseudonym(identity: str | None) -> str | None:
+    """An id holding personal data becomes `pii-<hash>`: the same person maps to the same pseudonym."""
+    if identity is None or mask_pii(identity) == identity:
+        return identity
+    return f"pii-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+def mask_event(event: PredictionEvent | FeedbackEvent) -> PredictionEvent | FeedbackEvent:
+    """`event` with its texts masked and personal ids pseudonymised; applying it twice changes nothing."""
+    if isinstance(event, FeedbackEvent):
+        return event.model_copy(update={
+            "user_id": pseudonym(event.user_id),
+            "tenant_id": pseudonym(event.tenant_id),
+            "correction": event.correction and mask_pii(event.correction),
+            "comment": event.comment and mask_pii(event.comment),
+        })
+    messages = event.messages and [m.model_copy(update={"content": mask_pii(m.content)}) for m in event.messages]
+    return event.model_copy(update={
+        "prompt": event.prompt and mask_pii(event.prompt),
+        "messages": messages,
+        "answer": mask_pii(event.answer),
+        "reasoning": mask_pii(event.reasoning),
+    })

@@ -97,6 +97,10 @@ class FeedbackSettings(BaseModel):
     kafka_bootstrap: str | None = Field(
         None, description="host:port[,host:port]; None uses the embedded local log under <home>/feedback."
     )
+    mask_at_source: bool = Field(
+        True, description="Mask personal data in events at the gateway, before they reach the local log, the "
+        "spool or Kafka (the curator masks again in any case).",
+    )
     kafka_api_version: str | None = Field(
         None, description="Broker protocol version, e.g. `0.9` for the dev broker; None auto-detects."
     )

@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from feedback.bus import build_bus
+from feedback.pii import mask_event
 from feedback.schemas import FeedbackAccepted, FeedbackEvent, FeedbackRequest, Message, PredictionEvent
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
@@ -279,6 +280,8 @@ class Gateway:
         return _error(status, [{"field": field, "message": message, "type": "limit"}])
 
     def _publish(self, event: PredictionEvent | FeedbackEvent) -> bool:
+        if self.settings.feedback.mask_at_source:  # personal data never reaches a log, a spool or Kafka
+            event = mask_event(event)
         stored = self.bus.publish(event)
         self.metrics.events.labels(event.event_type, "stored" if stored else "lost").inc()
         if not stored:

@@ -20,7 +20,7 @@ from feedback.bus import build_bus
 from feedback.curator import Curator, CuratorState, feedback_status
 from feedback.dataset import CuratedDataset, PartFile
 from feedback.local_log import RecordLog
-from feedback.pii import mask_pii
+from feedback.pii import mask_event, mask_pii, pseudonym
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, encode_event
 from flywheel.config import Settings
 from tests.kafka_broker import BACKENDS, event_pairs, feedback, interleaved, prediction, write_config
@@ -224,6 +224,15 @@ def test_mask_pii_is_linear_on_adversarial_digits(text: str) -> None:
     assert fastest_run_s(lambda: mask_pii(f"card {PII['card']} " + text)) < 0.5
 
 
+def test_masking_an_event_twice_changes_nothing() -> None:
+    rid = uuid.uuid4().hex
+    for event in (prediction(rid, prompt=f"card {PII['card']}", answer=PII["phone"]),
+                  feedback(rid, correction=PII["id"], user_id=PII["phone"], tenant_id=PII["email"])):
+        once = mask_event(event)
+        assert mask_event(once) == once and once.event_type == event.event_type and once != event
+        assert not any(value in once.model_dump_json() for value in PII.values())
+
+
 def test_pii_is_masked_before_anything_is_stored(feedback_settings: Callable[..., Settings], tmp_path: Path) -> None:
     settings = feedback_settings("local")
     ordinary = "revenue rose 3.5% to ¥1,299.00 in 2024"
@@ -231,7 +240,8 @@ def test_pii_is_masked_before_anything_is_stored(feedback_settings: Callable[...
     events: list[PredictionEvent | FeedbackEvent] = [
         prediction(text_id, prompt=f"My ID is {PII['id']}, {ordinary}", answer=f"Call {PII['phone']}",
                    reasoning=f"user id {PII['id']}"),
-        feedback(text_id, correction=f"Pay to {PII['card']}", comment=f"write to {PII['email']}"),
+        feedback(text_id, correction=f"Pay to {PII['card']}", comment=f"write to {PII['email']}",
+                 user_id=PII["email"], tenant_id="acme"),
         prediction(chat_id, prompt=None, messages=[{"role": "system", "content": "be brief"},
                                                    {"role": "user", "content": f"card {PII['card']}; {ordinary}"}]),
         feedback(chat_id, thumb="down"),
@@ -244,6 +254,8 @@ def test_pii_is_masked_before_anything_is_stored(feedback_settings: Callable[...
     assert text_row.prompt == f"My ID is [ID], {ordinary}" and text_row.answer == "Call [PHONE]"
     assert text_row.reasoning == "user id [ID]"
     assert text_row.correction == "Pay to [CARD]" and text_row.comment == "write to [EMAIL]"
+    assert text_row.user_id == pseudonym(PII["email"]) != pseudonym("someone.else@example.com")
+    assert text_row.tenant_id == "acme"  # an ordinary id stays as it is
     assert chat_row.prompt_kind == "messages"
     assert json.loads(chat_row.prompt) == [{"role": "system", "content": "be brief"},
                                            {"role": "user", "content": f"card [CARD]; {ordinary}"}]

@@ -18,6 +18,7 @@ import pytest
 
 from feedback.curator import Curator
 from feedback.dataset import CuratedDataset
+from feedback.pii import pseudonym
 from flywheel.config import Settings
 from tests.conftest import make_settings
 from training.demo_task import generate_examples
@@ -60,13 +61,14 @@ async def exercise(url: str, n: int, halfway: Callable[[], None] | None = None) 
 
 
 def assert_curated_exactly_once(settings: Settings, sent: dict[str, dict]) -> None:
+    """Every rating sent is curated exactly once (other tests on the same app may add rows of their own)."""
     curator = Curator(settings)
     try:
         deadline = time.monotonic() + 180
         rows = []
         while time.monotonic() < deadline:
             curator.drain(timeout_s=60)
-            rows = CuratedDataset(settings.feedback_dir / "dataset").examples()
+            rows = [r for r in CuratedDataset(settings.feedback_dir / "dataset").examples() if r.request_id in sent]
             if len(rows) >= len(sent):
                 break
             time.sleep(1)
@@ -85,6 +87,22 @@ def test_every_rating_is_curated_once_through_the_local_log(served: tuple[str, S
     url, settings = served
     sent = asyncio.run(exercise(url, N))
     assert_curated_exactly_once(settings, sent)
+
+
+def test_personal_data_never_reaches_the_feedback_log(served: tuple[str, Settings]) -> None:
+    """With `mask_at_source` (the default) the gateway masks before the event is written anywhere."""
+    url, settings = served
+    email, card, phone = "jane.doe@example.com", "4111 1111 1111 1111", "13812345678"
+    answer = httpx.post(f"{url}/predict", json={"prompt": f"I am {email}, card {card}", "max_tokens": 4},
+                        timeout=60).json()
+    rated = httpx.post(f"{url}/feedback", json={"request_id": answer["request_id"], "rating": 1, "user_id": email,
+                                                "correction": f"call me on {phone}"}, timeout=30)
+    assert rated.status_code == 202, rated.text
+    logged = b"".join(p.read_bytes() for p in (settings.feedback_dir / "log").glob("*.log")).decode()
+    assert answer["request_id"] in logged  # both events are there ...
+    assert email not in logged and card not in logged and phone not in logged  # ... with nothing personal
+    assert "I am [EMAIL], card [CARD]" in logged and "call me on [PHONE]" in logged
+    assert pseudonym(email) in logged
 
 
 @pytest.fixture
