@@ -6,10 +6,15 @@ Layout under the registry root (a local directory or any fsspec URL)::
     bases/<model>-gptq-w<bits>g<group>-v<N>/config.json, model.safetensors, …, manifest.json
     tasks/<task>/task.json                     the task's spec (kind, labels, metric, budgets)
     tasks/<task>/golden.jsonl                  its fixed regression set
-    tasks/<task>/aliases.json                  {"champion": {...}, "canary": {...}}
-    tasks/<task>/history/<utc-ts>-<id>.json    one file per alias move, never rewritten
+    tasks/<task>/history/<seq>.json            one file per alias move, numbered 1, 2, 3 …, never rewritten
+    tasks/<task>/aliases.json                  a checkpoint: {"seq": N, "aliases": {"champion": {...}}}
 
 Aliases are per task: one registry holds every task of one base, each with its own champion.
+
+An alias move is committed by creating history entry N+1 exclusively (a hard link on local disk, a
+conditional put on object stores): of two concurrent moves exactly one gets N+1, the other re-reads
+and retries on top of it, so alias and history can never disagree. The checkpoint only saves reading
+the whole history: a reader rolls it forward through any entries written after it.
 
 Base versions are quantized copies of the base model (`flywheel quantize`). Adapters keep naming the
 unquantized base they were trained against; a base version names it as its `source`, which is how
@@ -24,11 +29,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -47,6 +54,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 MANIFEST = "manifest.json"
 TASK_SPEC, GOLDEN = "task.json", "golden.jsonl"
 _TASK_NAME = re.compile(TASK_NAME_PATTERN)
+_HISTORY_NAME = re.compile(r"^\d{10}\.json$")
+MOVE_ATTEMPTS = 50
+
+log = logging.getLogger("flywheel.registry")
 
 
 class RegistryError(Exception):
@@ -130,6 +141,7 @@ class AliasRecord(BaseModel):
 
 
 class HistoryEntry(BaseModel):
+    seq: int = Field(ge=1, description="Position in the task's history; its creation commits the move.")
     at: datetime
     action: Literal["promote", "rollback"]
     alias: str
@@ -137,6 +149,16 @@ class HistoryEntry(BaseModel):
     previous: str | None
     actor: str
     reason: str = ""
+    traffic_fraction: float | None = None
+
+    def record(self) -> AliasRecord:
+        """The alias as this move left it."""
+        return AliasRecord(version=self.version, set_at=self.at, actor=self.actor, reason=self.reason,
+                           traffic_fraction=self.traffic_fraction)
+
+
+class AliasConflictError(RegistryError):
+    """Other writers kept moving the task's aliases: this move gave up (nothing was changed)."""
 
 
 def _sha256_file(path: Path) -> str:
@@ -424,34 +446,49 @@ class Registry:
     # -- aliases -------------------------------------------------------------------------------------
 
     def aliases(self) -> dict[str, AliasRecord]:
-        path = self._task_path("aliases.json")
-        if not self.fs.exists(path):
-            return {}
-        with self.fs.open(path, "r") as f:
-            raw = json.load(f)
-        return {name: AliasRecord.model_validate(record) for name, record in raw.items()}
+        return self._alias_state()[1]
 
     def alias(self, name: str = "champion") -> str | None:
         record = self.aliases().get(name)
         return record.version if record else None
 
-    def _write_aliases(self, aliases: dict[str, AliasRecord]) -> None:
-        payload = json.dumps({k: v.model_dump(mode="json") for k, v in aliases.items()}, indent=2)
-        self._write_text(self._task_path("aliases.json"), payload)
+    def _history_path(self, seq: int) -> str:
+        return self._task_path("history", f"{seq:010d}.json")
 
-    def _append_history(self, entry: HistoryEntry) -> None:
-        name = f"{entry.at.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.json"
-        self.fs.makedirs(self._task_path("history"), exist_ok=True)
-        with self.fs.open(self._task_path("history", name), "w") as f:
-            f.write(entry.model_dump_json())
+    def _alias_state(self) -> tuple[int, dict[str, AliasRecord]]:
+        """(seq of the latest move, aliases after it): the checkpoint, rolled forward."""
+        self.fs.invalidate_cache(self._task_path())  # object-store listings are cached; moves are not
+        seq, aliases = 0, {}
+        path = self._task_path("aliases.json")
+        if self.fs.exists(path):
+            with self.fs.open(path, "r") as f:
+                raw = json.load(f)
+            if "seq" not in raw:  # written before moves were numbered: {alias: record}
+                raw = {"seq": 0, "aliases": raw}
+            seq = raw["seq"]
+            aliases = {name: AliasRecord.model_validate(r) for name, r in raw["aliases"].items()}
+        while self.fs.exists(self._history_path(seq + 1)):  # moves committed after the checkpoint
+            seq += 1
+            entry = self._history_entry(self._history_path(seq))
+            if entry is not None:
+                aliases[entry.alias] = entry.record()
+        return seq, aliases
+
+    def _history_entry(self, path: str) -> HistoryEntry | None:
+        try:
+            with self.fs.open(path, "r") as f:
+                return HistoryEntry.model_validate_json(f.read())
+        except (OSError, ValidationError) as exc:  # one unreadable entry must not break status or rollback
+            log.error("event=history_entry_unreadable task=%s path=%s error=%r", self.task, path, exc)
+            return None
 
     def history(self, alias: str | None = None) -> list[HistoryEntry]:
-        if not self.fs.exists(self._task_path("history")):
+        folder = self._task_path("history")
+        self.fs.invalidate_cache(folder)
+        if not self.fs.exists(folder):
             return []
-        entries = []
-        for path in sorted(self.fs.ls(self._task_path("history"), detail=False)):
-            with self.fs.open(path, "r") as f:
-                entries.append(HistoryEntry.model_validate_json(f.read()))
+        paths = sorted(p for p in self.fs.ls(folder, detail=False) if _HISTORY_NAME.match(p.rsplit("/", 1)[-1]))
+        entries = [e for e in map(self._history_entry, paths) if e is not None]
         return [e for e in entries if alias is None or e.alias == alias]
 
     def promote(
@@ -462,45 +499,76 @@ class Registry:
         manifest = self.verify(version)
         if manifest.status != "ready":
             raise RegistryError(f"{version} is {manifest.status}; only ready versions can be promoted")
-        current = self.alias(alias)
-        if current is not None:
-            current_base = self.manifest(current).base_model
-            if current_base.sha256 != manifest.base_model.sha256:
-                raise AdapterIntegrityError(
-                    f"{version} was trained on base {manifest.base_model.id}, but {alias} {current} "
-                    f"serves on base {current_base.id}"
-                )
-        return self._move(alias, version, current, "promote", actor, reason, traffic_fraction)
+
+        def onto(aliases: dict[str, AliasRecord]) -> tuple[str, str | None]:
+            current = aliases[alias].version if alias in aliases else None
+            if current is not None:
+                current_base = self.manifest(current).base_model
+                if current_base.sha256 != manifest.base_model.sha256:
+                    raise AdapterIntegrityError(
+                        f"{version} was trained on base {manifest.base_model.id}, but {alias} {current} "
+                        f"serves on base {current_base.id}"
+                    )
+            return version, current
+
+        return self._move(alias, "promote", onto, actor=actor, reason=reason, traffic_fraction=traffic_fraction)
 
     def rollback(self, *, alias: str = "champion", actor: str, reason: str = "") -> HistoryEntry:
         """Undo the latest promotion of `alias` (repeatable: each call goes one step further back)."""
-        stack: list[str] = []
-        for entry in self.history(alias):
-            if entry.action == "promote":
-                stack.append(entry.version)
-            elif stack:
-                stack.pop()
-        if len(stack) < 2:
-            raise RegistryError(f"nothing to roll back to: {alias} has no earlier version in its history")
-        target = stack[-2]
-        self.verify(target)
-        return self._move(alias, target, stack[-1], "rollback", actor, reason, None)
+
+        def back(_aliases: dict[str, AliasRecord]) -> tuple[str, str | None]:
+            stack: list[str] = []
+            for entry in self.history(alias):
+                if entry.action == "promote":
+                    stack.append(entry.version)
+                elif stack:
+                    stack.pop()
+            if len(stack) < 2:
+                raise RegistryError(f"nothing to roll back to: {alias} has no earlier version in its history")
+            self.verify(stack[-2])
+            return stack[-2], stack[-1]
+
+        return self._move(alias, "rollback", back, actor=actor, reason=reason)
 
     def _move(
-        self, alias: str, version: str, previous: str | None,
-        action: Literal["promote", "rollback"], actor: str, reason: str, traffic_fraction: float | None,
+        self, alias: str, action: Literal["promote", "rollback"],
+        choose: Callable[[dict[str, AliasRecord]], tuple[str, str | None]],
+        *, actor: str, reason: str, traffic_fraction: float | None = None,
     ) -> HistoryEntry:
-        entry = HistoryEntry(
-            at=_now(), action=action, alias=alias, version=version, previous=previous,
-            actor=actor, reason=reason,
-        )
-        self._append_history(entry)
-        aliases = self.aliases()
-        aliases[alias] = AliasRecord(
-            version=version, set_at=entry.at, actor=actor, reason=reason, traffic_fraction=traffic_fraction
-        )
-        self._write_aliases(aliases)
-        return entry
+        """Commit one alias move on top of the latest state; `choose(aliases)` -> (version, previous)."""
+        for _attempt in range(MOVE_ATTEMPTS):
+            seq, aliases = self._alias_state()
+            version, previous = choose(aliases)
+            entry = HistoryEntry(seq=seq + 1, at=_now(), action=action, alias=alias, version=version,
+                                 previous=previous, actor=actor, reason=reason, traffic_fraction=traffic_fraction)
+            if self._create_exclusive(self._history_path(entry.seq), entry.model_dump_json()):
+                aliases[alias] = entry.record()
+                checkpoint = {"seq": entry.seq, "aliases": {k: v.model_dump(mode="json") for k, v in aliases.items()}}
+                self._write_text(self._task_path("aliases.json"), json.dumps(checkpoint, indent=2))
+                return entry
+            log.info("event=alias_move_retry task=%s alias=%s seq=%d", self.task, alias, entry.seq)
+        raise AliasConflictError(f"the aliases of task {self.task!r} kept moving under {MOVE_ATTEMPTS} attempts; "
+                                 "nothing was changed, try again")
+
+    def _create_exclusive(self, path: str, text: str) -> bool:
+        """Create `path` holding `text` unless it exists; False if another writer created it first."""
+        if self.is_local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            Path(tmp).write_text(text)
+            try:
+                os.link(tmp, path)  # atomic and exclusive: readers see the whole entry or none
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            return True
+        try:
+            with self.fs.open(path, "xb") as f:  # a conditional put (If-None-Match) on stores that have one
+                f.write(text.encode())
+        except FileExistsError:
+            return False
+        return True
 
 
 def task_names(uri: str) -> list[str]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import multiprocessing
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -124,6 +127,39 @@ def test_promote_and_rollback_keep_an_append_only_history(registry: Registry, tm
     assert history[3].reason == "bad ratings" and history[3].actor == "ops"
     aliases = registry.aliases()
     assert aliases["champion"].version == "demo-v1"
+
+
+def _promote_many(root: str, versions: list[str], worker: int) -> list[int]:
+    registry = Registry(root, "demo")
+    return [registry.promote(versions[(worker + i) % len(versions)], actor=f"w{worker}").seq for i in range(10)]
+
+
+def test_concurrent_promotes_leave_one_consistent_alias_and_history(registry: Registry, tmp_path: Path) -> None:
+    """Four processes promote at once: every move lands once, in one order, and the alias is the last."""
+    versions = [registry.register(fake_adapter(tmp_path / f"a{i}", bytes([i])), base=BASE).version
+                for i in range(3)]
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("fork")) as pool:
+        seqs = [s for done in [pool.submit(_promote_many, registry.uri, versions, w) for w in range(4)]
+                for s in done.result()]
+    assert sorted(seqs) == list(range(1, 41))  # 40 moves, 40 distinct positions: none lost, none doubled
+    history = registry.history()
+    assert [e.seq for e in history] == list(range(1, 41))
+    assert all(later.previous == earlier.version for earlier, later in itertools.pairwise(history))
+    assert registry.alias("champion") == history[-1].version
+    rolled = registry.rollback(actor="ops")
+    assert registry.alias("champion") == rolled.version and rolled.previous == history[-1].version
+
+
+def test_a_broken_history_entry_breaks_neither_alias_nor_history(registry: Registry, tmp_path: Path) -> None:
+    v1, v2 = (registry.register(fake_adapter(tmp_path / f"a{i}", bytes([i])), base=BASE).version for i in range(2))
+    registry.promote(v1, actor="ops")
+    history_dir = Path(registry.root) / "tasks" / "demo" / "history"
+    (history_dir / "0000000002.json").write_text('{"seq": 2, "at": "2026-')  # e.g. a disk that lost a write
+    assert registry.alias("champion") == v1 and len(registry.history()) == 1
+    assert registry.promote(v2, actor="ops").seq == 3
+    assert registry.alias("champion") == v2 and [e.seq for e in registry.history()] == [1, 3]
+    (Path(registry.root) / "tasks" / "demo" / "aliases.json").unlink()  # the checkpoint is only a shortcut
+    assert registry.alias("champion") == v2
 
 
 def test_unknown_version_is_a_clear_error(registry: Registry) -> None:

@@ -168,7 +168,8 @@ def test_corrupt_adapter_never_becomes_champion(champion_v1: tuple[str, Registry
 
     # Even if the alias is forced past the checks, the replica verifies and keeps serving v1.
     for bad in (tampered, _register_copy(registry, "demo-v2", tmp_path / "r", edit="rank")):
-        registry._move("champion", bad, "demo-v1", "promote", "test", "forced", None)
+        registry._move("champion", "promote", lambda _aliases, bad=bad: (bad, "demo-v1"), actor="test",
+                       reason="forced")
         deadline = time.monotonic() + SWAP_BOUND_S
         health = {}
         while time.monotonic() < deadline:
