@@ -389,7 +389,12 @@ class Registry:
         if not (cached / MANIFEST).exists():
             staging = self._cache_dir / f".{name}.{uuid.uuid4().hex}"
             self.fs.get(remote_dir + "/", str(staging), recursive=True)
-            staging.rename(cached)
+            try:
+                staging.rename(cached)
+            except OSError:  # another replica on this node finished the same copy first: use that one
+                shutil.rmtree(staging, ignore_errors=True)
+                if not (cached / MANIFEST).exists():
+                    raise
         return cached
 
     # -- base versions (quantized bases) -------------------------------------------------------------

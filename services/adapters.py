@@ -24,6 +24,7 @@ from services.engines.protocol import AdapterHandle, ChatMessage, Engine, Sampli
 log = logging.getLogger("flywheel.adapters")
 
 BASE_VERSION = "base"
+RETRY_FIRST_S, RETRY_MAX_S = 10.0, 600.0  # a failed swap is retried after 10 s, 20 s, 40 s … at most 10 min
 
 
 class AdapterState(StrEnum):
@@ -77,6 +78,8 @@ class AdapterManager:
         self.slots: dict[str, AdapterSlot] = {}
         self.counters = SwapCounters()
         self.last_failure: AdapterSlot | None = None
+        self._failures_in_row = 0
+        self._retry_at = 0.0  # a failed version is tried again from then on (a copy race, a flaky store)
         self._swap_lock = asyncio.Lock()
         self._drains: set[asyncio.Task[None]] = set()  # keep references so tasks are not collected
 
@@ -102,7 +105,8 @@ class AdapterManager:
             return
         if target is None:
             return
-        if self.last_failure is not None and self.last_failure.version == target:
+        if (self.last_failure is not None and self.last_failure.version == target
+                and time.monotonic() < self._retry_at):
             return
         await self.swap(target)
 
@@ -138,6 +142,8 @@ class AdapterManager:
                     raise RuntimeError("probe generated no tokens")
             except Exception as exc:  # any failure must leave the old version serving
                 slot.move(AdapterState.FAILED, f"{type(exc).__name__}: {exc}")
+                self._failures_in_row = self._failures_in_row + 1 if self.last_failure is not None else 1
+                self._retry_at = time.monotonic() + min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self._failures_in_row - 1))
                 self.last_failure = slot
                 self.counters.failed += 1
                 if slot.handle is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -117,11 +118,34 @@ async def test_a_failed_swap_keeps_the_old_version(setup, failure: str) -> None:
     status = manager.status()
     assert status["swaps_failed"] == 1 and status["last_failure"]["version"] == "demo-v2"
     assert "demo-v2" not in engine.resident
-    await manager.converge()  # not retried while the alias stays on the failed version
+    await manager.converge()  # not retried at once while the alias stays on the failed version
     assert manager.counters.failed == 1
+    manager._retry_at = 0.0  # the backoff is over: tried again, and fails again
+    await manager.converge()
+    assert manager.counters.failed == 2 and manager.active.version == "demo-v1"
     registry.promote("demo-v3", actor="test")
     await manager.converge()
     assert manager.active.version == "demo-v3" and manager.last_failure is None
+
+
+async def test_a_failed_load_is_retried_with_backoff_and_recovers(setup) -> None:
+    """A load that failed for a passing reason (a cache race, a flaky store) is not failed forever."""
+    from services.adapters import RETRY_FIRST_S
+
+    registry, engine, manager = setup
+    await manager.converge()
+    engine.fail_load.add("demo-v2")
+    registry.promote("demo-v2", actor="test")
+    delays = []
+    for _ in range(3):
+        await manager.converge()
+        delays.append(manager._retry_at - time.monotonic())
+        manager._retry_at = 0.0  # skip the wait
+    assert [round(d) for d in delays] == [RETRY_FIRST_S, 2 * RETRY_FIRST_S, 4 * RETRY_FIRST_S]
+    assert manager.counters.failed == 3
+    engine.fail_load.clear()  # the store came back
+    await manager.converge()
+    assert manager.active.version == "demo-v2" and manager.last_failure is None
 
 
 async def test_rollback_to_a_draining_version_keeps_it_loaded(setup) -> None:

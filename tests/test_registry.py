@@ -178,6 +178,39 @@ def test_remote_style_registry_through_fsspec(tmp_path: Path) -> None:
     registry.verify("demo-v1", base_sha256=BASE.sha256)
 
 
+def test_replicas_copying_the_same_version_at_once_both_get_it(tmp_path: Path) -> None:
+    """Two replicas on one node download a remote version into the shared cache at the same moment."""
+    registry = Registry("memory://flywheel-cache-race", "demo", cache_dir=tmp_path / "cache")
+    registry.register(fake_adapter(tmp_path / "a1", b"one"), base=BASE)
+    both_downloaded = threading.Barrier(2)
+    download = registry.fs.get
+
+    def slow_get(*args: object, **kwargs: object) -> None:
+        download(*args, **kwargs)
+        both_downloaded.wait(timeout=10)  # neither renames its copy before the other has one too
+
+    registry.fs.get = slow_get  # type: ignore[method-assign]
+    try:
+        results: list[object] = []
+        threads = [threading.Thread(target=lambda: results.append(_path_or_error(registry))) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        del registry.fs.get
+    assert results == [tmp_path / "cache" / "demo-v1"] * 2
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["demo-v1"]  # no staging copy left behind
+    registry.verify("demo-v1", base_sha256=BASE.sha256)
+
+
+def _path_or_error(registry: Registry) -> object:
+    try:
+        return registry.local_path("demo-v1")
+    except Exception as exc:  # the test reports it
+        return exc
+
+
 def test_base_fingerprint_changes_with_weights(tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()
