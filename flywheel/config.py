@@ -51,7 +51,12 @@ class ModelSettings(BaseModel):
 
 
 class RegistrySettings(BaseModel):
-    uri: str = Field("", description="Local path or fsspec URL (s3://, gs://). Empty: `<home>/registry`.")
+    uri: str = Field("", description="Local path or fsspec URL (s3:// with the `s3` extra, gs:// with `gcs`). "
+                     "Empty: `<home>/registry`.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for `uri`, e.g. {endpoint_url: http://minio:9000} for an "
+        "S3-compatible store. Credentials come from the environment (AWS_ACCESS_KEY_ID…), not from here.",
+    )
 
 
 class VLLMSettings(BaseModel):

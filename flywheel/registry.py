@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 MANIFEST = "manifest.json"
+CLAIM = ".claim"  # on object stores: the first object of a version, created exclusively
 TASK_SPEC, GOLDEN = "task.json", "golden.jsonl"
 _TASK_NAME = re.compile(TASK_NAME_PATTERN)
 _HISTORY_NAME = re.compile(r"^\d{10}\.json$")
@@ -218,12 +219,14 @@ def _now() -> datetime:
 class Registry:
     """Adapter versions, aliases and their history for one task."""
 
-    def __init__(self, uri: str, task: str, cache_dir: Path | None = None) -> None:
+    def __init__(
+        self, uri: str, task: str, cache_dir: Path | None = None, storage_options: dict[str, Any] | None = None,
+    ) -> None:
         if not _TASK_NAME.match(task):
             raise RegistryError(f"invalid task name {task!r}: use lowercase letters, digits and dashes (max 64)")
         self.uri = uri.rstrip("/")
         self.task = task
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "flywheel-adapter-cache"
         self._version_re = re.compile(rf"^{re.escape(task)}-v(\d+)$")
@@ -282,6 +285,7 @@ class Registry:
 
     def versions(self) -> list[AdapterManifest]:
         """All complete versions, oldest first."""
+        self.fs.invalidate_cache(self._path("versions"))
         if not self.fs.exists(self._path("versions")):
             return []
         manifests = []
@@ -303,6 +307,7 @@ class Registry:
 
     def _next_number(self) -> int:
         numbers = [0]
+        self.fs.invalidate_cache(self._path("versions"))
         if self.fs.exists(self._path("versions")):
             for entry in self.fs.ls(self._path("versions"), detail=False):
                 match = self._version_re.match(entry.rstrip("/").rsplit("/", 1)[-1])
@@ -359,7 +364,8 @@ class Registry:
                 shutil.rmtree(staging, ignore_errors=True)
                 return False
             return True
-        if self.fs.exists(target):
+        # Claim the name first with an exclusive create: of two writers exactly one uploads into it.
+        if not self._create_exclusive(f"{target}/{CLAIM}", uuid.uuid4().hex):
             return False
         for p in files:
             self.fs.put_file(str(p), f"{target}/{p.name}")
@@ -462,7 +468,7 @@ class Registry:
 
     def _alias_state(self) -> tuple[int, dict[str, AliasRecord]]:
         """(seq of the latest move, aliases after it): the checkpoint, rolled forward."""
-        self.fs.invalidate_cache(self._task_path())  # object-store listings are cached; moves are not
+        self.fs.invalidate_cache(self._task_path("history"))  # object-store listings are cached; moves are not
         seq, aliases = 0, {}
         path = self._task_path("aliases.json")
         if self.fs.exists(path):
@@ -571,14 +577,25 @@ class Registry:
         try:
             with self.fs.open(path, "xb") as f:  # a conditional put (If-None-Match) on stores that have one
                 f.write(text.encode())
-        except FileExistsError:
-            return False
+        except (ValueError, NotImplementedError):  # a store without exclusive writes: best effort
+            log.warning("event=no_exclusive_write uri=%s: concurrent writers could collide", self.uri)
+            if self.fs.exists(path):
+                return False
+            with self.fs.open(path, "wb") as f:
+                f.write(text.encode())
+        except OSError:  # FileExistsError, or S3's 412 PreconditionFailed: someone else created it
+            self.fs.invalidate_cache(path.rsplit("/", 1)[0])
+            if self.fs.exists(path):
+                return False
+            raise
         return True
 
 
-def task_names(uri: str) -> list[str]:
+def task_names(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Tasks that have anything in the registry at `uri` (a spec, versions or aliases)."""
-    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
+    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"), **(storage_options or {}))
+    fs.invalidate_cache(f"{root}/tasks")
+    fs.invalidate_cache(f"{root}/versions")
     names: set[str] = set()
     if fs.exists(f"{root}/tasks"):
         names |= {e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(f"{root}/tasks", detail=False)}
@@ -589,7 +606,8 @@ def task_names(uri: str) -> list[str]:
 
 def registry_for(settings: Settings, task: str | None = None) -> Registry:
     """The registry of `task` (default: the settings' default task)."""
-    return Registry(settings.registry_uri, task or settings.default_task, cache_dir=settings.home / "cache")
+    return Registry(settings.registry_uri, task or settings.default_task, cache_dir=settings.home / "cache",
+                    storage_options=settings.registry.storage_options)
 
 
 def known_tasks(settings: Settings) -> dict[str, TaskSpec]:
@@ -598,7 +616,7 @@ def known_tasks(settings: Settings) -> dict[str, TaskSpec]:
     Config wins over a stored spec of the same name: it is what the operator declared last.
     """
     tasks: dict[str, TaskSpec] = {}
-    for name in task_names(settings.registry_uri):
+    for name in task_names(settings.registry_uri, settings.registry.storage_options):
         try:
             spec = registry_for(settings, name).task_spec()
         except (OSError, ValidationError):

@@ -1,0 +1,108 @@
+"""The registry on a real S3 API (moto's server, run locally): the path the cluster instructions use."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flywheel.config import Settings
+from flywheel.registry import Registry, known_tasks, registry_for
+from flywheel.tasks import TaskSpec
+from tests.test_registry import BASE, fake_adapter
+
+pytest.importorskip("s3fs", reason="the `s3` extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(endpoint, timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the moto S3 server did not start") from None
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_settings(s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings with a fresh bucket; credentials from the environment, as on a cluster."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = f"flywheel-{uuid.uuid4().hex[:8]}"
+    settings = Settings(home=tmp_path / "home", registry={"uri": f"s3://{bucket}/registry",
+                                                          "storage_options": {"endpoint_url": s3_endpoint}})
+    registry_for(settings).fs.mkdir(bucket)
+    return settings
+
+
+def test_versions_aliases_and_tasks_round_trip_through_s3(s3_settings: Settings, tmp_path: Path) -> None:
+    registry = registry_for(s3_settings, "faq")
+    assert not registry.is_local
+    registry.save_task_spec(TaskSpec(name="faq", kind="generation", metric="rouge_l"))
+    v1 = registry.register(fake_adapter(tmp_path / "a1", b"one"), base=BASE)
+    v2 = registry.register(fake_adapter(tmp_path / "a2", b"two"), base=BASE, parent=v1.version)
+    registry.promote(v1.version, actor="ops")
+    registry.promote(v2.version, actor="ops")
+    assert registry.rollback(actor="ops").version == "faq-v1"
+    fresh = Registry(registry.uri, "faq", cache_dir=tmp_path / "other-cache",
+                     storage_options=s3_settings.registry.storage_options)  # another node, another process
+    assert fresh.alias("champion") == "faq-v1"
+    assert [e.action for e in fresh.history()] == ["promote", "promote", "rollback"]
+    assert (fresh.local_path("faq-v2") / "adapter_model.safetensors").read_bytes() == b"two"
+    fresh.verify("faq-v2", base_sha256=BASE.sha256)
+    assert "faq" in known_tasks(s3_settings)
+
+
+def test_concurrent_writers_on_s3_never_share_a_version_or_a_move(s3_settings: Settings, tmp_path: Path) -> None:
+    """Conditional puts (If-None-Match) make version numbers and alias moves exclusive on S3 too."""
+    registry = registry_for(s3_settings, "demo")
+    sources = [fake_adapter(tmp_path / f"a{i}", bytes([i])) for i in range(4)]
+    versions: list[str] = []
+    registering = [threading.Thread(target=lambda s=s: versions.append(registry.register(s, base=BASE).version))
+                   for s in sources]
+    for thread in registering:
+        thread.start()
+    for thread in registering:
+        thread.join()
+    assert sorted(versions) == [f"demo-v{i}" for i in range(1, 5)]
+    for version in versions:
+        registry.verify(version)
+
+    seqs: list[int] = []
+
+    def promote_all(offset: int) -> None:
+        for i in range(4):
+            seqs.append(registry.promote(versions[(offset + i) % 4], actor=f"w{offset}").seq)
+
+    promoting = [threading.Thread(target=promote_all, args=(w,)) for w in range(3)]
+    for thread in promoting:
+        thread.start()
+    for thread in promoting:
+        thread.join()
+    assert sorted(seqs) == list(range(1, 13))
+    history = registry.history()
+    assert [e.seq for e in history] == list(range(1, 13)) and registry.alias("champion") == history[-1].version
