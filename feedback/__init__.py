@@ -5,7 +5,9 @@ The serving plane needs only what is exported here; the curator and the dataset 
 """
 
 from feedback.bus import EventBus, KafkaBus, LocalLogBus, build_bus
+from feedback.pii import mask_event
 from feedback.schemas import FeedbackAccepted, FeedbackEvent, FeedbackRequest, PredictionEvent
+from feedback.supervisor import read_health
 
 __all__ = [
     "EventBus",
@@ -16,4 +18,6 @@ __all__ = [
     "LocalLogBus",
     "PredictionEvent",
     "build_bus",
+    "mask_event",
+    "read_health",
 ]

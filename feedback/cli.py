@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,7 @@ from kafka.errors import KafkaError
 
 from feedback.curator import Curator, dataset_path, feedback_status
 from feedback.dataset import CuratedDataset
+from feedback.supervisor import CuratorHealth, supervise
 from flywheel.cli_common import ConfigOption, JsonOption, emit, fail, settings_or_exit
 from flywheel.logs import configure_logging
 
@@ -27,29 +29,30 @@ def curator(
     once: Annotated[bool, typer.Option("--once", help="Curate what is there now, then exit.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Join feedback to its prediction, mask PII, append to the dataset. Runs until Ctrl-C / SIGTERM."""
+    """Join feedback to its prediction, mask PII, append to the dataset. Runs until Ctrl-C / SIGTERM,
+    waiting and retrying while the broker cannot be reached (see `flywheel feedback status`)."""
     configure_logging()
     settings = settings_or_exit(config)
+    if not once:
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        typer.echo("curator running (Ctrl-C stops after the current batch)", err=True)
+        supervise(settings, stop)
+        return
     try:
         worker = Curator(settings)
     except (KafkaError, OSError, ValueError) as exc:
         fail(f"the curator could not start: {exc!r}")
     try:
-        if once:
-            result = worker.drain()
-            emit(as_json, result.model_dump(mode="json"),
-                  f"curated {result.curated} rows from {result.records} records "
-                  f"({result.duplicates} duplicates dropped, {result.unmatched} waiting for their prediction)")
-            return
-        stop = threading.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop.set())
-        typer.echo("curator running (Ctrl-C stops after the current batch)", err=True)
-        worker.run(stop)
+        result = worker.drain()
     except TimeoutError as exc:
         fail(str(exc))
     finally:
         worker.close()
+    emit(as_json, result.model_dump(mode="json"),
+         f"curated {result.curated} rows from {result.records} records "
+         f"({result.duplicates} duplicates dropped, {result.unmatched} waiting for their prediction)")
 
 
 @app.command()
@@ -64,8 +67,16 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         "positions: " + (" ".join(f"{p}={n}" + (f"/{report.log_end[p]}" if p in report.log_end else "")
                                   for p, n in sorted(report.positions.items())) or "-"),
         f"dataset: {report.dataset} ({report.parts} parts)",
+        f"curator: {_describe(report.curator)}",
     ]
     emit(as_json, report.model_dump(mode="json"), "\n".join(lines))
+
+
+def _describe(health: CuratorHealth | None) -> str:
+    if health is None:
+        return "never started here"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(health.since))
+    return f"{health.state} since {since}" + (f" (try {health.retries}: {health.detail})" if health.detail else "")
 
 
 @app.command()

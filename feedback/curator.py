@@ -39,6 +39,7 @@ from feedback.local_log import RecordLog
 from feedback.pii import mask_event, mask_pii
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, decode_event, encode_event
 from feedback.spool import spooled_pending
+from feedback.supervisor import CuratorHealth, read_health
 from flywheel.config import Settings
 
 log = logging.getLogger("flywheel.feedback.curator")
@@ -563,6 +564,7 @@ class FeedbackStatus(BaseModel):
     log_end: dict[str, int]  # local log only: where the log ends (positions == log_end: caught up)
     parts: int
     dataset: str
+    curator: CuratorHealth | None  # the running curator's state (None: never started on this host)
 
 
 def feedback_status(settings: Settings) -> FeedbackStatus:
@@ -586,4 +588,5 @@ def feedback_status(settings: Settings) -> FeedbackStatus:
         duplicates=counters["duplicates"], rejected=counters["rejected"], predictions=counters["predictions"],
         spooled=spooled_pending(spool_dir) if spool_dir.is_dir() else 0,
         positions=positions, log_end=log_end, parts=parts, dataset=str(dataset_path(settings)),
+        curator=read_health(settings),
     )

@@ -66,7 +66,7 @@ def up(
         help="Broker protocol version, e.g. 0.9 for deploy/local/kafka.sh's broker (default: detect).")] = None,
 ) -> None:
     """Start local Ray, the Serve app, the curator and the retrain scheduler. Ctrl-C stops everything."""
-    from feedback.curator import Curator
+    from feedback.supervisor import supervise
     from flywheel.scheduler import RetrainScheduler
     from services import app as serve_app
     from training.demo_bootstrap import bootstrap as run_bootstrap
@@ -92,8 +92,8 @@ def up(
     workers: list[threading.Thread] = []
     try:
         url = serve_app.run(settings)
-        curator = Curator(settings)
-        workers.append(threading.Thread(target=_curate, args=(curator, stop), name="curator", daemon=True))
+        # The feedback plane's trouble (no broker yet) never stops serving: the supervisor waits and retries.
+        workers.append(threading.Thread(target=supervise, args=(settings, stop), name="curator", daemon=True))
         if settings.retrain.schedule_enabled:
             workers.append(RetrainScheduler(settings, stop))
         for worker in workers:
@@ -142,13 +142,6 @@ def _say_which_tasks_need_an_adapter(settings: Settings) -> None:
                         f"from your data with `flywheel train --task {name} --data FILE.jsonl`, or register one "
                         f"trained elsewhere with `flywheel adapters import --task {name} DIR`", err=True,
                         fg=typer.colors.YELLOW)
-
-
-def _curate(curator: Any, stop: threading.Event) -> None:
-    try:
-        curator.run(stop)
-    finally:
-        curator.close()
 
 
 @adapters_app.command("list")

@@ -64,7 +64,7 @@ def new_run_id() -> str:
     return f"run-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -155,7 +155,7 @@ class RunStore:
         if not path.exists():
             return None
         record = RunRecord.model_validate_json(path.read_text())
-        if record.state == RunState.RUNNING and not _alive(record.pid):
+        if record.state == RunState.RUNNING and not process_alive(record.pid):
             record.state, record.message = RunState.FAILED, f"the run's process {record.pid} died at {record.stage}"
         return record
 

@@ -24,9 +24,16 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from feedback.bus import build_bus
-from feedback.pii import mask_event
-from feedback.schemas import FeedbackAccepted, FeedbackEvent, FeedbackRequest, Message, PredictionEvent
+from feedback import (
+    FeedbackAccepted,
+    FeedbackEvent,
+    FeedbackRequest,
+    PredictionEvent,
+    build_bus,
+    mask_event,
+    read_health,
+)
+from feedback.schemas import Message
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
 from flywheel.registry import (
@@ -47,6 +54,7 @@ from services.protocol import (
     AdminStatus,
     AliasMove,
     ErrorResponse,
+    FeedbackHealth,
     HealthResponse,
     PredictRequest,
     PredictResponse,
@@ -356,7 +364,14 @@ class Gateway:
             base_model=self.settings.model.quantized_base or self.settings.model.base,
             quantization=next((r["quantization"] for r in replicas if r.get("quantization")), None),
             replicas=[_without_failure_details(r) for r in replicas],
+            feedback=await asyncio.to_thread(self._feedback_health),
         )
+
+    def _feedback_health(self) -> FeedbackHealth:
+        bus = self.bus.stats()
+        curator = read_health(self.settings)
+        return FeedbackHealth(backend=bus["backend"], connected=bus.get("connected", True), pending=bus["pending"],
+                              curator=curator.state if curator else None)
 
     # -- admin: token-protected operations ----------------------------------------------------------
 

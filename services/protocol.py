@@ -140,6 +140,17 @@ class ErrorResponse(BaseModel):
     request_id: str | None = None
 
 
+class FeedbackHealth(BaseModel):
+    """The feedback plane as serving sees it; its trouble degrades feedback, never answers."""
+
+    backend: Literal["kafka", "local"]
+    connected: bool = Field(description="The gateway's producer reaches the broker (always true for the local log).")
+    pending: int = Field(description="Events in the gateway's spool waiting for the broker.")
+    curator: Literal["starting", "running", "waiting", "stopped"] | None = Field(
+        None, description="The curator on this host: `waiting` while the broker cannot be reached; None: never "
+        "started here. `flywheel feedback status` says why.")
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok", "degraded"]
     champion: str | None = Field(description="The default task's champion.")
@@ -149,6 +160,7 @@ class HealthResponse(BaseModel):
     base_model: str = Field(description="The base the replicas run: the model, or a quantized base version.")
     quantization: dict | None = Field(None, description="method, bits, group size of a quantized base.")
     replicas: list[dict] = Field(default_factory=list)
+    feedback: FeedbackHealth | None = None
 
 
 class AliasMove(BaseModel):

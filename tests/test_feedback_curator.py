@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from feedback.dataset import CuratedDataset, PartFile
 from feedback.local_log import RecordLog
 from feedback.pii import mask_event, mask_pii, pseudonym
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, encode_event
+from feedback.supervisor import read_health, supervise
 from flywheel.config import Settings
 from tests.kafka_broker import BACKENDS, event_pairs, feedback, interleaved, prediction, write_config
 from tests.timing import fastest_run_s
@@ -303,3 +306,61 @@ def test_cli_curator_once_status_and_errors(feedback_settings: Callable[..., Set
 
     missing = runner.invoke(cli.app, ["status", "-c", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 1 and "error: invalid configuration" in missing.output
+
+
+def test_no_broker_and_no_version_leaves_the_curator_waiting_not_dead(
+    feedback_settings: Callable[..., Settings],
+) -> None:
+    """The documented production default (version auto-detected) with nothing at the address: the
+    supervisor keeps retrying and says why, and stops cleanly when told to."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{s.getsockname()[1]}"
+    settings = feedback_settings("local", kafka_bootstrap=nobody, kafka_api_version=None)
+    stop = threading.Event()
+    supervisor = threading.Thread(target=supervise, args=(settings, stop))
+    supervisor.start()
+    try:
+        deadline = time.monotonic() + 60
+        while (health := read_health(settings)) is None or health.state != "waiting":
+            assert time.monotonic() < deadline, health
+            time.sleep(0.2)
+        assert supervisor.is_alive() and nobody in health.detail and health.retries >= 1
+        status = feedback_status(settings)
+        assert status.curator is not None and status.curator.state == "waiting"
+    finally:
+        stop.set()
+        supervisor.join(timeout=30)
+    assert not supervisor.is_alive() and read_health(settings).state == "stopped"
+
+
+def test_the_supervisor_rebuilds_a_curator_that_failed_to_start_or_crashed(
+    feedback_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from feedback import supervisor as module
+
+    monkeypatch.setattr(module, "FIRST_RETRY_S", 0.01)
+    settings = feedback_settings("local")
+    stop = threading.Event()
+    attempts: list[str] = []
+
+    class Flaky:
+        def run(self, stop_event: threading.Event) -> None:
+            attempts.append("ran")
+            if len(attempts) < 4:
+                raise RuntimeError("a bug")
+            assert read_health(settings).state == "running"
+            stop_event.set()
+
+        def close(self) -> None:
+            attempts.append("closed")
+
+    def build(_settings: Settings) -> Flaky:
+        if attempts.count("refused") < 2:
+            attempts.append("refused")
+            raise ConnectionError("no broker yet")
+        return Flaky()
+
+    supervise(settings, stop, build=build)
+    assert attempts == ["refused", "refused", "ran", "closed", "ran", "closed"]
+    assert read_health(settings).state == "stopped"
