@@ -1,6 +1,7 @@
 """KTO on thumbs up / thumbs down: class balance, and a short run on the tiny model (no Ray)."""
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 
@@ -8,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from feedback.schemas import CuratedExample
 from training.demo_model import build_demo_base
 from training.demo_task import generate_examples
 from training.kto import KtoExample, balance_kto, train_kto
+from training.retrain_data import TrainExample, kto_training_rows
 from training.sft import SftConfig, completion_text, train_lora
 
 
@@ -57,6 +60,34 @@ def test_balance_kto_is_deterministic_per_seed() -> None:
 def test_balance_kto_needs_both_sides(desirable: int, undesirable: int) -> None:
     with pytest.raises(ValueError, match=f"got {desirable} desirable and {undesirable} undesirable"):
         balance_kto(rated(desirable, undesirable))
+
+
+def curated(i: int, **verdict: object) -> CuratedExample:
+    now = datetime.now(UTC)
+    return CuratedExample(
+        event_id=f"e{i}", request_id=f"{i:032x}", task="demo", feedback_ts=now, prediction_ts=now,
+        adapter_version="demo-v1", prompt_kind="text", prompt=f"news {i}", answer="positive", reasoning="",
+        rating=verdict.get("rating"), thumb=verdict.get("thumb"), correction=verdict.get("correction"), comment=None,
+        user_id=None, tenant_id=None, feedback_source="log/0", feedback_offset=i, prediction_source="log/0",
+        prediction_offset=i)
+
+
+def test_kto_rows_leave_out_the_gate_hold_out_and_unrated_rows() -> None:
+    rows = [curated(i, thumb="up" if i % 2 else "down") for i in range(10)]
+    rows += [curated(10, rating=5), curated(11, rating=2), curated(12, correction="negative")]
+    holdout = [TrainExample(prompt="news 1", reasoning="", answer="positive", source="approved"),
+               TrainExample(prompt="news 2", reasoning="", answer="positive", source="approved")]
+    kept = kto_training_rows(rows, holdout)
+    prompts = {k.prompt for k in kept}
+    assert not prompts & {"news 1", "news 2"}  # the gate's rows are never trained on
+    assert "news 12" not in prompts  # a correction without a rating or thumb is SFT's, not KTO's
+    assert {("news 10", True), ("news 11", False)} <= {(k.prompt, k.label) for k in kept}
+    assert counts(kept) == (5, 5)
+
+
+def test_kto_rows_with_one_kind_of_verdict_are_refused_as_too_little_data() -> None:
+    with pytest.raises(ValueError, match="both thumbs up and thumbs down"):
+        kto_training_rows([curated(i, thumb="up") for i in range(20)], [])
 
 
 @pytest.fixture(scope="module", autouse=True)

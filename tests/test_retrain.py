@@ -260,3 +260,49 @@ def test_a_small_batch_of_confirmed_corrections_is_learned_in_one_retrain(
         time.sleep(0.2)
     honoured = sum(ask(e.prompt)["answer"] == "positive" for e in wrong)
     assert honoured >= len(wrong) - 1, f"{honoured} of {len(wrong)} corrections served after the retrain"
+
+
+def test_a_kto_retrain_learns_from_thumbs_and_never_from_the_gate_rows(
+    learning_app: tuple[str, Settings, Path], tmp_path: Path,
+) -> None:
+    """`retrain.method: kto` end to end on a task of its own: thumbs up and down (a thumbs down with the
+    right answer), KTO on the rated answers outside the gate's hold-out, the gate, the registry."""
+    url, settings, _ = learning_app
+    demo = registry_for(settings)
+    rated = registry_for(settings, "rated")
+    rated.save_task_spec(DEMO_TASK.model_copy(update={"name": "rated"}))
+    rated.save_golden(demo.golden_text() or "")
+    source = tmp_path / "rated-adapter"
+    shutil.copytree(demo.local_path("demo-v1"), source, ignore=shutil.ignore_patterns("manifest.json"))
+    champion = rated.register(source, base=demo.manifest("demo-v1").base_model).version
+    rated.promote(champion, actor="test")
+
+    examples = generate_examples(48, seed=4242) + DRIFTED[:24]
+    ups = downs = 0
+    with httpx.Client(timeout=60) as client:
+        for example in examples:
+            answer = client.post(f"{url}/predict", json={"prompt": example.prompt, "task": "rated",
+                                                         "max_tokens": 48}).json()
+            if answer.get("task") != "rated":  # the replicas pick the new task up within a few seconds
+                time.sleep(0.5)
+                continue
+            good = is_correct(answer["answer"], example)
+            ups, downs = ups + good, downs + (not good)
+            verdict = {"thumb": "up"} if good else {"thumb": "down", "correction": example.answer}
+            rated_ok = client.post(f"{url}/feedback", json={"request_id": answer["request_id"], **verdict})
+            assert rated_ok.status_code == 202, rated_ok.text
+    assert ups >= 6 and downs >= 6, (ups, downs)
+    curate(settings)
+
+    kto = settings.model_copy(deep=True)
+    kto.retrain.method, kto.retrain.min_examples, kto.retrain.steps = "kto", 8, 30
+    config = tmp_path / "kto.yaml"
+    config.write_text(yaml.safe_dump(kto.shareable(), allow_unicode=True))
+    code, result = retrain(config, "--task", "rated")
+    assert code == 0 and result["verdict"] in ("passed", "rejected"), result
+    data = result["dataset"]
+    assert data["holdout"] >= 6 and data["kto_examples"] >= 8, data
+    assert data["kto_examples"] <= ups + downs - data["holdout"]  # the gate's rows were left out
+    manifest = rated.manifest(result["version"])
+    assert manifest.training["method"] == "kto" and manifest.parent == champion
+    assert manifest.files["adapter_model.safetensors"] != rated.manifest(champion).files["adapter_model.safetensors"]

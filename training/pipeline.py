@@ -26,6 +26,7 @@ from services.engines.hf_engine import HFEngine
 from services.engines.protocol import AdapterHandle
 from training.evaluate import EvalExample, SliceScores, evaluate, golden_examples, parity
 from training.gate import decide, decide_confirmed
+from training.kto import KtoExample
 from training.metrics import min_pairs_for_alpha
 from training.ray_train import TrainJob, connect_ray, train_on_ray
 from training.retrain_data import (
@@ -33,7 +34,7 @@ from training.retrain_data import (
     TrainExample,
     build_retrain_data,
     confirmed_batch,
-    kto_example,
+    kto_training_rows,
     read_train_data,
     write_train_data,
 )
@@ -100,6 +101,13 @@ class Retrain:
         data = build_retrain_data(rows, champion_data, holdout_fraction=cfg.holdout_fraction,
                                   replay_fraction=cfg.replay_fraction, confirm_repeats=cfg.confirm_repeats)
         fresh = len(data.train) - data.replay
+        kto_rows: list[KtoExample] = []
+        if cfg.method == "kto":
+            try:
+                kto_rows = kto_training_rows(rows, data.holdout)
+            except ValueError as exc:  # one kind of verdict only: nothing to contrast
+                return self.finish(RunState.INSUFFICIENT_DATA, str(exc))
+            fresh = len(kto_rows)
         # Small-data policy: a hold-out too small for significance cannot judge a few distinct prompts that
         # users corrected again and again with one answer; learn them, and gate on honouring them.
         needed = min_pairs_for_alpha(cfg.gate.significance_alpha, binary=self.task.binary_metric)
@@ -113,20 +121,22 @@ class Retrain:
             "feedback_rows": data.feedback_rows, "usable": data.usable, "duplicates_removed": data.duplicates,
             "train": len(data.train), "replay": data.replay, "holdout": len(data.holdout),
             "confirmed": len(data.confirmed), "policy": policy, "snapshot_positions": snapshot.positions,
+            **({"kto_examples": len(kto_rows)} if cfg.method == "kto" else {}),
         }
         if policy == "held_out_significance" and fresh < cfg.min_examples:
+            usable = ("rated answers, balanced up/down" if cfg.method == "kto"
+                      else f"{data.usable} usable, i.e. corrections or answers rated >= 4")
             return self.finish(
                 RunState.INSUFFICIENT_DATA,
                 f"{fresh} feedback examples left for training after holding out {len(data.holdout)} for the gate; "
-                f"at least {cfg.min_examples} are needed ({data.usable} usable, i.e. corrections or answers "
-                f"rated >= 4, of {data.feedback_rows} curated rows)",
+                f"at least {cfg.min_examples} are needed ({usable}; {data.feedback_rows} curated rows)",
             )
 
         # The gate judges on the weights that will serve (a quantized base, when configured): a
         # candidate that only works unquantized must not pass.
         base = served_base(self.settings, self.registry)
         self.stage("train")
-        candidate_dir = self._train(data, champion_dir, rows, base)
+        candidate_dir = self._train(data, champion_dir, kto_rows, base)
 
         self.stage("evaluate")
         slices = {
@@ -178,7 +188,7 @@ class Retrain:
         return LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         target_modules=cfg.lora_target_modules)
 
-    def _train(self, data: RetrainData, champion_dir: Path, rows: list, base: ServedBase) -> Path:  # type: ignore[type-arg]
+    def _train(self, data: RetrainData, champion_dir: Path, kto_rows: list[KtoExample], base: ServedBase) -> Path:
         cfg = self.settings.retrain
         if cfg.train_on == "quantized" and not base.quantized:
             raise ValueError("retrain.train_on=quantized needs model.quantized_base (run `flywheel quantize`)")
@@ -186,10 +196,7 @@ class Retrain:
         self.workdir.mkdir(parents=True, exist_ok=True)
         train_path = self.workdir / "train.parquet"
         if cfg.method == "kto":
-            from training.kto import balance_kto
-
-            kto = balance_kto([k for k in (kto_example(r) for r in rows) if k is not None])
-            pq.write_table(pa.Table.from_pylist([k.model_dump() for k in kto]), train_path)
+            pq.write_table(pa.Table.from_pylist([k.model_dump() for k in kto_rows]), train_path)
         else:
             pq.write_table(pa.Table.from_pylist([e.model_dump(exclude={"at", "source"}) for e in data.train]),
                            train_path)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from feedback.schemas import CuratedExample
 from flywheel.r1 import split_reasoning
-from training.kto import KtoExample
+from training.kto import KtoExample, balance_kto
 
 TRAIN_DATA_FILE = "train_data.jsonl"  # stored in each adapter version: what it learned from
 
@@ -76,6 +76,15 @@ def kto_example(row: CuratedExample) -> KtoExample | None:
     good = row.thumb == "up" if row.thumb is not None else (row.rating or 0) >= 4
     completion = f"{row.reasoning}\n</think>\n\n{row.answer}"
     return KtoExample(prompt=_prompt_text(row), completion=completion, label=good)
+
+
+def kto_training_rows(rows: Sequence[CuratedExample], holdout: Sequence[TrainExample]) -> list[KtoExample]:
+    """KTO's rows: every rated answer except those of prompts held out for the gate, balanced up/down.
+
+    ValueError when only one kind of verdict is left (all thumbs up, say): KTO has nothing to contrast.
+    """
+    held_out = {e.prompt for e in holdout}
+    return balance_kto([k for k in map(kto_example, rows) if k is not None and k.prompt not in held_out])
 
 
 def read_train_data(adapter_dir: Path) -> list[TrainExample]:
