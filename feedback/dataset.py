@@ -129,8 +129,13 @@ class CuratedDataset:
         only rows whose feedback and prediction records both lie before those positions.
         """
         manifest = manifest or self.manifest()
-        tables = [pq.read_table(self.root / part.path, schema=SCHEMA) for part in manifest.files]
-        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        tables = [self._read_part(part, until) for part in manifest.files]
+        return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+    def _read_part(self, part: PartFile, until: Mapping[str, int] | None, task: str | None = None) -> pa.Table:
+        table = pq.read_table(self.root / part.path, schema=SCHEMA)
+        if task is not None:
+            table = table.filter(pc.equal(table["task"], task))
         if until is None:
             return table
         columns = table.select(["feedback_source", "feedback_offset", "prediction_source", "prediction_offset"])
@@ -149,11 +154,22 @@ class CuratedDataset:
         return counts
 
     def examples(self, manifest: Manifest | None = None, until: Mapping[str, int] | None = None,
-                 task: str | None = None) -> list[CuratedExample]:
-        """Curated rows, all tasks' or (`task`) one task's: each task retrains on its own feedback only."""
-        table = self.read_table(manifest, until)
-        if task is not None:
-            table = table.filter(pc.equal(table["task"], task))
+                 task: str | None = None, newest: int | None = None) -> list[CuratedExample]:
+        """Curated rows, all tasks' or (`task`) one task's: each task retrains on its own feedback only.
+
+        `newest` keeps only the latest N rows, reading parts newest first and stopping there, so what a
+        retrain holds in memory is bounded however long the history grows.
+        """
+        manifest = manifest or self.manifest()
+        tables, count = [], 0
+        for part in reversed(manifest.files):
+            tables.append(self._read_part(part, until, task))
+            count += tables[-1].num_rows
+            if newest is not None and count >= newest:
+                break
+        table = pa.concat_tables(tables[::-1]) if tables else SCHEMA.empty_table()
+        if newest is not None:
+            table = table.slice(max(0, table.num_rows - newest))
         return [CuratedExample.model_validate(row) for row in table.to_pylist()]
 
     def export_jsonl(self, path: Path, manifest: Manifest | None = None, until: Mapping[str, int] | None = None

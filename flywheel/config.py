@@ -159,6 +159,10 @@ class RetrainSettings(BaseModel):
     lora_target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
     replay_fraction: float = Field(0.3, ge=0, lt=1, description="Share of the champion's own data replayed.")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Newest share of feedback held out for the gate.")
+    max_feedback_rows: int = Field(
+        100_000, ge=1, description="A retrain reads at most this many of the task's newest curated rows (bounded "
+        "memory however long the history grows).",
+    )
     min_examples: int = Field(20, ge=1, description="Fewer usable feedback examples than this: no retrain "
                               "(unless the small-data policy applies: see confirm_repeats).")
     confirm_repeats: int = Field(

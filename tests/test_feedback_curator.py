@@ -364,3 +364,19 @@ def test_the_supervisor_rebuilds_a_curator_that_failed_to_start_or_crashed(
     supervise(settings, stop, build=build)
     assert attempts == ["refused", "refused", "ran", "closed", "ran", "closed"]
     assert read_health(settings).state == "stopped"
+
+
+def test_a_retrain_reads_only_the_newest_rows_it_asks_for(feedback_settings: Callable[..., Settings]) -> None:
+    """`newest` stops reading at the newest parts: a long history does not grow a retrain's memory."""
+    settings = feedback_settings("local")
+    events = []
+    for i, (pred, fb) in enumerate(event_pairs(250)):
+        events += [pred.model_copy(update={"task": "faq" if i % 5 == 0 else "demo"}), fb]
+    _publish(settings, events)
+    every = _curate(settings)
+    dataset = CuratedDataset(settings.feedback_dir / "dataset")
+    assert len(dataset.manifest().files) >= 3
+    assert dataset.examples(newest=120) == every[-120:]
+    faq = [row for row in every if row.task == "faq"]
+    assert dataset.examples(task="faq", newest=7) == faq[-7:]
+    assert dataset.examples(newest=10_000) == every

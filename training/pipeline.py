@@ -93,7 +93,7 @@ class Retrain:
         self.record.champion_before = champion
         dataset = CuratedDataset(self.settings.feedback_dir / "dataset")
         snapshot = dataset.manifest()
-        rows = dataset.examples(snapshot, task=self.task.name)
+        rows = dataset.examples(snapshot, task=self.task.name, newest=cfg.max_feedback_rows)
 
         self.stage("dataset")
         champion_dir = self.registry.local_path(champion)
