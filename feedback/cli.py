@@ -60,6 +60,7 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Received, curated, unmatched (and how old), duplicates, spooled, and the curator's positions."""
     report = feedback_status(settings_or_exit(config))
     age = "" if report.unmatched_oldest_age_s is None else f" (oldest {report.unmatched_oldest_age_s:.0f} s)"
+    age += f" ({report.unmatched_dropped} dropped)" if report.unmatched_dropped else ""
     lines = [
         f"backend: {report.backend}",
         f"received {report.received}  curated {report.curated}  unmatched {report.unmatched}{age}  "

@@ -9,9 +9,9 @@ gets a partition), so a crash anywhere in that sequence replays the batch exactl
 before a crashed commit is deleted on restart, and redelivered events are dropped by `event_id`.
 
 State lives in `<feedback_dir>/curator/state.db`: predictions waiting for feedback (kept
-`prediction_retention_s`), feedback waiting for its prediction (kept until it arrives, and reported),
-curated event ids, parts, positions, records that are not events, and counters. Everything in it is
-already masked.
+`feedback.prediction_retention_s`), feedback waiting for its prediction (until it arrives, at most
+`unmatched_retention_s` and `max_unmatched`, oldest dropped first and counted), curated event ids,
+parts, positions, records that are not events, and counters. Everything in it is already masked.
 """
 
 from __future__ import annotations
@@ -202,6 +202,7 @@ CREATE TABLE IF NOT EXISTS unmatched (
     event_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, event TEXT NOT NULL, source TEXT NOT NULL,
     offset INTEGER NOT NULL, ts REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS unmatched_request ON unmatched(request_id);
+CREATE INDEX IF NOT EXISTS unmatched_ts ON unmatched(ts);
 CREATE TABLE IF NOT EXISTS curated (event_id TEXT PRIMARY KEY, batch INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS parts (path TEXT PRIMARY KEY, batch INTEGER NOT NULL, entry TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS positions (partition TEXT PRIMARY KEY, next_offset INTEGER NOT NULL);
@@ -211,7 +212,7 @@ CREATE TABLE IF NOT EXISTS rejected (
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
-COUNTERS = ("batches", "predictions", "received", "curated", "duplicates", "rejected")
+COUNTERS = ("batches", "predictions", "received", "curated", "duplicates", "rejected", "unmatched_dropped")
 
 
 E = TypeVar("E", PredictionEvent, FeedbackEvent)
@@ -318,6 +319,17 @@ class CuratorState:
     def prune_predictions(self, before_ts: float) -> int:
         return self._db.execute("DELETE FROM predictions WHERE ts < ?", (before_ts,)).rowcount
 
+    def prune_unmatched(self, before_ts: float, keep: int) -> int:
+        """Drop feedback that waited since before `before_ts`, then the oldest beyond `keep`; how many went.
+
+        Feedback for a request id that never had a prediction (a client can send any well-formed id)
+        would otherwise wait forever.
+        """
+        dropped = self._db.execute("DELETE FROM unmatched WHERE ts < ?", (before_ts,)).rowcount
+        return dropped + self._db.execute(
+            "DELETE FROM unmatched WHERE event_id IN (SELECT event_id FROM unmatched ORDER BY ts DESC LIMIT -1 "
+            "OFFSET ?)", (keep,)).rowcount
+
     def close(self) -> None:
         self._db.close()
 
@@ -376,13 +388,11 @@ class Curator:
         settings: Settings,
         source: Source | None = None,
         *,
-        prediction_retention_s: float = 7 * 86400,
         session_timeout_ms: int = 10_000,
     ) -> None:
         self.settings = settings
         self._batch_size = settings.feedback.curator_batch_size
         self._flush_s = settings.feedback.curator_flush_s
-        self._retention_s = prediction_retention_s
         self._last_prune = float("-inf")
         self.state = CuratorState(state_path(settings))
         self.dataset = CuratedDataset(dataset_path(settings))
@@ -462,7 +472,7 @@ class Curator:
             for name in ("predictions", "curated", "duplicates", "rejected"):
                 self.state.bump(name, getattr(result, name))
             self.state.bump("received", result.feedback - result.duplicates)
-            self._prune_predictions()
+            self._prune(parked=result.unmatched > 0)
         self._write_manifest()
         self.source.commit(positions)
         log.info("event=curated rows=%d records=%d duplicates=%d unmatched=%d rejected=%d files=%s offsets=%s",
@@ -517,13 +527,21 @@ class Curator:
                 paths.append(part.path)
         return paths
 
-    def _prune_predictions(self) -> None:
+    def _prune(self, parked: bool) -> None:
+        """Bound the state: old predictions every 10 min; waiting feedback also whenever some was parked."""
+        limits = self.settings.feedback
+        if parked:
+            dropped = self.state.prune_unmatched(time.time() - limits.unmatched_retention_s, limits.max_unmatched)
+            if dropped:
+                self.state.bump("unmatched_dropped", dropped)
+                log.warning("event=unmatched_dropped count=%d (waited over %.0f s, or over %d waiting)", dropped,
+                            limits.unmatched_retention_s, limits.max_unmatched)
         if time.monotonic() - self._last_prune < 600:
             return
         self._last_prune = time.monotonic()
-        pruned = self.state.prune_predictions(time.time() - self._retention_s)
+        pruned = self.state.prune_predictions(time.time() - limits.prediction_retention_s)
         if pruned:
-            log.info("event=predictions_pruned count=%d older_than_s=%.0f", pruned, self._retention_s)
+            log.info("event=predictions_pruned count=%d older_than_s=%.0f", pruned, limits.prediction_retention_s)
 
     def close(self) -> None:
         self.source.close()
@@ -556,6 +574,7 @@ class FeedbackStatus(BaseModel):
     curated: int
     unmatched: int  # feedback still waiting for its prediction
     unmatched_oldest_age_s: float | None
+    unmatched_dropped: int  # feedback that waited too long, or beyond `max_unmatched`
     duplicates: int
     rejected: int  # records that were not valid events (kept in the state DB)
     predictions: int
@@ -585,6 +604,7 @@ def feedback_status(settings: Settings) -> FeedbackStatus:
         backend="kafka" if kafka else "local",
         received=counters["received"], curated=counters["curated"], unmatched=unmatched,
         unmatched_oldest_age_s=None if oldest is None else round(time.time() - oldest, 1),
+        unmatched_dropped=counters["unmatched_dropped"],
         duplicates=counters["duplicates"], rejected=counters["rejected"], predictions=counters["predictions"],
         spooled=spooled_pending(spool_dir) if spool_dir.is_dir() else 0,
         positions=positions, log_end=log_end, parts=parts, dataset=str(dataset_path(settings)),

@@ -124,6 +124,13 @@ class FeedbackSettings(BaseModel):
     )
     curator_batch_size: int = Field(200, ge=1, description="Curated rows per Parquet file at most.")
     curator_flush_s: float = Field(2.0, gt=0, description="Write a partial batch after this long.")
+    prediction_retention_s: float = Field(
+        7 * 86400, gt=0, description="Predictions wait this long for their feedback, then leave the curator's state.")
+    unmatched_retention_s: float = Field(
+        86400, gt=0, description="Feedback waits this long for its prediction (normally seconds), then is dropped.")
+    max_unmatched: int = Field(
+        100_000, ge=1, description="Most feedback waiting for a prediction; the oldest beyond it is dropped (a "
+        "client can send feedback for any well-formed request id).")
 
 
 class GateSettings(BaseModel):

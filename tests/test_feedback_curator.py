@@ -194,6 +194,27 @@ def test_unmatched_feedback_is_reported_until_its_prediction_arrives(
     assert {r.event_id for r in rows} == {fb.event_id for _, fb in pairs}
 
 
+def test_feedback_for_unknown_requests_cannot_fill_the_state(
+    feedback_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """A client sends ratings for request ids that never existed: the waiting room stays bounded."""
+    settings = feedback_settings("local", max_unmatched=50, unmatched_retention_s=1800)
+    stale = [fb.model_copy(update={"timestamp": datetime.now(UTC) - timedelta(hours=1)}) for _, fb in event_pairs(20)]
+    flood = [fb for _, fb in event_pairs(200)]
+    _publish(settings, stale + flood)
+    _curate(settings)
+    status = feedback_status(settings)
+    assert status.unmatched == 50 and status.unmatched_dropped == 170  # the stale 20, then the oldest 150
+    state = CuratorState(settings.feedback_dir / "curator" / "state.db")
+    try:
+        waiting = {e.event.event_id for fb in flood[-50:] for e in state.take_unmatched(fb.request_id)}
+    finally:
+        state.close()
+    assert waiting == {fb.event_id for fb in flood[-50:]}  # the newest are the ones kept
+    shown = CliRunner().invoke(cli.app, ["status", "-c", str(write_config(settings, tmp_path / "f.yaml"))])
+    assert "170 dropped" in shown.output
+
+
 PII = {
     "id": "11010519900307123X",
     "phone": "+86 138-1234-5678",
