@@ -166,6 +166,7 @@ class RetrainSettings(BaseModel):
     lora_target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
     replay_fraction: float = Field(0.3, ge=0, lt=1, description="Share of the champion's own data replayed.")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Newest share of feedback held out for the gate.")
+    keep_runs: int = Field(500, ge=1, description="Finished retrain runs whose record and log are kept.")
     max_feedback_rows: int = Field(
         100_000, ge=1, description="A retrain reads at most this many of the task's newest curated rows (bounded "
         "memory however long the history grows).",

@@ -78,8 +78,10 @@ def process_alive(pid: int) -> bool:
 
 
 class RunStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, keep: int = 500) -> None:
+        """`keep`: finished runs whose record and log are kept; older ones go when a run finishes."""
         self.root = root
+        self.keep = keep
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _lock(self) -> int:
@@ -149,6 +151,16 @@ class RunStore:
         tmp = self.root / f".{record.run_id}.{uuid.uuid4().hex}.tmp"
         tmp.write_text(record.model_dump_json(indent=2))
         os.replace(tmp, self.root / f"{record.run_id}.json")
+        if record.finished_at is not None:
+            self._forget_old()
+
+    def _forget_old(self) -> None:
+        """Delete the oldest finished runs' records and logs beyond `keep` (run ids sort by start time)."""
+        finished = [p for p in sorted(self.root.glob("run-*.json"))
+                    if RunRecord.model_validate_json(p.read_text()).finished_at is not None]
+        for path in finished[:max(0, len(finished) - self.keep)]:
+            path.unlink(missing_ok=True)
+            path.with_suffix(".log").unlink(missing_ok=True)
 
     def get(self, run_id: str) -> RunRecord | None:
         path = self.root / f"{run_id}.json"

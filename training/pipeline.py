@@ -52,7 +52,7 @@ class Retrain:
     def __init__(self, settings: Settings, record: RunRecord, say: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.record = record
-        self.store = RunStore(settings.home / "runs")
+        self.store = RunStore(settings.home / "runs", keep=settings.retrain.keep_runs)
         self.task = resolve_task(settings, record.task)
         self.record.task = self.task.name
         self.registry: Registry = registry_for(settings, self.task.name)
