@@ -70,6 +70,9 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+RELEASE_STEP_BYTES = 1 << 20  # give space back a megabyte at a time, not on every batch
+
+
 class LocalLogSource:
     """The embedded local log: one file per topic (partition 0), positions are byte offsets."""
 
@@ -78,6 +81,8 @@ class LocalLogSource:
         topics = (settings.feedback.predictions_topic, settings.feedback.feedback_topic)
         self._logs = {f"{topic}/0": RecordLog(directory / f"{topic}.log") for topic in topics}
         self._positions = {partition: 0 for partition in self._logs}
+        self._retention_bytes = settings.feedback.log_retention_bytes
+        self._released = dict.fromkeys(self._logs, 0)
         self.rewind(positions)
 
     def poll(self, max_records: int, timeout_s: float) -> list[SourceRecord]:
@@ -97,7 +102,12 @@ class LocalLogSource:
         self._positions.update({p: positions[p] for p in self._logs if p in positions})
 
     def commit(self, positions: Mapping[str, int]) -> None:
-        """Nothing to do: the curator's state is where local-log positions are kept."""
+        """Positions live in the curator's state; here the log gives back the space of what is curated,
+        keeping the newest `log_retention_bytes` of it."""
+        for partition, record_log in self._logs.items():
+            release = positions.get(partition, 0) - self._retention_bytes
+            if release - self._released[partition] >= RELEASE_STEP_BYTES and record_log.release_before(release):
+                self._released[partition] = release
 
     def caught_up(self) -> bool:
         return all(not record_log.read(self._positions[p], 1) for p, record_log in self._logs.items())

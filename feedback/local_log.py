@@ -6,10 +6,16 @@ several processes (Serve gateway replicas) can append to one file without interl
 the page cache, and so survives a crash of its process, when `append` returns; `fsync` runs in a
 background thread every few milliseconds (group commit) and on `sync()`, so publishing never waits for
 the disk. A reader only takes complete lines, so a record being written is never half read.
+
+Retention: `release_before` punches a hole over records every reader is done with. The disk space
+goes back to the filesystem while positions (byte offsets) stay valid; a reader that starts inside
+the hole skips it (it reads as NUL bytes, which no record starts with).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
 import logging
 import os
@@ -22,6 +28,9 @@ from typing import NamedTuple
 log = logging.getLogger("flywheel.feedback.log")
 
 READ_CHUNK = 1 << 20
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_HOLE_ALIGN = 1 << 16
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 class LogBusy(Exception):
@@ -91,6 +100,23 @@ class RecordLog:
     def size(self) -> int:
         return os.fstat(self._fd).st_size
 
+    def disk_bytes(self) -> int:
+        """Space the file really takes on disk (holes left by `release_before` take none)."""
+        return os.fstat(self._fd).st_blocks * 512
+
+    def release_before(self, position: int) -> bool:
+        """Return the disk space of everything before `position` (rounded down to 64 KiB) to the
+        filesystem; positions stay valid. False where the filesystem cannot punch holes."""
+        end = position - position % _HOLE_ALIGN
+        if end <= 0:
+            return True
+        if _libc.fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ctypes.c_long(0),
+                           ctypes.c_long(end)) != 0:
+            log.warning("event=log_retention_unsupported path=%s error=%s", self.path,
+                        os.strerror(ctypes.get_errno()))
+            return False
+        return True
+
     def read(self, position: int, max_records: int) -> list[LogRecord]:
         """Up to `max_records` complete records starting at byte `position`."""
         records: list[LogRecord] = []
@@ -104,7 +130,8 @@ class RecordLog:
                 chunk_size *= 2  # one record longer than a chunk
                 continue
             for line in chunk[:end].split(b"\n"):
-                records.append(LogRecord(position, position + len(line) + 1, line))
+                if not line.startswith(b"\0"):  # a released hole (and the record it cut) is skipped
+                    records.append(LogRecord(position, position + len(line) + 1, line))
                 position += len(line) + 1
                 if len(records) == max_records:
                     break

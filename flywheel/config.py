@@ -124,6 +124,9 @@ class FeedbackSettings(BaseModel):
     )
     curator_batch_size: int = Field(200, ge=1, description="Curated rows per Parquet file at most.")
     curator_flush_s: float = Field(2.0, gt=0, description="Write a partial batch after this long.")
+    log_retention_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="Local log only: how much already-curated history each topic keeps on "
+        "disk; older records give their space back (never one the curator has not read).")
     prediction_retention_s: float = Field(
         7 * 86400, gt=0, description="Predictions wait this long for their feedback, then leave the curator's state.")
     unmatched_retention_s: float = Field(

@@ -23,7 +23,7 @@ from feedback.curator import Curator, CuratorState, feedback_status
 from feedback.dataset import CuratedDataset, PartFile
 from feedback.local_log import RecordLog
 from feedback.pii import mask_event, mask_pii, pseudonym
-from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, encode_event
+from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, decode_event, encode_event
 from feedback.supervisor import read_health, supervise
 from flywheel.config import Settings
 from tests.kafka_broker import BACKENDS, event_pairs, feedback, interleaved, prediction, write_config
@@ -401,3 +401,27 @@ def test_a_retrain_reads_only_the_newest_rows_it_asks_for(feedback_settings: Cal
     faq = [row for row in every if row.task == "faq"]
     assert dataset.examples(task="faq", newest=7) == faq[-7:]
     assert dataset.examples(newest=10_000) == every
+
+
+def test_the_local_log_gives_back_the_space_of_curated_records(feedback_settings: Callable[..., Settings]) -> None:
+    """Retention never drops what the curator has not read, and positions stay valid across the hole."""
+    settings = feedback_settings("local", log_retention_bytes=0)
+    filler = "shares rose on strong demand " * 40  # ~1 KB prompts: a few MB of log
+    pairs = [(pred.model_copy(update={"prompt": f"{i} {filler}"}), fb)
+             for i, (pred, fb) in enumerate(event_pairs(3000))]
+    _publish(settings, [e for pair in pairs for e in pair])
+    log_path = settings.feedback_dir / "log" / f"{settings.feedback.predictions_topic}.log"
+    before = RecordLog(log_path)
+    size, on_disk = before.size(), before.disk_bytes()
+    before.close()
+    assert len(_curate(settings)) == 3000
+    after = RecordLog(log_path)
+    try:
+        assert after.size() == size and after.disk_bytes() < on_disk / 4, (size, on_disk, after.disk_bytes())
+        survivors = after.read(0, 10_000)  # a reader starting in the hole skips it
+        assert 0 < len(survivors) < 3000 and all(decode_event(r.value) for r in survivors)
+    finally:
+        after.close()
+    more = [(pred.model_copy(update={"prompt": f"late {i}"}), fb) for i, (pred, fb) in enumerate(event_pairs(50))]
+    _publish(settings, [e for pair in more for e in pair])
+    assert len(_curate(settings)) == 3050  # positions past the hole still work
