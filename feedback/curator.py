@@ -594,6 +594,7 @@ class FeedbackStatus(BaseModel):
     parts: int
     dataset: str
     curator: CuratorHealth | None  # the running curator's state (None: never started on this host)
+    disk_bytes: dict[str, int]  # what each store takes on disk: log, spool, state, dataset
 
 
 def feedback_status(settings: Settings) -> FeedbackStatus:
@@ -619,4 +620,10 @@ def feedback_status(settings: Settings) -> FeedbackStatus:
         spooled=spooled_pending(spool_dir) if spool_dir.is_dir() else 0,
         positions=positions, log_end=log_end, parts=parts, dataset=str(dataset_path(settings)),
         curator=read_health(settings),
+        disk_bytes={name: _disk_bytes(settings.feedback_dir / name) for name in ("log", "spool", "curator", "dataset")},
     )
+
+
+def _disk_bytes(path: Path) -> int:
+    """Allocated bytes under `path` (holes punched by the log's retention count as free)."""
+    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0

@@ -212,7 +212,8 @@ def test_feedback_for_unknown_requests_cannot_fill_the_state(
         state.close()
     assert waiting == {fb.event_id for fb in flood[-50:]}  # the newest are the ones kept
     shown = CliRunner().invoke(cli.app, ["status", "-c", str(write_config(settings, tmp_path / "f.yaml"))])
-    assert "170 dropped" in shown.output
+    assert "170 dropped" in shown.output and "on disk: log " in shown.output
+    assert status.disk_bytes["curator"] > 0 and status.disk_bytes["log"] > 0
 
 
 PII = {
