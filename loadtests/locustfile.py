@@ -5,7 +5,9 @@
 
 Environment:
     FLYWHEEL_SCENARIO        predict (predict only) | mixed (predict, then rate; default) | swap (predict only,
-                             while something else moves the alias)
+                             while something else moves the alias) | hostile (mixed, plus prompts of
+                             digit groups at the size limit and ratings for request ids that never existed)
+    FLYWHEEL_MAX_PROMPT_CHARS hostile: the gateway's prompt limit (default 4000)
     FLYWHEEL_CORRECTION_P    mixed: chance a rater sends the ground truth as a correction (default 0.8)
     FLYWHEEL_DRIFT_START/END share of drifted prompts at the start / after the ramp (default 0.2 / 0.8)
     FLYWHEEL_DRIFT_RAMP_S    seconds the share takes to go from START to END (default 120)
@@ -37,8 +39,9 @@ DRIFT_END = float(os.environ.get("FLYWHEEL_DRIFT_END", "0.8"))
 DRIFT_RAMP_S = float(os.environ.get("FLYWHEEL_DRIFT_RAMP_S", "120"))
 SEED = int(os.environ.get("FLYWHEEL_SEED", "0"))
 MAX_TOKENS = int(os.environ.get("FLYWHEEL_MAX_TOKENS", "48"))
-if SCENARIO not in ("predict", "mixed", "swap"):
-    raise SystemExit(f"FLYWHEEL_SCENARIO must be predict, mixed or swap, not {SCENARIO!r}")
+MAX_PROMPT_CHARS = int(os.environ.get("FLYWHEEL_MAX_PROMPT_CHARS", "4000"))
+if SCENARIO not in ("predict", "mixed", "swap", "hostile"):
+    raise SystemExit(f"FLYWHEEL_SCENARIO must be predict, mixed, swap or hostile, not {SCENARIO!r}")
 
 POOL_SIZE = 3000  # distinct prompts per distribution: the retrain keeps one target per prompt
 POOLS = {
@@ -94,6 +97,37 @@ class Rater(HttpUser):
 
     @task
     def ask(self) -> None:
+        roll = self.rng.random() if SCENARIO == "hostile" else 1.0
+        if roll < 1 / 3:
+            self._digits_at_the_limit()
+        elif roll < 2 / 3:
+            self._rate_a_request_that_never_was()
+        else:
+            self._ask()
+
+    def _digits_at_the_limit(self) -> None:
+        """What made the PII masker cubic: thousands of digit groups. Any 4xx is fine, a 5xx is not."""
+        prompt = self.rng.choice(["1 ", "12-", "9"]) * MAX_PROMPT_CHARS
+        self._hostile("/predict", {"prompt": prompt[:MAX_PROMPT_CHARS], "max_tokens": 4})
+
+    def _rate_a_request_that_never_was(self) -> None:
+        """Feedback no prediction will ever match, with a correction the masker must chew through."""
+        body = {"request_id": f"{self.rng.getrandbits(128):032x}", "rating": 1,
+                "correction": "1 " * 1999}
+        self._hostile("/feedback", body)
+
+    def _hostile(self, route: str, body: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        with self.client.post(route, json=body, name=f"{route} (hostile)", catch_response=True) as response:
+            if response.status_code >= 500:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+            else:
+                response.success()
+        _record(kind=f"hostile{route.replace('/', '_')}", status=response.status_code, adapter_version=None,
+                distribution="hostile", correct=False, rating=None,
+                latency_ms=(time.perf_counter() - started) * 1000)
+
+    def _ask(self) -> None:
         example = self._pick()
         body = {"prompt": example.prompt, "max_tokens": MAX_TOKENS}
         started = time.perf_counter()
@@ -106,7 +140,7 @@ class Rater(HttpUser):
                 return
             answer = response.json()
             correct = is_correct(answer["answer"], example)
-            rating = rating_for(correct, self.rng) if SCENARIO == "mixed" else None
+            rating = rating_for(correct, self.rng) if SCENARIO in ("mixed", "hostile") else None
             _record(kind="predict", status=200, adapter_version=answer["adapter_version"],
                     distribution=example.distribution, correct=correct, rating=rating, latency_ms=latency_ms)
         if rating is not None:

@@ -7,6 +7,11 @@ versions every `swap_every_s`: the driver of the swap-under-load scenario. Every
 records the resident memory of the Serve replicas and their children (vLLM's engine core) and of this
 process (the curator).
 Memory growth is measured from the first sample after warm-up to the last one.
+
+`hostile` adds what a hostile-but-valid client sends (prompts of digit groups at the size limit,
+ratings for request ids that never existed) and reports, besides memory: 5xx answers (goal 0), how long
+the curator needs to catch up once the load stops (goal < 5 s), and how much the feedback stores grow
+on disk per 1 000 requests with retention on.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Literal
 import psutil
 from pydantic import BaseModel, Field
 
+from feedback.curator import feedback_status
 from flywheel.config import DEMO_MODEL, Settings
 from flywheel.registry import Registry, registry_for
 from loadtests.demo import DemoPlan, locust_failures, percentile, platform, start_locust
@@ -46,14 +52,20 @@ class SoakReport(BaseModel):
     baseline_mb: float = Field(description="Resident memory of the serving processes after warm-up.")
     final_mb: float
     rss_growth: float = Field(description="final / baseline - 1 (goal < 0.10).")
+    server_errors: int = Field(description="Answers with a 5xx status (goal 0).")
+    curator_lag_s: float | None = Field(description="Seconds the curator needed to catch up after the load "
+                                        "stopped (local log; goal < 5).")
+    disk_mb_per_1000_requests: float = Field(description="Growth of the feedback stores on disk after warm-up.")
     samples: list[MemorySample]
 
     def summary(self) -> str:
+        lag = "-" if self.curator_lag_s is None else f"{self.curator_lag_s:.1f} s"
         return (f"soak ({self.scenario}) {self.seconds / 60:.1f} min: {self.requests} requests, "
-                f"{self.failed_requests} failed (goal 0), {self.swaps} swaps; "
+                f"{self.failed_requests} failed (goal 0), {self.server_errors} 5xx, {self.swaps} swaps; "
                 f"p50 {self.p50_ms or 0:.0f} ms, p99 {self.p99_ms or 0:.0f} ms; "
                 f"resident memory {self.baseline_mb:.0f} MB after warm-up -> {self.final_mb:.0f} MB "
-                f"= {self.rss_growth:+.1%} (goal < 10%)")
+                f"= {self.rss_growth:+.1%} (goal < 10%); curator caught up {lag} after the load (goal < 5 s); "
+                f"feedback stores +{self.disk_mb_per_1000_requests:.2f} MB per 1000 requests")
 
 
 def serving_processes(app_name: str) -> dict[str, psutil.Process]:
@@ -91,8 +103,29 @@ def two_ready_versions(settings: Settings, registry: Registry, say: Callable[[st
     return champion, train_demo_adapter(settings, registry, distribution="drifted", seed=7, progress=say).version
 
 
+def _feedback_disk_mb(settings: Settings) -> float:
+    return sum(feedback_status(settings).disk_bytes.values()) / 2**20
+
+
+def _curator_catch_up_s(settings: Settings, timeout_s: float = 300.0) -> float | None:
+    """Seconds until the curator has read everything logged (local log only; None for Kafka)."""
+    if settings.feedback.kafka_bootstrap:
+        return None
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        status = feedback_status(settings)
+        if all(status.positions.get(p, 0) >= end for p, end in status.log_end.items()):
+            return time.monotonic() - started
+        time.sleep(0.2)
+    return timeout_s
+
+
+def _requests_logged(path: Path) -> int:
+    return sum(1 for _ in path.open()) if path.exists() else 0
+
+
 def run_soak(settings: Settings, *, out_dir: Path, minutes: float = 10.0, swap_every_s: float = 60.0,
-             scenario: Literal["mixed", "swap"] = "mixed", users: int = 4, warmup_s: float = 60.0,
+             scenario: Literal["mixed", "swap", "hostile"] = "mixed", users: int = 4, warmup_s: float = 60.0,
              sample_every_s: float = 10.0, say: Callable[[str], None] = print) -> SoakReport:
     settings = settings.model_copy(deep=True)
     settings.retrain.schedule_enabled = False  # this driver moves the alias; no retrains mid-soak
@@ -104,12 +137,17 @@ def run_soak(settings: Settings, *, out_dir: Path, minutes: float = 10.0, swap_e
     seconds = minutes * 60
     samples: list[MemorySample] = []
     swaps = 0
+    requests_log = out_dir / "requests.jsonl"
+    warm_disk: tuple[int, float] | None = None  # (requests so far, MB on disk) once warm
     with platform(settings, DemoPlan(), "flywheel-soak", "/soak") as (url, _):
         started = time.monotonic()
-        env = {"FLYWHEEL_SCENARIO": scenario, "FLYWHEEL_DRIFT_START": "0.5", "FLYWHEEL_DRIFT_END": "0.5"}
+        env = {"FLYWHEEL_SCENARIO": scenario, "FLYWHEEL_DRIFT_START": "0.5", "FLYWHEEL_DRIFT_END": "0.5",
+               "FLYWHEEL_MAX_PROMPT_CHARS": str(settings.serving.max_prompt_chars)}
         with start_locust(url, out_dir, env, users=users, spawn_rate=users, seconds=seconds + 60) as locust:
             next_swap, next_sample = started + swap_every_s, started
             while locust.poll() is None and (now := time.monotonic()) - started < seconds:
+                if warm_disk is None and now - started >= warmup_s:
+                    warm_disk = (_requests_logged(requests_log), _feedback_disk_mb(settings))
                 if now >= next_sample:
                     sizes = _rss_mb(serving_processes("flywheel-soak"))
                     samples.append(MemorySample(t_s=now - started, total_mb=sum(sizes.values()), by_process=sizes))
@@ -121,7 +159,9 @@ def run_soak(settings: Settings, *, out_dir: Path, minutes: float = 10.0, swap_e
                     swaps, next_swap = swaps + 1, next_swap + swap_every_s
                 time.sleep(0.5)
         elapsed = time.monotonic() - started
-    rows = [json.loads(line) for line in (out_dir / "requests.jsonl").read_text().splitlines() if line]
+        lag = _curator_catch_up_s(settings)
+        disk_end = (_requests_logged(requests_log), _feedback_disk_mb(settings))
+    rows = [json.loads(line) for line in requests_log.read_text().splitlines() if line]
     latencies = [r["latency_ms"] for r in rows if r["kind"] == "predict" and r["status"] == 200]
     warm = [s for s in samples if s.t_s >= warmup_s] or samples
     report = SoakReport(
@@ -129,6 +169,13 @@ def run_soak(settings: Settings, *, out_dir: Path, minutes: float = 10.0, swap_e
         p50_ms=percentile(latencies, 0.5), p99_ms=percentile(latencies, 0.99),
         baseline_mb=warm[0].total_mb, final_mb=warm[-1].total_mb,
         rss_growth=warm[-1].total_mb / warm[0].total_mb - 1, samples=samples,
+        server_errors=sum(r["status"] >= 500 for r in rows), curator_lag_s=lag,
+        disk_mb_per_1000_requests=_per_1000(warm_disk or (0, 0.0), disk_end),
     )
     (out_dir / "soak.json").write_text(report.model_dump_json(indent=2))
     return report
+
+
+def _per_1000(warm: tuple[int, float], end: tuple[int, float]) -> float:
+    requests = end[0] - warm[0]
+    return (end[1] - warm[1]) / requests * 1000 if requests > 0 else 0.0
