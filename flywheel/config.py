@@ -67,7 +67,12 @@ class VLLMSettings(BaseModel):
         None, ge=16, description="Context (prompt + answer) in tokens; None: the base model's own "
         "(max_position_embeddings). Size the KV cache for it on GPUs (R1-Distill's own is 131072).",
     )
-    max_loras: int = Field(3, description="Adapters resident at once: champion, incoming, draining.")
+    max_loras: int = Field(3, ge=1, description="Distinct adapters one batch can run (GPU slots); more tasks "
+                           "than this still serve, taking turns.")
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="Adapters vLLM keeps loaded in host memory; past it the least recently used is "
+        "dropped and reloaded from disk on its next request. None: every task's champion, one incoming and one "
+        "draining version, and `serving.max_pinned_adapters`.")
     max_lora_rank: int = Field(32, description="Largest LoRA rank an adapter may have (vLLM: 8, 16, 32, 64…).")
     max_num_seqs: int = 64
     gpu_memory_utilization: float = 0.85
@@ -94,6 +99,9 @@ class ServingSettings(BaseModel):
     poll_interval_s: float = Field(0.2, gt=0, description="How often replicas re-read the alias.")
     probe_prompt: str = "ping"
     drain_timeout_s: float = Field(30.0, gt=0, description="Wait this long for old-version requests.")
+    max_pinned_adapters: int = Field(
+        2, ge=1, description="Versions asked for by name (`task@version`) each replica keeps loaded beside the "
+        "champions; the least recently used idle one is unloaded beyond this.")
 
 
 class FeedbackSettings(BaseModel):

@@ -19,6 +19,8 @@ TASK_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
 TaskName = Annotated[
     str, Field(pattern=TASK_NAME_PATTERN, description="Lowercase letters, digits and dashes; at most 64.")
 ]
+VERSION_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}-v[0-9]{1,9}$"
+VersionName = Annotated[str, Field(pattern=VERSION_PATTERN, description="`<task>-v<N>`, e.g. demo-v3.")]
 
 ClassificationMetric = Literal["accuracy", "macro_f1"]
 GenerationMetric = Literal["exact_match", "contains", "token_f1", "rouge_l", "chrf"]

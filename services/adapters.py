@@ -4,8 +4,11 @@ The manager follows one registry alias of one task (a replica holds one manager 
 alias moves it preloads the new version, probes it with one short generation, then flips: new requests
 use the new version while requests already running finish on the one they started with; the old
 version is unloaded once drained. A replica that starts later converges by reading the alias itself.
-A failed load or probe leaves the old version serving and is remembered (not retried until the alias
-moves again).
+A failed load or probe leaves the old version serving; it is tried again after a backoff (10 s doubling
+to 10 min), and at once if the alias moves.
+
+`PinnedAdapters` serves versions asked for by name (`task@version`, e.g. to replay an evaluation)
+beside the champions: loaded on demand, the least recently used idle one unloaded past its capacity.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -189,3 +193,73 @@ class AdapterManager:
                 else None
             ),
         }
+
+
+@dataclass
+class PinnedCounters:
+    loads: int = 0
+    evictions: int = 0
+    load_seconds: float = 0.0
+
+
+class PinnedAdapters:
+    """Versions served by name next to the champions, loaded on demand, least recently used unloaded first.
+
+    A version in use (`in_flight` > 0) is never unloaded, nor one `in_use_elsewhere` says a champion
+    holds; past `capacity` the idle ones go, oldest use first (a burst of busy ones may exceed it).
+    """
+
+    def __init__(self, engine: Engine, *, base_sha256: str, capacity: int,
+                 in_use_elsewhere: Callable[[str], bool] = lambda _version: False) -> None:
+        self.engine = engine
+        self.base_sha256 = base_sha256
+        self.capacity = capacity
+        self.in_use_elsewhere = in_use_elsewhere
+        self.slots: OrderedDict[str, AdapterSlot] = OrderedDict()
+        self.counters = PinnedCounters()
+        self._lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, registry: Registry, version: str) -> AsyncIterator[AdapterSlot]:
+        """The slot of `version`, loaded if needed; VersionNotFoundError/AdapterIntegrityError if it cannot be."""
+        async with self._lock:
+            slot = self.slots.get(version)
+            if slot is None:
+                slot = await self._load(registry, version)
+            self.slots.move_to_end(version)
+            slot.in_flight += 1
+            await self._unload_beyond_capacity()
+        try:
+            yield slot
+        finally:
+            slot.in_flight -= 1
+
+    async def _load(self, registry: Registry, version: str) -> AdapterSlot:
+        started = time.perf_counter()
+        manifest = await asyncio.to_thread(registry.verify, version, base_sha256=self.base_sha256)
+        handle = AdapterHandle(name=version, int_id=lora_int_id(manifest.version), path=registry.local_path(version))
+        await self.engine.add_adapter(handle)
+        seconds = time.perf_counter() - started
+        self.counters.loads += 1
+        self.counters.load_seconds += seconds
+        log.info("event=pinned_loaded version=%s ms=%.0f resident=%d", version, seconds * 1000, len(self.slots) + 1)
+        slot = AdapterSlot(version, handle, AdapterState.READY)
+        self.slots[version] = slot
+        return slot
+
+    async def _unload_beyond_capacity(self) -> None:
+        for version, slot in list(self.slots.items()):  # least recently used first
+            if len(self.slots) <= self.capacity:
+                return
+            if slot.in_flight or slot.handle is None:
+                continue
+            del self.slots[version]
+            self.counters.evictions += 1
+            if not self.in_use_elsewhere(version):
+                await self.engine.remove_adapter(slot.handle)
+            log.info("event=pinned_unloaded version=%s resident=%d", version, len(self.slots))
+
+    def status(self) -> dict:
+        return {"resident": {v: {"in_flight": s.in_flight} for v, s in self.slots.items()},
+                "loads": self.counters.loads, "evictions": self.counters.evictions,
+                "load_seconds": round(self.counters.load_seconds, 4)}

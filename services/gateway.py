@@ -37,6 +37,7 @@ from feedback.schemas import Message
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
 from flywheel.registry import (
+    AdapterIntegrityError,
     HistoryEntry,
     RegistryError,
     UnknownTaskError,
@@ -214,7 +215,8 @@ class Gateway:
 
     @api.post("/predict", response_model=PredictResponse, responses=_documented(
         e400="The prompt is longer than the configured limit or than the model's context.",
-        e404="Unknown task.", e413=TOO_LARGE, e422=INVALID, e503="The model could not answer right now; retry."))
+        e404="Unknown task, or a `version` that is not one of the task's.", e413=TOO_LARGE, e422=INVALID,
+        e503="The model could not answer right now; retry."))
     async def predict(self, body: PredictRequest) -> Any:
         started = time.perf_counter()
         limits = self.settings.serving
@@ -226,6 +228,8 @@ class Gateway:
         task = body.task or self.settings.default_task
         if task not in tasks:
             return self._reject(404, "task", f"unknown task {task!r}; known tasks: {', '.join(sorted(tasks))}")
+        if body.version is not None and not body.version.startswith(f"{task}-v"):
+            return self._reject(404, "version", f"{body.version} is not a version of task {task!r}")
         if body.max_tokens is not None and body.max_tokens > limits.max_tokens_limit:
             return self._reject(422, "max_tokens", f"must be <= {limits.max_tokens_limit}")
         max_tokens = body.max_tokens or min(tasks[task].max_new_tokens, limits.max_tokens_limit)
@@ -234,10 +238,13 @@ class Gateway:
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
         )
         try:
-            completion = await self.llm.generate.remote(body.chat(), options, request_id, task)
+            completion = await self.llm.generate.remote(body.chat(), options, request_id, task, body.version)
         except PromptTooLongError as exc:
             field = "prompt" if body.prompt is not None else "messages"
             return self._reject(400, field, client_message(exc))
+        except (VersionNotFoundError, AdapterIntegrityError) as exc:  # the details name registry paths: logs only
+            log.info("event=pinned_refused version=%s error=%r", body.version, exc)
+            return self._reject(404, "version", f"{body.version} is not a servable version of task {task!r}")
         except UnknownTaskError:  # registered a moment ago: this replica has not seen it yet
             return self._reject(404, "task", f"task {task!r} is not loaded yet; retry in a few seconds")
         except (asyncio.CancelledError, KeyboardInterrupt):
@@ -327,17 +334,17 @@ class Gateway:
 
     @api.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
-        """Every task, and each task's champion as `task@version`."""
+        """Every task (its champion answers), and each of its ready versions as `task@version`."""
         tasks = await self._known_tasks()
         base = self.settings.model.quantized_base or self.settings.model.base
-        champions = await asyncio.to_thread(
-            lambda: {t: registry_for(self.settings, t).alias(self.settings.serving.alias) for t in tasks})
+        ready = await asyncio.to_thread(lambda: {
+            t: [m for m in registry_for(self.settings, t).versions() if m.status == "ready"] for t in tasks})
         now = int(time.time())
         cards = []
         for task in sorted(tasks):
             cards.append(ModelCard(id=task, created=now, parent=base, root=base))
-            if champions[task]:
-                cards.append(ModelCard(id=f"{task}@{champions[task]}", created=now, parent=task, root=base))
+            cards += [ModelCard(id=f"{task}@{m.version}", created=int(m.created_at.timestamp()), parent=task,
+                                root=base) for m in ready[task]]
         return ModelList(data=cards)
 
     @api.get("/healthz", response_model=HealthResponse)

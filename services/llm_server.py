@@ -3,8 +3,9 @@
 Every task served on the one base keeps its champion resident as its own LoRA (vLLM multi-LoRA) and
 has its own `AdapterManager`, so a swap in one task never touches another task's requests. Each
 replica reads the aliases on start (so a late replica converges), then watches them, and looks for
-tasks added meanwhile (`flywheel train` registers new ones). It reports its state to the status
-board for /healthz and /metrics.
+tasks added meanwhile (`flywheel train` registers new ones). A request may pin a version of its
+task (`version`): that one answers instead of the champion, loaded on demand (`PinnedAdapters`). It
+reports its state to the status board for /healthz and /metrics.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from flywheel.logs import configure_logging
 from flywheel.r1 import StreamSplitter, split_completion
 from flywheel.registry import UnknownTaskError, known_tasks, registry_for
 from flywheel.tasks import TaskSpec
-from services.adapters import AdapterManager
+from services.adapters import AdapterManager, AdapterSlot, PinnedAdapters
 from services.engines import build_engine
 from services.engines.protocol import ChatMessage, Engine, SamplingOptions
 from services.protocol import Completion, StreamEvent, Usage
@@ -48,6 +49,9 @@ class LLMServer:
         self.engine = engine or build_engine(self.settings, self.base, tasks=len(self.specs))
         await self.engine.start()
         self.managers: dict[str, AdapterManager] = {}
+        self.pinned = PinnedAdapters(self.engine, base_sha256=self.base.source_sha256,
+                                     capacity=self.settings.serving.max_pinned_adapters,
+                                     in_use_elsewhere=self._a_champion_holds)
         await self._discover()  # every task's current champion from the first request on
         self._board = get_board(self.settings.registry_uri, self.settings.serving.alias)
         self._tasks = [
@@ -82,6 +86,19 @@ class LLMServer:
                 last_discovery = time.monotonic()
             await asyncio.gather(*(m.converge() for m in list(self.managers.values())))
 
+    def _a_champion_holds(self, version: str) -> bool:
+        return any(m.active.version == version or version in m.slots for m in self.managers.values())
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, manager: AdapterManager, version: str | None) -> AsyncIterator[AdapterSlot]:
+        """The task's champion, or the pinned `version` of it; held until the request is done."""
+        if version is None or version == manager.active.version:
+            with manager.acquire() as slot:
+                yield slot
+        else:
+            async with self.pinned.acquire(manager.registry, version) as slot:
+                yield slot
+
     @staticmethod
     def _replica_id() -> str:
         try:
@@ -97,11 +114,12 @@ class LLMServer:
         return task, manager, spec
 
     async def generate(
-        self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None = None
+        self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None = None,
+        version: str | None = None,
     ) -> Completion:
         task, manager, spec = self._task(task)
         chat = [ChatMessage(**m) for m in spec.conversation([m.model_dump() for m in messages])]
-        with manager.acquire() as slot:
+        async with self._slot(manager, version) as slot:
             generation = await self.engine.generate(chat, options, slot.handle, request_id)
         reasoning, answer, truncated = split_completion(generation.text, opened_think=generation.opened_think)
         return Completion(
@@ -116,7 +134,8 @@ class LLMServer:
         )
 
     async def generate_stream(
-        self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None = None
+        self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None = None,
+        version: str | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """The answer as the engine makes it: reasoning and answer deltas, then the totals.
 
@@ -125,7 +144,7 @@ class LLMServer:
         """
         task, manager, spec = self._task(task)
         chat = [ChatMessage(**m) for m in spec.conversation([m.model_dump() for m in messages])]
-        with manager.acquire() as slot:
+        async with self._slot(manager, version) as slot:
             splitter: StreamSplitter | None = None
             last = None
             async for piece in self.engine.stream(chat, options, slot.handle, request_id):
@@ -146,8 +165,8 @@ class LLMServer:
         tasks = {name: manager.status() for name, manager in self.managers.items()}
         default = tasks.get(self.settings.default_task) or {"active": "base", "last_failure": None}
         return {"active": default["active"], "last_failure": default["last_failure"], "tasks": tasks,
-                "engine": self.settings.serving.engine, "base_model": self.base.label,
-                "quantization": self.base.quantization or None}
+                "pinned": self.pinned.status(), "engine": self.settings.serving.engine,
+                "base_model": self.base.label, "quantization": self.base.quantization or None}
 
     async def _report_forever(self) -> None:
         last: dict[str, Any] | None = None

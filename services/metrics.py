@@ -31,8 +31,24 @@ class ReplicaCollector:
             "flywheel_adapter_swap_failed", "1 while a replica's last swap attempt for a task failed",
             labels=["replica", "task", "version"],
         )
+        pinned = {
+            "loads": CounterMetricFamily("flywheel_pinned_adapter_loads", "Pinned versions loaded on demand",
+                                         labels=["replica"]),
+            "evictions": CounterMetricFamily("flywheel_pinned_adapter_evictions",
+                                             "Pinned versions unloaded to stay within serving.max_pinned_adapters",
+                                             labels=["replica"]),
+            "load_seconds": CounterMetricFamily("flywheel_pinned_adapter_load_seconds",
+                                                "Time spent loading pinned versions", labels=["replica"]),
+        }
+        resident = GaugeMetricFamily("flywheel_pinned_adapter_resident", "1 for each pinned version a replica holds",
+                                     labels=["replica", "version"])
         for status in self._snapshot():
             replica = status["replica"]
+            if held := status.get("pinned"):
+                for name, family in pinned.items():
+                    family.add_metric([replica], held[name])
+                for version in held["resident"]:
+                    resident.add_metric([replica, version], 1)
             for task, state in status.get("tasks", {}).items():
                 active.add_metric([replica, task, state["active"]], 1)
                 swaps.add_metric([replica, task, "succeeded"], state["swaps_succeeded"])
@@ -43,7 +59,7 @@ class ReplicaCollector:
             "flywheel_champion_info", "The version the default task's champion alias points at", labels=["version"]
         )
         champion.add_metric([self._champion() or "none"], 1)
-        yield from (active, swaps, failed, champion)
+        yield from (active, swaps, failed, champion, *pinned.values(), resident)
 
 
 class GatewayMetrics:

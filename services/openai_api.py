@@ -1,7 +1,8 @@
 """What `/v1/chat/completions` and `/v1/models` do, apart from their routes (those stay in the gateway).
 
 A request names a task as its `model`; that task's champion answers, through the same LLM deployment as
-`/predict`, and the response's `model` names the exact version. A streamed answer goes out as server-sent
+`/predict`, and the response's `model` names the exact version. `task@version` pins a version instead
+(loaded on demand beside the champions). A streamed answer goes out as server-sent
 `chat.completion.chunk` events as the engine makes tokens (reasoning deltas in both `reasoning_content` and
 `reasoning`, then content deltas), an optional usage chunk, and `data: [DONE]`. Every answer is a
 prediction event on the feedback bus, so `POST /feedback` accepts the completion's `id`.
@@ -10,6 +11,7 @@ prediction event on the feedback bus, so `POST /feedback` accepts the completion
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from feedback.schemas import Message, PredictionEvent
 from flywheel.config import Settings
-from flywheel.registry import UnknownTaskError
+from flywheel.registry import AdapterIntegrityError, UnknownTaskError, VersionNotFoundError
 from flywheel.tasks import TaskSpec
 from services.engines.protocol import PromptTooLongError, SamplingOptions
 from services.metrics import GatewayMetrics
@@ -41,6 +43,8 @@ from services.protocol import StreamEvent, Usage, client_message
 log = logging.getLogger("flywheel.openai")
 
 ROUTE = "/v1/chat/completions"
+# What a replica refuses because of the request (a 4xx), as opposed to trouble of its own (a 503).
+REFUSALS = (PromptTooLongError, UnknownTaskError, VersionNotFoundError, AdapterIntegrityError)
 COMPLETION_ID_PREFIX = "chatcmpl-"
 
 
@@ -79,13 +83,13 @@ class ChatCompletions:
 
     async def __call__(self, body: ChatCompletionRequest) -> Any:
         tasks = await self.tasks()
-        task = body.model.split("@", 1)[0]
+        task, _, version = body.model.partition("@")
         if task not in tasks:
             return self._reject(404, f"The model `{body.model}` does not exist; models are task names: "
                                 f"{', '.join(sorted(tasks))}", "model", "model_not_found")
-        if "@" in body.model:
-            return self._reject(400, "pinned versions (`task@version`) are not served yet; name the task to get "
-                                "its champion", "model", "model_not_found")
+        if version and not re.fullmatch(rf"{re.escape(task)}-v[0-9]{{1,9}}", version):
+            return self._reject(404, f"The model `{body.model}` does not exist: a pinned model is `{task}@{task}-v<N>`",
+                                "model", "model_not_found")
         if body.n != 1:
             return self._reject(400, "only n=1 is supported", "n")
         limits = self.settings.serving
@@ -103,12 +107,12 @@ class ChatCompletions:
         )
         request_id = uuid.uuid4().hex
         if body.stream:
-            return await self._stream(body, task, options, request_id)
+            return await self._stream(body, task, version or None, options, request_id)
         started = time.perf_counter()
         try:
-            completion = await self.llm.generate.remote(body.chat(), options, request_id, task)
-        except (PromptTooLongError, UnknownTaskError) as exc:
-            return self._engine_refusal(exc)
+            completion = await self.llm.generate.remote(body.chat(), options, request_id, task, version or None)
+        except REFUSALS as exc:
+            return self._engine_refusal(exc, body.model)
         except Exception:  # engine or replica trouble is ours, not the caller's: 503, logged
             return self._unavailable(request_id)
         latency = time.perf_counter() - started
@@ -129,20 +133,24 @@ class ChatCompletions:
         self.metrics.requests.labels(ROUTE, "503").inc()
         return openai_error(503, "the model could not answer right now; retry shortly", kind="server_error")
 
-    def _engine_refusal(self, exc: Exception) -> JSONResponse:
+    def _engine_refusal(self, exc: Exception, model: str) -> JSONResponse:
         if isinstance(exc, UnknownTaskError):
             return self._reject(404, "the model is not loaded yet; retry in a few seconds", "model",
                                 "model_not_found")
+        if isinstance(exc, VersionNotFoundError | AdapterIntegrityError):  # details name registry paths: logs only
+            log.info("event=pinned_refused model=%s error=%r", model, exc)
+            return self._reject(404, f"The model `{model}` is not a servable version", "model", "model_not_found")
         return self._reject(400, client_message(exc), "messages", "context_length_exceeded")
 
-    async def _stream(self, body: ChatCompletionRequest, task: str, options: SamplingOptions,
+    async def _stream(self, body: ChatCompletionRequest, task: str, version: str | None, options: SamplingOptions,
                       request_id: str) -> Any:
         started = time.perf_counter()
-        events = self.llm.options(stream=True).generate_stream.remote(body.chat(), options, request_id, task)
+        events = self.llm.options(stream=True).generate_stream.remote(body.chat(), options, request_id, task,
+                                                                      version)
         try:  # the first event comes with the first tokens: a bad request fails here, before any byte is sent
             first: StreamEvent = await events.__anext__()
-        except (PromptTooLongError, UnknownTaskError) as exc:
-            return self._engine_refusal(exc)
+        except REFUSALS as exc:
+            return self._engine_refusal(exc, body.model)
         except Exception:  # StopAsyncIteration included: nothing came back
             return self._unavailable(request_id)
         completion_id = COMPLETION_ID_PREFIX + request_id

@@ -9,7 +9,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from feedback.schemas import refuse_nulls
 from flywheel.jsontypes import PositiveInt, Seed
-from flywheel.tasks import TaskName
+from flywheel.tasks import TaskName, VersionName
 from services.engines.protocol import ChatMessage
 
 
@@ -47,6 +47,9 @@ class PredictRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: Seed | None = None
     task: TaskName | None = Field(None, description="Which task answers (default: the platform's default task).")
+    version: VersionName | SkipJsonSchema[None] = Field(
+        None, description="A version of the task to answer with instead of its champion (e.g. to replay an "
+        "evaluation); loaded on demand.")
 
     @field_validator("prompt")
     @classmethod
@@ -58,7 +61,7 @@ class PredictRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_explicit_nulls(cls, data: object) -> object:
-        return refuse_nulls(data, ("prompt", "messages"))
+        return refuse_nulls(data, ("prompt", "messages", "version"))
 
     @model_validator(mode="after")
     def _one_input(self) -> PredictRequest:
@@ -168,9 +171,7 @@ class AliasMove(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: str | None = Field(
-        None, pattern=r"^[a-z0-9][a-z0-9-]{0,63}-v[0-9]{1,9}$", description="Version to promote (promote only)."
-    )
+    version: VersionName | None = Field(None, description="Version to promote (promote only).")
     task: TaskName | None = Field(None, description="Task to roll back (rollback only; default: the default task).")
     reason: str = ""
     actor: str = Field("admin-api", max_length=128)

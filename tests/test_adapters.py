@@ -181,3 +181,49 @@ def test_the_status_board_forgets_replicas_that_went_quiet(monkeypatch: pytest.M
     clock[0] += status_board.FORGET_AFTER_S + 1
     board.report("c", {"active": "demo-v2"})
     assert set(board._replicas) == {"c"}  # a and b went quiet long ago: forgotten, the board stays small
+
+
+async def test_pinned_versions_load_on_demand_and_the_least_recently_used_idle_one_goes(setup) -> None:
+    from services.adapters import PinnedAdapters
+
+    registry, engine, manager = setup
+    await manager.converge()  # demo-v1 is the champion
+    registry.register(fake_adapter(registry_path(registry) / "extra", b"four"), base=BASE)  # demo-v4
+    pinned = PinnedAdapters(engine, base_sha256=BASE.sha256, capacity=2,
+                            in_use_elsewhere=lambda v: v == manager.active.version)
+    async with pinned.acquire(registry, "demo-v2") as slot:
+        assert slot.version == "demo-v2" and "demo-v2" in engine.resident
+    async with pinned.acquire(registry, "demo-v3"):
+        pass
+    async with pinned.acquire(registry, "demo-v2"):  # a hit: demo-v3 is now the least recently used
+        pass
+    engine.release.clear()
+    busy = asyncio.create_task(ask_pinned(pinned, registry, engine, "demo-v2"))
+    await asyncio.sleep(0.05)
+    async with pinned.acquire(registry, "demo-v4"):  # over capacity: the idle demo-v3 goes, busy demo-v2 stays
+        assert set(pinned.slots) == {"demo-v2", "demo-v4"} and "demo-v3" not in engine.resident
+    engine.release.set()
+    assert await busy == "demo-v2"
+    async with pinned.acquire(registry, "demo-v1"):  # the champion's own LoRA is never removed by the cache
+        pass
+    async with pinned.acquire(registry, "demo-v3"):
+        pass
+    assert "demo-v1" in engine.resident
+    assert (pinned.counters.loads, pinned.counters.evictions) == (5, 3)
+    status = pinned.status()
+    assert status["loads"] == 5 and len(status["resident"]) == 2
+    from flywheel.registry import VersionNotFoundError
+
+    with pytest.raises(VersionNotFoundError):
+        async with pinned.acquire(registry, "demo-v9"):
+            pass
+
+
+def registry_path(registry: Registry) -> Path:
+    return Path(registry.root).parent
+
+
+async def ask_pinned(pinned, registry: Registry, engine: FakeEngine, version: str) -> str:
+    async with pinned.acquire(registry, version) as slot:
+        out = await engine.generate([], SamplingOptions(max_tokens=1), slot.handle, "r")
+    return out.text

@@ -101,3 +101,32 @@ def test_a_promote_during_concurrent_streams_cuts_none(client: openai.OpenAI, se
     assert not failures, failures
     assert len(results) == 8 and all(len(models) == 1 for models, _ in results), results
     assert all(answer for _, answer in results)
+
+
+def test_a_pinned_version_answers_beside_the_champion(client: openai.OpenAI, served: tuple[str, Settings]) -> None:
+    """`task@version` (and /predict's `version`) answers with that version; the champion keeps serving."""
+    url, _ = served
+    assert "demo@demo-v2" in {m.id for m in client.models.list().data}
+    pinned = client.chat.completions.create(
+        model="demo@demo-v2", messages=[{"role": "user", "content": PROMPT}], temperature=0, max_completion_tokens=48)
+    assert pinned.model == "demo-v2"
+    predicted = httpx.post(f"{url}/predict", json={"prompt": PROMPT, "max_tokens": 48, "version": "demo-v2"},
+                           timeout=60).json()
+    assert predicted["adapter_version"] == "demo-v2" and predicted["answer"] == pinned.choices[0].message.content
+    streamed = list(client.chat.completions.create(
+        model="demo@demo-v2", messages=[{"role": "user", "content": PROMPT}], temperature=0,
+        max_completion_tokens=48, stream=True))
+    assert {c.model for c in streamed} == {"demo-v2"}
+    assert client.chat.completions.create(model="demo", messages=[{"role": "user", "content": PROMPT}],
+                                          max_completion_tokens=8).model == "demo-v1"  # the champion is untouched
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'flywheel_pinned_adapter_resident{replica=' in metrics and 'version="demo-v2"' in metrics
+
+    for model in ("demo@demo-v99", "demo@faq-v1", "demo@../../etc"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        body = missing.value.body
+        assert body["code"] == "model_not_found" and str(served[1].home) not in body["message"], body
+    refused = httpx.post(f"{url}/predict", json={"prompt": "hi", "version": "demo-v99"}, timeout=60)
+    assert refused.status_code == 404 and refused.json()["detail"][0]["field"] == "version", refused.text
+    assert str(served[1].home) not in refused.text

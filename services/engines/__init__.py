@@ -10,7 +10,8 @@ from services.engines.protocol import Engine, UnsupportedBaseError
 def build_engine(settings: Settings, base: ServedBase | None = None, *, tasks: int = 1) -> Engine:
     """The engine named by `serving.engine`, on `base` (default: the served base the settings name).
 
-    vLLM is sized to keep every task's champion resident, plus one incoming and one draining version.
+    vLLM runs `vllm.max_loras` adapters per batch and, unless `vllm.max_cpu_loras` says otherwise, keeps
+    every task's champion loaded, plus one incoming, one draining and the pinned versions.
     """
     if base is None:
         from flywheel.registry import registry_for
@@ -24,7 +25,8 @@ def build_engine(settings: Settings, base: ServedBase | None = None, *, tasks: i
     from services.engines.vllm_engine import VLLMEngine
 
     engine_args = settings.vllm.model_dump()
-    engine_args["max_loras"] = max(settings.vllm.max_loras, tasks + 2)
+    engine_args["max_cpu_loras"] = max(settings.vllm.max_loras, settings.vllm.max_cpu_loras
+                                       or tasks + 2 + settings.serving.max_pinned_adapters)
     engine_args["max_model_len"] = context_length(settings)
     return VLLMEngine(base.path, **engine_args)
 
