@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -54,15 +55,19 @@ from services.openai_protocol import ChatCompletion, ChatCompletionRequest, Mode
 from services.protocol import (
     AdminStatus,
     AliasMove,
+    Completion,
     ErrorResponse,
     FeedbackHealth,
     HealthResponse,
     PredictRequest,
     PredictResponse,
+    StreamEvent,
     TaskHealth,
+    Usage,
     client_message,
 )
 from services.status_board import get_board
+from services.streaming import open_stream
 
 log = logging.getLogger("flywheel.gateway")
 TASKS_TTL_S = 2.0  # how stale the gateway's list of tasks may be (new tasks come from `flywheel train`)
@@ -213,10 +218,13 @@ class Gateway:
         self._replicas = await self.board.snapshot.remote()
         return self._replicas
 
-    @api.post("/predict", response_model=PredictResponse, responses=_documented(
-        e400="The prompt is longer than the configured limit or than the model's context.",
-        e404="Unknown task, or a `version` that is not one of the task's.", e413=TOO_LARGE, e422=INVALID,
-        e503="The model could not answer right now; retry."))
+    @api.post("/predict", response_model=PredictResponse, responses={
+        200: {"description": "The answer, or with `stream: true` server-sent events: `data: {\"reasoning\", "
+                             "\"answer\"}` deltas as the model makes them, then the whole response with "
+                             "`\"done\": true`.", "content": {"text/event-stream": {}}},
+        **_documented(e400="The prompt is longer than the configured limit or than the model's context.",
+                      e404="Unknown task, or a `version` that is not one of the task's.", e413=TOO_LARGE,
+                      e422=INVALID, e503="The model could not answer right now; retry.")})
     async def predict(self, body: PredictRequest) -> Any:
         started = time.perf_counter()
         limits = self.settings.serving
@@ -238,6 +246,11 @@ class Gateway:
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
         )
         try:
+            if body.stream:
+                first, events = await open_stream(self.llm, body.chat(), options, request_id, task, body.version)
+                return StreamingResponse(self._predict_events(body, task, request_id, started, events),
+                                         media_type="text/event-stream",
+                                         headers={"x-flywheel-replica": first.replica, "cache-control": "no-cache"})
             completion = await self.llm.generate.remote(body.chat(), options, request_id, task, body.version)
         except PromptTooLongError as exc:
             field = "prompt" if body.prompt is not None else "messages"
@@ -256,18 +269,45 @@ class Gateway:
                 "error": f"the model could not answer right now ({type(exc).__name__}); retry shortly",
                 "request_id": request_id,
             })
+        response = self._answered(body, request_id, completion, started)
+        return JSONResponse(response.model_dump(), headers={"x-flywheel-replica": completion.replica})
+
+    async def _predict_events(self, body: PredictRequest, task: str, request_id: str, started: float,
+                              events: AsyncIterator[StreamEvent]) -> AsyncIterator[str]:
+        reasoning, answer = [], []
+        try:
+            async for event in events:
+                reasoning.append(event.reasoning)
+                answer.append(event.answer)
+                if event.reasoning or event.answer:
+                    yield f"data: {json.dumps({'reasoning': event.reasoning, 'answer': event.answer})}\n\n"
+        except Exception as exc:  # the stream broke after it began: say so in-band, log the details
+            log.exception("event=predict_stream_failed request_id=%s", request_id)
+            self.metrics.requests.labels("/predict", "stream_error").inc()
+            yield f"data: {json.dumps({'error': f'the stream was interrupted ({type(exc).__name__})'})}\n\n"
+            return
+        completion = Completion(task=task, adapter_version=event.adapter_version, replica=event.replica,
+                                answer="".join(answer), reasoning="".join(reasoning), truncated=event.truncated,
+                                finish_reason=event.finish_reason,
+                                usage=event.usage or Usage(prompt_tokens=0, completion_tokens=0))
+        response = self._answered(body, request_id, completion, started)
+        yield f"data: {json.dumps({**response.model_dump(), 'done': True})}\n\n"
+
+    def _answered(self, body: PredictRequest, request_id: str, completion: Completion, started: float
+                  ) -> PredictResponse:
+        """Count, log and publish one answer; the response that says it."""
         latency = time.perf_counter() - started
         version = completion.adapter_version
         self.metrics.requests.labels("/predict", "200").inc()
         self.metrics.latency.labels("/predict", version).observe(latency)
         self.metrics.tokens.labels("prompt", version).inc(completion.usage.prompt_tokens)
         self.metrics.tokens.labels("completion", version).inc(completion.usage.completion_tokens)
-        log.info("event=predict request_id=%s task=%s version=%s replica=%s tokens=%d truncated=%s ms=%.1f",
-                 request_id, task, version, completion.replica, completion.usage.completion_tokens,
-                 completion.truncated, latency * 1000)
+        log.info("event=predict request_id=%s task=%s version=%s replica=%s tokens=%d truncated=%s stream=%s "
+                 "ms=%.1f", request_id, completion.task, version, completion.replica,
+                 completion.usage.completion_tokens, completion.truncated, body.stream, latency * 1000)
         response = PredictResponse(
             request_id=request_id,
-            task=task,
+            task=completion.task,
             adapter_version=version,
             answer=completion.answer,
             reasoning=completion.reasoning,
@@ -278,7 +318,7 @@ class Gateway:
         )
         self._publish(PredictionEvent(
             request_id=request_id,
-            task=task,
+            task=completion.task,
             prompt=body.prompt,
             messages=[Message(role=m.role, content=m.content) for m in body.messages] if body.messages else None,
             answer=completion.answer,
@@ -288,7 +328,7 @@ class Gateway:
             prompt_tokens=completion.usage.prompt_tokens,
             completion_tokens=completion.usage.completion_tokens,
         ))
-        return JSONResponse(response.model_dump(), headers={"x-flywheel-replica": completion.replica})
+        return response
 
     def _reject(self, status: int, field: str, message: str, route: str = "/predict") -> JSONResponse:
         self.metrics.requests.labels(route, str(status)).inc()

@@ -24,7 +24,7 @@ from feedback.schemas import Message, PredictionEvent
 from flywheel.config import Settings
 from flywheel.registry import AdapterIntegrityError, UnknownTaskError, VersionNotFoundError
 from flywheel.tasks import TaskSpec
-from services.engines.protocol import PromptTooLongError, SamplingOptions
+from services.engines.protocol import SamplingOptions
 from services.metrics import GatewayMetrics
 from services.openai_protocol import (
     AssistantMessage,
@@ -38,13 +38,12 @@ from services.openai_protocol import (
     OpenAIError,
     OpenAIErrorBody,
 )
-from services.protocol import StreamEvent, Usage, client_message
+from services.protocol import Usage, client_message
+from services.streaming import REFUSALS, open_stream
 
 log = logging.getLogger("flywheel.openai")
 
 ROUTE = "/v1/chat/completions"
-# What a replica refuses because of the request (a 4xx), as opposed to trouble of its own (a 503).
-REFUSALS = (PromptTooLongError, UnknownTaskError, VersionNotFoundError, AdapterIntegrityError)
 COMPLETION_ID_PREFIX = "chatcmpl-"
 
 
@@ -145,10 +144,8 @@ class ChatCompletions:
     async def _stream(self, body: ChatCompletionRequest, task: str, version: str | None, options: SamplingOptions,
                       request_id: str) -> Any:
         started = time.perf_counter()
-        events = self.llm.options(stream=True).generate_stream.remote(body.chat(), options, request_id, task,
-                                                                      version)
-        try:  # the first event comes with the first tokens: a bad request fails here, before any byte is sent
-            first: StreamEvent = await events.__anext__()
+        try:
+            first, events = await open_stream(self.llm, body.chat(), options, request_id, task, version)
         except REFUSALS as exc:
             return self._engine_refusal(exc, body.model)
         except Exception:  # StopAsyncIteration included: nothing came back
@@ -167,16 +164,13 @@ class ChatCompletions:
             yield chunk(Delta(role="assistant", content=""))
             event = first
             try:
-                while True:
+                async for event in events:
                     if event.reasoning:
                         reasoning.append(event.reasoning)
                         yield chunk(Delta(reasoning_content=event.reasoning, reasoning=event.reasoning))
                     if event.answer:
                         answer.append(event.answer)
                         yield chunk(Delta(content=event.answer))
-                    if event.done:
-                        break
-                    event = await events.__anext__()
             except Exception as exc:  # the stream broke after it began: say so in-band, log the details
                 log.exception("event=chat_stream_failed request_id=%s", request_id)
                 self.metrics.requests.labels(ROUTE, "stream_error").inc()

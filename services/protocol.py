@@ -50,6 +50,7 @@ class PredictRequest(BaseModel):
     version: VersionName | SkipJsonSchema[None] = Field(
         None, description="A version of the task to answer with instead of its champion (e.g. to replay an "
         "evaluation); loaded on demand.")
+    stream: bool = Field(False, description="Server-sent events as the model makes tokens (see the 200 answer).")
 
     @field_validator("prompt")
     @classmethod

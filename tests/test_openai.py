@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -130,3 +131,22 @@ def test_a_pinned_version_answers_beside_the_champion(client: openai.OpenAI, ser
     refused = httpx.post(f"{url}/predict", json={"prompt": "hi", "version": "demo-v99"}, timeout=60)
     assert refused.status_code == 404 and refused.json()["detail"][0]["field"] == "version", refused.text
     assert str(served[1].home) not in refused.text
+
+
+def test_predict_streams_too(client: openai.OpenAI, served: tuple[str, Settings]) -> None:
+    url, _ = served
+    whole = httpx.post(f"{url}/predict", json={"prompt": PROMPT, "max_tokens": 48}, timeout=60).json()
+    events = []
+    with httpx.stream("POST", f"{url}/predict", json={"prompt": PROMPT, "max_tokens": 48, "stream": True},
+                      timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    deltas, final = events[:-1], events[-1]
+    assert len(deltas) >= 2 and final["done"] is True
+    assert "".join(e["answer"] for e in deltas) == final["answer"] == whole["answer"]
+    assert "".join(e["reasoning"] for e in deltas) == final["reasoning"] == whole["reasoning"]
+    assert final["adapter_version"] == "demo-v1" and final["usage"]["completion_tokens"] > 0
+    rated = httpx.post(f"{url}/feedback", json={"request_id": final["request_id"], "rating": 4})
+    assert rated.status_code == 202
+    refused = httpx.post(f"{url}/predict", json={"prompt": "surged " * 500, "max_tokens": 200, "stream": True})
+    assert refused.status_code == 400 and refused.json()["detail"][0]["field"] == "prompt"
