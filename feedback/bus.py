@@ -24,7 +24,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from feedback.local_log import LogRecord, PeriodicSync, RecordLog
-from feedback.schemas import FeedbackEvent, PredictionEvent, encode_event
+from feedback.schemas import FeedbackEvent, PredictionEvent, decode_event, encode_event
 from feedback.spool import Spool
 from flywheel.config import FeedbackSettings, Settings
 
@@ -182,8 +182,16 @@ class KafkaBus:
 
     def stats(self) -> dict[str, Any]:
         return {"backend": "kafka", **self._counters.snapshot(), "pending": self._spool.pending(),
+                "oldest_pending_age_s": self._oldest_pending_age_s(),
                 "connected": self._producer is not None and self._last_error is None,
                 "last_error": self._last_error}
+
+    def _oldest_pending_age_s(self) -> float | None:
+        oldest = self._spool.oldest_pending()
+        try:
+            return max(0.0, time.time() - decode_event(oldest).timestamp.timestamp()) if oldest else None
+        except ValueError:  # not an event (a torn record): its age is unknown
+            return None
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop forwarding; what is not delivered yet stays in the spool for the next process."""

@@ -35,11 +35,11 @@ from pydantic import BaseModel, ValidationError
 
 from feedback.bus import kafka_client_config
 from feedback.dataset import CuratedDataset, Manifest, PartFile
-from feedback.local_log import RecordLog
+from feedback.local_log import RecordLog, count_records
 from feedback.pii import mask_event, mask_pii
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, decode_event, encode_event
 from feedback.spool import spooled_pending
-from feedback.supervisor import CuratorHealth, read_health
+from feedback.supervisor import CuratorHealth, read_health, report_lag
 from flywheel.config import Settings
 
 log = logging.getLogger("flywheel.feedback.curator")
@@ -67,9 +67,14 @@ class Source(Protocol):
 
     def caught_up(self) -> bool: ...
 
+    def lag(self) -> int:
+        """Records written but not yet polled (as far as the source knows without asking far)."""
+        ...
+
     def close(self) -> None: ...
 
 
+PROGRESS_EVERY_S = 5.0  # how often the curator reports its lag
 RELEASE_STEP_BYTES = 1 << 20  # give space back a megabyte at a time, not on every batch
 
 
@@ -111,6 +116,9 @@ class LocalLogSource:
 
     def caught_up(self) -> bool:
         return all(not record_log.read(self._positions[p], 1) for p, record_log in self._logs.items())
+
+    def lag(self) -> int:
+        return sum(count_records(log.path, self._positions[p]) for p, log in self._logs.items())
 
     def close(self) -> None:
         for record_log in self._logs.values():
@@ -196,6 +204,14 @@ class KafkaSource:
             if highwater is None or position is None or position < highwater:
                 return False
         return True
+
+    def lag(self) -> int:
+        behind = 0
+        for tp in self._consumer.assignment():
+            highwater, position = self._consumer.highwater(tp), self._positions.get(_partition_key(tp))
+            if highwater is not None and position is not None:
+                behind += max(0, highwater - position)
+        return behind
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
@@ -404,6 +420,8 @@ class Curator:
         self._batch_size = settings.feedback.curator_batch_size
         self._flush_s = settings.feedback.curator_flush_s
         self._last_prune = float("-inf")
+        self._read_up_to_ts = time.time()  # the newest event read: with records behind it, the lag's age
+        self._lag_known = False
         self.state = CuratorState(state_path(settings))
         self.dataset = CuratedDataset(dataset_path(settings))
         self._recover()
@@ -430,15 +448,25 @@ class Curator:
     def run(self, stop: threading.Event) -> None:
         """Curate until `stop` is set. A failed batch is rolled back and read again after a pause."""
         backoff = 0.5
+        reported = float("-inf")
         while not stop.is_set():
             try:
-                self.run_once(timeout_s=0.5)
+                result = self.run_once(timeout_s=0.5)
                 backoff = 0.5
+                if time.monotonic() - reported > PROGRESS_EVERY_S or (result.records and not self._lag_known):
+                    self._report_progress()
+                    reported = time.monotonic()
             except Exception:  # broker, disk or a bug: nothing was committed, so replay the batch later
                 log.exception("event=batch_failed retry_in_s=%.1f", backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 self.source.rewind(self.state.positions())
+
+    def _report_progress(self) -> None:
+        """How far behind the curator is, for /healthz, /metrics and `flywheel feedback status`."""
+        behind = self.source.lag()
+        report_lag(self.settings, behind, max(0.0, time.time() - self._read_up_to_ts) if behind else 0.0)
+        self._lag_known = True
 
     def drain(self, timeout_s: float = 120.0) -> BatchResult:
         """Curate until the source has nothing more; TimeoutError if that takes longer than `timeout_s`."""
@@ -499,6 +527,7 @@ class Curator:
             self.state.reject(record, error)
             result.rejected += 1
             return []
+        self._read_up_to_ts = max(self._read_up_to_ts, event.timestamp.timestamp())
         if isinstance(event, PredictionEvent):
             result.predictions += 1
             prediction = Located(mask_event(event), record.partition, record.offset)

@@ -86,6 +86,14 @@ class Spool:
     def pending(self) -> int:
         return sum(segment.pending for segment in self._segments)
 
+    def oldest_pending(self) -> bytes | None:
+        """The oldest record not yet delivered (read-only: safe beside the forwarder), if any."""
+        with self._lock:
+            head = next((s for s in self._segments if s.pending), None)
+            position = head.delivered if head else 0
+        records = head.log.read(position, 1) if head else []
+        return records[0].value if records else None
+
     def append(self, record: bytes) -> None:
         with self._lock:
             self._own.log.append(record)

@@ -33,6 +33,8 @@ class CuratorHealth(BaseModel):
     since: float  # unix time of the last change of state
     retries: int = 0  # failures in a row
     pid: int
+    lag_records: int = 0  # logged but not yet curated, at the last report (every few seconds)
+    lag_seconds: float = 0.0  # how far behind the newest event read that is
 
 
 class Runnable(Protocol):
@@ -57,12 +59,23 @@ def read_health(settings: Settings) -> CuratorHealth | None:
 
 
 def _record(settings: Settings, state: str, detail: str = "", retries: int = 0) -> None:
+    _write(settings, CuratorHealth(state=state, detail=detail, since=time.time(), retries=retries, pid=os.getpid()))
+
+
+def _write(settings: Settings, health: CuratorHealth) -> None:
     path = health_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    health = CuratorHealth(state=state, detail=detail, since=time.time(), retries=retries, pid=os.getpid())
     tmp.write_text(json.dumps(health.model_dump()))
     os.replace(tmp, path)
+
+
+def report_lag(settings: Settings, records: int, seconds: float) -> None:
+    """The running curator's lag; kept beside the supervisor's state (a curator run alone reports too)."""
+    current = read_health(settings)
+    if current is None or current.pid != os.getpid():
+        current = CuratorHealth(state="running", since=time.time(), pid=os.getpid())
+    _write(settings, current.model_copy(update={"lag_records": records, "lag_seconds": round(seconds, 3)}))
 
 
 def supervise(settings: Settings, stop: threading.Event, build: Callable[[Settings], Runnable] | None = None) -> None:

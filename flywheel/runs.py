@@ -10,6 +10,7 @@ cannot both start a run.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -75,6 +76,9 @@ def process_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+OUTCOMES = "outcomes.json"
 
 
 class RunStore:
@@ -148,11 +152,59 @@ class RunStore:
         return record
 
     def save(self, record: RunRecord) -> None:
+        path = self.root / f"{record.run_id}.json"
+        finishing = record.finished_at is not None and not (
+            path.exists() and RunRecord.model_validate_json(path.read_text()).finished_at is not None)
         tmp = self.root / f".{record.run_id}.{uuid.uuid4().hex}.tmp"
         tmp.write_text(record.model_dump_json(indent=2))
-        os.replace(tmp, self.root / f"{record.run_id}.json")
+        os.replace(tmp, path)
+        if finishing:
+            self._count_outcome(record)
         if record.finished_at is not None:
             self._forget_old()
+
+    def _count_outcome(self, record: RunRecord) -> None:
+        """Verdicts ever, per task: a counter that survives the pruning of old records (for /metrics)."""
+        fd = os.open(self.root / ".outcomes.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            counts = self.outcomes()
+            key = (record.task or "-", record.state.value)
+            counts[key] = counts.get(key, 0) + 1
+            tmp = self.root / f".{OUTCOMES}.{uuid.uuid4().hex}.tmp"
+            tmp.write_text(json.dumps([[task, verdict, n] for (task, verdict), n in sorted(counts.items())]))
+            os.replace(tmp, self.root / OUTCOMES)
+        finally:
+            os.close(fd)
+
+    def outcomes(self) -> dict[tuple[str, str], int]:
+        """(task, verdict) -> finished runs, ever."""
+        path = self.root / OUTCOMES
+        return {(task, verdict): n for task, verdict, n in json.loads(path.read_text())} if path.exists() else {}
+
+    def summary(self) -> dict[str, Any]:
+        """What /metrics shows of retraining: verdicts ever, gate rejections in a row, the last gate's scores.
+
+        A streak of rejections is broken only by a pass: runs that never reached the gate (too little data,
+        a crash) neither extend nor break it.
+        """
+        rejections: dict[str, int] = {}
+        passed: set[str] = set()
+        gate: dict[tuple[str, str, str], float] = {}
+        for record in reversed(self.list()):  # newest first
+            if record.finished_at is None:
+                continue
+            task = record.task or "-"
+            rejections.setdefault(task, 0)
+            if record.state == RunState.PASSED:
+                passed.add(task)
+            elif record.state == RunState.REJECTED and task not in passed:
+                rejections[task] += 1
+            scores = (record.report or {}).get("scores") or {}
+            if scores and not any(key[0] == task for key in gate):
+                gate.update({(task, arm, name): by_slice[name]["score"]
+                             for arm, by_slice in scores.items() for name in by_slice})
+        return {"outcomes": self.outcomes(), "rejections_in_a_row": rejections, "gate": gate}
 
     def _forget_old(self) -> None:
         """Delete the oldest finished runs' records and logs beyond `keep` (run ids sort by start time)."""

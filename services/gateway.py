@@ -49,7 +49,7 @@ from flywheel.registry import (
 from flywheel.runs import RetrainBusyError, RunStore
 from flywheel.tasks import TaskName, TaskSpec
 from services.engines.protocol import PromptTooLongError, SamplingOptions
-from services.metrics import GatewayMetrics, ReplicaCollector
+from services.metrics import GatewayMetrics, OpsCollector, RecentAnswers, ReplicaCollector
 from services.openai_api import ChatCompletions, openai_error
 from services.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, OpenAIError
 from services.protocol import (
@@ -201,7 +201,10 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.bus = build_bus(self.settings)  # publish() never waits on a broker: a spool absorbs outages
         self._replicas: list[dict[str, Any]] = []
-        self.metrics.watch_replicas(ReplicaCollector(lambda: self._replicas, self._champion))
+        self.answers = RecentAnswers()
+        self.metrics.watch(ReplicaCollector(lambda: self._replicas, self._champion))
+        runs = RunStore(self.settings.home / "runs")
+        self.metrics.watch(OpsCollector(self.bus.stats, lambda: read_health(self.settings), runs.summary))
         self.chat = ChatCompletions(llm, self.settings, self._known_tasks, self._publish, self.metrics)
         api.openapi_schema = _document_limits(api.openapi(), self.settings)
 
@@ -248,6 +251,8 @@ class Gateway:
         try:
             if body.stream:
                 first, events = await open_stream(self.llm, body.chat(), options, request_id, task, body.version)
+                self.metrics.first_token.labels("/predict", first.adapter_version).observe(
+                    time.perf_counter() - started)
                 return StreamingResponse(self._predict_events(body, task, request_id, started, events),
                                          media_type="text/event-stream",
                                          headers={"x-flywheel-replica": first.replica, "cache-control": "no-cache"})
@@ -335,6 +340,11 @@ class Gateway:
         return _error(status, [{"field": field, "message": message, "type": "limit"}])
 
     def _publish(self, event: PredictionEvent | FeedbackEvent) -> bool:
+        if isinstance(event, PredictionEvent):
+            self.answers.remember(event.request_id, event.task or self.settings.default_task, event.adapter_version)
+        else:
+            self.metrics.count_feedback(*self.answers.who(event.request_id), event.rating, event.thumb,
+                                        event.correction)
         if self.settings.feedback.mask_at_source:  # personal data never reaches a log, a spool or Kafka
             event = mask_event(event)
         stored = self.bus.publish(event)

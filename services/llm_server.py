@@ -49,6 +49,7 @@ class LLMServer:
         self.engine = engine or build_engine(self.settings, self.base, tasks=len(self.specs))
         await self.engine.start()
         self.managers: dict[str, AdapterManager] = {}
+        self.ongoing = 0  # requests in this replica now: its queue depth, for /metrics
         self.pinned = PinnedAdapters(self.engine, base_sha256=self.base.source_sha256,
                                      capacity=self.settings.serving.max_pinned_adapters,
                                      in_use_elsewhere=self._a_champion_holds)
@@ -92,12 +93,16 @@ class LLMServer:
     @contextlib.asynccontextmanager
     async def _slot(self, manager: AdapterManager, version: str | None) -> AsyncIterator[AdapterSlot]:
         """The task's champion, or the pinned `version` of it; held until the request is done."""
-        if version is None or version == manager.active.version:
-            with manager.acquire() as slot:
-                yield slot
-        else:
-            async with self.pinned.acquire(manager.registry, version) as slot:
-                yield slot
+        self.ongoing += 1
+        try:
+            if version is None or version == manager.active.version:
+                with manager.acquire() as slot:
+                    yield slot
+            else:
+                async with self.pinned.acquire(manager.registry, version) as slot:
+                    yield slot
+        finally:
+            self.ongoing -= 1
 
     @staticmethod
     def _replica_id() -> str:
@@ -165,7 +170,7 @@ class LLMServer:
         tasks = {name: manager.status() for name, manager in self.managers.items()}
         default = tasks.get(self.settings.default_task) or {"active": "base", "last_failure": None}
         return {"active": default["active"], "last_failure": default["last_failure"], "tasks": tasks,
-                "pinned": self.pinned.status(), "engine": self.settings.serving.engine,
+                "pinned": self.pinned.status(), "ongoing": self.ongoing, "engine": self.settings.serving.engine,
                 "base_model": self.base.label, "quantization": self.base.quantization or None}
 
     async def _report_forever(self) -> None:
@@ -173,7 +178,8 @@ class LLMServer:
         last_sent = 0.0
         while True:
             status = self.status()
-            if status != last or time.monotonic() - last_sent > REPORT_INTERVAL_S:
+            changed = {**status, "ongoing": None} != {**(last or {}), "ongoing": None}  # queue depth: once a second
+            if changed or time.monotonic() - last_sent > REPORT_INTERVAL_S:
                 with contextlib.suppress(Exception):  # the board is advisory; serving goes on
                     await self._board.report.remote(self.replica, status)
                 last, last_sent = status, time.monotonic()

@@ -1,7 +1,9 @@
-"""Prometheus metrics of the gateway: requests, latency, tokens, and each replica's adapter state."""
+"""Prometheus metrics of the gateway: requests, latency, tokens, ratings per version, each replica's
+adapter state, and what ops watch besides: the curator's lag, the spool, retrain outcomes and the gate."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,8 +44,11 @@ class ReplicaCollector:
         }
         resident = GaugeMetricFamily("flywheel_pinned_adapter_resident", "1 for each pinned version a replica holds",
                                      labels=["replica", "version"])
+        ongoing = GaugeMetricFamily("flywheel_replica_ongoing_requests", "Requests in each LLM replica now",
+                                    labels=["replica"])
         for status in self._snapshot():
             replica = status["replica"]
+            ongoing.add_metric([replica], status.get("ongoing", 0))
             if held := status.get("pinned"):
                 for name, family in pinned.items():
                     family.add_metric([replica], held[name])
@@ -59,7 +64,69 @@ class ReplicaCollector:
             "flywheel_champion_info", "The version the default task's champion alias points at", labels=["version"]
         )
         champion.add_metric([self._champion() or "none"], 1)
-        yield from (active, swaps, failed, champion, *pinned.values(), resident)
+        yield from (active, swaps, failed, champion, *pinned.values(), resident, ongoing)
+
+
+class RecentAnswers:
+    """Which task and version answered each recent request, so a rating can be counted against them.
+
+    Bounded (the oldest are forgotten); a rating for a request this gateway replica did not answer,
+    or answered long ago, counts under version `unknown`.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._answers: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def remember(self, request_id: str, task: str, version: str) -> None:
+        self._answers[request_id] = (task, version)
+        if len(self._answers) > self.capacity:
+            self._answers.popitem(last=False)
+
+    def who(self, request_id: str) -> tuple[str, str]:
+        return self._answers.get(request_id, ("unknown", "unknown"))
+
+
+class OpsCollector:
+    """Read at scrape time: the gateway's spool, the curator's health and lag, retrain runs and the gate."""
+
+    def __init__(self, bus_stats: Callable[[], dict[str, Any]], curator: Callable[[], Any],
+                 runs: Callable[[], dict[str, Any]]) -> None:
+        self._bus_stats, self._curator, self._runs = bus_stats, curator, runs
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._bus_stats()
+        yield _gauge("flywheel_spool_pending_events", "Events in this gateway's spool waiting for the broker",
+                     stats.get("pending", 0))
+        yield _gauge("flywheel_spool_oldest_age_seconds", "Age of the oldest event waiting in the spool",
+                     stats.get("oldest_pending_age_s") or 0.0)
+        health = self._curator()
+        yield _gauge("flywheel_curator_up", "1 while the curator runs; 0 while it waits for the broker or is stopped",
+                     1.0 if health is not None and health.state == "running" else 0.0)
+        yield _gauge("flywheel_curator_lag_records", "Records logged but not yet curated",
+                     health.lag_records if health is not None else 0)
+        yield _gauge("flywheel_curator_lag_seconds", "Age of the oldest record not yet curated",
+                     health.lag_seconds if health is not None else 0.0)
+        runs = self._runs()
+        outcomes = CounterMetricFamily("flywheel_retrain_runs", "Finished retrain runs by task and verdict",
+                                       labels=["task", "verdict"])
+        for (task, verdict), count in runs["outcomes"].items():
+            outcomes.add_metric([task, verdict], count)
+        in_a_row = GaugeMetricFamily("flywheel_gate_rejections_in_a_row", "Latest retrains the gate rejected, "
+                                     "counted back from the newest", labels=["task"])
+        for task, count in runs["rejections_in_a_row"].items():
+            in_a_row.add_metric([task], count)
+        gate = GaugeMetricFamily("flywheel_gate_metric", "The last gated run's scores by arm and slice",
+                                 labels=["task", "arm", "slice"])
+        for (task, arm, slice_name), score in runs["gate"].items():
+            gate.add_metric([task, arm, slice_name], score)
+        yield from (outcomes, in_a_row, gate)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family
 
 
 class GatewayMetrics:
@@ -81,6 +148,28 @@ class GatewayMetrics:
             "flywheel_bus_events", "Events handed to the feedback bus by type and result", ["type", "result"],
             registry=self.registry,
         )
+        self.first_token = Histogram(
+            "flywheel_time_to_first_token_seconds", "Time to the first tokens of streamed answers",
+            ["route", "adapter_version"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.ratings = Counter(
+            "flywheel_ratings", "Feedback by the task and version that answered, and kind (rating, thumb_up, "
+            "thumb_down, correction)", ["task", "version", "kind"], registry=self.registry,
+        )
+        self.rating_values = Counter(
+            "flywheel_rating_value_sum", "Sum of 1..5 ratings by task and version (mean: divide by "
+            "flywheel_ratings_total{kind=\"rating\"})", ["task", "version"], registry=self.registry,
+        )
 
-    def watch_replicas(self, collector: ReplicaCollector) -> None:
+    def watch(self, collector: ReplicaCollector | OpsCollector) -> None:
         self.registry.register(collector)  # type: ignore[arg-type]
+
+    def count_feedback(self, task: str, version: str, rating: int | None, thumb: str | None,
+                       correction: str | None) -> None:
+        if rating is not None:
+            self.ratings.labels(task, version, "rating").inc()
+            self.rating_values.labels(task, version).inc(rating)
+        if thumb is not None:
+            self.ratings.labels(task, version, f"thumb_{thumb}").inc()
+        if correction is not None:
+            self.ratings.labels(task, version, "correction").inc()

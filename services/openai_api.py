@@ -146,6 +146,7 @@ class ChatCompletions:
         started = time.perf_counter()
         try:
             first, events = await open_stream(self.llm, body.chat(), options, request_id, task, version)
+            self.metrics.first_token.labels(ROUTE, first.adapter_version).observe(time.perf_counter() - started)
         except REFUSALS as exc:
             return self._engine_refusal(exc, body.model)
         except Exception:  # StopAsyncIteration included: nothing came back

@@ -21,3 +21,21 @@ def test_old_finished_runs_are_forgotten_and_running_ones_kept(tmp_path: Path) -
         finished.append(record.run_id)
     assert [r.run_id for r in store.list()] == [running.run_id, *finished[-3:]]
     assert sorted(p.name for p in store.root.glob("*.log")) == [f"{r}.log" for r in finished[-3:]]
+
+
+def test_the_summary_counts_verdicts_ever_and_rejections_in_a_row(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "runs", keep=2)
+    scores = {"champion": {"golden": {"score": 0.8}}, "candidate": {"golden": {"score": 0.7}}}
+    verdicts = [RunState.PASSED, RunState.REJECTED, RunState.INSUFFICIENT_DATA, RunState.REJECTED]
+    for i, state in enumerate(verdicts):
+        record = RunRecord(run_id=f"run-20260101-0000{i:02d}-cccccc", trigger="schedule", task="demo", state=state,
+                           report={"scores": scores} if state != RunState.INSUFFICIENT_DATA else None)
+        store.save(record)  # running
+        record.finished_at = datetime.now(UTC)
+        store.save(record)  # finished: counted once
+        store.save(record)  # saved again: not counted again
+    summary = store.summary()
+    assert summary["outcomes"] == {("demo", "passed"): 1, ("demo", "rejected"): 2, ("demo", "insufficient_data"): 1}
+    assert len(store.list()) == 2  # old records pruned, the counts stay
+    assert summary["rejections_in_a_row"] == {"demo": 1}  # only the kept records: the last pass was pruned
+    assert summary["gate"] == {("demo", "champion", "golden"): 0.8, ("demo", "candidate", "golden"): 0.7}

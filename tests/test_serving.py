@@ -197,3 +197,34 @@ def test_metrics_expose_requests_tokens_and_active_version(champion_v1: tuple[st
     assert 'flywheel_request_latency_seconds_bucket{adapter_version="demo-v1"' in text
     assert 'flywheel_tokens_total{adapter_version="demo-v1",kind="completion"}' in text
     assert 'version="demo-v1"} 1.0' in text and "flywheel_champion_info" in text
+
+
+def test_metrics_count_ratings_per_version_and_show_what_ops_watch(champion_v1: tuple[str, Registry]) -> None:
+    url, _ = champion_v1
+    before = _samples(httpx.get(f"{url}/metrics").text)
+    for rating in (5, 2):
+        answer = predict(url, "Analyze the sentiment of this news: Acme shares surged").json()
+        assert httpx.post(f"{url}/feedback", json={"request_id": answer["request_id"], "rating": rating,
+                                                   "thumb": "up"}).status_code == 202
+    after = _samples(httpx.get(f"{url}/metrics").text)
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew('flywheel_ratings_total{kind="rating",task="demo",version="demo-v1"}') == 2
+    assert grew('flywheel_rating_value_sum_total{task="demo",version="demo-v1"}') == 7
+    assert grew('flywheel_ratings_total{kind="thumb_up",task="demo",version="demo-v1"}') == 2
+    for gauge in ("flywheel_spool_pending_events", "flywheel_curator_up", "flywheel_curator_lag_records",
+                  "flywheel_curator_lag_seconds"):
+        assert gauge in after, gauge
+    assert any(name.startswith("flywheel_replica_ongoing_requests{replica=") for name in after)
+
+
+def _samples(text: str) -> dict[str, float]:
+    """`name{labels}` -> value of every sample in a Prometheus text exposition."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
