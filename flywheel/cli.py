@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
@@ -66,6 +67,8 @@ def up(
         help="Broker protocol version, e.g. 0.9 for deploy/local/kafka.sh's broker (default: detect).")] = None,
 ) -> None:
     """Start local Ray, the Serve app, the curator and the retrain scheduler. Ctrl-C stops everything."""
+    import psutil
+
     from feedback.supervisor import supervise
     from flywheel.scheduler import RetrainScheduler
     from services import app as serve_app
@@ -111,7 +114,24 @@ def up(
         stop.set()
         for worker in workers:
             worker.join(timeout=30)
+        started_here = psutil.Process().children(recursive=True)  # Ray's processes, vLLM's, the agents
         serve_app.shutdown()
+        _end(started_here)
+        typer.echo("stopped", err=True)
+
+
+def _end(processes: list[Any], grace_s: float = 15.0) -> None:
+    """Terminate what outlived Ray's own shutdown (its agents can), then kill what ignores that."""
+    import psutil
+
+    alive = [p for p in processes if p.is_running()]
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, stubborn = psutil.wait_procs(alive, timeout=grace_s)
+    for process in stubborn:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 def _servable_base_or_exit(settings: Settings) -> ServedBase:
