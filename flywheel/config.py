@@ -193,6 +193,8 @@ class RetrainSettings(BaseModel):
         4, ge=0, description="Small-data policy: champion rows replayed per (weighted) confirmed correction.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
     use_gpu: bool = False
+    gpus_per_worker: float = Field(1.0, gt=0, le=1, description="GPU share per training worker; e.g. 0.5 beside a "
+                                   "serving replica with replica_gpus 0.5 on one GPU.")
     cpus_per_worker: float = Field(1.0, gt=0)
     torch_threads: int = Field(1, ge=1)
     early_stopping_patience: int | None = None

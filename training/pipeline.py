@@ -221,6 +221,7 @@ class Retrain:
                 init_adapter=champion_dir,
                 num_workers=cfg.num_workers,
                 use_gpu=cfg.use_gpu,
+                gpus_per_worker=cfg.gpus_per_worker,
                 cpus_per_worker=cfg.cpus_per_worker,
                 torch_threads=cfg.torch_threads,
                 early_stopping_patience=cfg.early_stopping_patience if eval_path else None,

@@ -58,7 +58,9 @@ class TrainJob(BaseModel):
     kto: KtoSpec = Field(default_factory=KtoSpec, description="KTO's own knobs (method='kto' only).")
     init_adapter: Path | None = Field(None, description="Start from this adapter (the champion's): incremental.")
     num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel replicas).")
-    use_gpu: bool = Field(False, description="One GPU per worker; bf16 where supported, else fp16.")
+    use_gpu: bool = Field(False, description="Train on GPUs; bf16 where supported, else fp16.")
+    gpus_per_worker: float = Field(1.0, gt=0, le=1, description="GPU share per worker: below 1 to share one GPU "
+                                   "with a serving replica (size vLLM's gpu_memory_utilization to leave room).")
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved per worker.")
     torch_threads: int = Field(1, gt=0, description="Torch intra-op threads per worker (1 for tiny models).")
     eval_steps: int = Field(10, gt=0, description="Optimizer steps between evaluations (and checkpoints).")
@@ -242,7 +244,8 @@ def train_on_ray(job: TrainJob, *, progress: Callable[[str], None] | None = None
                 scaling_config=ScalingConfig(
                     num_workers=job.num_workers,
                     use_gpu=job.use_gpu,
-                    resources_per_worker={"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})},
+                    resources_per_worker={"CPU": job.cpus_per_worker,
+                                          **({"GPU": job.gpus_per_worker} if job.use_gpu else {})},
                 ),
                 run_config=RunConfig(
                     name=f"flywheel-{job.method}-{uuid.uuid4().hex[:8]}",

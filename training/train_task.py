@@ -186,6 +186,7 @@ class TaskTrainer:
                               lora=lora, seed=cfg.seed, max_seq_len=self.spec.max_seq_len),
                 num_workers=self.settings.retrain.num_workers,
                 use_gpu=self.settings.retrain.use_gpu,
+                gpus_per_worker=self.settings.retrain.gpus_per_worker,
                 cpus_per_worker=self.settings.retrain.cpus_per_worker,
                 torch_threads=self.settings.retrain.torch_threads,
                 eval_steps=max(5, min(steps_per_epoch, 50)),
