@@ -615,6 +615,27 @@ def bench_serve(
     ]))
 
 
+@bench_app.command("openai")
+def bench_openai(
+    config: ConfigOption = None,
+    seconds: Annotated[float, typer.Option(help="Length of each throughput phase.")] = 15.0,
+    port: Annotated[int, typer.Option(help="Port for the benchmark's own Serve app.")] = 8766,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/openai.json"),
+    as_json: JsonOption = False,
+) -> None:
+    """flywheel's OpenAI API vs vLLM's own OpenAI server (same base and adapter): throughput, p50, first token;
+    then 2, 8 and 32 tasks on one replica."""
+    from loadtests.bench_openai import run_openai_bench
+
+    configure_logging()
+    settings = settings_or_exit(config)
+    settings.serving.port = port
+    report = run_openai_bench(settings, seconds=seconds, say=progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.model_dump_json(indent=2))
+    emit(as_json, report.model_dump(), "\n".join([*report.lines(), f"report: {out}"]))
+
+
 @bench_app.command("soak")
 def bench_soak(
     config: ConfigOption = None,

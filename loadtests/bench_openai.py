@@ -1,0 +1,211 @@
+"""`flywheel bench openai`: flywheel's OpenAI API against vLLM's own OpenAI server, ratios in one run.
+
+Same box, same base, same adapter, greedy decoding, one after the other (never both loaded at once):
+
+1. throughput at 16 concurrent chat completions, flywheel ÷ vLLM (goal >= 0.9)
+2. p50 latency of one chat completion at a time, flywheel ÷ vLLM (goal <= 1.1)
+3. p50 time to the first streamed token, flywheel ÷ vLLM (goal <= 1.2)
+4. flywheel's /v1/chat/completions p50 ÷ its /predict p50
+5. flywheel with 2, 8 and 32 tasks on one replica (each a copy of the adapter): p50 and throughput
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel
+
+from flywheel.bases import context_length
+from flywheel.config import Settings
+from flywheel.registry import registry_for
+from flywheel.tasks import DEMO_TASK
+from training.demo_bootstrap import bootstrap
+
+PROMPT = "Analyze the sentiment of this news: Acme shares surged after record quarterly profits"
+MAX_TOKENS = 32
+
+
+class Side(BaseModel):
+    rps_at_16: float
+    p50_ms: float
+    ttft_p50_ms: float
+
+
+class OpenAIBenchReport(BaseModel):
+    vllm: Side
+    flywheel: Side
+    throughput_ratio: float
+    p50_ratio: float
+    ttft_ratio: float
+    chat_over_predict_p50: float
+    by_tasks: dict[int, dict[str, float]]
+
+    def lines(self) -> list[str]:
+        tasks = "; ".join(f"{n} tasks: p50 {r['p50_ms']:.0f} ms, {r['rps_at_16']:.1f} rps"
+                          for n, r in self.by_tasks.items())
+        return [
+            f"throughput at 16: flywheel {self.flywheel.rps_at_16:.1f} / vLLM {self.vllm.rps_at_16:.1f} rps = "
+            f"{self.throughput_ratio:.2f} (goal >= 0.9)",
+            f"p50: flywheel {self.flywheel.p50_ms:.0f} / vLLM {self.vllm.p50_ms:.0f} ms = {self.p50_ratio:.2f} "
+            "(goal <= 1.1)",
+            f"first streamed token p50: flywheel {self.flywheel.ttft_p50_ms:.0f} / vLLM {self.vllm.ttft_p50_ms:.0f} ms"
+            f" = {self.ttft_ratio:.2f} (goal <= 1.2)",
+            f"/v1/chat/completions p50 / /predict p50 = {self.chat_over_predict_p50:.2f}",
+            tasks,
+        ]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _chat(client: httpx.AsyncClient, url: str, model: str) -> float:
+    started = time.perf_counter()
+    r = await client.post(f"{url}/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS,
+        "temperature": 0})
+    r.raise_for_status()
+    return time.perf_counter() - started
+
+
+async def _first_token(client: httpx.AsyncClient, url: str, model: str) -> float:
+    started = time.perf_counter()
+    async with client.stream("POST", f"{url}/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS,
+            "temperature": 0, "stream": True}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            delta = choices[0].get("delta") or {}
+            if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
+                return time.perf_counter() - started  # the first text, reasoning or answer
+    return time.perf_counter() - started
+
+
+async def _measure(url: str, models: list[str], seconds: float, samples: int = 20) -> Side:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=24)) as client:
+        for model in models[:3]:
+            await _chat(client, url, model)  # warm-up (and each adapter loaded)
+        p50 = statistics.median([await _chat(client, url, models[i % len(models)]) for i in range(samples)])
+        ttft = statistics.median([await _first_token(client, url, models[i % len(models)]) for i in range(samples)])
+        done = 0
+        deadline = time.monotonic() + seconds
+
+        async def worker(n: int) -> None:
+            nonlocal done
+            i = n
+            while time.monotonic() < deadline:
+                await _chat(client, url, models[i % len(models)])
+                done, i = done + 1, i + 16
+
+        await asyncio.gather(*(worker(n) for n in range(16)))
+    return Side(rps_at_16=done / seconds, p50_ms=p50 * 1000, ttft_p50_ms=ttft * 1000)
+
+
+def _vllm_server(settings: Settings, adapter: Path, port: int, say: Callable[[str], None]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", settings.base_model_path,
+               "--port", str(port), "--host", "127.0.0.1", "--enable-lora", "--lora-modules", f"demo={adapter}",
+               "--max-lora-rank", str(settings.vllm.max_lora_rank), "--max-loras", str(settings.vllm.max_loras),
+               "--max-model-len", str(context_length(settings)), "--enforce-eager",
+               "--max-num-seqs", str(settings.vllm.max_num_seqs)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.vllm.cpu_kvcache_gib)}
+    say("starting vLLM's OpenAI server: " + " ".join(command[2:]))
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _wait(url: str, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not come up in {timeout_s:.0f} s")
+
+
+def _add_tasks(settings: Settings, champion_dir: Path, count: int) -> list[str]:
+    """Tasks bench-1..bench-N, each the demo task with a copy of the champion as its own champion."""
+    names = []
+    for i in range(1, count + 1):
+        name = f"bench-{i}"
+        registry = registry_for(settings, name)
+        if registry.alias("champion") is None:
+            registry.save_task_spec(DEMO_TASK.model_copy(update={"name": name}))
+            copy = settings.home / "bench-adapters" / name
+            shutil.copytree(champion_dir, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
+            base = registry_for(settings).manifest(champion_dir.name).base_model
+            registry.promote(registry.register(copy, base=base).version, actor="bench")
+        names.append(name)
+    return names
+
+
+def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable[[str], None] = print
+                     ) -> OpenAIBenchReport:
+    from services import app as serve_app
+
+    bootstrap(settings, progress=say)
+    registry = registry_for(settings)
+    champion = registry.alias("champion")
+    if champion is None:
+        raise RuntimeError(f"task {settings.default_task} has no champion to benchmark")
+    adapter = registry.local_path(champion)
+
+    port = _free_port()
+    server = _vllm_server(settings, adapter, port, say)
+    try:
+        vllm_url = f"http://127.0.0.1:{port}"
+        _wait(vllm_url)
+        say("measuring vLLM's server")
+        vllm = asyncio.run(_measure(vllm_url, ["demo"], seconds))
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+
+    say("starting flywheel")
+    url = serve_app.run(settings, timeout_s=600)
+    try:
+        say("measuring flywheel")
+        ours = asyncio.run(_measure(url, [settings.default_task], seconds))
+        predict = asyncio.run(_predict_p50(url))
+        by_tasks = {}
+        for count in (2, 8, 32):
+            tasks = _add_tasks(settings, adapter, count)
+            time.sleep(5)  # replicas discover new tasks every 2 s
+            say(f"measuring flywheel with {count} tasks")
+            side = asyncio.run(_measure(url, tasks, seconds / 2, samples=max(10, count)))
+            by_tasks[count] = {"p50_ms": side.p50_ms, "rps_at_16": side.rps_at_16}
+    finally:
+        serve_app.shutdown()
+    return OpenAIBenchReport(
+        vllm=vllm, flywheel=ours, throughput_ratio=ours.rps_at_16 / vllm.rps_at_16,
+        p50_ratio=ours.p50_ms / vllm.p50_ms, ttft_ratio=ours.ttft_p50_ms / vllm.ttft_p50_ms,
+        chat_over_predict_p50=ours.p50_ms / predict, by_tasks=by_tasks,
+    )
+
+
+async def _predict_p50(url: str, samples: int = 20) -> float:
+    async with httpx.AsyncClient(timeout=120) as client:
+        latencies = []
+        for _ in range(samples):
+            started = time.perf_counter()
+            (await client.post(f"{url}/predict", json={"prompt": PROMPT, "max_tokens": MAX_TOKENS})).raise_for_status()
+            latencies.append(time.perf_counter() - started)
+    return statistics.median(latencies) * 1000
