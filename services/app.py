@@ -47,7 +47,10 @@ def build_app(settings: Settings) -> Application:
             "runtime_env": {"env_vars": _replica_env(settings)},
         },
     ).bind(payload)
-    gateway_env = {"runtime_env": {"env_vars": secrets}} if (secrets := settings.secret_env()) else {}
+    # Secrets already in this environment reach the workers the same way (Ray passes it on; on Kubernetes
+    # every pod mounts the Secret): only one set from a config file travels in the gateway's runtime env.
+    secrets = {name: value for name, value in settings.secret_env().items() if os.environ.get(name) != value}
+    gateway_env = {"runtime_env": {"env_vars": secrets}} if secrets else {}
     return Gateway.options(logging_config=QUIET, ray_actor_options={"num_cpus": 0, **gateway_env}).bind(llm, payload)
 
 
