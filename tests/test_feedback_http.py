@@ -25,7 +25,7 @@ from training.demo_task import generate_examples
 
 pytestmark = [pytest.mark.serve, pytest.mark.vllm]
 
-N = 1000
+N = 400
 PROMPTS = [e.prompt for e in generate_examples(50, seed=31)]
 
 

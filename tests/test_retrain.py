@@ -295,7 +295,7 @@ def test_a_kto_retrain_learns_from_thumbs_and_never_from_the_gate_rows(
     curate(settings)
 
     kto = settings.model_copy(deep=True)
-    kto.retrain.method, kto.retrain.min_examples, kto.retrain.steps = "kto", 8, 30
+    kto.retrain.method, kto.retrain.min_examples, kto.retrain.steps = "kto", 8, 20
     config = tmp_path / "kto.yaml"
     config.write_text(yaml.safe_dump(kto.shareable(), allow_unicode=True))
     code, result = retrain(config, "--task", "rated")
