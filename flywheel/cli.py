@@ -91,10 +91,17 @@ def up(
     typer.echo(f"starting Ray and Serve (engine={settings.serving.engine}, base={base.label}, "
                f"champion={result.champion}, feedback={feedback_target}) …", err=True)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_sigterm(*_: object) -> None:
+        # Ray's native failure-signal handler saw SIGTERM first and armed a 3 s SIGALRM that aborts the
+        # process (ray-project/ray#64830): cancel it, a clean shutdown takes longer than that.
+        signal.alarm(0)
+        stop.set()
+
     workers: list[threading.Thread] = []
     try:
         url = serve_app.run(settings)
+        signal.signal(signal.SIGTERM, on_sigterm)  # after ray.init, which installs a handler of its own
         # The feedback plane's trouble (no broker yet) never stops serving: the supervisor waits and retries.
         workers.append(threading.Thread(target=supervise, args=(settings, stop), name="curator", daemon=True))
         if settings.retrain.schedule_enabled:
