@@ -67,7 +67,7 @@ from services.protocol import (
     client_message,
 )
 from services.status_board import get_board
-from services.streaming import open_stream
+from services.streaming import answered, open_stream
 
 log = logging.getLogger("flywheel.gateway")
 TASKS_TTL_S = 2.0  # how stale the gateway's list of tasks may be (new tasks come from `flywheel train`)
@@ -256,7 +256,8 @@ class Gateway:
                 return StreamingResponse(self._predict_events(body, task, request_id, started, events),
                                          media_type="text/event-stream",
                                          headers={"x-flywheel-replica": first.replica, "cache-control": "no-cache"})
-            completion = await self.llm.generate.remote(body.chat(), options, request_id, task, body.version)
+            completion = answered(await self.llm.generate.remote(body.chat(), options, request_id, task,
+                                                                 body.version))
         except PromptTooLongError as exc:
             field = "prompt" if body.prompt is not None else "messages"
             return self._reject(400, field, client_message(exc))

@@ -29,13 +29,14 @@ from flywheel.tasks import TaskSpec
 from services.adapters import AdapterManager, AdapterSlot, PinnedAdapters
 from services.engines import build_engine
 from services.engines.protocol import ChatMessage, Engine, SamplingOptions
-from services.protocol import Completion, StreamEvent, Usage
+from services.protocol import REFUSED, Completion, Refusal, StreamEvent, Usage
 from services.status_board import get_board
 
 log = logging.getLogger("flywheel.llm")
 
 REPORT_INTERVAL_S = 1.0
 DISCOVER_INTERVAL_S = 2.0  # how often a replica looks for tasks registered after it started
+REFUSABLE = tuple(REFUSED)
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=5)
@@ -118,9 +119,24 @@ class LLMServer:
             raise UnknownTaskError(f"unknown task {task!r}; known tasks: {', '.join(sorted(self.managers))}")
         return task, manager, spec
 
+    def _refuse(self, exc: Exception, request_id: str) -> Refusal:
+        refusal = Refusal.of(exc)
+        log.info("event=refused request_id=%s kind=%s message=%r", request_id, refusal.kind, refusal.message)
+        return refusal
+
     async def generate(
         self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None = None,
         version: str | None = None,
+    ) -> Completion | Refusal:
+        """The whole answer, or why the request cannot be run (the caller's 4xx, one log line)."""
+        try:
+            return await self._generate(messages, options, request_id, task, version)
+        except REFUSABLE as exc:
+            return self._refuse(exc, request_id)
+
+    async def _generate(
+        self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None,
+        version: str | None,
     ) -> Completion:
         task, manager, spec = self._task(task)
         chat = [ChatMessage(**m) for m in spec.conversation([m.model_dump() for m in messages])]
@@ -145,8 +161,18 @@ class LLMServer:
         """The answer as the engine makes it: reasoning and answer deltas, then the totals.
 
         The whole stream runs on the version it started with (a swap meanwhile waits for it to drain).
-        The first event comes with the first tokens, so a bad request fails before anything is sent.
+        The first event comes with the first tokens, or is the refusal of a request that cannot be run.
         """
+        try:
+            async for event in self._stream(messages, options, request_id, task, version):
+                yield event
+        except REFUSABLE as exc:
+            yield StreamEvent(refusal=self._refuse(exc, request_id), done=True)
+
+    async def _stream(
+        self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None,
+        version: str | None,
+    ) -> AsyncIterator[StreamEvent]:
         task, manager, spec = self._task(task)
         chat = [ChatMessage(**m) for m in spec.conversation([m.model_dump() for m in messages])]
         async with self._slot(manager, version) as slot:

@@ -39,7 +39,7 @@ from services.openai_protocol import (
     OpenAIErrorBody,
 )
 from services.protocol import Usage, client_message
-from services.streaming import REFUSALS, open_stream
+from services.streaming import REFUSALS, answered, open_stream
 
 log = logging.getLogger("flywheel.openai")
 
@@ -109,7 +109,8 @@ class ChatCompletions:
             return await self._stream(body, task, version or None, options, request_id)
         started = time.perf_counter()
         try:
-            completion = await self.llm.generate.remote(body.chat(), options, request_id, task, version or None)
+            completion = answered(await self.llm.generate.remote(body.chat(), options, request_id, task,
+                                                                 version or None))
         except REFUSALS as exc:
             return self._engine_refusal(exc, body.model)
         except Exception:  # engine or replica trouble is ours, not the caller's: 503, logged

@@ -9,8 +9,32 @@ from pydantic.json_schema import SkipJsonSchema
 
 from feedback.schemas import refuse_nulls
 from flywheel.jsontypes import PositiveInt, Seed
+from flywheel.registry import AdapterIntegrityError, UnknownTaskError, VersionNotFoundError
 from flywheel.tasks import TaskName, VersionName
-from services.engines.protocol import ChatMessage
+from services.engines.protocol import ChatMessage, PromptTooLongError
+
+# What a replica refuses because of the request (the caller's 4xx), by the kind it travels as.
+REFUSED: dict[type[Exception], str] = {
+    PromptTooLongError: "prompt_too_long", UnknownTaskError: "unknown_task",
+    VersionNotFoundError: "unknown_version", AdapterIntegrityError: "unservable_version",
+}
+
+
+class Refusal(BaseModel):
+    """A request an LLM replica will not run, returned rather than raised: a raised error is logged by
+    Serve with its whole traceback, which a hostile client could have written once per request."""
+
+    kind: Literal["prompt_too_long", "unknown_task", "unknown_version", "unservable_version"]
+    message: str
+
+    @classmethod
+    def of(cls, exc: Exception) -> Refusal:
+        return cls(kind=next(kind for error, kind in REFUSED.items() if isinstance(exc, error)),  # type: ignore[arg-type]
+                   message=str(exc))
+
+    def error(self) -> Exception:
+        """The exception the caller handles, as if the replica had raised it."""
+        return next(error for error, kind in REFUSED.items() if kind == self.kind)(self.message)
 
 
 def client_message(exc: BaseException) -> str:
@@ -100,11 +124,12 @@ class Completion(BaseModel):
 class StreamEvent(BaseModel):
     """One step of a streamed answer from an LLM replica: new reasoning and answer text; totals when done."""
 
-    task: str
-    adapter_version: str
-    replica: str
+    task: str = ""
+    adapter_version: str = ""
+    replica: str = ""
     reasoning: str = ""
     answer: str = ""
+    refusal: Refusal | None = Field(None, description="The request was refused: the only event of the stream.")
     done: bool = False
     truncated: bool = False
     finish_reason: str | None = None

@@ -6,12 +6,18 @@ from collections.abc import AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
 
-from flywheel.registry import AdapterIntegrityError, UnknownTaskError, VersionNotFoundError
-from services.engines.protocol import ChatMessage, PromptTooLongError, SamplingOptions
-from services.protocol import StreamEvent
+from services.engines.protocol import ChatMessage, SamplingOptions
+from services.protocol import REFUSED, Completion, Refusal, StreamEvent
 
 # What a replica refuses because of the request (a 4xx), as opposed to trouble of its own (a 503).
-REFUSALS = (PromptTooLongError, UnknownTaskError, VersionNotFoundError, AdapterIntegrityError)
+REFUSALS = tuple(REFUSED)
+
+
+def answered(result: Completion | Refusal) -> Completion:
+    """A replica's answer to `generate`; a refusal raised here, in the caller, as the error it stands for."""
+    if isinstance(result, Refusal):
+        raise result.error()
+    return result
 
 
 async def open_stream(
@@ -25,12 +31,16 @@ async def open_stream(
     """
     events = llm.options(stream=True).generate_stream.remote(chat, options, request_id, task, version)
     first: StreamEvent = await events.__anext__()
+    if first.refusal is not None:
+        raise first.refusal.error()
 
     async def every_event() -> AsyncIterator[StreamEvent]:
         event = first
         yield event
         while not event.done:
             event = await events.__anext__()
+            if event.refusal is not None:
+                raise event.refusal.error()
             yield event
 
     return first, every_event()

@@ -41,3 +41,19 @@ def test_ops_gauges_read_the_spool_the_curator_and_the_runs() -> None:
     waiting = GatewayMetrics()
     waiting.watch(OpsCollector(lambda: {"pending": 0}, lambda: None, lambda: {**runs, "outcomes": {}}))
     assert "flywheel_curator_up 0.0" in generate_latest(waiting.registry).decode()
+
+
+def test_a_refusal_travels_as_a_value_and_is_raised_in_the_caller() -> None:
+    """Replicas return refusals (Serve would log a raised one with its whole traceback, per request)."""
+    import pytest
+
+    from flywheel.registry import AdapterIntegrityError, UnknownTaskError, VersionNotFoundError
+    from services.engines.protocol import PromptTooLongError
+    from services.protocol import Refusal
+    from services.streaming import answered
+
+    for error in (PromptTooLongError("prompt is 4005 tokens"), UnknownTaskError("unknown task 'x'"),
+                  VersionNotFoundError("demo-v9"), AdapterIntegrityError("demo-v3: sha256 mismatch")):
+        refusal = Refusal.model_validate_json(Refusal.of(error).model_dump_json())  # as it crosses Ray
+        with pytest.raises(type(error), match=str(error).split(":")[0]):
+            answered(refusal)
