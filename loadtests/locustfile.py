@@ -151,7 +151,9 @@ class Rater(HttpUser):
         if self.rng.random() < CORRECTION_P:
             correction = f"<think>\n{example.reasoning}\n</think>\n\n{example.answer}"
         body = {"request_id": answer["request_id"], "rating": rating, "thumb": "up" if correct else "down",
-                "correction": correction, "event_id": f"demo-{answer['request_id']}"}
+                "event_id": f"demo-{answer['request_id']}"}
+        if correction is not None:  # an optional field is left out, never sent as null
+            body["correction"] = correction
         started = time.perf_counter()
         with self.client.post("/feedback", json=body, name="/feedback", catch_response=True) as response:
             latency_ms = (time.perf_counter() - started) * 1000
