@@ -6,6 +6,7 @@ import itertools
 import json
 import multiprocessing
 import threading
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -48,15 +49,20 @@ def test_register_assigns_increasing_versions_and_hashes(registry: Registry, tmp
     assert v1.files["adapter_model.safetensors"] != v2.files["adapter_model.safetensors"]
 
 
+def in_threads(*work: Callable[[], object]) -> list[object]:
+    """Run each callable in a thread of its own, all at once; their results once all are done."""
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda w=w: results.append(w())) for w in work]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 def test_concurrent_registrations_never_share_a_version(registry: Registry, tmp_path: Path) -> None:
     sources = [fake_adapter(tmp_path / f"a{i}", str(i).encode()) for i in range(6)]
-    results: list[str] = []
-    threads = [threading.Thread(target=lambda s=s: results.append(registry.register(s, base=BASE).version))
-               for s in sources]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = [m.version for m in in_threads(*(lambda s=s: registry.register(s, base=BASE) for s in sources))]
     assert sorted(results) == sorted(f"demo-v{i}" for i in range(1, 7))
     for manifest in registry.versions():
         registry.verify(manifest.version)

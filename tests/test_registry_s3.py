@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import pytest
 from flywheel.config import Settings
 from flywheel.registry import Registry, known_tasks, registry_for
 from flywheel.tasks import TaskSpec
-from tests.test_registry import BASE, fake_adapter
+from tests.test_registry import BASE, fake_adapter, in_threads
 
 pytest.importorskip("s3fs", reason="the `s3` extra is not installed")
 
@@ -81,28 +80,15 @@ def test_concurrent_writers_on_s3_never_share_a_version_or_a_move(s3_settings: S
     """Conditional puts (If-None-Match) make version numbers and alias moves exclusive on S3 too."""
     registry = registry_for(s3_settings, "demo")
     sources = [fake_adapter(tmp_path / f"a{i}", bytes([i])) for i in range(4)]
-    versions: list[str] = []
-    registering = [threading.Thread(target=lambda s=s: versions.append(registry.register(s, base=BASE).version))
-                   for s in sources]
-    for thread in registering:
-        thread.start()
-    for thread in registering:
-        thread.join()
+    versions = [m.version for m in in_threads(*(lambda s=s: registry.register(s, base=BASE) for s in sources))]
     assert sorted(versions) == [f"demo-v{i}" for i in range(1, 5)]
     for version in versions:
         registry.verify(version)
 
-    seqs: list[int] = []
+    def promote_all(offset: int) -> list[int]:
+        return [registry.promote(versions[(offset + i) % 4], actor=f"w{offset}").seq for i in range(4)]
 
-    def promote_all(offset: int) -> None:
-        for i in range(4):
-            seqs.append(registry.promote(versions[(offset + i) % 4], actor=f"w{offset}").seq)
-
-    promoting = [threading.Thread(target=promote_all, args=(w,)) for w in range(3)]
-    for thread in promoting:
-        thread.start()
-    for thread in promoting:
-        thread.join()
+    seqs = [seq for done in in_threads(*(lambda w=w: promote_all(w) for w in range(3))) for seq in done]
     assert sorted(seqs) == list(range(1, 13))
     history = registry.history()
     assert [e.seq for e in history] == list(range(1, 13)) and registry.alias("champion") == history[-1].version

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from feedback.curator import Curator
 from flywheel.cli import app as cli
 from flywheel.config import Settings
-from flywheel.registry import registry_for
+from flywheel.registry import Registry, registry_for
 from flywheel.runs import RunStore
 from flywheel.tasks import DEMO_TASK
 from tests.conftest import ADMIN_TOKEN, make_settings
@@ -202,6 +202,17 @@ def test_admin_retrain_is_exclusive_and_a_killed_run_changes_nothing(
     assert not store.busy()  # the lock died with the run
 
 
+def task_like_demo(settings: Settings, name: str, tmp_path: Path) -> Registry:
+    """A task of its own (the demo's spec and golden set) whose champion is a copy of demo-v1."""
+    demo, task = registry_for(settings), registry_for(settings, name)
+    task.save_task_spec(DEMO_TASK.model_copy(update={"name": name}))
+    task.save_golden(demo.golden_text() or "")
+    source = tmp_path / f"{name}-adapter"
+    shutil.copytree(demo.local_path("demo-v1"), source, ignore=shutil.ignore_patterns("manifest.json"))
+    task.promote(task.register(source, base=demo.manifest("demo-v1").base_model).version, actor="test")
+    return task
+
+
 def test_a_small_batch_of_confirmed_corrections_is_learned_in_one_retrain(
     learning_app: tuple[str, Settings, Path], tmp_path: Path,
 ) -> None:
@@ -212,12 +223,7 @@ def test_a_small_batch_of_confirmed_corrections_is_learned_in_one_retrain(
     """
     url, settings, config = learning_app
     demo = registry_for(settings)
-    desk = registry_for(settings, "desk")
-    desk.save_task_spec(DEMO_TASK.model_copy(update={"name": "desk"}))
-    desk.save_golden(demo.golden_text() or "")
-    source = tmp_path / "desk-adapter"
-    shutil.copytree(demo.local_path("demo-v1"), source, ignore=shutil.ignore_patterns("manifest.json"))
-    desk.promote(desk.register(source, base=demo.manifest("demo-v1").base_model).version, actor="test")
+    desk = task_like_demo(settings, "desk", tmp_path)
     demo_champion, demo_versions = demo.alias("champion"), [m.version for m in demo.versions()]
 
     rng = random.Random(5)
@@ -268,14 +274,8 @@ def test_a_kto_retrain_learns_from_thumbs_and_never_from_the_gate_rows(
     """`retrain.method: kto` end to end on a task of its own: thumbs up and down (a thumbs down with the
     right answer), KTO on the rated answers outside the gate's hold-out, the gate, the registry."""
     url, settings, _ = learning_app
-    demo = registry_for(settings)
-    rated = registry_for(settings, "rated")
-    rated.save_task_spec(DEMO_TASK.model_copy(update={"name": "rated"}))
-    rated.save_golden(demo.golden_text() or "")
-    source = tmp_path / "rated-adapter"
-    shutil.copytree(demo.local_path("demo-v1"), source, ignore=shutil.ignore_patterns("manifest.json"))
-    champion = rated.register(source, base=demo.manifest("demo-v1").base_model).version
-    rated.promote(champion, actor="test")
+    rated = task_like_demo(settings, "rated", tmp_path)
+    champion = rated.alias("champion")
 
     examples = generate_examples(48, seed=4242) + DRIFTED[:24]
     ups = downs = 0
