@@ -30,6 +30,7 @@ from flywheel.tasks import DEMO_TASK, TaskName, TaskSpec
 
 DEMO_MODEL = "demo"
 SHARED_SETTINGS_ENV = "FLYWHEEL_SETTINGS_JSON"
+ADMIN_TOKEN_ENV, SASL_PASSWORD_ENV = "FLYWHEEL_ADMIN_TOKEN", "FLYWHEEL_FEEDBACK__SASL_PASSWORD"  # where secrets travel
 
 
 class ModelSettings(BaseModel):
@@ -338,8 +339,7 @@ class Settings(BaseSettings):
 
     def secret_env(self) -> dict[str, str]:
         """The secrets as the environment variables another process reads them from."""
-        secrets = {"FLYWHEEL_ADMIN_TOKEN": self.admin_token,
-                   "FLYWHEEL_FEEDBACK__SASL_PASSWORD": self.feedback.sasl_password}
+        secrets = {ADMIN_TOKEN_ENV: self.admin_token, SASL_PASSWORD_ENV: self.feedback.sasl_password}
         return {name: value for name, secret in secrets.items() if secret and (value := secret.get_secret_value())}
 
     def child_env(self) -> dict[str, str]:
@@ -349,9 +349,8 @@ class Settings(BaseSettings):
     @classmethod
     def from_shared(cls, shared: dict[str, Any]) -> Settings:
         """Rebuild settings from `shareable()` data, the secrets read from this process's environment."""
-        secrets = {"admin_token": os.environ.get("FLYWHEEL_ADMIN_TOKEN", ""),
-                   "feedback": {**shared.get("feedback", {}),
-                                "sasl_password": os.environ.get("FLYWHEEL_FEEDBACK__SASL_PASSWORD")}}
+        secrets = {"admin_token": os.environ.get(ADMIN_TOKEN_ENV, ""),
+                   "feedback": {**shared.get("feedback", {}), "sasl_password": os.environ.get(SASL_PASSWORD_ENV)}}
         return cls.model_validate({**shared, **secrets})
 
     @property
