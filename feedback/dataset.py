@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from feedback.schemas import CuratedExample
 
 MANIFEST = "manifest.json"
+THUMB_RATING = {"up": 5, "down": 1}  # a thumb on the rating scale, where ratings and thumbs are compared
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 SCHEMA = pa.schema([
@@ -171,6 +172,23 @@ class CuratedDataset:
         if newest is not None:
             table = table.slice(max(0, table.num_rows - newest))
         return [CuratedExample.model_validate(row) for row in table.to_pylist()]
+
+    def ratings(self, task: str, since: datetime, manifest: Manifest | None = None) -> list[tuple[str, float]]:
+        """(adapter version, rating 1-5) of `task`'s answers rated at or after `since`; a thumb up counts 5,
+        down 1. Reads only the parts written since then, and only the columns it needs."""
+        manifest = manifest or self.manifest()
+        out: list[tuple[str, float]] = []
+        for part in manifest.files:
+            if part.created_at < since:
+                continue
+            table = pq.read_table(self.root / part.path, schema=SCHEMA,
+                                  columns=["task", "feedback_ts", "adapter_version", "rating", "thumb"])
+            table = table.filter(pc.and_(pc.equal(table["task"], task), pc.greater_equal(table["feedback_ts"], since)))
+            for row in table.to_pylist():
+                value = row["rating"] if row["rating"] is not None else THUMB_RATING.get(row["thumb"] or "")
+                if value is not None:
+                    out.append((row["adapter_version"], float(value)))
+        return out
 
     def export_jsonl(self, path: Path, manifest: Manifest | None = None, until: Mapping[str, int] | None = None
                      ) -> int:

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -23,7 +23,9 @@ from flywheel.registry import RegistryError
 
 if TYPE_CHECKING:
     from flywheel.bases import ServedBase
+    from flywheel.canary import CanaryReview
     from flywheel.config import Settings
+    from flywheel.registry import Registry
 
 app = typer.Typer(
     help="flywheel: serve LoRA-tuned DeepSeek-R1-distilled models and keep improving them from feedback.",
@@ -41,6 +43,9 @@ bases_app = typer.Typer(help="Inspect quantized base versions in the registry.",
 app.add_typer(bases_app, name="bases")
 app.add_typer(feedback_app, name="feedback")
 app.command("curator")(curator_command)
+canary_app = typer.Typer(help="A task's canary: a gate-passed candidate on trial with a share of users.",
+                         no_args_is_help=True)
+app.add_typer(canary_app, name="canary")
 bench_app = typer.Typer(help="Benchmarks: ratios measured in one run (see loadtests/).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -66,7 +71,8 @@ def up(
     kafka_api_version: Annotated[str | None, typer.Option(
         help="Broker protocol version, e.g. 0.9 for deploy/local/kafka.sh's broker (default: detect).")] = None,
 ) -> None:
-    """Start local Ray, the Serve app, the curator and the retrain scheduler. Ctrl-C stops everything."""
+    """Start local Ray, the Serve app, the curator, the retrain scheduler and the canary controller. Ctrl-C
+    stops everything."""
     import psutil
 
     from feedback.supervisor import supervise
@@ -106,6 +112,7 @@ def up(
         workers.append(threading.Thread(target=supervise, args=(settings, stop), name="curator", daemon=True))
         if settings.retrain.schedule_enabled:
             workers.append(RetrainScheduler(settings, stop))
+        workers.append(serve_app.canary_controller(settings, stop))
         for worker in workers:
             worker.start()
         typer.echo(f"flywheel is serving at {url}  (POST {url}/predict, POST {url}/feedback, GET {url}/healthz; "
@@ -262,6 +269,8 @@ def tasks_add(
     instruction: Annotated[str | None, typer.Option(help="System prompt added to every conversation.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Answer budget, thinking included.")] = 512,
     max_seq_len: Annotated[int, typer.Option(help="Training sequence length.")] = 1024,
+    rollout: Annotated[str, typer.Option(help="`direct`: a gate-passed retrain becomes champion; `canary`: it "
+                                         "earns users' traffic on their ratings first.")] = "direct",
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -275,12 +284,78 @@ def tasks_add(
     try:
         spec = TaskSpec(name=name, kind=kind, labels=[x.strip() for x in (labels or "").split(",") if x.strip()],
                         metric=metric, instruction=instruction, max_new_tokens=max_new_tokens,
-                        max_seq_len=max_seq_len)  # type: ignore[arg-type]
+                        max_seq_len=max_seq_len, rollout=rollout)  # type: ignore[arg-type]
     except ValidationError as exc:
         fail("invalid task: " + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'task'}: {e['msg']}"
                                           for e in exc.errors()), code=2)
     registry_for(settings, spec.name).save_task_spec(spec)
     emit(as_json, spec.model_dump(), f"task {spec.name} declared ({spec.kind}, metric {spec.gate_metric})")
+
+
+def _canary_review(settings: Settings, task: str | None) -> tuple[Registry, CanaryReview | None]:
+    from feedback.dataset import CuratedDataset
+    from flywheel.canary import review
+    from flywheel.registry import UnknownTaskError, registry_for, resolve_task
+
+    try:
+        name = resolve_task(settings, task).name
+    except (UnknownTaskError, RegistryError) as exc:
+        fail(str(exc), code=2)
+    registry = registry_for(settings, name)
+    dataset = CuratedDataset(settings.feedback_dir / "dataset")
+    # the replicas' guardrail figures live in the running app (GET /admin/canary shows them)
+    return registry, review(registry, settings.canary, lambda since: dataset.ratings(name, since), {})
+
+
+@canary_app.command("status")
+def canary_status(config: ConfigOption = None, task: TaskOption = None, as_json: JsonOption = False) -> None:
+    """The task's canary: both arms' ratings, the test's estimate and interval, its share, what comes next."""
+    settings = settings_or_exit(config)
+    registry, decided = _canary_review(settings, task)
+    if decided is None:
+        emit(as_json, {"task": registry.task, "canary": None}, f"task {registry.task} runs no canary")
+        return
+    arms = "\n".join(f"  {arm:<9} {a.version:<20} ratings={a.ratings:<5} mean={_fmt(a.mean_rating)} "
+                     f"thumbs-up={_fmt(a.thumbs_up_rate)}" for arm, a in decided.arms.items())
+    test = decided.test
+    next_step = f"{decided.next_share:.0%}" if decided.next_share else "none (last step)"
+    emit(as_json, decided.model_dump(mode="json"),
+         f"task {decided.task}: canary {decided.canary} serves {decided.share:.0%} of users since "
+         f"{decided.step_started_at:%Y-%m-%d %H:%M:%S} (trial began {decided.started_at:%H:%M:%S}; next share "
+         f"{next_step}; deadline {decided.deadline:%Y-%m-%d %H:%M})\n{arms}\n"
+         f"  difference {test.difference:+.2f} ({decided.confidence:.0%} interval {test.low:+.2f}..{test.high:+.2f},"
+         f" p={test.p_value:.3f})\n  now: {decided.verdict} — {decided.reason}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+@canary_app.command("promote")
+def canary_promote(config: ConfigOption = None, task: TaskOption = None, as_json: JsonOption = False) -> None:
+    """Make the canary champion now, whatever the ratings say (the history records who did)."""
+    _canary_by_hand(config, task, "promote", as_json)
+
+
+@canary_app.command("abort")
+def canary_abort(config: ConfigOption = None, task: TaskOption = None, as_json: JsonOption = False) -> None:
+    """Roll the canary back now: its share goes to 0, the champion answers everyone."""
+    _canary_by_hand(config, task, "rollback", as_json)
+
+
+def _canary_by_hand(config: Path | None, task: str | None, verdict: Literal["promote", "rollback"],
+                    as_json: bool) -> None:
+    from flywheel.canary import apply
+
+    settings = settings_or_exit(config)
+    registry, decided = _canary_review(settings, task)
+    if decided is None:
+        fail(f"task {registry.task} runs no canary", code=2)
+    by_hand = decided.model_copy(update={"verdict": verdict, "reason": f"by hand (cli); {decided.reason}"})
+    apply(registry, by_hand, actor="cli")
+    emit(as_json, {"task": registry.task, "canary": decided.canary, "verdict": verdict},
+         f"task {registry.task}: canary {decided.canary} " + ("is champion" if verdict == "promote"
+                                                              else "rolled back; the champion answers everyone"))
 
 
 @app.command()
@@ -638,6 +713,25 @@ def bench_openai(
     settings = settings_or_exit(config)
     settings.serving.port = port
     report = run_openai_bench(settings, seconds=seconds, say=progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.model_dump_json(indent=2))
+    emit(as_json, report.model_dump(), "\n".join([*report.lines(), f"report: {out}"]))
+
+
+@bench_app.command("canary")
+def bench_canary(
+    config: ConfigOption = None,
+    difference: Annotated[float, typer.Option(help="Mean-rating difference (1-5 scale) the raters make.")] = 0.5,
+    runs: Annotated[int, typer.Option(help="Simulated canaries per case.")] = 400,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/canary.json"),
+    as_json: JsonOption = False,
+) -> None:
+    """Ratings the canary's sequential test needs to see a rating difference, and how often it is fooled by none
+    (simulated raters, `canary.*` from config)."""
+    from loadtests.bench_canary import run_canary_bench
+
+    settings = settings_or_exit(config)
+    report = run_canary_bench(settings.canary, difference=difference, runs=runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.model_dump_json(indent=2))
     emit(as_json, report.model_dump(), "\n".join([*report.lines(), f"report: {out}"]))

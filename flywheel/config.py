@@ -86,6 +86,10 @@ class ServingSettings(BaseModel):
     engine: Literal["vllm", "hf"] = Field(
         "vllm", description="`vllm` (AsyncLLM) or `hf` (transformers+PEFT reference engine)."
     )
+    app_name: str = Field(
+        "flywheel", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+        description="The Serve application's name: a retrain on the same Ray cluster finds the serving replicas "
+        "by it, to judge its candidate on them.")
     host: str = "127.0.0.1"
     port: int = 8000
     replicas: int = Field(1, ge=1)
@@ -159,6 +163,41 @@ class GateSettings(BaseModel):
         "corrections' own prompts must reach this (it must honour what users agreed on).",
     )
     parity_prompts: int = Field(8, ge=1, description="Prompts in the engine-parity probe.")
+    serving_concurrency: int = Field(
+        4, ge=1, description="Scoring requests the gate keeps in flight on the serving replicas: its bounded share "
+        "of their concurrency, so users' requests keep theirs.")
+
+
+class CanarySettings(BaseModel):
+    """How a gate-passed candidate of a `rollout: canary` task earns its task's traffic on live ratings.
+
+    Its share steps up on a schedule while the ratings show no harm; it is promoted once its mean rating is
+    better than the champion's at `confidence` (an always-valid sequential test, so checking often is
+    fine), rolled back once it is worse or breaks a guardrail, and held or rolled back at the deadline.
+    """
+
+    steps: list[float] = Field([0.05, 0.25, 0.5], min_length=1, description="Traffic shares, in order.")
+    step_s: float = Field(600.0, gt=0, description="Least time at a share before the next.")
+    min_ratings: int = Field(30, ge=2, description="Rated answers each arm needs before any verdict.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Of the sequential test, for promotion and rollback.")
+    effect_sd: float = Field(
+        0.5, gt=0, description="Rating difference (points on 1-5) the test is tuned to find: the spread of the "
+        "mixture prior; smaller finds small differences sooner and large ones later.")
+    deadline_s: float = Field(86400.0, gt=0, description="Time from the first step to a verdict.")
+    on_deadline: Literal["hold", "rollback"] = Field("hold", description="No verdict by the deadline: keep the "
+                                                                          "current share, or roll back.")
+    max_error_rate_increase: float = Field(0.02, ge=0, description="Guardrail: canary failures minus champion's, "
+                                                                   "as shares of their requests.")
+    max_p99_ratio: float = Field(1.5, gt=0, description="Guardrail: canary p99 latency / champion's.")
+    min_guardrail_requests: int = Field(20, ge=1, description="Requests per arm before the guardrails judge.")
+    check_every_s: float = Field(10.0, gt=0, description="How often the canary controller looks.")
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing_shares(cls, steps: list[float]) -> list[float]:
+        if any(not 0 < s < 1 for s in steps) or steps != sorted(set(steps)):
+            raise ValueError("steps must be increasing shares between 0 and 1, e.g. [0.05, 0.25, 0.5]")
+        return steps
 
 
 class RetrainSettings(BaseModel):
@@ -295,6 +334,7 @@ class Settings(BaseSettings):
     ray: RaySettings = RaySettings()
     feedback: FeedbackSettings = FeedbackSettings()
     retrain: RetrainSettings = RetrainSettings()
+    canary: CanarySettings = CanarySettings()
     train: TrainSettings = TrainSettings()
     bootstrap: BootstrapSettings = BootstrapSettings()
     quantize: QuantizeSettings = QuantizeSettings()

@@ -57,6 +57,7 @@ TASK_SPEC, GOLDEN = "task.json", "golden.jsonl"
 _TASK_NAME = re.compile(TASK_NAME_PATTERN)
 _HISTORY_NAME = re.compile(r"^\d{10}\.json$")
 MOVE_ATTEMPTS = 50
+CANARY_ALIAS = "canary"  # a version on trial: its record's traffic_fraction is its share (0: no canary)
 
 log = logging.getLogger("flywheel.registry")
 
@@ -91,6 +92,10 @@ class BaseModelRef(BaseModel):
     sha256: str = Field(description="Fingerprint of the base's config, tokenizer and weights.")
 
 
+# `evaluating`: registered for the gate to judge on the serving replicas, private to it until concluded
+AdapterStatus = Literal["evaluating", "ready", "rejected"]
+
+
 class AdapterManifest(BaseModel):
     schema_version: int = 1
     version: str
@@ -99,7 +104,7 @@ class AdapterManifest(BaseModel):
     parent: str | None = None
     base_model: BaseModelRef
     created_at: datetime
-    status: Literal["ready", "rejected"] = "ready"
+    status: AdapterStatus = "ready"
     files: dict[str, str] = Field(description="File name -> sha256 of every file in the version.")
     lora: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
@@ -144,7 +149,7 @@ class AliasRecord(BaseModel):
 class HistoryEntry(BaseModel):
     seq: int = Field(ge=1, description="Position in the task's history; its creation commits the move.")
     at: datetime
-    action: Literal["promote", "rollback"]
+    action: Literal["promote", "rollback", "end"]
     alias: str
     version: str
     previous: str | None
@@ -321,7 +326,7 @@ class Registry:
         *,
         base: BaseModelRef,
         parent: str | None = None,
-        status: Literal["ready", "rejected"] = "ready",
+        status: AdapterStatus = "ready",
         **fields: Any,
     ) -> AdapterManifest:
         """Copy a PEFT adapter directory in as a new immutable version and return its manifest.
@@ -372,6 +377,18 @@ class Registry:
         with self.fs.open(f"{target}/{MANIFEST}", "w") as f:  # last: makes the version visible
             f.write(manifest.model_dump_json(indent=2))
         return True
+
+    def conclude(self, version: str, status: Literal["ready", "rejected"], **fields: Any) -> AdapterManifest:
+        """Settle an `evaluating` version as ready or rejected, with the gate's findings (`gate`, `metrics`).
+
+        Only the manifest changes (its file hashes stay), replaced whole: a reader sees before or after.
+        """
+        manifest = self.manifest(version)
+        if manifest.status != "evaluating":
+            raise RegistryError(f"{version} is {manifest.status}; only an evaluating version can be concluded")
+        concluded = manifest.model_copy(update={"status": status, **fields})
+        self._write_text(self._path("versions", version, MANIFEST), concluded.model_dump_json(indent=2))
+        return concluded
 
     def verify(self, version: str, *, base_sha256: str | None = None) -> AdapterManifest:
         """Recompute every file's sha256 (and check the base); raise AdapterIntegrityError if off."""
@@ -541,8 +558,19 @@ class Registry:
 
         return self._move(alias, "rollback", back, actor=actor, reason=reason)
 
+    def end_canary(self, *, actor: str, reason: str) -> HistoryEntry | None:
+        """Take the canary's share of traffic to 0 (its version stays named, for the record); None if none ran."""
+        current = self.aliases().get(CANARY_ALIAS)
+        if current is None or not current.traffic_fraction:
+            return None
+
+        def keep(aliases: dict[str, AliasRecord]) -> tuple[str, str | None]:
+            return aliases[CANARY_ALIAS].version, aliases[CANARY_ALIAS].version
+
+        return self._move(CANARY_ALIAS, "end", keep, actor=actor, reason=reason, traffic_fraction=0.0)
+
     def _move(
-        self, alias: str, action: Literal["promote", "rollback"],
+        self, alias: str, action: Literal["promote", "rollback", "end"],
         choose: Callable[[dict[str, AliasRecord]], tuple[str, str | None]],
         *, actor: str, reason: str, traffic_fraction: float | None = None,
     ) -> HistoryEntry:

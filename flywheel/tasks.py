@@ -57,6 +57,9 @@ class TaskSpec(BaseModel):
         None, description="JSONL/CSV/Parquet file of the task's fixed regression set; None: the test split of "
         "the first `flywheel train`.",
     )
+    rollout: Literal["direct", "canary"] = Field(
+        "direct", description="What a candidate the gate passed does next: `direct` becomes champion at once; "
+        "`canary` serves a growing share of users and is promoted or rolled back on their ratings (see `canary`).")
     description: str = ""
 
     @model_validator(mode="after")

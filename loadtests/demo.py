@@ -166,8 +166,7 @@ def _accuracy(rows: list[dict[str, Any]], distribution: str) -> float | None:
 
 
 @contextmanager
-def platform(settings: Settings, plan: DemoPlan, app_name: str, route_prefix: str
-              ) -> Iterator[tuple[str, threading.Event]]:
+def platform(settings: Settings, plan: DemoPlan, route_prefix: str) -> Iterator[tuple[str, threading.Event]]:
     """Serve app + curator + scheduler on `settings`; yields (url, event that stops the scheduler)."""
     import ray
     from ray import serve
@@ -191,7 +190,8 @@ def platform(settings: Settings, plan: DemoPlan, app_name: str, route_prefix: st
         threads.append(RetrainScheduler(settings, stop_scheduler, check_every_s=plan.check_every_s,
                                         may_start=loops_left))
     try:
-        url = serve_app.run(settings, name=app_name, route_prefix=route_prefix, timeout_s=600)
+        url = serve_app.run(settings, route_prefix=route_prefix, timeout_s=600)
+        threads.append(serve_app.canary_controller(settings, stop))
         for thread in threads:
             thread.start()
         yield url, stop_scheduler
@@ -204,7 +204,7 @@ def platform(settings: Settings, plan: DemoPlan, app_name: str, route_prefix: st
         curator.close()
         _stop_runs(RunStore(settings.home / "runs"))
         if ray_was_up:
-            serve.delete(app_name)
+            serve.delete(settings.serving.app_name)
         else:
             serve_app.shutdown()
 
@@ -389,6 +389,7 @@ def run_demo(settings: Settings, *, out_dir: Path, quick: bool, url: str | None 
     settings = settings.model_copy(deep=True)
     settings.retrain.schedule_interval_s = plan.schedule_interval_s
     settings.retrain.schedule_min_new_examples = plan.schedule_min_new_examples
+    settings.serving.app_name = app_name
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "requests.jsonl").unlink(missing_ok=True)
     registry = registry_for(settings)
@@ -396,7 +397,7 @@ def run_demo(settings: Settings, *, out_dir: Path, quick: bool, url: str | None 
     with ExitStack() as stack:
         stop_scheduler = threading.Event()
         if url is None:
-            url, stop_scheduler = stack.enter_context(platform(settings, plan, app_name, route_prefix))
+            url, stop_scheduler = stack.enter_context(platform(settings, plan, route_prefix))
         champion_before = registry.alias("champion")
         t0 = time.time()
         load_s = _drive(url, plan, seed, out_dir, lambda: registry.alias("champion"),

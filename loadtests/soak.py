@@ -129,6 +129,7 @@ def run_soak(settings: Settings, *, out_dir: Path, minutes: float = 10.0, swap_e
              sample_every_s: float = 10.0, say: Callable[[str], None] = print) -> SoakReport:
     settings = settings.model_copy(deep=True)
     settings.retrain.schedule_enabled = False  # this driver moves the alias; no retrains mid-soak
+    settings.serving.app_name = "flywheel-soak"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "requests.jsonl").unlink(missing_ok=True)
     bootstrap(settings, progress=say)
@@ -139,7 +140,7 @@ def run_soak(settings: Settings, *, out_dir: Path, minutes: float = 10.0, swap_e
     swaps = 0
     requests_log = out_dir / "requests.jsonl"
     warm_disk: tuple[int, float] | None = None  # (requests so far, MB on disk) once warm
-    with platform(settings, DemoPlan(), "flywheel-soak", "/soak") as (url, _):
+    with platform(settings, DemoPlan(), "/soak") as (url, _):
         started = time.monotonic()
         env = {"FLYWHEEL_SCENARIO": scenario, "FLYWHEEL_DRIFT_START": "0.5", "FLYWHEEL_DRIFT_END": "0.5",
                "FLYWHEEL_MAX_PROMPT_CHARS": str(settings.serving.max_prompt_chars)}
@@ -149,7 +150,7 @@ def run_soak(settings: Settings, *, out_dir: Path, minutes: float = 10.0, swap_e
                 if warm_disk is None and now - started >= warmup_s:
                     warm_disk = (_requests_logged(requests_log), _feedback_disk_mb(settings))
                 if now >= next_sample:
-                    sizes = _rss_mb(serving_processes("flywheel-soak"))
+                    sizes = _rss_mb(serving_processes(settings.serving.app_name))
                     samples.append(MemorySample(t_s=now - started, total_mb=sum(sizes.values()), by_process=sizes))
                     say(f"{now - started:5.0f} s  resident {samples[-1].total_mb:.0f} MB  swaps {swaps}")
                     next_sample += sample_every_s

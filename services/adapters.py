@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import math
 import time
-from collections import OrderedDict
+import uuid
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from flywheel.registry import Registry, RegistryError, lora_int_id
-from services.engines.protocol import AdapterHandle, ChatMessage, Engine, SamplingOptions
+from flywheel.registry import CANARY_ALIAS, AliasRecord, Registry, RegistryError, VersionNotFoundError, lora_int_id
+from services.engines.protocol import AdapterHandle, ChatMessage, Engine, PromptTooLongError, SamplingOptions
 
 log = logging.getLogger("flywheel.adapters")
 
 BASE_VERSION = "base"
+TALLY_WINDOW = 512  # latencies kept per version for its p99
 RETRY_FIRST_S, RETRY_MAX_S = 10.0, 600.0  # a failed swap is retried after 10 s, 20 s, 40 s … at most 10 min
 
 
@@ -61,6 +65,12 @@ class SwapCounters:
     failed: int = 0
 
 
+def traffic_bucket(version: str, user: str | None) -> float:
+    """A number in [0, 1) fixed by (canary version, user); uniform over users."""
+    key = f"{version}\n{user if user is not None else uuid.uuid4().hex}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+
+
 class AdapterManager:
     def __init__(
         self,
@@ -79,6 +89,7 @@ class AdapterManager:
         self.probe_prompt = probe_prompt
         self.drain_timeout_s = drain_timeout_s
         self.active = AdapterSlot(BASE_VERSION, None, AdapterState.READY)
+        self.canary: AliasRecord | None = None  # a version on trial with a share of traffic, if any
         self.slots: dict[str, AdapterSlot] = {}
         self.counters = SwapCounters()
         self.last_failure: AdapterSlot | None = None
@@ -97,13 +108,26 @@ class AdapterManager:
         finally:
             slot.in_flight -= 1
 
+    def arm(self, user: str | None) -> str | None:
+        """The canary's version when this request falls in its share of traffic, else None (the champion).
+
+        Sticky: a user's bucket is a hash of who they are, so one person sees one version while the share
+        holds, and stays on the canary as it steps up. Anonymous requests are bucketed one by one."""
+        canary = self.canary
+        if canary is None or canary.version == self.active.version:
+            return None
+        return canary.version if traffic_bucket(canary.version, user) < (canary.traffic_fraction or 0.0) else None
+
     async def converge(self) -> None:
         """Read the alias once and swap if it points somewhere else (and has not already failed there)."""
         try:
-            target = await asyncio.to_thread(self.registry.alias, self.alias)
+            aliases = await asyncio.to_thread(self.registry.aliases)
         except (OSError, ValueError, RegistryError) as exc:
             log.warning("event=alias_read_failed alias=%s error=%r", self.alias, exc)
             return
+        canary = aliases.get(CANARY_ALIAS)
+        self.canary = canary if canary and canary.traffic_fraction else None
+        target = aliases[self.alias].version if self.alias in aliases else None
         if target == self.active.version:
             self.last_failure = None  # the alias came back: a failed attempt elsewhere is moot
             return
@@ -196,6 +220,52 @@ class AdapterManager:
 
 
 @dataclass
+class VersionTally:
+    requests: int = 0
+    failures: int = 0
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=TALLY_WINDOW))
+
+
+class VersionTallies:
+    """Users' requests per version on one replica: how many, how many failed, recent latencies. A canary's
+    guardrails compare these between its version and the champion's."""
+
+    def __init__(self, keep_versions: int = 16) -> None:
+        self.keep_versions = keep_versions
+        self.by_version: dict[str, VersionTally] = {}
+
+    @contextlib.asynccontextmanager
+    async def timed(self, version: str) -> AsyncIterator[None]:
+        tally = self.by_version.pop(version, None) or VersionTally()
+        self.by_version[version] = tally  # most recently used last; the oldest versions are forgotten
+        while len(self.by_version) > self.keep_versions:
+            del self.by_version[next(iter(self.by_version))]
+        tally.requests += 1
+        started = time.perf_counter()
+        try:
+            yield
+        except PromptTooLongError:  # the request's fault, not the version's
+            raise
+        except Exception:
+            tally.failures += 1
+            raise
+        tally.latencies_ms.append((time.perf_counter() - started) * 1000)
+
+    def status(self) -> dict[str, dict[str, float]]:
+        return {version: {"requests": t.requests, "failures": t.failures,
+                          "p99_ms": percentile(list(t.latencies_ms), 0.99)}
+                for version, t in self.by_version.items()}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The `q` quantile of `values` (nearest rank); 0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+@dataclass
 class PinnedCounters:
     loads: int = 0
     evictions: int = 0
@@ -217,15 +287,24 @@ class PinnedAdapters:
         self.in_use_elsewhere = in_use_elsewhere
         self.slots: OrderedDict[str, AdapterSlot] = OrderedDict()
         self.counters = PinnedCounters()
+        self.evaluating: set[str] = set()  # loaded for the gate; may not answer users yet
         self._lock = asyncio.Lock()
 
     @contextlib.asynccontextmanager
-    async def acquire(self, registry: Registry, version: str) -> AsyncIterator[AdapterSlot]:
-        """The slot of `version`, loaded if needed; VersionNotFoundError/AdapterIntegrityError if it cannot be."""
+    async def acquire(self, registry: Registry, version: str, *, for_gate: bool = False) -> AsyncIterator[AdapterSlot]:
+        """The slot of `version`, loaded if needed; VersionNotFoundError/AdapterIntegrityError if it cannot be.
+
+        A version still `evaluating` answers only the gate (`for_gate`): users never see a candidate
+        before the gate has passed it.
+        """
         async with self._lock:
             slot = self.slots.get(version)
             if slot is None:
                 slot = await self._load(registry, version)
+            if version in self.evaluating and not for_gate:
+                if (await asyncio.to_thread(registry.manifest, version)).status == "evaluating":
+                    raise VersionNotFoundError(f"{version} is being evaluated; it answers once the gate passes it")
+                self.evaluating.discard(version)
             self.slots.move_to_end(version)
             slot.in_flight += 1
             await self._unload_beyond_capacity()
@@ -237,6 +316,8 @@ class PinnedAdapters:
     async def _load(self, registry: Registry, version: str) -> AdapterSlot:
         started = time.perf_counter()
         manifest = await asyncio.to_thread(registry.verify, version, base_sha256=self.base_sha256)
+        if manifest.status == "evaluating":
+            self.evaluating.add(version)
         handle = AdapterHandle(name=version, int_id=lora_int_id(manifest.version), path=registry.local_path(version))
         await self.engine.add_adapter(handle)
         seconds = time.perf_counter() - started
@@ -254,6 +335,7 @@ class PinnedAdapters:
             if slot.in_flight or slot.handle is None:
                 continue
             del self.slots[version]
+            self.evaluating.discard(version)
             self.counters.evictions += 1
             if not self.in_use_elsewhere(version):
                 await self.engine.remove_adapter(slot.handle)

@@ -6,8 +6,10 @@ the tests use `run`.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,13 @@ import ray
 from ray import serve
 from ray.serve import Application
 
+from flywheel.canary import CanaryController
 from flywheel.config import Settings, load_settings
 from services.gateway import Gateway
 from services.llm_server import LLMServer
+from services.status_board import get_board, version_figures
 
-APP_NAME = "flywheel"
+log = logging.getLogger("flywheel.app")
 
 
 def _replica_env(settings: Settings) -> dict[str, str]:
@@ -77,14 +81,15 @@ def ensure_ray(settings: Settings) -> None:
     )
 
 
-def run(settings: Settings, *, timeout_s: float = 300.0, name: str = APP_NAME, route_prefix: str = "/") -> str:
-    """Start (or reuse) Ray and Serve, deploy the app, and return its URL once /healthz answers.
+def run(settings: Settings, *, timeout_s: float = 300.0, route_prefix: str = "/") -> str:
+    """Start (or reuse) Ray and Serve, deploy the app as `serving.app_name`, and return its URL once /healthz
+    answers.
 
-    Several apps (e.g. two registries) can share one Serve instance under different route prefixes.
+    Several apps (e.g. two registries) can share one Serve instance under different names and route prefixes.
     """
     ensure_ray(settings)
     serve.start(http_options={"host": settings.serving.host, "port": settings.serving.port})
-    serve.run(build_app(settings), name=name, route_prefix=route_prefix, blocking=False)
+    serve.run(build_app(settings), name=settings.serving.app_name, route_prefix=route_prefix, blocking=False)
     url = f"http://{settings.serving.host}:{settings.serving.port}{route_prefix.rstrip('/')}"
     wait_healthy(url, timeout_s=timeout_s)
     return url
@@ -109,3 +114,20 @@ def shutdown() -> None:
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
+
+
+def canary_controller(settings: Settings, stop: threading.Event) -> CanaryController:
+    """The canary controller of this app: ratings from the curated dataset, guardrails from the replicas."""
+    from feedback.dataset import CuratedDataset
+
+    dataset = CuratedDataset(settings.feedback_dir / "dataset")
+    board = get_board(settings.registry_uri, settings.serving.alias)
+
+    def figures() -> dict[str, dict[str, float]]:
+        try:
+            return version_figures(ray.get(board.snapshot.remote(), timeout=10))
+        except Exception:  # replicas not reporting: the guardrails wait, the ratings still decide
+            log.warning("event=canary_figures_unavailable", exc_info=True)
+            return {}
+
+    return CanaryController(settings, stop, ratings=dataset.ratings, figures=figures)

@@ -250,14 +250,15 @@ class Gateway:
         )
         try:
             if body.stream:
-                first, events = await open_stream(self.llm, body.chat(), options, request_id, task, body.version)
+                first, events = await open_stream(self.llm, body.chat(), options, request_id, task, body.version,
+                                                  body.user)
                 self.metrics.first_token.labels("/predict", first.adapter_version).observe(
                     time.perf_counter() - started)
                 return StreamingResponse(self._predict_events(body, task, request_id, started, events),
                                          media_type="text/event-stream",
                                          headers={"x-flywheel-replica": first.replica, "cache-control": "no-cache"})
             completion = answered(await self.llm.generate.remote(body.chat(), options, request_id, task,
-                                                                 body.version))
+                                                                 body.version, body.user))
         except PromptTooLongError as exc:
             field = "prompt" if body.prompt is not None else "messages"
             return self._reject(400, field, client_message(exc))

@@ -4,7 +4,8 @@ Every task served on the one base keeps its champion resident as its own LoRA (v
 has its own `AdapterManager`, so a swap in one task never touches another task's requests. Each
 replica reads the aliases on start (so a late replica converges), then watches them, and looks for
 tasks added meanwhile (`flywheel train` registers new ones). A request may pin a version of its
-task (`version`): that one answers instead of the champion, loaded on demand (`PinnedAdapters`). It
+task (`version`): that one answers instead of the champion, loaded on demand (`PinnedAdapters`). The
+evaluation gate scores a candidate here too (`gate_*`), on the very engine that will serve it. A replica
 reports its state to the status board for /healthz and /metrics.
 """
 
@@ -26,10 +27,11 @@ from flywheel.logs import configure_logging
 from flywheel.r1 import StreamSplitter, split_completion
 from flywheel.registry import UnknownTaskError, known_tasks, registry_for
 from flywheel.tasks import TaskSpec
-from services.adapters import AdapterManager, AdapterSlot, PinnedAdapters
+from services.adapters import AdapterManager, AdapterSlot, PinnedAdapters, VersionTallies
 from services.engines import build_engine
 from services.engines.protocol import ChatMessage, Engine, SamplingOptions
-from services.protocol import REFUSED, Completion, Refusal, StreamEvent, Usage
+from services.engines.served import LLM_DEPLOYMENT
+from services.protocol import REFUSED, Completion, Refusal, ReplicaGeneration, StreamEvent, Usage
 from services.status_board import get_board
 
 log = logging.getLogger("flywheel.llm")
@@ -39,7 +41,7 @@ DISCOVER_INTERVAL_S = 2.0  # how often a replica looks for tasks registered afte
 REFUSABLE = tuple(REFUSED)
 
 
-@serve.deployment(max_ongoing_requests=64, health_check_period_s=5)
+@serve.deployment(name=LLM_DEPLOYMENT, max_ongoing_requests=64, health_check_period_s=5)
 class LLMServer:
     async def __init__(self, settings: dict[str, Any], engine: Engine | None = None) -> None:
         configure_logging()
@@ -51,6 +53,8 @@ class LLMServer:
         await self.engine.start()
         self.managers: dict[str, AdapterManager] = {}
         self.ongoing = 0  # requests in this replica now: its queue depth, for /metrics
+        self.gate_requests = 0  # scoring requests of evaluation gates, ever
+        self.tallies = VersionTallies()  # users' requests per version: a canary's guardrails
         self.pinned = PinnedAdapters(self.engine, base_sha256=self.base.source_sha256,
                                      capacity=self.settings.serving.max_pinned_adapters,
                                      in_use_elsewhere=self._a_champion_holds)
@@ -92,16 +96,26 @@ class LLMServer:
         return any(m.active.version == version or version in m.slots for m in self.managers.values())
 
     @contextlib.asynccontextmanager
-    async def _slot(self, manager: AdapterManager, version: str | None) -> AsyncIterator[AdapterSlot]:
-        """The task's champion, or the pinned `version` of it; held until the request is done."""
+    async def _slot(self, manager: AdapterManager, version: str | None, *, user: str | None = None,
+                    for_gate: bool = False) -> AsyncIterator[AdapterSlot]:
+        """The slot a request runs on, held until it is done: the `version` it names, else the task's canary
+        for users in the canary's share, else the champion. A canary that cannot be loaded here leaves its
+        users on the champion; a named version that cannot be is the caller's 404."""
+        canary = None if version else manager.arm(user)
+        version = version or canary
         self.ongoing += 1
         try:
-            if version is None or version == manager.active.version:
-                with manager.acquire() as slot:
-                    yield slot
-            else:
-                async with self.pinned.acquire(manager.registry, version) as slot:
-                    yield slot
+            async with contextlib.AsyncExitStack() as stack:
+                slot = None
+                if version is not None and version != manager.active.version:
+                    try:
+                        slot = await stack.enter_async_context(
+                            self.pinned.acquire(manager.registry, version, for_gate=for_gate))
+                    except REFUSABLE as exc:
+                        if canary is None:
+                            raise
+                        log.warning("event=canary_unavailable version=%s error=%r", canary, exc)
+                yield slot or stack.enter_context(manager.acquire())
         finally:
             self.ongoing -= 1
 
@@ -126,21 +140,23 @@ class LLMServer:
 
     async def generate(
         self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None = None,
-        version: str | None = None,
+        version: str | None = None, user: str | None = None,
     ) -> Completion | Refusal:
-        """The whole answer, or why the request cannot be run (the caller's 4xx, one log line)."""
+        """The whole answer, or why the request cannot be run (the caller's 4xx, one log line).
+
+        Without a `version`, the task's champion answers, or its canary for users in the canary's share."""
         try:
-            return await self._generate(messages, options, request_id, task, version)
+            return await self._generate(messages, options, request_id, task, version, user)
         except REFUSABLE as exc:
             return self._refuse(exc, request_id)
 
     async def _generate(
         self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None,
-        version: str | None,
+        version: str | None, user: str | None,
     ) -> Completion:
         task, manager, spec = self._task(task)
         chat = [ChatMessage(**m) for m in spec.conversation([m.model_dump() for m in messages])]
-        async with self._slot(manager, version) as slot:
+        async with self._slot(manager, version, user=user) as slot, self.tallies.timed(slot.version):
             generation = await self.engine.generate(chat, options, slot.handle, request_id)
         reasoning, answer, truncated = split_completion(generation.text, opened_think=generation.opened_think)
         return Completion(
@@ -156,7 +172,7 @@ class LLMServer:
 
     async def generate_stream(
         self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None = None,
-        version: str | None = None,
+        version: str | None = None, user: str | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """The answer as the engine makes it: reasoning and answer deltas, then the totals.
 
@@ -164,18 +180,18 @@ class LLMServer:
         The first event comes with the first tokens, or is the refusal of a request that cannot be run.
         """
         try:
-            async for event in self._stream(messages, options, request_id, task, version):
+            async for event in self._stream(messages, options, request_id, task, version, user):
                 yield event
         except REFUSABLE as exc:
             yield StreamEvent(refusal=self._refuse(exc, request_id), done=True)
 
     async def _stream(
         self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None,
-        version: str | None,
+        version: str | None, user: str | None,
     ) -> AsyncIterator[StreamEvent]:
         task, manager, spec = self._task(task)
         chat = [ChatMessage(**m) for m in spec.conversation([m.model_dump() for m in messages])]
-        async with self._slot(manager, version) as slot:
+        async with self._slot(manager, version, user=user) as slot, self.tallies.timed(slot.version):
             splitter: StreamSplitter | None = None
             last = None
             async for piece in self.engine.stream(chat, options, slot.handle, request_id):
@@ -192,11 +208,49 @@ class LLMServer:
                             completion_tokens=last.completion_tokens if last else 0),
             )
 
+    # -- the evaluation gate's requests: this replica's engine, on a task's version (even one evaluating) --
+
+    async def gate_preload(self, task: str, version: str) -> Refusal | None:
+        """Load `version` of `task` here before the gate times anything on it."""
+        try:
+            _, manager, _ = self._task(task)
+            async with self._slot(manager, version, for_gate=True):
+                return None
+        except REFUSABLE as exc:
+            return self._refuse(exc, f"gate-preload-{version}")
+
+    async def gate_generate(
+        self, chat: list[ChatMessage], options: SamplingOptions, request_id: str, task: str, version: str,
+    ) -> ReplicaGeneration | Refusal:
+        """The engine's own generation for `chat` (already in the task's shape), as the gate scores it."""
+        self.gate_requests += 1
+        try:
+            _, manager, _ = self._task(task)
+            async with self._slot(manager, version, for_gate=True) as slot:
+                generation = await self.engine.generate(chat, options, slot.handle, request_id)
+            return ReplicaGeneration(**generation.model_dump(), replica=self.replica)
+        except REFUSABLE as exc:
+            return self._refuse(exc, request_id)
+
+    async def gate_logprob(
+        self, chat: list[ChatMessage], completion: str, task: str, version: str
+    ) -> tuple[float, int] | Refusal:
+        """(sum of log-probabilities, tokens) of `completion` as `version`'s answer to `chat`."""
+        self.gate_requests += 1
+        try:
+            _, manager, _ = self._task(task)
+            async with self._slot(manager, version, for_gate=True) as slot:
+                return await self.engine.completion_logprob(chat, completion, slot.handle)
+        except REFUSABLE as exc:
+            return self._refuse(exc, f"gate-logprob-{version}")
+
     def status(self) -> dict[str, Any]:
         tasks = {name: manager.status() for name, manager in self.managers.items()}
         default = tasks.get(self.settings.default_task) or {"active": "base", "last_failure": None}
         return {"active": default["active"], "last_failure": default["last_failure"], "tasks": tasks,
-                "pinned": self.pinned.status(), "ongoing": self.ongoing, "engine": self.settings.serving.engine,
+                "pinned": self.pinned.status(), "ongoing": self.ongoing, "gate_requests": self.gate_requests,
+                "versions": self.tallies.status(),
+                "engine": self.settings.serving.engine,
                 "base_model": self.base.label, "quantization": self.base.quantization or None}
 
     async def _report_forever(self) -> None:
@@ -204,7 +258,8 @@ class LLMServer:
         last_sent = 0.0
         while True:
             status = self.status()
-            changed = {**status, "ongoing": None} != {**(last or {}), "ongoing": None}  # queue depth: once a second
+            counters = {"ongoing": None, "gate_requests": None, "versions": None}  # always changing: once a second
+            changed = {**status, **counters} != {**(last or {}), **counters}
             if changed or time.monotonic() - last_sent > REPORT_INTERVAL_S:
                 with contextlib.suppress(Exception):  # the board is advisory; serving goes on
                     await self._board.report.remote(self.replica, status)

@@ -110,7 +110,7 @@ class ChatCompletions:
         started = time.perf_counter()
         try:
             completion = answered(await self.llm.generate.remote(body.chat(), options, request_id, task,
-                                                                 version or None))
+                                                                 version or None, body.user))
         except REFUSALS as exc:
             return self._engine_refusal(exc, body.model)
         except Exception:  # engine or replica trouble is ours, not the caller's: 503, logged
@@ -146,7 +146,7 @@ class ChatCompletions:
                       request_id: str) -> Any:
         started = time.perf_counter()
         try:
-            first, events = await open_stream(self.llm, body.chat(), options, request_id, task, version)
+            first, events = await open_stream(self.llm, body.chat(), options, request_id, task, version, body.user)
             self.metrics.first_token.labels(ROUTE, first.adapter_version).observe(time.perf_counter() - started)
         except REFUSALS as exc:
             return self._engine_refusal(exc, body.model)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from feedback.schemas import refuse_nulls
 from flywheel.jsontypes import PositiveInt, Seed
 from flywheel.registry import AdapterIntegrityError, UnknownTaskError, VersionNotFoundError
 from flywheel.tasks import TaskName, VersionName
-from services.engines.protocol import ChatMessage, PromptTooLongError
+from services.engines.protocol import ChatMessage, Generation, PromptTooLongError
 
 # What a replica refuses because of the request (the caller's 4xx), by the kind it travels as.
 REFUSED: dict[type[Exception], str] = {
@@ -47,6 +47,9 @@ def client_message(exc: BaseException) -> str:
     return str(cause if isinstance(cause, BaseException) else exc).strip().splitlines()[-1]
 
 
+NOT_BLANK = r"[^ \t\r\n]"
+
+
 class Message(ChatMessage):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -63,7 +66,10 @@ class PredictRequest(BaseModel):
         "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
 
     # constraints sit on the non-null branch: the document shows optional fields, never `null`
-    prompt: Annotated[str, Field(min_length=1)] | SkipJsonSchema[None] = Field(None, description="A single user turn.")
+    # "blank" is spelled as a pattern (ASCII spaces only) so the document and the check agree exactly:
+    # Python's str.isspace() also counts control characters a JSON Schema `\s` does not
+    prompt: Annotated[str, Field(min_length=1, pattern=NOT_BLANK)] | SkipJsonSchema[None] = Field(
+        None, description="A single user turn; not only spaces.")
     messages: Annotated[list[Message], Field(min_length=1)] | SkipJsonSchema[None] = Field(
         None, description="A chat, oldest first.")
     max_tokens: PositiveInt | None = Field(None, description="Tokens to generate; default: the task's budget.")
@@ -75,18 +81,14 @@ class PredictRequest(BaseModel):
         None, description="A version of the task to answer with instead of its champion (e.g. to replay an "
         "evaluation); loaded on demand.")
     stream: bool = Field(False, description="Server-sent events as the model makes tokens (see the 200 answer).")
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, prompt: str | None) -> str | None:
-        if prompt is not None and not prompt.strip():
-            raise ValueError("must not be blank")
-        return prompt
+    user: Annotated[str, Field(min_length=1, max_length=256)] | SkipJsonSchema[None] = Field(
+        None, description="Who is asking (any stable id). While a task runs a canary, its share of traffic is "
+        "drawn per user: one user sees one version.")
 
     @model_validator(mode="before")
     @classmethod
     def _no_explicit_nulls(cls, data: object) -> object:
-        return refuse_nulls(data, ("prompt", "messages", "version"))
+        return refuse_nulls(data, ("prompt", "messages", "version", "user"))
 
     @model_validator(mode="after")
     def _one_input(self) -> PredictRequest:
@@ -119,6 +121,12 @@ class Completion(BaseModel):
     truncated: bool = False
     usage: Usage
     finish_reason: str | None = None
+
+
+class ReplicaGeneration(Generation):
+    """The engine's raw generation for one of the gate's scoring requests, and which replica made it."""
+
+    replica: str
 
 
 class StreamEvent(BaseModel):

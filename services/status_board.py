@@ -43,3 +43,15 @@ def get_board(registry_uri: str, alias: str) -> Any:
     return ReplicaBoard.options(  # type: ignore[attr-defined]
         name=f"{BOARD_NAME}-{key}", namespace="flywheel", get_if_exists=True, lifetime="detached"
     ).remote()
+
+
+def version_figures(replicas: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Users' requests per version over all replicas: requests and failures summed, the worst replica's p99."""
+    totals: dict[str, dict[str, float]] = {}
+    for replica in replicas:
+        for version, tally in replica.get("versions", {}).items():
+            total = totals.setdefault(version, {"requests": 0, "failures": 0, "p99_ms": 0.0})
+            total["requests"] += tally["requests"]
+            total["failures"] += tally["failures"]
+            total["p99_ms"] = max(total["p99_ms"], tally["p99_ms"])
+    return totals

@@ -22,14 +22,14 @@ def answered(result: Completion | Refusal) -> Completion:
 
 async def open_stream(
     llm: DeploymentHandle, chat: list[ChatMessage], options: SamplingOptions, request_id: str, task: str,
-    version: str | None,
+    version: str | None, user: str | None = None,
 ) -> tuple[StreamEvent, AsyncIterator[StreamEvent]]:
     """The first event, and all of them (the first again, up to the one that is `done`).
 
     The first event comes with the first tokens, so a request the replica refuses raises here, before
     the caller has sent a byte: it can still answer with a proper error status.
     """
-    events = llm.options(stream=True).generate_stream.remote(chat, options, request_id, task, version)
+    events = llm.options(stream=True).generate_stream.remote(chat, options, request_id, task, version, user)
     first: StreamEvent = await events.__anext__()
     if first.refusal is not None:
         raise first.refusal.error()

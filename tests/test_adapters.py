@@ -219,6 +219,26 @@ async def test_pinned_versions_load_on_demand_and_the_least_recently_used_idle_o
             pass
 
 
+async def test_a_candidate_being_evaluated_answers_only_the_gate(setup) -> None:
+    from flywheel.registry import VersionNotFoundError
+    from services.adapters import PinnedAdapters
+
+    registry, engine, _ = setup
+    candidate = registry.register(fake_adapter(registry_path(registry) / "candidate", b"new"), base=BASE,
+                                  status="evaluating").version
+    pinned = PinnedAdapters(engine, base_sha256=BASE.sha256, capacity=2)
+    with pytest.raises(VersionNotFoundError, match="being evaluated"):
+        async with pinned.acquire(registry, candidate):
+            pass
+    async with pinned.acquire(registry, candidate, for_gate=True) as slot:
+        assert slot.version == candidate
+    with pytest.raises(VersionNotFoundError, match="being evaluated"):  # loaded now, and still private
+        async with pinned.acquire(registry, candidate):
+            pass
+    registry.conclude(candidate, "ready")
+    assert await ask_pinned(pinned, registry, engine, candidate) == candidate
+
+
 def registry_path(registry: Registry) -> Path:
     return Path(registry.root).parent
 

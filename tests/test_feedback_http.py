@@ -117,7 +117,8 @@ def kafka_app(served: tuple[str, Settings], demo_home: Path, kafka_broker, tmp_p
     settings = make_settings(home, engine="vllm", port=served[1].serving.port)
     settings.feedback.kafka_bootstrap = kafka_broker.bootstrap
     settings.feedback.kafka_api_version = "0.9"
-    url = serve_app.run(settings, name="flywheel-kafka", route_prefix="/kafka", timeout_s=600)
+    settings.serving.app_name = "flywheel-kafka"
+    url = serve_app.run(settings, route_prefix="/kafka", timeout_s=600)
     try:
         yield url, settings, kafka_broker
     finally:

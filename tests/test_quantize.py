@@ -131,8 +131,9 @@ def test_serving_and_gate_run_on_the_quantized_base(
     settings.retrain.min_examples = 40
     settings.retrain.steps = 60
     settings.retrain.gate.max_latency_ratio = 3.0
+    settings.serving.app_name = "flywheel-gptq"  # the retrain's gate scores on this app's replicas
     config = write_config(settings)
-    url = serve_app.run(settings, name="flywheel-gptq", route_prefix="/gptq", timeout_s=600)
+    url = serve_app.run(settings, route_prefix="/gptq", timeout_s=600)
     try:
         health = httpx.get(f"{url}/healthz").json()
         assert health["base_model"] == outcome["name"] and health["engine"] == "hf"

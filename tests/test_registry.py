@@ -263,3 +263,20 @@ def test_base_versions_number_per_shape_and_serve_only_when_ready_and_ours(
     with pytest.raises(AdapterIntegrityError, match="sha256"):
         registry.base_path(w4.name, source_sha256=BASE.sha256)
     assert [m.version for m in registry.versions()] == [], "base versions are not adapter versions"
+
+
+def test_an_evaluating_candidate_is_concluded_once_and_only_a_ready_one_is_promoted(
+    registry: Registry, tmp_path: Path,
+) -> None:
+    v1 = registry.register(fake_adapter(tmp_path / "a1", b"one"), base=BASE)
+    registry.promote(v1.version, actor="test")
+    candidate = registry.register(fake_adapter(tmp_path / "a2", b"two"), base=BASE, status="evaluating")
+    with pytest.raises(RegistryError, match="evaluating; only ready"):
+        registry.promote(candidate.version, actor="test")
+    concluded = registry.conclude(candidate.version, "ready", gate={"passed": True})
+    assert registry.manifest(candidate.version) == concluded and concluded.gate == {"passed": True}
+    assert registry.verify(candidate.version).files == candidate.files  # the weights' hashes are untouched
+    with pytest.raises(RegistryError, match="only an evaluating version"):
+        registry.conclude(candidate.version, "rejected")
+    registry.promote(candidate.version, actor="test")
+    assert registry.alias("champion") == candidate.version

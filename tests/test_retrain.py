@@ -1,7 +1,7 @@
 """The learning proof: feedback becomes a better adapter, and only a better adapter reaches users.
 
-A dedicated app (its own registry and feedback log) on the shared Serve instance; real Ray Train,
-the real vLLM engine for evaluation, the real gate. Tests run in file order and share the app.
+A dedicated app (its own registry and feedback log) on the shared Serve instance; real Ray Train, the
+real gate scoring on the app's own vLLM replicas. Tests run in file order and share the app.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,9 +50,10 @@ def learning_app(served: tuple[str, Settings], demo_home: Path, tmp_path_factory
     settings.retrain.min_examples = 40
     settings.retrain.steps = 80
     settings.retrain.gate.max_latency_ratio = 3.0  # shared 2-core CI boxes: latency is noise, not signal
+    settings.serving.app_name = "flywheel-learning"  # retrains' gates score on this app's replicas
     config = home / "flywheel.yaml"
     config.write_text(yaml.safe_dump(settings.shareable(), allow_unicode=True))
-    url = serve_app.run(settings, name="flywheel-learning", route_prefix="/learning", timeout_s=600)
+    url = serve_app.run(settings, route_prefix="/learning", timeout_s=600)
     try:
         yield url, settings, config
     finally:
@@ -108,6 +110,20 @@ def wait_serving(url: str, version: str, timeout_s: float = 30) -> None:
     raise AssertionError(f"serving did not move to {version}")
 
 
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def gate_requests(url: str) -> int:
+    """Scoring requests the app's replicas have answered for evaluation gates."""
+    return sum(r.get("gate_requests", 0) for r in httpx.get(f"{url}/healthz").json()["replicas"])
+
+
 def test_too_little_data_changes_nothing(learning_app: tuple[str, Settings, Path]) -> None:
     url, settings, config = learning_app
     asyncio.run(rate(url, DRIFTED[:5], lambda e: e.answer))
@@ -126,9 +142,14 @@ def test_corrections_retrain_pass_the_gate_and_swap_in(learning_app: tuple[str, 
     asyncio.run(rate(url, DRIFTED[5:], lambda e: e.answer))  # the raters correct every answer
     curate(settings)
 
+    scored_before = gate_requests(url)
     code, result = retrain(config)
     assert code == 0 and result["verdict"] == "passed", result
     version = result["version"]
+    judged_on = result["report"]["engine"]
+    assert judged_on["engine"] == "serving" and judged_on["app"] == "flywheel-learning", judged_on
+    assert set(judged_on["replicas"]) <= {r["replica"] for r in httpx.get(f"{url}/healthz").json()["replicas"]}
+    assert wait_for(lambda: gate_requests(url) > scored_before), "the serving replicas never scored"
     registry = registry_for(settings)
     assert registry.alias("champion") == version
     manifest = registry.manifest(version)
@@ -147,7 +168,7 @@ def test_corrections_retrain_pass_the_gate_and_swap_in(learning_app: tuple[str, 
 
 
 def test_wrong_labels_are_rejected_and_the_champion_stays(learning_app: tuple[str, Settings, Path]) -> None:
-    url, settings, config = learning_app
+    url, settings, _ = learning_app
     registry = registry_for(settings)
     champion = registry.alias("champion")
     original = generate_examples(160, seed=77)
@@ -158,11 +179,20 @@ def test_wrong_labels_are_rejected_and_the_champion_stays(learning_app: tuple[st
 
     asyncio.run(rate(url, original, wrong))
     curate(settings)
-    code, result = retrain(config)
-    assert code == 0 and result["verdict"] == "rejected", result
+    # the ops path: serving starts the run in a process of its own, which joins the cluster and is judged there
+    started = httpx.post(f"{url}/admin/retrain", headers=AUTH)
+    assert started.status_code == 202, started.text
+    store = RunStore(settings.home / "runs")
+    run_id = started.json()["run_id"]
+    assert wait_for(lambda: store.get(run_id).state != "running", timeout_s=1500), store.get(run_id)
+    record = store.get(run_id)
+    assert record.state == "rejected", record
     assert registry.alias("champion") == champion
-    assert registry.manifest(result["version"]).status == "rejected"
-    assert "golden_regression" in result["message"]
+    assert registry.manifest(record.version).status == "rejected"
+    assert "golden_regression" in record.message
+    assert record.report["engine"]["engine"] == "serving"
+    run_log = (store.root / f"{run_id}.log").read_text()
+    assert "event=gate_engine" in run_log and "event=engine_started engine=vllm" not in run_log, run_log[-3000:]
     assert httpx.post(f"{url}/predict", json={"prompt": "hi"}).json()["adapter_version"] == champion
 
 
@@ -185,7 +215,7 @@ def test_admin_retrain_is_exclusive_and_a_killed_run_changes_nothing(
 
     store = RunStore(settings.home / "runs")
     deadline = time.monotonic() + 120
-    while (record := store.get(run_id)) and record.stage not in ("train", "evaluate") and time.monotonic() < deadline:
+    while (record := store.get(run_id)) and record.stage != "train" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert record is not None and record.state == "running", record
     os.killpg(record.pid, signal.SIGKILL)  # the run and everything it started
@@ -202,10 +232,10 @@ def test_admin_retrain_is_exclusive_and_a_killed_run_changes_nothing(
     assert not store.busy()  # the lock died with the run
 
 
-def task_like_demo(settings: Settings, name: str, tmp_path: Path) -> Registry:
+def task_like_demo(settings: Settings, name: str, tmp_path: Path, rollout: str = "direct") -> Registry:
     """A task of its own (the demo's spec and golden set) whose champion is a copy of demo-v1."""
     demo, task = registry_for(settings), registry_for(settings, name)
-    task.save_task_spec(DEMO_TASK.model_copy(update={"name": name}))
+    task.save_task_spec(DEMO_TASK.model_copy(update={"name": name, "rollout": rollout}))
     task.save_golden(demo.golden_text() or "")
     source = tmp_path / f"{name}-adapter"
     shutil.copytree(demo.local_path("demo-v1"), source, ignore=shutil.ignore_patterns("manifest.json"))
@@ -223,7 +253,8 @@ def test_a_small_batch_of_confirmed_corrections_is_learned_in_one_retrain(
     """
     url, settings, config = learning_app
     demo = registry_for(settings)
-    desk = task_like_demo(settings, "desk", tmp_path)
+    desk = task_like_demo(settings, "desk", tmp_path, rollout="canary")
+    desk_champion = desk.alias("champion")
     demo_champion, demo_versions = demo.alias("champion"), [m.version for m in demo.versions()]
 
     rng = random.Random(5)
@@ -258,7 +289,12 @@ def test_a_small_batch_of_confirmed_corrections_is_learned_in_one_retrain(
     golden = next(c for c in result["report"]["checks"] if c["name"] == "golden_regression")
     assert golden["passed"] and golden["value"] is not None, golden
     new = result["version"]
-    assert desk.alias("champion") == new
+    # a `rollout: canary` task: the gate's pass makes the candidate its canary, not yet its champion
+    assert desk.alias("champion") == desk_champion and desk.alias("canary") == new, result["message"]
+    assert desk.aliases()["canary"].traffic_fraction == settings.canary.steps[0]
+    promoted = CliRunner().invoke(cli, ["canary", "promote", "--task", "desk", "--config", str(config)])
+    assert promoted.exit_code == 0, promoted.output
+    assert desk.alias("champion") == new and desk.aliases()["canary"].traffic_fraction == 0
     assert (demo.alias("champion"), [m.version for m in demo.versions()]) == (demo_champion, demo_versions)
 
     deadline = time.monotonic() + 30
@@ -306,3 +342,107 @@ def test_a_kto_retrain_learns_from_thumbs_and_never_from_the_gate_rows(
     manifest = rated.manifest(result["version"])
     assert manifest.training["method"] == "kto" and manifest.parent == champion
     assert manifest.files["adapter_model.safetensors"] != rated.manifest(champion).files["adapter_model.safetensors"]
+
+
+def users_rate(url: str, users: list[str], score: Callable[[str, int], int], requests_each: int = 2
+               ) -> dict[str, set[str]]:
+    """Each user asks `requests_each` times and rates every answer `score(version, i)`; the versions each saw."""
+    seen: dict[str, set[str]] = {u: set() for u in users}
+
+    async def one(client: httpx.AsyncClient, user: str, i: int) -> None:
+        answer = await client.post(f"{url}/predict", json={"prompt": f"how is the market today, {user}?",
+                                                          "user": user, "max_tokens": 16})
+        assert answer.status_code == 200, answer.text  # not one failed request while the canary runs
+        body = answer.json()
+        seen[user].add(body["adapter_version"])
+        rated = await client.post(f"{url}/feedback", json={"request_id": body["request_id"],
+                                                         "rating": score(body["adapter_version"], i)})
+        assert rated.status_code == 202, rated.text
+
+    async def everyone() -> None:
+        gate = asyncio.Semaphore(8)
+
+        async def bounded(client: httpx.AsyncClient, user: str, i: int) -> None:
+            async with gate:
+                await one(client, user, i)
+
+        async with httpx.AsyncClient(timeout=60) as client:
+            await asyncio.gather(*(bounded(client, u, i) for u in users for i in range(requests_each)))
+
+    asyncio.run(everyone())
+    return seen
+
+
+def test_a_canary_users_prefer_steps_up_and_is_promoted(learning_app: tuple[str, Settings, Path]) -> None:
+    """Live ratings decide: too few → held; no difference → the share steps up; preferred → champion."""
+    from services import app as serve_app
+
+    url, settings, _ = learning_app
+    registry = registry_for(settings)
+    champion = registry.alias("champion")
+    canary = next(m.version for m in registry.versions() if m.status == "ready" and m.version != champion)
+    cfg = settings.model_copy(deep=True)
+    cfg.canary = cfg.canary.model_copy(update={"steps": [0.3, 0.6], "step_s": 0.01, "min_ratings": 12})
+    registry.promote(canary, alias="canary", traffic_fraction=0.3, actor="test")
+    controller = serve_app.canary_controller(cfg, threading.Event())
+
+    [held] = controller.check()
+    assert held.verdict == "hold" and "too few ratings" in held.reason
+    status = CliRunner().invoke(cli, ["canary", "status", "--json", "--config", str(write_config(cfg))])
+    assert status.exit_code == 0 and json.loads(status.stdout)["verdict"] == "hold", status.output
+
+    users = [f"user-{i}" for i in range(60)]
+    seen = users_rate(url, users, lambda version, i: 3 + i % 2)  # both arms rated alike
+    assert all(len(versions) == 1 for versions in seen.values()), seen  # one user, one version, within a step
+    on_canary = sum(versions == {canary} for versions in seen.values())
+    assert 6 <= on_canary <= 30, on_canary
+    curate(settings)
+    [stepped] = controller.check()
+    assert stepped.verdict == "step_up" and stepped.next_share == 0.6, stepped.reason
+    assert registry.aliases()["canary"].traffic_fraction == 0.6
+
+    deadline = time.monotonic() + 10  # the replicas read the new share within a poll interval
+    while time.monotonic() < deadline:
+        seen = users_rate(url, users, lambda version, i: (5 - i % 2) if version == canary else (2 + i % 2))
+        if all(len(versions) == 1 for versions in seen.values()):
+            break
+    assert all(len(versions) == 1 for versions in seen.values()), seen
+    assert sum(versions == {canary} for versions in seen.values()) > on_canary  # users went over, none came back
+    curate(settings)
+    [promoted] = controller.check()
+    assert promoted.verdict == "promote" and promoted.test.low > 0, promoted.reason
+    assert registry.alias("champion") == canary and registry.aliases()["canary"].traffic_fraction == 0
+    assert "better" in registry.history("champion")[-1].reason
+    wait_serving(url, canary)
+
+
+def test_a_canary_users_dislike_is_rolled_back_and_the_champion_never_stops(
+    learning_app: tuple[str, Settings, Path],
+) -> None:
+    from services import app as serve_app
+
+    url, settings, _ = learning_app
+    registry = registry_for(settings)
+    champion = registry.alias("champion")
+    canary = next(m.version for m in reversed(registry.versions()) if m.status == "ready" and m.version != champion)
+    cfg = settings.model_copy(deep=True)
+    cfg.canary = cfg.canary.model_copy(update={"steps": [0.5], "min_ratings": 10})
+    registry.promote(canary, alias="canary", traffic_fraction=0.5, actor="test")
+    time.sleep(1)  # the replicas read the canary within a poll interval
+    seen = users_rate(url, [f"critic-{i}" for i in range(40)],
+                      lambda version, i: (1 + i % 2) if version == canary else (4 + i % 2))
+    assert {v for versions in seen.values() for v in versions} == {champion, canary}
+    curate(settings)
+    [rolled] = serve_app.canary_controller(cfg, threading.Event()).check()
+    assert rolled.verdict == "rollback" and rolled.test.high < 0, rolled.reason
+    assert registry.alias("champion") == champion and registry.aliases()["canary"].traffic_fraction == 0
+    assert "rolled back: worse" in registry.history("canary")[-1].reason
+    time.sleep(1)
+    after = users_rate(url, [f"critic-{i}" for i in range(40)], lambda version, i: 3, 1)
+    assert {v for versions in after.values() for v in versions} == {champion}
+
+
+def write_config(settings: Settings) -> Path:
+    path = settings.home / f"config-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(settings.shareable(), allow_unicode=True))
+    return path

@@ -28,7 +28,7 @@ from training.metrics import classification_report, generation_report, match_lab
 from training.sft import completion_text
 
 T = TypeVar("T")
-CONCURRENCY = 16  # enough to keep vLLM's continuous batching busy
+CONCURRENCY = 16  # enough to keep a private vLLM engine's continuous batching busy
 
 
 class EvalExample(BaseModel):
@@ -96,7 +96,8 @@ class _Answer(BaseModel):
 
 
 async def score_slice(
-    engine: Engine, adapter: AdapterHandle | None, examples: list[EvalExample], spec: TaskSpec
+    engine: Engine, adapter: AdapterHandle | None, examples: list[EvalExample], spec: TaskSpec, *,
+    concurrency: int = CONCURRENCY,
 ) -> SliceScores:
     greedy = SamplingOptions(max_tokens=spec.max_new_tokens)
     if spec.kind == "classification":  # a reference naming no label cannot be scored (data loading refuses them)
@@ -113,7 +114,7 @@ async def score_slice(
         return _Answer(text=predicted, valid=not truncated and "</think>" in generation.text and bool(predicted),
                        truncated=truncated, too_long=False, ms=elapsed)
 
-    results = await _bounded([answer(i, e) for i, e in enumerate(examples)])
+    results = await _bounded([answer(i, e) for i, e in enumerate(examples)], concurrency)
 
     async def logprob(example: EvalExample) -> tuple[float, int]:
         try:
@@ -122,7 +123,7 @@ async def score_slice(
         except PromptTooLongError:
             return 0.0, 0
 
-    logprobs = await _bounded([logprob(e) for e in examples])
+    logprobs = await _bounded([logprob(e) for e in examples], concurrency)
     n = len(examples)
     predictions = [r.text for r in results]
     references = [e.answer for e in examples]
@@ -160,11 +161,14 @@ async def score_slice(
 
 
 async def evaluate(
-    engine: Engine, adapters: dict[str, AdapterHandle | None], slices: dict[str, list[EvalExample]], spec: TaskSpec
+    engine: Engine, adapters: dict[str, AdapterHandle | None], slices: dict[str, list[EvalExample]], spec: TaskSpec,
+    *, concurrency: int = CONCURRENCY,
 ) -> dict[str, dict[str, SliceScores]]:
-    """{name: {slice: scores}} for every adapter (None: the bare base) on every slice (adapters loaded)."""
+    """{name: {slice: scores}} for every adapter (None: the bare base) on every slice (adapters loaded), with
+    at most `concurrency` requests in flight."""
     return {
-        name: {slice_name: await score_slice(engine, handle, examples, spec) for slice_name, examples in slices.items()}
+        name: {slice_name: await score_slice(engine, handle, examples, spec, concurrency=concurrency)
+               for slice_name, examples in slices.items()}
         for name, handle in adapters.items()
     }
 

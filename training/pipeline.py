@@ -1,7 +1,10 @@
-"""One retrain, top to bottom: snapshot → dataset → train → evaluate → gate → register → promote.
+"""One retrain, top to bottom: snapshot → dataset → train → register → evaluate → gate → promote.
 
-Any failure marks the run failed and leaves the registry and serving as they were: nothing is
-registered before the gate has decided, and only a passing candidate moves the champion alias.
+The candidate is registered `evaluating` before it is judged, so the serving replicas can load it by name
+and the gate scores it on the engine that would serve it; it stays private to the gate until the verdict
+makes it `ready` or `rejected`. Any failure marks the run failed and rejects its candidate; only a
+passing candidate moves an alias: the champion, or for a `rollout: canary` task the canary at its first
+share of users (`flywheel.canary` takes it from there).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,11 +23,12 @@ import pyarrow.parquet as pq
 from feedback.dataset import CuratedDataset
 from flywheel.bases import ServedBase, base_ref, context_length, served_base
 from flywheel.config import Settings
-from flywheel.registry import Registry, lora_int_id, registry_for, resolve_task
+from flywheel.registry import CANARY_ALIAS, Registry, lora_int_id, registry_for, resolve_task
 from flywheel.runs import RunRecord, RunState, RunStore
 from services.engines import build_engine
 from services.engines.hf_engine import HFEngine
-from services.engines.protocol import AdapterHandle
+from services.engines.protocol import AdapterHandle, Engine
+from services.engines.served import ServedEngine
 from training.evaluate import EvalExample, SliceScores, evaluate, golden_examples, parity
 from training.gate import decide, decide_confirmed
 from training.kto import KtoExample
@@ -43,7 +48,7 @@ from training.sft import LoraSpec, SftConfig
 log = logging.getLogger("flywheel.retrain")
 
 NEW_SLICE, GOLDEN_SLICE = "new_feedback", "golden"
-CANDIDATE_LORA_ID = 1_000_000  # evaluation engines are private to a run: no clash with served ids
+PRIVATE_CONCURRENCY = 16  # a private engine serves nobody else: keep vLLM's continuous batching busy
 
 
 class Retrain:
@@ -77,9 +82,11 @@ class Retrain:
     def run(self) -> RunRecord:
         try:
             return self._run()
-        except Exception as exc:  # a crash must leave registry and serving untouched, and say why
+        except Exception as exc:  # a crash must leave the champion and serving untouched, and say why
             log.exception("event=retrain_failed run_id=%s stage=%s", self.record.run_id, self.record.stage)
-            return self.finish(RunState.FAILED, f"{type(exc).__name__} at {self.record.stage}: {exc}")
+            message = f"{type(exc).__name__} at {self.record.stage}: {exc}"
+            self._withdraw_candidate(message)
+            return self.finish(RunState.FAILED, message)
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -138,50 +145,70 @@ class Retrain:
         self.stage("train")
         candidate_dir = self._train(data, champion_dir, kto_rows, base)
 
-        self.stage("evaluate")
-        slices = {
-            NEW_SLICE: [EvalExample.of(e.prompt, e.answer, e.reasoning) for e in data.holdout],
-            GOLDEN_SLICE: golden_examples(self.registry),
-        }
-        scores, agreement = asyncio.run(self._evaluate(champion, candidate_dir, slices, base))
-
-        self.stage("gate")
-        judge = decide_confirmed if policy == "confirmed_corrections" else decide
-        report = judge(scores[champion], scores["candidate"], spec=self.task, new_slice=NEW_SLICE,
-                       golden_slice=GOLDEN_SLICE, parity=agreement, policy=cfg.gate)
-        summary = {
-            version: {name: s.model_dump(exclude={"per_example"}) for name, s in by_slice.items()}
-            for version, by_slice in (("champion", scores[champion]), ("candidate", scores["candidate"]))
-        }
-        self.record.report = {"passed": report.passed, "verdict": report.verdict, "metric": report.metric,
-                              "policy": policy,
-                              "checks": [c.model_dump() for c in report.checks], "scores": summary,
-                              "parity": agreement, "message": report.message,
-                              "engine": {"engine": self.settings.serving.engine, "base": base.label,
-                                         "quantization": base.quantization or None}}
-        if report.verdict == "insufficient_data":  # nothing is registered: the data could not have decided
-            return self.finish(RunState.INSUFFICIENT_DATA, report.message)
-
+        # Registered first, as `evaluating`: the serving replicas load it by name to score it, privately.
         self.stage("register")
         manifest = self.registry.register(
             candidate_dir,
             base=base_ref(self.settings),
             parent=champion,
-            status="ready" if report.passed else "rejected",
+            status="evaluating",
             lora=self._lora_spec().model_dump(),
             training={"method": cfg.method, "run_id": self.record.run_id, **self.record.metrics},
             data=self.record.dataset,
-            metrics=summary,
-            gate=self.record.report,
         )
         self.record.version = manifest.version
+
+        self.stage("evaluate")
+        slices = {
+            NEW_SLICE: [EvalExample.of(e.prompt, e.answer, e.reasoning) for e in data.holdout],
+            GOLDEN_SLICE: golden_examples(self.registry),
+        }
+        scores, agreement, engine = asyncio.run(self._evaluate(champion, manifest.version, slices, base))
+
+        self.stage("gate")
+        judge = decide_confirmed if policy == "confirmed_corrections" else decide
+        report = judge(scores[champion], scores[manifest.version], spec=self.task, new_slice=NEW_SLICE,
+                       golden_slice=GOLDEN_SLICE, parity=agreement, policy=cfg.gate)
+        summary = {
+            arm: {name: s.model_dump(exclude={"per_example"}) for name, s in scores[version].items()}
+            for arm, version in (("champion", champion), ("candidate", manifest.version))
+        }
+        self.record.report = {"passed": report.passed, "verdict": report.verdict, "metric": report.metric,
+                              "policy": policy,
+                              "checks": [c.model_dump() for c in report.checks], "scores": summary,
+                              "parity": agreement, "message": report.message,
+                              "engine": {**engine, "base": base.label, "quantization": base.quantization or None}}
+        self.registry.conclude(manifest.version, "ready" if report.passed else "rejected", metrics=summary,
+                               gate=self.record.report)
+        if report.verdict == "insufficient_data":  # the data could not have decided: no judgement on the weights
+            return self.finish(RunState.INSUFFICIENT_DATA, report.message)
         if not report.passed:
             return self.finish(RunState.REJECTED, "; ".join(report.failures()))
 
+        if self.task.rollout == "canary":  # live ratings decide the rest (flywheel.canary)
+            self.stage("canary")
+            share = self.settings.canary.steps[0]
+            self.registry.promote(manifest.version, alias=CANARY_ALIAS, traffic_fraction=share,
+                                  actor=f"retrain:{self.record.run_id}",
+                                  reason=f"gate passed ({self.record.trigger}); canary at {share:.0%}")
+            return self.finish(RunState.PASSED, f"{manifest.version} is canary for {share:.0%} of users; "
+                                                f"{report.message}")
         self.stage("promote")
         self.registry.promote(manifest.version, actor=f"retrain:{self.record.run_id}",
                               reason=f"gate passed ({self.record.trigger})")
         return self.finish(RunState.PASSED, f"{manifest.version} is champion; {report.message}")
+
+    def _withdraw_candidate(self, why: str) -> None:
+        """A candidate the gate never concluded on is rejected (a version never stays `evaluating` by mistake)."""
+        if self.record.version is None:
+            return
+        try:
+            if self.registry.manifest(self.record.version).status == "evaluating":
+                self.registry.conclude(self.record.version, "rejected",
+                                       gate={"passed": False, "verdict": "failed", "message": why})
+        except Exception:  # the registry itself may be what failed: the run's record still says why
+            log.exception("event=candidate_withdraw_failed run_id=%s version=%s", self.record.run_id,
+                          self.record.version)
 
     def _lora_spec(self) -> LoraSpec:
         cfg = self.settings.retrain
@@ -235,24 +262,39 @@ class Retrain:
         return out_dir
 
     async def _evaluate(
-        self, champion: str, candidate_dir: Path, slices: dict[str, list[EvalExample]], base: ServedBase
-    ) -> tuple[dict[str, dict[str, SliceScores]], float]:
-        """Score both adapters on the serving engine and base; probe it against the PEFT reference."""
-        champion_handle = AdapterHandle(name=champion, int_id=lora_int_id(champion),
-                                        path=self.registry.local_path(champion))
-        candidate = AdapterHandle(name=f"candidate-{self.record.run_id}", int_id=CANDIDATE_LORA_ID, path=candidate_dir)
-        engine = build_engine(self.settings, base)
+        self, champion: str, candidate: str, slices: dict[str, list[EvalExample]], base: ServedBase
+    ) -> tuple[dict[str, dict[str, SliceScores]], float, dict[str, Any]]:
+        """Score both versions on the serving replicas (a private engine when no platform serves here); probe
+        the candidate against the PEFT reference. Returns the scores, the parity and which engine judged."""
+        handles = {v: AdapterHandle(name=v, int_id=lora_int_id(v), path=self.registry.local_path(v))
+                   for v in (champion, candidate)}
+        engine, concurrency, identity = self._judging_engine(base)
+        log.info("event=gate_engine run_id=%s engine=%s", self.record.run_id, identity)
         await engine.start()
         try:
-            for handle in (champion_handle, candidate):
+            for handle in handles.values():
                 await engine.add_adapter(handle)
-            scores = await evaluate(engine, {champion: champion_handle, "candidate": candidate}, slices, self.task)
+            scores = await evaluate(engine, handles, slices, self.task, concurrency=concurrency)
             reference = HFEngine(base.path, max_model_len=context_length(self.settings))
             await reference.start()
-            await reference.add_adapter(candidate)
+            await reference.add_adapter(handles[candidate])
             probe = slices[NEW_SLICE][: self.settings.retrain.gate.parity_prompts]
-            agreement = await parity(engine, reference, candidate, probe, self.task)
+            agreement = await parity(engine, reference, handles[candidate], probe, self.task)
             await reference.shutdown()
         finally:
             await engine.shutdown()
-        return scores, agreement
+        if isinstance(engine, ServedEngine):
+            identity = engine.identity()
+        return scores, agreement, identity
+
+    def _judging_engine(self, base: ServedBase) -> tuple[Engine, int, dict[str, Any]]:
+        """(engine, requests in flight, its identity): the serving replicas of this cluster's app, or else a
+        private engine of the serving kind on the served base (a retrain with no platform running)."""
+        app = self.settings.serving.app_name
+        served = ServedEngine.connect(app, task=self.task.name, base_model=base.label)
+        if served is not None:
+            return served, self.settings.retrain.gate.serving_concurrency, served.identity()
+        log.warning("event=gate_private_engine run_id=%s why=%r", self.record.run_id,
+                    f"no Serve app {app!r} runs on this Ray cluster")
+        return build_engine(self.settings, base), PRIVATE_CONCURRENCY, {"engine": self.settings.serving.engine,
+                                                                        "private": True}

@@ -1,0 +1,236 @@
+"""The canary: a candidate the gate passed earns its task's traffic on what users say about its answers.
+
+For a task whose `rollout` is `canary`, a retrain makes its passing candidate the task's `canary` alias at
+the first share of traffic instead of the champion. Replicas send that share of users to it, sticky per
+user. `review` compares the two arms on the ratings given since the canary started, with an always-valid
+sequential test (so looking every few seconds is fine), and on guardrails from the replicas (failures,
+p99 latency); `apply` carries the verdict out through the registry, whose history keeps the figures:
+
+- a guardrail broken, or worse at the configured confidence: roll back (share 0) at once;
+- too few ratings in either arm: hold, and say so;
+- better at that confidence: promote to champion;
+- otherwise step up once the step has lasted `step_s`; at the deadline, hold or roll back (config).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from flywheel.config import CanarySettings, Settings
+from flywheel.registry import CANARY_ALIAS, HistoryEntry, Registry, known_tasks, registry_for
+
+log = logging.getLogger("flywheel.canary")
+
+Verdict = Literal["promote", "rollback", "step_up", "hold"]
+Ratings = list[tuple[str, float]]
+"""(adapter version, rating 1-5) of a task's answers rated since a time."""
+VersionFigures = dict[str, dict[str, float]]
+"""Per version, over the serving replicas: `requests`, `failures`, `p99_ms` of users' requests."""
+
+
+class SequentialResult(BaseModel):
+    """Arm B against arm A on independent samples: an always-valid test of their means' difference."""
+
+    n_a: int
+    n_b: int
+    mean_a: float
+    mean_b: float
+    difference: float = Field(description="mean_b - mean_a")
+    low: float = Field(description="Confidence sequence for the difference: valid however often it is looked at.")
+    high: float
+    p_value: float = Field(description="Always-valid p-value that the means are equal.")
+
+
+def sequential_difference(a: list[float], b: list[float], *, alpha: float, effect_sd: float) -> SequentialResult:
+    """A mixture sequential probability ratio test (mSPRT) of mean(b) - mean(a), Gaussian approximation.
+
+    With the mixture prior N(0, τ²) (τ = `effect_sd`) on the difference and V the variance of its estimate,
+    the ratio is sqrt(V / (V + τ²)) · exp(τ² d² / (2 V (V + τ²))). 1/ratio is a p-value, and d ± the
+    half-width below a confidence sequence, that stay valid when checked after every new sample (Johari et
+    al., 2017). Each arm's variance is floored so a run of identical ratings cannot make the test certain.
+    """
+    n_a, n_b = len(a), len(b)
+    mean_a = statistics.fmean(a) if a else 0.0
+    mean_b = statistics.fmean(b) if b else 0.0
+    d = mean_b - mean_a
+    if n_a < 2 or n_b < 2:
+        return SequentialResult(n_a=n_a, n_b=n_b, mean_a=mean_a, mean_b=mean_b, difference=d, low=-math.inf,
+                                high=math.inf, p_value=1.0)
+    tau2 = effect_sd**2
+    floor = 0.05 * tau2
+    var = max(statistics.variance(a), floor) / n_a + max(statistics.variance(b), floor) / n_b
+    log_ratio = 0.5 * math.log(var / (var + tau2)) + tau2 * d * d / (2 * var * (var + tau2))
+    half = math.sqrt(var * (var + tau2) / tau2 * (2 * math.log(1 / alpha) + math.log((var + tau2) / var)))
+    return SequentialResult(n_a=n_a, n_b=n_b, mean_a=mean_a, mean_b=mean_b, difference=d, low=d - half,
+                            high=d + half, p_value=min(1.0, math.exp(-log_ratio)))
+
+
+class Arm(BaseModel):
+    version: str
+    ratings: int
+    mean_rating: float | None
+    thumbs_up_rate: float | None = Field(description="Share of ratings of 4 or 5 (a thumb up counts 5).")
+    requests: int | None = Field(None, description="Users' requests it answered (None: replicas not asked).")
+    failures: int | None = None
+    p99_ms: float | None = None
+
+
+class CanaryReview(BaseModel):
+    task: str
+    champion: str
+    canary: str
+    share: float
+    next_share: float | None
+    started_at: datetime
+    step_started_at: datetime
+    deadline: datetime
+    arms: dict[str, Arm] = Field(description="`champion` and `canary`.")
+    test: SequentialResult
+    confidence: float
+    verdict: Verdict
+    reason: str
+
+
+def _arm(version: str, values: list[float], figures: VersionFigures) -> Arm:
+    served = figures.get(version, {})
+    return Arm(version=version, ratings=len(values), mean_rating=statistics.fmean(values) if values else None,
+               thumbs_up_rate=sum(v >= 4 for v in values) / len(values) if values else None,
+               requests=int(served["requests"]) if served else None,
+               failures=int(served["failures"]) if served else None, p99_ms=served.get("p99_ms"))
+
+
+def _guardrail_breach(champion: Arm, canary: Arm, cfg: CanarySettings) -> str | None:
+    if not champion.requests or not canary.requests or canary.requests < cfg.min_guardrail_requests:
+        return None
+    increase = (canary.failures or 0) / canary.requests - (champion.failures or 0) / champion.requests
+    if increase > cfg.max_error_rate_increase:
+        return f"failures {increase:+.1%} over the champion's rate (limit {cfg.max_error_rate_increase:+.1%})"
+    if champion.p99_ms and canary.p99_ms and canary.p99_ms / champion.p99_ms > cfg.max_p99_ratio:
+        return (f"p99 latency {canary.p99_ms:.0f} ms is {canary.p99_ms / champion.p99_ms:.2f}x the champion's "
+                f"{champion.p99_ms:.0f} ms (limit {cfg.max_p99_ratio:.2f}x)")
+    return None
+
+
+def _trial(history: list[HistoryEntry], version: str) -> tuple[datetime, datetime]:
+    """(when this canary's current trial began, when its current share was set), from the alias history."""
+    started: datetime | None = None
+    step: datetime | None = None
+    for entry in history:  # oldest first; a version may have been tried, ended and tried again
+        live = entry.version == version and bool(entry.traffic_fraction)
+        started = (started or entry.at) if live else None
+        step = entry.at if live else step
+    if started is None or step is None:
+        raise ValueError(f"{version} is not on trial")
+    return started, step
+
+
+def review(registry: Registry, cfg: CanarySettings, ratings: Callable[[datetime], Ratings],
+           figures: VersionFigures, now: datetime | None = None) -> CanaryReview | None:
+    """What to do about `registry`'s task's canary now; None when it runs none.
+
+    `ratings(since)` gives the task's ratings since a time; `figures` the replicas' tallies per version.
+    """
+    aliases = registry.aliases()
+    canary = aliases.get(CANARY_ALIAS)
+    champion = aliases.get("champion")
+    if canary is None or not canary.traffic_fraction or champion is None or champion.version == canary.version:
+        return None
+    now = now or datetime.now(UTC)
+    started, step_started = _trial(registry.history(CANARY_ALIAS), canary.version)
+    rated = ratings(started)
+    values = {arm: [v for version, v in rated if version == name]
+              for arm, name in (("champion", champion.version), ("canary", canary.version))}
+    arms = {arm: _arm(name, values[arm], figures)
+            for arm, name in (("champion", champion.version), ("canary", canary.version))}
+    alpha = 1 - cfg.confidence
+    test = sequential_difference(values["champion"], values["canary"], alpha=alpha, effect_sd=cfg.effect_sd)
+    share = canary.traffic_fraction
+    later = [s for s in cfg.steps if s > share + 1e-9]
+    deadline = started + timedelta(seconds=cfg.deadline_s)
+    figures_text = (f"canary {canary.version} mean {test.mean_b:.2f} vs champion {champion.version} "
+                    f"{test.mean_a:.2f} ({test.difference:+.2f}, {cfg.confidence:.0%} interval {test.low:+.2f}.."
+                    f"{test.high:+.2f}, p={test.p_value:.3f}, ratings {test.n_b}/{test.n_a})")
+    verdict: Verdict
+    breach = _guardrail_breach(arms["champion"], arms["canary"], cfg)
+    if breach:
+        verdict, reason = "rollback", f"guardrail: {breach}"
+    elif now >= deadline and cfg.on_deadline == "rollback":
+        verdict, reason = "rollback", f"no verdict by the deadline; {figures_text}"
+    elif min(test.n_a, test.n_b) < cfg.min_ratings:
+        verdict, reason = "hold", (f"too few ratings for a verdict: champion {test.n_a}, canary {test.n_b}, "
+                                   f"{cfg.min_ratings} needed in each")
+    elif test.high < 0:
+        verdict, reason = "rollback", f"worse: {figures_text}"
+    elif test.low > 0:
+        verdict, reason = "promote", f"better: {figures_text}"
+    elif now >= deadline:
+        verdict, reason = "hold", f"no verdict by the deadline; holding at {share:.0%}: {figures_text}"
+    elif later and (now - step_started).total_seconds() >= cfg.step_s:
+        verdict, reason = "step_up", f"no harm seen at {share:.0%}: {figures_text}"
+    else:
+        verdict, reason = "hold", f"no verdict yet: {figures_text}"
+    return CanaryReview(task=registry.task, champion=champion.version, canary=canary.version, share=share,
+                        next_share=later[0] if later else None, started_at=started, step_started_at=step_started,
+                        deadline=deadline, arms=arms, test=test, confidence=cfg.confidence, verdict=verdict,
+                        reason=reason)
+
+
+def apply(registry: Registry, decided: CanaryReview, *, actor: str) -> None:
+    """Carry a review's verdict out on the registry (a hold changes nothing)."""
+    if decided.verdict == "promote":
+        registry.promote(decided.canary, actor=actor, reason=f"canary promoted: {decided.reason}")
+        registry.end_canary(actor=actor, reason=f"promoted to champion: {decided.reason}")
+    elif decided.verdict == "rollback":
+        registry.end_canary(actor=actor, reason=f"rolled back: {decided.reason}")
+    elif decided.verdict == "step_up" and decided.next_share is not None:
+        registry.promote(decided.canary, alias=CANARY_ALIAS, traffic_fraction=decided.next_share, actor=actor,
+                         reason=f"step up to {decided.next_share:.0%}: {decided.reason}")
+    if decided.verdict != "hold":
+        log.info("event=canary_%s task=%s version=%s share=%.2f reason=%r", decided.verdict, decided.task,
+                 decided.canary, decided.share, decided.reason)
+
+
+class CanaryController(threading.Thread):
+    """Reviews every task's canary every `canary.check_every_s` and carries the verdicts out."""
+
+    def __init__(self, settings: Settings, stop: threading.Event,
+                 ratings: Callable[[str, datetime], Ratings], figures: Callable[[], VersionFigures]) -> None:
+        super().__init__(name="canary-controller", daemon=True)
+        self.settings = settings
+        self.stop = stop
+        self.ratings = ratings
+        self.figures = figures
+        self.last_reason: dict[str, str] = {}
+
+    def check(self) -> list[CanaryReview]:
+        reviews = []
+        for task in known_tasks(self.settings):
+            registry = registry_for(self.settings, task)
+            if CANARY_ALIAS not in registry.aliases():
+                continue
+            decided = review(registry, self.settings.canary, lambda since, t=task: self.ratings(t, since),
+                             self.figures())
+            if decided is None:
+                continue
+            if self.last_reason.get(task) != decided.reason.split(":")[0]:  # say a hold once, not every round
+                log.info("event=canary_review task=%s verdict=%s reason=%r", task, decided.verdict, decided.reason)
+                self.last_reason[task] = decided.reason.split(":")[0]
+            apply(registry, decided, actor="canary-controller")
+            reviews.append(decided)
+        return reviews
+
+    def run(self) -> None:
+        log.info("event=canary_controller_started every_s=%s", self.settings.canary.check_every_s)
+        while not self.stop.wait(self.settings.canary.check_every_s):
+            try:
+                self.check()
+            except Exception:  # the controller must outlive a bad round (a registry hiccup)
+                log.exception("event=canary_check_failed")
