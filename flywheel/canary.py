@@ -44,8 +44,9 @@ class SequentialResult(BaseModel):
     mean_a: float
     mean_b: float
     difference: float = Field(description="mean_b - mean_a")
-    low: float = Field(description="Confidence sequence for the difference: valid however often it is looked at.")
-    high: float
+    low: float | None = Field(description="Confidence sequence for the difference: valid however often it is "
+                              "looked at (None until each arm has two ratings).")
+    high: float | None
     p_value: float = Field(description="Always-valid p-value that the means are equal.")
 
 
@@ -62,8 +63,8 @@ def sequential_difference(a: list[float], b: list[float], *, alpha: float, effec
     mean_b = statistics.fmean(b) if b else 0.0
     d = mean_b - mean_a
     if n_a < 2 or n_b < 2:
-        return SequentialResult(n_a=n_a, n_b=n_b, mean_a=mean_a, mean_b=mean_b, difference=d, low=-math.inf,
-                                high=math.inf, p_value=1.0)
+        return SequentialResult(n_a=n_a, n_b=n_b, mean_a=mean_a, mean_b=mean_b, difference=d, low=None,
+                                high=None, p_value=1.0)
     tau2 = effect_sd**2
     floor = 0.05 * tau2
     var = max(statistics.variance(a), floor) / n_a + max(statistics.variance(b), floor) / n_b
@@ -97,6 +98,10 @@ class CanaryReview(BaseModel):
     confidence: float
     verdict: Verdict
     reason: str
+
+
+def interval(test: SequentialResult) -> str:
+    return "-" if test.low is None or test.high is None else f"{test.low:+.2f}..{test.high:+.2f}"
 
 
 def _arm(version: str, values: list[float], figures: VersionFigures) -> Arm:
@@ -156,8 +161,8 @@ def review(registry: Registry, cfg: CanarySettings, ratings: Callable[[datetime]
     later = [s for s in cfg.steps if s > share + 1e-9]
     deadline = started + timedelta(seconds=cfg.deadline_s)
     figures_text = (f"canary {canary.version} mean {test.mean_b:.2f} vs champion {champion.version} "
-                    f"{test.mean_a:.2f} ({test.difference:+.2f}, {cfg.confidence:.0%} interval {test.low:+.2f}.."
-                    f"{test.high:+.2f}, p={test.p_value:.3f}, ratings {test.n_b}/{test.n_a})")
+                    f"{test.mean_a:.2f} ({test.difference:+.2f}, {cfg.confidence:.0%} interval {interval(test)}, "
+                    f"p={test.p_value:.3f}, ratings {test.n_b}/{test.n_a})")
     verdict: Verdict
     breach = _guardrail_breach(arms["champion"], arms["canary"], cfg)
     if breach:
@@ -167,9 +172,9 @@ def review(registry: Registry, cfg: CanarySettings, ratings: Callable[[datetime]
     elif min(test.n_a, test.n_b) < cfg.min_ratings:
         verdict, reason = "hold", (f"too few ratings for a verdict: champion {test.n_a}, canary {test.n_b}, "
                                    f"{cfg.min_ratings} needed in each")
-    elif test.high < 0:
+    elif test.high is not None and test.high < 0:
         verdict, reason = "rollback", f"worse: {figures_text}"
-    elif test.low > 0:
+    elif test.low is not None and test.low > 0:
         verdict, reason = "promote", f"better: {figures_text}"
     elif now >= deadline:
         verdict, reason = "hold", f"no verdict by the deadline; holding at {share:.0%}: {figures_text}"

@@ -310,6 +310,8 @@ def _canary_review(settings: Settings, task: str | None) -> tuple[Registry, Cana
 @canary_app.command("status")
 def canary_status(config: ConfigOption = None, task: TaskOption = None, as_json: JsonOption = False) -> None:
     """The task's canary: both arms' ratings, the test's estimate and interval, its share, what comes next."""
+    from flywheel.canary import interval
+
     settings = settings_or_exit(config)
     registry, decided = _canary_review(settings, task)
     if decided is None:
@@ -323,8 +325,8 @@ def canary_status(config: ConfigOption = None, task: TaskOption = None, as_json:
          f"task {decided.task}: canary {decided.canary} serves {decided.share:.0%} of users since "
          f"{decided.step_started_at:%Y-%m-%d %H:%M:%S} (trial began {decided.started_at:%H:%M:%S}; next share "
          f"{next_step}; deadline {decided.deadline:%Y-%m-%d %H:%M})\n{arms}\n"
-         f"  difference {test.difference:+.2f} ({decided.confidence:.0%} interval {test.low:+.2f}..{test.high:+.2f},"
-         f" p={test.p_value:.3f})\n  now: {decided.verdict} — {decided.reason}")
+         f"  difference {test.difference:+.2f} ({decided.confidence:.0%} interval {interval(test)}, "
+         f"p={test.p_value:.3f})\n  now: {decided.verdict} — {decided.reason}")
 
 
 def _fmt(value: float | None) -> str:
@@ -655,12 +657,18 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where report.json, the PNG and Locust's stats go.")] = Path("demo-out"),
     url: Annotated[str | None, typer.Option(help="Drive a running platform instead of starting one.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for prompts, drift and raters.")] = 0,
+    rollout: Annotated[str, typer.Option(help="`canary`: the retrained adapter serves half the simulated people "
+                                         "until their ratings promote or roll it back; `direct`: champion at "
+                                         "once.")] = "canary",
 ) -> None:
-    """Drifting traffic + simulated raters under Locust; retrains, swaps, and a learning report."""
-    from loadtests.demo import run_demo
+    """Drifting traffic + simulated raters under Locust; retrains, a canary, swaps, and a learning report."""
+    from loadtests.demo import DemoPlan, run_demo
 
     configure_logging()
-    report = run_demo(settings_or_exit(config), out_dir=out, quick=quick, url=url, seed=seed)
+    if rollout not in ("canary", "direct"):
+        fail(f"--rollout must be canary or direct, not {rollout!r}", code=2)
+    plan = (DemoPlan.quick() if quick else DemoPlan.full()).model_copy(update={"rollout": rollout})
+    report = run_demo(settings_or_exit(config), out_dir=out, quick=quick, url=url, seed=seed, plan=plan)
     raise typer.Exit(0 if report.swaps and report.failed_requests == 0 else 1)
 
 

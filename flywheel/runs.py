@@ -45,6 +45,7 @@ class RunRecord(BaseModel):
     task: str | None = Field(None, description="The task retrained (None: the default task).")
     state: RunState = RunState.RUNNING
     stage: str = "starting"
+    stages: dict[str, datetime] = Field(default_factory=dict, description="When each stage began.")
     trigger: str
     pid: int = Field(default_factory=os.getpid)
     started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

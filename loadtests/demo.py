@@ -1,9 +1,11 @@
 """`flywheel demo`: one command that shows the loop working under real HTTP load.
 
-Starts the platform (Serve app, curator, retrain scheduler) unless given a URL, runs the mixed Locust
-scenario (drifting traffic, simulated raters that correct wrong answers), lets the scheduler retrain,
-gate and promote, and reports per adapter version and per time window what users got: accuracy on
-original vs drifted prompts, ratings, latency, failures and swaps. Writes `report.json`,
+Starts the platform (Serve app, curator, retrain scheduler, canary controller) unless given a URL, runs
+the mixed Locust scenario (drifting traffic, simulated raters that correct wrong answers), lets the
+scheduler retrain and the gate judge; by default the passing adapter then runs as a canary for half of
+the simulated people, and their ratings promote it or roll it back. Reports per adapter version and per
+time window what users got: accuracy on original vs drifted prompts, each arm's ratings, latency,
+failures, swaps and canary moves. Writes `report.json`,
 `learning_curve.png` and Locust's CSV/HTML into the output folder.
 """
 
@@ -22,12 +24,12 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.config import Settings
-from flywheel.registry import registry_for
+from flywheel.registry import CANARY_ALIAS, registry_for, resolve_task
 from flywheel.runs import RunState, RunStore
 from training.demo_bootstrap import bootstrap
 
@@ -56,6 +58,11 @@ class DemoPlan(BaseModel):
     schedule_min_new_examples: int = Field(120, ge=1)
     check_every_s: float = Field(2.0, gt=0, description="How often the scheduler checks.")
     window_s: float = Field(15.0, gt=0, description="Width of a time window in the report.")
+    rollout: Literal["direct", "canary"] = Field(
+        "canary", description="`canary`: a gate-passed adapter serves `canary_share` of people until their "
+        "ratings promote or roll it back; `direct`: it becomes champion at once.")
+    canary_share: float = Field(0.5, gt=0, lt=1)
+    canary_min_ratings: int = Field(15, ge=2, description="Ratings per arm before the canary's verdict.")
 
     @classmethod
     def quick(cls) -> DemoPlan:
@@ -89,6 +96,16 @@ class Window(BaseModel):
     p50_ms: float | None
     p99_ms: float | None
     versions: dict[str, int] = Field(description="Predictions answered by each adapter version.")
+    rating_by_version: dict[str, float] = Field(default_factory=dict, description="Mean rating of each version's "
+                                                "answers rated in the window: the arms of a canary.")
+
+
+class CanaryMove(BaseModel):
+    at_s: float = Field(description="Seconds after the load started.")
+    version: str
+    share: float
+    action: str
+    reason: str
 
 
 class Swap(BaseModel):
@@ -119,6 +136,7 @@ class DemoReport(BaseModel):
     champion_before: str | None
     champion_after: str | None
     swaps: list[Swap]
+    canary: list[CanaryMove] = Field(default_factory=list, description="The canary's steps, promotion or rollback.")
     runs: list[RunSummary]
     requests: int
     failed_requests: int
@@ -126,18 +144,30 @@ class DemoReport(BaseModel):
     steady_p99_ms: float | None = Field(description="/predict p99 away from swaps and retrains.")
     swap_p99_ms: float | None = Field(description=f"/predict p99 within {SWAP_WINDOW_S:.0f} s after a swap.")
     swap_p99_over_steady_p99: float | None
+    evaluation_s: float | None = Field(None, description="The first judged run's evaluation on the serving "
+                                       "replicas: from its `evaluate` stage to its `gate` stage.")
+    evaluation_share_of_loop: float | None = Field(None, description="evaluation_s / loop_s.")
+    evaluation_p99_ms: float | None = Field(None, description="/predict p99 while a gate scored on the replicas.")
+    evaluation_p99_over_steady_p99: float | None = None
     versions: dict[str, VersionStats]
     windows: list[Window]
 
     def summary(self) -> str:
         lines = [f"champion {self.champion_before} → {self.champion_after}; {len(self.swaps)} swap(s); "
                  f"{self.requests} requests, {self.failed_requests} failed; loop {_fmt(self.loop_s, 's')}"]
+        for move in self.canary:
+            lines.append(f"  canary {move.action} {move.version} at {move.share:.0%} (+{move.at_s:.0f} s): "
+                         f"{move.reason}")
         for version, stats in self.versions.items():
             lines.append(f"  {version}: original {_pct(stats.accuracy_original)}, "
                          f"drifted {_pct(stats.accuracy_drifted)}, rating {_fmt(stats.mean_rating)}, "
                          f"p50 {_fmt(stats.p50_ms, 'ms')}, p99 {_fmt(stats.p99_ms, 'ms')} ({stats.requests} answers)")
         lines.append(f"  p99 during swap {_fmt(self.swap_p99_ms, 'ms')} vs steady {_fmt(self.steady_p99_ms, 'ms')}"
                      f" (ratio {_fmt(self.swap_p99_over_steady_p99)})")
+        lines.append(f"  evaluation on the serving replicas {_fmt(self.evaluation_s, 's')} "
+                     f"({_pct(self.evaluation_share_of_loop)} of the loop); p99 meanwhile "
+                     f"{_fmt(self.evaluation_p99_ms, 'ms')} "
+                     f"(ratio to steady {_fmt(self.evaluation_p99_over_steady_p99)})")
         return "\n".join(lines)
 
 
@@ -306,38 +336,52 @@ def _windows(rows: list[dict[str, Any]], t0: float, width: float) -> list[Window
         for r in answered:
             versions[r["adapter_version"]] = versions.get(r["adapter_version"], 0) + 1
         latencies = [r["latency_ms"] for r in answered]
+        rated = [r for r in inside if r["kind"] == "feedback" and r["status"] == 202]
+        by_version = {v: _mean([r["rating"] for r in rated if r["adapter_version"] == v])
+                      for v in {r["adapter_version"] for r in rated}}
         windows.append(Window(
             start_s=index * width, requests=len(inside),
             failures=sum(r["status"] not in (200, 202) for r in inside),
             drift_share=_mean([float(r["distribution"] == "drifted") for r in answered]),
             accuracy_original=_accuracy(answered, "original"), accuracy_drifted=_accuracy(answered, "drifted"),
             mean_rating=_mean([r["rating"] for r in inside if r["kind"] == "feedback"]),
-            p50_ms=percentile(latencies, 0.5), p99_ms=percentile(latencies, 0.99), versions=versions))
+            p50_ms=percentile(latencies, 0.5), p99_ms=percentile(latencies, 0.99), versions=versions,
+            rating_by_version={v: m for v, m in by_version.items() if m is not None}))
     return windows
 
 
 def plot(report: DemoReport, path: Path) -> None:
-    """Accuracy on original vs drifted prompts per window with swap markers, and latency per window."""
+    """Accuracy on original vs drifted prompts per window, each version's live mean rating (a canary's two
+    arms), latency; swaps and canary moves marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     centers = [w.start_s + report.plan.window_s / 2 for w in report.windows]
-    fig, (acc, lat) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    fig, (acc, arms, lat) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     for name, values in (("original", [w.accuracy_original for w in report.windows]),
                          ("drifted", [w.accuracy_drifted for w in report.windows])):
         acc.plot(centers, [float("nan") if v is None else v for v in values], marker="o", label=name)
+    for version in sorted({v for w in report.windows for v in w.rating_by_version}):
+        arms.plot(centers, [w.rating_by_version.get(version, float("nan")) for w in report.windows], marker=".",
+                  label=version)
+    for move in report.canary:
+        arms.axvline(move.at_s, color={"promote": "green", "end": "grey"}.get(move.action, "orange"), linestyle=":")
+        arms.text(move.at_s, 5.1, f" {move.action} {move.version} {move.share:.0%}", fontsize=7)
     lat.plot(centers, [float("nan") if w.p50_ms is None else w.p50_ms for w in report.windows], label="p50")
     lat.plot(centers, [float("nan") if w.p99_ms is None else w.p99_ms for w in report.windows], label="p99")
-    for axis in (acc, lat):
+    for axis in (acc, arms, lat):
         for swap in report.swaps:
             axis.axvline(swap.at_s, color="red", linestyle="--")
     if report.swaps:
         acc.text(report.swaps[0].at_s, 1.02, f" swap → {report.swaps[0].to}", color="red", fontsize=8)
     acc.set(ylabel="live accuracy", ylim=(0, 1.1), title=f"flywheel demo (seed {report.seed})")
+    arms.set(ylabel="mean rating", ylim=(1, 5.5))
     lat.set(ylabel="/predict latency (ms)", xlabel="seconds since the load started")
     acc.legend(loc="lower right")
+    if report.canary:
+        arms.legend(loc="lower right", fontsize=7)
     lat.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -354,12 +398,20 @@ def build_report(settings: Settings, *, out_dir: Path, seed: int, quick: bool, u
     swaps = [Swap(at=e.at, at_s=e.at.timestamp() - t0, from_=e.previous, to=e.version, action=e.action)
              for e in registry.history("champion") if e.at.timestamp() >= t0]
     runs = [r for r in RunStore(settings.home / "runs").list() if r.started_at.timestamp() >= t0]
+    canary = [CanaryMove(at_s=e.at.timestamp() - t0, version=e.version, share=e.traffic_fraction or 0.0,
+                         action=e.action, reason=e.reason)
+              for e in registry.history(CANARY_ALIAS) if e.at.timestamp() >= t0]
 
     busy = [(s.at_s + t0, s.at_s + t0 + SWAP_WINDOW_S) for s in swaps]
     during_swap = [r["latency_ms"] for r in predictions if any(a <= r["t"] <= b for a, b in busy)]
     busy += [(r.started_at.timestamp(), (r.finished_at.timestamp() if r.finished_at else time.time())) for r in runs]
     steady = [r["latency_ms"] for r in predictions if not any(a <= r["t"] <= b for a, b in busy)]
     steady_p99, swap_p99 = percentile(steady, 0.99), percentile(during_swap, 0.99)
+    judging = [(r.stages["evaluate"].timestamp(), r.stages["gate"].timestamp()) for r in runs
+               if "evaluate" in r.stages and "gate" in r.stages]
+    during_gate = [r["latency_ms"] for r in predictions if any(a <= r["t"] <= b for a, b in judging)]
+    gate_p99 = percentile(during_gate, 0.99)
+    evaluation_s = judging[0][1] - judging[0][0] if judging else None
 
     loop_s = None
     if swaps and ratings:
@@ -367,13 +419,16 @@ def build_report(settings: Settings, *, out_dir: Path, seed: int, quick: bool, u
         loop_s = min(served_new) - ratings[0]["t"] if served_new else None
     return DemoReport(
         seed=seed, quick=quick, url=url, plan=plan, load_s=load_s, champion_before=champion_before,
-        champion_after=registry.alias("champion"), swaps=swaps,
+        champion_after=registry.alias("champion"), swaps=swaps, canary=canary,
         runs=[RunSummary(run_id=r.run_id, trigger=r.trigger, verdict=r.verdict, version=r.version,
                          seconds=(r.finished_at - r.started_at).total_seconds() if r.finished_at else None,
                          message=r.message) for r in runs],
         requests=len(rows), failed_requests=locust_failures(out_dir), loop_s=loop_s,
         steady_p99_ms=steady_p99, swap_p99_ms=swap_p99,
         swap_p99_over_steady_p99=swap_p99 / steady_p99 if swap_p99 and steady_p99 else None,
+        evaluation_s=evaluation_s, evaluation_share_of_loop=evaluation_s / loop_s if evaluation_s and loop_s else None,
+        evaluation_p99_ms=gate_p99, evaluation_p99_over_steady_p99=gate_p99 / steady_p99 if gate_p99 and steady_p99
+        else None,
         versions=_version_stats(predictions, ratings), windows=_windows(rows, t0, plan.window_s))
 
 
@@ -390,6 +445,13 @@ def run_demo(settings: Settings, *, out_dir: Path, quick: bool, url: str | None 
     settings.retrain.schedule_interval_s = plan.schedule_interval_s
     settings.retrain.schedule_min_new_examples = plan.schedule_min_new_examples
     settings.serving.app_name = app_name
+    if url is None:  # a platform started here: its task's rollout and canary follow the plan
+        spec = resolve_task(settings)
+        settings.tasks = [*(t for t in settings.tasks if t.name != spec.name),
+                          spec.model_copy(update={"rollout": plan.rollout})]
+        settings.canary = settings.canary.model_copy(update={
+            "steps": [plan.canary_share], "min_ratings": plan.canary_min_ratings,
+            "check_every_s": plan.check_every_s})
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "requests.jsonl").unlink(missing_ok=True)
     registry = registry_for(settings)
@@ -400,8 +462,13 @@ def run_demo(settings: Settings, *, out_dir: Path, quick: bool, url: str | None 
             url, stop_scheduler = stack.enter_context(platform(settings, plan, route_prefix))
         champion_before = registry.alias("champion")
         t0 = time.time()
-        load_s = _drive(url, plan, seed, out_dir, lambda: registry.alias("champion"),
-                        RunStore(settings.home / "runs").busy, stop_scheduler.set)
+        runs = RunStore(settings.home / "runs")
+
+        def deciding() -> bool:  # a retrain running, or a canary still on trial: the load waits for them
+            canary = registry.aliases().get(CANARY_ALIAS)
+            return runs.busy() or bool(canary and canary.traffic_fraction)
+
+        load_s = _drive(url, plan, seed, out_dir, lambda: registry.alias("champion"), deciding, stop_scheduler.set)
     report = build_report(settings, out_dir=out_dir, seed=seed, quick=quick, url=url, plan=plan, t0=t0,
                           load_s=load_s, champion_before=champion_before)
     (out_dir / "report.json").write_text(report.model_dump_json(indent=2, by_alias=True))

@@ -129,7 +129,8 @@ class Rater(HttpUser):
 
     def _ask(self) -> None:
         example = self._pick()
-        body = {"prompt": example.prompt, "max_tokens": MAX_TOKENS}
+        # each Locust user speaks for many people: a canary's share is drawn per person
+        body = {"prompt": example.prompt, "max_tokens": MAX_TOKENS, "user": f"person-{self.rng.randrange(500)}"}
         started = time.perf_counter()
         with self.client.post("/predict", json=body, name="/predict", catch_response=True) as response:
             latency_ms = (time.perf_counter() - started) * 1000

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,7 +34,9 @@ from feedback import (
     mask_event,
     read_health,
 )
+from feedback.dataset import CuratedDataset
 from feedback.schemas import Message
+from flywheel.canary import CanaryReview, apply, review
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
 from flywheel.registry import (
@@ -55,6 +57,7 @@ from services.openai_protocol import ChatCompletion, ChatCompletionRequest, Mode
 from services.protocol import (
     AdminStatus,
     AliasMove,
+    CanaryState,
     Completion,
     ErrorResponse,
     FeedbackHealth,
@@ -66,7 +69,7 @@ from services.protocol import (
     Usage,
     client_message,
 )
-from services.status_board import get_board
+from services.status_board import get_board, version_figures
 from services.streaming import answered, open_stream
 
 log = logging.getLogger("flywheel.gateway")
@@ -491,6 +494,48 @@ class Gateway:
             return JSONResponse(status_code=409, content={"error": str(exc)})
         log.info("event=alias_moved alias=%s %s->%s by=%s", entry.alias, entry.previous, entry.version, entry.actor)
         return JSONResponse(entry.model_dump(mode="json"))
+
+    @api.get("/admin/canary", response_model=CanaryState, responses=_documented(
+        **ADMIN, e404="Unknown task.", e422=INVALID))
+    async def admin_canary(self, request: Request, task: TaskName | None = None) -> Any:
+        """The task's canary, as the controller sees it: arms, share, the test's estimate and interval, what next."""
+        return await self._canary(request, task, None)
+
+    @api.post("/admin/canary/promote", response_model=CanaryState, responses=_documented(
+        **ADMIN, e404="Unknown task.", e409="The task runs no canary.", e422=INVALID))
+    async def admin_canary_promote(self, request: Request, task: TaskName | None = None) -> Any:
+        """Make the task's canary its champion now, whatever the ratings say."""
+        return await self._canary(request, task, "promote")
+
+    @api.post("/admin/canary/abort", response_model=CanaryState, responses=_documented(
+        **ADMIN, e404="Unknown task.", e409="The task runs no canary.", e422=INVALID))
+    async def admin_canary_abort(self, request: Request, task: TaskName | None = None) -> Any:
+        """Roll the task's canary back now: its share goes to 0."""
+        return await self._canary(request, task, "rollback")
+
+    async def _canary(self, request: Request, task: str | None, verdict: Literal["promote", "rollback"] | None
+                      ) -> Any:
+        if denied := self._unauthorized(request):
+            return denied
+        task = task or self.settings.default_task
+        if task not in await self._known_tasks():
+            return JSONResponse(status_code=404, content={"error": f"unknown task {task!r}"})
+        figures = version_figures(await self._refresh_replicas())
+        registry = registry_for(self.settings, task)
+
+        def act() -> CanaryReview | None:
+            dataset = CuratedDataset(self.settings.feedback_dir / "dataset")
+            decided = review(registry, self.settings.canary, lambda since: dataset.ratings(task, since), figures)
+            if decided is not None and verdict is not None:
+                decided = decided.model_copy(update={"verdict": verdict,
+                                                     "reason": f"by hand (admin API); {decided.reason}"})
+                apply(registry, decided, actor="admin-api")
+            return decided
+
+        decided = await asyncio.to_thread(act)
+        if decided is None and verdict is not None:
+            return JSONResponse(status_code=409, content={"error": f"task {task!r} runs no canary"})
+        return CanaryState(task=task, review=decided)
 
     @api.get("/admin/status", response_model=AdminStatus, responses=_documented(**ADMIN))
     async def admin_status(self, request: Request) -> Any:

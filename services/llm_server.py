@@ -93,7 +93,9 @@ class LLMServer:
             await asyncio.gather(*(m.converge() for m in list(self.managers.values())))
 
     def _a_champion_holds(self, version: str) -> bool:
-        return any(m.active.version == version or version in m.slots for m in self.managers.values())
+        """Whether a task's champion (or its canary: a share of users needs it at every moment) uses `version`."""
+        return any(m.active.version == version or version in m.slots or (m.canary and m.canary.version == version)
+                   for m in self.managers.values())
 
     @contextlib.asynccontextmanager
     async def _slot(self, manager: AdapterManager, version: str | None, *, user: str | None = None,

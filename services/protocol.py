@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from feedback.schemas import refuse_nulls
+from flywheel.canary import CanaryReview
 from flywheel.jsontypes import PositiveInt, Seed
 from flywheel.registry import AdapterIntegrityError, UnknownTaskError, VersionNotFoundError
 from flywheel.tasks import TaskName, VersionName
@@ -209,6 +210,13 @@ class AliasMove(BaseModel):
     task: TaskName | None = Field(None, description="Task to roll back (rollback only; default: the default task).")
     reason: str = ""
     actor: str = Field("admin-api", max_length=128)
+
+
+class CanaryState(BaseModel):
+    """GET /admin/canary and its promote/abort: the task's canary review (None: it runs no canary)."""
+
+    task: str
+    review: CanaryReview | None
 
 
 class AdminStatus(BaseModel):

@@ -137,3 +137,16 @@ def test_the_controller_reviews_every_task_and_acts(trial: Registry, tmp_path: P
     [decided] = controller.check()
     assert decided.task == "demo" and decided.verdict == "promote"
     assert trial.alias("champion") == "demo-v2"
+
+
+def test_no_retrain_is_scheduled_while_a_canary_is_on_trial(trial: Registry, tmp_path: Path) -> None:
+    import threading
+
+    from flywheel.scheduler import RetrainScheduler
+
+    settings = Settings(home=tmp_path / "home", registry={"uri": str(tmp_path / "registry")})
+    scheduler = RetrainScheduler(settings, threading.Event())
+    due, why = scheduler.due("demo")
+    assert not due and "canary demo-v2 is on trial" in why
+    trial.end_canary(actor="test", reason="done")
+    assert "on trial" not in scheduler.due("demo")[1]

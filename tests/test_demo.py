@@ -1,4 +1,5 @@
-"""The demo's proof, shortened: under Locust load, ratings retrain the adapter, it swaps in, answers improve.
+"""The demo's proof, shortened: under Locust load, ratings retrain the adapter, it earns the traffic as a
+canary on people's ratings, swaps in, and answers improve.
 
 A dedicated app (its own registry and feedback log) on the shared Serve instance, started and stopped
 by `run_demo` itself, with its curator and retrain scheduler; a small retrain as in test_retrain.py.
@@ -45,6 +46,13 @@ def test_short_demo_swaps_in_a_better_adapter_without_failures(
     assert new is not None and new != "demo-v1"
     assert report.failed_requests == 0
     assert report.versions[new].accuracy_drifted > report.versions["demo-v1"].accuracy_drifted, report.summary()
+    # the retrained adapter earned the traffic as a canary: half of the people first, then their ratings
+    assert [(m.action, m.version, m.share) for m in report.canary][:1] == [("promote", new, 0.5)], report.summary()
+    assert report.canary[-1].action == "end" and "promoted to champion" in report.canary[-1].reason
+    assert report.canary[-1].at_s <= report.swaps[0].at_s + 1  # the champion moved when the canary ended
+    both_arms = [w for w in report.windows if {"demo-v1", new} <= set(w.rating_by_version)]
+    assert both_arms, "the report shows the two arms' live ratings side by side"
+    assert report.versions[new].mean_rating > report.versions["demo-v1"].mean_rating
     saved = json.loads((out / "report.json").read_text())
     assert saved["swaps"][0]["from"] == "demo-v1" and set(saved["versions"]) >= {"demo-v1", new}
     assert (out / "learning_curve.png").stat().st_size > 0 and (out / "locust_stats.csv").exists()

@@ -388,6 +388,12 @@ def test_a_canary_users_prefer_steps_up_and_is_promoted(learning_app: tuple[str,
 
     [held] = controller.check()
     assert held.verdict == "hold" and "too few ratings" in held.reason
+    assert httpx.get(f"{url}/admin/canary").status_code == 401
+    shown = httpx.get(f"{url}/admin/canary", headers=AUTH).json()["review"]
+    assert shown["canary"] == canary and shown["share"] == 0.3 and shown["verdict"] == "hold", shown
+    assert set(shown["arms"]) == {"champion", "canary"}
+    nothing = httpx.post(f"{url}/admin/canary/abort", params={"task": "rated"}, headers=AUTH)
+    assert nothing.status_code == 409 and "runs no canary" in nothing.json()["error"]
     status = CliRunner().invoke(cli, ["canary", "status", "--json", "--config", str(write_config(cfg))])
     assert status.exit_code == 0 and json.loads(status.stdout)["verdict"] == "hold", status.output
 

@@ -66,6 +66,7 @@ class Retrain:
 
     def stage(self, name: str) -> None:
         self.record.stage = name
+        self.record.stages[name] = datetime.now(UTC)
         self.store.save(self.record)
         log.info("event=retrain_stage run_id=%s stage=%s", self.record.run_id, name)
         self._say(f"[{self.record.run_id}] {name}")
