@@ -256,8 +256,7 @@ class Registry:
         path = self._task_path(TASK_SPEC)
         if not self.fs.exists(path):
             return None
-        with self.fs.open(path, "r") as f:
-            return TaskSpec.model_validate_json(f.read())
+        return TaskSpec.model_validate_json(self._read_text(path))
 
     def save_task_spec(self, spec: TaskSpec) -> None:
         if spec.name != self.task:
@@ -269,11 +268,15 @@ class Registry:
         path = self._task_path(GOLDEN)
         if not self.fs.exists(path):
             return None
-        with self.fs.open(path, "r") as f:
-            return f.read()
+        return self._read_text(path)
 
     def save_golden(self, jsonl: str) -> None:
         self._write_text(self._task_path(GOLDEN), jsonl)
+
+    def _read_text(self, path: str) -> str:
+        """A small file, whole, in one request: a stream read of an object replaced meanwhile fails its ETag
+        precondition on S3, where one GET sees the old object or the new one."""
+        return self.fs.cat_file(path).decode("utf-8")
 
     def _write_text(self, path: str, text: str) -> None:
         """Replace a small file whole: readers see the old or the new text, never a mix."""
@@ -307,8 +310,7 @@ class Registry:
         path = self._path(folder, name, MANIFEST)
         if not self.fs.exists(path):
             raise VersionNotFoundError(f"{what} {name!r} is not in the registry at {self.uri}")
-        with self.fs.open(path, "r") as f:
-            return model.model_validate_json(f.read())
+        return model.model_validate_json(self._read_text(path))
 
     def _next_number(self) -> int:
         numbers = [0]
@@ -489,8 +491,7 @@ class Registry:
         seq, aliases = 0, {}
         path = self._task_path("aliases.json")
         if self.fs.exists(path):
-            with self.fs.open(path, "r") as f:
-                raw = json.load(f)
+            raw = json.loads(self._read_text(path))
             if "seq" not in raw:  # written before moves were numbered: {alias: record}
                 raw = {"seq": 0, "aliases": raw}
             seq = raw["seq"]
@@ -504,8 +505,7 @@ class Registry:
 
     def _history_entry(self, path: str) -> HistoryEntry | None:
         try:
-            with self.fs.open(path, "r") as f:
-                return HistoryEntry.model_validate_json(f.read())
+            return HistoryEntry.model_validate_json(self._read_text(path))
         except (OSError, ValidationError) as exc:  # one unreadable entry must not break status or rollback
             log.error("event=history_entry_unreadable task=%s path=%s error=%r", self.task, path, exc)
             return None
