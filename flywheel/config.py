@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -82,6 +82,23 @@ class VLLMSettings(BaseModel):
     enforce_eager: bool = True
 
 
+class AutoscalingSettings(BaseModel):
+    """Serve's autoscaling of the LLM deployment: replicas follow the requests in flight on each."""
+
+    min_replicas: int = Field(1, ge=1, description="Never fewer (each holds every task's champion).")
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(24, gt=0, description="Requests in flight per replica to aim for.")
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0, description="A new replica loads the base and every champion: "
+                                     "keep it a while.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
 class ServingSettings(BaseModel):
     engine: Literal["vllm", "hf"] = Field(
         "vllm", description="`vllm` (AsyncLLM) or `hf` (transformers+PEFT reference engine)."
@@ -92,7 +109,10 @@ class ServingSettings(BaseModel):
         "by it, to judge its candidate on them.")
     host: str = "127.0.0.1"
     port: int = 8000
-    replicas: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1, description="LLM replicas, when `autoscaling` is not set.")
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="Let Serve scale the LLM replicas between min and max on requests in flight (new "
+        "replicas converge on every task's champion by themselves); None: a fixed `replicas`.")
     replica_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per LLM replica.")
     replica_gpus: float = Field(0.0, ge=0, description="Ray GPUs per LLM replica (1 for vLLM on CUDA).")
     max_prompt_chars: int = Field(4000, ge=1)
@@ -164,8 +184,10 @@ class GateSettings(BaseModel):
     )
     parity_prompts: int = Field(8, ge=1, description="Prompts in the engine-parity probe.")
     serving_concurrency: int = Field(
-        4, ge=1, description="Scoring requests the gate keeps in flight on the serving replicas: its bounded share "
-        "of their concurrency, so users' requests keep theirs.")
+        1, ge=1, description="Scoring requests the gate keeps in flight on the serving replicas: its bounded share "
+        "of their concurrency, so users' requests keep theirs. Measured on 2 CPU cores under load: 1 keeps users' "
+        "p99 at 1.5x steady while the gate scores (4: 3.6x, for an evaluation 1.7x faster); GPUs batch more "
+        "cheaply and can take more.")
 
 
 class CanarySettings(BaseModel):
@@ -237,6 +259,9 @@ class RetrainSettings(BaseModel):
                                    "serving replica with replica_gpus 0.5 on one GPU.")
     cpus_per_worker: float = Field(1.0, gt=0)
     torch_threads: int = Field(1, ge=1)
+    resource_wait_s: float = Field(
+        300.0, ge=0, description="How long a retrain's workers may wait for free CPUs/GPUs (or for the cluster to "
+        "add them) before the run fails saying what is missing.")
     early_stopping_patience: int | None = None
     schedule_enabled: bool = True
     schedule_interval_s: float = Field(600.0, gt=0, description="Scheduler: at least this long between runs.")

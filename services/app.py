@@ -44,7 +44,7 @@ def build_app(settings: Settings) -> Application:
     payload = settings.shareable()  # secrets reach the gateway through its environment, never init args
     llm = LLMServer.options(
         logging_config=QUIET,
-        num_replicas=settings.serving.replicas,
+        **replica_count(settings),
         ray_actor_options={
             "num_cpus": settings.serving.replica_cpus,
             "num_gpus": settings.serving.replica_gpus,
@@ -58,6 +58,16 @@ def build_app(settings: Settings) -> Application:
     return Gateway.options(logging_config=QUIET, ray_actor_options={"num_cpus": 0, **gateway_env}).bind(llm, payload)
 
 
+def replica_count(settings: Settings) -> dict[str, Any]:
+    """The LLM deployment's replicas: a fixed number, or Serve's autoscaling between `serving.autoscaling`'s
+    bounds (Serve takes `num_replicas="auto"` beside an autoscaling config, never a number)."""
+    scaling = settings.serving.autoscaling
+    if scaling is None:
+        return {"num_replicas": settings.serving.replicas}
+    return {"num_replicas": "auto", "autoscaling_config": {**scaling.model_dump(),
+                                                           "initial_replicas": scaling.min_replicas}}
+
+
 def app_builder(args: dict[str, Any]) -> Application:
     """Entry point for `serve run` / `serve deploy`: args may name a `config` YAML file."""
     config = args.get("config")
@@ -69,7 +79,8 @@ def ensure_ray(settings: Settings) -> None:
         return
     # Logical CPUs: enough for the LLM replicas AND a retrain's workers, so training never waits on
     # serving (the OS shares the real cores; Ray only counts reservations).
-    wanted = settings.serving.replicas * settings.serving.replica_cpus + (
+    replicas = settings.serving.autoscaling.max_replicas if settings.serving.autoscaling else settings.serving.replicas
+    wanted = replicas * settings.serving.replica_cpus + (
         settings.retrain.num_workers * settings.retrain.cpus_per_worker + 1)
     ray.init(
         address=settings.ray.address,

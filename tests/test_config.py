@@ -56,3 +56,19 @@ def test_a_launched_retrain_writes_no_settings_file(
     assert "--config" not in launched["command"] and launched["command"][-2:] == ["--task", "demo"]
     assert launched["env"]["FLYWHEEL_ADMIN_TOKEN"] == TOKEN  # type: ignore[index]
     assert not any(p.is_file() for p in secret_settings.home.rglob("*"))
+
+
+def test_llm_replicas_are_fixed_or_autoscaled_from_config() -> None:
+    from ray.serve.config import AutoscalingConfig
+
+    from services.app import build_app, replica_count
+
+    assert replica_count(Settings(serving={"replicas": 2})) == {"num_replicas": 2}
+    scaled = replica_count(Settings(serving={"autoscaling": {"min_replicas": 1, "max_replicas": 3,
+                                                             "target_ongoing_requests": 8}}))
+    assert scaled["num_replicas"] == "auto"
+    config = AutoscalingConfig(**scaled["autoscaling_config"])  # what Serve itself accepts
+    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (1, 3, 8)
+    build_app(Settings(serving={"autoscaling": {"max_replicas": 2}}))  # Serve validates the options here
+    with pytest.raises(ValueError, match="below min_replicas"):
+        Settings(serving={"autoscaling": {"min_replicas": 3, "max_replicas": 2}})

@@ -221,3 +221,14 @@ def test_sft_on_ray_on_a_gpu(base_dir: Path, train_path: Path) -> None:
 def test_early_stopping_needs_eval_data(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="early_stopping_patience needs eval_path"):
         TrainJob(base_dir=tmp_path, train_path=tmp_path, out_dir=tmp_path, early_stopping_patience=2)
+
+
+def test_workers_the_cluster_can_never_hold_fail_at_once_saying_why(base_dir: Path, train_path: Path) -> None:
+    from training.ray_train import ResourcesUnavailableError
+
+    job = TrainJob(base_dir=base_dir, train_path=train_path, out_dir=base_dir.parent / "never",
+                   sft=SftConfig(steps=STEPS), num_workers=2, cpus_per_worker=10_000, resource_wait_s=1)
+    never = r"need 20000 CPU.*has only \d+ CPU in all.*retrain.num_workers"
+    with pytest.raises(ResourcesUnavailableError, match=never):
+        train_on_ray(job)
+    assert not (base_dir.parent / "never").exists()

@@ -252,6 +252,7 @@ class Retrain:
                 gpus_per_worker=cfg.gpus_per_worker,
                 cpus_per_worker=cfg.cpus_per_worker,
                 torch_threads=cfg.torch_threads,
+                resource_wait_s=cfg.resource_wait_s,
                 early_stopping_patience=cfg.early_stopping_patience if eval_path else None,
                 checkpoint_dir=self.workdir / "checkpoints",
             ),

@@ -71,6 +71,9 @@ class TrainJob(BaseModel):
         None, description="Ray Train storage for run state and checkpoints; None: a temp dir removed afterwards."
     )
     tensorboard_dir: Path | None = Field(None, description="Where rank 0 writes TensorBoard loss curves (SFT).")
+    resource_wait_s: float = Field(
+        300.0, ge=0, description="How long the workers may wait for the cluster to free or add what they ask for; "
+        "then the run fails saying what is missing (Ray alone would wait forever).")
 
     @field_validator("train_path", "eval_path", "out_dir", "init_adapter", "checkpoint_dir", "tensorboard_dir")
     @classmethod
@@ -221,17 +224,58 @@ def _dataset(path: Path) -> ray.data.Dataset:
         context.enable_progress_bars = progress_bars
 
 
+class ResourcesUnavailableError(RuntimeError):
+    """The cluster did not have what a training run's workers ask for within the run's wait."""
+
+
+def wait_for_resources(job: TrainJob, *, poll_s: float = 1.0) -> None:
+    """Return once the cluster has the workers' CPUs and GPUs free; else ResourcesUnavailableError after
+    `job.resource_wait_s`, saying whether the cluster could ever grant them or something holds them.
+
+    Meanwhile the request is shown to the Ray autoscaler (a no-op without one), so a cluster that can grow
+    adds the nodes instead of the run failing."""
+    from ray.autoscaler.sdk import request_resources
+
+    per_worker = {"CPU": job.cpus_per_worker, **({"GPU": job.gpus_per_worker} if job.use_gpu else {})}
+    need = {name: amount * job.num_workers for name, amount in per_worker.items()}
+    deadline = time.monotonic() + job.resource_wait_s
+    asked = False
+    try:
+        while True:
+            free = ray.available_resources()
+            short = {name: amount for name, amount in need.items() if free.get(name, 0.0) + 1e-9 < amount}
+            if not short:
+                return
+            if time.monotonic() >= deadline:
+                total = ray.cluster_resources()
+                never = [name for name, amount in need.items() if total.get(name, 0.0) + 1e-9 < amount]
+                why = (f"the cluster has only {', '.join(f'{total.get(n, 0.0):g} {n}' for n in never)} in all"
+                       if never else "serving or other jobs hold them")
+                raise ResourcesUnavailableError(
+                    f"{job.num_workers} training worker(s) need {', '.join(f'{v:g} {k}' for k, v in need.items())}"
+                    f"; {', '.join(f'{free.get(k, 0.0):g} {k}' for k in need)} free after {job.resource_wait_s:.0f}s "
+                    f"and {why}: lower retrain.num_workers, cpus_per_worker or gpus_per_worker, or add nodes")
+            if not asked:
+                request_resources(bundles=[per_worker] * job.num_workers)
+                asked = True
+            time.sleep(poll_s)
+    finally:
+        if asked:
+            request_resources(bundles=[])  # the trainer's own placement group asks from here on
+
+
 def train_on_ray(job: TrainJob, *, progress: Callable[[str], None] | None = None) -> TrainOutcome:
     """Train a candidate adapter with Ray Train and write it to `job.out_dir`.
 
     `progress` gets `event=train_progress ...` lines from rank 0 (on a helper thread). A failed run raises
-    Ray's `TrainingFailedError`.
+    Ray's `TrainingFailedError`; a cluster without room for the workers, `ResourcesUnavailableError`.
     """
     started = time.perf_counter()
     paths = {"train": job.train_path, **({"eval": job.eval_path} if job.eval_path is not None else {})}
     for path in paths.values():
         _check_columns(path, job.method)
     connect_ray()
+    wait_for_resources(job)
     datasets = {name: _dataset(path) for name, path in paths.items()}
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # every worker must see the same row order for the Trainer's sharding

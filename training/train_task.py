@@ -189,6 +189,7 @@ class TaskTrainer:
                 gpus_per_worker=self.settings.retrain.gpus_per_worker,
                 cpus_per_worker=self.settings.retrain.cpus_per_worker,
                 torch_threads=self.settings.retrain.torch_threads,
+                resource_wait_s=self.settings.retrain.resource_wait_s,
                 eval_steps=max(5, min(steps_per_epoch, 50)),
                 early_stopping_patience=patience,
                 tensorboard_dir=out_dir.parent / "tensorboard",
