@@ -208,6 +208,8 @@ class AdapterManager:
             "active_since": self.active.since,
             "in_flight": self.active.in_flight,
             "adapters": {v: {"state": s.state, "in_flight": s.in_flight} for v, s in self.slots.items()},
+            "canary": ({"version": self.canary.version, "share": self.canary.traffic_fraction}
+                       if self.canary and self.canary.version != self.active.version else None),
             "swaps_succeeded": self.counters.succeeded,
             "swaps_failed": self.counters.failed,
             "last_failure": (

@@ -46,6 +46,8 @@ class ReplicaCollector:
                                      labels=["replica", "version"])
         ongoing = GaugeMetricFamily("flywheel_replica_ongoing_requests", "Requests in each LLM replica now",
                                     labels=["replica"])
+        canary = GaugeMetricFamily("flywheel_canary_share", "Share of users each replica sends to a task's canary",
+                                   labels=["replica", "task", "version"])
         for status in self._snapshot():
             replica = status["replica"]
             ongoing.add_metric([replica], status.get("ongoing", 0))
@@ -60,11 +62,13 @@ class ReplicaCollector:
                 swaps.add_metric([replica, task, "failed"], state["swaps_failed"])
                 if state["last_failure"]:
                     failed.add_metric([replica, task, state["last_failure"]["version"]], 1)
+                if trial := state.get("canary"):
+                    canary.add_metric([replica, task, trial["version"]], trial["share"])
         champion = GaugeMetricFamily(
             "flywheel_champion_info", "The version the default task's champion alias points at", labels=["version"]
         )
         champion.add_metric([self._champion() or "none"], 1)
-        yield from (active, swaps, failed, champion, *pinned.values(), resident, ongoing)
+        yield from (active, swaps, failed, champion, *pinned.values(), resident, ongoing, canary)
 
 
 class RecentAnswers:

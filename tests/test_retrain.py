@@ -406,6 +406,7 @@ def test_a_canary_users_prefer_steps_up_and_is_promoted(learning_app: tuple[str,
     [stepped] = controller.check()
     assert stepped.verdict == "step_up" and stepped.next_share == 0.6, stepped.reason
     assert registry.aliases()["canary"].traffic_fraction == 0.6
+    assert wait_for(lambda: f'version="{canary}"}} 0.6' in httpx.get(f"{url}/metrics").text), "the share in /metrics"
 
     deadline = time.monotonic() + 10  # the replicas read the new share within a poll interval
     while time.monotonic() < deadline:
