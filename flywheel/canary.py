@@ -217,12 +217,10 @@ class CanaryController(threading.Thread):
 
     def check(self) -> list[CanaryReview]:
         reviews = []
+        figures = self.figures()
         for task in known_tasks(self.settings):
             registry = registry_for(self.settings, task)
-            if CANARY_ALIAS not in registry.aliases():
-                continue
-            decided = review(registry, self.settings.canary, lambda since, t=task: self.ratings(t, since),
-                             self.figures())
+            decided = review(registry, self.settings.canary, lambda since, t=task: self.ratings(t, since), figures)
             if decided is None:
                 continue
             if self.last_reason.get(task) != decided.reason.split(":")[0]:  # say a hold once, not every round

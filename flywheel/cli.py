@@ -22,6 +22,8 @@ from flywheel.logs import configure_logging, stdout_to_stderr
 from flywheel.registry import RegistryError
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from flywheel.bases import ServedBase
     from flywheel.canary import CanaryReview
     from flywheel.config import Settings
@@ -672,6 +674,13 @@ def demo(
     raise typer.Exit(0 if report.swaps and report.failed_requests == 0 else 1)
 
 
+def write_report(out: Path, report: BaseModel, text: str, as_json: bool) -> None:
+    """Write a benchmark's JSON report to `out` and print it (or its text, ending with where it went)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.model_dump_json(indent=2))
+    emit(as_json, report.model_dump(), f"{text}\nreport: {out}")
+
+
 @bench_app.command("serve")
 def bench_serve(
     config: ConfigOption = None,
@@ -690,10 +699,8 @@ def bench_serve(
     if replicas:
         settings.serving.replicas = replicas
     report = run_serve_bench(settings, seconds=seconds, say=progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.model_dump_json(indent=2))
     r = report
-    emit(as_json, report.model_dump(), "\n".join([
+    write_report(out, report, "\n".join([
         f"HTTP p50 {r.http_p50_ms:.1f} ms / in-process p50 {r.in_process_p50_ms:.1f} ms "
         f"= {r.http_over_in_process_p50:.2f} (goal <= 1.10)",
         f"rps at 16 concurrent {r.rps_at_16:.1f} / at 1 {r.rps_at_1:.1f} = {r.rps_16_over_1:.1f}x (goal >= 4x)",
@@ -701,8 +708,7 @@ def bench_serve(
         f"{r.swap_p99_ms:.0f} ms / steady {r.steady_p99_ms:.0f} ms = {r.swap_p99_over_steady_p99:.2f} "
         f"(goal <= 1.5); alias -> all {r.replicas} replicas on {r.swapped_to} in "
         f"{r.alias_to_all_replicas_s:.2f} s (goal <= 1 s)",
-        f"report: {out}",
-    ]))
+    ]), as_json)
 
 
 @bench_app.command("openai")
@@ -721,9 +727,7 @@ def bench_openai(
     settings = settings_or_exit(config)
     settings.serving.port = port
     report = run_openai_bench(settings, seconds=seconds, say=progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.model_dump_json(indent=2))
-    emit(as_json, report.model_dump(), "\n".join([*report.lines(), f"report: {out}"]))
+    write_report(out, report, "\n".join(report.lines()), as_json)
 
 
 @bench_app.command("canary")
@@ -740,9 +744,7 @@ def bench_canary(
 
     settings = settings_or_exit(config)
     report = run_canary_bench(settings.canary, difference=difference, runs=runs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.model_dump_json(indent=2))
-    emit(as_json, report.model_dump(), "\n".join([*report.lines(), f"report: {out}"]))
+    write_report(out, report, "\n".join(report.lines()), as_json)
 
 
 @bench_app.command("soak")
@@ -784,9 +786,7 @@ def bench_quant(
 
     configure_logging()
     report = run_quant_bench(settings_or_exit(config), requests=requests, wide=wide, say=progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.model_dump_json(indent=2))
-    emit(as_json, report.model_dump(), f"{report.summary()}\nreport: {out}")
+    write_report(out, report, report.summary(), as_json)
 
 
 @bench_app.command("train")
@@ -806,16 +806,13 @@ def bench_train(
     settings = settings_or_exit(config)
     run_bootstrap(settings, progress=progress)
     report = run_train_bench(Path(settings.base_model_path), steps=steps, workers=workers, threads=threads)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.model_dump_json(indent=2))
     r = report
-    emit(as_json, report.model_dump(), "\n".join([
+    write_report(out, report, "\n".join([
         f"tokens/s through Ray Train {r.ray_tokens_per_s:.0f} / plain HF Trainer {r.plain_tokens_per_s:.0f} "
         f"= {r.ray_over_plain:.2f} (goal >= 1.0)",
         f"wall: plain {r.plain_wall_s:.1f} s, Ray {r.ray_wall_s:.1f} s (of which start-up {r.ray_startup_s:.1f} s, "
         f"ray.init {r.ray_init_s:.1f} s)",
-        f"report: {out}",
-    ]))
+    ]), as_json)
 
 
 @bench_app.command("data")
@@ -828,9 +825,7 @@ def bench_data(
     from loadtests.bench_data import run_data_bench
 
     report = run_data_bench(rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.model_dump_json(indent=2))
-    emit(as_json, report.model_dump(), f"{report.summary()}\nreport: {out}")
+    write_report(out, report, report.summary(), as_json)
 
 
 @bench_app.command("own-task")
@@ -852,9 +847,7 @@ def bench_own_task(
     finally:
         if not ray_was_up:
             _shutdown_ray()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.model_dump_json(indent=2))
-    emit(as_json, report.model_dump(), f"{report.summary()}\nreport: {out}")
+    write_report(out, report, report.summary(), as_json)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from flywheel.config import Settings
 from flywheel.registry import registry_for
+from flywheel.stats import percentile
 from services.engines import build_engine
 from services.engines.protocol import AdapterHandle, ChatMessage, SamplingOptions
 from training.demo_bootstrap import bootstrap, train_demo_adapter
@@ -43,11 +44,6 @@ class ServeBenchReport(BaseModel):
     swap_p99_over_steady_p99: float
     alias_to_all_replicas_s: float
     swapped_to: str
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def _in_process_p50(settings: Settings, version: str, samples: int) -> float:
@@ -129,8 +125,8 @@ async def _http_phase(url: str, settings: Settings, target: str, seconds: float,
         "rps_at_16": sum(1 for _, _, s in sixteen if s == 200) / seconds,
         "swap_failed_requests": sum(1 for _, _, s in swap_results if s != 200),
         "swap_requests": len(swap_results),
-        "steady_p99_ms": _percentile(steady, 0.99) * 1000,
-        "swap_p99_ms": _percentile(during, 0.99) * 1000,
+        "steady_p99_ms": (percentile(steady, 0.99) or 0.0) * 1000,
+        "swap_p99_ms": (percentile(during, 0.99) or 0.0) * 1000,
         "alias_to_all_replicas_s": converged,
     }
 

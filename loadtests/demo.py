@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flywheel.config import Settings
 from flywheel.registry import CANARY_ALIAS, registry_for, resolve_task
 from flywheel.runs import RunState, RunStore
+from flywheel.stats import percentile
 from training.demo_bootstrap import bootstrap
 
 log = logging.getLogger("flywheel.demo")
@@ -177,14 +178,6 @@ def _fmt(value: float | None, unit: str = "") -> str:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _mean(values: list[float]) -> float | None:

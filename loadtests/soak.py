@@ -29,7 +29,8 @@ from pydantic import BaseModel, Field
 from feedback.curator import feedback_status
 from flywheel.config import DEMO_MODEL, Settings
 from flywheel.registry import Registry, registry_for
-from loadtests.demo import DemoPlan, locust_failures, percentile, platform, start_locust
+from flywheel.stats import percentile
+from loadtests.demo import DemoPlan, locust_failures, platform, start_locust
 from training.demo_bootstrap import bootstrap, train_demo_adapter
 
 log = logging.getLogger("flywheel.soak")

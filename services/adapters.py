@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from flywheel.registry import CANARY_ALIAS, AliasRecord, Registry, RegistryError, VersionNotFoundError, lora_int_id
+from flywheel.stats import percentile
 from services.engines.protocol import AdapterHandle, ChatMessage, Engine, PromptTooLongError, SamplingOptions
 
 log = logging.getLogger("flywheel.adapters")
@@ -255,16 +255,8 @@ class VersionTallies:
 
     def status(self) -> dict[str, dict[str, float]]:
         return {version: {"requests": t.requests, "failures": t.failures,
-                          "p99_ms": percentile(list(t.latencies_ms), 0.99)}
+                          "p99_ms": percentile(list(t.latencies_ms), 0.99) or 0.0}
                 for version, t in self.by_version.items()}
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The `q` quantile of `values` (nearest rank); 0 for none."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
 @dataclass
