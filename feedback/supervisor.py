@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ class CuratorHealth(BaseModel):
     since: float  # unix time of the last change of state
     retries: int = 0  # failures in a row
     pid: int
+    host: str = ""  # the node it runs on: only there can the pid be checked
     lag_records: int = 0  # logged but not yet curated, at the last report (every few seconds)
     lag_seconds: float = 0.0  # how far behind the newest event read that is
 
@@ -53,13 +55,15 @@ def read_health(settings: Settings) -> CuratorHealth | None:
         health = CuratorHealth.model_validate_json(health_path(settings).read_text())
     except (OSError, ValidationError):
         return None
-    if health.state != "stopped" and not process_alive(health.pid):
+    here = health.host in ("", socket.gethostname())
+    if health.state != "stopped" and here and not process_alive(health.pid):
         return health.model_copy(update={"state": "stopped", "detail": "the process running it is gone"})
     return health
 
 
 def _record(settings: Settings, state: str, detail: str = "", retries: int = 0) -> None:
-    _write(settings, CuratorHealth(state=state, detail=detail, since=time.time(), retries=retries, pid=os.getpid()))
+    _write(settings, CuratorHealth(state=state, detail=detail, since=time.time(), retries=retries, pid=os.getpid(),
+                                   host=socket.gethostname()))
 
 
 def _write(settings: Settings, health: CuratorHealth) -> None:
@@ -74,7 +78,7 @@ def report_lag(settings: Settings, records: int, seconds: float) -> None:
     """The running curator's lag; kept beside the supervisor's state (a curator run alone reports too)."""
     current = read_health(settings)
     if current is None or current.pid != os.getpid():
-        current = CuratorHealth(state="running", since=time.time(), pid=os.getpid())
+        current = CuratorHealth(state="running", since=time.time(), pid=os.getpid(), host=socket.gethostname())
     _write(settings, current.model_copy(update={"lag_records": records, "lag_seconds": round(seconds, 3)}))
 
 

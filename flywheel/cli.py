@@ -73,12 +73,10 @@ def up(
     kafka_api_version: Annotated[str | None, typer.Option(
         help="Broker protocol version, e.g. 0.9 for deploy/local/kafka.sh's broker (default: detect).")] = None,
 ) -> None:
-    """Start local Ray, the Serve app, the curator, the retrain scheduler and the canary controller. Ctrl-C
-    stops everything."""
+    """Start local Ray and the Serve app: the gateway, the LLM replicas and the loop's keeper (the curator, the
+    retrain scheduler and the canary controller). Ctrl-C stops everything."""
     import psutil
 
-    from feedback.supervisor import supervise
-    from flywheel.scheduler import RetrainScheduler
     from services import app as serve_app
     from training.demo_bootstrap import bootstrap as run_bootstrap
 
@@ -106,17 +104,9 @@ def up(
         signal.alarm(0)
         stop.set()
 
-    workers: list[threading.Thread] = []
     try:
         url = serve_app.run(settings)
         signal.signal(signal.SIGTERM, on_sigterm)  # after ray.init, which installs a handler of its own
-        # The feedback plane's trouble (no broker yet) never stops serving: the supervisor waits and retries.
-        workers.append(threading.Thread(target=supervise, args=(settings, stop), name="curator", daemon=True))
-        if settings.retrain.schedule_enabled:
-            workers.append(RetrainScheduler(settings, stop))
-        workers.append(serve_app.canary_controller(settings, stop))
-        for worker in workers:
-            worker.start()
         typer.echo(f"flywheel is serving at {url}  (POST {url}/predict, POST {url}/feedback, GET {url}/healthz; "
                    "Ctrl-C stops)")
         while not stop.wait(1.0):
@@ -126,10 +116,7 @@ def up(
     except TimeoutError as exc:
         fail(str(exc))
     finally:
-        typer.echo("stopping the curator, Serve and Ray …", err=True)
-        stop.set()
-        for worker in workers:
-            worker.join(timeout=30)
+        typer.echo("stopping Serve (the loop's keeper stops the curator first) and Ray …", err=True)
         started_here = psutil.Process().children(recursive=True)  # Ray's processes, vLLM's, the agents
         serve_app.shutdown()
         _end(started_here)
@@ -558,6 +545,9 @@ def retrain(
     task: TaskOption = None,
     wait: Annotated[bool, typer.Option("--wait", help="Run in the foreground and print the verdict.")] = False,
     as_json: JsonOption = False,
+    address: Annotated[str | None, typer.Option(
+        help="A Ray cluster's dashboard, e.g. http://HOST:8265: run there as a Ray job (`ray job submit`), with "
+        "the cluster's own config, or --config's if given (secrets stay the cluster's).")] = None,
     run_id: Annotated[str | None, typer.Option(hidden=True)] = None,
     trigger: Annotated[str, typer.Option(hidden=True)] = "cli",
     lock_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
@@ -571,6 +561,9 @@ def retrain(
     from flywheel.runs import RetrainBusyError, RunRecord, RunStore, new_run_id
 
     configure_logging()
+    if address:
+        _retrain_as_ray_job(address, settings_or_exit(config) if config else None, task, wait, as_json)
+        return
     settings = settings_or_exit(config)
     try:
         task = resolve_task(settings, task).name
@@ -600,6 +593,29 @@ def retrain(
                "report": result.report, "message": result.message, "dataset": result.dataset}
     emit(as_json, payload, f"{result.run_id}: {result.verdict} {result.version or ''} — {result.message}")
     raise typer.Exit(RETRAIN_EXIT[result.verdict])
+
+
+def _retrain_as_ray_job(address: str, settings: Settings | None, task: str | None, wait: bool, as_json: bool
+                        ) -> None:
+    from flywheel.runs import follow_retrain_job, submit_retrain_job
+
+    try:
+        job_id = submit_retrain_job(address, task, settings)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        fail(f"cannot submit the retrain to the Ray cluster at {address}: {exc}", code=2)
+    if not wait:
+        emit(as_json, {"job_id": job_id}, f"retrain submitted as Ray job {job_id}; follow it with "
+                                          f"`ray job logs --address {address} --follow {job_id}`")
+        return
+    progress(f"Ray job {job_id} submitted; its output follows")
+    job = follow_retrain_job(address, job_id, say=lambda chunk: typer.echo(chunk, err=True))
+    result = job.output[job.output.rindex("\n{\n") + 1:] if "\n{\n" in job.output else None
+    if job.exit_code is None or result is None:  # it never ran (e.g. the cluster could not start it)
+        fail(f"Ray job {job_id} ended {job.status}: {job.message}", code=1)
+    payload = {"job_id": job_id, **json.loads(result)}
+    emit(as_json, payload, f"{payload['run_id']}: {payload['verdict']} {payload.get('version') or ''} — "
+                           f"{payload['message']}")
+    raise typer.Exit(job.exit_code)
 
 
 @app.command()
@@ -728,6 +744,51 @@ def bench_openai(
     settings.serving.port = port
     report = run_openai_bench(settings, seconds=seconds, say=progress)
     write_report(out, report, "\n".join(report.lines()), as_json)
+
+
+@bench_app.command("scrape")
+def bench_scrape(
+    config: ConfigOption = None,
+    tasks: Annotated[int, typer.Option(help="Tasks added beside the default one.")] = 8,
+    versions: Annotated[int, typer.Option(help="Versions registered (and asked for) per added task.")] = 3,
+    port: Annotated[int, typer.Option(help="Port for the benchmark's own Serve app.")] = 8767,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/scrape.json"),
+    as_json: JsonOption = False,
+) -> None:
+    """What a Prometheus scrape of /metrics costs with one task, then with TASKS x VERSIONS more (p50, size,
+    series)."""
+    from loadtests.bench_ops import run_scrape_bench
+
+    configure_logging()
+    settings = settings_or_exit(config)
+    settings.serving.port = port
+    report = run_scrape_bench(settings, tasks=tasks, versions=versions, say=progress)
+    write_report(out, report, "\n".join(report.lines()), as_json)
+
+
+@bench_app.command("autoscale")
+def bench_autoscale(
+    config: ConfigOption = None,
+    seconds: Annotated[float, typer.Option(help="Length of the Locust run; users ramp up over its first half.")
+                       ] = 240.0,
+    users: Annotated[int, typer.Option(help="Locust users at the top of the ramp.")] = 24,
+    max_replicas: Annotated[int, typer.Option(help="Most LLM replicas Serve may scale to.")] = 2,
+    port: Annotated[int, typer.Option(help="Port for the benchmark's own Serve app.")] = 8768,
+    out: Annotated[Path, typer.Option(help="Where autoscale.json and Locust's stats go.")] = Path(
+        "bench-out/autoscale"),
+    as_json: JsonOption = False,
+) -> None:
+    """The LLM replicas autoscaling under a Locust ramp: replicas over time, p99 before and after the scale-up,
+    failed requests (goal 0)."""
+    from loadtests.bench_ops import run_autoscale_bench
+
+    configure_logging()
+    settings = settings_or_exit(config)
+    settings.serving.port = port
+    report = run_autoscale_bench(settings, out, users=users, seconds=seconds, max_replicas=max_replicas,
+                                 say=progress)
+    write_report(out / "autoscale.json", report, "\n".join(report.lines()), as_json)
+    raise typer.Exit(0 if report.failed_requests == 0 else 1)
 
 
 @bench_app.command("canary")

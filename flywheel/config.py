@@ -324,10 +324,24 @@ class QuantizeSettings(BaseModel):
     cpu_workers: int | None = Field(None, ge=1, description="GPTQMODEL_CPU_WORKERS (None: the core count).")
 
 
+class LoopSettings(BaseModel):
+    """The loop's keeper: the Serve deployment that runs the curator, the retrain scheduler and the canary
+    controller beside the gateway and the LLM replicas, so `serve deploy`, a RayService and `flywheel up`
+    all run the same loop."""
+
+    enabled: bool = Field(True, description="Run the loop inside the app. Several apps on one registry elect "
+                          "one keeper (the others stand by); false: serving only.")
+    lease_s: float = Field(15.0, ge=2, description="A keeper that stops renewing its lease this long (its replica "
+                           "died) hands the loop to a standby keeper.")
+
+
 class RaySettings(BaseModel):
     address: str | None = Field(None, description="Existing cluster address; None starts a local Ray.")
     num_cpus: int | None = Field(None, description="Logical CPUs for a local Ray (None: detect).")
     object_store_mb: int = Field(512, ge=80)
+    dashboard_port: int | None = Field(
+        8265, ge=1, le=65535, description="A local Ray's dashboard (on 127.0.0.1): where `flywheel retrain --address` "
+        "submits retrains as Ray jobs and `serve deploy` deploys; None: no dashboard.")
 
 
 class BootstrapSettings(BaseModel):
@@ -360,6 +374,7 @@ class Settings(BaseSettings):
     feedback: FeedbackSettings = FeedbackSettings()
     retrain: RetrainSettings = RetrainSettings()
     canary: CanarySettings = CanarySettings()
+    loop: LoopSettings = LoopSettings()
     train: TrainSettings = TrainSettings()
     bootstrap: BootstrapSettings = BootstrapSettings()
     quantize: QuantizeSettings = QuantizeSettings()

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from flywheel.config import Settings
+from flywheel.config import SHARED_SETTINGS_ENV, Settings
 
 
 class RetrainBusyError(RuntimeError):
@@ -230,3 +230,48 @@ class RunStore:
             names = names[-limit:]
         return [r for r in (self.get(n) for n in names) if r]
 
+
+
+class RetrainJob(BaseModel):
+    """A retrain submitted to a Ray cluster as a Ray job (`flywheel retrain --address`)."""
+
+    job_id: str
+    status: str
+    exit_code: int | None = Field(None, description="`flywheel retrain`'s own exit code; None: it never ran.")
+    message: str = ""
+    output: str = Field("", description="What the run printed (its stdout and stderr).")
+
+
+def submit_retrain_job(address: str, task: str | None, settings: Settings | None) -> str:
+    """Submit `flywheel retrain --wait --json` to the Ray cluster whose dashboard is at `address`, as `ray job
+    submit` would: it runs there, with the cluster's own config and secrets, or with `settings` (the secrets
+    never travel: a job's environment is visible on the dashboard). Returns the job's id."""
+    import shlex
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    command = ["python", "-m", "flywheel.cli", "retrain", "--wait", "--json", "--trigger", "ray-job"]
+    command += ["--task", task] if task else []
+    runtime_env = {"env_vars": {SHARED_SETTINGS_ENV: json.dumps(settings.shareable())}} if settings else None
+    return client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env,
+                             submission_id=f"flywheel-retrain-{uuid.uuid4().hex[:12]}",
+                             metadata={"flywheel": "retrain", "task": task or ""})
+
+
+def follow_retrain_job(address: str, job_id: str, say: Callable[[str], None]) -> RetrainJob:
+    """Pass the job's output to `say` as it comes, until the job ends; then its outcome."""
+    import asyncio
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            say(chunk.rstrip("\n"))
+
+    asyncio.run(tail())
+    info = client.get_job_info(job_id)
+    return RetrainJob(job_id=job_id, status=str(info.status), exit_code=info.driver_exit_code,
+                      message=info.message or "", output=client.get_job_logs(job_id))

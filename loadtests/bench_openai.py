@@ -141,18 +141,22 @@ def _wait(url: str, timeout_s: float = 600) -> None:
     raise TimeoutError(f"{url} did not come up in {timeout_s:.0f} s")
 
 
-def _add_tasks(settings: Settings, champion_dir: Path, count: int) -> list[str]:
-    """Tasks bench-1..bench-N, each the demo task with a copy of the champion as its own champion."""
+def add_tasks(settings: Settings, champion_dir: Path, count: int, versions: int = 1) -> list[str]:
+    """Tasks bench-1..bench-N, each the demo task with `versions` copies of the champion registered (the last
+    one its champion)."""
     names = []
+    base = registry_for(settings).manifest(champion_dir.name).base_model
     for i in range(1, count + 1):
         name = f"bench-{i}"
         registry = registry_for(settings, name)
         if registry.alias("champion") is None:
             registry.save_task_spec(DEMO_TASK.model_copy(update={"name": name}))
-            copy = settings.home / "bench-adapters" / name
-            shutil.copytree(champion_dir, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
-            base = registry_for(settings).manifest(champion_dir.name).base_model
-            registry.promote(registry.register(copy, base=base).version, actor="bench")
+            for v in range(versions):
+                copy = settings.home / "bench-adapters" / name / str(v)
+                shutil.copytree(champion_dir, copy, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("manifest.json"))
+                version = registry.register(copy, base=base).version
+            registry.promote(version, actor="bench")
         names.append(name)
     return names
 
@@ -187,7 +191,7 @@ def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable
         predict = asyncio.run(_predict_p50(url))
         by_tasks = {}
         for count in (2, 8, 32):
-            tasks = _add_tasks(settings, adapter, count)
+            tasks = add_tasks(settings, adapter, count)
             time.sleep(5)  # replicas discover new tasks every 2 s
             say(f"measuring flywheel with {count} tasks")
             side = asyncio.run(_measure(url, tasks, seconds / 2, samples=max(10, count)))

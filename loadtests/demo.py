@@ -197,8 +197,11 @@ def platform(settings: Settings, plan: DemoPlan, route_prefix: str) -> Iterator[
     from feedback.curator import Curator
     from flywheel.scheduler import RetrainScheduler
     from services import app as serve_app
+    from services.loop import canary_controller
 
     bootstrap(settings)
+    # The demo runs the loop's parts itself, its scheduler bounded by the plan's loops: not the app's keeper.
+    settings.loop.enabled = False
     ray_was_up = ray.is_initialized()
     stop, stop_scheduler = threading.Event(), threading.Event()
     curator = Curator(settings)
@@ -214,7 +217,7 @@ def platform(settings: Settings, plan: DemoPlan, route_prefix: str) -> Iterator[
                                         may_start=loops_left))
     try:
         url = serve_app.run(settings, route_prefix=route_prefix, timeout_s=600)
-        threads.append(serve_app.canary_controller(settings, stop))
+        threads.append(canary_controller(settings, stop))
         for thread in threads:
             thread.start()
         yield url, stop_scheduler

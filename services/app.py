@@ -6,10 +6,8 @@ the tests use `run`.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,13 +17,10 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from flywheel.canary import CanaryController
 from flywheel.config import Settings, load_settings
 from services.gateway import Gateway
 from services.llm_server import LLMServer
-from services.status_board import get_board, version_figures
-
-log = logging.getLogger("flywheel.app")
+from services.loop import LoopKeeper
 
 
 def _replica_env(settings: Settings) -> dict[str, str]:
@@ -54,8 +49,12 @@ def build_app(settings: Settings) -> Application:
     # Secrets already in this environment reach the workers the same way (Ray passes it on; on Kubernetes
     # every pod mounts the Secret): only one set from a config file travels in the gateway's runtime env.
     secrets = {name: value for name, value in settings.secret_env().items() if os.environ.get(name) != value}
-    gateway_env = {"runtime_env": {"env_vars": secrets}} if secrets else {}
-    return Gateway.options(logging_config=QUIET, ray_actor_options={"num_cpus": 0, **gateway_env}).bind(llm, payload)
+    secret_env = {"runtime_env": {"env_vars": secrets}} if secrets else {}
+    # The loop (curator, scheduler, canary controller) is part of the app, so `serve deploy` runs it too.
+    loop = LoopKeeper.options(logging_config=QUIET, ray_actor_options={"num_cpus": 0, **secret_env}).bind(
+        payload) if settings.loop.enabled else None
+    return Gateway.options(logging_config=QUIET, ray_actor_options={"num_cpus": 0, **secret_env}).bind(
+        llm, payload, loop)
 
 
 def replica_count(settings: Settings) -> dict[str, Any]:
@@ -82,14 +81,13 @@ def ensure_ray(settings: Settings) -> None:
     replicas = settings.serving.autoscaling.max_replicas if settings.serving.autoscaling else settings.serving.replicas
     wanted = replicas * settings.serving.replica_cpus + (
         settings.retrain.num_workers * settings.retrain.cpus_per_worker + 1)
-    ray.init(
-        address=settings.ray.address,
-        num_cpus=None if settings.ray.address else settings.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted)),
-        object_store_memory=settings.ray.object_store_mb * 1024 * 1024 if not settings.ray.address else None,
-        include_dashboard=False,
-        log_to_driver=True,
-        namespace="flywheel",
-    )
+    local = {} if settings.ray.address else {  # an existing cluster was started with its own
+        "num_cpus": settings.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(wanted)),
+        "object_store_memory": settings.ray.object_store_mb * 1024 * 1024,
+        "include_dashboard": settings.ray.dashboard_port is not None,
+        "dashboard_port": settings.ray.dashboard_port,
+    }
+    ray.init(address=settings.ray.address, log_to_driver=True, namespace="flywheel", **local)
 
 
 def run(settings: Settings, *, timeout_s: float = 300.0, route_prefix: str = "/") -> str:
@@ -125,20 +123,3 @@ def shutdown() -> None:
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
-
-
-def canary_controller(settings: Settings, stop: threading.Event) -> CanaryController:
-    """The canary controller of this app: ratings from the curated dataset, guardrails from the replicas."""
-    from feedback.dataset import CuratedDataset
-
-    dataset = CuratedDataset(settings.feedback_dir / "dataset")
-    board = get_board(settings.registry_uri, settings.serving.alias)
-
-    def figures() -> dict[str, dict[str, float]]:
-        try:
-            return version_figures(ray.get(board.snapshot.remote(), timeout=10))
-        except Exception:  # replicas not reporting: the guardrails wait, the ratings still decide
-            log.warning("event=canary_figures_unavailable", exc_info=True)
-            return {}
-
-    return CanaryController(settings, stop, ratings=dataset.ratings, figures=figures)

@@ -62,6 +62,7 @@ from services.protocol import (
     ErrorResponse,
     FeedbackHealth,
     HealthResponse,
+    LoopHealth,
     PredictRequest,
     PredictResponse,
     StreamEvent,
@@ -193,9 +194,10 @@ def _without_failure_details(replica: dict[str, Any]) -> dict[str, Any]:
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, llm: DeploymentHandle, settings: dict[str, Any]) -> None:
+    def __init__(self, llm: DeploymentHandle, settings: dict[str, Any], loop: DeploymentHandle | None = None) -> None:
         configure_logging()
         self.llm = llm
+        self.loop = loop
         self.settings = Settings.from_shared(settings)
         self.registry = registry_for(self.settings)
         self._tasks: dict[str, TaskSpec] = {}
@@ -427,7 +429,17 @@ class Gateway:
             quantization=next((r["quantization"] for r in replicas if r.get("quantization")), None),
             replicas=[_without_failure_details(r) for r in replicas],
             feedback=await asyncio.to_thread(self._feedback_health),
+            loop=await self._loop_health(),
         )
+
+    async def _loop_health(self) -> LoopHealth | None:
+        if self.loop is None:
+            return None
+        try:
+            return LoopHealth.model_validate(await asyncio.wait_for(self.loop.status.remote(), timeout=5))
+        except Exception:  # its replica is restarting: serving goes on, /healthz says so
+            log.warning("event=loop_keeper_unreachable", exc_info=True)
+            return LoopHealth(role="unreachable")
 
     def _feedback_health(self) -> FeedbackHealth:
         bus = self.bus.stats()

@@ -189,6 +189,18 @@ class FeedbackHealth(BaseModel):
         "started here. `flywheel feedback status` says why.")
 
 
+class LoopHealth(BaseModel):
+    """The loop's keeper of this app (see services/loop.py)."""
+
+    role: Literal["starting", "leading", "standby", "unreachable"] = Field(
+        description="`leading`: this app runs the curator, the retrain scheduler and the canary controller; "
+        "`standby`: another app's keeper on the same registry does.")
+    keeper: str = Field("", description="This app's keeper.")
+    leader: str | None = Field(None, description="The keeper that runs the loop on this registry now.")
+    since: float = Field(0.0, description="Unix time of the last change of role.")
+    parts: list[str] = Field(default_factory=list, description="The loop's parts running in this keeper.")
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok", "degraded"]
     champion: str | None = Field(description="The default task's champion.")
@@ -199,6 +211,7 @@ class HealthResponse(BaseModel):
     quantization: dict | None = Field(None, description="method, bits, group size of a quantized base.")
     replicas: list[dict] = Field(default_factory=list)
     feedback: FeedbackHealth | None = None
+    loop: LoopHealth | None = Field(None, description="None: the app runs no loop (`loop.enabled: false`).")
 
 
 class AliasMove(BaseModel):

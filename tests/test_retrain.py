@@ -375,7 +375,7 @@ def users_rate(url: str, users: list[str], score: Callable[[str, int], int], req
 
 def test_a_canary_users_prefer_steps_up_and_is_promoted(learning_app: tuple[str, Settings, Path]) -> None:
     """Live ratings decide: too few → held; no difference → the share steps up; preferred → champion."""
-    from services import app as serve_app
+    from services.loop import canary_controller
 
     url, settings, _ = learning_app
     registry = registry_for(settings)
@@ -384,7 +384,7 @@ def test_a_canary_users_prefer_steps_up_and_is_promoted(learning_app: tuple[str,
     cfg = settings.model_copy(deep=True)
     cfg.canary = cfg.canary.model_copy(update={"steps": [0.3, 0.6], "step_s": 0.01, "min_ratings": 12})
     registry.promote(canary, alias="canary", traffic_fraction=0.3, actor="test")
-    controller = serve_app.canary_controller(cfg, threading.Event())
+    controller = canary_controller(cfg, threading.Event())
 
     [held] = controller.check()
     assert held.verdict == "hold" and "too few ratings" in held.reason
@@ -426,7 +426,7 @@ def test_a_canary_users_prefer_steps_up_and_is_promoted(learning_app: tuple[str,
 def test_a_canary_users_dislike_is_rolled_back_and_the_champion_never_stops(
     learning_app: tuple[str, Settings, Path],
 ) -> None:
-    from services import app as serve_app
+    from services.loop import canary_controller
 
     url, settings, _ = learning_app
     registry = registry_for(settings)
@@ -440,7 +440,7 @@ def test_a_canary_users_dislike_is_rolled_back_and_the_champion_never_stops(
                       lambda version, i: (1 + i % 2) if version == canary else (4 + i % 2))
     assert {v for versions in seen.values() for v in versions} == {champion, canary}
     curate(settings)
-    [rolled] = serve_app.canary_controller(cfg, threading.Event()).check()
+    [rolled] = canary_controller(cfg, threading.Event()).check()
     assert rolled.verdict == "rollback" and rolled.test.high < 0, rolled.reason
     assert registry.alias("champion") == champion and registry.aliases()["canary"].traffic_fraction == 0
     assert "rolled back: worse" in registry.history("canary")[-1].reason

@@ -31,6 +31,7 @@ def test_up_serves_without_its_broker_and_sigterm_stops_everything(home_copy: Pa
     settings = make_settings(home_copy, engine="hf")
     settings.feedback.kafka_bootstrap, settings.feedback.kafka_api_version = nobody, None  # auto-detect: no answer
     settings.retrain.schedule_enabled = False
+    settings.loop.enabled = True  # the curator runs in the app's keeper, as for every user
     settings.ray.num_cpus = 2
     config = tmp_path / "flywheel.yaml"
     config.write_text(yaml.safe_dump(settings.shareable(), allow_unicode=True))
@@ -42,6 +43,7 @@ def test_up_serves_without_its_broker_and_sigterm_stops_everything(home_copy: Pa
     try:
         health = _wait_until_curator_waits(url, up, timeout_s=600)
         assert health["status"] in ("ok", "degraded") and health["feedback"]["connected"] is False
+        assert health["loop"]["role"] == "leading" and "curator" in health["loop"]["parts"], health["loop"]
         answer = httpx.post(f"{url}/predict", json={"prompt": "Acme shares surged", "max_tokens": 8}, timeout=60)
         assert answer.status_code == 200, answer.text
         rated = httpx.post(f"{url}/feedback", json={"request_id": answer.json()["request_id"], "rating": 4})
