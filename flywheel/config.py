@@ -71,9 +71,9 @@ class VLLMSettings(BaseModel):
     max_loras: int = Field(3, ge=1, description="Distinct adapters one batch can run (GPU slots); more tasks "
                            "than this still serve, taking turns.")
     max_cpu_loras: int | None = Field(
-        None, ge=1, description="Adapters vLLM keeps loaded in host memory; past it the least recently used is "
-        "dropped and reloaded from disk on its next request. None: every task's champion, one incoming and one "
-        "draining version, and `serving.max_pinned_adapters`.")
+        None, ge=1, description="Adapters each replica keeps loaded; past it the least recently used idle one is "
+        "removed and loaded again on its next request (counted in /metrics). None: every task's champion, one "
+        "incoming and one draining version, and `serving.max_pinned_adapters`.")
     max_lora_rank: int = Field(32, description="Largest LoRA rank an adapter may have (vLLM: 8, 16, 32, 64…).")
     max_num_seqs: int = 64
     gpu_memory_utilization: float = 0.85

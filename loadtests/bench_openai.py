@@ -141,21 +141,21 @@ def _wait(url: str, timeout_s: float = 600) -> None:
     raise TimeoutError(f"{url} did not come up in {timeout_s:.0f} s")
 
 
-def add_tasks(settings: Settings, champion_dir: Path, count: int, versions: int = 1) -> list[str]:
-    """Tasks bench-1..bench-N, each the demo task with `versions` copies of the champion registered (the last
-    one its champion)."""
+def add_tasks(settings: Settings, adapters: list[Path], count: int, versions: int = 1, prefix: str = "bench"
+              ) -> list[str]:
+    """Tasks <prefix>-1..N, each the demo task with `versions` copies of one of `adapters` (registered versions
+    of the demo task, taken in turn) registered, the last one its champion."""
     names = []
-    base = registry_for(settings).manifest(champion_dir.name).base_model
+    demo = registry_for(settings)
     for i in range(1, count + 1):
-        name = f"bench-{i}"
+        name, source = f"{prefix}-{i}", adapters[(i - 1) % len(adapters)]
         registry = registry_for(settings, name)
         if registry.alias("champion") is None:
             registry.save_task_spec(DEMO_TASK.model_copy(update={"name": name}))
             for v in range(versions):
                 copy = settings.home / "bench-adapters" / name / str(v)
-                shutil.copytree(champion_dir, copy, dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns("manifest.json"))
-                version = registry.register(copy, base=base).version
+                shutil.copytree(source, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
+                version = registry.register(copy, base=demo.manifest(source.name).base_model).version
             registry.promote(version, actor="bench")
         names.append(name)
     return names
@@ -191,7 +191,7 @@ def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable
         predict = asyncio.run(_predict_p50(url))
         by_tasks = {}
         for count in (2, 8, 32):
-            tasks = add_tasks(settings, adapter, count)
+            tasks = add_tasks(settings, [adapter], count)
             time.sleep(5)  # replicas discover new tasks every 2 s
             say(f"measuring flywheel with {count} tasks")
             side = asyncio.run(_measure(url, tasks, seconds / 2, samples=max(10, count)))

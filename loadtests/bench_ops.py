@@ -89,7 +89,7 @@ def run_scrape_bench(settings: Settings, *, tasks: int = 8, versions: int = 3, s
         asyncio.run(_ask_and_rate(url, [settings.default_task] * 3))
         say("scraping with the default task alone")
         alone = _scrape(url, 1, 1, samples)
-        names = add_tasks(settings, registry.local_path(champion), tasks, versions)
+        names = add_tasks(settings, [registry.local_path(champion)], tasks, versions)
         time.sleep(5)  # replicas discover new tasks every 2 s
         pinned = [f"{name}@{m.version}" for name in names for m in registry_for(settings, name).versions()]
         say(f"asking and rating {len(pinned)} pinned versions")

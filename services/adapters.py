@@ -9,6 +9,9 @@ to 10 min), and at once if the alias moves.
 
 `PinnedAdapters` serves versions asked for by name (`task@version`, e.g. to replay an evaluation)
 beside the champions: loaded on demand, the least recently used idle one unloaded past its capacity.
+
+`LoraResidency` is the one door to the engine's LoRAs for all of them: more tasks than the engine holds
+still answer, each LoRA loaded when a request needs it and the least recently used idle one removed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ log = logging.getLogger("flywheel.adapters")
 BASE_VERSION = "base"
 TALLY_WINDOW = 512  # latencies kept per version for its p99
 RETRY_FIRST_S, RETRY_MAX_S = 10.0, 600.0  # a failed swap is retried after 10 s, 20 s, 40 s … at most 10 min
+UNBOUNDED = 1 << 30  # LoRAs a lone manager may keep loaded (a replica bounds them: `LoraResidency`)
 
 
 class AdapterState(StrEnum):
@@ -81,8 +85,10 @@ class AdapterManager:
         base_sha256: str,
         probe_prompt: str,
         drain_timeout_s: float,
+        loras: LoraResidency | None = None,
     ) -> None:
         self.engine = engine
+        self.loras = loras or LoraResidency(engine, capacity=UNBOUNDED)  # a replica shares one among its tasks
         self.registry = registry
         self.alias = alias
         self.base_sha256 = base_sha256
@@ -158,14 +164,14 @@ class AdapterManager:
                 slot.handle = AdapterHandle(
                     name=version, int_id=lora_int_id(manifest.version), path=self.registry.local_path(version)
                 )
-                await self.engine.add_adapter(slot.handle)
-                slot.move(AdapterState.PROBING)
-                probe = await self.engine.generate(
-                    [ChatMessage(role="user", content=self.probe_prompt)],
-                    SamplingOptions(max_tokens=4),
-                    slot.handle,
-                    request_id=f"probe-{version}-{time.monotonic_ns()}",
-                )
+                async with self.loras.using(slot.handle):  # loads it
+                    slot.move(AdapterState.PROBING)
+                    probe = await self.engine.generate(
+                        [ChatMessage(role="user", content=self.probe_prompt)],
+                        SamplingOptions(max_tokens=4),
+                        slot.handle,
+                        request_id=f"probe-{version}-{time.monotonic_ns()}",
+                    )
                 if probe.completion_tokens < 1:
                     raise RuntimeError("probe generated no tokens")
             except Exception as exc:  # any failure must leave the old version serving
@@ -176,7 +182,7 @@ class AdapterManager:
                 self.counters.failed += 1
                 if slot.handle is not None:
                     with contextlib.suppress(Exception):
-                        await self.engine.remove_adapter(slot.handle)
+                        await self.loras.unload(slot.handle)
                 log.error("event=swap_failed to=%s keeps=%s error=%r", version, self.active.version, exc)
                 return False
             old, self.active = self.active, slot
@@ -198,7 +204,7 @@ class AdapterManager:
             await asyncio.sleep(0.05)
         if slot.handle is None or self.active.version == slot.version:  # flipped back meanwhile: keep it
             return
-        await self.engine.remove_adapter(slot.handle)
+        await self.loras.unload(slot.handle)
         slot.move(AdapterState.UNLOADED)
         self.slots.pop(slot.version, None)
 
@@ -274,8 +280,10 @@ class PinnedAdapters:
     """
 
     def __init__(self, engine: Engine, *, base_sha256: str, capacity: int,
-                 in_use_elsewhere: Callable[[str], bool] = lambda _version: False) -> None:
+                 in_use_elsewhere: Callable[[str], bool] = lambda _version: False,
+                 loras: LoraResidency | None = None) -> None:
         self.engine = engine
+        self.loras = loras or LoraResidency(engine, capacity=UNBOUNDED)
         self.base_sha256 = base_sha256
         self.capacity = capacity
         self.in_use_elsewhere = in_use_elsewhere
@@ -313,7 +321,7 @@ class PinnedAdapters:
         if manifest.status == "evaluating":
             self.evaluating.add(version)
         handle = AdapterHandle(name=version, int_id=lora_int_id(manifest.version), path=registry.local_path(version))
-        await self.engine.add_adapter(handle)
+        await self.loras.load(handle)
         seconds = time.perf_counter() - started
         self.counters.loads += 1
         self.counters.load_seconds += seconds
@@ -332,10 +340,101 @@ class PinnedAdapters:
             self.evaluating.discard(version)
             self.counters.evictions += 1
             if not self.in_use_elsewhere(version):
-                await self.engine.remove_adapter(slot.handle)
+                await self.loras.unload(slot.handle)
             log.info("event=pinned_unloaded version=%s resident=%d", version, len(self.slots))
 
     def status(self) -> dict:
         return {"resident": {v: {"in_flight": s.in_flight} for v, s in self.slots.items()},
                 "loads": self.counters.loads, "evictions": self.counters.evictions,
                 "load_seconds": round(self.counters.load_seconds, 4)}
+
+
+@dataclass
+class Resident:
+    handle: AdapterHandle
+    users: int = 0  # requests running on it now: it is never removed under them
+
+
+@dataclass
+class LoraCounters:
+    loads: dict[str, int] = field(default_factory=dict)
+    evictions: dict[str, int] = field(default_factory=dict)
+    load_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class LoraResidency:
+    """The LoRAs in the engine (champions, canaries, pinned versions, candidates under evaluation): loaded on
+    demand, at most `capacity` at once, the least recently used idle one removed to make room.
+
+    More tasks than fit still answer, each with its own version: a request waits for its LoRA's load. The
+    engine's own cache is sized above `capacity`, so it never evicts by itself: every load and eviction is
+    counted here, per version, and a LoRA a request is running on is never removed under it.
+    """
+
+    def __init__(self, engine: Engine, capacity: int) -> None:
+        self.engine = engine
+        self.capacity = capacity
+        self.resident: OrderedDict[int, Resident] = OrderedDict()  # least recently used first
+        self.counters = LoraCounters()
+        self._lock = asyncio.Lock()
+
+    async def load(self, handle: AdapterHandle) -> None:
+        """Make `handle` resident (a swap preloads its version before the flip)."""
+        async with self._lock:
+            await self._resident(handle)
+
+    @contextlib.asynccontextmanager
+    async def using(self, handle: AdapterHandle) -> AsyncIterator[None]:
+        """Hold `handle` resident while a request runs on it, loading it first if it was evicted."""
+        entry = self.resident.get(handle.int_id)
+        if entry is None:  # asyncio: nothing runs between the lookup and the count on the fast path
+            async with self._lock:
+                entry = await self._resident(handle)
+        self.resident.move_to_end(handle.int_id)
+        entry.users += 1
+        try:
+            yield
+        finally:
+            entry.users -= 1
+
+    async def unload(self, handle: AdapterHandle) -> None:
+        """Remove a retired version (swapped out and drained, or an unpinned one) now, unless a request uses it."""
+        async with self._lock:
+            entry = self.resident.get(handle.int_id)
+            if entry is not None and not entry.users:
+                del self.resident[handle.int_id]
+                await self.engine.remove_adapter(handle)
+
+    async def _resident(self, handle: AdapterHandle) -> Resident:
+        entry = self.resident.get(handle.int_id)
+        if entry is not None:
+            return entry
+        await self._make_room()
+        started = time.perf_counter()
+        await self.engine.add_adapter(handle)
+        seconds = time.perf_counter() - started
+        _add(self.counters.loads, handle.name, 1)
+        _add(self.counters.load_seconds, handle.name, seconds)
+        entry = self.resident[handle.int_id] = Resident(handle)
+        log.info("event=lora_loaded version=%s ms=%.0f resident=%d", handle.name, seconds * 1000, len(self.resident))
+        return entry
+
+    async def _make_room(self) -> None:
+        for int_id, entry in list(self.resident.items()):
+            if len(self.resident) < self.capacity:
+                return
+            if entry.users:
+                continue
+            del self.resident[int_id]
+            await self.engine.remove_adapter(entry.handle)
+            _add(self.counters.evictions, entry.handle.name, 1)
+            log.info("event=lora_evicted version=%s resident=%d", entry.handle.name, len(self.resident))
+
+    def status(self) -> dict:
+        return {"capacity": self.capacity, "resident": [e.handle.name for e in self.resident.values()],
+                "loads": dict(self.counters.loads), "evictions": dict(self.counters.evictions),
+                "load_seconds": {v: round(s, 4) for v, s in self.counters.load_seconds.items()}}
+
+
+def _add(counts: dict, key: str, amount: float) -> None:
+    counts[key] = counts.get(key, 0) + amount

@@ -27,8 +27,8 @@ from flywheel.logs import configure_logging
 from flywheel.r1 import StreamSplitter, split_completion
 from flywheel.registry import UnknownTaskError, known_tasks, registry_for
 from flywheel.tasks import TaskSpec
-from services.adapters import AdapterManager, AdapterSlot, PinnedAdapters, VersionTallies
-from services.engines import build_engine
+from services.adapters import AdapterManager, AdapterSlot, LoraResidency, PinnedAdapters, VersionTallies
+from services.engines import build_engine, lora_capacity
 from services.engines.protocol import ChatMessage, Engine, SamplingOptions
 from services.engines.served import LLM_DEPLOYMENT
 from services.protocol import REFUSED, Completion, Refusal, ReplicaGeneration, StreamEvent, Usage
@@ -51,13 +51,14 @@ class LLMServer:
         self.specs: dict[str, TaskSpec] = await asyncio.to_thread(known_tasks, self.settings)
         self.engine = engine or build_engine(self.settings, self.base, tasks=len(self.specs))
         await self.engine.start()
+        self.loras = LoraResidency(self.engine, capacity=lora_capacity(self.settings, len(self.specs)))
         self.managers: dict[str, AdapterManager] = {}
         self.ongoing = 0  # requests in this replica now: its queue depth, for /metrics
         self.gate_requests = 0  # scoring requests of evaluation gates, ever
         self.tallies = VersionTallies()  # users' requests per version: a canary's guardrails
         self.pinned = PinnedAdapters(self.engine, base_sha256=self.base.source_sha256,
                                      capacity=self.settings.serving.max_pinned_adapters,
-                                     in_use_elsewhere=self._a_champion_holds)
+                                     in_use_elsewhere=self._a_champion_holds, loras=self.loras)
         await self._discover()  # every task's current champion from the first request on
         self._board = get_board(self.settings.registry_uri, self.settings.serving.alias)
         self._tasks = [
@@ -79,6 +80,7 @@ class LLMServer:
                 base_sha256=self.base.source_sha256,  # adapters name the unquantized base they were trained on
                 probe_prompt=self.settings.serving.probe_prompt,
                 drain_timeout_s=self.settings.serving.drain_timeout_s,
+                loras=self.loras,
             )
         await asyncio.gather(*(self.managers[name].converge() for name in new))
 
@@ -117,7 +119,10 @@ class LLMServer:
                         if canary is None:
                             raise
                         log.warning("event=canary_unavailable version=%s error=%r", canary, exc)
-                yield slot or stack.enter_context(manager.acquire())
+                slot = slot or stack.enter_context(manager.acquire())
+                if slot.handle is not None:  # loaded again if it was evicted to make room for other tasks
+                    await stack.enter_async_context(self.loras.using(slot.handle))
+                yield slot
         finally:
             self.ongoing -= 1
 
@@ -250,8 +255,8 @@ class LLMServer:
         tasks = {name: manager.status() for name, manager in self.managers.items()}
         default = tasks.get(self.settings.default_task) or {"active": "base", "last_failure": None}
         return {"active": default["active"], "last_failure": default["last_failure"], "tasks": tasks,
-                "pinned": self.pinned.status(), "ongoing": self.ongoing, "gate_requests": self.gate_requests,
-                "versions": self.tallies.status(),
+                "pinned": self.pinned.status(), "loras": self.loras.status(), "ongoing": self.ongoing,
+                "gate_requests": self.gate_requests, "versions": self.tallies.status(),
                 "engine": self.settings.serving.engine,
                 "base_model": self.base.label, "quantization": self.base.quantization or None}
 

@@ -44,6 +44,16 @@ class ReplicaCollector:
         }
         resident = GaugeMetricFamily("flywheel_pinned_adapter_resident", "1 for each pinned version a replica holds",
                                      labels=["replica", "version"])
+        loras = {
+            "loads": CounterMetricFamily("flywheel_lora_loads", "LoRAs loaded into each replica's engine, per version "
+                                         "(again after an eviction)", labels=["replica", "version"]),
+            "evictions": CounterMetricFamily("flywheel_lora_evictions", "LoRAs removed to make room for other tasks' "
+                                             "(vllm.max_cpu_loras), per version", labels=["replica", "version"]),
+            "load_seconds": CounterMetricFamily("flywheel_lora_load_seconds", "Time spent loading each version's LoRA",
+                                                labels=["replica", "version"]),
+        }
+        lora_resident = GaugeMetricFamily("flywheel_lora_resident", "1 for each LoRA in a replica's engine",
+                                          labels=["replica", "version"])
         ongoing = GaugeMetricFamily("flywheel_replica_ongoing_requests", "Requests in each LLM replica now",
                                     labels=["replica"])
         canary = GaugeMetricFamily("flywheel_canary_share", "Share of users each replica sends to a task's canary",
@@ -56,6 +66,12 @@ class ReplicaCollector:
                     family.add_metric([replica], held[name])
                 for version in held["resident"]:
                     resident.add_metric([replica, version], 1)
+            if engine := status.get("loras"):
+                for name, family in loras.items():
+                    for version, value in engine[name].items():
+                        family.add_metric([replica, version], value)
+                for version in engine["resident"]:
+                    lora_resident.add_metric([replica, version], 1)
             for task, state in status.get("tasks", {}).items():
                 active.add_metric([replica, task, state["active"]], 1)
                 swaps.add_metric([replica, task, "succeeded"], state["swaps_succeeded"])
@@ -68,7 +84,8 @@ class ReplicaCollector:
             "flywheel_champion_info", "The version the default task's champion alias points at", labels=["version"]
         )
         champion.add_metric([self._champion() or "none"], 1)
-        yield from (active, swaps, failed, champion, *pinned.values(), resident, ongoing, canary)
+        yield from (active, swaps, failed, champion, *pinned.values(), resident, *loras.values(), lora_resident,
+                    ongoing, canary)
 
 
 class RecentAnswers:

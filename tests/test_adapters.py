@@ -247,3 +247,46 @@ async def ask_pinned(pinned, registry: Registry, engine: FakeEngine, version: st
     async with pinned.acquire(registry, version) as slot:
         out = await engine.generate([], SamplingOptions(max_tokens=1), slot.handle, "r")
     return out.text
+
+
+async def test_lora_residency_loads_on_demand_and_evicts_the_least_recently_used_idle_one() -> None:
+    from services.adapters import LoraResidency
+
+    engine = FakeEngine()
+    loras = LoraResidency(engine, capacity=2)
+    a, b, c, d = (AdapterHandle(name=f"t{i}-v1", int_id=i, path=Path("/nowhere")) for i in range(1, 5))
+
+    async def run_on(handle: AdapterHandle) -> str:
+        async with loras.using(handle):
+            return (await engine.generate([], SamplingOptions(max_tokens=1), handle, "r")).text
+
+    assert [await run_on(h) for h in (a, b, a)] == ["t1-v1", "t2-v1", "t1-v1"]
+    assert engine.resident == {"t1-v1", "t2-v1"}
+    assert await run_on(c) == "t3-v1"  # full: b, the least recently used, makes room
+    assert engine.resident == {"t1-v1", "t3-v1"}
+
+    engine.release.clear()
+    busy = asyncio.create_task(run_on(a))  # a request runs on a …
+    await asyncio.sleep(0.05)
+    async with loras.using(c):  # … and c is used after it: a is the least recently used
+        pass
+    async with loras.using(d):  # full: c makes room, never a while it answers
+        assert engine.resident == {"t1-v1", "t4-v1"}
+    engine.release.set()
+    assert await busy == "t1-v1"
+    assert await run_on(b) == "t2-v1"  # evicted earlier: loaded again, and counted again
+
+    status = loras.status()
+    assert status["loads"] == {"t1-v1": 1, "t2-v1": 2, "t3-v1": 1, "t4-v1": 1}
+    assert status["evictions"] == {"t2-v1": 1, "t3-v1": 1, "t1-v1": 1}
+    assert len(status["resident"]) == 2 and set(status["load_seconds"]) == set(status["loads"])
+
+    engine.release.clear()
+    busy = asyncio.create_task(run_on(b))
+    await asyncio.sleep(0.05)
+    await loras.unload(b)  # retired while a request runs on it: it stays until that request is done
+    assert "t2-v1" in engine.resident
+    engine.release.set()
+    assert await busy == "t2-v1"
+    await loras.unload(b)
+    assert "t2-v1" not in engine.resident

@@ -48,6 +48,7 @@ METRICS = frozenset({
     "flywheel_curator_up", "flywheel_curator_lag_records", "flywheel_curator_lag_seconds",
     "flywheel_spool_pending_events", "flywheel_spool_oldest_age_seconds", "flywheel_retrain_runs_total",
     "flywheel_gate_rejections_in_a_row", "flywheel_gate_metric", "flywheel_replica_ongoing_requests",
+    "flywheel_lora_loads_total", "flywheel_lora_evictions_total",
     *(f"{name}{suffix}" for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")),
 })
 METRIC_NAME = re.compile(r"flywheel_[a-z_]+")

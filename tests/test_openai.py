@@ -150,3 +150,38 @@ def test_predict_streams_too(client: openai.OpenAI, served: tuple[str, Settings]
     assert rated.status_code == 202
     refused = httpx.post(f"{url}/predict", json={"prompt": "surged " * 500, "max_tokens": 200, "stream": True})
     assert refused.status_code == 400 and refused.json()["detail"][0]["field"] == "prompt"
+
+
+def test_more_tasks_than_a_replica_holds_each_answer_with_their_own_version(client: openai.OpenAI,
+                                                                          served: tuple[str, Settings]) -> None:
+    """Past the replica's LoRA capacity, LoRAs are loaded when a request needs them and the least recently used
+    idle one makes room: every task still answers with its own adapter, and the evictions show in /metrics."""
+    from loadtests.bench_openai import add_tasks
+
+    url, settings = served
+    [replica] = httpx.get(f"{url}/healthz").json()["replicas"]
+    registry = registry_for(settings)
+    sources = {"demo-v1": registry.local_path("demo-v1"), "demo-v2": registry.local_path("demo-v2")}
+    tasks = add_tasks(settings, list(sources.values()), replica["loras"]["capacity"] + 2, prefix="many")
+    deadline = time.monotonic() + 60
+    while not set(tasks) <= set(httpx.get(f"{url}/healthz").json()["tasks"]) and time.monotonic() < deadline:
+        time.sleep(0.5)  # replicas look for new tasks every 2 s
+
+    def ask(model: str) -> tuple[str, str]:
+        answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
+                                                temperature=0, max_completion_tokens=24)
+        return answer.model, answer.choices[0].message.content
+
+    expected = {version: ask(f"demo@{version}")[1] for version in sources}
+    assert expected["demo-v1"] != expected["demo-v2"], "the two source adapters must answer differently"
+    for _ in range(2):  # round robin over more tasks than fit: each request may need a load
+        for i, task in enumerate(tasks):
+            version, content = ask(task)
+            assert version == f"{task}-v1" and content == expected[list(sources)[i % 2]], (task, version, content)
+
+    metrics = httpx.get(f"{url}/metrics").text
+    evicted = [line for line in metrics.splitlines() if line.startswith("flywheel_lora_evictions_total{")]
+    assert evicted and sum(float(line.rsplit(" ", 1)[1]) for line in evicted) >= len(tasks), evicted
+    reloaded = [line for line in metrics.splitlines()
+                if line.startswith("flywheel_lora_loads_total{") and 'version="many-' in line]
+    assert any(float(line.rsplit(" ", 1)[1]) >= 2 for line in reloaded), reloaded

@@ -7,11 +7,17 @@ from flywheel.config import Settings
 from services.engines.protocol import Engine, UnsupportedBaseError
 
 
+def lora_capacity(settings: Settings, tasks: int) -> int:
+    """LoRAs one replica keeps loaded (`LoraResidency`): `vllm.max_cpu_loras`, else every task's champion plus
+    one incoming, one draining and the pinned versions."""
+    return settings.vllm.max_cpu_loras or tasks + 2 + settings.serving.max_pinned_adapters
+
+
 def build_engine(settings: Settings, base: ServedBase | None = None, *, tasks: int = 1) -> Engine:
     """The engine named by `serving.engine`, on `base` (default: the served base the settings name).
 
-    vLLM runs `vllm.max_loras` adapters per batch and, unless `vllm.max_cpu_loras` says otherwise, keeps
-    every task's champion loaded, plus one incoming, one draining and the pinned versions.
+    vLLM runs `vllm.max_loras` adapters per batch. Its host-memory LoRA cache is sized above the replica's
+    `lora_capacity`, so the replica decides which LoRAs stay (and counts it), not vLLM's own LRU.
     """
     if base is None:
         from flywheel.registry import registry_for
@@ -25,8 +31,7 @@ def build_engine(settings: Settings, base: ServedBase | None = None, *, tasks: i
     from services.engines.vllm_engine import VLLMEngine
 
     engine_args = settings.vllm.model_dump()
-    engine_args["max_cpu_loras"] = max(settings.vllm.max_loras, settings.vllm.max_cpu_loras
-                                       or tasks + 2 + settings.serving.max_pinned_adapters)
+    engine_args["max_cpu_loras"] = lora_capacity(settings, tasks) + settings.vllm.max_loras
     engine_args["max_model_len"] = context_length(settings)
     return VLLMEngine(base.path, **engine_args)
 
