@@ -262,8 +262,8 @@ class Gateway:
                 return StreamingResponse(self._predict_events(body, task, request_id, started, events),
                                          media_type="text/event-stream",
                                          headers={"x-flywheel-replica": first.replica, "cache-control": "no-cache"})
-            completion = answered(await self.llm.generate.remote(body.chat(), options, request_id, task,
-                                                                 body.version, body.user))
+            completion = answered(await self.llm.options(multiplexed_model_id=task).generate.remote(
+                body.chat(), options, request_id, task, body.version, body.user))
         except PromptTooLongError as exc:
             field = "prompt" if body.prompt is not None else "messages"
             return self._reject(400, field, client_message(exc))

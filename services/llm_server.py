@@ -52,6 +52,13 @@ class LLMServer:
         self.engine = engine or build_engine(self.settings, self.base, tasks=len(self.specs))
         await self.engine.start()
         self.loras = LoraResidency(self.engine, capacity=lora_capacity(self.settings, len(self.specs)))
+
+        async def answer_task(task: str) -> str:
+            return task
+
+        # Serve's model multiplexing as a routing hint: the gateway names each request's task, and Serve sends
+        # it to a replica that answered that task lately, whose LoRA is likely still in `self.loras`.
+        self._route_hint = serve.multiplexed(max_num_models_per_replica=self.loras.capacity)(answer_task)
         self.managers: dict[str, AdapterManager] = {}
         self.ongoing = 0  # requests in this replica now: its queue depth, for /metrics
         self.gate_requests = 0  # scoring requests of evaluation gates, ever
@@ -126,6 +133,10 @@ class LLMServer:
         finally:
             self.ongoing -= 1
 
+    async def _mark_task_served(self) -> None:
+        if task := serve.get_multiplexed_model_id():  # set by the gateway
+            await self._route_hint(task)
+
     @staticmethod
     def _replica_id() -> str:
         try:
@@ -153,6 +164,7 @@ class LLMServer:
 
         Without a `version`, the task's champion answers, or its canary for users in the canary's share."""
         try:
+            await self._mark_task_served()
             return await self._generate(messages, options, request_id, task, version, user)
         except REFUSABLE as exc:
             return self._refuse(exc, request_id)
@@ -187,6 +199,7 @@ class LLMServer:
         The first event comes with the first tokens, or is the refusal of a request that cannot be run.
         """
         try:
+            await self._mark_task_served()
             async for event in self._stream(messages, options, request_id, task, version, user):
                 yield event
         except REFUSABLE as exc:

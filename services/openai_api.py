@@ -109,8 +109,8 @@ class ChatCompletions:
             return await self._stream(body, task, version or None, options, request_id)
         started = time.perf_counter()
         try:
-            completion = answered(await self.llm.generate.remote(body.chat(), options, request_id, task,
-                                                                 version or None, body.user))
+            completion = answered(await self.llm.options(multiplexed_model_id=task).generate.remote(
+                body.chat(), options, request_id, task, version or None, body.user))
         except REFUSALS as exc:
             return self._engine_refusal(exc, body.model)
         except Exception:  # engine or replica trouble is ours, not the caller's: 503, logged

@@ -29,7 +29,8 @@ async def open_stream(
     The first event comes with the first tokens, so a request the replica refuses raises here, before
     the caller has sent a byte: it can still answer with a proper error status.
     """
-    events = llm.options(stream=True).generate_stream.remote(chat, options, request_id, task, version, user)
+    events = llm.options(stream=True, multiplexed_model_id=task).generate_stream.remote(  # task: see LLMServer
+        chat, options, request_id, task, version, user)
     first: StreamEvent = await events.__anext__()
     if first.refusal is not None:
         raise first.refusal.error()

@@ -2,7 +2,8 @@
 schedule; two apps on one registry run one curator and one scheduler, and the survivor takes over.
 
 Two apps on the shared Serve instance over one home: `loop-a` (vLLM, deployed first: it leads) and `loop-b`
-(the transformers engine, to spare the CPUs). Nothing in this file runs a curator or a retrain by hand.
+(two replicas of the transformers engine, to spare the CPUs). Nothing in this file runs a curator or a retrain
+by hand.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ pytestmark = [pytest.mark.serve, pytest.mark.vllm]
 APPS = ("loop-a", "loop-b")
 
 
-def loop_settings(home: Path, port: int, app: str, engine: str) -> Settings:
-    settings = make_settings(home, engine=engine, port=port, app_name=app)
+def loop_settings(home: Path, port: int, app: str, engine: str, replicas: int = 1) -> Settings:
+    settings = make_settings(home, engine=engine, port=port, app_name=app, replicas=replicas,
+                             replica_cpus=1.0 / replicas)
     settings.loop.enabled, settings.loop.lease_s = True, 3.0
     settings.retrain.min_examples = 40
     settings.retrain.steps = 80
@@ -57,8 +59,9 @@ def two_apps(served: tuple[str, Settings], demo_home: Path, tmp_path_factory: py
     shutil.copytree(demo_home, home, dirs_exist_ok=True)
     port = served[1].serving.port
     urls = {}
-    for app, engine in zip(APPS, ("vllm", "hf"), strict=True):
-        urls[app] = serve_app.run(loop_settings(home, port, app, engine), route_prefix=f"/{app}", timeout_s=600)
+    for app, engine, replicas in zip(APPS, ("vllm", "hf"), (1, 2), strict=True):
+        urls[app] = serve_app.run(loop_settings(home, port, app, engine, replicas), route_prefix=f"/{app}",
+                                  timeout_s=600)
     try:
         yield urls, loop_settings(home, port, APPS[0], "vllm")
     finally:
@@ -201,6 +204,30 @@ def test_the_other_app_takes_the_loop_over_when_the_leader_goes(two_apps: tuple[
     assert wait_for(lambda: len(curated_request_ids(settings)) == seen + len(sent), timeout_s=60), \
         "the new leader's curator picks up where the old one stopped"
     assert len(set(curated_request_ids(settings))) == seen + len(sent)
+
+
+def test_a_tasks_requests_go_to_the_replica_that_answered_it_lately(two_apps: tuple[dict[str, str], Settings]
+                                                                   ) -> None:
+    """Serve's multiplexing routes by task: a task new to both replicas sticks to the one that answered it first
+    (without the hint, 12 requests over two idle replicas all land on one with odds of 1 in 2 048)."""
+    from loadtests.bench_openai import add_tasks
+
+    urls, settings = two_apps
+    b = urls[APPS[1]]
+    assert wait_for(lambda: len(httpx.get(f"{b}/healthz").json()["replicas"]) == 2, timeout_s=120)
+    [task] = add_tasks(settings, [registry_for(settings).local_path("demo-v1")], 1, prefix="routed")
+    assert wait_for(lambda: all(r["tasks"].get(task, {}).get("active") == f"{task}-v1"
+                                for r in httpx.get(f"{b}/healthz").json()["replicas"]), timeout_s=60)
+
+    def replica_answering() -> str:
+        answer = httpx.post(f"{b}/predict", json={"prompt": DRIFTED[0].prompt, "task": task, "max_tokens": 8},
+                            timeout=60)
+        assert answer.status_code == 200, answer.text
+        return answer.headers["x-flywheel-replica"]
+
+    first = replica_answering()
+    time.sleep(3)  # the replica's new task reaches the routers
+    assert {replica_answering() for _ in range(12)} == {first}
 
 
 def test_ops_submit_a_retrain_from_anywhere_as_a_ray_job(served: tuple[str, Settings], demo_home: Path,
