@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -453,3 +454,32 @@ def write_config(settings: Settings) -> Path:
     path = settings.home / f"config-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(settings.shareable(), allow_unicode=True))
     return path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA GPU here: serving and training on one GPU run where a GPU is lent")
+def test_serving_and_a_retrain_share_one_gpu(served: tuple[str, Settings], demo_home: Path, tmp_path: Path) -> None:
+    """deploy/README's one-GPU topology: the replica holds half the GPU (vLLM sized to 40 % of its memory), the
+    training worker the other half; the gate scores on the replica, passes, and serving swaps."""
+    from ray import serve
+
+    from services import app as serve_app
+
+    home = tmp_path / "gpu-home"
+    shutil.copytree(demo_home, home)
+    settings = make_settings(home, engine="vllm", port=served[1].serving.port, app_name="flywheel-gpu",
+                             replica_gpus=0.5)
+    settings.vllm.gpu_memory_utilization = 0.4
+    settings.retrain.use_gpu, settings.retrain.gpus_per_worker = True, 0.5
+    settings.retrain.min_examples, settings.retrain.steps = 40, 80
+    url = serve_app.run(settings, route_prefix="/gpu", timeout_s=900)
+    try:
+        asyncio.run(rate(url, DRIFTED[5:], lambda e: e.answer))
+        curate(settings)
+        code, result = retrain(write_config(settings))
+        assert code == 0 and result["verdict"] == "passed", result
+        assert result["report"]["engine"]["engine"] == "serving", result["report"]["engine"]
+        wait_serving(url, result["version"], timeout_s=120)
+    finally:
+        serve.delete("flywheel-gpu")
