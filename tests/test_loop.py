@@ -208,8 +208,9 @@ def test_the_other_app_takes_the_loop_over_when_the_leader_goes(two_apps: tuple[
 
 def test_a_tasks_requests_go_to_the_replica_that_answered_it_lately(two_apps: tuple[dict[str, str], Settings]
                                                                    ) -> None:
-    """Serve's multiplexing routes by task: a task new to both replicas sticks to the one that answered it first
-    (without the hint, 12 requests over two idle replicas all land on one with odds of 1 in 2 048)."""
+    """Serve's multiplexing routes by task: a task new to both replicas sticks to the one that answered it first.
+    Locality is Serve's preference, not a promise (a busy replica's requests go elsewhere): without it, 16 or
+    more of 20 requests over two idle replicas land on one given replica with odds of about 1 in 170."""
     from loadtests.bench_openai import add_tasks
 
     urls, settings = two_apps
@@ -219,15 +220,18 @@ def test_a_tasks_requests_go_to_the_replica_that_answered_it_lately(two_apps: tu
     assert wait_for(lambda: all(r["tasks"].get(task, {}).get("active") == f"{task}-v1"
                                 for r in httpx.get(f"{b}/healthz").json()["replicas"]), timeout_s=60)
 
-    def replica_answering() -> str:
+    def replica_answering() -> str | None:
         answer = httpx.post(f"{b}/predict", json={"prompt": DRIFTED[0].prompt, "task": task, "max_tokens": 8},
                             timeout=60)
-        assert answer.status_code == 200, answer.text
-        return answer.headers["x-flywheel-replica"]
+        return answer.headers["x-flywheel-replica"] if answer.status_code == 200 else None
 
-    first = replica_answering()
+    deadline = time.monotonic() + 30
+    while (first := replica_answering()) is None:  # the gateway's list of tasks lags by up to 2 s
+        assert time.monotonic() < deadline, "the gateway never learned the task"
+        time.sleep(0.5)
     time.sleep(3)  # the replica's new task reaches the routers
-    assert {replica_answering() for _ in range(12)} == {first}
+    answered = [replica_answering() for _ in range(20)]
+    assert answered.count(first) >= 16, answered
 
 
 def test_ops_submit_a_retrain_from_anywhere_as_a_ray_job(served: tuple[str, Settings], demo_home: Path,
