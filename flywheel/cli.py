@@ -18,6 +18,7 @@ import typer
 from feedback.cli import app as feedback_app
 from feedback.cli import curator as curator_command
 from flywheel.cli_common import ConfigOption, JsonOption, emit, fail, progress, settings_or_exit
+from flywheel.config import SHARED_SETTINGS_ENV
 from flywheel.logs import configure_logging, stdout_to_stderr
 from flywheel.registry import RegistryError
 
@@ -104,6 +105,9 @@ def up(
         signal.alarm(0)
         stop.set()
 
+    # What this Ray runs for others (`flywheel retrain --address` jobs) uses this python and these settings.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ[SHARED_SETTINGS_ENV] = json.dumps(settings.shareable())
     try:
         url = serve_app.run(settings)
         signal.signal(signal.SIGTERM, on_sigterm)  # after ray.init, which installs a handler of its own

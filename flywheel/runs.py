@@ -248,9 +248,16 @@ def submit_retrain_job(address: str, task: str | None, settings: Settings | None
     never travel: a job's environment is visible on the dashboard). Returns the job's id."""
     import shlex
 
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address)
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # a local token is sent, as ray.init does
+    try:
+        client = JobSubmissionClient(address)
+    except AuthenticationError as exc:
+        raise ConnectionError("the cluster needs its Ray auth token: set RAY_AUTH_TOKEN, or put it in "
+                              "~/.ray/auth_token") from exc
     command = ["python", "-m", "flywheel.cli", "retrain", "--wait", "--json", "--trigger", "ray-job"]
     command += ["--task", task] if task else []
     runtime_env = {"env_vars": {SHARED_SETTINGS_ENV: json.dumps(settings.shareable())}} if settings else None
