@@ -559,7 +559,8 @@ def retrain(
     """Retrain a task's champion adapter on that task's curated feedback; the gate decides whether it ships.
 
     Without --wait the run starts in the background and its id is printed (see `flywheel status`).
-    Exit codes with --wait: 0 passed or rejected, 2 too little data, 1 failed, 3 another run is busy.
+    Exit codes with --wait: 0 passed or rejected, 2 too little data, 1 failed, 3 another run is busy; with
+    --address also 2 when the cluster cannot be reached.
     """
     from flywheel.registry import UnknownTaskError, resolve_task
     from flywheel.runs import RetrainBusyError, RunRecord, RunStore, new_run_id
