@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -232,6 +233,9 @@ class RunStore:
 
 
 
+JOB_AGENT_WAIT_S = 60.0  # how long a submission waits for a freshly started cluster's job agent
+
+
 class RetrainJob(BaseModel):
     """A retrain submitted to a Ray cluster as a Ray job (`flywheel retrain --address`)."""
 
@@ -261,9 +265,16 @@ def submit_retrain_job(address: str, task: str | None, settings: Settings | None
     command = ["python", "-m", "flywheel.cli", "retrain", "--wait", "--json", "--trigger", "ray-job"]
     command += ["--task", task] if task else []
     runtime_env = {"env_vars": {SHARED_SETTINGS_ENV: json.dumps(settings.shareable())}} if settings else None
-    return client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env,
-                             submission_id=f"flywheel-retrain-{uuid.uuid4().hex[:12]}",
-                             metadata={"flywheel": "retrain", "task": task or ""})
+    deadline = time.monotonic() + JOB_AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env,
+                                     submission_id=f"flywheel-retrain-{uuid.uuid4().hex[:12]}",
+                                     metadata={"flywheel": "retrain", "task": task or ""})
+        except RuntimeError as exc:  # a cluster just started has no job agent yet: Ray says to try again later
+            if "try again later" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def follow_retrain_job(address: str, job_id: str, say: Callable[[str], None]) -> RetrainJob:
