@@ -246,22 +246,27 @@ class RetrainJob(BaseModel):
     output: str = Field("", description="What the run printed (its stdout and stderr).")
 
 
+def _jobs_client(address: str) -> Any:
+    """Ray's Jobs API at `address`, sending a local Ray auth token as `ray.init` does."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError as exc:
+        raise ConnectionError("the cluster needs its Ray auth token: set RAY_AUTH_TOKEN, or put it in "
+                              "~/.ray/auth_token") from exc
+
+
 def submit_retrain_job(address: str, task: str | None, settings: Settings | None) -> str:
     """Submit `flywheel retrain --wait --json` to the Ray cluster whose dashboard is at `address`, as `ray job
     submit` would: it runs there, with the cluster's own config and secrets, or with `settings` (the secrets
     never travel: a job's environment is visible on the dashboard). Returns the job's id."""
     import shlex
 
-    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
-
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # a local token is sent, as ray.init does
-    try:
-        client = JobSubmissionClient(address)
-    except AuthenticationError as exc:
-        raise ConnectionError("the cluster needs its Ray auth token: set RAY_AUTH_TOKEN, or put it in "
-                              "~/.ray/auth_token") from exc
+    client = _jobs_client(address)
     command = ["python", "-m", "flywheel.cli", "retrain", "--wait", "--json", "--trigger", "ray-job"]
     command += ["--task", task] if task else []
     runtime_env = {"env_vars": {SHARED_SETTINGS_ENV: json.dumps(settings.shareable())}} if settings else None
@@ -281,9 +286,7 @@ def follow_retrain_job(address: str, job_id: str, say: Callable[[str], None]) ->
     """Pass the job's output to `say` as it comes, until the job ends; then its outcome."""
     import asyncio
 
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
+    client = _jobs_client(address)
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):

@@ -28,8 +28,7 @@ from pydantic import BaseModel, Field
 
 from flywheel.bases import context_length
 from flywheel.config import Settings
-from flywheel.registry import registry_for
-from flywheel.tasks import DEMO_TASK
+from flywheel.registry import known_tasks, registry_for
 from training.demo_bootstrap import bootstrap
 
 PROMPT = "Analyze the sentiment of this news: Acme shares surged after record quarterly profits"
@@ -147,19 +146,20 @@ def _wait(url: str, timeout_s: float = 600) -> None:
 
 def add_tasks(settings: Settings, adapters: list[Path], count: int, versions: int = 1, prefix: str = "bench"
               ) -> list[str]:
-    """Tasks <prefix>-1..N, each the demo task with `versions` copies of one of `adapters` (registered versions
-    of the demo task, taken in turn) registered, the last one its champion."""
+    """Tasks <prefix>-1..N, each a copy of the default task with `versions` copies of one of `adapters`
+    (registered versions of the default task, taken in turn) registered, the last one its champion."""
     names = []
-    demo = registry_for(settings)
+    source = registry_for(settings)
+    spec = known_tasks(settings)[settings.default_task]
     for i in range(1, count + 1):
-        name, source = f"{prefix}-{i}", adapters[(i - 1) % len(adapters)]
+        name, adapter = f"{prefix}-{i}", adapters[(i - 1) % len(adapters)]
         registry = registry_for(settings, name)
         if registry.alias("champion") is None:
-            registry.save_task_spec(DEMO_TASK.model_copy(update={"name": name}))
+            registry.save_task_spec(spec.model_copy(update={"name": name}))
             for v in range(versions):
                 copy = settings.home / "bench-adapters" / name / str(v)
-                shutil.copytree(source, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
-                version = registry.register(copy, base=demo.manifest(source.name).base_model).version
+                shutil.copytree(adapter, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
+                version = registry.register(copy, base=source.manifest(adapter.name).base_model).version
             registry.promote(version, actor="bench")
         names.append(name)
     return names
