@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -97,24 +97,25 @@ def up(
     feedback_target = f"kafka {kafka}" if settings.feedback.kafka_bootstrap else f"local log {settings.feedback_dir}"
     typer.echo(f"starting Ray and Serve (engine={settings.serving.engine}, base={base.label}, "
                f"champion={result.champion}, feedback={feedback_target}) …", err=True)
-    stop = threading.Event()
 
     def on_sigterm(*_: object) -> None:
         # Ray's native failure-signal handler saw SIGTERM first and armed a 3 s SIGALRM that aborts the
-        # process (ray-project/ray#64830): cancel it, a clean shutdown takes longer than that.
+        # process (ray-project/ray#64830): cancel it, a clean shutdown takes longer than that. Then stop as
+        # Ctrl-C does, even while Serve is still starting.
         signal.alarm(0)
-        stop.set()
+        raise KeyboardInterrupt
 
     # What this Ray runs for others (`flywheel retrain --address` jobs) uses this python and these settings.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ[SHARED_SETTINGS_ENV] = json.dumps(settings.shareable())
     try:
-        url = serve_app.run(settings)
+        serve_app.ensure_ray(settings)
         signal.signal(signal.SIGTERM, on_sigterm)  # after ray.init, which installs a handler of its own
+        url = serve_app.run(settings)
         typer.echo(f"flywheel is serving at {url}  (POST {url}/predict, POST {url}/feedback, GET {url}/healthz; "
                    "Ctrl-C stops)")
-        while not stop.wait(1.0):
-            pass
+        while True:
+            time.sleep(1.0)  # until Ctrl-C or SIGTERM
     except KeyboardInterrupt:
         pass
     except TimeoutError as exc:
