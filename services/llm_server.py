@@ -38,6 +38,7 @@ log = logging.getLogger("flywheel.llm")
 
 REPORT_INTERVAL_S = 1.0
 DISCOVER_INTERVAL_S = 2.0  # how often a replica looks for tasks registered after it started
+REDISCOVER_MIN_S = 0.5  # a request for a task not followed yet looks again at most this often
 REFUSABLE = tuple(REFUSED)
 
 
@@ -60,6 +61,8 @@ class LLMServer:
         # it to a replica that answered that task lately, whose LoRA is likely still in `self.loras`.
         self._route_hint = serve.multiplexed(max_num_models_per_replica=self.loras.capacity)(answer_task)
         self.managers: dict[str, AdapterManager] = {}
+        self._discovering = asyncio.Lock()  # one discovery at a time: a task is served once it has converged
+        self._last_discovery = 0.0
         self.ongoing = 0  # requests in this replica now: its queue depth, for /metrics
         self.gate_requests = 0  # scoring requests of evaluation gates, ever
         self.tallies = VersionTallies()  # users' requests per version: a canary's guardrails
@@ -77,28 +80,32 @@ class LLMServer:
 
     async def _discover(self) -> None:
         """Start following tasks that appeared in config or the registry, converging each at once."""
-        self.specs = await asyncio.to_thread(known_tasks, self.settings)
-        new = [name for name in self.specs if name not in self.managers]
-        for name in new:
-            self.managers[name] = AdapterManager(
-                self.engine,
-                registry_for(self.settings, name),
-                alias=self.settings.serving.alias,
-                base_sha256=self.base.source_sha256,  # adapters name the unquantized base they were trained on
-                probe_prompt=self.settings.serving.probe_prompt,
-                drain_timeout_s=self.settings.serving.drain_timeout_s,
-                loras=self.loras,
-            )
-        await asyncio.gather(*(self.managers[name].converge() for name in new))
+        async with self._discovering:
+            try:
+                self.specs = await asyncio.to_thread(known_tasks, self.settings)
+                new = {
+                    name: AdapterManager(
+                        self.engine,
+                        registry_for(self.settings, name),
+                        alias=self.settings.serving.alias,
+                        base_sha256=self.base.source_sha256,  # adapters name the unquantized base they were trained on
+                        probe_prompt=self.settings.serving.probe_prompt,
+                        drain_timeout_s=self.settings.serving.drain_timeout_s,
+                        loras=self.loras,
+                    )
+                    for name in self.specs if name not in self.managers
+                }
+                await asyncio.gather(*(manager.converge() for manager in new.values()))
+                self.managers.update(new)  # a task is served once its champion is loaded, never before
+            finally:  # failed or not: the next look waits its turn
+                self._last_discovery = time.monotonic()
 
     async def _watch_forever(self) -> None:
-        last_discovery = time.monotonic()
         while True:
             await asyncio.sleep(self.settings.serving.poll_interval_s)
-            if time.monotonic() - last_discovery > DISCOVER_INTERVAL_S:
+            if time.monotonic() - self._last_discovery > DISCOVER_INTERVAL_S:
                 with contextlib.suppress(OSError, ValueError):  # a registry hiccup: try again next round
                     await self._discover()
-                last_discovery = time.monotonic()
             await asyncio.gather(*(m.converge() for m in list(self.managers.values())))
 
     def _a_champion_holds(self, version: str) -> bool:
@@ -144,8 +151,13 @@ class LLMServer:
         except Exception:  # outside Serve (unit tests)
             return f"local-{uuid.uuid4().hex[:8]}"
 
-    def _task(self, task: str | None) -> tuple[str, AdapterManager, TaskSpec]:
+    async def _task(self, task: str | None) -> tuple[str, AdapterManager, TaskSpec]:
+        """The task's manager and spec. One registered since this replica last looked (the gateway may know it
+        first) is followed now rather than at the next discovery round."""
         task = task or self.settings.default_task
+        if task not in self.managers and time.monotonic() - self._last_discovery > REDISCOVER_MIN_S:
+            with contextlib.suppress(OSError, ValueError):  # a registry hiccup: the caller's retry is answered
+                await self._discover()
         manager, spec = self.managers.get(task), self.specs.get(task)
         if manager is None or spec is None:
             raise UnknownTaskError(f"unknown task {task!r}; known tasks: {', '.join(sorted(self.managers))}")
@@ -173,7 +185,7 @@ class LLMServer:
         self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None,
         version: str | None, user: str | None,
     ) -> Completion:
-        task, manager, spec = self._task(task)
+        task, manager, spec = await self._task(task)
         chat = [ChatMessage(**m) for m in spec.conversation([m.model_dump() for m in messages])]
         async with self._slot(manager, version, user=user) as slot, self.tallies.timed(slot.version):
             generation = await self.engine.generate(chat, options, slot.handle, request_id)
@@ -209,7 +221,7 @@ class LLMServer:
         self, messages: list[ChatMessage], options: SamplingOptions, request_id: str, task: str | None,
         version: str | None, user: str | None,
     ) -> AsyncIterator[StreamEvent]:
-        task, manager, spec = self._task(task)
+        task, manager, spec = await self._task(task)
         chat = [ChatMessage(**m) for m in spec.conversation([m.model_dump() for m in messages])]
         async with self._slot(manager, version, user=user) as slot, self.tallies.timed(slot.version):
             splitter: StreamSplitter | None = None
@@ -233,7 +245,7 @@ class LLMServer:
     async def gate_preload(self, task: str, version: str) -> Refusal | None:
         """Load `version` of `task` here before the gate times anything on it."""
         try:
-            _, manager, _ = self._task(task)
+            _, manager, _ = await self._task(task)
             async with self._slot(manager, version, for_gate=True):
                 return None
         except REFUSABLE as exc:
@@ -245,7 +257,7 @@ class LLMServer:
         """The engine's own generation for `chat` (already in the task's shape), as the gate scores it."""
         self.gate_requests += 1
         try:
-            _, manager, _ = self._task(task)
+            _, manager, _ = await self._task(task)
             async with self._slot(manager, version, for_gate=True) as slot:
                 generation = await self.engine.generate(chat, options, slot.handle, request_id)
             return ReplicaGeneration(**generation.model_dump(), replica=self.replica)
@@ -258,7 +270,7 @@ class LLMServer:
         """(sum of log-probabilities, tokens) of `completion` as `version`'s answer to `chat`."""
         self.gate_requests += 1
         try:
-            _, manager, _ = self._task(task)
+            _, manager, _ = await self._task(task)
             async with self._slot(manager, version, for_gate=True) as slot:
                 return await self.engine.completion_logprob(chat, completion, slot.handle)
         except REFUSABLE as exc:

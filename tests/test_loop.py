@@ -29,7 +29,7 @@ from flywheel.registry import registry_for
 from flywheel.runs import RunState, RunStore
 from tests.conftest import free_port, make_settings
 from tests.test_deploy import DEPLOY, GRAFANA_VARIABLE, GRAFANA_VARIABLES, dashboard_queries, tool
-from tests.test_retrain import DRIFTED, accuracy, rate, wait_for
+from tests.test_retrain import DRIFTED, accuracy, gate_requests, rate, wait_for
 
 pytestmark = [pytest.mark.serve, pytest.mark.vllm]
 
@@ -112,11 +112,24 @@ def test_the_app_alone_curates_once_and_retrains_on_schedule(two_apps: tuple[dic
 
     # The scheduler in the leading keeper starts the retrain; it is judged on loop-a's replicas and promoted.
     store = RunStore(settings.home / "runs")
+    scored_before = gate_requests(a)
     assert wait_for(lambda: any(r.state != RunState.RUNNING for r in store.list()), timeout_s=1200), store.list()
     [run] = store.list()
     assert run.trigger == "schedule" and run.state == RunState.PASSED, run
-    assert run.report["engine"]["engine"] == "serving" and run.report["engine"]["app"] == APPS[0], run.report
-    assert registry_for(settings).alias("champion") == run.version
+    judged_on = run.report["engine"]
+    assert judged_on["engine"] == "serving" and judged_on["app"] == APPS[0], run.report
+    assert set(judged_on["replicas"]) <= {r["replica"] for r in httpx.get(f"{a}/healthz").json()["replicas"]}
+    assert gate_requests(a) > scored_before, "the serving replicas never scored"
+    registry = registry_for(settings)
+    assert registry.alias("champion") == run.version
+    manifest = registry.manifest(run.version)
+    assert manifest.parent == "demo-v1" and manifest.status == "ready"
+    assert manifest.data["snapshot_positions"], "lineage: the feedback positions the data covers"
+    assert manifest.data["train"] > 0 and manifest.data["holdout"] > 0
+    assert manifest.gate and manifest.gate["passed"] is True
+    assert {c["name"] for c in manifest.gate["checks"]} >= {"improvement", "significance", "golden_regression",
+                                                            "engine_parity"}
+    assert manifest.training["last_loss"] < manifest.training["first_loss"]
     for url in (a, b):
         assert wait_for(lambda url=url: httpx.get(f"{url}/healthz").json()["serving"] == [run.version], timeout_s=60)
     after, versions = accuracy(a, DRIFTED[:40])

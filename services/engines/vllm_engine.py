@@ -101,14 +101,27 @@ class VLLMEngine:
         adapter: AdapterHandle | None,
         request_id: str,
     ) -> Generation:
-        return await collect(self.stream(messages, options, adapter, request_id), request_id)
+        # One output when the request ends: vLLM builds no per-token delta nobody reads (as its own server does
+        # for a request that does not stream), which takes about a tenth off a short answer's latency on CPU.
+        return await collect(self._outputs(messages, options, adapter, request_id, stream=False), request_id)
 
-    async def stream(
+    def stream(
         self,
         messages: list[ChatMessage],
         options: SamplingOptions,
         adapter: AdapterHandle | None,
         request_id: str,
+    ) -> AsyncIterator[Generation]:
+        return self._outputs(messages, options, adapter, request_id, stream=True)
+
+    async def _outputs(
+        self,
+        messages: list[ChatMessage],
+        options: SamplingOptions,
+        adapter: AdapterHandle | None,
+        request_id: str,
+        *,
+        stream: bool,
     ) -> AsyncIterator[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -121,7 +134,8 @@ class VLLMEngine:
             top_p=options.top_p,
             seed=options.seed,
             stop=options.stop or None,
-            output_kind=RequestOutputKind.DELTA,  # each output holds only the new tokens: nothing re-sent
+            # a stream's outputs hold only the new tokens (nothing re-sent); otherwise one output, the whole text
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
         produced = 0
         async for output in self._llm.generate(
