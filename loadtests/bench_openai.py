@@ -7,6 +7,7 @@ Same box, same base, same adapter, greedy decoding, one after the other (never b
 3. p50 time to the first streamed token, flywheel ÷ vLLM (goal <= 1.2)
 4. flywheel's /v1/chat/completions p50 ÷ its /predict p50
 5. flywheel with 2, 8 and 32 tasks on one replica (each a copy of the adapter): p50 and throughput
+6. 1-3 again with `serving.ingress: haproxy` (HAProxy in front of the gateway instead of Serve's proxy)
 """
 
 from __future__ import annotations
@@ -42,31 +43,46 @@ class Side(BaseModel):
     ttft_p50_ms: float
 
 
+class Ratios(BaseModel):
+    """One flywheel side over vLLM's."""
+
+    throughput: float
+    p50: float
+    p50_at_16: float
+    ttft: float
+
+    @classmethod
+    def of(cls, ours: Side, vllm: Side) -> Ratios:
+        return cls(throughput=ours.rps_at_16 / vllm.rps_at_16, p50=ours.p50_ms / vllm.p50_ms,
+                   p50_at_16=ours.p50_at_16_ms / vllm.p50_at_16_ms, ttft=ours.ttft_p50_ms / vllm.ttft_p50_ms)
+
+
 class OpenAIBenchReport(BaseModel):
     vllm: Side
-    flywheel: Side
-    throughput_ratio: float
-    p50_ratio: float
-    p50_at_16_ratio: float
-    ttft_ratio: float
+    flywheel: Side = Field(description="Behind Serve's own proxy (`serving.ingress: serve`, the default).")
+    flywheel_haproxy: Side = Field(description="Behind HAProxy (`serving.ingress: haproxy`).")
+    ratios: Ratios
+    haproxy_ratios: Ratios
     chat_over_predict_p50: float
     by_tasks: dict[int, dict[str, float]]
 
     def lines(self) -> list[str]:
         tasks = "; ".join(f"{n} tasks: p50 {r['p50_ms']:.0f} ms, {r['rps_at_16']:.1f} rps"
                           for n, r in self.by_tasks.items())
-        return [
-            f"throughput at 16: flywheel {self.flywheel.rps_at_16:.1f} / vLLM {self.vllm.rps_at_16:.1f} rps = "
-            f"{self.throughput_ratio:.2f} (goal >= 0.9)",
-            f"p50 one at a time: flywheel {self.flywheel.p50_ms:.0f} / vLLM {self.vllm.p50_ms:.0f} ms = "
-            f"{self.p50_ratio:.2f} (goal <= 1.1)",
-            f"p50 at 16 concurrent: flywheel {self.flywheel.p50_at_16_ms:.0f} / vLLM {self.vllm.p50_at_16_ms:.0f} ms = "
-            f"{self.p50_at_16_ratio:.2f} (goal <= 1.1)",
-            f"first streamed token p50: flywheel {self.flywheel.ttft_p50_ms:.0f} / vLLM {self.vllm.ttft_p50_ms:.0f} ms"
-            f" = {self.ttft_ratio:.2f} (goal <= 1.2)",
-            f"/v1/chat/completions p50 / /predict p50 = {self.chat_over_predict_p50:.2f}",
-            tasks,
-        ]
+        v, lines = self.vllm, []
+        for name, ours, r in (("serve proxy", self.flywheel, self.ratios),
+                              ("haproxy", self.flywheel_haproxy, self.haproxy_ratios)):
+            lines += [
+                f"[{name}] throughput at 16: flywheel {ours.rps_at_16:.1f} / vLLM {v.rps_at_16:.1f} rps = "
+                f"{r.throughput:.2f} (goal >= 0.9)",
+                f"[{name}] p50 one at a time: flywheel {ours.p50_ms:.0f} / vLLM {v.p50_ms:.0f} ms = {r.p50:.2f} "
+                "(goal <= 1.1)",
+                f"[{name}] p50 at 16 concurrent: flywheel {ours.p50_at_16_ms:.0f} / vLLM {v.p50_at_16_ms:.0f} ms = "
+                f"{r.p50_at_16:.2f} (goal <= 1.1)",
+                f"[{name}] first streamed token p50: flywheel {ours.ttft_p50_ms:.0f} / vLLM {v.ttft_p50_ms:.0f} ms = "
+                f"{r.ttft:.2f} (goal <= 1.2)",
+            ]
+        return [*lines, f"/v1/chat/completions p50 / /predict p50 = {self.chat_over_predict_p50:.2f}", tasks]
 
 
 def _free_port() -> int:
@@ -202,11 +218,18 @@ def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable
             by_tasks[count] = {"p50_ms": side.p50_ms, "rps_at_16": side.rps_at_16}
     finally:
         serve_app.shutdown()
+
+    say("starting flywheel behind HAProxy (a Ray of its own)")
+    url = serve_app.run(settings.model_copy(update={"serving": settings.serving.model_copy(
+        update={"ingress": "haproxy"})}), timeout_s=600)
+    try:
+        say("measuring flywheel behind HAProxy")
+        haproxy = asyncio.run(_measure(url, [settings.default_task], seconds))
+    finally:
+        serve_app.shutdown()
     return OpenAIBenchReport(
-        vllm=vllm, flywheel=ours, throughput_ratio=ours.rps_at_16 / vllm.rps_at_16,
-        p50_ratio=ours.p50_ms / vllm.p50_ms, p50_at_16_ratio=ours.p50_at_16_ms / vllm.p50_at_16_ms,
-        ttft_ratio=ours.ttft_p50_ms / vllm.ttft_p50_ms,
-        chat_over_predict_p50=ours.p50_ms / predict, by_tasks=by_tasks,
+        vllm=vllm, flywheel=ours, flywheel_haproxy=haproxy, ratios=Ratios.of(ours, vllm),
+        haproxy_ratios=Ratios.of(haproxy, vllm), chat_over_predict_p50=ours.p50_ms / predict, by_tasks=by_tasks,
     )
 
 

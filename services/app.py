@@ -6,6 +6,7 @@ the tests use `run`.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -29,6 +30,9 @@ def _replica_env(settings: Settings) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
     }
 
+
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+log = logging.getLogger("flywheel.app")
 
 # Our gateway logs one `event=predict` line per request with the adapter version; Serve's access log
 # would repeat every request twice more (proxy and replica).
@@ -87,6 +91,14 @@ def ensure_ray(settings: Settings) -> None:
         "include_dashboard": settings.ray.dashboard_port is not None,
         "dashboard_port": settings.ray.dashboard_port,
     }
+    if settings.serving.ingress == "haproxy" and settings.ray.address:
+        log.warning("event=ingress_unchecked ingress=haproxy message='a cluster takes HAProxy from its own "
+                    "environment: start its nodes with RAY_SERVE_ENABLE_HA_PROXY=1'")
+    elif settings.serving.ingress == "haproxy":
+        os.environ[HAPROXY_ENV] = "1"  # read by Serve's controller and replicas in the Ray started below
+        # A gateway replica that stops keeps answering this long, for load balancers to drop it (Ray's default
+        # is 30 s). Here HAProxy is on the same node and hears of it at once, so a stop need not wait 30 s.
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
     ray.init(address=settings.ray.address, log_to_driver=True, namespace="flywheel", **local)
 
 
