@@ -23,6 +23,10 @@ from services.gateway import Gateway
 from services.llm_server import LLMServer
 from services.loop import LoopKeeper
 
+log = logging.getLogger("flywheel.app")
+
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # Ray Serve's HAProxy mode (`serving.ingress: haproxy`)
+
 
 def _replica_env(settings: Settings) -> dict[str, str]:
     return {
@@ -30,9 +34,6 @@ def _replica_env(settings: Settings) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
     }
 
-
-HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
-log = logging.getLogger("flywheel.app")
 
 # Our gateway logs one `event=predict` line per request with the adapter version; Serve's access log
 # would repeat every request twice more (proxy and replica).
