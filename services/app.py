@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from services.loop import LoopKeeper
 log = logging.getLogger("flywheel.app")
 
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # Ray Serve's HAProxy mode (`serving.ingress: haproxy`)
+HAPROXY_SIDE_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
 
 
 def _replica_env(settings: Settings) -> dict[str, str]:
@@ -100,7 +102,32 @@ def ensure_ray(settings: Settings) -> None:
         # A gateway replica that stops keeps answering this long, for load balancers to drop it (Ray's default
         # is 30 s). Here HAProxy is on the same node and hears of it at once, so a stop need not wait 30 s.
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
+        _haproxy_side_ports()
     ray.init(address=settings.ray.address, log_to_driver=True, namespace="flywheel", **local)
+
+
+def _haproxy_side_ports() -> None:
+    """HAProxy also listens for its stats and Prometheus pages, on fixed ports (Ray's defaults: 8404, 9101). One
+    taken (say, by another flywheel's HAProxy on this box) would stop HAProxy from starting: take a free one."""
+    for variable, default in HAPROXY_SIDE_PORTS.items():
+        if variable not in os.environ and not _bindable(default):
+            os.environ[variable] = str(_free_port())
+            log.info("event=haproxy_port_moved variable=%s from=%d to=%s", variable, default, os.environ[variable])
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        return probe.getsockname()[1]
 
 
 def run(settings: Settings, *, timeout_s: float = 300.0, route_prefix: str = "/") -> str:
