@@ -109,11 +109,11 @@ class ServingSettings(BaseModel):
         "by it, to judge its candidate on them.")
     host: str = "127.0.0.1"
     port: int = 8000
-    ingress: Literal["serve", "haproxy"] = Field(
-        "serve", description="What listens on `port`: `serve`, Serve's own proxy (a Ray actor per node, one more "
-        "hop), or `haproxy`, Ray Serve's HAProxy mode (HAProxy, shipped with `ray[serve]`, forwards HTTP straight "
-        "to the gateway replicas' own ports: about 7 ms less per request on a 2-core box). A Ray-wide choice: "
-        "flywheel makes it for a Ray it starts; a cluster is started with `RAY_SERVE_ENABLE_HA_PROXY=1` instead.")
+    ingress: Literal["haproxy", "serve"] = Field(
+        "haproxy", description="What listens on `port` in a Ray flywheel starts: `haproxy`, Ray Serve's HAProxy "
+        "mode (HAProxy, shipped with `ray[serve]`, forwards HTTP straight to the gateway replicas' own ports: about "
+        "7 ms less per request on a 2-core box), or `serve`, Serve's own proxy (a Ray actor per node, one more "
+        "hop). A Ray-wide choice: a cluster's own environment decides for it (`RAY_SERVE_ENABLE_HA_PROXY=1`).")
     replicas: int = Field(1, ge=1, description="LLM replicas, when `autoscaling` is not set.")
     autoscaling: AutoscalingSettings | None = Field(
         None, description="Let Serve scale the LLM replicas between min and max on requests in flight (new "

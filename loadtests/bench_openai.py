@@ -7,7 +7,8 @@ Same box, same base, same adapter, greedy decoding, one after the other (never b
 3. p50 time to the first streamed token, flywheel ÷ vLLM (goal <= 1.2)
 4. flywheel's /v1/chat/completions p50 ÷ its /predict p50
 5. flywheel with 2, 8 and 32 tasks on one replica (each a copy of the adapter): p50 and throughput
-6. 1-3 again with `serving.ingress: haproxy` (HAProxy in front of the gateway instead of Serve's proxy)
+6. 1-3 again with `serving.ingress: haproxy` (HAProxy in front of the gateway, the default); 1-5 run with
+   `serving.ingress: serve` (Serve's own proxy)
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ class Ratios(BaseModel):
 
 class OpenAIBenchReport(BaseModel):
     vllm: Side
-    flywheel: Side = Field(description="Behind Serve's own proxy (`serving.ingress: serve`, the default).")
-    flywheel_haproxy: Side = Field(description="Behind HAProxy (`serving.ingress: haproxy`).")
+    flywheel: Side = Field(description="Behind Serve's own proxy (`serving.ingress: serve`).")
+    flywheel_haproxy: Side = Field(description="Behind HAProxy (`serving.ingress: haproxy`, the default).")
     ratios: Ratios
     haproxy_ratios: Ratios
     chat_over_predict_p50: float
@@ -203,8 +204,8 @@ def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
 
-    say("starting flywheel")
-    url = serve_app.run(settings, timeout_s=600)
+    say("starting flywheel behind Serve's proxy")
+    url = serve_app.run(_with_ingress(settings, "serve"), timeout_s=600)
     try:
         say("measuring flywheel")
         ours = asyncio.run(_measure(url, [settings.default_task], seconds))
@@ -220,8 +221,7 @@ def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable
         serve_app.shutdown()
 
     say("starting flywheel behind HAProxy (a Ray of its own)")
-    url = serve_app.run(settings.model_copy(update={"serving": settings.serving.model_copy(
-        update={"ingress": "haproxy"})}), timeout_s=600)
+    url = serve_app.run(_with_ingress(settings, "haproxy"), timeout_s=600)
     try:
         say("measuring flywheel behind HAProxy")
         haproxy = asyncio.run(_measure(url, [settings.default_task], seconds))
@@ -231,6 +231,10 @@ def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable
         vllm=vllm, flywheel=ours, flywheel_haproxy=haproxy, ratios=Ratios.of(ours, vllm),
         haproxy_ratios=Ratios.of(haproxy, vllm), chat_over_predict_p50=ours.p50_ms / predict, by_tasks=by_tasks,
     )
+
+
+def _with_ingress(settings: Settings, ingress: str) -> Settings:
+    return settings.model_copy(update={"serving": settings.serving.model_copy(update={"ingress": ingress})})
 
 
 async def _predict_p50(url: str, samples: int = 20) -> float:

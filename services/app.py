@@ -94,15 +94,17 @@ def ensure_ray(settings: Settings) -> None:
         "include_dashboard": settings.ray.dashboard_port is not None,
         "dashboard_port": settings.ray.dashboard_port,
     }
-    if settings.serving.ingress == "haproxy" and settings.ray.address:
-        log.warning("event=ingress_unchecked ingress=haproxy message='a cluster takes HAProxy from its own "
-                    "environment: start its nodes with RAY_SERVE_ENABLE_HA_PROXY=1'")
+    if settings.ray.address:
+        log.info("event=ingress_from_cluster message='the cluster's own environment decides between HAProxy and "
+                 "Serve's proxy (RAY_SERVE_ENABLE_HA_PROXY)'")
     elif settings.serving.ingress == "haproxy":
         os.environ[HAPROXY_ENV] = "1"  # read by Serve's controller and replicas in the Ray started below
         # A gateway replica that stops keeps answering this long, for load balancers to drop it (Ray's default
         # is 30 s). Here HAProxy is on the same node and hears of it at once, so a stop need not wait 30 s.
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
         _haproxy_side_ports()
+    else:
+        os.environ[HAPROXY_ENV] = "0"  # the setting decides for a Ray flywheel starts, not an inherited variable
     ray.init(address=settings.ray.address, log_to_driver=True, namespace="flywheel", **local)
 
 

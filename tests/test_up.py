@@ -1,8 +1,8 @@
-"""`flywheel up` as an operator runs it: HAProxy in front, a broker that is not there, then SIGTERM.
+"""`flywheel up` as an operator runs it: a broker that is not there, then SIGTERM.
 
 The process serves although the feedback stream cannot be reached (the curator waits, /healthz says so),
-and SIGTERM stops everything it started, Ray's agents and HAProxy included, and exits 0. It runs with
-`serving.ingress: haproxy`; every other test reaches its apps through Serve's own proxy (the default).
+and SIGTERM stops everything it started, Ray's agents and the ingress included, and exits 0. Once with each
+ingress: HAProxy (the default, which every other test goes through too) and Serve's own proxy.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from tests.conftest import make_settings
 pytestmark = [pytest.mark.serve]
 
 
-def test_up_serves_without_its_broker_and_sigterm_stops_everything(home_copy: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("ingress", "listener"), [("haproxy", "haproxy"), ("serve", "ProxyActor")])
+def test_up_serves_without_its_broker_and_sigterm_stops_everything(home_copy: Path, tmp_path: Path, ingress: str,
+                                                                   listener: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         nobody = f"127.0.0.1:{s.getsockname()[1]}"
@@ -34,7 +36,7 @@ def test_up_serves_without_its_broker_and_sigterm_stops_everything(home_copy: Pa
     settings.retrain.schedule_enabled = False
     settings.loop.enabled = True  # the curator runs in the app's keeper, as for every user
     settings.ray.num_cpus = 2
-    settings.serving.ingress = "haproxy"
+    settings.serving.ingress = ingress
     config = tmp_path / "flywheel.yaml"
     config.write_text(yaml.safe_dump(settings.shareable(), allow_unicode=True))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, as on an operator's box
@@ -52,9 +54,9 @@ def test_up_serves_without_its_broker_and_sigterm_stops_everything(home_copy: Pa
         assert rated.status_code == 202  # spooled: the broker is not needed to accept it
         started = psutil.Process(up.pid).children(recursive=True)
         assert any("raylet" in " ".join(p.cmdline()) for p in started), "no Ray under flywheel up?"
-        assert [p for p in started if p.name() == "haproxy" and any(
+        assert [p for p in started if listener in " ".join(p.cmdline()) and any(
             c.status == psutil.CONN_LISTEN and c.laddr.port == settings.serving.port for c in p.net_connections())
-        ], "HAProxy is not what answers on the port"
+        ], f"{listener} is not what answers on the port"
         chat = {"model": "demo", "messages": [{"role": "user", "content": "Acme shares surged"}], "max_tokens": 8}
         completion = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60)
         assert completion.status_code == 200 and completion.json()["model"] == "demo-v1", completion.text
