@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -84,12 +83,6 @@ class OpenAIBenchReport(BaseModel):
                 f"{r.ttft:.2f} (goal <= 1.2)",
             ]
         return [*lines, f"/v1/chat/completions p50 / /predict p50 = {self.chat_over_predict_p50:.2f}", tasks]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _chat(client: httpx.AsyncClient, url: str, model: str) -> float:
@@ -193,7 +186,7 @@ def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable
         raise RuntimeError(f"task {settings.default_task} has no champion to benchmark")
     adapter = registry.local_path(champion)
 
-    port = _free_port()
+    port = serve_app.free_port()
     server = _vllm_server(settings, adapter, port, say)
     try:
         vllm_url = f"http://127.0.0.1:{port}"

@@ -113,7 +113,7 @@ def _haproxy_side_ports() -> None:
     taken (say, by another flywheel's HAProxy on this box) would stop HAProxy from starting: take a free one."""
     for variable, default in HAPROXY_SIDE_PORTS.items():
         if variable not in os.environ and not _bindable(default):
-            os.environ[variable] = str(_free_port())
+            os.environ[variable] = str(free_port("0.0.0.0"))
             log.info("event=haproxy_port_moved variable=%s from=%d to=%s", variable, default, os.environ[variable])
 
 
@@ -126,9 +126,10 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing on `host` listens on now."""
     with socket.socket() as probe:
-        probe.bind(("0.0.0.0", 0))
+        probe.bind((host, 0))
         return probe.getsockname()[1]
 
 
