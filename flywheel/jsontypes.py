@@ -22,6 +22,7 @@ def whole_number(value: object) -> object:
 
 # The constraint sits before the validator, so the document shows it as `minimum` (and it is checked).
 PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(whole_number)]
+NonNegativeInt = Annotated[int, Field(ge=0), BeforeValidator(whole_number)]
 # A sampling seed: the engines hold 64 bits, but past 2**53 a JSON number is not exact in most clients (nor in
 # validators that compare as floats, where 2**63 + 191 passes a maximum of 2**63 - 1): the largest exact one.
 Seed = Annotated[int, Field(ge=0, le=2**53 - 1), BeforeValidator(whole_number)]

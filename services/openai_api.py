@@ -103,7 +103,11 @@ class ChatCompletions:
         options = SamplingOptions(
             max_tokens=asked or min(tasks[task].max_new_tokens, limits.max_tokens_limit),
             temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stops(),
+            min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
         )
+        if options.min_tokens > options.max_tokens:
+            return self._reject(400, f"min_tokens ({options.min_tokens}) must be <= the answer's max tokens "
+                                f"({options.max_tokens})", "min_tokens")
         request_id = uuid.uuid4().hex
         if body.stream:
             return await self._stream(body, task, version or None, options, request_id)

@@ -2,7 +2,7 @@
 
 `model` is a task name (its champion answers). Fields OpenAI clients send that flywheel does not use
 (penalties, logit bias, tools, …) are ignored; those whose meaning it cannot honour are refused clearly
-(`n` other than 1).
+(`n` other than 1). vLLM's `min_tokens` and `ignore_eos`, which load tools send, are honoured.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flywheel.jsontypes import PositiveInt, Seed
+from flywheel.jsontypes import NonNegativeInt, PositiveInt, Seed
 from services.engines.protocol import ChatMessage
 
 
@@ -57,6 +57,11 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    # vLLM's extensions that load tools send for answers of a fixed length
+    min_tokens: NonNegativeInt = Field(0, description="vLLM's extension: tokens made before an end of sequence or "
+                                       "a stop may end the answer; at most the answer's max tokens.")
+    ignore_eos: bool = Field(False, description="vLLM's extension: make max tokens whatever the model's end of "
+                             "sequence says (load tests of a fixed answer length).")
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -56,6 +56,17 @@ async def test_reference_engine_refuses_prompts_over_the_context(hf_engine: HFEn
                                  SamplingOptions(max_tokens=200), None, "long")
 
 
+async def test_reference_engine_makes_answers_as_long_as_asked(hf_engine: HFEngine, demo_home: Path) -> None:
+    v1 = handle(make_settings(demo_home), "demo-v1")
+    await hf_engine.add_adapter(v1)
+    chat = [ChatMessage(role="user", content=PROMPTS[0])]
+    natural = await hf_engine.generate(chat, GREEDY, v1, "natural")
+    assert natural.completion_tokens < 24 and natural.finish_reason == "stop"
+    fixed = await hf_engine.generate(chat, GREEDY.model_copy(update={"ignore_eos": True}), v1, "fixed")
+    floored = await hf_engine.generate(chat, GREEDY.model_copy(update={"min_tokens": 24}), v1, "floored")
+    assert (fixed.completion_tokens, fixed.finish_reason) == (40, "length") and floored.completion_tokens >= 24
+
+
 @pytest.mark.serve
 @pytest.mark.vllm
 async def test_vllm_engine_matches_the_reference_greedy(hf_engine: HFEngine, served, served_registry) -> None:

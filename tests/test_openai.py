@@ -77,6 +77,24 @@ def test_clear_openai_errors(client: openai.OpenAI) -> None:
     assert "Traceback" not in body["message"] and "pid=" not in body["message"] and "File " not in body["message"]
 
 
+def test_load_tools_fixed_answer_lengths(client: openai.OpenAI) -> None:
+    """vLLM's `ignore_eos` and `min_tokens`, which load tools send, make answers as long as asked."""
+    chat = {"model": "demo", "messages": [{"role": "user", "content": PROMPT}], "temperature": 0,
+            "max_completion_tokens": 40}
+    natural = client.chat.completions.create(**chat)
+    assert natural.usage.completion_tokens < 24, "the demo model ends its answers early on its own"
+    fixed = client.chat.completions.create(**chat, extra_body={"ignore_eos": True})
+    assert (fixed.usage.completion_tokens, fixed.choices[0].finish_reason) == (40, "length")
+    floored = client.chat.completions.create(**chat, extra_body={"min_tokens": 24})
+    assert floored.usage.completion_tokens >= 24
+    chunks = list(client.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage.completion_tokens == 40
+    with pytest.raises(openai.BadRequestError) as over:
+        client.chat.completions.create(**chat, extra_body={"min_tokens": 41})
+    assert over.value.body["param"] == "min_tokens" and "40" in over.value.body["message"]
+
+
 def test_a_promote_during_concurrent_streams_cuts_none(client: openai.OpenAI, served: tuple[str, Settings]) -> None:
     _, settings = served
     results: list[tuple[set[str], str]] = []

@@ -108,6 +108,8 @@ class HFEngine:
                 input_ids=torch.tensor([prompt_ids]),
                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                 max_new_tokens=options.max_tokens,
+                # the end of sequence is held back until then (vLLM's ignore_eos goes on past it: the same length)
+                min_new_tokens=options.max_tokens if options.ignore_eos else options.min_tokens,
                 pad_token_id=self._tokenizer.pad_token_id,
                 **sampling,
             )

@@ -44,6 +44,8 @@ class SamplingOptions(BaseModel):
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = Field(default_factory=list, description="Generation ends before any of these.")
+    min_tokens: int = Field(0, ge=0, description="Tokens made before an end of sequence or a stop may end the answer.")
+    ignore_eos: bool = Field(False, description="Make max_tokens tokens whatever the model's end of sequence says.")
 
 
 class Generation(BaseModel):

@@ -134,6 +134,8 @@ class VLLMEngine:
             top_p=options.top_p,
             seed=options.seed,
             stop=options.stop or None,
+            min_tokens=options.min_tokens,
+            ignore_eos=options.ignore_eos,
             # a stream's outputs hold only the new tokens (nothing re-sent); otherwise one output, the whole text
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
