@@ -1,14 +1,20 @@
 """`flywheel bench openai`: flywheel's OpenAI API against vLLM's own OpenAI server, ratios in one run.
 
-Same box, same base, same adapter, greedy decoding, one after the other (never both loaded at once):
+Same box, same base, same adapter, greedy decoding. vLLM's server runs beside flywheel and the two are asked
+in turns (blocks of requests, one server idle while the other answers), so a box that speeds up or slows down
+during the run moves both sides alike:
 
-1. throughput at 16 concurrent chat completions, flywheel ÷ vLLM (goal >= 0.9)
-2. p50 latency of one chat completion at a time, flywheel ÷ vLLM (goal <= 1.1)
+1. p50 latency of one chat completion at a time, flywheel ÷ vLLM (goal <= 1.1)
+2. the same for answers of R1 length (`ignore_eos`, LONG_TOKENS tokens: a DeepSeek-R1-Distill model thinks for
+   hundreds of tokens, where the demo model answers in about ten)
 3. p50 time to the first streamed token, flywheel ÷ vLLM (goal <= 1.2)
-4. flywheel's /v1/chat/completions p50 ÷ its /predict p50
-5. flywheel with 2, 8 and 32 tasks on one replica (each a copy of the adapter): p50 and throughput
-6. 1-3 again with `serving.ingress: haproxy` (HAProxy in front of the gateway, the default); 1-5 run with
-   `serving.ingress: serve` (Serve's own proxy)
+4. throughput at 16 concurrent chat completions (the servers take turns at it too), flywheel ÷ vLLM
+   (goal >= 0.9), and the p50 meanwhile
+5. flywheel's /v1/chat/completions p50 ÷ its /predict p50
+6. flywheel with 2, 8 and 32 tasks on one replica (each a copy of the adapter): p50 and throughput
+
+1-4 run once with `serving.ingress: serve` (Serve's own proxy), then with `haproxy` (the default); 5-6 behind
+Serve's proxy.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -34,71 +40,95 @@ from training.demo_bootstrap import bootstrap
 
 PROMPT = "Analyze the sentiment of this news: Acme shares surged after record quarterly profits"
 MAX_TOKENS = 32
+LONG_TOKENS = 256  # an R1-length answer: what a DeepSeek-R1-Distill model's thinking and answer come to
+TURNS = 4  # blocks per measure and server, alternating
+IDLE_S = 1.5  # between blocks: vLLM's engine busy-polls for 1 s after its last request, then sleeps
 
 
 class Side(BaseModel):
-    rps_at_16: float
     p50_ms: float = Field(description="One request at a time.")
-    p50_at_16_ms: float = Field(description="While 16 run at once (the throughput phase).")
+    long_p50_ms: float = Field(description=f"One request at a time, {LONG_TOKENS}-token answers.")
     ttft_p50_ms: float
+    rps_at_16: float
+    p50_at_16_ms: float = Field(description="While 16 run at once (the throughput phase).")
 
 
 class Ratios(BaseModel):
-    """One flywheel side over vLLM's."""
+    """flywheel's side over vLLM's."""
 
-    throughput: float
     p50: float
-    p50_at_16: float
+    long_p50: float
     ttft: float
+    throughput: float
+    p50_at_16: float
 
     @classmethod
     def of(cls, ours: Side, vllm: Side) -> Ratios:
-        return cls(throughput=ours.rps_at_16 / vllm.rps_at_16, p50=ours.p50_ms / vllm.p50_ms,
-                   p50_at_16=ours.p50_at_16_ms / vllm.p50_at_16_ms, ttft=ours.ttft_p50_ms / vllm.ttft_p50_ms)
+        return cls(p50=ours.p50_ms / vllm.p50_ms, long_p50=ours.long_p50_ms / vllm.long_p50_ms,
+                   ttft=ours.ttft_p50_ms / vllm.ttft_p50_ms, throughput=ours.rps_at_16 / vllm.rps_at_16,
+                   p50_at_16=ours.p50_at_16_ms / vllm.p50_at_16_ms)
+
+
+class Pair(BaseModel):
+    """flywheel behind one ingress and vLLM's server, asked in turns."""
+
+    flywheel: Side
+    vllm: Side
+    ratios: Ratios
+
+    def lines(self, name: str) -> list[str]:
+        ours, v, r = self.flywheel, self.vllm, self.ratios
+        return [
+            f"[{name}] p50 one at a time: flywheel {ours.p50_ms:.0f} / vLLM {v.p50_ms:.0f} ms = {r.p50:.2f} "
+            "(goal <= 1.1)",
+            f"[{name}] p50 one at a time, {LONG_TOKENS}-token answers: flywheel {ours.long_p50_ms:.0f} / vLLM "
+            f"{v.long_p50_ms:.0f} ms = {r.long_p50:.2f} (goal <= 1.1)",
+            f"[{name}] first streamed token p50: flywheel {ours.ttft_p50_ms:.0f} / vLLM {v.ttft_p50_ms:.0f} ms = "
+            f"{r.ttft:.2f} (goal <= 1.2)",
+            f"[{name}] throughput at 16: flywheel {ours.rps_at_16:.1f} / vLLM {v.rps_at_16:.1f} rps = "
+            f"{r.throughput:.2f} (goal >= 0.9)",
+            f"[{name}] p50 at 16 concurrent: flywheel {ours.p50_at_16_ms:.0f} / vLLM {v.p50_at_16_ms:.0f} ms = "
+            f"{r.p50_at_16:.2f} (goal <= 1.1)",
+        ]
 
 
 class OpenAIBenchReport(BaseModel):
-    vllm: Side
-    flywheel: Side = Field(description="Behind Serve's own proxy (`serving.ingress: serve`).")
-    flywheel_haproxy: Side = Field(description="Behind HAProxy (`serving.ingress: haproxy`, the default).")
-    ratios: Ratios
-    haproxy_ratios: Ratios
+    serve_proxy: Pair = Field(description="flywheel behind Serve's own proxy (`serving.ingress: serve`).")
+    haproxy: Pair = Field(description="flywheel behind HAProxy (`serving.ingress: haproxy`, the default).")
     chat_over_predict_p50: float
     by_tasks: dict[int, dict[str, float]]
 
     def lines(self) -> list[str]:
         tasks = "; ".join(f"{n} tasks: p50 {r['p50_ms']:.0f} ms, {r['rps_at_16']:.1f} rps"
                           for n, r in self.by_tasks.items())
-        v, lines = self.vllm, []
-        for name, ours, r in (("serve proxy", self.flywheel, self.ratios),
-                              ("haproxy", self.flywheel_haproxy, self.haproxy_ratios)):
-            lines += [
-                f"[{name}] throughput at 16: flywheel {ours.rps_at_16:.1f} / vLLM {v.rps_at_16:.1f} rps = "
-                f"{r.throughput:.2f} (goal >= 0.9)",
-                f"[{name}] p50 one at a time: flywheel {ours.p50_ms:.0f} / vLLM {v.p50_ms:.0f} ms = {r.p50:.2f} "
-                "(goal <= 1.1)",
-                f"[{name}] p50 at 16 concurrent: flywheel {ours.p50_at_16_ms:.0f} / vLLM {v.p50_at_16_ms:.0f} ms = "
-                f"{r.p50_at_16:.2f} (goal <= 1.1)",
-                f"[{name}] first streamed token p50: flywheel {ours.ttft_p50_ms:.0f} / vLLM {v.ttft_p50_ms:.0f} ms = "
-                f"{r.ttft:.2f} (goal <= 1.2)",
-            ]
-        return [*lines, f"/v1/chat/completions p50 / /predict p50 = {self.chat_over_predict_p50:.2f}", tasks]
+        return [*self.serve_proxy.lines("serve proxy"), *self.haproxy.lines("haproxy"),
+                f"/v1/chat/completions p50 / /predict p50 = {self.chat_over_predict_p50:.2f}", tasks]
 
 
-async def _chat(client: httpx.AsyncClient, url: str, model: str) -> float:
+class Server(BaseModel):
+    url: str
+    models: list[str] = Field(description="Asked in turn.")
+
+
+def _body(model: str, **extra: object) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS,
+            "temperature": 0, **extra}
+
+
+async def _chat(client: httpx.AsyncClient, url: str, model: str, **extra: object) -> float:
     started = time.perf_counter()
-    r = await client.post(f"{url}/v1/chat/completions", json={
-        "model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS,
-        "temperature": 0})
+    r = await client.post(f"{url}/v1/chat/completions", json=_body(model, **extra))
     r.raise_for_status()
     return time.perf_counter() - started
 
 
+async def _long_chat(client: httpx.AsyncClient, url: str, model: str) -> float:
+    return await _chat(client, url, model, max_tokens=LONG_TOKENS, ignore_eos=True)
+
+
 async def _first_token(client: httpx.AsyncClient, url: str, model: str) -> float:
     started = time.perf_counter()
-    async with client.stream("POST", f"{url}/v1/chat/completions", json={
-            "model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS,
-            "temperature": 0, "stream": True}) as response:
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=_body(model, stream=True)) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
@@ -110,24 +140,74 @@ async def _first_token(client: httpx.AsyncClient, url: str, model: str) -> float
     return time.perf_counter() - started
 
 
-async def _measure(url: str, models: list[str], seconds: float, samples: int = 20) -> Side:
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=24)) as client:
-        for model in models[:3]:
-            await _chat(client, url, model)  # warm-up (and each adapter loaded)
-        p50 = statistics.median([await _chat(client, url, models[i % len(models)]) for i in range(samples)])
-        ttft = statistics.median([await _first_token(client, url, models[i % len(models)]) for i in range(samples)])
-        loaded: list[float] = []
-        deadline = time.monotonic() + seconds
+Probe = Callable[[httpx.AsyncClient, str, str], Awaitable[float]]
 
-        async def worker(n: int) -> None:
-            i = n
-            while time.monotonic() < deadline:
-                loaded.append(await _chat(client, url, models[i % len(models)]))
-                i += 16
 
-        await asyncio.gather(*(worker(n) for n in range(16)))
-    return Side(rps_at_16=len(loaded) / seconds, p50_ms=p50 * 1000, p50_at_16_ms=statistics.median(loaded) * 1000,
-                ttft_p50_ms=ttft * 1000)
+async def _in_turns(client: httpx.AsyncClient, servers: list[Server], probe: Probe, per_block: int
+                    ) -> list[float]:
+    """p50 (ms) of `probe` on each server, asked in TURNS blocks of `per_block`, the first server changing."""
+    samples: list[list[float]] = [[] for _ in servers]
+    for turn in range(TURNS):
+        for i in range(len(servers)):
+            k = (i + turn) % len(servers)
+            server = servers[k]
+            for _ in range(per_block):  # the server's models in turn, across blocks
+                samples[k].append(await probe(client, server.url, server.models[len(samples[k]) % len(server.models)]))
+            await asyncio.sleep(IDLE_S)
+    return [statistics.median(s) * 1000 for s in samples]
+
+
+async def _load(client: httpx.AsyncClient, servers: list[Server], seconds: float) -> list[tuple[float, float]]:
+    """Each server's requests per second and p50 (ms) with 16 in flight, `seconds` in all: TURNS windows each,
+    the servers taking turns."""
+    latencies: list[list[float]] = [[] for _ in servers]
+    window = seconds / TURNS
+
+    async def worker(k: int, n: int, deadline: float) -> None:
+        server, i = servers[k], n
+        while time.monotonic() < deadline:
+            latencies[k].append(await _chat(client, server.url, server.models[i % len(server.models)]))
+            i += 16
+
+    for turn in range(TURNS):
+        for i in range(len(servers)):
+            k = (i + turn) % len(servers)
+            deadline = time.monotonic() + window
+            await asyncio.gather(*(worker(k, n, deadline) for n in range(16)))
+            await asyncio.sleep(IDLE_S)
+    return [(len(x) / seconds, statistics.median(x) * 1000) for x in latencies]
+
+
+async def _warm(client: httpx.AsyncClient, server: Server) -> None:
+    for model in server.models:
+        await _chat(client, server.url, model)  # and each adapter loaded
+
+
+async def _measure(servers: list[Server], seconds: float) -> list[Side]:
+    """Each server's side, measured in turns."""
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=24)) as client:
+        for server in servers:
+            await _warm(client, server)
+        p50 = await _in_turns(client, servers, _chat, 8)
+        long_p50 = await _in_turns(client, servers, _long_chat, 2)
+        ttft = await _in_turns(client, servers, _first_token, 8)
+        loaded = await _load(client, servers, seconds)
+    return [Side(p50_ms=p50[i], long_p50_ms=long_p50[i], ttft_p50_ms=ttft[i], rps_at_16=loaded[i][0],
+                 p50_at_16_ms=loaded[i][1]) for i in range(len(servers))]
+
+
+async def _pair(flywheel: Server, vllm: Server, seconds: float) -> Pair:
+    ours, theirs = await _measure([flywheel, vllm], seconds)
+    return Pair(flywheel=ours, vllm=theirs, ratios=Ratios.of(ours, theirs))
+
+
+async def _many_tasks(server: Server, seconds: float) -> dict[str, float]:
+    """p50 (each task asked in turn, one at a time) and throughput at 16 over all of `server.models`."""
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=24)) as client:
+        await _warm(client, server)
+        [p50] = await _in_turns(client, [server], _chat, max(3, len(server.models) // TURNS))
+        [(rps, _)] = await _load(client, [server], seconds)
+    return {"p50_ms": p50, "rps_at_16": rps}
 
 
 def _vllm_server(settings: Settings, adapter: Path, port: int, say: Callable[[str], None]) -> subprocess.Popen:
@@ -189,41 +269,35 @@ def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable
     port = serve_app.free_port()
     server = _vllm_server(settings, adapter, port, say)
     try:
-        vllm_url = f"http://127.0.0.1:{port}"
-        _wait(vllm_url)
-        say("measuring vLLM's server")
-        vllm = asyncio.run(_measure(vllm_url, ["demo"], seconds))
+        vllm = Server(url=f"http://127.0.0.1:{port}", models=["demo"])
+        _wait(vllm.url)
+        say("starting flywheel behind Serve's proxy, beside vLLM's server")
+        url = serve_app.run(_with_ingress(settings, "serve"), timeout_s=600)
+        try:
+            say("measuring flywheel and vLLM's server in turns")
+            serve_proxy = asyncio.run(_pair(Server(url=url, models=[settings.default_task]), vllm, seconds))
+            predict = asyncio.run(_predict_p50(url))
+            by_tasks = {}
+            for count in (2, 8, 32):
+                tasks = add_tasks(settings, [adapter], count)
+                time.sleep(5)  # replicas discover new tasks every 2 s
+                say(f"measuring flywheel with {count} tasks")
+                by_tasks[count] = asyncio.run(_many_tasks(Server(url=url, models=tasks), seconds / 2))
+        finally:
+            serve_app.shutdown()
+
+        say("starting flywheel behind HAProxy (a Ray of its own), beside vLLM's server")
+        url = serve_app.run(_with_ingress(settings, "haproxy"), timeout_s=600)
+        try:
+            say("measuring flywheel behind HAProxy and vLLM's server in turns")
+            haproxy = asyncio.run(_pair(Server(url=url, models=[settings.default_task]), vllm, seconds))
+        finally:
+            serve_app.shutdown()
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
-
-    say("starting flywheel behind Serve's proxy")
-    url = serve_app.run(_with_ingress(settings, "serve"), timeout_s=600)
-    try:
-        say("measuring flywheel")
-        ours = asyncio.run(_measure(url, [settings.default_task], seconds))
-        predict = asyncio.run(_predict_p50(url))
-        by_tasks = {}
-        for count in (2, 8, 32):
-            tasks = add_tasks(settings, [adapter], count)
-            time.sleep(5)  # replicas discover new tasks every 2 s
-            say(f"measuring flywheel with {count} tasks")
-            side = asyncio.run(_measure(url, tasks, seconds / 2, samples=max(10, count)))
-            by_tasks[count] = {"p50_ms": side.p50_ms, "rps_at_16": side.rps_at_16}
-    finally:
-        serve_app.shutdown()
-
-    say("starting flywheel behind HAProxy (a Ray of its own)")
-    url = serve_app.run(_with_ingress(settings, "haproxy"), timeout_s=600)
-    try:
-        say("measuring flywheel behind HAProxy")
-        haproxy = asyncio.run(_measure(url, [settings.default_task], seconds))
-    finally:
-        serve_app.shutdown()
-    return OpenAIBenchReport(
-        vllm=vllm, flywheel=ours, flywheel_haproxy=haproxy, ratios=Ratios.of(ours, vllm),
-        haproxy_ratios=Ratios.of(haproxy, vllm), chat_over_predict_p50=ours.p50_ms / predict, by_tasks=by_tasks,
-    )
+    return OpenAIBenchReport(serve_proxy=serve_proxy, haproxy=haproxy,
+                             chat_over_predict_p50=serve_proxy.flywheel.p50_ms / predict, by_tasks=by_tasks)
 
 
 def _with_ingress(settings: Settings, ingress: str) -> Settings:
