@@ -95,7 +95,9 @@ def up(
     base = _servable_base_or_exit(settings)
     _say_which_tasks_need_an_adapter(settings)
     feedback_target = f"kafka {kafka}" if settings.feedback.kafka_bootstrap else f"local log {settings.feedback_dir}"
-    typer.echo(f"starting Ray and Serve (engine={settings.serving.engine}, base={base.label}, "
+    serving = settings.serving
+    typer.echo(f"starting Ray and Serve (engine={serving.engine}, ingress={serving.ingress}, "
+               f"topology={'fused' if serving.fused else 'split'}, base={base.label}, "
                f"champion={result.champion}, feedback={feedback_target}) …", err=True)
 
     def on_sigterm(*_: object) -> None:

@@ -114,7 +114,15 @@ class ServingSettings(BaseModel):
         "mode (HAProxy, shipped with `ray[serve]`, forwards HTTP straight to the gateway replicas' own ports: about "
         "7 ms less per request on a 2-core box), or `serve`, Serve's own proxy (a Ray actor per node, one more "
         "hop). A Ray-wide choice: a cluster's own environment decides for it (`RAY_SERVE_ENABLE_HA_PROXY=1`).")
+    topology: Literal["auto", "fused", "split"] = Field(
+        "auto", description="How the HTTP gateway meets the engine; `auto`: `fused` for one fixed LLM replica, "
+        "`split` for several or autoscaling. `fused`: every LLM replica is also the HTTP "
+        "ingress, so a request reaches its engine with no hop between replicas (the lowest latency; HAProxy spreads "
+        "requests over the replicas without regard to task). `split`: a CPU-only gateway deployment in front of the "
+        "LLM replicas, scaled apart from them; Serve's multiplexing sends a task's requests to replicas that hold "
+        "its adapter, which matters when many replicas each hold fewer tasks than there are.")
     replicas: int = Field(1, ge=1, description="LLM replicas, when `autoscaling` is not set.")
+
     autoscaling: AutoscalingSettings | None = Field(
         None, description="Let Serve scale the LLM replicas between min and max on requests in flight (new "
         "replicas converge on every task's champion by themselves); None: a fixed `replicas`.")
@@ -132,6 +140,13 @@ class ServingSettings(BaseModel):
     max_pinned_adapters: int = Field(
         2, ge=1, description="Versions asked for by name (`task@version`) each replica keeps loaded beside the "
         "champions; the least recently used idle one is unloaded beyond this.")
+
+    @property
+    def fused(self) -> bool:
+        """Whether each LLM replica is its own HTTP ingress (see `topology`)."""
+        if self.topology == "auto":
+            return self.autoscaling is None and self.replicas == 1
+        return self.topology == "fused"
 
 
 class FeedbackSettings(BaseModel):

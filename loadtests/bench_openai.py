@@ -13,8 +13,8 @@ during the run moves both sides alike:
 5. flywheel's /v1/chat/completions p50 ÷ its /predict p50
 6. flywheel with 2, 8 and 32 tasks on one replica (each a copy of the adapter): p50 and throughput
 
-1-4 run once with `serving.ingress: serve` (Serve's own proxy), then with `haproxy` (the default); 5-6 behind
-Serve's proxy.
+1-4 run for each of SETUPS (ingress × topology), the default last; 5-6 on the default, after the others so that
+their tasks are not there for the others to watch.
 """
 
 from __future__ import annotations
@@ -92,17 +92,26 @@ class Pair(BaseModel):
         ]
 
 
+# (serving.ingress, serving.topology): Serve's proxy, then HAProxy with a separate gateway, then the default for a
+# lone replica (HAProxy straight to the replica that is the ingress and the engine at once).
+SETUPS = (("serve", "fused"), ("haproxy", "split"), ("haproxy", "fused"))
+
+
+def setup_name(ingress: str, topology: str) -> str:
+    return f"ingress={ingress} topology={topology}"
+
+
 class OpenAIBenchReport(BaseModel):
-    serve_proxy: Pair = Field(description="flywheel behind Serve's own proxy (`serving.ingress: serve`).")
-    haproxy: Pair = Field(description="flywheel behind HAProxy (`serving.ingress: haproxy`, the default).")
+    pairs: dict[str, Pair] = Field(description="flywheel with each (serving.ingress, serving.topology) of SETUPS "
+                                   "beside vLLM's server.")
     chat_over_predict_p50: float
     by_tasks: dict[int, dict[str, float]]
 
     def lines(self) -> list[str]:
         tasks = "; ".join(f"{n} tasks: p50 {r['p50_ms']:.0f} ms, {r['rps_at_16']:.1f} rps"
                           for n, r in self.by_tasks.items())
-        return [*self.serve_proxy.lines("serve proxy"), *self.haproxy.lines("haproxy"),
-                f"/v1/chat/completions p50 / /predict p50 = {self.chat_over_predict_p50:.2f}", tasks]
+        pairs = [line for name, pair in self.pairs.items() for line in pair.lines(name)]
+        return [*pairs, f"/v1/chat/completions p50 / /predict p50 = {self.chat_over_predict_p50:.2f}", tasks]
 
 
 class Server(BaseModel):
@@ -271,37 +280,34 @@ def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable
     try:
         vllm = Server(url=f"http://127.0.0.1:{port}", models=["demo"])
         _wait(vllm.url)
-        say("starting flywheel behind Serve's proxy, beside vLLM's server")
-        url = serve_app.run(_with_ingress(settings, "serve"), timeout_s=600)
-        try:
-            say("measuring flywheel and vLLM's server in turns")
-            serve_proxy = asyncio.run(_pair(Server(url=url, models=[settings.default_task]), vllm, seconds))
-            predict = asyncio.run(_predict_p50(url))
-            by_tasks = {}
-            for count in (2, 8, 32):
-                tasks = add_tasks(settings, [adapter], count)
-                time.sleep(5)  # replicas discover new tasks every 2 s
-                say(f"measuring flywheel with {count} tasks")
-                by_tasks[count] = asyncio.run(_many_tasks(Server(url=url, models=tasks), seconds / 2))
-        finally:
-            serve_app.shutdown()
-
-        say("starting flywheel behind HAProxy (a Ray of its own), beside vLLM's server")
-        url = serve_app.run(_with_ingress(settings, "haproxy"), timeout_s=600)
-        try:
-            say("measuring flywheel behind HAProxy and vLLM's server in turns")
-            haproxy = asyncio.run(_pair(Server(url=url, models=[settings.default_task]), vllm, seconds))
-        finally:
-            serve_app.shutdown()
+        pairs: dict[str, Pair] = {}
+        for ingress, topology in SETUPS:
+            name = setup_name(ingress, topology)
+            say(f"starting flywheel ({name}) beside vLLM's server")
+            url = serve_app.run(_with_serving(settings, ingress=ingress, topology=topology), timeout_s=600)
+            try:
+                say(f"measuring flywheel ({name}) and vLLM's server in turns")
+                pairs[name] = asyncio.run(_pair(Server(url=url, models=[settings.default_task]), vllm, seconds))
+                if (ingress, topology) != SETUPS[-1]:
+                    continue
+                predict = asyncio.run(_predict_p50(url))
+                chat_over_predict = pairs[name].flywheel.p50_ms / predict
+                by_tasks = {}
+                for count in (2, 8, 32):
+                    tasks = add_tasks(settings, [adapter], count)
+                    time.sleep(5)  # replicas discover new tasks every 2 s
+                    say(f"measuring flywheel with {count} tasks")
+                    by_tasks[count] = asyncio.run(_many_tasks(Server(url=url, models=tasks), seconds / 2))
+            finally:
+                serve_app.shutdown()  # a Ray of its own for each: HAProxy or not is a Ray-wide choice
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
-    return OpenAIBenchReport(serve_proxy=serve_proxy, haproxy=haproxy,
-                             chat_over_predict_p50=serve_proxy.flywheel.p50_ms / predict, by_tasks=by_tasks)
+    return OpenAIBenchReport(pairs=pairs, chat_over_predict_p50=chat_over_predict, by_tasks=by_tasks)
 
 
-def _with_ingress(settings: Settings, ingress: str) -> Settings:
-    return settings.model_copy(update={"serving": settings.serving.model_copy(update={"ingress": ingress})})
+def _with_serving(settings: Settings, **serving: str) -> Settings:
+    return settings.model_copy(update={"serving": settings.serving.model_copy(update=serving)})
 
 
 async def _predict_p50(url: str, samples: int = 20) -> float:

@@ -20,6 +20,7 @@ from ray import serve
 from ray.serve import Application
 
 from flywheel.config import Settings, load_settings
+from services.fused import FusedServer
 from services.gateway import Gateway
 from services.llm_server import LLMServer
 from services.loop import LoopKeeper
@@ -44,22 +45,21 @@ QUIET = {"enable_access_log": False}
 
 def build_app(settings: Settings) -> Application:
     payload = settings.shareable()  # secrets reach the gateway through its environment, never init args
-    llm = LLMServer.options(
-        logging_config=QUIET,
-        **replica_count(settings),
-        ray_actor_options={
-            "num_cpus": settings.serving.replica_cpus,
-            "num_gpus": settings.serving.replica_gpus,
-            "runtime_env": {"env_vars": _replica_env(settings)},
-        },
-    ).bind(payload)
     # Secrets already in this environment reach the workers the same way (Ray passes it on; on Kubernetes
-    # every pod mounts the Secret): only one set from a config file travels in the gateway's runtime env.
+    # every pod mounts the Secret): only those set from a config file travel in the gateway's runtime env.
     secrets = {name: value for name, value in settings.secret_env().items() if os.environ.get(name) != value}
     secret_env = {"runtime_env": {"env_vars": secrets}} if secrets else {}
     # The loop (curator, scheduler, canary controller) is part of the app, so `serve deploy` runs it too.
     loop = LoopKeeper.options(logging_config=QUIET, ray_actor_options={"num_cpus": 0, **secret_env}).bind(
         payload) if settings.loop.enabled else None
+    engine_replicas = {**replica_count(settings), "logging_config": QUIET}
+    engine_resources = {"num_cpus": settings.serving.replica_cpus, "num_gpus": settings.serving.replica_gpus}
+    if settings.serving.fused:
+        env = {**_replica_env(settings), **secrets}
+        return FusedServer.options(**engine_replicas, ray_actor_options={
+            **engine_resources, "runtime_env": {"env_vars": env}}).bind(payload, loop)
+    llm = LLMServer.options(**engine_replicas, ray_actor_options={
+        **engine_resources, "runtime_env": {"env_vars": _replica_env(settings)}}).bind(payload)
     return Gateway.options(logging_config=QUIET, ray_actor_options={"num_cpus": 0, **secret_env}).bind(
         llm, payload, loop)
 

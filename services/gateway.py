@@ -51,6 +51,7 @@ from flywheel.registry import (
 from flywheel.runs import RetrainBusyError, RunStore
 from flywheel.tasks import TaskName, TaskSpec
 from services.engines.protocol import PromptTooLongError, SamplingOptions
+from services.llm_client import LLMClient, LocalLLM, RemoteLLM, open_stream
 from services.metrics import GatewayMetrics, OpsCollector, RecentAnswers, ReplicaCollector
 from services.openai_api import ChatCompletions, openai_error
 from services.openai_protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, OpenAIError
@@ -71,7 +72,6 @@ from services.protocol import (
     client_message,
 )
 from services.status_board import get_board, version_figures
-from services.streaming import answered, open_stream
 
 log = logging.getLogger("flywheel.gateway")
 TASKS_TTL_S = 2.0  # how stale the gateway's list of tasks may be (new tasks come from `flywheel train`)
@@ -194,9 +194,10 @@ def _without_failure_details(replica: dict[str, Any]) -> dict[str, Any]:
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, llm: DeploymentHandle, settings: dict[str, Any], loop: DeploymentHandle | None = None) -> None:
+    def __init__(self, llm: DeploymentHandle | LocalLLM, settings: dict[str, Any], loop: DeploymentHandle | None = None
+                 ) -> None:
         configure_logging()
-        self.llm = llm
+        self.llm: LLMClient = llm if isinstance(llm, LocalLLM) else RemoteLLM(llm)  # Serve hands us the handle
         self.loop = loop
         self.settings = Settings.from_shared(settings)
         self.registry = registry_for(self.settings)
@@ -210,7 +211,7 @@ class Gateway:
         self.metrics.watch(ReplicaCollector(lambda: self._replicas, self._champion))
         runs = RunStore(self.settings.home / "runs")
         self.metrics.watch(OpsCollector(self.bus.stats, lambda: read_health(self.settings), runs.summary))
-        self.chat = ChatCompletions(llm, self.settings, self._known_tasks, self._publish, self.metrics)
+        self.chat = ChatCompletions(self.llm, self.settings, self._known_tasks, self._publish, self.metrics)
         api.openapi_schema = _document_limits(api.openapi(), self.settings)
 
     def _champion(self) -> str | None:
@@ -262,8 +263,7 @@ class Gateway:
                 return StreamingResponse(self._predict_events(body, task, request_id, started, events),
                                          media_type="text/event-stream",
                                          headers={"x-flywheel-replica": first.replica, "cache-control": "no-cache"})
-            completion = answered(await self.llm.options(multiplexed_model_id=task).generate.remote(
-                body.chat(), options, request_id, task, body.version, body.user))
+            completion = await self.llm.generate(body.chat(), options, request_id, task, body.version, body.user)
         except PromptTooLongError as exc:
             field = "prompt" if body.prompt is not None else "messages"
             return self._reject(400, field, client_message(exc))

@@ -42,9 +42,11 @@ REDISCOVER_MIN_S = 0.5  # a request for a task not followed yet looks again at m
 REFUSABLE = tuple(REFUSED)
 
 
-@serve.deployment(name=LLM_DEPLOYMENT, max_ongoing_requests=64, health_check_period_s=5)
-class LLMServer:
-    async def __init__(self, settings: dict[str, Any], engine: Engine | None = None) -> None:
+class LLMReplica:
+    """One replica's engine and tasks, wherever it runs: in a deployment of its own (`LLMServer`) or inside the
+    ingress replica (`services.fused`). `start` does what a constructor would; it awaits the engine."""
+
+    async def start(self, settings: dict[str, Any], engine: Engine | None = None) -> None:
         configure_logging()
         self.settings = Settings.from_shared(settings)
         self.replica = self._replica_id()
@@ -303,7 +305,18 @@ class LLMServer:
             if task.done():
                 raise RuntimeError(f"background task stopped: {task.exception()!r}")
 
-    async def __del__(self) -> None:
+    async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await self.engine.shutdown()
+
+
+@serve.deployment(name=LLM_DEPLOYMENT, max_ongoing_requests=64, health_check_period_s=5)
+class LLMServer(LLMReplica):
+    """The LLM server in replicas of its own, behind the gateway (`serving.topology: split`)."""
+
+    async def __init__(self, settings: dict[str, Any], engine: Engine | None = None) -> None:
+        await self.start(settings, engine)
+
+    async def __del__(self) -> None:
+        await self.close()

@@ -18,13 +18,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
-from ray.serve.handle import DeploymentHandle
 
 from feedback.schemas import Message, PredictionEvent
 from flywheel.config import Settings
 from flywheel.registry import AdapterIntegrityError, UnknownTaskError, VersionNotFoundError
 from flywheel.tasks import TaskSpec
 from services.engines.protocol import SamplingOptions
+from services.llm_client import REFUSALS, LLMClient, open_stream
 from services.metrics import GatewayMetrics
 from services.openai_protocol import (
     AssistantMessage,
@@ -39,7 +39,6 @@ from services.openai_protocol import (
     OpenAIErrorBody,
 )
 from services.protocol import Usage, client_message
-from services.streaming import REFUSALS, answered, open_stream
 
 log = logging.getLogger("flywheel.openai")
 
@@ -59,11 +58,11 @@ def _usage(usage: Usage) -> CompletionUsage:
 
 
 class ChatCompletions:
-    """The handler behind `/v1/chat/completions`: testable without HTTP, given an LLM handle."""
+    """The handler behind `/v1/chat/completions`: testable without HTTP, given an LLM client."""
 
     def __init__(
         self,
-        llm: DeploymentHandle,
+        llm: LLMClient,
         settings: Settings,
         tasks: Callable[[], Awaitable[dict[str, TaskSpec]]],
         publish: Callable[[PredictionEvent], bool],
@@ -113,8 +112,7 @@ class ChatCompletions:
             return await self._stream(body, task, version or None, options, request_id)
         started = time.perf_counter()
         try:
-            completion = answered(await self.llm.options(multiplexed_model_id=task).generate.remote(
-                body.chat(), options, request_id, task, version or None, body.user))
+            completion = await self.llm.generate(body.chat(), options, request_id, task, version or None, body.user)
         except REFUSALS as exc:
             return self._engine_refusal(exc, body.model)
         except Exception:  # engine or replica trouble is ours, not the caller's: 503, logged

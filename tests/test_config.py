@@ -58,6 +58,16 @@ def test_a_launched_retrain_writes_no_settings_file(
     assert not any(p.is_file() for p in secret_settings.home.rglob("*"))
 
 
+def test_a_lone_llm_replica_is_its_own_ingress_and_several_sit_behind_a_gateway() -> None:
+    assert Settings().serving.fused, "one replica: no hop between a gateway and the engine"
+    assert not Settings(serving={"replicas": 2}).serving.fused, "several: Serve routes each task to its replicas"
+    assert not Settings(serving={"autoscaling": {"max_replicas": 2}}).serving.fused
+    assert Settings(serving={"replicas": 2, "topology": "fused"}).serving.fused
+    assert not Settings(serving={"topology": "split"}).serving.fused
+    with pytest.raises(ValueError, match="topology"):
+        Settings(serving={"topology": "merged"})
+
+
 def test_llm_replicas_are_fixed_or_autoscaled_from_config() -> None:
     from ray.serve.config import AutoscalingConfig
 

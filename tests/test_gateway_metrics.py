@@ -49,8 +49,8 @@ def test_a_refusal_travels_as_a_value_and_is_raised_in_the_caller() -> None:
 
     from flywheel.registry import AdapterIntegrityError, UnknownTaskError, VersionNotFoundError
     from services.engines.protocol import PromptTooLongError
+    from services.llm_client import answered
     from services.protocol import Refusal
-    from services.streaming import answered
 
     for error in (PromptTooLongError("prompt is 4005 tokens"), UnknownTaskError("unknown task 'x'"),
                   VersionNotFoundError("demo-v9"), AdapterIntegrityError("demo-v3: sha256 mismatch")):

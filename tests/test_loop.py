@@ -36,9 +36,10 @@ pytestmark = [pytest.mark.serve, pytest.mark.vllm]
 APPS = ("loop-a", "loop-b")
 
 
-def loop_settings(home: Path, port: int, app: str, engine: str, replicas: int = 1) -> Settings:
+def loop_settings(home: Path, port: int, app: str, engine: str, replicas: int = 1, topology: str = "fused"
+                  ) -> Settings:
     settings = make_settings(home, engine=engine, port=port, app_name=app, replicas=replicas,
-                             replica_cpus=1.0 / replicas)
+                             replica_cpus=1.0 / replicas, topology=topology)
     settings.loop.enabled, settings.loop.lease_s = True, 3.0
     settings.retrain.min_examples = 40
     settings.retrain.steps = 80
@@ -59,8 +60,10 @@ def two_apps(served: tuple[str, Settings], demo_home: Path, tmp_path_factory: py
     shutil.copytree(demo_home, home, dirs_exist_ok=True)
     port = served[1].serving.port
     urls = {}
-    for app, engine, replicas in zip(APPS, ("vllm", "hf"), (1, 2), strict=True):
-        urls[app] = serve_app.run(loop_settings(home, port, app, engine, replicas), route_prefix=f"/{app}",
+    # One app of each topology: a fused vLLM replica, and a gateway in front of two HF replicas (Serve's
+    # multiplexing routes between them by task).
+    for app, engine, replicas, topology in zip(APPS, ("vllm", "hf"), (1, 2), ("fused", "split"), strict=True):
+        urls[app] = serve_app.run(loop_settings(home, port, app, engine, replicas, topology), route_prefix=f"/{app}",
                                   timeout_s=600)
     try:
         yield urls, loop_settings(home, port, APPS[0], "vllm")
