@@ -26,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -35,7 +36,7 @@ from pydantic import BaseModel, Field
 
 from flywheel.bases import context_length
 from flywheel.config import Settings
-from flywheel.registry import known_tasks, registry_for
+from flywheel.registry import Registry, known_tasks, registry_for
 from training.demo_bootstrap import bootstrap
 
 PROMPT = "Analyze the sentiment of this news: Acme shares surged after record quarterly profits"
@@ -255,26 +256,59 @@ def add_tasks(settings: Settings, adapters: list[Path], count: int, versions: in
         registry = registry_for(settings, name)
         if registry.alias("champion") is None:
             registry.save_task_spec(spec.model_copy(update={"name": name}))
-            for v in range(versions):
-                copy = settings.home / "bench-adapters" / name / str(v)
-                shutil.copytree(adapter, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
-                version = registry.register(copy, base=source.manifest(adapter.name).base_model).version
+            for _ in range(versions):
+                version = _register_copy(registry, source, adapter)
             registry.promote(version, actor="bench")
         names.append(name)
     return names
 
 
-def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable[[str], None] = print
-                     ) -> OpenAIBenchReport:
-    from services import app as serve_app
-
-    bootstrap(settings, progress=say)
-    registry = registry_for(settings)
-    champion = registry.alias("champion")
+def scratch_registry(settings: Settings, root: Path) -> Settings:
+    """`settings` on a registry of their own at `root` holding the default task alone, its champion (and the
+    quantized base serving runs on, if any) registered anew: a benchmark's tasks never reach the user's registry,
+    and the tasks already there never weigh on the benchmark."""
+    source = registry_for(settings)
+    champion = source.alias("champion")
     if champion is None:
         raise RuntimeError(f"task {settings.default_task} has no champion to benchmark")
-    adapter = registry.local_path(champion)
+    spec = known_tasks(settings)[settings.default_task]
+    model = settings.model
+    registry = settings.registry.model_copy(update={"uri": str(root)})
+    scratch = settings.model_copy(update={"registry": registry, "tasks": [spec]})
+    target = registry_for(scratch)
+    if model.quantized_base is not None:
+        base = source.base_manifest(model.quantized_base)
+        path, _ = source.base_path(model.quantized_base, source_sha256=base.source.sha256)
+        copied = target.register_base(path, prefix=model.quantized_base.rsplit("-v", 1)[0], source=base.source,
+                                      **base.model_dump(include={"method", "quantization", "calibration", "quality",
+                                                                 "metrics"}))
+        scratch = scratch.model_copy(update={"model": model.model_copy(update={"quantized_base": copied.name})})
+    target.save_task_spec(spec)
+    target.promote(_register_copy(target, source, source.local_path(champion)), actor="bench")
+    return scratch
 
+
+def _register_copy(registry: Registry, source: Registry, adapter: Path) -> str:
+    """A new version of `registry`'s task with the weights of `source`'s version at `adapter`."""
+    with tempfile.TemporaryDirectory(prefix="flywheel-bench-adapter-") as copy:
+        shutil.copytree(adapter, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
+        return registry.register(Path(copy), base=source.manifest(adapter.name).base_model).version
+
+
+def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable[[str], None] = print
+                     ) -> OpenAIBenchReport:
+
+    bootstrap(settings, progress=say)
+    with tempfile.TemporaryDirectory(prefix="flywheel-bench-openai-") as scratch:
+        settings = scratch_registry(settings, Path(scratch) / "registry")
+        return _run(settings, seconds, say)
+
+
+def _run(settings: Settings, seconds: float, say: Callable[[str], None]) -> OpenAIBenchReport:
+    from services import app as serve_app
+
+    registry = registry_for(settings)
+    adapter = registry.local_path(registry.alias("champion"))
     port = serve_app.free_port()
     server = _vllm_server(settings, adapter, port, say)
     try:

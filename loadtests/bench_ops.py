@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from pydantic import BaseModel, Field
 from flywheel.config import AutoscalingSettings, Settings
 from flywheel.registry import registry_for
 from flywheel.stats import percentile
-from loadtests.bench_openai import PROMPT, add_tasks
+from loadtests.bench_openai import PROMPT, add_tasks, scratch_registry
 from loadtests.demo import locust_failures, start_locust
 from training.demo_bootstrap import bootstrap
 
@@ -76,13 +77,18 @@ async def _ask_and_rate(url: str, models: list[str]) -> None:
 
 def run_scrape_bench(settings: Settings, *, tasks: int = 8, versions: int = 3, samples: int = 50,
                      say: Callable[[str], None] = print) -> ScrapeBenchReport:
+    bootstrap(settings, progress=say)
+    with tempfile.TemporaryDirectory(prefix="flywheel-bench-scrape-") as scratch:
+        settings = scratch_registry(settings, Path(scratch) / "registry")
+        return _scrape_bench(settings, tasks, versions, samples, say)
+
+
+def _scrape_bench(settings: Settings, tasks: int, versions: int, samples: int, say: Callable[[str], None]
+                  ) -> ScrapeBenchReport:
     from services import app as serve_app
 
-    bootstrap(settings, progress=say)
     registry = registry_for(settings)
     champion = registry.alias("champion")
-    if champion is None:
-        raise RuntimeError(f"task {settings.default_task} has no champion to benchmark")
     settings.serving.max_pinned_adapters = tasks * versions  # every version stays resident between scrapes
     url = serve_app.run(settings, timeout_s=600)
     try:

@@ -124,12 +124,19 @@ class AdapterManager:
             return None
         return canary.version if traffic_bucket(canary.version, user) < (canary.traffic_fraction or 0.0) else None
 
-    async def converge(self) -> None:
-        """Read the alias once and swap if it points somewhere else (and has not already failed there)."""
+    def read_aliases(self) -> dict[str, AliasRecord] | None:
+        """The task's aliases now (blocking I/O), or None when the registry could not say (logged)."""
         try:
-            aliases = await asyncio.to_thread(self.registry.aliases)
+            return self.registry.aliases()
         except (OSError, ValueError, RegistryError) as exc:
-            log.warning("event=alias_read_failed alias=%s error=%r", self.alias, exc)
+            log.warning("event=alias_read_failed task=%s alias=%s error=%r", self.registry.task, self.alias, exc)
+            return None
+
+    async def converge(self, aliases: dict[str, AliasRecord] | None = None) -> None:
+        """Swap if the alias points somewhere else (and has not already failed there). `aliases`: as the caller
+        just read them (`read_aliases`), else read here."""
+        aliases = aliases if aliases is not None else await asyncio.to_thread(self.read_aliases)
+        if aliases is None:
             return
         canary = aliases.get(CANARY_ALIAS)
         self.canary = canary if canary and canary.traffic_fraction else None

@@ -25,7 +25,7 @@ from flywheel.bases import served_base
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
 from flywheel.r1 import StreamSplitter, split_completion
-from flywheel.registry import UnknownTaskError, known_tasks, registry_for
+from flywheel.registry import AliasRecord, UnknownTaskError, known_tasks, registry_for
 from flywheel.tasks import TaskSpec
 from services.adapters import AdapterManager, AdapterSlot, LoraResidency, PinnedAdapters, VersionTallies
 from services.engines import build_engine, lora_capacity
@@ -40,6 +40,11 @@ REPORT_INTERVAL_S = 1.0
 DISCOVER_INTERVAL_S = 2.0  # how often a replica looks for tasks registered after it started
 REDISCOVER_MIN_S = 0.5  # a request for a task not followed yet looks again at most this often
 REFUSABLE = tuple(REFUSED)
+
+
+def _read_aliases(managers: list[AdapterManager]) -> list[dict[str, AliasRecord] | None]:
+    """Every task's aliases in one trip off the event loop (a thread hop per task would cost more than the reads)."""
+    return [manager.read_aliases() for manager in managers]
 
 
 class LLMReplica:
@@ -108,7 +113,10 @@ class LLMReplica:
             if time.monotonic() - self._last_discovery > DISCOVER_INTERVAL_S:
                 with contextlib.suppress(OSError, ValueError):  # a registry hiccup: try again next round
                     await self._discover()
-            await asyncio.gather(*(m.converge() for m in list(self.managers.values())))
+            managers = list(self.managers.values())
+            read = await asyncio.to_thread(_read_aliases, managers)
+            await asyncio.gather(*(m.converge(aliases) for m, aliases in zip(managers, read, strict=True)
+                                   if aliases is not None))
 
     def _a_champion_holds(self, version: str) -> bool:
         """Whether a task's champion (or its canary: a share of users needs it at every moment) uses `version`."""

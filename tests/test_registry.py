@@ -280,3 +280,21 @@ def test_an_evaluating_candidate_is_concluded_once_and_only_a_ready_one_is_promo
         registry.conclude(candidate.version, "rejected")
     registry.promote(candidate.version, actor="test")
     assert registry.alias("champion") == candidate.version
+
+
+def test_benchmarks_add_their_tasks_to_a_scratch_registry_never_the_users(home_copy: Path, tmp_path: Path) -> None:
+    from flywheel.registry import known_tasks, registry_for
+    from loadtests.bench_openai import add_tasks, scratch_registry
+    from tests.conftest import make_settings
+
+    settings = make_settings(home_copy)
+    users = registry_for(settings)
+    before = (set(known_tasks(settings)), users.aliases(), [m.version for m in users.versions()])
+    scratch = scratch_registry(settings, tmp_path / "scratch")
+    copy = registry_for(scratch)
+    champion = copy.alias("champion")
+    assert copy.manifest(champion).files == users.manifest(users.alias("champion")).files, "the champion's weights"
+    [added] = add_tasks(scratch, [copy.local_path(champion)], 1)
+    assert set(known_tasks(scratch)) == {settings.default_task, added}
+    assert registry_for(scratch, added).alias("champion") == f"{added}-v1"
+    assert (set(known_tasks(settings)), users.aliases(), [m.version for m in users.versions()]) == before
