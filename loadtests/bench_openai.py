@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel, Field
 
-from flywheel.bases import context_length
+from flywheel.bases import context_length, served_base
 from flywheel.config import Settings
 from flywheel.registry import Registry, known_tasks, registry_for
 from training.demo_bootstrap import bootstrap
@@ -221,8 +221,11 @@ async def _many_tasks(server: Server, seconds: float) -> dict[str, float]:
 
 
 def _vllm_server(settings: Settings, adapter: Path, port: int, say: Callable[[str], None]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", settings.base_model_path,
-               "--port", str(port), "--host", "127.0.0.1", "--enable-lora", "--lora-modules", f"demo={adapter}",
+    """vLLM's server on the base flywheel serves (the quantized one, if configured), the adapter named as the task."""
+    base = served_base(settings, registry_for(settings)).path
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base,
+               "--port", str(port), "--host", "127.0.0.1",
+               "--enable-lora", "--lora-modules", f"{settings.default_task}={adapter}",
                "--max-lora-rank", str(settings.vllm.max_lora_rank), "--max-loras", str(settings.vllm.max_loras),
                "--max-model-len", str(context_length(settings)), "--enforce-eager",
                "--max-num-seqs", str(settings.vllm.max_num_seqs)]
@@ -297,7 +300,6 @@ def _register_copy(registry: Registry, source: Registry, adapter: Path) -> str:
 
 def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable[[str], None] = print
                      ) -> OpenAIBenchReport:
-
     bootstrap(settings, progress=say)
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-openai-") as scratch:
         settings = scratch_registry(settings, Path(scratch) / "registry")
@@ -312,7 +314,7 @@ def _run(settings: Settings, seconds: float, say: Callable[[str], None]) -> Open
     port = serve_app.free_port()
     server = _vllm_server(settings, adapter, port, say)
     try:
-        vllm = Server(url=f"http://127.0.0.1:{port}", models=["demo"])
+        vllm = Server(url=f"http://127.0.0.1:{port}", models=[settings.default_task])
         _wait(vllm.url)
         pairs: dict[str, Pair] = {}
         for ingress, topology in SETUPS:
