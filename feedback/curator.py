@@ -238,7 +238,8 @@ CREATE TABLE IF NOT EXISTS rejected (
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
-COUNTERS = ("batches", "predictions", "received", "curated", "duplicates", "rejected", "unmatched_dropped")
+COUNTERS = ("batches", "predictions", "received", "curated", "duplicates", "rejected", "unmatched_dropped",
+            "refused")
 
 
 E = TypeVar("E", PredictionEvent, FeedbackEvent)
@@ -377,7 +378,8 @@ def join(
         feedback_ts=fb.timestamp, prediction_ts=pred.timestamp,
         adapter_version=pred.adapter_version, prompt_kind=prompt_kind, prompt=prompt, answer=pred.answer,
         reasoning=pred.reasoning, rating=fb.rating, thumb=fb.thumb, correction=fb.correction, comment=fb.comment,
-        user_id=fb.user_id, tenant_id=fb.tenant_id, feedback_source=feedback.source,
+        user_id=fb.user_id, tenant_id=fb.tenant_id, rater=fb.rater, authenticated=fb.authenticated,
+        asker=pred.asker, feedback_source=feedback.source,
         feedback_offset=feedback.offset, prediction_source=prediction.source, prediction_offset=prediction.offset,
     )
 
@@ -394,12 +396,13 @@ class BatchResult(BaseModel):
     duplicates: int = 0
     unmatched: int = 0  # feedback parked in this batch to wait for its prediction
     rejected: int = 0
+    refused: int = 0  # feedback from someone other than the answer's asker
     files: list[str] = []
     offsets: dict[str, tuple[int, int]] = {}
 
     def merge(self, other: BatchResult) -> BatchResult:
         counts = {name: getattr(self, name) + getattr(other, name) for name in
-                  ("records", "predictions", "feedback", "curated", "duplicates", "unmatched", "rejected")}
+                  ("records", "predictions", "feedback", "curated", "duplicates", "unmatched", "rejected", "refused")}
         offsets = dict(self.offsets)
         for partition, (first, end) in other.offsets.items():
             offsets[partition] = (min(first, offsets.get(partition, (first, end))[0]), end)
@@ -507,7 +510,7 @@ class Curator:
             result.files = self._write_parts(rows, batch, result.offsets, positions)
             result.curated = len(rows)
             self.state.set_positions(positions)
-            for name in ("predictions", "curated", "duplicates", "rejected"):
+            for name in ("predictions", "curated", "duplicates", "rejected", "refused"):
                 self.state.bump(name, getattr(result, name))
             self.state.bump("received", result.feedback - result.duplicates)
             self._prune(parked=result.unmatched > 0)
@@ -533,7 +536,7 @@ class Curator:
             prediction = Located(mask_event(event), record.partition, record.offset)
             if not self.state.add_prediction(prediction):
                 return []
-            waiting = self.state.take_unmatched(event.request_id)
+            waiting = [f for f in self.state.take_unmatched(event.request_id) if self._may_rate(f, prediction, result)]
             for feedback in waiting:
                 self.state.mark_curated(feedback.event.event_id, batch)
             return [join(feedback, prediction, self.settings.default_task) for feedback in waiting]
@@ -547,8 +550,22 @@ class Curator:
             self.state.park_feedback(feedback)
             result.unmatched += 1
             return []
+        if not self._may_rate(feedback, prediction, result):
+            return []
         self.state.mark_curated(event.event_id, batch)
         return [join(feedback, prediction, self.settings.default_task)]
+
+    def _may_rate(self, feedback: Located[FeedbackEvent], prediction: Located[PredictionEvent],
+                  result: BatchResult) -> bool:
+        """Only the asker rates an answer (`feedback.rater: asker`): the gateway refuses a stranger it can tell
+        apart (403); this catches the rest (a request another replica answered, or one from before a restart)."""
+        asker, rater = prediction.event.asker, feedback.event.rater
+        if self.settings.feedback.rater == "any" or asker is None or rater == asker:
+            return True
+        log.warning("event=feedback_refused event_id=%s request_id=%s why=not_the_asker", feedback.event.event_id,
+                    feedback.event.request_id)
+        result.refused += 1
+        return False
 
     def _write_parts(self, rows: list[CuratedExample], batch: int, offsets: dict[str, tuple[int, int]],
                      positions: dict[str, int]) -> list[str]:
@@ -615,6 +632,7 @@ class FeedbackStatus(BaseModel):
     unmatched_oldest_age_s: float | None
     unmatched_dropped: int  # feedback that waited too long, or beyond `max_unmatched`
     duplicates: int
+    refused: int  # feedback from someone other than the answer's asker (feedback.rater: asker)
     rejected: int  # records that were not valid events (kept in the state DB)
     predictions: int
     spooled: int  # events in this host's Kafka spool not yet delivered to the broker
@@ -645,7 +663,8 @@ def feedback_status(settings: Settings) -> FeedbackStatus:
         received=counters["received"], curated=counters["curated"], unmatched=unmatched,
         unmatched_oldest_age_s=None if oldest is None else round(time.time() - oldest, 1),
         unmatched_dropped=counters["unmatched_dropped"],
-        duplicates=counters["duplicates"], rejected=counters["rejected"], predictions=counters["predictions"],
+        duplicates=counters["duplicates"], refused=counters["refused"], rejected=counters["rejected"],
+        predictions=counters["predictions"],
         spooled=spooled_pending(spool_dir) if spool_dir.is_dir() else 0,
         positions=positions, log_end=log_end, parts=parts, dataset=str(dataset_path(settings)),
         curator=read_health(settings),

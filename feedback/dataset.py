@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from feedback.review import ReviewLog
 from feedback.schemas import CuratedExample
 
 MANIFEST = "manifest.json"
@@ -34,6 +35,7 @@ SCHEMA = pa.schema([
     ("answer", pa.string()), ("reasoning", pa.string()),
     ("rating", pa.int8()), ("thumb", pa.string()), ("correction", pa.string()), ("comment", pa.string()),
     ("user_id", pa.string()), ("tenant_id", pa.string()),
+    ("rater", pa.string()), ("authenticated", pa.bool_()), ("asker", pa.string()),
     ("feedback_source", pa.string()), ("feedback_offset", pa.int64()),
     ("prediction_source", pa.string()), ("prediction_offset", pa.int64()),
 ])
@@ -88,11 +90,27 @@ def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     _fsync_dir(path.parent)
 
 
+def current_verdicts(rows: Iterable[CuratedExample]) -> list[CuratedExample]:
+    """One verdict per rater per answer: a rater's later rating or correction of the same request replaces the
+    earlier one (last write wins), whatever its event id. Order kept, by each verdict's latest row."""
+    latest: dict[tuple[str, str], CuratedExample] = {}
+    for row in rows:
+        key = (row.request_id, row.rater or f"event:{row.event_id}")
+        if key not in latest or latest[key].feedback_ts <= row.feedback_ts:
+            latest.pop(key, None)  # re-insert: the order follows the newest verdict
+            latest[key] = row
+    return list(latest.values())
+
+
 class CuratedDataset:
-    """Writer (for the curator) and reader (for the learning plane and `flywheel feedback export`)."""
+    """Writer (for the curator) and reader (for the learning plane and `flywheel feedback export`).
+
+    Readers see the current verdicts: one per rater per answer, retracted rows (feedback.review) left out.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.reviews = ReviewLog(root.parent)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -171,24 +189,34 @@ class CuratedDataset:
         table = pa.concat_tables(tables[::-1]) if tables else SCHEMA.empty_table()
         if newest is not None:
             table = table.slice(max(0, table.num_rows - newest))
-        return [CuratedExample.model_validate(row) for row in table.to_pylist()]
+        retracted = self.reviews.retracted()
+        return current_verdicts(CuratedExample.model_validate(row) for row in table.to_pylist()
+                                if row["event_id"] not in retracted)
 
     def ratings(self, task: str, since: datetime, manifest: Manifest | None = None) -> list[tuple[str, float]]:
-        """(adapter version, rating 1-5) of `task`'s answers rated at or after `since`; a thumb up counts 5,
-        down 1. Reads only the parts written since then, and only the columns it needs."""
+        """(adapter version, rating 1-5) of `task`'s answers rated at or after `since` by authenticated raters,
+        one per rater per answer (their latest), retracted ones left out; a thumb up counts 5, down 1. Reads
+        only the parts written since then, and only the columns it needs."""
         manifest = manifest or self.manifest()
-        out: list[tuple[str, float]] = []
+        latest: dict[tuple[str, str], tuple[datetime, str, float]] = {}
+        retracted = self.reviews.retracted()
+        columns = ["event_id", "request_id", "task", "feedback_ts", "adapter_version", "rating", "thumb", "rater",
+                   "authenticated"]
         for part in manifest.files:
             if part.created_at < since:
                 continue
-            table = pq.read_table(self.root / part.path, schema=SCHEMA,
-                                  columns=["task", "feedback_ts", "adapter_version", "rating", "thumb"])
-            table = table.filter(pc.and_(pc.equal(table["task"], task), pc.greater_equal(table["feedback_ts"], since)))
+            table = pq.read_table(self.root / part.path, schema=SCHEMA, columns=columns)
+            table = table.filter(pc.and_(pc.and_(pc.equal(table["task"], task), pc.greater_equal(table["feedback_ts"],
+                                                                                                 since)),
+                                         pc.equal(table["authenticated"], True)))
             for row in table.to_pylist():
                 value = row["rating"] if row["rating"] is not None else THUMB_RATING.get(row["thumb"] or "")
-                if value is not None:
-                    out.append((row["adapter_version"], float(value)))
-        return out
+                if value is None or row["event_id"] in retracted:
+                    continue
+                key = (row["request_id"], row["rater"] or row["event_id"])
+                if key not in latest or latest[key][0] <= row["feedback_ts"]:
+                    latest[key] = (row["feedback_ts"], row["adapter_version"], float(value))
+        return [(version, value) for _, version, value in latest.values()]
 
     def export_jsonl(self, path: Path, manifest: Manifest | None = None, until: Mapping[str, int] | None = None
                      ) -> int:

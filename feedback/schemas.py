@@ -38,6 +38,7 @@ Rating = Annotated[
 ]
 Thumb = Literal["up", "down"]
 OptionalId = Annotated[str | None, Field(min_length=1, max_length=128)]
+Identity = Annotated[str, Field(min_length=1, max_length=400)]
 
 
 def utc_now() -> datetime:
@@ -82,6 +83,8 @@ class PredictionEvent(_Event):
     latency_ms: float = Field(ge=0)
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
+    asker: Identity | None = Field(None, description="Who asked, from their credentials (see flywheel.auth.Caller."
+                                   "rater); only they may rate the answer when `feedback.rater` is `asker`.")
 
     @model_validator(mode="after")
     def _has_input(self) -> PredictionEvent:
@@ -114,6 +117,9 @@ class FeedbackEvent(_FeedbackFields, _Event):
 
     event_type: Literal["feedback"] = "feedback"
     event_id: EventId
+    rater: Identity | None = Field(None, description="Who gave the verdict, from their credentials; None: events "
+                                   "from before identities, counted as anonymous.")
+    authenticated: bool = Field(False, description="The rater showed a key (false: an anonymous caller).")
 
 
 Event = Annotated[PredictionEvent | FeedbackEvent, Field(discriminator="event_type")]
@@ -171,13 +177,20 @@ class FeedbackRequest(_FeedbackFields):
                 errors.append((field, f"is {len(text)} characters; the limit is {limit}"))
         return errors
 
-    def to_event(self) -> FeedbackEvent:
-        return FeedbackEvent(event_id=self.event_id or self.idempotency_key(), **self.model_dump(exclude={"event_id"}))
+    def to_event(self, rater: str, authenticated: bool, user_id: str | None, tenant_id: str | None
+                 ) -> FeedbackEvent:
+        """The event as the caller's credentials make it: `rater`, `user_id` and `tenant_id` come from them,
+        never from the body (a body's own `user_id` counts only when the caller's key vouches for users)."""
+        fields = self.model_dump(exclude={"event_id", "user_id", "tenant_id"})
+        return FeedbackEvent(event_id=self.idempotency_key(rater), rater=rater, authenticated=authenticated,
+                             user_id=user_id, tenant_id=tenant_id, **fields)
 
-    def idempotency_key(self) -> str:
-        """The same verdict on the same answer names the same event: a client's blind retry counts once."""
-        verdict = self.model_dump_json(exclude={"event_id"})  # fields in declaration order: stable
-        return hashlib.sha256(verdict.encode()).hexdigest()[:32]
+    def idempotency_key(self, rater: str) -> str:
+        """The event's id, in the rater's own namespace (one caller's ids never collide with another's): a
+        client-chosen `event_id`, else the verdict itself, so a client's blind retry counts once. A rater has
+        one verdict per answer whatever the ids: a later one replaces it (feedback.dataset)."""
+        verdict = self.event_id or self.model_dump_json(exclude={"event_id"})  # fields in declaration order
+        return hashlib.sha256(f"{rater}\n{verdict}".encode()).hexdigest()[:32]
 
 
 class FeedbackAccepted(BaseModel):
@@ -210,6 +223,9 @@ class CuratedExample(BaseModel):
     comment: str | None
     user_id: str | None
     tenant_id: str | None
+    rater: str | None = Field(None, description="Who gave the verdict (None: before identities; anonymous).")
+    authenticated: bool = False
+    asker: str | None = Field(None, description="Who asked for the answer.")
     feedback_source: str
     feedback_offset: int
     prediction_source: str

@@ -26,6 +26,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from flywheel.auth import is_loopback
 from flywheel.tasks import DEMO_TASK, TaskName, TaskSpec
 
 DEMO_MODEL = "demo"
@@ -149,6 +150,20 @@ class ServingSettings(BaseModel):
         return self.topology == "fused"
 
 
+class AuthSettings(BaseModel):
+    """Who may call the app: API keys (`flywheel keys create`), or nobody's on a loopback-only demo."""
+
+    mode: Literal["auto", "keys", "open"] = Field(
+        "auto", description="`keys`: every route but /healthz and /metrics needs `Authorization: Bearer <key>` "
+        "with the route's scope (predict, feedback, admin). `open`: /predict, /v1 and /feedback need no key (their "
+        "ratings count as anonymous and train nothing until reviewed); allowed only when serving listens on "
+        "loopback. `auto`: `open` on loopback, `keys` anywhere else.")
+    rate: str = Field("50/second", description="Requests per key (per client address for anonymous callers), in "
+                      "`limits` notation (`100/minute`, `10/second`); a key's own `--rate` overrides it.")
+    key_cache_s: float = Field(5.0, gt=0, description="How often replicas re-read the keys: a revoked key stops "
+                               "working within this.")
+
+
 class FeedbackSettings(BaseModel):
     """The feedback bus (Kafka, or an embedded durable local log) and the curator."""
 
@@ -184,6 +199,9 @@ class FeedbackSettings(BaseModel):
         7 * 86400, gt=0, description="Predictions wait this long for their feedback, then leave the curator's state.")
     unmatched_retention_s: float = Field(
         86400, gt=0, description="Feedback waits this long for its prediction (normally seconds), then is dropped.")
+    rater: Literal["asker", "any"] = Field(
+        "asker", description="Who may rate an answer: `asker`, only the caller (key and vouched end user) that asked "
+        "for it (request ids leak; strangers must not vote); `any`, any caller with the feedback scope.")
     max_unmatched: int = Field(
         100_000, ge=1, description="Most feedback waiting for a prediction; the oldest beyond it is dropped (a "
         "client can send feedback for any well-formed request id).")
@@ -265,12 +283,25 @@ class RetrainSettings(BaseModel):
         "memory however long the history grows).",
     )
     min_examples: int = Field(20, ge=1, description="Fewer usable feedback examples than this: no retrain "
-                              "(unless the small-data policy applies: see confirm_repeats).")
-    confirm_repeats: int = Field(
-        2, ge=2, description="A prompt corrected this many times with the same answer is a confirmed correction. "
-        "When the hold-out is too small for significance, confirmed corrections are learned in one retrain and "
-        "gated on honouring them plus golden non-regression (the small-data policy).",
+                              "(unless the small-data policy applies: see confirm_raters).")
+    confirm_raters: int = Field(
+        2, ge=2, description="Distinct authenticated raters who gave a prompt the same correction: it is `agreed` "
+        "(a confirmed correction). When the hold-out is too small for significance, confirmed corrections are "
+        "learned in one retrain and gated on honouring them plus golden non-regression (the small-data policy).",
     )
+    min_trust: Literal["reviewed", "agreed", "single", "anonymous"] = Field(
+        "agreed", description="The least trust a correction needs to be trained on: `reviewed` (an admin approved "
+        "it) > `agreed` (confirm_raters distinct raters) > `single` (one authenticated rater) > `anonymous`. The "
+        "rest waits in `flywheel feedback review`.")
+    min_rating_trust: Literal["reviewed", "agreed", "single", "anonymous"] = Field(
+        "single", description="The least trust a well-rated answer needs to be learned as a target (it is the "
+        "model's own answer, so one authenticated rater is the default).")
+    majority: float = Field(
+        0.66, gt=0.5, le=1, description="Distinct raters correcting one prompt differently: the most given "
+        "correction wins only with at least this share of them; otherwise the prompt goes to review.")
+    max_share_per_rater: float = Field(
+        0.25, gt=0, le=1, description="Most of a retrain's new rows that one rater's verdicts alone may make up; "
+        "their newest rows are kept up to it.")
     small_data_replay_per_row: int = Field(
         4, ge=0, description="Small-data policy: champion rows replayed per (weighted) confirmed correction.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
@@ -384,8 +415,10 @@ class Settings(BaseSettings):
         description="The tasks this platform serves (more can be added with `flywheel train` / `flywheel tasks "
         "add`). Default: the built-in demo task.",
     )
-    admin_token: SecretStr = Field(SecretStr(""), description="Token for /admin routes; empty disables them. "
-                                   "Set it with FLYWHEEL_ADMIN_TOKEN rather than in a file.")
+    admin_token: SecretStr = Field(SecretStr(""), description="The bootstrap admin key: every scope, for /admin "
+                                   "routes and first `flywheel keys` setup; empty: only keys with scope admin. Set it "
+                                   "with FLYWHEEL_ADMIN_TOKEN rather than in a file.")
+    auth: AuthSettings = AuthSettings()
     model: ModelSettings = ModelSettings()
     registry: RegistrySettings = RegistrySettings()
     serving: ServingSettings = ServingSettings()
@@ -452,6 +485,19 @@ class Settings(BaseSettings):
         secrets = {"admin_token": os.environ.get(ADMIN_TOKEN_ENV, ""),
                    "feedback": {**shared.get("feedback", {}), "sasl_password": os.environ.get(SASL_PASSWORD_ENV)}}
         return cls.model_validate({**shared, **secrets})
+
+    @model_validator(mode="after")
+    def _open_only_on_loopback(self) -> Settings:
+        if self.auth.mode == "open" and not is_loopback(self.serving.host):
+            raise ValueError(f"auth.mode open serves without keys: only on loopback, not on {self.serving.host}")
+        return self
+
+    @property
+    def auth_mode(self) -> Literal["keys", "open"]:
+        """`auth.mode` with `auto` decided: open only where nobody but this box can connect."""
+        if self.auth.mode == "auto":
+            return "open" if is_loopback(self.serving.host) else "keys"
+        return self.auth.mode
 
     @property
     def default_task(self) -> str:

@@ -9,7 +9,6 @@ prediction event on the feedback bus. The path of one rating: POST /feedback →
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -35,7 +34,9 @@ from feedback import (
     read_health,
 )
 from feedback.dataset import CuratedDataset
+from feedback.pii import pseudonym
 from feedback.schemas import Message
+from flywheel.auth import Caller, Scope
 from flywheel.canary import CanaryReview, apply, review
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
@@ -50,6 +51,7 @@ from flywheel.registry import (
 )
 from flywheel.runs import RetrainBusyError, RunStore
 from flywheel.tasks import TaskName, TaskSpec
+from services.access import Access, Denied
 from services.engines.protocol import PromptTooLongError, SamplingOptions
 from services.llm_client import LLMClient, LocalLLM, RemoteLLM, open_stream
 from services.metrics import GatewayMetrics, OpsCollector, RecentAnswers, ReplicaCollector
@@ -102,7 +104,9 @@ def _documented(**codes: str) -> dict[int | str, dict[str, Any]]:
 
 INVALID = "The body is not valid JSON or breaks the schema; `detail` names each field."
 TOO_LARGE = "The body is over the gateway's size cap."
-ADMIN = {"e401": "Missing or wrong admin token, or admin routes are disabled."}
+AUTH = {"e401": "No key (`auth.mode: keys`), or an unknown or revoked one: `Authorization: Bearer <key>`.",
+        "e403": "The key lacks the route's scope.", "e429": "Over the key's rate limit; see `Retry-After`."}
+ADMIN = {**AUTH, "e401": "Missing or wrong admin key or token, or none configured."}
 
 
 def _document_limits(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -180,6 +184,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return _error(422, errors)
 
 
+def _actor(caller: Caller, body: AliasMove) -> str:
+    """Who moved an alias: the key that did it (a body's `actor` is a note beside it, never the identity)."""
+    return caller.principal if body.actor == AliasMove.model_fields["actor"].default else (
+        f"{caller.principal} for {body.actor}")
+
+
 def _without_failure_details(replica: dict[str, Any]) -> dict[str, Any]:
     """/healthz is unauthenticated: a failed swap shows its version and kind; the message (which may
     name registry paths) stays in the logs and behind the admin token (/admin/status)."""
@@ -210,6 +220,7 @@ class Gateway:
         self.answers = RecentAnswers()
         self.metrics.watch(ReplicaCollector(lambda: self._replicas, self._champion))
         runs = RunStore(self.settings.home / "runs")
+        self.access = Access(self.settings)
         self.metrics.watch(OpsCollector(self.bus.stats, lambda: read_health(self.settings), runs.summary))
         self.chat = ChatCompletions(self.llm, self.settings, self._known_tasks, self._publish, self.metrics)
         api.openapi_schema = _document_limits(api.openapi(), self.settings)
@@ -234,8 +245,12 @@ class Gateway:
         **_documented(e400="The prompt is longer than the configured limit or than the model's context.",
                       e404="Unknown task, or a `version` that is not one of the task's.", e413=TOO_LARGE,
                       e422=INVALID, e503="The model could not answer right now; retry.")})
-    async def predict(self, body: PredictRequest) -> Any:
+    async def predict(self, body: PredictRequest, request: Request) -> Any:
         started = time.perf_counter()
+        caller = await self._admit(request, "predict")
+        if isinstance(caller, JSONResponse):
+            return caller
+        asker = caller.vouching_for(pseudonym(body.user)).rater
         limits = self.settings.serving
         if body.prompt_chars() > limits.max_prompt_chars:
             field = "prompt" if body.prompt is not None else "messages"
@@ -260,7 +275,7 @@ class Gateway:
                                                   body.user)
                 self.metrics.first_token.labels("/predict", first.adapter_version).observe(
                     time.perf_counter() - started)
-                return StreamingResponse(self._predict_events(body, task, request_id, started, events),
+                return StreamingResponse(self._predict_events(body, task, request_id, started, events, asker),
                                          media_type="text/event-stream",
                                          headers={"x-flywheel-replica": first.replica, "cache-control": "no-cache"})
             completion = await self.llm.generate(body.chat(), options, request_id, task, body.version, body.user)
@@ -281,11 +296,11 @@ class Gateway:
                 "error": f"the model could not answer right now ({type(exc).__name__}); retry shortly",
                 "request_id": request_id,
             })
-        response = self._answered(body, request_id, completion, started)
+        response = self._answered(body, request_id, completion, started, asker)
         return JSONResponse(response.model_dump(), headers={"x-flywheel-replica": completion.replica})
 
     async def _predict_events(self, body: PredictRequest, task: str, request_id: str, started: float,
-                              events: AsyncIterator[StreamEvent]) -> AsyncIterator[str]:
+                              events: AsyncIterator[StreamEvent], asker: str) -> AsyncIterator[str]:
         reasoning, answer = [], []
         try:
             async for event in events:
@@ -302,10 +317,10 @@ class Gateway:
                                 answer="".join(answer), reasoning="".join(reasoning), truncated=event.truncated,
                                 finish_reason=event.finish_reason,
                                 usage=event.usage or Usage(prompt_tokens=0, completion_tokens=0))
-        response = self._answered(body, request_id, completion, started)
+        response = self._answered(body, request_id, completion, started, asker)
         yield f"data: {json.dumps({**response.model_dump(), 'done': True})}\n\n"
 
-    def _answered(self, body: PredictRequest, request_id: str, completion: Completion, started: float
+    def _answered(self, body: PredictRequest, request_id: str, completion: Completion, started: float, asker: str
                   ) -> PredictResponse:
         """Count, log and publish one answer; the response that says it."""
         latency = time.perf_counter() - started
@@ -339,6 +354,7 @@ class Gateway:
             latency_ms=response.latency_ms,
             prompt_tokens=completion.usage.prompt_tokens,
             completion_tokens=completion.usage.completion_tokens,
+            asker=asker,
         ))
         return response
 
@@ -346,9 +362,20 @@ class Gateway:
         self.metrics.requests.labels(route, str(status)).inc()
         return _error(status, [{"field": field, "message": message, "type": "limit"}])
 
+    async def _admit(self, request: Request, scope: Scope) -> Caller | JSONResponse:
+        """The caller, or the 401/403/429 that turns it away (see services/access.py)."""
+        try:
+            return await self.access.admit(request, scope)
+        except Denied as exc:
+            root = request.scope.get("root_path", "")
+            self.metrics.requests.labels(request.url.path.removeprefix(root), str(exc.status)).inc()
+            log.info("event=denied status=%d path=%s why=%r", exc.status, request.url.path, exc.message)
+            return exc.response(openai=_openai_route(request))
+
     def _publish(self, event: PredictionEvent | FeedbackEvent) -> bool:
         if isinstance(event, PredictionEvent):
-            self.answers.remember(event.request_id, event.task or self.settings.default_task, event.adapter_version)
+            self.answers.remember(event.request_id, event.task or self.settings.default_task, event.adapter_version,
+                                  event.asker)
         else:
             self.metrics.count_feedback(*self.answers.who(event.request_id), event.rating, event.thumb,
                                         event.correction)
@@ -361,14 +388,24 @@ class Gateway:
         return stored
 
     @api.post("/feedback", status_code=202, response_model=FeedbackAccepted, responses=_documented(
+        **{**AUTH, "e403": AUTH["e403"] + " Or the caller is not the one who asked for the answer (`feedback.rater`)."},
         e413=TOO_LARGE, e422=INVALID, e503="The feedback could not be stored; retry."))
-    async def feedback(self, body: FeedbackRequest) -> Any:
+    async def feedback(self, body: FeedbackRequest, request: Request) -> Any:
+        caller = await self._admit(request, "feedback")
+        if isinstance(caller, JSONResponse):
+            return caller
+        caller = caller.vouching_for(pseudonym(body.user_id))
+        asker = self.answers.asker(body.request_id)
+        if self.settings.feedback.rater == "asker" and asker is not None and asker != caller.rater:
+            self.metrics.requests.labels("/feedback", "403").inc()
+            return JSONResponse(status_code=403, content={"error": "only the caller who asked for this answer may "
+                                                                   "rate it"})
         limits = self.settings.feedback
         too_long = body.check_limits(limits.max_correction_chars, limits.max_comment_chars)
         if too_long:
             self.metrics.requests.labels("/feedback", "422").inc()
             return _error(422, [{"field": f, "message": m, "type": "limit"} for f, m in too_long])
-        event = body.to_event()
+        event = body.to_event(caller.rater, caller.authenticated, caller.end_user, caller.tenant)
         if not self._publish(event):
             self.metrics.requests.labels("/feedback", "503").inc()
             return JSONResponse(status_code=503, content={"error": "feedback could not be stored; retry"})
@@ -385,13 +422,19 @@ class Gateway:
         413: {"model": ErrorResponse, "description": TOO_LARGE},
         503: {"model": OpenAIError, "description": "The model could not answer right now."},
     })
-    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         """OpenAI-compatible chat: `model` is a task name; its champion answers."""
-        return await self.chat(body)
+        caller = await self._admit(request, "predict")
+        if isinstance(caller, JSONResponse):
+            return caller
+        return await self.chat(body, caller.vouching_for(pseudonym(body.user)).rater)
 
     @api.get("/v1/models", response_model=ModelList)
-    async def models(self) -> ModelList:
+    async def models(self, request: Request) -> Any:
         """Every task (its champion answers), and each of its ready versions as `task@version`."""
+        caller = await self._admit(request, "predict")
+        if isinstance(caller, JSONResponse):
+            return caller
         tasks = await self._known_tasks()
         base = self.settings.model.quantized_base or self.settings.model.base
         ready = await asyncio.to_thread(lambda: {
@@ -449,21 +492,12 @@ class Gateway:
 
     # -- admin: token-protected operations ----------------------------------------------------------
 
-    def _unauthorized(self, request: Request) -> JSONResponse | None:
-        token = self.settings.admin_token.get_secret_value()
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not token:
-            return JSONResponse(status_code=401, content={"error": "admin routes are disabled: set admin_token"})
-        if not hmac.compare_digest(given.encode(), token.encode()):  # bytes: any header, even non-ASCII, is a 401
-            return JSONResponse(status_code=401, content={"error": "missing or wrong admin token (Authorization: "
-                                                                   "Bearer <token>)"})
-        return None
-
     @api.post("/admin/retrain", status_code=202, responses=_documented(
         **ADMIN, e404="Unknown task.", e409="A retrain is already running.", e422=INVALID))
     async def admin_retrain(self, request: Request, task: TaskName | None = None) -> Any:
-        if denied := self._unauthorized(request):
-            return denied
+        caller = await self._admit(request, "admin")
+        if isinstance(caller, JSONResponse):
+            return caller
         task = task or self.settings.default_task
         if task not in await self._known_tasks():
             return JSONResponse(status_code=404, content={"error": f"unknown task {task!r}"})
@@ -479,23 +513,25 @@ class Gateway:
         **ADMIN, e404="No such version.", e409="The version cannot be promoted (rejected, or another base).",
         e422=INVALID))
     async def admin_promote(self, request: Request, body: AliasMove) -> Any:
-        if denied := self._unauthorized(request):
-            return denied
+        caller = await self._admit(request, "admin")
+        if isinstance(caller, JSONResponse):
+            return caller
         if not body.version:
             return _error(422, [{"field": "version", "message": "required", "type": "missing"}])
         version = body.version
         registry = registry_for(self.settings, version.rsplit("-v", 1)[0]) if "-v" in version else self.registry
         return await self._move_alias(lambda: registry.promote(
-            version, actor=body.actor, reason=body.reason or "promoted via /admin/promote"))
+            version, actor=_actor(caller, body), reason=body.reason or "promoted via /admin/promote"))
 
     @api.post("/admin/rollback", response_model=HistoryEntry, responses=_documented(
         **ADMIN, e404="No such task or version.", e409="Nothing to roll back to.", e422=INVALID))
     async def admin_rollback(self, request: Request, body: AliasMove) -> Any:
-        if denied := self._unauthorized(request):
-            return denied
+        caller = await self._admit(request, "admin")
+        if isinstance(caller, JSONResponse):
+            return caller
         registry = registry_for(self.settings, body.task) if body.task else self.registry
         return await self._move_alias(lambda: registry.rollback(
-            actor=body.actor, reason=body.reason or "rolled back via /admin/rollback"))
+            actor=_actor(caller, body), reason=body.reason or "rolled back via /admin/rollback"))
 
     async def _move_alias(self, move: Callable[[], HistoryEntry]) -> JSONResponse:
         try:
@@ -527,8 +563,9 @@ class Gateway:
 
     async def _canary(self, request: Request, task: str | None, verdict: Literal["promote", "rollback"] | None
                       ) -> Any:
-        if denied := self._unauthorized(request):
-            return denied
+        caller = await self._admit(request, "admin")
+        if isinstance(caller, JSONResponse):
+            return caller
         task = task or self.settings.default_task
         if task not in await self._known_tasks():
             return JSONResponse(status_code=404, content={"error": f"unknown task {task!r}"})
@@ -541,7 +578,7 @@ class Gateway:
             if decided is not None and verdict is not None:
                 decided = decided.model_copy(update={"verdict": verdict,
                                                      "reason": f"by hand (admin API); {decided.reason}"})
-                apply(registry, decided, actor="admin-api")
+                apply(registry, decided, actor=caller.principal)
             return decided
 
         decided = await asyncio.to_thread(act)
@@ -551,8 +588,9 @@ class Gateway:
 
     @api.get("/admin/status", response_model=AdminStatus, responses=_documented(**ADMIN))
     async def admin_status(self, request: Request) -> Any:
-        if denied := self._unauthorized(request):
-            return denied
+        caller = await self._admit(request, "admin")
+        if isinstance(caller, JSONResponse):
+            return caller
         runs = await asyncio.to_thread(RunStore(self.settings.home / "runs").list, 10)
         return {
             "champion": await asyncio.to_thread(self._champion),

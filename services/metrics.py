@@ -89,7 +89,8 @@ class ReplicaCollector:
 
 
 class RecentAnswers:
-    """Which task and version answered each recent request, so a rating can be counted against them.
+    """Which task and version answered each recent request, and for whom, so a rating can be counted against
+    them and refused from anyone but the asker.
 
     Bounded (the oldest are forgotten); a rating for a request this gateway replica did not answer,
     or answered long ago, counts under version `unknown`.
@@ -97,15 +98,21 @@ class RecentAnswers:
 
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
-        self._answers: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._answers: OrderedDict[str, tuple[str, str, str | None]] = OrderedDict()
 
-    def remember(self, request_id: str, task: str, version: str) -> None:
-        self._answers[request_id] = (task, version)
+    def remember(self, request_id: str, task: str, version: str, asker: str | None) -> None:
+        self._answers[request_id] = (task, version, asker)
         if len(self._answers) > self.capacity:
             self._answers.popitem(last=False)
 
     def who(self, request_id: str) -> tuple[str, str]:
-        return self._answers.get(request_id, ("unknown", "unknown"))
+        """The task and version that answered."""
+        task, version, _ = self._answers.get(request_id, ("unknown", "unknown", None))
+        return task, version
+
+    def asker(self, request_id: str) -> str | None:
+        """Who asked (None: not answered here lately: the curator checks instead)."""
+        return self._answers.get(request_id, (None, None, None))[2]
 
 
 class OpsCollector:

@@ -79,7 +79,8 @@ class ChatCompletions:
         log.info("event=chat_rejected status=%d param=%s message=%r", status, param, message)
         return openai_error(status, message, param=param, code=code)
 
-    async def __call__(self, body: ChatCompletionRequest) -> Any:
+    async def __call__(self, body: ChatCompletionRequest, asker: str) -> Any:
+        """Answer `body` for `asker` (the caller's rater identity: only they may rate the answer)."""
         tasks = await self.tasks()
         task, _, version = body.model.partition("@")
         if task not in tasks:
@@ -109,7 +110,7 @@ class ChatCompletions:
                                 f"({options.max_tokens})", "min_tokens")
         request_id = uuid.uuid4().hex
         if body.stream:
-            return await self._stream(body, task, version or None, options, request_id)
+            return await self._stream(body, task, version or None, options, request_id, asker)
         started = time.perf_counter()
         try:
             completion = await self.llm.generate(body.chat(), options, request_id, task, version or None, body.user)
@@ -119,7 +120,7 @@ class ChatCompletions:
             return self._unavailable(request_id)
         latency = time.perf_counter() - started
         self._record(body, request_id, task, completion.adapter_version, completion.answer, completion.reasoning,
-                     completion.usage, latency)
+                     completion.usage, latency, asker)
         response = ChatCompletion(
             id=COMPLETION_ID_PREFIX + request_id, created=int(time.time()), model=completion.adapter_version,
             choices=[Choice(message=AssistantMessage(content=completion.answer,
@@ -145,7 +146,7 @@ class ChatCompletions:
         return self._reject(400, client_message(exc), "messages", "context_length_exceeded")
 
     async def _stream(self, body: ChatCompletionRequest, task: str, version: str | None, options: SamplingOptions,
-                      request_id: str) -> Any:
+                      request_id: str, asker: str) -> Any:
         started = time.perf_counter()
         try:
             first, events = await open_stream(self.llm, body.chat(), options, request_id, task, version, body.user)
@@ -191,13 +192,13 @@ class ChatCompletions:
                 yield f"data: {final.model_dump_json(exclude_none=True)}\n\n"
             yield "data: [DONE]\n\n"
             self._record(body, request_id, task, first.adapter_version, "".join(answer), "".join(reasoning), usage,
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, asker)
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"x-flywheel-replica": first.replica, "cache-control": "no-cache"})
 
     def _record(self, body: ChatCompletionRequest, request_id: str, task: str, version: str, answer: str,
-                reasoning: str, usage: Usage, latency: float) -> None:
+                reasoning: str, usage: Usage, latency: float, asker: str) -> None:
         self.metrics.requests.labels(ROUTE, "200").inc()
         self.metrics.latency.labels(ROUTE, version).observe(latency)
         self.metrics.tokens.labels("prompt", version).inc(usage.prompt_tokens)
@@ -208,5 +209,5 @@ class ChatCompletions:
             request_id=request_id, task=task,
             messages=[Message(role=m.role, content=m.content) for m in body.chat()],
             answer=answer, reasoning=reasoning, adapter_version=version, latency_ms=round(latency * 1000, 2),
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, asker=asker,
         ))

@@ -51,6 +51,14 @@ def make_settings(home: Path, **serving: object) -> Settings:
     )
 
 
+def learn_from_anyone(settings: Settings) -> Settings:
+    """For tests of learning itself, whose single anonymous client stands in for many users: every verdict trains.
+    The defaults (agreed corrections from distinct keys, a cap per rater) are proven in tests/test_trust.py."""
+    settings.retrain.min_trust = settings.retrain.min_rating_trust = "anonymous"
+    settings.retrain.max_share_per_rater = 1.0
+    return settings
+
+
 @pytest.fixture(scope="session")
 def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A home with the demo base, champion demo-v1 (original task) and demo-v2 (drifted task)."""

@@ -97,7 +97,8 @@ def prediction(request_id: str, i: int = 0, **fields: object) -> PredictionEvent
 
 def feedback(request_id: str, i: int = 0, **fields: object) -> FeedbackEvent:
     values: dict[str, object] = {"request_id": request_id, "rating": 1 + i % 5, "comment": f"n={i}"}
-    return FeedbackRequest.model_validate(values | fields).to_event()
+    request = FeedbackRequest.model_validate(values | fields)
+    return request.to_event(f"rater-{i}", authenticated=True, user_id=request.user_id, tenant_id=request.tenant_id)
 
 
 def event_pairs(n: int) -> list[tuple[PredictionEvent, FeedbackEvent]]:

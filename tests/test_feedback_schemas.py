@@ -68,11 +68,15 @@ def test_size_limits_come_from_config() -> None:
     assert request.check_limits(100, 100) == []
 
 
-def test_to_event_keeps_a_client_event_id_or_makes_one() -> None:
-    given = FeedbackRequest(request_id=RID, thumb="up", event_id="client-42", tenant_id="acme").to_event()
-    assert (given.event_id, given.request_id, given.thumb, given.tenant_id) == ("client-42", RID, "up", "acme")
-    made = FeedbackRequest(request_id=RID, rating=4).to_event()
-    assert len(made.event_id) == 32
+def test_to_event_takes_identity_from_the_caller_not_the_body() -> None:
+    """rater, user and tenant come from the credentials; a client's event id lives in its rater's namespace."""
+    body = FeedbackRequest(request_id=RID, thumb="up", event_id="client-42", tenant_id="acme", user_id="mallory")
+    given = body.to_event("key-a", authenticated=True, user_id=None, tenant_id="t1")
+    assert (given.request_id, given.thumb, given.rater, given.authenticated) == (RID, "up", "key-a", True)
+    assert (given.user_id, given.tenant_id) == (None, "t1")
+    assert len(given.event_id) == 32 and given.event_id == body.to_event("key-a", True, None, None).event_id
+    assert body.to_event("key-b", True, None, None).event_id != given.event_id  # no collisions across raters
+    made = FeedbackRequest(request_id=RID, rating=4).to_event("key-a", True, None, None)
     assert made.timestamp.tzinfo is UTC and made.schema_version == 1
     assert FeedbackAccepted(event_id=made.event_id).model_dump() == {"event_id": made.event_id}
 
@@ -80,13 +84,17 @@ def test_to_event_keeps_a_client_event_id_or_makes_one() -> None:
 def test_a_blind_retry_without_an_event_id_names_the_same_event() -> None:
     """A client that resends the same verdict (a timeout, a retry loop) is curated once."""
     verdict = {"request_id": RID, "rating": 2, "correction": "积极", "user_id": "u1"}
-    first, retry = FeedbackRequest(**verdict).to_event(), FeedbackRequest(**dict(reversed(verdict.items()))).to_event()
-    assert first.event_id == retry.event_id and first.timestamp <= retry.timestamp
+
+    def event_id(body: dict) -> str:
+        return FeedbackRequest(**body).to_event("key-a", True, None, None).event_id
+
+    first, retry = event_id(verdict), event_id(dict(reversed(verdict.items())))
+    assert first == retry
     others = [{**verdict, "rating": 3}, {**verdict, "correction": "消极"}, {**verdict, "user_id": "u2"},
               {**verdict, "request_id": "f" * 32}, {**verdict, "comment": "late"}]
-    ids = {FeedbackRequest(**other).to_event().event_id for other in others}
-    assert len(ids) == len(others) and first.event_id not in ids
-    assert FeedbackRequest(**{**verdict, "request_id": f"chatcmpl-{RID}"}).to_event().event_id == first.event_id
+    ids = {event_id(other) for other in others}
+    assert len(ids) == len(others) and first not in ids
+    assert event_id({**verdict, "request_id": f"chatcmpl-{RID}"}) == first
 
 
 def test_events_round_trip_through_bytes_by_event_type() -> None:

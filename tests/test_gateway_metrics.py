@@ -13,7 +13,7 @@ from services.metrics import GatewayMetrics, OpsCollector, RecentAnswers
 def test_ratings_are_counted_against_the_version_that_answered() -> None:
     answers = RecentAnswers(capacity=2)
     for request_id, version in (("a", "demo-v1"), ("b", "demo-v2"), ("c", "demo-v2")):
-        answers.remember(request_id, "demo", version)
+        answers.remember(request_id, "demo", version, None)
     assert answers.who("c") == ("demo", "demo-v2") and answers.who("a") == ("unknown", "unknown")  # bounded
     metrics = GatewayMetrics()
     metrics.count_feedback(*answers.who("b"), rating=4, thumb="down", correction="negative")

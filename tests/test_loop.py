@@ -27,7 +27,7 @@ from flywheel.cli import app as cli
 from flywheel.config import Settings
 from flywheel.registry import registry_for
 from flywheel.runs import RunState, RunStore
-from tests.conftest import free_port, make_settings
+from tests.conftest import free_port, learn_from_anyone, make_settings
 from tests.test_deploy import DEPLOY, GRAFANA_VARIABLE, GRAFANA_VARIABLES, dashboard_queries, tool
 from tests.test_retrain import DRIFTED, accuracy, gate_requests, rate, wait_for
 
@@ -41,6 +41,7 @@ def loop_settings(home: Path, port: int, app: str, engine: str, replicas: int = 
     settings = make_settings(home, engine=engine, port=port, app_name=app, replicas=replicas,
                              replica_cpus=1.0 / replicas, topology=topology)
     settings.loop.enabled, settings.loop.lease_s = True, 3.0
+    learn_from_anyone(settings)
     settings.retrain.min_examples = 40
     settings.retrain.steps = 80
     settings.retrain.gate.max_latency_ratio = 3.0  # shared 2-core CI boxes: latency is noise, not signal

@@ -30,7 +30,7 @@ from flywheel.config import Settings
 from flywheel.registry import Registry, registry_for
 from flywheel.runs import RunStore
 from flywheel.tasks import DEMO_TASK
-from tests.conftest import ADMIN_TOKEN, make_settings
+from tests.conftest import ADMIN_TOKEN, learn_from_anyone, make_settings
 from training.demo_task import ANSWERS, DemoExample, generate_examples, is_correct, make_example
 
 pytestmark = [pytest.mark.serve, pytest.mark.vllm]
@@ -48,7 +48,7 @@ def learning_app(served: tuple[str, Settings], demo_home: Path, tmp_path_factory
 
     home = tmp_path_factory.mktemp("learning-home")
     shutil.copytree(demo_home, home, dirs_exist_ok=True)
-    settings = make_settings(home, engine="vllm", port=served[1].serving.port)
+    settings = learn_from_anyone(make_settings(home, engine="vllm", port=served[1].serving.port))
     settings.retrain.min_examples = 40
     settings.retrain.steps = 80
     settings.retrain.gate.max_latency_ratio = 3.0  # shared 2-core CI boxes: latency is noise, not signal
@@ -443,6 +443,7 @@ def test_serving_and_a_retrain_share_one_gpu(served: tuple[str, Settings], demo_
     settings = make_settings(home, engine="vllm", port=served[1].serving.port, app_name="flywheel-gpu",
                              replica_gpus=0.5)
     settings.vllm.gpu_memory_utilization = 0.4
+    learn_from_anyone(settings)
     settings.retrain.use_gpu, settings.retrain.gpus_per_worker = True, 0.5
     settings.retrain.min_examples, settings.retrain.steps = 40, 80
     url = serve_app.run(settings, route_prefix="/gpu", timeout_s=900)

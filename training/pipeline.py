@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feedback.dataset import CuratedDataset
+from feedback.trust import assess, pending_review, trainable
 from flywheel.bases import ServedBase, base_ref, context_length, served_base
 from flywheel.config import Settings
 from flywheel.registry import CANARY_ALIAS, Registry, lora_int_id, registry_for, resolve_task
@@ -106,13 +108,20 @@ class Retrain:
         self.stage("dataset")
         champion_dir = self.registry.local_path(champion)
         champion_data = read_train_data(champion_dir)
-        data = build_retrain_data(rows, champion_data, holdout_fraction=cfg.holdout_fraction,
-                                  replay_fraction=cfg.replay_fraction, confirm_repeats=cfg.confirm_repeats)
+        decisions = dataset.reviews.decisions()
+        retracted = {e for e, j in decisions.items() if j.action == "retract"}
+        assessed = assess(rows, decisions, confirm_raters=cfg.confirm_raters, majority=cfg.majority,
+                          task_answers=[e.answer for e in champion_data])
+        learnable = [i for i in assessed
+                     if trainable(i, min_trust=cfg.min_trust, min_rating_trust=cfg.min_rating_trust)]
+        data = build_retrain_data(learnable, champion_data, holdout_fraction=cfg.holdout_fraction,
+                                  replay_fraction=cfg.replay_fraction, max_share_per_rater=cfg.max_share_per_rater,
+                                  retracted=retracted)
         fresh = len(data.train) - data.replay
         kto_rows: list[KtoExample] = []
         if cfg.method == "kto":
             try:
-                kto_rows = kto_training_rows(rows, data.holdout)
+                kto_rows = kto_training_rows([i.row for i in learnable], data.holdout)
             except ValueError as exc:  # one kind of verdict only: nothing to contrast
                 return self.finish(RunState.INSUFFICIENT_DATA, str(exc))
             fresh = len(kto_rows)
@@ -122,11 +131,15 @@ class Retrain:
         policy = "held_out_significance"
         if data.confirmed and cfg.method == "sft" and (fresh < cfg.min_examples or len(data.holdout) < needed):
             policy = "confirmed_corrections"
-            batch = confirmed_batch(data, champion_data, replay_per_row=cfg.small_data_replay_per_row)
+            batch = confirmed_batch(data, champion_data, replay_per_row=cfg.small_data_replay_per_row,
+                                    retracted=retracted)
             data = data.model_copy(update={"train": batch, "holdout": data.confirmed,
                                            "replay": sum(e.source == "replay" for e in batch)})
         self.record.dataset = {
-            "feedback_rows": data.feedback_rows, "usable": data.usable, "duplicates_removed": data.duplicates,
+            "feedback_rows": len(rows), "trainable_rows": data.feedback_rows,
+            "pending_review": len(pending_review(assessed, min_trust=cfg.min_trust)),
+            "by_trust": dict(Counter(i.trust for i in learnable)), "capped_per_rater": data.capped,
+            "usable": data.usable, "duplicates_removed": data.duplicates,
             "train": len(data.train), "replay": data.replay, "holdout": len(data.holdout),
             "confirmed": len(data.confirmed), "policy": policy, "snapshot_positions": snapshot.positions,
             **({"kto_examples": len(kto_rows)} if cfg.method == "kto" else {}),

@@ -5,9 +5,15 @@
 - Time-ordered split: the newest `holdout_fraction` is held out for the gate (it is the traffic the
   candidate must be better on); exact duplicates are removed before the split.
 - Replay: a share of the champion's own training data, so the candidate does not forget.
-- Confirmed corrections: a prompt corrected at least `confirm_repeats` times, every time with the same
-  answer, is strong evidence even when there are few such prompts. They are listed apart so the
-  retrain can learn a small, focused batch (the pipeline's small-data policy) instead of starving it.
+- Trust: only rows a retrain may learn come in (feedback.trust: `trainable`), so a correction counts by
+  the distinct raters behind it, never by rows. Confirmed corrections are the `agreed` (or `reviewed`)
+  ones: strong evidence even when there are few such prompts. They are listed apart so the retrain can
+  learn a small, focused batch (the pipeline's small-data policy) instead of starving it.
+- No rater outweighs many: rows that rest on one rater alone are capped at `max_share_per_rater` of the
+  new rows (their newest kept).
+- Lineage: every training row names the curated events (and raters) it came from; a replayed row keeps
+  them, so retracting an event finds every version that learned it, directly or through replay, and
+  replay never brings a retracted event back.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from feedback.schemas import CuratedExample
+from feedback.trust import Assessed, normalized, rater_of
 from flywheel.r1 import split_reasoning
 from training.kto import KtoExample, balance_kto
 
@@ -34,6 +41,8 @@ class TrainExample(BaseModel):
     answer: str
     source: Literal["correction", "approved", "replay", "bootstrap", "dataset"]
     at: datetime | None = None
+    event_ids: list[str] = Field(default_factory=list, description="The curated feedback events it came from.")
+    raters: list[str] = Field(default_factory=list, description="The distinct raters behind it.")
 
 
 class RetrainData(BaseModel):
@@ -44,9 +53,10 @@ class RetrainData(BaseModel):
     usable: int
     duplicates: int
     confirmed: list[TrainExample] = Field(
-        default_factory=list, description="Prompts whose repeated corrections all agree (one row each, newest)."
+        default_factory=list, description="Prompts with an agreed or reviewed correction (one row each, newest)."
     )
-    confirmations: dict[str, int] = Field(default_factory=dict, description="Prompt -> agreeing corrections.")
+    confirmations: dict[str, int] = Field(default_factory=dict, description="Prompt -> raters who agree.")
+    capped: int = Field(0, description="Rows left out because one rater alone would pass max_share_per_rater.")
 
 
 def _prompt_text(row: CuratedExample) -> str:
@@ -59,13 +69,12 @@ def _prompt_text(row: CuratedExample) -> str:
 def target_of(row: CuratedExample) -> TrainExample | None:
     """The answer the model should have given, or None when the feedback teaches no target."""
     prompt = _prompt_text(row)
+    origin = {"at": row.feedback_ts, "event_ids": [row.event_id], "raters": [rater_of(row)]}
     if row.correction:
         reasoning, answer = split_reasoning(row.correction) if "</think>" in row.correction else ("", row.correction)
-        return TrainExample(prompt=prompt, reasoning=reasoning, answer=answer.strip(), source="correction",
-                            at=row.feedback_ts)
+        return TrainExample(prompt=prompt, reasoning=reasoning, answer=answer.strip(), source="correction", **origin)
     if (row.rating is not None and row.rating >= 4) or row.thumb == "up":
-        return TrainExample(prompt=prompt, reasoning=row.reasoning, answer=row.answer, source="approved",
-                            at=row.feedback_ts)
+        return TrainExample(prompt=prompt, reasoning=row.reasoning, answer=row.answer, source="approved", **origin)
     return None
 
 
@@ -98,62 +107,90 @@ def write_train_data(adapter_dir: Path, examples: Sequence[TrainExample]) -> Non
     (adapter_dir / TRAIN_DATA_FILE).write_text("".join(e.model_dump_json() + "\n" for e in examples))
 
 
-def _agreeing_corrections(targets: Sequence[TrainExample]) -> dict[str, int]:
-    """Prompt -> number of corrections, for prompts whose corrections all give the same answer."""
-    answers: dict[str, set[str]] = {}
-    counts: dict[str, int] = {}
-    for t in targets:
-        if t.source == "correction":
-            answers.setdefault(t.prompt, set()).add(" ".join(t.answer.split()).casefold())
-            counts[t.prompt] = counts.get(t.prompt, 0) + 1
-    return {prompt: n for prompt, n in counts.items() if len(answers[prompt]) == 1}
+def _one_per_prompt(items: Sequence[Assessed]) -> tuple[list[TrainExample], dict[str, int]]:
+    """One target per prompt: a correction beats an approval, the newest of each kind wins; the rows that gave
+    the winning correction are merged into it (their events and raters). Also: prompt -> raters confirming it
+    (agreed or reviewed corrections only)."""
+    by_prompt: dict[str, TrainExample] = {}
+    confirming: dict[str, int] = {}
+    for item in sorted(items, key=lambda i: i.row.feedback_ts):
+        example = target_of(item.row)
+        if example is None:
+            continue
+        current = by_prompt.get(example.prompt)
+        same = (current is not None and current.source == example.source == "correction"
+                and normalized(current.answer) == normalized(example.answer))
+        if same:
+            example.event_ids = current.event_ids + example.event_ids
+            example.raters = sorted(set(current.raters) | set(example.raters))
+        if current is None or example.source == "correction" or current.source != "correction":
+            by_prompt[example.prompt] = example
+            confirming.pop(example.prompt, None)
+            if example.source == "correction" and item.trust in ("agreed", "reviewed"):
+                confirming[example.prompt] = max(item.raters, len(example.raters))
+    return sorted(by_prompt.values(), key=lambda e: e.at or datetime.min), confirming
+
+
+def cap_per_rater(examples: Sequence[TrainExample], max_share: float) -> list[TrainExample]:
+    """Drop the oldest rows that rest on one rater alone until no rater alone makes up more than `max_share` of
+    the rows (rows several raters agreed on are never dropped). Each pass drops in bulk; dropping shrinks the
+    total, so passes repeat until none drops anything."""
+    kept = list(examples)
+    while True:
+        limit = max(1, int(max_share * len(kept)))
+        sole: dict[str, list[int]] = {}
+        for index, e in enumerate(kept):
+            if len(e.raters) == 1:
+                sole.setdefault(e.raters[0], []).append(index)
+        dropped = {i for indexes in sole.values() if len(indexes) > limit for i in indexes[:-limit]}
+        if not dropped:
+            return kept
+        kept = [e for i, e in enumerate(kept) if i not in dropped]
 
 
 def build_retrain_data(
-    rows: Sequence[CuratedExample],
+    items: Sequence[Assessed],
     champion_data: Sequence[TrainExample],
     *,
     holdout_fraction: float,
     replay_fraction: float,
-    confirm_repeats: int = 2,
+    max_share_per_rater: float = 1.0,
+    retracted: set[str] | frozenset[str] = frozenset(),
     seed: int = 0,
 ) -> RetrainData:
-    targets = [t for t in (target_of(r) for r in sorted(rows, key=lambda r: r.feedback_ts)) if t is not None]
-    agreeing = _agreeing_corrections(targets)
-    # A correction beats an approval of the same prompt: keep one target per prompt, corrections first,
-    # the newest of each kind.
-    by_prompt: dict[str, TrainExample] = {}
-    for example in targets:
-        current = by_prompt.get(example.prompt)
-        if current is None or example.source == "correction" or current.source != "correction":
-            by_prompt[example.prompt] = example
-    unique = sorted(by_prompt.values(), key=lambda e: e.at or datetime.min)
+    """`items`: the trainable curated rows (feedback.trust); `retracted`: events replay must not bring back."""
+    targets = [t for t in (target_of(i.row) for i in items) if t is not None]
+    chosen, confirming = _one_per_prompt(items)
+    unique = cap_per_rater(chosen, max_share_per_rater)
     cut = len(unique) - max(1, round(len(unique) * holdout_fraction)) if unique else 0
     train, holdout = unique[:cut], unique[cut:]
     replay_count = round(len(train) * replay_fraction / (1 - replay_fraction)) if train else 0
-    pool = [e for e in champion_data if e.prompt not in by_prompt]
+    prompts = {e.prompt for e in chosen}
+    pool = [e for e in champion_data if e.prompt not in prompts and not retracted.intersection(e.event_ids)]
     replay = random.Random(seed).sample(pool, min(replay_count, len(pool)))
     replayed = [e.model_copy(update={"source": "replay"}) for e in replay]
-    confirmed = [e for e in unique if agreeing.get(e.prompt, 0) >= confirm_repeats]
+    confirmed = [e for e in unique if e.prompt in confirming]
     return RetrainData(
         train=train + replayed,
         holdout=holdout,
         replay=len(replayed),
-        feedback_rows=len(rows),
+        feedback_rows=len(items),
         usable=len(targets),
-        duplicates=len(targets) - len(unique),
+        duplicates=len(targets) - len(chosen),
         confirmed=confirmed,
-        confirmations={e.prompt: agreeing[e.prompt] for e in confirmed},
+        confirmations={e.prompt: confirming[e.prompt] for e in confirmed},
+        capped=len(chosen) - len(unique),
     )
 
 
 def confirmed_batch(
-    data: RetrainData, champion_data: Sequence[TrainExample], *, replay_per_row: int, seed: int = 0
+    data: RetrainData, champion_data: Sequence[TrainExample], *, replay_per_row: int,
+    retracted: set[str] | frozenset[str] = frozenset(), seed: int = 0,
 ) -> list[TrainExample]:
-    """Training rows for the small-data policy: every confirmed correction, weighted by its agreeing
-    repeats, plus a replay of the champion's own data large enough that the rest is not forgotten."""
+    """Training rows for the small-data policy: every confirmed correction, weighted by the raters who agree
+    on it, plus a replay of the champion's own data large enough that the rest is not forgotten."""
     weighted = [e for e in data.confirmed for _ in range(data.confirmations[e.prompt])]
     confirmed_prompts = {e.prompt for e in data.confirmed}
-    pool = [e for e in champion_data if e.prompt not in confirmed_prompts]
+    pool = [e for e in champion_data if e.prompt not in confirmed_prompts and not retracted.intersection(e.event_ids)]
     replay = random.Random(seed).sample(pool, min(len(weighted) * replay_per_row, len(pool)))
     return weighted + [e.model_copy(update={"source": "replay"}) for e in replay]
