@@ -1,10 +1,12 @@
-"""`flywheel feedback curator|status|export` (and `flywheel curator`): the feedback plane's commands.
+"""`flywheel feedback curator|status|export|review|retract|lineage` (and `flywheel curator`, `flywheel lineage`):
+the feedback plane's commands.
 
 Mounted by flywheel/cli.py; the shared options and helpers come from flywheel/cli_common.py.
 """
 
 from __future__ import annotations
 
+import getpass
 import signal
 import threading
 import time
@@ -16,9 +18,13 @@ from kafka.errors import KafkaError
 
 from feedback.curator import Curator, dataset_path, feedback_status
 from feedback.dataset import CuratedDataset
+from feedback.oversight import Lineage, events_matching, judge, lineage, review_queue
+from feedback.oversight import retract as retract_events
 from feedback.supervisor import CuratorHealth, supervise
 from flywheel.cli_common import ConfigOption, JsonOption, emit, fail, settings_or_exit
 from flywheel.logs import configure_logging
+from flywheel.registry import RegistryError
+from flywheel.runs import RetrainBusyError, RunStore
 
 app = typer.Typer(help="The feedback plane: curator, stream status, dataset export.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -98,3 +104,121 @@ def export(
 
 if __name__ == "__main__":
     app()
+
+
+def _operator() -> str:
+    """Who acts from the command line: the OS user (the admin routes record the key's principal)."""
+    return f"cli:{getpass.getuser()}"
+
+
+@app.command()
+def review(
+    config: ConfigOption = None,
+    task: Annotated[str | None, typer.Option("--task", "-t", help="Only this task's corrections.")] = None,
+    approve: Annotated[list[str] | None, typer.Option("--approve", help="Approve these event ids: they train as "
+                                                      "`reviewed`.")] = None,
+    reject: Annotated[list[str] | None, typer.Option("--reject", help="Reject these event ids: they never train."
+                                                     )] = None,
+    reason: Annotated[str, typer.Option(help="Why (recorded with the decision).")] = "",
+    as_json: JsonOption = False,
+) -> None:
+    """List corrections waiting for review (anonymous, conflicting, screened out, below retrain.min_trust) with
+    their prompt, served answer, proposed answer and proposer; or approve / reject some."""
+    settings = settings_or_exit(config)
+    if approve or reject:
+        results = {}
+        for action, ids in (("approve", approve or []), ("reject", reject or [])):
+            if ids:
+                done, unknown = judge(settings, ids, action, _operator(), reason)  # type: ignore[arg-type]
+                results[action] = {"done": done, "unknown": unknown}
+        unknown = [e for r in results.values() for e in r["unknown"]]
+        emit(as_json, results, "\n".join(f"{action}d {len(r['done'])}" for action, r in results.items())
+             + (f"\nunknown event ids: {', '.join(unknown)}" if unknown else ""))
+        if unknown:
+            raise typer.Exit(1)
+        return
+    queue = review_queue(settings, task)
+    lines = [f"{p.event_id}  [{p.task}] by {p.proposed_by or '-'} ({p.trust}, {p.raters_agreeing} agreeing): {p.why}\n"
+             f"    prompt:   {_short(p.prompt)}\n    served:   {_short(p.served_answer)}\n"
+             f"    proposed: {_short(p.proposed_answer)}" for p in queue]
+    emit(as_json, [p.model_dump(mode="json") for p in queue], "\n".join(lines) or "nothing waits for review")
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@app.command()
+def retract(
+    event_ids: Annotated[list[str] | None, typer.Argument(help="Curated event ids to retract.")] = None,
+    rater: Annotated[str | None, typer.Option(help="Retract every verdict of this rater.")] = None,
+    request: Annotated[str | None, typer.Option(help="Retract every verdict on this request id.")] = None,
+    reason: Annotated[str, typer.Option(help="Why (required: recorded with the retraction).")] = "",
+    rollback: Annotated[bool, typer.Option(help="Move each affected task's champion to its newest ancestor that "
+                                           "never learned them (ending a canary that carries them).")] = False,
+    retrain: Annotated[bool, typer.Option(help="Then start a retrain of each affected task without them.")] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Take feedback back: its rows become tombstones (never trained on again, replay included); prints the
+    versions that trained on them."""
+    if not reason.strip():
+        fail("--reason is required: say why the feedback is retracted", code=2)
+    settings = settings_or_exit(config)
+    ids = list(event_ids or [])
+    if rater or request:
+        ids += events_matching(settings, rater=rater, request_id=request)
+    if not ids:
+        fail("nothing to retract: give event ids, --rater or --request (matching curated rows)", code=2)
+    try:
+        result = retract_events(settings, ids, by=_operator(), reason=reason, rollback=rollback)
+    except (LookupError, RegistryError) as exc:
+        fail(str(exc))
+    runs = {}
+    if retrain:
+        store = RunStore(settings.home / "runs", keep=settings.retrain.keep_runs)
+        for task in result.trained:
+            try:
+                runs[task] = store.launch_retrain(settings, "retraction", task).run_id
+            except RetrainBusyError as exc:
+                typer.echo(f"retrain of {task} not started: {exc}", err=True)
+    trained = "; ".join(f"{t}: {', '.join(v)}" for t, v in result.trained.items()) or "none"
+    text = (f"retracted {len(result.retracted)} rows; versions that trained on them: {trained}"
+            + "".join(f"\n{t}: champion rolled back to {v}" for t, v in result.rolled_back.items())
+            + "".join(f"\n{t}: retrain {r} started" for t, r in runs.items())
+            + (f"\nunknown event ids: {', '.join(result.unknown)}" if result.unknown else ""))
+    emit(as_json, {**result.model_dump(), "retrains": runs}, text)
+
+
+@app.command("lineage")
+def lineage_command(
+    identifier: Annotated[str, typer.Argument(help="A request id, a feedback event id, or a version (task-vN).")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """What made a version, what a request was answered by and what its feedback trained, where an event went."""
+    settings = settings_or_exit(config)
+    try:
+        found = lineage(settings, identifier)
+    except LookupError as exc:
+        fail(str(exc))
+    emit(as_json, found.model_dump(mode="json"), _describe(found))
+
+
+def _describe(found: Lineage) -> str:
+    if found.version is not None:
+        v = found.version
+        return (f"{v.version} ({v.status}) parents: {' <- '.join(v.parents) or 'none'}\n"
+                f"rows by source: {v.rows_by_source}\ndata: {v.data}\n"
+                f"gate: {(v.gate or {}).get('verdict', '-')}: {(v.gate or {}).get('message', '')}\n"
+                f"champion: {', '.join(str(p['at']) for p in v.champion_periods) or 'never'}")
+    if found.request is not None:
+        r = found.request
+        return (f"request {r.request_id} answered by {r.answered_by} (ancestors {' <- '.join(r.ancestors) or 'none'})"
+                + "".join(f"\n  feedback {e.event_id}: trust {e.trust}, retracted {e.retracted}, trained "
+                          f"{', '.join(e.trained) or 'nothing'}" for e in r.feedback))
+    e = found.event
+    assert e is not None
+    return (f"event {e.event_id} on request {e.row.request_id if e.row else '?'}: trust {e.trust}, retracted "
+            f"{e.retracted}\ntrained: {', '.join(e.trained) or 'no version'}")

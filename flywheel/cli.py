@@ -17,6 +17,7 @@ import typer
 
 from feedback.cli import app as feedback_app
 from feedback.cli import curator as curator_command
+from feedback.cli import lineage_command
 from flywheel.cli_common import ConfigOption, JsonOption, emit, fail, progress, settings_or_exit
 from flywheel.config import SHARED_SETTINGS_ENV
 from flywheel.keys_cli import app as keys_app
@@ -48,6 +49,7 @@ app.add_typer(bases_app, name="bases")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(keys_app, name="keys")
 app.command("curator")(curator_command)
+app.command("lineage")(lineage_command)
 canary_app = typer.Typer(help="A task's canary: a gate-passed candidate on trial with a share of users.",
                          no_args_is_help=True)
 app.add_typer(canary_app, name="canary")

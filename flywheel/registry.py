@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 MANIFEST = "manifest.json"
+TRAIN_DATA_FILE = "train_data.jsonl"  # in a version: its training rows, each naming the feedback events it came from
 CLAIM = ".claim"  # on object stores: the first object of a version, created exclusively
 TASK_SPEC, GOLDEN = "task.json", "golden.jsonl"
 _TASK_NAME = re.compile(TASK_NAME_PATTERN)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,6 +35,16 @@ from feedback import (
     read_health,
 )
 from feedback.dataset import CuratedDataset
+from feedback.oversight import (
+    Lineage,
+    PendingCorrection,
+    Retraction,
+    events_matching,
+    judge,
+    lineage,
+    retract,
+    review_queue,
+)
 from feedback.pii import pseudonym
 from feedback.schemas import Message
 from flywheel.auth import Caller, Scope
@@ -68,6 +79,8 @@ from services.protocol import (
     LoopHealth,
     PredictRequest,
     PredictResponse,
+    ReviewDecision,
+    ReviewResult,
     StreamEvent,
     TaskHealth,
     Usage,
@@ -76,6 +89,7 @@ from services.protocol import (
 from services.status_board import get_board, version_figures
 
 log = logging.getLogger("flywheel.gateway")
+LINEAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # versions, request ids and event ids: nothing else is looked up
 TASKS_TTL_S = 2.0  # how stale the gateway's list of tasks may be (new tasks come from `flywheel train`)
 
 api = FastAPI(title="flywheel", description="Serve LoRA-tuned R1-distilled models; learn from feedback.")
@@ -585,6 +599,70 @@ class Gateway:
         if decided is None and verdict is not None:
             return JSONResponse(status_code=409, content={"error": f"task {task!r} runs no canary"})
         return CanaryState(task=task, review=decided)
+
+    @api.get("/admin/feedback/review", response_model=list[PendingCorrection], responses=_documented(
+        **ADMIN, e422=INVALID))
+    async def admin_review_queue(self, request: Request, task: TaskName | None = None) -> Any:
+        """Corrections a retrain will not learn until approved: anonymous, conflicting, screened out, low trust."""
+        caller = await self._admit(request, "admin")
+        if isinstance(caller, JSONResponse):
+            return caller
+        queue = await asyncio.to_thread(review_queue, self.settings, task)
+        return JSONResponse([p.model_dump(mode="json") for p in queue])
+
+    @api.post("/admin/feedback/review", response_model=ReviewResult, responses=_documented(
+        **ADMIN, e422=INVALID))
+    async def admin_review(self, request: Request, body: ReviewDecision) -> Any:
+        """Approve (the rows train as `reviewed`) or reject (they never train) pending corrections."""
+        caller = await self._admit(request, "admin")
+        if isinstance(caller, JSONResponse):
+            return caller
+
+        def decide() -> ReviewResult:
+            approved, unknown_a = judge(self.settings, body.approve, "approve", caller.principal, body.reason)
+            rejected, unknown_r = judge(self.settings, body.reject, "reject", caller.principal, body.reason)
+            return ReviewResult(approved=approved, rejected=rejected, unknown=unknown_a + unknown_r)
+
+        result = await asyncio.to_thread(decide)
+        log.info("event=feedback_reviewed by=%s approved=%d rejected=%d", caller.principal, len(result.approved),
+                 len(result.rejected))
+        return JSONResponse(result.model_dump())
+
+    @api.get("/admin/lineage/{identifier}", response_model=Lineage, responses=_documented(
+        **ADMIN, e404="No such version, request or event."))
+    async def admin_lineage(self, request: Request, identifier: str) -> Any:
+        """What made a version; which version answered a request and what its feedback trained; where an event went."""
+        caller = await self._admit(request, "admin")
+        if isinstance(caller, JSONResponse):
+            return caller
+        if not LINEAGE_ID.fullmatch(identifier):
+            return JSONResponse(status_code=404, content={"error": "not a version, request id or event id"})
+        try:
+            found = await asyncio.to_thread(lineage, self.settings, identifier)
+        except LookupError as exc:
+            return JSONResponse(status_code=404, content={"error": str(exc)})
+        return JSONResponse(found.model_dump(mode="json"))
+
+    @api.delete("/feedback/{event_id}", response_model=Retraction, responses=_documented(
+        **AUTH, e404="No curated feedback with this id by this caller (it may not be curated yet: retry)."))
+    async def retract_feedback(self, request: Request, event_id: str) -> Any:
+        """Take back your own feedback: it is never trained on again; the answer names versions that learned it."""
+        caller = await self._admit(request, "feedback")
+        if isinstance(caller, JSONResponse):
+            return caller
+        by = request.headers.get("x-flywheel-user")  # an app backend retracting for its user
+        rater = caller.vouching_for(pseudonym(by)).rater
+
+        def retract_own() -> Retraction | None:
+            if not LINEAGE_ID.fullmatch(event_id) or event_id not in events_matching(self.settings, rater=rater):
+                return None
+            return retract(self.settings, [event_id], by=rater, reason="retracted by its author")
+
+        result = await asyncio.to_thread(retract_own)
+        if result is None:
+            return JSONResponse(status_code=404, content={"error": f"no curated feedback {event_id!r} of yours"})
+        log.info("event=feedback_retracted event_id=%s by=%s", event_id, rater)
+        return JSONResponse(result.model_dump())
 
     @api.get("/admin/status", response_model=AdminStatus, responses=_documented(**ADMIN))
     async def admin_status(self, request: Request) -> Any:

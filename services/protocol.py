@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from feedback.schemas import refuse_nulls
+from feedback.schemas import EventId, refuse_nulls
 from flywheel.canary import CanaryReview
 from flywheel.jsontypes import PositiveInt, Seed
 from flywheel.registry import AdapterIntegrityError, UnknownTaskError, VersionNotFoundError
@@ -238,3 +238,19 @@ class AdminStatus(BaseModel):
     champion: str | None
     replicas: list[dict]
     runs: list[dict]
+
+
+class ReviewDecision(BaseModel):
+    """Body of POST /admin/feedback/review."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    approve: list[EventId] = Field(default_factory=list, max_length=10_000)
+    reject: list[EventId] = Field(default_factory=list, max_length=10_000)
+    reason: str = Field("", max_length=2000)
+
+
+class ReviewResult(BaseModel):
+    approved: list[str]
+    rejected: list[str]
+    unknown: list[str] = Field(description="Ids that name no curated feedback.")

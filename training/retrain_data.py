@@ -30,9 +30,8 @@ from pydantic import BaseModel, Field
 from feedback.schemas import CuratedExample
 from feedback.trust import Assessed, normalized, rater_of
 from flywheel.r1 import split_reasoning
+from flywheel.registry import TRAIN_DATA_FILE
 from training.kto import KtoExample, balance_kto
-
-TRAIN_DATA_FILE = "train_data.jsonl"  # stored in each adapter version: what it learned from
 
 
 class TrainExample(BaseModel):

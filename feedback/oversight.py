@@ -1,0 +1,274 @@
+"""People over the loop: the review queue, retractions, and lineage (which feedback made which version).
+
+Shared by `flywheel feedback review|retract`, `flywheel lineage` and the admin routes, so the CLI and
+HTTP answer alike. Lineage needs no index of its own: a version's `train_data.jsonl` names the curated
+events each training row came from (replayed rows keep theirs), its manifest names its parent and the
+dataset positions it read, and the task's history says when it served.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from feedback.dataset import SCHEMA, CuratedDataset
+from feedback.review import Judgement
+from feedback.schemas import CuratedExample
+from feedback.trust import Assessed, Trust, assess, pending_review
+from flywheel.config import Settings
+from flywheel.registry import TRAIN_DATA_FILE, Registry, VersionNotFoundError, known_tasks, registry_for
+
+
+class PendingCorrection(BaseModel):
+    """One correction waiting for an admin."""
+
+    event_id: str
+    task: str
+    prompt: str
+    served_answer: str
+    proposed_answer: str
+    proposed_by: str | None
+    trust: Trust
+    raters_agreeing: int
+    why: str
+    at: datetime
+
+
+def _dataset(settings: Settings) -> CuratedDataset:
+    return CuratedDataset(settings.feedback_dir / "dataset")
+
+
+def assessed_rows(settings: Settings, task: str | None = None) -> list[Assessed]:
+    dataset = _dataset(settings)
+    cfg = settings.retrain
+    rows = dataset.examples(task=task)
+    return assess(rows, dataset.reviews.decisions(), confirm_raters=cfg.confirm_raters, majority=cfg.majority)
+
+
+def review_queue(settings: Settings, task: str | None = None) -> list[PendingCorrection]:
+    """Corrections a retrain will not learn until an admin approves them: anonymous, conflicting, screened out,
+    or below `retrain.min_trust`."""
+    pending = pending_review(assessed_rows(settings, task), min_trust=settings.retrain.min_trust)
+    return [PendingCorrection(
+        event_id=i.row.event_id, task=i.row.task, prompt=i.row.prompt, served_answer=i.row.answer,
+        proposed_answer=i.row.correction or "", proposed_by=i.row.rater, trust=i.trust, raters_agreeing=i.raters,
+        why=i.held or f"trust {i.trust} is below retrain.min_trust {settings.retrain.min_trust}",
+        at=i.row.feedback_ts) for i in pending]
+
+
+def judge(settings: Settings, event_ids: Iterable[str], action: Literal["approve", "reject", "retract"], by: str,
+          reason: str = "") -> tuple[list[str], list[str]]:
+    """Record `action` on each event; returns (judged, unknown ids). Approving makes a row `reviewed`."""
+    dataset = _dataset(settings)
+    wanted = list(dict.fromkeys(event_ids))
+    known = _existing_events(dataset, set(wanted))
+    judged = [e for e in wanted if e in known]
+    dataset.reviews.append(Judgement(event_id=e, action=action, by=by, reason=reason) for e in judged)
+    return judged, [e for e in wanted if e not in known]
+
+
+def _existing_events(dataset: CuratedDataset, event_ids: set[str]) -> set[str]:
+    found: set[str] = set()
+    for part in dataset.manifest().files:
+        column = pq.read_table(dataset.root / part.path, columns=["event_id"], schema=SCHEMA)["event_id"]
+        found |= set(pc.filter(column, pc.is_in(column, value_set=_strings(event_ids))).to_pylist())
+    return found
+
+
+def _strings(values: Iterable[str]) -> pa.Array:
+    return pa.array(sorted(values), type=pa.string())
+
+
+def events_matching(settings: Settings, *, rater: str | None = None, request_id: str | None = None) -> list[str]:
+    """Event ids of every curated row by `rater`, or about `request_id`."""
+    dataset = _dataset(settings)
+    ids: list[str] = []
+    for part in dataset.manifest().files:
+        table = pq.read_table(dataset.root / part.path, columns=["event_id", "request_id", "rater"], schema=SCHEMA)
+        if rater is not None:
+            table = table.filter(pc.equal(table["rater"], rater))
+        if request_id is not None:
+            table = table.filter(pc.equal(table["request_id"], request_id))
+        ids += table["event_id"].to_pylist()
+    return ids
+
+
+# -- lineage ------------------------------------------------------------------------------------
+
+class VersionLineage(BaseModel):
+    version: str
+    task: str
+    status: str
+    parents: list[str] = Field(description="Its parent, its parent's parent, … (oldest last).")
+    data: dict[str, Any] = Field(default_factory=dict, description="What its retrain read: dataset positions, "
+                                 "rows by source and trust.")
+    rows_by_source: dict[str, int] = Field(default_factory=dict)
+    gate: dict[str, Any] | None = None
+    champion_periods: list[dict[str, Any]] = Field(default_factory=list, description="When it became champion, and "
+                                                   "what replaced it.")
+
+
+class EventLineage(BaseModel):
+    event_id: str
+    row: CuratedExample | None
+    trust: Trust | None
+    retracted: bool
+    judgements: list[Judgement]
+    trained: list[str] = Field(description="Versions whose training rows include it (directly or through replay).")
+
+
+class RequestLineage(BaseModel):
+    request_id: str
+    answered_by: str | None
+    ancestors: list[str]
+    feedback: list[EventLineage]
+
+
+class Lineage(BaseModel):
+    kind: Literal["version", "event", "request"]
+    version: VersionLineage | None = None
+    event: EventLineage | None = None
+    request: RequestLineage | None = None
+
+
+def trained_on(registry: Registry, version: str) -> set[str]:
+    """The curated events version `version` trained on (from its training rows)."""
+    path = registry.local_path(version) / TRAIN_DATA_FILE
+    if not path.is_file():
+        return set()
+    ids: set[str] = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if '"event_ids":[]' not in line and line.strip():
+            ids.update(json.loads(line).get("event_ids", ()))
+    return ids
+
+
+def versions_trained_on(settings: Settings, event_ids: set[str], tasks: Iterable[str] | None = None
+                        ) -> dict[str, list[str]]:
+    """Task -> its versions whose training rows include any of `event_ids`."""
+    out: dict[str, list[str]] = {}
+    for task in tasks or known_tasks(settings):
+        registry = registry_for(settings, task)
+        hit = [m.version for m in registry.versions() if event_ids & trained_on(registry, m.version)]
+        if hit:
+            out[task] = hit
+    return out
+
+
+def _version_lineage(settings: Settings, version: str) -> VersionLineage:
+    task = version.rsplit("-v", 1)[0]
+    registry = registry_for(settings, task)
+    manifest = registry.manifest(version)
+    parents, parent = [], manifest.parent_version
+    while parent:
+        parents.append(parent)
+        parent = registry.manifest(parent).parent_version
+    sources: dict[str, int] = {}
+    path = registry.local_path(version) / TRAIN_DATA_FILE
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                source = json.loads(line).get("source", "?")
+                sources[source] = sources.get(source, 0) + 1
+    periods = [{"at": e.at, "by": e.actor, "previous": e.previous, "reason": e.reason}
+               for e in registry.history("champion") if e.version == version]
+    return VersionLineage(version=version, task=task, status=manifest.status, parents=parents,
+                          data=manifest.data or {}, rows_by_source=sources, gate=manifest.gate,
+                          champion_periods=periods)
+
+
+def _event_lineage(settings: Settings, event_id: str, rows: list[CuratedExample] | None = None) -> EventLineage:
+    dataset = _dataset(settings)
+    table = _rows_where(dataset, "event_id", event_id)
+    row = CuratedExample.model_validate(table[0]) if table else None
+    judgements = [j for j in dataset.reviews.judgements() if j.event_id == event_id]
+    retracted = any(j.action == "retract" for j in judgements)
+    trust = None
+    if row is not None and not retracted:
+        peers = dataset.examples(task=row.task) if rows is None else rows
+        trust = next((i.trust for i in assess(peers, dataset.reviews.decisions(),
+                                              confirm_raters=settings.retrain.confirm_raters,
+                                              majority=settings.retrain.majority) if i.row.event_id == event_id), None)
+    tasks = [row.task] if row else None
+    trained = [v for versions in versions_trained_on(settings, {event_id}, tasks).values() for v in versions]
+    return EventLineage(event_id=event_id, row=row, trust=trust, retracted=retracted, judgements=judgements,
+                        trained=trained)
+
+
+def _rows_where(dataset: CuratedDataset, column: str, value: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for part in dataset.manifest().files:
+        table = pq.read_table(dataset.root / part.path, schema=SCHEMA, filters=[(column, "=", value)])
+        found += table.to_pylist()
+    return found
+
+
+def lineage(settings: Settings, identifier: str) -> Lineage:
+    """A version (`task-vN`), a request id (32 hex) or an event id; LookupError if none is known."""
+    if "-v" in identifier and identifier.rsplit("-v", 1)[1].isdigit():
+        try:
+            return Lineage(kind="version", version=_version_lineage(settings, identifier))
+        except (VersionNotFoundError, ValueError) as exc:
+            raise LookupError(f"no version {identifier!r}") from exc
+    dataset = _dataset(settings)
+    answered = _rows_where(dataset, "request_id", identifier)
+    if answered:
+        version = answered[0]["adapter_version"]
+        try:
+            ancestors = _version_lineage(settings, version).parents
+        except (VersionNotFoundError, ValueError):
+            ancestors = []
+        feedback = [_event_lineage(settings, row["event_id"]) for row in answered]
+        return Lineage(kind="request", request=RequestLineage(request_id=identifier, answered_by=version,
+                                                              ancestors=ancestors, feedback=feedback))
+    event = _event_lineage(settings, identifier)
+    if event.row is None and not event.judgements:
+        raise LookupError(f"no version, curated request or feedback event {identifier!r}")
+    return Lineage(kind="event", event=event)
+
+
+class Retraction(BaseModel):
+    """What `flywheel feedback retract` did."""
+
+    retracted: list[str]
+    unknown: list[str]
+    trained: dict[str, list[str]] = Field(description="Task -> versions whose training included the retracted rows.")
+    rolled_back: dict[str, str] = Field(default_factory=dict, description="Task -> the clean ancestor now champion.")
+    canaries_ended: list[str] = Field(default_factory=list)
+
+
+def retract(settings: Settings, event_ids: Iterable[str], *, by: str, reason: str, rollback: bool = False
+            ) -> Retraction:
+    """Tombstone the events (never trained on again, replay included) and name the versions that learned them;
+    with `rollback`, each affected task's champion moves to its newest ancestor untouched by them (a canary
+    that carries them is ended first)."""
+    done, unknown = judge(settings, event_ids, "retract", by, reason)
+    gone = set(done)
+    trained = versions_trained_on(settings, gone) if gone else {}
+    result = Retraction(retracted=done, unknown=unknown, trained=trained)
+    if not rollback:
+        return result
+    for task, versions in trained.items():
+        registry = registry_for(settings, task)
+        tainted = set(versions)
+        canary = registry.alias("canary")
+        if canary in tainted and registry.end_canary(actor=by, reason=f"retracted feedback: {reason}"):
+            result.canaries_ended.append(canary)
+        champion = registry.alias("champion")
+        if champion not in tainted:
+            continue
+        clean = champion
+        while clean is not None and clean in tainted:
+            clean = registry.manifest(clean).parent_version
+        if clean is None:
+            raise LookupError(f"task {task}: every ancestor of {champion} learned the retracted feedback")
+        registry.promote(clean, actor=by, reason=f"rolled back from {champion}: retracted feedback ({reason})")
+        result.rolled_back[task] = clean
+    return result
