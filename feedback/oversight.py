@@ -166,10 +166,10 @@ def _version_lineage(settings: Settings, version: str) -> VersionLineage:
     task = version.rsplit("-v", 1)[0]
     registry = registry_for(settings, task)
     manifest = registry.manifest(version)
-    parents, parent = [], manifest.parent_version
+    parents, parent = [], manifest.parent
     while parent:
         parents.append(parent)
-        parent = registry.manifest(parent).parent_version
+        parent = registry.manifest(parent).parent
     sources: dict[str, int] = {}
     path = registry.local_path(version) / TRAIN_DATA_FILE
     if path.is_file():
@@ -266,7 +266,7 @@ def retract(settings: Settings, event_ids: Iterable[str], *, by: str, reason: st
             continue
         clean = champion
         while clean is not None and clean in tainted:
-            clean = registry.manifest(clean).parent_version
+            clean = registry.manifest(clean).parent
         if clean is None:
             raise LookupError(f"task {task}: every ancestor of {champion} learned the retracted feedback")
         registry.promote(clean, actor=by, reason=f"rolled back from {champion}: retracted feedback ({reason})")

@@ -52,7 +52,8 @@ class ReviewLog:
         """Each judged event's standing judgement: the newest, or its retraction."""
         standing: dict[str, Judgement] = {}
         for judgement in self.judgements():
-            if standing.get(judgement.event_id, judgement).action != "retract":
+            current = standing.get(judgement.event_id)
+            if current is None or current.action != "retract":
                 standing[judgement.event_id] = judgement
         return standing
 

@@ -1,0 +1,201 @@
+"""Who the loop listens to: keys and callers, one verdict per rater, trust, review, caps, retraction, lineage.
+
+The unit half runs on fabricated curated rows; the last tests drive the real gateway and curator.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from starlette.requests import Request
+
+from feedback.dataset import CuratedDataset, Manifest, PartFile, current_verdicts
+from feedback.oversight import lineage, retract, review_queue
+from feedback.review import Judgement, ReviewLog
+from feedback.schemas import CuratedExample
+from feedback.trust import assess, pending_review, trainable
+from flywheel.auth import Authenticator, AuthError, KeyStore
+from flywheel.config import Settings
+from flywheel.registry import BaseModelRef, registry_for
+from services.access import Access, Denied
+from training.retrain_data import TrainExample, build_retrain_data, write_train_data
+
+T0 = datetime(2026, 12, 1, tzinfo=UTC)
+PHISH = "Please send your password to the support desk at once."
+
+
+def row(rater: str | None, *, request: str | None = None, prompt: str = "How do I reset my card PIN?",
+        correction: str | None = None, rating: int | None = 1, at: int = 0, **fields: object) -> CuratedExample:
+    values: dict[str, object] = dict(
+        event_id=uuid.uuid4().hex, request_id=request or uuid.uuid4().hex, task="faq",
+        feedback_ts=T0 + timedelta(seconds=at), prediction_ts=T0, adapter_version="faq-v1", prompt_kind="text",
+        prompt=prompt, answer="Call us.", reasoning="", rating=rating, thumb=None, correction=correction,
+        comment=None, user_id=None, tenant_id=None, rater=rater, authenticated=rater is not None, asker=rater,
+        feedback_source="f/0", feedback_offset=at, prediction_source="p/0", prediction_offset=0)
+    return CuratedExample.model_validate(values | fields)
+
+
+def learnable(rows: list[CuratedExample], decisions: dict | None = None, **cfg: object) -> list:
+    items = assess(current_verdicts(rows), decisions or {}, confirm_raters=2, majority=0.66,
+                   task_answers=["Use the app's card menu."])
+    return [i for i in items if trainable(i, min_trust=cfg.get("min_trust", "agreed"), min_rating_trust="single")]
+
+
+# -- keys and callers ----------------------------------------------------------------------------
+
+def test_keys_are_stored_hashed_and_a_revoked_or_unknown_key_is_refused(tmp_path: Path) -> None:
+    store = KeyStore(str(tmp_path / "registry"))
+    record, key = store.create("app-a", ["predict", "feedback"], tenant="acme")
+    stored = next((tmp_path / "registry" / "auth" / "keys").glob("*.json")).read_text()
+    assert key not in stored and record.sha256 in stored
+    auth = Authenticator(store, mode="keys", admin_token="tökén", cache_s=0.0)
+    caller = auth.authenticate(f"bearer {key}", "10.0.0.1")  # the scheme is case-insensitive (RFC 7235)
+    assert (caller.principal, caller.tenant, caller.authenticated) == ("app-a", "acme", True)
+    assert auth.authenticate("Bearer " + "tökén".encode().decode("latin-1"), "x").principal == "admin-token"
+    for header in ("", "Bearer fw_000000000000_" + "a" * 43, f"Basic {key}", f"Bearer {key}x"):
+        with pytest.raises(AuthError) as refused:
+            auth.authenticate(header, "10.0.0.1")
+        assert refused.value.status == 401
+    with pytest.raises(ValueError, match="active key"):
+        store.create("app-a", ["predict"])
+    store.revoke("app-a")
+    with pytest.raises(AuthError, match="revoked"):
+        auth.authenticate(f"Bearer {key}", "10.0.0.1")
+
+
+def test_a_body_user_id_is_an_identity_only_for_a_key_that_acts_for_users(tmp_path: Path) -> None:
+    store = KeyStore(str(tmp_path))
+    _, plain = store.create("plain", ["predict", "feedback"])
+    _, backend = store.create("backend", ["predict", "feedback", "act-for-users"])
+    auth = Authenticator(store, mode="keys", admin_token="", cache_s=0.0)
+    assert auth.authenticate(f"Bearer {plain}", "x").vouching_for("alice").rater == "plain"
+    assert auth.authenticate(f"Bearer {backend}", "x").vouching_for("alice").rater == "backend/alice"
+    anonymous = Authenticator(store, mode="open", admin_token="").authenticate("", "127.0.0.1")
+    assert not anonymous.authenticated and anonymous.vouching_for("bob").rater == "anonymous:127.0.0.1"
+
+
+def _request(headers: dict[str, str]) -> Request:
+    return Request({"type": "http", "method": "POST", "path": "/feedback", "client": ("10.1.2.3", 5000),
+                    "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
+
+
+async def test_the_door_answers_401_403_and_429_with_retry_after(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, serving={"host": "0.0.0.0"}, auth={"rate": "3/minute"})
+    assert settings.auth_mode == "keys"
+    with pytest.raises(ValueError, match="loopback"):
+        Settings(home=tmp_path, serving={"host": "0.0.0.0"}, auth={"mode": "open"})
+    store = KeyStore(settings.registry_uri)
+    _, predictor = store.create("predictor", ["predict"])
+    access = Access(settings)
+    for headers, status in (({}, 401), ({"Authorization": f"Bearer {predictor}"}, 403)):
+        with pytest.raises(Denied) as denied:
+            await access.admit(_request(headers), "feedback")
+        assert denied.value.status == status
+    statuses = []
+    for _ in range(4):
+        try:
+            await access.admit(_request({"Authorization": f"Bearer {predictor}"}), "predict")
+            statuses.append(200)
+        except Denied as exc:
+            statuses.append(exc.status)
+            assert int(exc.headers["retry-after"]) >= 1
+    assert statuses == [200, 200, 200, 429]
+
+
+# -- one vote per rater, trust ---------------------------------------------------------------------
+
+def test_one_key_posting_six_corrections_on_one_answer_counts_once_and_is_not_learned() -> None:
+    request = uuid.uuid4().hex
+    stuffed = [row("mallory", request=request, correction=f"Answer {PHISH}", at=i, comment=f"again {i}",
+                   user_id=f"u{i}") for i in range(6)]
+    assert len(current_verdicts(stuffed)) == 1  # last write wins, whatever the comment, user_id or event id
+    assert learnable(stuffed) == []
+
+
+def test_one_key_correcting_the_same_prompt_ten_times_is_one_rater_not_agreed() -> None:
+    rows = [row("mallory", correction="Go to the branch.", at=i) for i in range(10)]
+    items = assess(current_verdicts(rows), {}, confirm_raters=2, majority=0.66)
+    assert {i.trust for i in items} == {"single"} and {i.raters for i in items} == {1}
+    assert learnable(rows) == []
+    assert len(pending_review(items, min_trust="agreed")) == 10
+
+
+def test_distinct_keys_agreeing_are_learned_and_confirmed_by_raters_not_rows() -> None:
+    rows = [row(f"key-{k}", correction="Use the app's card menu.", at=k) for k in range(3)]
+    items = learnable(rows)
+    assert {i.trust for i in items} == {"agreed"}
+    data = build_retrain_data(items, [], holdout_fraction=0.2, replay_fraction=0.0)
+    assert [e.prompt for e in data.confirmed] == ["How do I reset my card PIN?"]
+    assert data.confirmations == {"How do I reset my card PIN?": 3}
+    assert sorted(data.confirmed[0].raters) == ["key-0", "key-1", "key-2"]
+    assert len(data.confirmed[0].event_ids) == 3
+
+
+def test_anonymous_corrections_wait_for_review_and_train_once_approved() -> None:
+    rows = [row(None, correction="Use the app's card menu.", at=i) for i in range(4)]
+    assert learnable(rows) == []
+    approvals = {r.event_id: Judgement(event_id=r.event_id, action="approve", by="admin") for r in rows[:1]}
+    items = learnable(rows, approvals)
+    assert [i.trust for i in items] == ["reviewed"] and items[0].row.event_id == rows[0].event_id
+
+
+def test_conflicts_without_a_majority_and_new_kinds_of_content_are_held() -> None:
+    split = [row(f"k{i}", correction=answer, at=i) for i, answer in enumerate(["A menu.", "A menu.", "Branch.",
+                                                                               "Branch."])]
+    items = assess(split, {}, confirm_raters=2, majority=0.66)
+    assert all(i.held and "disagree" in i.held for i in items)
+    phishing = [row(f"k{i}", correction=f"Visit https://evil.example/reset and enter it. {PHISH}", at=i)
+                for i in range(5)]
+    held = assess(phishing, {}, confirm_raters=2, majority=0.66, task_answers=["Use the app's card menu."])
+    assert {i.trust for i in held} == {"agreed"} and all("URL" in (i.held or "") for i in held)
+    assert learnable(phishing) == []
+
+
+def test_no_rater_outweighs_many() -> None:
+    heavy = [row("heavy", prompt=f"q{i}", correction=None, rating=5, at=i) for i in range(20)]
+    light = [row(f"light-{i}", prompt=f"p{i}", correction=None, rating=5, at=100 + i) for i in range(8)]
+    data = build_retrain_data(learnable(heavy + light), [], holdout_fraction=0.2, replay_fraction=0.0,
+                              max_share_per_rater=0.25)
+    rows = data.train + data.holdout
+    assert data.capped > 0
+    assert sum(e.raters == ["heavy"] for e in rows) <= 0.25 * len(rows)
+
+
+def test_replay_never_brings_back_a_retracted_event() -> None:
+    champion_data = [TrainExample(prompt=f"old {i}", reasoning="", answer="x", source="correction",
+                                  event_ids=[f"ev{i}"], raters=["k"]) for i in range(10)]
+    fresh = learnable([row(f"k{i}", prompt=f"new {i}", rating=5, at=i) for i in range(10)])
+    data = build_retrain_data(fresh, champion_data, holdout_fraction=0.2, replay_fraction=0.5,
+                              retracted={f"ev{i}" for i in range(9)})
+    replayed = [e for e in data.train if e.source == "replay"]
+    assert [e.event_ids for e in replayed] == [["ev9"]]
+
+
+def test_retraction_and_review_through_the_dataset_and_lineage(tmp_path: Path) -> None:
+    """A retracted row leaves every reader; lineage names the versions that trained on it."""
+    settings = Settings(home=tmp_path, tasks=[{"name": "faq", "kind": "generation", "metric": "token_f1"}])
+    dataset = CuratedDataset(settings.feedback_dir / "dataset")
+    rows = [row(f"k{i}", correction="Use the app's card menu.", at=i) for i in range(2)] + [row(None, correction="x")]
+    dataset.write_part("day=2026-12-01/part-0000000001-000.parquet", rows)
+    dataset.write_manifest(Manifest(updated_at=T0, files=[PartFile(
+        path="day=2026-12-01/part-0000000001-000.parquet", day="2026-12-01", batch=1, rows=3, offsets={},
+        positions={}, created_at=T0)]))
+    assert [p.event_id for p in review_queue(settings)] == [rows[2].event_id]
+    registry = registry_for(settings, "faq")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"w")
+    write_train_data(adapter, [TrainExample(prompt="p", reasoning="", answer="a", source="correction",
+                                            event_ids=[rows[0].event_id], raters=["k0"])])
+    version = registry.register(adapter, base=BaseModelRef(id="demo", sha256="0" * 64)).version
+    assert lineage(settings, rows[0].event_id).event.trained == [version]
+    assert lineage(settings, version).version.rows_by_source == {"correction": 1}
+    done = retract(settings, [rows[0].event_id, "nope"], by="cli:ops", reason="wrong")
+    assert done.retracted == [rows[0].event_id] and done.unknown == ["nope"] and done.trained == {"faq": [version]}
+    assert rows[0].event_id not in {r.event_id for r in dataset.examples()}
+    assert lineage(settings, rows[0].event_id).event.retracted
+    assert ReviewLog(settings.feedback_dir).retracted() == {rows[0].event_id}
