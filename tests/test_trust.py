@@ -5,13 +5,16 @@ The unit half runs on fabricated curated rows; the last tests drive the real gat
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from starlette.requests import Request
 
+from feedback.curator import Curator
 from feedback.dataset import CuratedDataset, Manifest, PartFile, current_verdicts
 from feedback.oversight import lineage, retract, review_queue
 from feedback.review import Judgement, ReviewLog
@@ -184,6 +187,7 @@ def test_retraction_and_review_through_the_dataset_and_lineage(tmp_path: Path) -
         path="day=2026-12-01/part-0000000001-000.parquet", day="2026-12-01", batch=1, rows=3, offsets={},
         positions={}, created_at=T0)]))
     assert [p.event_id for p in review_queue(settings)] == [rows[2].event_id]
+    assert dataset.ratings("faq", T0) == [("faq-v1", 1.0), ("faq-v1", 1.0)]  # the canary: authenticated raters only
     registry = registry_for(settings, "faq")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -199,3 +203,49 @@ def test_retraction_and_review_through_the_dataset_and_lineage(tmp_path: Path) -
     assert rows[0].event_id not in {r.event_id for r in dataset.examples()}
     assert lineage(settings, rows[0].event_id).event.retracted
     assert ReviewLog(settings.feedback_dir).retracted() == {rows[0].event_id}
+
+
+# -- through the real gateway and curator ------------------------------------------------------------
+
+@pytest.mark.serve
+@pytest.mark.vllm
+def test_through_the_gateway_identity_comes_from_keys_and_only_the_asker_rates(served: tuple[str, Settings]) -> None:
+    url, settings = served
+    store = KeyStore(settings.registry_uri)
+    keys = {name: store.create(f"{name}-{uuid.uuid4().hex[:6]}", ["predict", "feedback"])[1]
+            for name in ("alice", "bob")}
+    _, burst = store.create(f"burst-{uuid.uuid4().hex[:6]}", ["predict"], rate="3/minute")
+
+    def as_key(name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {keys[name]}"}
+
+    with httpx.Client(base_url=url, timeout=60) as client:
+        asked = client.post("/predict", json={"prompt": "Acme shares surged", "max_tokens": 8}, headers=as_key("alice"))
+        assert asked.status_code == 200
+        request_id = asked.json()["request_id"]
+        stranger = client.post("/feedback", json={"request_id": request_id, "rating": 5}, headers=as_key("bob"))
+        assert stranger.status_code == 403 and "asked" in stranger.json()["error"]
+        assert client.post("/feedback", json={"request_id": request_id, "rating": 5}).status_code == 403  # anonymous
+        stuffed = [client.post("/feedback", headers=as_key("alice"), json={
+            "request_id": request_id, "rating": 1, "correction": "negative", "comment": f"again {i}",
+            "user_id": f"someone-{i}", "event_id": f"ev-{i}"}) for i in range(6)]
+        assert {r.status_code for r in stuffed} == {202}
+        assert client.post("/predict", json={"prompt": "x"}, headers={"Authorization": "Bearer fw_nope"}
+                           ).status_code == 401
+        store.revoke(next(k.name for k in store.all() if k.name.startswith("bob-")))
+        time.sleep(0.5)
+        revoked = client.post("/predict", json={"prompt": "x", "max_tokens": 4}, headers=as_key("bob"))
+        assert revoked.status_code == 401 and revoked.headers["www-authenticate"] == "Bearer"
+        statuses = [client.post("/predict", json={"prompt": "x", "max_tokens": 4},
+                                headers={"Authorization": f"Bearer {burst}"}).status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+
+    curator = Curator(settings)
+    try:
+        curator.drain(timeout_s=120)
+    finally:
+        curator.close()
+    dataset = CuratedDataset(settings.feedback_dir / "dataset")
+    mine = [r for r in dataset.examples() if r.request_id == request_id]
+    assert len(mine) == 1 and mine[0].rater.startswith("alice-") and mine[0].comment == "again 5"
+    assert mine[0].user_id is None  # a body's user_id from a key without act-for-users is no identity
