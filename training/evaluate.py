@@ -54,6 +54,11 @@ class SliceScores(BaseModel):
     metric: str = Field(description="The task's gate metric.")
     score: float = Field(description="The gate metric on the slice (accuracy, macro-F1 or the generation mean).")
     per_example: list[float] = Field(description="Per example, in slice order: the pairing for significance.")
+    predicted_labels: list[str | None] = Field(
+        default_factory=list, exclude=True,
+        description="Classification, per example in slice order: the label the answer named (None: none or several); "
+        "with `expected_labels` the pairing for a macro-F1 test. Left out of reports, like the raw scores.")
+    expected_labels: list[str] = Field(default_factory=list, exclude=True)
     metrics: dict[str, float] = Field(default_factory=dict, description="Every metric of the task's kind.")
     classification: dict[str, Any] | None = Field(None, description="Per-label scores and confusion matrix.")
     format_validity: float
@@ -128,6 +133,8 @@ async def score_slice(
     predictions = [r.text for r in results]
     references = [e.answer for e in examples]
     classification = None
+    predicted: list[str | None] = []
+    expected: list[str] = []
     if spec.kind == "classification":
         predicted = [match_label(p, spec.labels) for p in predictions]
         expected = [match_label(r, spec.labels) or "" for r in references]
@@ -150,6 +157,8 @@ async def score_slice(
         per_example=per_example,
         metrics=metrics,
         classification=classification,
+        predicted_labels=predicted,
+        expected_labels=expected,
         format_validity=sum(r.valid for r in results) / n if n else 0.0,
         truncated=sum(r.truncated for r in results) / n if n else 0.0,
         too_long=sum(r.too_long for r in results),
