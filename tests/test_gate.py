@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 
 from flywheel.config import Settings
 from flywheel.tasks import TaskSpec
-from training.evaluate import SliceScores
+from services.engines.protocol import AdapterHandle, ChatMessage, Generation, SamplingOptions
+from training.evaluate import EvalExample, SliceScores, evaluate
 from training.gate import decide, min_holdout
 
 POLICY = Settings().retrain.gate
@@ -115,3 +117,34 @@ def test_a_check_scored_on_no_rows_is_insufficient_data() -> None:
     assert never_answered.verdict == "insufficient_data" and "latency" in never_answered.message, never_answered
     latency = next(c for c in never_answered.checks if c.name == "latency")
     assert (latency.outcome, latency.rows, latency.value) == ("insufficient_data", 0, None)
+
+
+class DriftingEngine:
+    """Every request takes longer than the one before (a box warming up, a neighbour starting): the same adapter
+    asked later looks slower."""
+
+    base_model = "fake"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def generate(self, messages: list[ChatMessage], options: SamplingOptions, adapter: AdapterHandle,
+                       request_id: str) -> Generation:
+        self.calls.append(f"{adapter.name}{' warm-up' if 'warmup' in request_id else ''}")
+        await asyncio.sleep(0.004 * len(self.calls))
+        return Generation(text="thinking</think>the answer", prompt_tokens=1, completion_tokens=1)
+
+    async def completion_logprob(self, messages: list[ChatMessage], completion: str,
+                                 adapter: AdapterHandle) -> tuple[float, int]:
+        return -1.0, 1
+
+
+async def test_latency_is_compared_on_warmed_adapters_asked_in_turns() -> None:
+    engine = DriftingEngine()
+    adapters = {v: AdapterHandle(name=v, int_id=i + 1, path="/nowhere") for i, v in enumerate(("k", "c"))}
+    examples = [EvalExample.of(f"question {i}", "the answer") for i in range(10)]
+    spec = TaskSpec(name="faq", metric="token_f1")
+    scores = await evaluate(engine, adapters, {"new": examples}, spec, concurrency=1)  # type: ignore[arg-type]
+    assert engine.calls == ["k warm-up", "c warm-up", *["k", "c"] * 10]
+    ratio = scores["c"]["new"].mean_latency_ms / scores["k"]["new"].mean_latency_ms
+    assert ratio < 1.2, ratio  # asked all champion first, then all candidate, the candidate looked 2.8x slower
