@@ -144,17 +144,25 @@ def sequential_difference(
 def sequential_trial(
     rated: list[tuple[bool, float, str | None]], *, alpha: float, effect_sd: float, min_ratings: int,
 ) -> SequentialResult:
-    """`sequential_difference` looked at after every rating (in arrival order: (in arm B?, rating, rater)),
-    from the first at which both arms have `min_ratings`; the first crossing ends the trial.
+    """`sequential_difference` looked at after every rating, in arrival order ((in arm B?, rating, rater)).
 
-    The result is the trial's as it ended: at the first look whose confidence sequence excludes 0 (so the
-    p-value is the running minimum, and never rises again), or at the last rating."""
+    Once both arms have `min_ratings`, every look counts: the p-value is the running minimum over the counted
+    looks and the interval their running intersection, both as valid as one look's; the first that excludes 0
+    ends the trial, so later ratings never reverse a verdict."""
     arms = _Arm(), _Arm()
-    look = None
+    look: _Look | None = None
+    counting = False
     for in_b, rating, rater in rated:
         arms[in_b].add(rating, rater)
-        look = _msprt(*arms, alpha=alpha, effect_sd=effect_sd)
-        if look and (look.low > 0 or look.high < 0) and min(arms[0].ratings, arms[1].ratings) >= min_ratings:
+        now = _msprt(*arms, alpha=alpha, effect_sd=effect_sd)
+        if now is None or min(arms[0].ratings, arms[1].ratings) < min_ratings:
+            look = now
+            continue
+        if counting and look is not None:
+            now = _Look(low=max(look.low, now.low), high=min(look.high, now.high),
+                        p_value=min(look.p_value, now.p_value))
+        look, counting = now, True
+        if look.low > 0 or look.high < 0:
             break
     return _result(*arms, look)
 

@@ -82,6 +82,10 @@ def test_the_first_crossing_ends_the_trial_and_its_p_value_never_rises() -> None
     at_the_end = sequential_difference([v for b, v, _ in later if not b], [v for b, v, _ in later if b], alpha=0.05,
                                        effect_sd=0.5)
     assert at_the_end.low < 0 < at_the_end.high and at_the_end.p_value > 0.05  # a look at the end alone: no
+    same = [(i % 2 == 1, float(min(5, max(1, round(rng.gauss(3.5, 1.0))))), None) for i in range(300)]
+    p_values = [sequential_trial(same[:k], alpha=0.05, effect_sd=0.5, min_ratings=30).p_value
+                for k in range(60, 301, 30)]
+    assert p_values == sorted(p_values, reverse=True) and p_values[-1] > 0.05, p_values
 
 
 def test_ratings_with_their_rater_count_one_mean_per_rater(trial: Registry) -> None:
