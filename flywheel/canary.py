@@ -3,8 +3,10 @@
 For a task whose `rollout` is `canary`, a retrain makes its passing candidate the task's `canary` alias at
 the first share of traffic instead of the champion. Replicas send that share of users to it, sticky per
 user. `review` compares the two arms on the ratings given since the canary started, with an always-valid
-sequential test (so looking every few seconds is fine), and on guardrails from the replicas (failures,
-p99 latency); `apply` carries the verdict out through the registry, whose history keeps the figures:
+sequential test followed rating by rating, whose first crossing ends the trial (so looking every few
+seconds is fine), on one mean per rater (a user rates many answers and keeps their arm), and on guardrails
+from the replicas (failures, p99 latency); `apply` carries the verdict out through the registry, whose
+history keeps the figures:
 
 - a guardrail broken, or worse at the configured confidence: roll back (share 0) at once;
 - too few ratings in either arm: hold, and say so;
@@ -20,7 +22,7 @@ import statistics
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -30,48 +32,139 @@ from flywheel.registry import CANARY_ALIAS, HistoryEntry, Registry, known_tasks,
 log = logging.getLogger("flywheel.canary")
 
 Verdict = Literal["promote", "rollback", "step_up", "hold"]
-Ratings = list[tuple[str, float]]
-"""(adapter version, rating 1-5) of a task's answers rated since a time."""
+Rated = tuple[str, float] | tuple[str, float, str | None]
+"""(adapter version, rating 1-5) or (adapter version, rating 1-5, rater): one rated answer. The rater is whoever
+rated it (a user id); None or absent, the rating counts as a rater of its own."""
+Ratings = list[Rated]
+"""A task's rated answers since a time, oldest first."""
 VersionFigures = dict[str, dict[str, float]]
 """Per version, over the serving replicas: `requests`, `failures`, `p99_ms` of users' requests."""
 
 
 class SequentialResult(BaseModel):
-    """Arm B against arm A on independent samples: an always-valid test of their means' difference."""
+    """Arm B against arm A: an always-valid test of the difference of their mean ratings, one mean per rater."""
 
-    n_a: int
+    n_a: int = Field(description="Ratings in arm A.")
     n_b: int
-    mean_a: float
+    raters_a: int = Field(0, description="Raters in arm A: the independent units the variance is counted in.")
+    raters_b: int = 0
+    mean_a: float = Field(description="Mean over arm A's raters of each rater's mean rating.")
     mean_b: float
     difference: float = Field(description="mean_b - mean_a")
     low: float | None = Field(description="Confidence sequence for the difference: valid however often it is "
-                              "looked at (None until each arm has two ratings).")
+                              "looked at (None until each arm has two raters).")
     high: float | None
     p_value: float = Field(description="Always-valid p-value that the means are equal.")
 
 
-def sequential_difference(a: list[float], b: list[float], *, alpha: float, effect_sd: float) -> SequentialResult:
-    """A mixture sequential probability ratio test (mSPRT) of mean(b) - mean(a), Gaussian approximation.
+class _Arm:
+    """One arm's ratings, kept as one mean per rater and updated a rating at a time."""
 
-    With the mixture prior N(0, τ²) (τ = `effect_sd`) on the difference and V the variance of its estimate,
-    the ratio is sqrt(V / (V + τ²)) · exp(τ² d² / (2 V (V + τ²))). 1/ratio is a p-value, and d ± the
-    half-width below a confidence sequence, that stay valid when checked after every new sample (Johari et
-    al., 2017). Each arm's variance is floored so a run of identical ratings cannot make the test certain.
-    """
-    n_a, n_b = len(a), len(b)
-    mean_a = statistics.fmean(a) if a else 0.0
-    mean_b = statistics.fmean(b) if b else 0.0
-    d = mean_b - mean_a
-    if n_a < 2 or n_b < 2:
-        return SequentialResult(n_a=n_a, n_b=n_b, mean_a=mean_a, mean_b=mean_b, difference=d, low=None,
-                                high=None, p_value=1.0)
+    def __init__(self) -> None:
+        self.sums: dict[object, float] = {}
+        self.counts: dict[object, int] = {}
+        self.ratings = 0
+        self.sum_of_means = 0.0
+        self.sum_of_squares = 0.0
+
+    def add(self, rating: float, rater: str | None) -> None:
+        key: object = rater if rater is not None else object()  # unknown rater: a cluster of its own
+        if key in self.sums:
+            old = self.sums[key] / self.counts[key]
+            self.sum_of_means -= old
+            self.sum_of_squares -= old * old
+        self.sums[key] = self.sums.get(key, 0.0) + rating
+        self.counts[key] = self.counts.get(key, 0) + 1
+        new = self.sums[key] / self.counts[key]
+        self.sum_of_means += new
+        self.sum_of_squares += new * new
+        self.ratings += 1
+
+    @property
+    def raters(self) -> int:
+        return len(self.sums)
+
+    @property
+    def mean(self) -> float:
+        return self.sum_of_means / self.raters if self.sums else 0.0
+
+    @property
+    def variance(self) -> float:
+        """Sample variance of the raters' means (two raters at least)."""
+        return max(0.0, (self.sum_of_squares - self.sum_of_means**2 / self.raters) / (self.raters - 1))
+
+
+class _Look(NamedTuple):
+    low: float
+    high: float
+    p_value: float
+
+
+def _msprt(a: _Arm, b: _Arm, *, alpha: float, effect_sd: float) -> _Look | None:
+    """The test now (None until each arm has two raters)."""
+    if a.raters < 2 or b.raters < 2:
+        return None
+    d = b.mean - a.mean
     tau2 = effect_sd**2
     floor = 0.05 * tau2
-    var = max(statistics.variance(a), floor) / n_a + max(statistics.variance(b), floor) / n_b
+    var = max(a.variance, floor) / a.raters + max(b.variance, floor) / b.raters
     log_ratio = 0.5 * math.log(var / (var + tau2)) + tau2 * d * d / (2 * var * (var + tau2))
     half = math.sqrt(var * (var + tau2) / tau2 * (2 * math.log(1 / alpha) + math.log((var + tau2) / var)))
-    return SequentialResult(n_a=n_a, n_b=n_b, mean_a=mean_a, mean_b=mean_b, difference=d, low=d - half,
-                            high=d + half, p_value=min(1.0, math.exp(-log_ratio)))
+    return _Look(low=d - half, high=d + half, p_value=min(1.0, math.exp(-log_ratio)))
+
+
+def _result(a: _Arm, b: _Arm, look: _Look | None) -> SequentialResult:
+    return SequentialResult(n_a=a.ratings, n_b=b.ratings, raters_a=a.raters, raters_b=b.raters, mean_a=a.mean,
+                            mean_b=b.mean, difference=b.mean - a.mean, low=look.low if look else None,
+                            high=look.high if look else None, p_value=look.p_value if look else 1.0)
+
+
+def sequential_difference(
+    a: list[float], b: list[float], *, alpha: float, effect_sd: float,
+    raters_a: list[str | None] | None = None, raters_b: list[str | None] | None = None,
+) -> SequentialResult:
+    """A mixture sequential probability ratio test (mSPRT) of mean(b) - mean(a), Gaussian approximation.
+
+    Ratings are clustered by rater (a user rates many answers, and keeps their arm), so each arm is one
+    mean per rater and its variance is that of the raters' means: counting each rating as independent
+    would make the test too sure. `raters_a`/`raters_b` name each rating's rater (absent or None: the
+    rating is its own rater). With the mixture prior N(0, τ²) (τ = `effect_sd`) on the difference and V
+    the variance of its estimate, the ratio is sqrt(V / (V + τ²)) · exp(τ² d² / (2 V (V + τ²))). 1/ratio
+    is a p-value, and d ± the half-width below a confidence sequence, that stay valid when checked after
+    every new sample (Johari et al., 2017). Each arm's variance is floored so a run of identical ratings
+    cannot make the test certain. This is one look; `sequential_trial` follows a trial rating by rating.
+    """
+    arms = _Arm(), _Arm()
+    for arm, values, raters in ((arms[0], a, raters_a), (arms[1], b, raters_b)):
+        for value, rater in zip(values, raters or [None] * len(values), strict=True):
+            arm.add(value, rater)
+    return _result(*arms, _msprt(*arms, alpha=alpha, effect_sd=effect_sd))
+
+
+def sequential_trial(
+    rated: list[tuple[bool, float, str | None]], *, alpha: float, effect_sd: float, min_ratings: int,
+) -> SequentialResult:
+    """`sequential_difference` looked at after every rating, in arrival order ((in arm B?, rating, rater)).
+
+    Once both arms have `min_ratings`, every look counts: the p-value is the running minimum over the counted
+    looks and the interval their running intersection, both as valid as one look's; the first that excludes 0
+    ends the trial, so later ratings never reverse a verdict."""
+    arms = _Arm(), _Arm()
+    look: _Look | None = None
+    counting = False
+    for in_b, rating, rater in rated:
+        arms[in_b].add(rating, rater)
+        now = _msprt(*arms, alpha=alpha, effect_sd=effect_sd)
+        if now is None or min(arms[0].ratings, arms[1].ratings) < min_ratings:
+            look = now
+            continue
+        if counting and look is not None:
+            now = _Look(low=max(look.low, now.low), high=min(look.high, now.high),
+                        p_value=min(look.p_value, now.p_value))
+        look, counting = now, True
+        if look.low > 0 or look.high < 0:
+            break
+    return _result(*arms, look)
 
 
 class Arm(BaseModel):
@@ -141,7 +234,8 @@ def review(registry: Registry, cfg: CanarySettings, ratings: Callable[[datetime]
            figures: VersionFigures, now: datetime | None = None) -> CanaryReview | None:
     """What to do about `registry`'s task's canary now; None when it runs none.
 
-    `ratings(since)` gives the task's ratings since a time; `figures` the replicas' tallies per version.
+    `ratings(since)` gives the task's ratings since a time, oldest first, with or without each rating's rater
+    (`Rated`); `figures` the replicas' tallies per version.
     """
     aliases = registry.aliases()
     canary = aliases.get(CANARY_ALIAS)
@@ -150,19 +244,20 @@ def review(registry: Registry, cfg: CanarySettings, ratings: Callable[[datetime]
         return None
     now = now or datetime.now(UTC)
     started, step_started = _trial(registry.history(CANARY_ALIAS), canary.version)
-    rated = ratings(started)
-    values = {arm: [v for version, v in rated if version == name]
+    rated = [(r[0], r[1], r[2] if len(r) > 2 else None) for r in ratings(started)
+             if r[0] in (champion.version, canary.version)]
+    values = {arm: [v for version, v, _ in rated if version == name]
               for arm, name in (("champion", champion.version), ("canary", canary.version))}
     arms = {arm: _arm(name, values[arm], figures)
             for arm, name in (("champion", champion.version), ("canary", canary.version))}
-    alpha = 1 - cfg.confidence
-    test = sequential_difference(values["champion"], values["canary"], alpha=alpha, effect_sd=cfg.effect_sd)
+    test = sequential_trial([(version == canary.version, v, rater) for version, v, rater in rated],
+                            alpha=1 - cfg.confidence, effect_sd=cfg.effect_sd, min_ratings=cfg.min_ratings)
     share = canary.traffic_fraction
     later = [s for s in cfg.steps if s > share + 1e-9]
     deadline = started + timedelta(seconds=cfg.deadline_s)
     figures_text = (f"canary {canary.version} mean {test.mean_b:.2f} vs champion {champion.version} "
                     f"{test.mean_a:.2f} ({test.difference:+.2f}, {cfg.confidence:.0%} interval {interval(test)}, "
-                    f"p={test.p_value:.3f}, ratings {test.n_b}/{test.n_a})")
+                    f"p={test.p_value:.3f}, ratings {test.n_b}/{test.n_a} by {test.raters_b}/{test.raters_a} raters)")
     verdict: Verdict
     breach = _guardrail_breach(arms["champion"], arms["canary"], cfg)
     if breach:

@@ -212,7 +212,8 @@ class GateSettings(BaseModel):
 
     min_improvement: float = Field(0.05, description="Accuracy gain required on the newest feedback slice.")
     max_golden_regression: float = Field(0.02, description="Largest accuracy drop allowed on the golden set.")
-    significance_alpha: float = Field(0.05, description="McNemar p-value the gain on the new slice must beat.")
+    significance_alpha: float = Field(0.05, gt=0, lt=0.5, description="Level of the one-sided paired test that the "
+                                      "candidate is better on the new slice (McNemar or permutation).")
     min_format_validity: float = Field(0.9, description="Share of answers with a closed <think> and an answer.")
     max_latency_ratio: float = Field(1.5, description="Candidate mean latency / champion's, at most.")
     min_parity: float = Field(0.75, description="Greedy agreement of serving engine and PEFT reference.")

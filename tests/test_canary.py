@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.canary import CanaryController, apply, review, sequential_difference
+from flywheel.canary import CanaryController, apply, review, sequential_difference, sequential_trial
 from flywheel.config import CanarySettings, Settings
 from flywheel.registry import CANARY_ALIAS, BaseModelRef, Registry
 from services.adapters import traffic_bucket
@@ -43,6 +43,66 @@ def test_checking_after_every_batch_keeps_false_alarms_near_alpha_and_finds_half
     assert false_alarms / 200 <= 2 * alpha, false_alarms  # 30 looks at a fixed-n test would give ~25 %
     found = [first_verdict(3.0, 3.5) for _ in range(100)]
     assert sum(f is not None for f in found) >= 80, found
+
+
+def a_a_trial(rng: random.Random, *, name_raters: bool, raters: int = 60, rated: int = 1500):
+    """A canary no better than the champion, rated by users with personal biases who each rate many answers and
+    keep their arm; the ratings arrive interleaved. Returns the trial as the canary would end it."""
+    bias = [rng.gauss(0, 0.8) for _ in range(raters)]
+    on_canary = [rng.random() < 0.5 for _ in range(raters)]
+    stream = []
+    for _ in range(rated):
+        user = rng.randrange(raters)
+        rating = float(min(5, max(1, round(3.5 + bias[user] + rng.gauss(0, 0.7)))))
+        stream.append((on_canary[user], rating, f"user-{user}" if name_raters else None))
+    return sequential_trial(stream, alpha=0.05, effect_sd=0.5, min_ratings=30)
+
+
+def test_raters_who_rate_many_answers_do_not_fool_the_canary() -> None:
+    """Over 300 A/A trials looked at after every rating, one mean per rater keeps false verdicts within alpha
+    (2.3 % here); counting each rating as independent gives about half."""
+    rng = random.Random(1)
+
+    def false_verdicts(name_raters: bool, trials: int) -> float:
+        results = [a_a_trial(rng, name_raters=name_raters) for _ in range(trials)]
+        return sum(r.low is not None and (r.low > 0 or r.high < 0) for r in results) / trials
+
+    assert false_verdicts(True, 300) <= 0.05 + 0.025
+    assert false_verdicts(False, 50) > 0.2  # what the rater ids are for
+
+
+def test_the_first_crossing_ends_the_trial_and_its_p_value_never_rises() -> None:
+    rng = random.Random(8)
+    better = [(i % 2 == 1, float(min(5, max(1, round(rng.gauss(3.0 + (i % 2), 1.0))))), None) for i in range(400)]
+    ended = sequential_trial(better, alpha=0.05, effect_sd=0.5, min_ratings=30)
+    assert ended.low > 0 and ended.p_value <= 0.05 and ended.n_a + ended.n_b < 400  # it stopped at the crossing
+    # Ratings after the crossing that cancel the gain (the champion's users suddenly delighted) change nothing.
+    later = better + [(False, 5.0, None)] * 170
+    assert sequential_trial(later, alpha=0.05, effect_sd=0.5, min_ratings=30) == ended
+    at_the_end = sequential_difference([v for b, v, _ in later if not b], [v for b, v, _ in later if b], alpha=0.05,
+                                       effect_sd=0.5)
+    assert at_the_end.low < 0 < at_the_end.high and at_the_end.p_value > 0.05  # a look at the end alone: no
+    same = [(i % 2 == 1, float(min(5, max(1, round(rng.gauss(3.5, 1.0))))), None) for i in range(300)]
+    p_values = [sequential_trial(same[:k], alpha=0.05, effect_sd=0.5, min_ratings=30).p_value
+                for k in range(60, 301, 30)]
+    assert p_values == sorted(p_values, reverse=True) and p_values[-1] > 0.05, p_values
+
+
+def test_ratings_with_their_rater_count_one_mean_per_rater(trial: Registry) -> None:
+    """Three fans rate the canary 60 times: its mean is half a point higher, which 60 independent ratings would
+    call better; from three raters it is no verdict. Pairs without a rater still count, each its own rater."""
+    rng = random.Random(6)
+
+    def rating(mean: float) -> float:
+        return float(min(5, max(1, round(rng.gauss(mean, 0.7)))))
+
+    champion = [("demo-v1", rating(3.5)) for _ in range(60)]
+    fans = [("demo-v2", rating(3.5 + (1.2, 0.9, -0.3)[i % 3]), f"fan-{i % 3}") for i in range(60)]
+    decided = review(trial, CFG, lambda _since: [*champion, *fans], {})
+    assert decided is not None and decided.verdict == "hold", decided.reason
+    assert (decided.test.raters_a, decided.test.raters_b) == (60, 3) and "60/60 by 3/60 raters" in decided.reason
+    anonymous = review(trial, CFG, lambda _since: [*champion, *((v, r) for v, r, _ in fans)], {})
+    assert anonymous is not None and anonymous.verdict == "promote", anonymous.reason
 
 
 def test_users_keep_their_arm_and_the_share_is_what_was_asked() -> None:

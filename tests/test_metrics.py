@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
+import itertools
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
@@ -13,6 +14,7 @@ from flywheel.tasks import DEMO_TASK, GENERATION_METRICS
 from tests.timing import fastest_run_s
 from training.metrics import (
     GENERATION_SCORERS,
+    PERMUTATIONS,
     UNMATCHED,
     ClassificationReport,
     chrf,
@@ -22,12 +24,13 @@ from training.metrics import (
     exact_match,
     generation_report,
     lcs_length,
+    macro_f1_of,
+    macro_f1_test,
     match_label,
-    mcnemar_p,
+    mcnemar_test,
+    mean_gain_test,
     metric_tokens,
-    min_pairs_for_alpha,
     normalize_text,
-    paired_bootstrap,
     rouge_l,
     score_generation,
     token_f1,
@@ -203,76 +206,66 @@ def test_confusion_png_with_cjk_labels(tmp_path: Path) -> None:
     assert len(data) > 1000
 
 
-def _exact_binomial_two_sided(champion: list[bool], candidate: list[bool]) -> float:
-    """Reference: total probability of discordant splits no likelier than the observed one, under Bin(n, 1/2)."""
-    b = sum(1 for x, y in zip(champion, candidate, strict=True) if y and not x)
-    n = b + sum(1 for x, y in zip(champion, candidate, strict=True) if x and not y)
-    observed = math.comb(n, b)
-    return sum(math.comb(n, i) for i in range(n + 1) if math.comb(n, i) <= observed) / 2**n
-
-
-def test_mcnemar_p() -> None:
-    assert mcnemar_p([False] * 6, [True] * 6) == pytest.approx(0.03125)  # 2 * 0.5**6
-    assert mcnemar_p([True] * 6, [False] * 6) == pytest.approx(0.03125)  # two-sided
-    assert mcnemar_p([True, False], [True, False]) == 1.0  # no discordant pairs
-    # 10 discordant pairs, 8 one way: 2 * (1 + 10 + 45) / 1024.
+def test_mcnemar_is_the_one_sided_exact_binomial_test_of_discordant_pairs() -> None:
+    assert mcnemar_test([False] * 5, [True] * 5).p_value == pytest.approx(0.5**5)
+    assert mcnemar_test([True] * 5, [False] * 5).p_value == pytest.approx(1.0)  # one-sided: worse is never a win
+    assert mcnemar_test([True, False], [True, False]).p_value == 1.0  # no discordant pairs
+    # 10 discordant pairs, 8 for the candidate: P(X >= 8) for X ~ Bin(10, 1/2) = (45 + 10 + 1) / 1024.
     champion = [True] * 2 + [False] * 8 + [True] * 5
     candidate = [False] * 2 + [True] * 8 + [True] * 5
-    assert mcnemar_p(champion, candidate) == pytest.approx(112 / 1024)
-    rng = random.Random(1)
-    for _ in range(50):
-        a = [rng.random() < 0.5 for _ in range(40)]
-        b = [rng.random() < 0.6 for _ in range(40)]
-        assert mcnemar_p(a, b) == pytest.approx(_exact_binomial_two_sided(a, b))
+    result = mcnemar_test(champion, candidate)
+    assert (result.p_value, result.n, result.differing) == (pytest.approx(56 / 1024), 15, 10)
+    assert result.gain == pytest.approx(6 / 15) and result.ci_low <= result.gain <= result.ci_high
     with pytest.raises(ValueError):
-        mcnemar_p([True], [])
+        mcnemar_test([True], [])
 
 
-def test_paired_bootstrap_detects_a_clear_improvement_and_is_deterministic() -> None:
+def test_the_permutation_test_is_exact_on_few_pairs() -> None:
+    """Against every sign pattern of 6 differences, counted by hand: p = patterns with a sum >= observed / 64."""
+    champion = [0.1, 0.5, 0.3, 0.2, 0.6, 0.4]
+    candidate = [0.4, 0.6, 0.2, 0.6, 0.9, 0.4]
+    diffs = [c - k for k, c in zip(champion, candidate, strict=True)]
+    observed = sum(diffs)
+    at_least = sum(sum(s * d for s, d in zip(signs, diffs, strict=True)) >= observed - 1e-12
+                   for signs in itertools.product((1, -1), repeat=len(diffs)))
+    result = mean_gain_test(champion, candidate)
+    assert result.p_value == pytest.approx(at_least / 64)
+    assert result.gain == pytest.approx(observed / 6) and result.differing == 5
+    assert mean_gain_test(champion, candidate) == result  # seeded
+    assert mean_gain_test([], []).p_value == 1.0
+
+
+def test_the_permutation_test_detects_a_clear_improvement_and_is_fast_enough() -> None:
     rng = random.Random(0)
     champion = [rng.random() * 0.6 for _ in range(200)]
     candidate = [x + 0.1 + rng.gauss(0, 0.05) for x in champion]
-    result = paired_bootstrap(champion, candidate, seed=3)
-    assert result.n == 200
-    assert result.mean_diff == pytest.approx(result.mean_candidate - result.mean_champion)
-    assert 0.08 < result.mean_diff < 0.12
-    assert result.p_value < 0.01
-    assert result.p_value == pytest.approx(1 / 1001)  # no resample at or below 0
-    assert 0 < result.ci_low < result.mean_diff < result.ci_high
-    assert paired_bootstrap(champion, candidate, seed=3) == result
+    result = mean_gain_test(champion, candidate)
+    assert result.p_value == pytest.approx(1 / (PERMUTATIONS + 1))  # no draw reaches the observed gain
+    assert 0 < result.ci_low < result.gain < result.ci_high
+    null = mean_gain_test([rng.random() for _ in range(2000)], [rng.random() for _ in range(2000)])
+    assert null.p_value > 0.05 and null.ci_low < 0 < null.ci_high
+    assert fastest_run_s(lambda: mean_gain_test(champion * 10, candidate * 10), runs=1) < 5.0
 
 
-def test_paired_bootstrap_null() -> None:
-    rng = random.Random(2)
-    champion = [rng.random() for _ in range(300)]
-    candidate = [rng.random() for _ in range(300)]  # same distribution, no pairing effect
-    result = paired_bootstrap(champion, candidate, seed=0)
-    assert result.p_value > 0.2
-    assert result.ci_low < 0 < result.ci_high
-    identical = paired_bootstrap(champion, champion)
-    assert identical.p_value == 1.0
-    assert (identical.ci_low, identical.ci_high) == (0.0, 0.0)
-    assert paired_bootstrap([], []).p_value == 1.0
+def test_vectorized_macro_f1_is_the_reports_macro_f1() -> None:
+    rng = random.Random(4)
+    labels = ["a", "b", "c"]
+    for _ in range(30):
+        expected = [rng.choice(labels[:2]) for _ in range(12)]  # "c" expected nowhere: counts only if predicted
+        predicted = [rng.choice([*labels, None]) for _ in range(12)]
+        index = {label: i for i, label in enumerate(labels)}
+        as_indices = np.array([3 if p is None else index[p] for p in predicted])
+        assert macro_f1_of(as_indices, np.array([index[e] for e in expected]), 3) == pytest.approx(
+            classification_report(predicted, expected, labels).macro_f1)
 
 
-def test_paired_bootstrap_is_fast() -> None:
-    rng = random.Random(0)
-    champion = [rng.random() for _ in range(10_000)]
-    candidate = [rng.random() for _ in range(10_000)]
-    assert fastest_run_s(lambda: paired_bootstrap(champion, candidate, resamples=1000)) < 2.0
-
-
-def test_min_pairs_for_alpha() -> None:
-    assert min_pairs_for_alpha(0.05, binary=True) == 6
-    assert min_pairs_for_alpha(0.01, binary=True) == 8  # 2 * 0.5**7 = 0.0156 > 0.01 >= 2 * 0.5**8
-    assert min_pairs_for_alpha(0.05, binary=False) == 5
-    # The rule is exact for McNemar: at the minimum all-one-way reaches alpha, one pair fewer cannot.
-    n = min_pairs_for_alpha(0.05, binary=True)
-    assert mcnemar_p([False] * n, [True] * n) <= 0.05 < mcnemar_p([False] * (n - 1), [True] * (n - 1))
-    with pytest.raises(ValueError, match="resamples"):
-        min_pairs_for_alpha(0.001, binary=False, resamples=100)
-    with pytest.raises(ValueError):
-        min_pairs_for_alpha(0.0, binary=True)
+def test_the_macro_f1_test_reports_the_macro_f1_gain() -> None:
+    expected = ["a"] * 40 + ["b"] * 10
+    champion, candidate = ["a"] * 50, ["a"] * 30 + ["b"] * 20
+    result = macro_f1_test(champion, candidate, expected, ["a", "b"])
+    assert result.champion == pytest.approx(classification_report(champion, expected, ["a", "b"]).macro_f1)
+    assert result.candidate == pytest.approx(classification_report(candidate, expected, ["a", "b"]).macro_f1)
+    assert result.differing == 20 and result.p_value < 0.05 and result.ci_low > 0
 
 
 @pytest.mark.parametrize(

@@ -136,7 +136,7 @@ def _scores(per_example: list[float], metric: str = "token_f1") -> SliceScores:
                        format_validity=1.0, mean_latency_ms=10.0)
 
 
-def test_generation_gate_uses_the_tasks_metric_with_a_paired_bootstrap() -> None:
+def test_generation_gate_uses_the_tasks_metric_with_a_paired_permutation_test() -> None:
     spec = TaskSpec(name="faq-zh", metric="token_f1")
     reference = "请在设置中选择重置密码"
     champion_answers = ["我不知道"] * 20
@@ -150,7 +150,7 @@ def test_generation_gate_uses_the_tasks_metric_with_a_paired_bootstrap() -> None
                     policy=Settings().retrain.gate)
     assert report.verdict == "passed", report
     significance = next(c for c in report.checks if c.name == "significance")
-    assert "paired bootstrap" in significance.detail and significance.value < 0.05
+    assert "paired permutation" in significance.detail and significance.value < 0.05
 
     worse = decide({"new": _scores(candidate), "golden": _scores([0.5] * 8)},
                    {"new": _scores(champion), "golden": _scores([0.5] * 8)},
@@ -160,10 +160,13 @@ def test_generation_gate_uses_the_tasks_metric_with_a_paired_bootstrap() -> None
 
 def test_a_hold_out_too_small_to_ever_be_significant_is_insufficient_data_not_a_rejection() -> None:
     spec = TaskSpec(name="s", kind="classification", labels=["a", "b"])
-    tiny = decide({"new": _scores([0.0] * 5, "accuracy")}, {"new": _scores([1.0] * 5, "accuracy")},
+    golden = _scores([1.0, 0.0] * 5, "accuracy")
+    tiny = decide({"new": _scores([0.0] * 4, "accuracy"), "golden": golden},
+                  {"new": _scores([1.0] * 4, "accuracy"), "golden": golden},
                   spec=spec, new_slice="new", golden_slice="golden", parity=None, policy=Settings().retrain.gate)
-    assert tiny.verdict == "insufficient_data" and "needs at least 6" in tiny.message
-    enough = decide({"new": _scores([0.0] * 8, "accuracy")}, {"new": _scores([1.0] * 8, "accuracy")},
+    assert tiny.verdict == "insufficient_data" and "needs at least 5" in tiny.message
+    enough = decide({"new": _scores([0.0] * 8, "accuracy"), "golden": golden},
+                    {"new": _scores([1.0] * 8, "accuracy"), "golden": golden},
                     spec=spec, new_slice="new", golden_slice="golden", parity=None, policy=Settings().retrain.gate)
     assert enough.verdict == "passed", enough
 

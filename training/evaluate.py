@@ -5,13 +5,16 @@ gate's significance test. Per slice: the task's gate metric (mean and per exampl
 its kind for the report (classification: accuracy, macro-F1, per-label scores and the confusion
 matrix; generation: exact match, contains, token-F1, ROUGE-L, chrF), format validity (a closed think
 block and a non-empty answer), the share cut off while thinking (never scored as an answer),
-perplexity of the reference answers and mean latency. Budgets come from the task. The parity probe
-compares the serving engine's greedy answers with the PEFT reference.
+perplexity of the reference answers and mean latency. Every adapter is warmed before any request is timed,
+and the adapters are asked in turns (example 0 of each, then example 1 …), so drift in the engine's speed
+falls on both alike and their latencies compare. Budgets come from the task. The parity probe compares the
+serving engine's greedy answers with the PEFT reference.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -29,6 +32,7 @@ from training.sft import completion_text
 
 T = TypeVar("T")
 CONCURRENCY = 16  # enough to keep a private vLLM engine's continuous batching busy
+WARMUP_TOKENS = 8  # a warm-up request only has to reach the adapter, not answer
 
 
 class EvalExample(BaseModel):
@@ -54,6 +58,11 @@ class SliceScores(BaseModel):
     metric: str = Field(description="The task's gate metric.")
     score: float = Field(description="The gate metric on the slice (accuracy, macro-F1 or the generation mean).")
     per_example: list[float] = Field(description="Per example, in slice order: the pairing for significance.")
+    predicted_labels: list[str | None] = Field(
+        default_factory=list, exclude=True,
+        description="Classification, per example in slice order: the label the answer named (None: none or several); "
+        "with `expected_labels` the pairing for a macro-F1 test. Left out of reports, like the raw scores.")
+    expected_labels: list[str] = Field(default_factory=list, exclude=True)
     metrics: dict[str, float] = Field(default_factory=dict, description="Every metric of the task's kind.")
     classification: dict[str, Any] | None = Field(None, description="Per-label scores and confusion matrix.")
     format_validity: float
@@ -95,39 +104,43 @@ class _Answer(BaseModel):
     ms: float
 
 
-async def score_slice(
-    engine: Engine, adapter: AdapterHandle | None, examples: list[EvalExample], spec: TaskSpec, *,
-    concurrency: int = CONCURRENCY,
-) -> SliceScores:
+async def _answer(engine: Engine, spec: TaskSpec, adapter: AdapterHandle | None, i: int,
+                  example: EvalExample) -> _Answer:
     greedy = SamplingOptions(max_tokens=spec.max_new_tokens)
+    started = time.perf_counter()
+    try:
+        generation = await engine.generate(_chat(spec, example), greedy, adapter, f"eval-{i}-{time.time_ns()}")
+    except PromptTooLongError:
+        return _Answer(text="", valid=False, truncated=False, too_long=True, ms=0.0)
+    elapsed = (time.perf_counter() - started) * 1000
+    _, predicted, truncated = split_completion(generation.text, opened_think=generation.opened_think)
+    return _Answer(text=predicted, valid=not truncated and "</think>" in generation.text and bool(predicted),
+                   truncated=truncated, too_long=False, ms=elapsed)
+
+
+async def _logprob(engine: Engine, spec: TaskSpec, adapter: AdapterHandle | None,
+                   example: EvalExample) -> tuple[float, int]:
+    try:
+        return await engine.completion_logprob(_chat(spec, example), completion_text(example.reasoning,
+                                                                                     example.answer), adapter)
+    except PromptTooLongError:
+        return 0.0, 0
+
+
+def _scorable(examples: list[EvalExample], spec: TaskSpec) -> list[EvalExample]:
     if spec.kind == "classification":  # a reference naming no label cannot be scored (data loading refuses them)
-        examples = [e for e in examples if match_label(e.answer, spec.labels) is not None]
+        return [e for e in examples if match_label(e.answer, spec.labels) is not None]
+    return examples
 
-    async def answer(i: int, example: EvalExample) -> _Answer:
-        started = time.perf_counter()
-        try:
-            generation = await engine.generate(_chat(spec, example), greedy, adapter, f"eval-{i}-{time.time_ns()}")
-        except PromptTooLongError:
-            return _Answer(text="", valid=False, truncated=False, too_long=True, ms=0.0)
-        elapsed = (time.perf_counter() - started) * 1000
-        _, predicted, truncated = split_completion(generation.text, opened_think=generation.opened_think)
-        return _Answer(text=predicted, valid=not truncated and "</think>" in generation.text and bool(predicted),
-                       truncated=truncated, too_long=False, ms=elapsed)
 
-    results = await _bounded([answer(i, e) for i, e in enumerate(examples)], concurrency)
-
-    async def logprob(example: EvalExample) -> tuple[float, int]:
-        try:
-            return await engine.completion_logprob(_chat(spec, example), completion_text(example.reasoning,
-                                                                                         example.answer), adapter)
-        except PromptTooLongError:
-            return 0.0, 0
-
-    logprobs = await _bounded([logprob(e) for e in examples], concurrency)
+def _slice_scores(examples: list[EvalExample], results: list[_Answer], logprobs: list[tuple[float, int]],
+                  spec: TaskSpec) -> SliceScores:
     n = len(examples)
     predictions = [r.text for r in results]
     references = [e.answer for e in examples]
     classification = None
+    predicted: list[str | None] = []
+    expected: list[str] = []
     if spec.kind == "classification":
         predicted = [match_label(p, spec.labels) for p in predictions]
         expected = [match_label(r, spec.labels) or "" for r in references]
@@ -150,6 +163,8 @@ async def score_slice(
         per_example=per_example,
         metrics=metrics,
         classification=classification,
+        predicted_labels=predicted,
+        expected_labels=expected,
         format_validity=sum(r.valid for r in results) / n if n else 0.0,
         truncated=sum(r.truncated for r in results) / n if n else 0.0,
         too_long=sum(r.too_long for r in results),
@@ -160,17 +175,51 @@ async def score_slice(
     )
 
 
+async def _score_arms(
+    engine: Engine, adapters: dict[str, AdapterHandle | None], examples: list[EvalExample], spec: TaskSpec, *,
+    concurrency: int,
+) -> dict[str, SliceScores]:
+    """Every adapter on one slice. Requests go out interleaved (example 0 for each adapter, then example 1 …),
+    so the adapters share the engine's load and drift alike and their latencies compare."""
+    examples = _scorable(examples, spec)
+    handles = list(adapters.values())
+    results = await _bounded([_answer(engine, spec, handle, i, e) for i, e in enumerate(examples)
+                              for handle in handles], concurrency)
+    logprobs = await _bounded([_logprob(engine, spec, handle, e) for e in examples for handle in handles],
+                              concurrency)
+    return {name: _slice_scores(examples, results[k::len(handles)], logprobs[k::len(handles)], spec)
+            for k, name in enumerate(adapters)}
+
+
+async def score_slice(
+    engine: Engine, adapter: AdapterHandle | None, examples: list[EvalExample], spec: TaskSpec, *,
+    concurrency: int = CONCURRENCY,
+) -> SliceScores:
+    return (await _score_arms(engine, {"adapter": adapter}, examples, spec, concurrency=concurrency))["adapter"]
+
+
+async def _warm(engine: Engine, adapters: dict[str, AdapterHandle | None], example: EvalExample,
+                spec: TaskSpec) -> None:
+    """One untimed request per adapter, so no adapter's first (loading, compiling) request is timed."""
+    for handle in adapters.values():
+        with contextlib.suppress(PromptTooLongError):
+            await engine.generate(_chat(spec, example), SamplingOptions(max_tokens=WARMUP_TOKENS), handle,
+                                  f"eval-warmup-{time.time_ns()}")
+
+
 async def evaluate(
     engine: Engine, adapters: dict[str, AdapterHandle | None], slices: dict[str, list[EvalExample]], spec: TaskSpec,
     *, concurrency: int = CONCURRENCY,
 ) -> dict[str, dict[str, SliceScores]]:
     """{name: {slice: scores}} for every adapter (None: the bare base) on every slice (adapters loaded), with
-    at most `concurrency` requests in flight."""
-    return {
-        name: {slice_name: await score_slice(engine, handle, examples, spec, concurrency=concurrency)
-               for slice_name, examples in slices.items()}
-        for name, handle in adapters.items()
-    }
+    at most `concurrency` requests in flight: every adapter warmed first, then the adapters interleaved
+    request by request, so the gate's latency comparison is fair."""
+    first = next((examples[0] for examples in slices.values() if examples), None)
+    if first is not None:
+        await _warm(engine, adapters, first, spec)
+    by_slice = {slice_name: await _score_arms(engine, adapters, examples, spec, concurrency=concurrency)
+                for slice_name, examples in slices.items()}
+    return {name: {slice_name: scores[name] for slice_name, scores in by_slice.items()} for name in adapters}
 
 
 async def parity(

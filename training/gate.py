@@ -1,9 +1,11 @@
 """The evaluation gate: only a candidate that is better where it should be, and no worse elsewhere, ships.
 
 Candidate and champion are scored on the same examples by the engine that serves them, with the task's
-own metric, so results are paired: McNemar's exact test for 0/1 scores (accuracy, exact match,
-contains), a seeded paired bootstrap for continuous ones (token-F1, ROUGE-L, chrF). A hold-out too small
-for the test to ever reach the configured alpha gives `insufficient_data`, never a rejection.
+own metric, so results are paired, and the test is of the gated metric itself: exact McNemar for 0/1
+scores (accuracy, exact match, contains), a paired permutation test for macro-F1 and for continuous
+scores (token-F1, ROUGE-L, chrF). Every test is one-sided (is the candidate better?) at the configured
+alpha, and every gain comes with a bootstrap interval. A hold-out too small for the test to ever reach
+alpha, or any check with no rows to score, gives `insufficient_data`, never a pass or a rejection.
 
 The small-data policy (`decide_confirmed`) judges a batch of corrections users confirmed by repeating
 them: the candidate must give those answers on their own prompts, and regress nothing on the golden set.
@@ -13,22 +15,40 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, computed_field
 
 from flywheel.config import GateSettings
 from flywheel.tasks import TaskSpec
 from training.evaluate import SliceScores
-from training.metrics import mcnemar_p, min_pairs_for_alpha, paired_bootstrap
+from training.metrics import PairedTest, macro_f1_test, mcnemar_test, mean_gain_test
 
 Verdict = Literal["passed", "rejected", "insufficient_data"]
+Outcome = Literal["passed", "failed", "insufficient_data"]
+MAX_MIN_HOLDOUT = 64
+"""`min_holdout` looks no further: an alpha no hold-out this size can reach is a configuration error."""
 
 
 class GateCheck(BaseModel):
     name: str
-    passed: bool
+    outcome: Outcome = Field(description="insufficient_data when the check had no rows to score.")
     value: float | None
     threshold: float
+    rows: int = Field(description="How many rows the value rests on: examples, pairs or answered requests.")
     detail: str
+    ci_low: float | None = Field(None, description="Interval of `value`, where it is an estimated gain or drop.")
+    ci_high: float | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def passed(self) -> bool:
+        return self.outcome == "passed"
+
+
+def _check(name: str, *, ok: bool, value: float | None, threshold: float, rows: int, detail: str,
+           interval: tuple[float | None, float | None] = (None, None)) -> GateCheck:
+    outcome: Outcome = "insufficient_data" if rows == 0 else "passed" if ok else "failed"
+    return GateCheck(name=name, outcome=outcome, value=value if rows else None, threshold=threshold, rows=rows,
+                     detail=detail, ci_low=interval[0], ci_high=interval[1])
 
 
 class GateReport(BaseModel):
@@ -45,24 +65,63 @@ class GateReport(BaseModel):
         return [f"{c.name}: {c.detail}" for c in self.checks if not c.passed]
 
 
-def significance(champion: SliceScores, candidate: SliceScores, spec: TaskSpec, alpha: float) -> tuple[float, str]:
-    """(p-value that the candidate is better, how it was computed) on paired per-example scores."""
-    if spec.binary_metric or spec.kind == "classification":
-        p = mcnemar_p([v >= 0.5 for v in champion.per_example], [v >= 0.5 for v in candidate.per_example])
-        return p, f"McNemar p={p:.4f} on {candidate.n} paired examples"
-    result = paired_bootstrap(champion.per_example, candidate.per_example)
-    return result.p_value, (f"paired bootstrap p={result.p_value:.4f} on {result.n} pairs, mean difference "
-                            f"{result.mean_diff:+.3f} (95% CI {result.ci_low:+.3f}..{result.ci_high:+.3f})")
+def paired_test(champion: SliceScores, candidate: SliceScores, spec: TaskSpec, alpha: float) -> PairedTest:
+    """The one-sided test at `alpha` that the candidate is better on the gated metric itself, with the gain's
+    interval at 1 - 2 alpha (its lower end is the one-sided bound the test matches)."""
+    confidence = 1 - 2 * alpha
+    if spec.gate_metric == "macro_f1":
+        if not len(champion.predicted_labels) == len(candidate.predicted_labels) == candidate.n:
+            raise ValueError("a macro-F1 test needs every example's predicted and expected labels")
+        return macro_f1_test(champion.predicted_labels, candidate.predicted_labels, candidate.expected_labels,
+                             spec.labels, confidence=confidence)
+    if spec.binary_metric:
+        return mcnemar_test([v >= 0.5 for v in champion.per_example], [v >= 0.5 for v in candidate.per_example],
+                            confidence=confidence)
+    return mean_gain_test(champion.per_example, candidate.per_example, confidence=confidence)
 
 
-def golden_check(champion: SliceScores | None, candidate: SliceScores | None, policy: GateSettings) -> GateCheck:
+def _most_favourable(spec: TaskSpec, n: int) -> tuple[SliceScores, SliceScores]:
+    """(champion, candidate) on `n` examples that only the candidate gets right."""
+    label = spec.labels[0] if spec.labels else ""
+
+    def arm(right: bool) -> SliceScores:
+        return SliceScores(n=n, metric=spec.gate_metric, score=float(right), per_example=[float(right)] * n,
+                           predicted_labels=[label if right else None] * n, expected_labels=[label] * n,
+                           format_validity=1.0, mean_latency_ms=0.0)
+
+    return arm(False), arm(True)
+
+
+def min_holdout(spec: TaskSpec, alpha: float) -> int:
+    """The fewest held-out examples at which the gate's test could reach p <= alpha at all, found by running
+    that test (`paired_test`) on the most favourable hold-out of each size. Below it no result can be
+    significant, so the gate says `insufficient_data` rather than reject a candidate for a tiny hold-out."""
+    if not 0 < alpha < 0.5:
+        raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
+    for n in range(1, MAX_MIN_HOLDOUT + 1):
+        if paired_test(*_most_favourable(spec, n), spec, alpha).p_value <= alpha:
+            return n
+    raise ValueError(f"no hold-out of up to {MAX_MIN_HOLDOUT} examples can reach alpha={alpha} with the "
+                     f"{spec.gate_metric} test")
+
+
+def golden_check(champion: SliceScores | None, candidate: SliceScores | None, spec: TaskSpec,
+                 policy: GateSettings) -> GateCheck:
     if champion is None or candidate is None or candidate.n == 0:
-        return GateCheck(name="golden_regression", passed=True, value=None, threshold=policy.max_golden_regression,
-                         detail="the task has no golden set yet")
-    drop = champion.score - candidate.score
-    return GateCheck(name="golden_regression", passed=drop <= policy.max_golden_regression, value=drop,
-                     threshold=policy.max_golden_regression,
-                     detail=f"golden {candidate.metric} {champion.score:.3f} -> {candidate.score:.3f}")
+        return _check("golden_regression", ok=False, value=None, threshold=policy.max_golden_regression, rows=0,
+                      detail="the task has no golden set to check regressions on")
+    test = paired_test(champion, candidate, spec, policy.significance_alpha)
+    drop = -test.gain
+    interval = (None, None) if test.ci_low is None or test.ci_high is None else (-test.ci_high, -test.ci_low)
+    return _check("golden_regression", ok=drop <= policy.max_golden_regression, value=drop,
+                  threshold=policy.max_golden_regression, rows=test.n, interval=interval,
+                  detail=f"golden {candidate.metric} {test.champion:.3f} -> {test.candidate:.3f} on {test.n} "
+                         f"examples (drop {drop:+.3f}, {_interval_text(interval, test.confidence)})")
+
+
+def _interval_text(interval: tuple[float | None, float | None], confidence: float) -> str:
+    low, high = interval
+    return "no interval" if low is None or high is None else f"{confidence:.0%} CI {low:+.3f}..{high:+.3f}"
 
 
 def _serving_checks(
@@ -70,26 +129,37 @@ def _serving_checks(
     policy: GateSettings,
 ) -> list[GateCheck]:
     """What every policy asks of a candidate besides quality: well-formed answers, speed, engine parity."""
-    validity = min(s.format_validity for s in candidate.values() if s.n)
+    scored = [s for s in candidate.values() if s.n]
+    validity = min((s.format_validity for s in scored), default=0.0)
+    answered = min(new_c.n - new_c.too_long, new_k.n - new_k.too_long)
     latency_ratio = new_c.mean_latency_ms / max(new_k.mean_latency_ms, 1e-6)
     checks = [
-        GateCheck(name="format_validity", passed=validity >= policy.min_format_validity, value=validity,
-                  threshold=policy.min_format_validity, detail=f"worst slice validity {validity:.3f}"),
-        GateCheck(name="latency", passed=latency_ratio <= policy.max_latency_ratio, value=latency_ratio,
-                  threshold=policy.max_latency_ratio, detail=f"mean latency ratio {latency_ratio:.2f}"),
+        _check("format_validity", ok=validity >= policy.min_format_validity, value=validity,
+               threshold=policy.min_format_validity, rows=sum(s.n for s in scored),
+               detail=f"worst slice validity {validity:.3f}"),
+        _check("latency", ok=latency_ratio <= policy.max_latency_ratio, value=latency_ratio,
+               threshold=policy.max_latency_ratio, rows=answered,
+               detail=f"mean latency ratio {latency_ratio:.2f} over {answered} answers per arm"),
     ]
     if parity is not None:
-        checks.append(GateCheck(name="engine_parity", passed=parity >= policy.min_parity, value=parity,
-                                threshold=policy.min_parity,
-                                detail=f"serving engine agrees with the PEFT reference on {parity:.0%}"))
+        probed = min(policy.parity_prompts, new_c.n)  # the pipeline probes the first prompts of the new slice
+        checks.append(_check("engine_parity", ok=parity >= policy.min_parity, value=parity,
+                             threshold=policy.min_parity, rows=probed,
+                             detail=f"serving engine agrees with the PEFT reference on {parity:.0%} of {probed}"))
     return checks
 
 
 def _report(metric: str, checks: list[GateCheck]) -> GateReport:
-    passed = all(c.passed for c in checks)
-    return GateReport(verdict="passed" if passed else "rejected", metric=metric, checks=checks,
-                      message=checks[0].detail if passed else "; ".join(f"{c.name}: {c.detail}"
-                                                                        for c in checks if not c.passed))
+    """Rejected when a check failed on rows; else insufficient data when one had none; else passed."""
+    failed = [c for c in checks if c.outcome == "failed"]
+    unscored = [c for c in checks if c.outcome == "insufficient_data"]
+    if failed:
+        return GateReport(verdict="rejected", metric=metric, checks=checks,
+                          message="; ".join(f"{c.name}: {c.detail}" for c in failed))
+    if unscored:
+        return GateReport(verdict="insufficient_data", metric=metric, checks=checks,
+                          message="; ".join(f"{c.name}: no rows to judge ({c.detail})" for c in unscored))
+    return GateReport(verdict="passed", metric=metric, checks=checks, message=checks[0].detail)
 
 
 def decide(
@@ -105,22 +175,24 @@ def decide(
     """Apply `policy` to paired scores of the two adapters on the task's metric."""
     new_c, new_k = candidate[new_slice], champion[new_slice]
     metric = spec.gate_metric
-    needed = min_pairs_for_alpha(policy.significance_alpha, binary=spec.binary_metric)
+    alpha = policy.significance_alpha
+    needed = min_holdout(spec, alpha)
     if new_c.n < needed:
         return GateReport(
             verdict="insufficient_data", metric=metric, checks=[],
-            message=f"{new_c.n} held-out examples; a paired test at alpha={policy.significance_alpha} needs at "
-                    f"least {needed} to ever be significant",
+            message=f"{new_c.n} held-out examples; the {metric} test at alpha={alpha} needs at least {needed} to "
+                    f"ever be significant",
         )
-    gain = new_c.score - new_k.score
-    p, how = significance(new_k, new_c, spec, policy.significance_alpha)
+    test = paired_test(new_k, new_c, spec, alpha)
+    interval = (test.ci_low, test.ci_high)
     checks = [
-        GateCheck(name="improvement", passed=gain >= policy.min_improvement, value=gain,
-                  threshold=policy.min_improvement,
-                  detail=f"{new_slice} {metric} {new_k.score:.3f} -> {new_c.score:.3f} ({gain:+.3f})"),
-        GateCheck(name="significance", passed=gain > 0 and p <= policy.significance_alpha, value=p,
-                  threshold=policy.significance_alpha, detail=how),
-        golden_check(champion.get(golden_slice), candidate.get(golden_slice), policy),
+        _check("improvement", ok=test.gain >= policy.min_improvement, value=test.gain,
+               threshold=policy.min_improvement, rows=test.n, interval=interval,
+               detail=f"{new_slice} {metric} {test.champion:.3f} -> {test.candidate:.3f} on {test.n} examples "
+                      f"({test.gain:+.3f}, {_interval_text(interval, test.confidence)})"),
+        _check("significance", ok=test.gain > 0 and test.p_value <= alpha, value=test.p_value, threshold=alpha,
+               rows=test.n, detail=test.describe()),
+        golden_check(champion.get(golden_slice), candidate.get(golden_slice), spec, policy),
     ]
     return _report(metric, checks + _serving_checks(candidate, new_c, new_k, parity, policy))
 
@@ -138,11 +210,14 @@ def decide_confirmed(
     """The small-data policy: `new_slice` holds the confirmed corrections (trained on, by design)."""
     new_c, new_k = candidate[new_slice], champion[new_slice]
     metric = spec.gate_metric
+    test = paired_test(new_k, new_c, spec, policy.significance_alpha)
+    interval = (test.ci_low, test.ci_high)
     checks = [
-        GateCheck(name="confirmed_corrections", passed=new_c.score >= policy.min_confirmed_score, value=new_c.score,
-                  threshold=policy.min_confirmed_score,
-                  detail=f"{new_c.n} confirmed corrections honoured on their own prompts: {metric} "
-                         f"{new_k.score:.3f} -> {new_c.score:.3f}"),
-        golden_check(champion.get(golden_slice), candidate.get(golden_slice), policy),
+        _check("confirmed_corrections", ok=new_c.score >= policy.min_confirmed_score, value=new_c.score,
+               threshold=policy.min_confirmed_score, rows=new_c.n,
+               detail=f"{new_c.n} confirmed corrections honoured on their own prompts: {metric} "
+                      f"{new_k.score:.3f} -> {new_c.score:.3f} (gain {test.gain:+.3f}, "
+                      f"{_interval_text(interval, test.confidence)})"),
+        golden_check(champion.get(golden_slice), candidate.get(golden_slice), spec, policy),
     ]
     return _report(metric, checks + _serving_checks(candidate, new_c, new_k, parity, policy))

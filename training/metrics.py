@@ -6,13 +6,13 @@ score as fairly as English ones (the usual ROUGE tokenizer keeps only [a-z0-9] a
 Everything here runs in time linear in the text, or is capped, so a runaway generation cannot stall
 an evaluation.
 
-Candidate and champion are scored on the same examples, so comparisons are paired: McNemar's exact
-test for 0/1 metrics, a paired bootstrap for continuous ones.
+Candidate and champion are scored on the same examples, so comparisons are paired and one-sided: the exact
+McNemar test for 0/1 metrics, a paired permutation test of the gated statistic itself (mean or macro-F1)
+otherwise, each with a bootstrap interval of the gain.
 """
 
 from __future__ import annotations
 
-import math
 import unicodedata
 import warnings
 from collections import Counter
@@ -378,111 +378,162 @@ def confusion_png(report: ClassificationReport, path: Path, title: str) -> Path:
 
 
 # --- paired statistics -------------------------------------------------------------------------------
+# Candidate and champion answer the same examples, so every test here is paired and one-sided (is the
+# candidate better?). The tests are scipy's; what is ours is which statistic each one is handed.
+
+PERMUTATIONS = 1999
+"""Sign patterns the permutation test draws; up to 10 pairs (2**10 <= 1999) it enumerates all of them."""
+BOOTSTRAP_RESAMPLES = 2000
+"""Resamples of the gain's bootstrap interval."""
+# Values a resampling batch may hold (8 bytes each): bounds memory whatever the number of pairs.
+_BATCH_VALUES = 2_000_000
 
 
-def mcnemar_p(champion: list[bool], candidate: list[bool]) -> float:
-    """Two-sided exact McNemar p-value for paired correctness (1.0 when nothing differs).
+class PairedTest(BaseModel):
+    """The candidate against the champion on the same examples: the gain in one metric and a test of it."""
 
-    The binomial test on the discordant pairs: 2 * P(X <= min(b, c)) with X ~ Bin(b + c, 1/2), capped at 1.
-    """
-    if len(champion) != len(candidate):
-        raise ValueError("paired results must have the same length")
-    only_candidate = sum(1 for a, b in zip(champion, candidate, strict=True) if b and not a)
-    only_champion = sum(1 for a, b in zip(champion, candidate, strict=True) if a and not b)
-    n = only_candidate + only_champion
-    if n == 0:
+    method: str = Field(description="'exact McNemar' (0/1 scores) or 'paired permutation' (any statistic).")
+    n: int = Field(description="Paired examples the figures rest on.")
+    differing: int = Field(description="Pairs the two adapters scored differently: the only ones that move the test.")
+    champion: float
+    candidate: float
+    gain: float = Field(description="candidate - champion.")
+    p_value: float = Field(description="One-sided: the chance of a gain at least this large when neither adapter is "
+                           "better. Small means the candidate is better.")
+    confidence: float
+    ci_low: float | None = Field(description="Percentile bootstrap interval of the gain at `confidence` (None below "
+                                 "two pairs).")
+    ci_high: float | None
+
+    def describe(self) -> str:
+        interval = ("no interval" if self.ci_low is None or self.ci_high is None
+                    else f"{self.confidence:.0%} CI {self.ci_low:+.3f}..{self.ci_high:+.3f}")
+        return (f"{self.method} p={self.p_value:.4f} (one-sided) on {self.n} pairs, {self.differing} differing; "
+                f"gain {self.gain:+.3f} ({interval})")
+
+
+Statistic = Callable[..., np.ndarray]
+"""A vectorized statistic of paired samples (champion, candidate, …) along `axis`."""
+
+
+def _batch(n: int) -> int:
+    return max(1, _BATCH_VALUES // max(n, 1))
+
+
+def _mean_gain(champion: np.ndarray, candidate: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(candidate - champion, axis=axis)
+
+
+def _interval(
+    statistic: Statistic, samples: tuple[np.ndarray, ...], confidence: float, seed: int
+) -> tuple[float | None, float | None]:
+    """A percentile bootstrap interval, resampling whole pairs (scipy.stats.bootstrap, paired)."""
+    n = len(samples[0])
+    if n < 2:
+        return None, None
+    from scipy.stats import bootstrap
+
+    result = bootstrap(samples, statistic, paired=True, vectorized=True, method="percentile",
+                       confidence_level=confidence, n_resamples=BOOTSTRAP_RESAMPLES, batch=_batch(n),
+                       rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def _permutation_p(statistic: Statistic, champion: np.ndarray, candidate: np.ndarray, seed: int) -> float:
+    """One-sided p of a paired permutation test: each pair's two results swap arms at random (exact when
+    2**n <= PERMUTATIONS); scipy counts the observed arrangement among the draws, so p never reaches 0."""
+    if len(champion) < 2:  # scipy needs two pairs; one pair's p is at least 1/2 anyway
         return 1.0
-    k = min(only_candidate, only_champion)
-    term, tail = 1, 1  # comb(n, 0); exact integers, then one division
-    for i in range(k):
-        term = term * (n - i) // (i + 1)
-        tail += term
-    return min(1.0, 2 * tail / 2**n)
+    from scipy.stats import permutation_test
+
+    result = permutation_test((champion, candidate), statistic, permutation_type="samples", vectorized=True,
+                              alternative="greater", n_resamples=PERMUTATIONS, batch=_batch(len(champion)),
+                              rng=np.random.default_rng(seed))
+    return float(result.pvalue)
 
 
-class BootstrapResult(BaseModel):
-    """A paired bootstrap of candidate minus champion on the same examples."""
-
-    n: int
-    mean_champion: float
-    mean_candidate: float
-    mean_diff: float = Field(description="mean_candidate - mean_champion.")
-    ci_low: float = Field(description="2.5th percentile of the resampled mean difference.")
-    ci_high: float = Field(description="97.5th percentile of the resampled mean difference.")
-    p_value: float = Field(
-        description="One-sided: (resamples with mean difference <= 0, + 1) / (resamples + 1). Small means the "
-        "candidate is better."
-    )
-    resamples: int
-    seed: int
-
-
-# Indices drawn per chunk of resamples: bounds memory (8 bytes each) whatever n is.
-_BOOTSTRAP_CHUNK = 2_000_000
-
-
-def paired_bootstrap(
-    champion: list[float], candidate: list[float], *, resamples: int = 1000, seed: int = 0
-) -> BootstrapResult:
-    """Resample example indices with replacement and look at the candidate's mean advantage.
-
-    Deterministic for a given seed. Vectorized in chunks: 1000 resamples of 10 000 pairs take a
-    fraction of a second. With no pairs, p is 1.0 and the interval is [0, 0].
-    """
+def _paired(champion: list, candidate: list) -> tuple[np.ndarray, np.ndarray]:
     if len(champion) != len(candidate):
         raise ValueError("paired results must have the same length")
-    if resamples < 1:
-        raise ValueError("resamples must be at least 1")
-    n = len(champion)
+    return np.asarray(champion, dtype=np.float64), np.asarray(candidate, dtype=np.float64)
+
+
+def mcnemar_test(
+    champion: list[bool], candidate: list[bool], *, confidence: float = 0.9, seed: int = 0
+) -> PairedTest:
+    """Exact McNemar on paired correctness: the one-sided binomial test (scipy.stats.binomtest) that, of the
+    pairs only one adapter got right, more than half are the candidate's. Exact however few they are."""
+    from scipy.stats import binomtest
+
+    base, cand = _paired(champion, candidate)
+    only_candidate = int(np.count_nonzero(cand > base))
+    differing = only_candidate + int(np.count_nonzero(base > cand))
+    p = binomtest(only_candidate, differing, 0.5, alternative="greater").pvalue if differing else 1.0
+    low, high = _interval(_mean_gain, (base, cand), confidence, seed)
+    n = len(base)
+    return PairedTest(method="exact McNemar", n=n, differing=differing,
+                      champion=float(base.mean()) if n else 0.0, candidate=float(cand.mean()) if n else 0.0,
+                      gain=float(_mean_gain(base, cand)) if n else 0.0, p_value=float(p), confidence=confidence,
+                      ci_low=low, ci_high=high)
+
+
+def mean_gain_test(
+    champion: list[float], candidate: list[float], *, confidence: float = 0.9, seed: int = 0
+) -> PairedTest:
+    """The paired permutation (sign-flip) test of the mean per-example gain, for continuous scores."""
+    base, cand = _paired(champion, candidate)
+    n = len(base)
     if n == 0:
-        return BootstrapResult(n=0, mean_champion=0.0, mean_candidate=0.0, mean_diff=0.0, ci_low=0.0,
-                               ci_high=0.0, p_value=1.0, resamples=resamples, seed=seed)
-    base = np.asarray(champion, dtype=np.float64)
-    cand = np.asarray(candidate, dtype=np.float64)
-    diff = cand - base
-    rng = np.random.default_rng(seed)
-    per_chunk = max(1, _BOOTSTRAP_CHUNK // n)
-    means = np.empty(resamples, dtype=np.float64)
-    for start in range(0, resamples, per_chunk):
-        stop = min(resamples, start + per_chunk)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = diff[idx].mean(axis=1)
-    ci_low, ci_high = np.percentile(means, [2.5, 97.5])
-    at_most_zero = int(np.count_nonzero(means <= 0))
-    return BootstrapResult(
-        n=n,
-        mean_champion=float(base.mean()),
-        mean_candidate=float(cand.mean()),
-        mean_diff=float(diff.mean()),
-        ci_low=float(ci_low),
-        ci_high=float(ci_high),
-        p_value=(at_most_zero + 1) / (resamples + 1),
-        resamples=resamples,
-        seed=seed,
-    )
+        return PairedTest(method="paired permutation", n=0, differing=0, champion=0.0, candidate=0.0, gain=0.0,
+                          p_value=1.0, confidence=confidence, ci_low=None, ci_high=None)
+    low, high = _interval(_mean_gain, (base, cand), confidence, seed)
+    return PairedTest(method="paired permutation", n=n, differing=int(np.count_nonzero(base != cand)),
+                      champion=float(base.mean()), candidate=float(cand.mean()), gain=float(_mean_gain(base, cand)),
+                      p_value=_permutation_p(_mean_gain, base, cand, seed), confidence=confidence, ci_low=low,
+                      ci_high=high)
 
 
-def min_pairs_for_alpha(alpha: float, *, binary: bool, resamples: int = 1000) -> int:
-    """The fewest paired examples at which the gate's test could reach p <= alpha at all.
+def macro_f1_of(predicted: np.ndarray, expected: np.ndarray, n_labels: int) -> np.ndarray:
+    """`classification_report`'s macro-F1, vectorized over leading axes: label indices, `n_labels` for
+    an unmatched answer. A label counts when it is expected or predicted."""
+    total = np.zeros(np.broadcast_shapes(predicted.shape, expected.shape)[:-1])
+    present = np.zeros_like(total)
+    for label in range(n_labels):
+        said, wanted = predicted == label, expected == label
+        both = np.count_nonzero(said & wanted, axis=-1)
+        seen = np.count_nonzero(said, axis=-1) + np.count_nonzero(wanted, axis=-1)
+        total += np.where(seen > 0, 2 * both / np.maximum(seen, 1), 0.0)
+        present += seen > 0
+    return np.where(present > 0, total / np.maximum(present, 1), 0.0)
 
-    Below it no result can be significant, so the gate reports "insufficient data" rather than a
-    rejection that only reflects a tiny hold-out.
 
-    - binary (McNemar): the smallest n with 2 * 0.5**n <= alpha: n discordant pairs all favouring the
-      candidate, the most extreme outcome (6 at alpha 0.05, since 2 * 0.5**5 = 0.0625).
-    - continuous (paired bootstrap): the smallest n with 0.5**n <= alpha, the floor of a one-sided
-      sign test. The bootstrap alone has no such floor: when every difference favours the candidate,
-      no resample has a mean <= 0 and p is 1 / (resamples + 1) even for one pair. The sign-test rule
-      asks for at least as many pairs as an exact test would need (5 at alpha 0.05). The bootstrap's own
-      floor must also reach alpha; when 1 / (resamples + 1) > alpha no n suffices and this raises.
-    """
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if not binary and 1 / (resamples + 1) > alpha:
-        raise ValueError(f"{resamples} bootstrap resamples cannot give p <= {alpha}; use at least "
-                         f"{math.ceil(1 / alpha) - 1}")
-    factor = 2.0 if binary else 1.0
-    n = 1
-    while factor * 0.5**n > alpha:
-        n += 1
-    return n
+def macro_f1_test(
+    champion: list[str | None], candidate: list[str | None], expected: list[str], labels: list[str], *,
+    confidence: float = 0.9, seed: int = 0,
+) -> PairedTest:
+    """The paired permutation test of the macro-F1 gain: each example's two predicted labels swap arms at
+    random and macro-F1 is recomputed; the interval resamples (champion, candidate, expected) triples."""
+    if not len(champion) == len(candidate) == len(expected):
+        raise ValueError("paired results must have the same length")
+    index = {label: i for i, label in enumerate(labels)}
+
+    def indices(values: list[str | None]) -> np.ndarray:
+        return np.array([len(labels) if v is None else index[v] for v in values], dtype=np.int64)
+
+    base, cand, want = indices(champion), indices(candidate), indices(list(expected))
+
+    def gain(k: np.ndarray, c: np.ndarray, axis: int = -1) -> np.ndarray:
+        k, c = np.moveaxis(k, axis, -1), np.moveaxis(c, axis, -1)
+        return macro_f1_of(c, want, len(labels)) - macro_f1_of(k, want, len(labels))
+
+    def resampled_gain(k: np.ndarray, c: np.ndarray, w: np.ndarray, axis: int = -1) -> np.ndarray:
+        k, c, w = (np.moveaxis(a, axis, -1) for a in (k, c, w))
+        return macro_f1_of(c, w, len(labels)) - macro_f1_of(k, w, len(labels))
+
+    n = len(base)
+    before, after = (float(macro_f1_of(a, want, len(labels))) if n else 0.0 for a in (base, cand))
+    low, high = _interval(resampled_gain, (base, cand, want), confidence, seed)
+    return PairedTest(method="paired permutation", n=n, differing=int(np.count_nonzero(base != cand)),
+                      champion=before, candidate=after, gain=after - before,
+                      p_value=_permutation_p(gain, base, cand, seed), confidence=confidence,
+                      ci_low=low, ci_high=high)

@@ -32,9 +32,8 @@ from services.engines.hf_engine import HFEngine
 from services.engines.protocol import AdapterHandle, Engine
 from services.engines.served import ServedEngine
 from training.evaluate import EvalExample, SliceScores, evaluate, golden_examples, parity
-from training.gate import decide, decide_confirmed
+from training.gate import decide, decide_confirmed, min_holdout
 from training.kto import KtoExample
-from training.metrics import min_pairs_for_alpha
 from training.ray_train import TrainJob, connect_ray, train_on_ray
 from training.retrain_data import (
     RetrainData,
@@ -127,7 +126,7 @@ class Retrain:
             fresh = len(kto_rows)
         # Small-data policy: a hold-out too small for significance cannot judge a few distinct prompts that
         # users corrected again and again with one answer; learn them, and gate on honouring them.
-        needed = min_pairs_for_alpha(cfg.gate.significance_alpha, binary=self.task.binary_metric)
+        needed = min_holdout(self.task, cfg.gate.significance_alpha)
         policy = "held_out_significance"
         if data.confirmed and cfg.method == "sft" and (fresh < cfg.min_examples or len(data.holdout) < needed):
             policy = "confirmed_corrections"

@@ -1,0 +1,150 @@
+"""The gate's statistics on fabricated paired scores: which test, how small a hold-out, calibration, rows."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from flywheel.config import Settings
+from flywheel.tasks import TaskSpec
+from services.engines.protocol import AdapterHandle, ChatMessage, Generation, SamplingOptions
+from training.evaluate import EvalExample, SliceScores, evaluate
+from training.gate import decide, min_holdout
+
+POLICY = Settings().retrain.gate
+ALPHA = POLICY.significance_alpha
+GOLDEN = [1.0, 0.0] * 10
+
+
+def scores(per_example: list[float], metric: str = "token_f1", *, too_long: int = 0,
+           predicted: list[str | None] | None = None, expected: list[str] | None = None) -> SliceScores:
+    n = len(per_example)
+    return SliceScores(n=n, metric=metric, score=sum(per_example) / n if n else 0.0, per_example=per_example,
+                       predicted_labels=predicted or [], expected_labels=expected or [], format_validity=1.0,
+                       too_long=too_long, mean_latency_ms=10.0)
+
+
+def labelled(predicted: list[str | None], expected: list[str], labels: list[str]) -> SliceScores:
+    """A classification slice scored by macro-F1, as `score_slice` builds it."""
+    from training.metrics import classification_report
+
+    report = classification_report(predicted, expected, labels)
+    per_example = [float(p == e) for p, e in zip(predicted, expected, strict=True)]
+    return scores(per_example, "macro_f1", predicted=predicted, expected=expected).model_copy(
+        update={"score": report.macro_f1})
+
+
+def judge(champion: SliceScores, candidate: SliceScores, spec: TaskSpec, golden: tuple[SliceScores, SliceScores]
+          | None = None):
+    golden = golden or (scores(GOLDEN, candidate.metric), scores(GOLDEN, candidate.metric))
+    if spec.gate_metric == "macro_f1":
+        golden = (labelled(["a", "b"] * 5, ["a", "b"] * 5, spec.labels),) * 2
+    return decide({"new": champion, "golden": golden[0]}, {"new": candidate, "golden": golden[1]}, spec=spec,
+                  new_slice="new", golden_slice="golden", parity=None, policy=POLICY)
+
+
+MACRO_F1 = TaskSpec(name="tickets", kind="classification", labels=["a", "b"], metric="macro_f1")
+
+
+def test_a_macro_f1_gate_tests_macro_f1_not_accuracy() -> None:
+    """The candidate finds the rare label at the cost of some common ones: accuracy is level (McNemar on it
+    sees nothing), macro-F1 rises by 0.32, and the paired permutation test of macro-F1 sees that."""
+    expected = ["a"] * 40 + ["b"] * 10
+    champion = labelled(["a"] * 50, expected, MACRO_F1.labels)
+    candidate = labelled(["a"] * 30 + ["b"] * 20, expected, MACRO_F1.labels)
+    assert champion.per_example.count(1.0) == candidate.per_example.count(1.0)  # the same accuracy
+    report = judge(champion, candidate, MACRO_F1)
+    assert report.verdict == "passed", report
+    significance = next(c for c in report.checks if c.name == "significance")
+    assert "permutation" in significance.detail and significance.value <= ALPHA
+
+
+@pytest.mark.parametrize("spec", [
+    TaskSpec(name="labels", kind="classification", labels=["a", "b"]),  # accuracy: exact McNemar
+    MACRO_F1,
+    TaskSpec(name="faq", metric="token_f1"),
+], ids=["accuracy", "macro_f1", "token_f1"])
+def test_the_smallest_hold_out_is_sized_by_the_test_the_gate_runs(spec: TaskSpec) -> None:
+    """One-sided at alpha 0.05 every test first reaches it at 5 pairs all one way (0.5**5 = 0.031); below that
+    the verdict is insufficient data, at it a clear win passes (the old gate rejected a 5-example macro-F1
+    hold-out with a two-sided McNemar test it had not sized for)."""
+    needed = min_holdout(spec, ALPHA)
+    assert needed == 5
+
+    def hold_out(n: int) -> tuple[SliceScores, SliceScores]:
+        if spec.gate_metric == "macro_f1":
+            return labelled([None] * n, ["a"] * n, spec.labels), labelled(["a"] * n, ["a"] * n, spec.labels)
+        return scores([0.0] * n, spec.gate_metric), scores([1.0] * n, spec.gate_metric)
+
+    assert judge(*hold_out(needed - 1), spec).verdict == "insufficient_data"
+    assert judge(*hold_out(needed), spec).verdict == "passed"
+
+
+def test_continuous_p_values_are_calibrated_on_small_hold_outs() -> None:
+    """A candidate no better than the champion passes the significance check at most alpha of the time, with
+    8 pairs (5.3 % here); the share of bootstrap means <= 0 passed it 12 % of the time."""
+    rng = random.Random(3)
+    spec = TaskSpec(name="faq", metric="token_f1")
+    trials, significant = 300, 0
+    for _ in range(trials):
+        champion = [rng.random() for _ in range(8)]
+        candidate = [min(1.0, max(0.0, c + rng.gauss(0, 0.2))) for c in champion]
+        report = judge(scores(champion), scores(candidate), spec)
+        significant += next(c for c in report.checks if c.name == "significance").passed
+    assert significant / trials <= ALPHA + 0.02, significant
+
+
+def test_every_check_says_how_many_rows_it_rests_on_and_the_gain_has_an_interval() -> None:
+    spec = TaskSpec(name="faq", metric="token_f1")
+    report = judge(scores([0.2, 0.3] * 10), scores([0.9, 0.8] * 10), spec)
+    assert report.verdict == "passed", report
+    rows = {c.name: c.rows for c in report.checks}
+    assert rows == {"improvement": 20, "significance": 20, "golden_regression": 20, "format_validity": 40,
+                    "latency": 20}
+    gain = next(c for c in report.checks if c.name == "improvement")
+    assert gain.ci_low is not None and gain.ci_high is not None and gain.ci_low <= gain.value <= gain.ci_high
+    assert "CI" in gain.detail
+
+
+def test_a_check_scored_on_no_rows_is_insufficient_data() -> None:
+    spec = TaskSpec(name="faq", metric="token_f1")
+    better = (scores([0.2] * 20), scores([0.9] * 20))
+    no_golden = judge(*better, spec, golden=(scores([]), scores([])))
+    assert no_golden.verdict == "insufficient_data" and "golden_regression" in no_golden.message, no_golden
+    never_answered = judge(better[0], scores([0.9] * 20, too_long=20), spec)  # no latency measured at all
+    assert never_answered.verdict == "insufficient_data" and "latency" in never_answered.message, never_answered
+    latency = next(c for c in never_answered.checks if c.name == "latency")
+    assert (latency.outcome, latency.rows, latency.value) == ("insufficient_data", 0, None)
+
+
+class DriftingEngine:
+    """Every request takes longer than the one before (a box warming up, a neighbour starting): the same adapter
+    asked later looks slower."""
+
+    base_model = "fake"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def generate(self, messages: list[ChatMessage], options: SamplingOptions, adapter: AdapterHandle,
+                       request_id: str) -> Generation:
+        self.calls.append(f"{adapter.name}{' warm-up' if 'warmup' in request_id else ''}")
+        await asyncio.sleep(0.004 * len(self.calls))
+        return Generation(text="thinking</think>the answer", prompt_tokens=1, completion_tokens=1)
+
+    async def completion_logprob(self, messages: list[ChatMessage], completion: str,
+                                 adapter: AdapterHandle) -> tuple[float, int]:
+        return -1.0, 1
+
+
+async def test_latency_is_compared_on_warmed_adapters_asked_in_turns() -> None:
+    engine = DriftingEngine()
+    adapters = {v: AdapterHandle(name=v, int_id=i + 1, path="/nowhere") for i, v in enumerate(("k", "c"))}
+    examples = [EvalExample.of(f"question {i}", "the answer") for i in range(10)]
+    spec = TaskSpec(name="faq", metric="token_f1")
+    scores = await evaluate(engine, adapters, {"new": examples}, spec, concurrency=1)  # type: ignore[arg-type]
+    assert engine.calls == ["k warm-up", "c warm-up", *["k", "c"] * 10]
+    ratio = scores["c"]["new"].mean_latency_ms / scores["k"]["new"].mean_latency_ms
+    assert ratio < 1.2, ratio  # asked all champion first, then all candidate, the candidate looked 2.8x slower
