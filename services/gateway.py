@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -50,6 +50,7 @@ from flywheel.registry import (
 )
 from flywheel.runs import RetrainBusyError, RunStore
 from flywheel.tasks import TaskName, TaskSpec
+from services.body_limit import BodySizeLimit
 from services.engines.protocol import PromptTooLongError, SamplingOptions
 from services.llm_client import LLMClient, LocalLLM, RemoteLLM, open_stream
 from services.metrics import GatewayMetrics, OpsCollector, RecentAnswers, ReplicaCollector
@@ -80,19 +81,7 @@ api = FastAPI(title="flywheel", description="Serve LoRA-tuned R1-distilled model
 MAX_BODY_BYTES = 1 << 20  # far above any body the size limits allow; refused before anything is parsed
 
 
-@api.middleware("http")
-async def _cap_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """413 for a body over MAX_BODY_BYTES: by its Content-Length before reading, else once read."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return _too_large()
-    if request.method in ("POST", "PUT", "PATCH") and not declared and len(await request.body()) > MAX_BODY_BYTES:
-        return _too_large()  # (the body read here is cached for the route)
-    return await call_next(request)
-
-
-def _too_large() -> JSONResponse:
-    return JSONResponse(status_code=413, content={"error": f"the request body is over {MAX_BODY_BYTES} bytes"})
+api.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 
 
 def _documented(**codes: str) -> dict[int | str, dict[str, Any]]:
