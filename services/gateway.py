@@ -270,7 +270,7 @@ class Gateway:
                 "error": f"the model could not answer right now ({type(exc).__name__}); retry shortly",
                 "request_id": request_id,
             })
-        response = self._answered(body, request_id, completion, started)
+        response = await self._answered(body, request_id, completion, started)
         return JSONResponse(response.model_dump(), headers={"x-flywheel-replica": completion.replica})
 
     async def _predict_events(self, body: PredictRequest, task: str, request_id: str, started: float,
@@ -291,11 +291,11 @@ class Gateway:
                                 answer="".join(answer), reasoning="".join(reasoning), truncated=event.truncated,
                                 finish_reason=event.finish_reason,
                                 usage=event.usage or Usage(prompt_tokens=0, completion_tokens=0))
-        response = self._answered(body, request_id, completion, started)
+        response = await self._answered(body, request_id, completion, started)
         yield f"data: {json.dumps({**response.model_dump(), 'done': True})}\n\n"
 
-    def _answered(self, body: PredictRequest, request_id: str, completion: Completion, started: float
-                  ) -> PredictResponse:
+    async def _answered(self, body: PredictRequest, request_id: str, completion: Completion, started: float
+                        ) -> PredictResponse:
         """Count, log and publish one answer; the response that says it."""
         latency = time.perf_counter() - started
         version = completion.adapter_version
@@ -317,7 +317,7 @@ class Gateway:
             usage=completion.usage,
             latency_ms=round(latency * 1000, 2),
         )
-        self._publish(PredictionEvent(
+        await self._publish(PredictionEvent(
             request_id=request_id,
             task=completion.task,
             prompt=body.prompt,
@@ -335,14 +335,14 @@ class Gateway:
         self.metrics.requests.labels(route, str(status)).inc()
         return _error(status, [{"field": field, "message": message, "type": "limit"}])
 
-    def _publish(self, event: PredictionEvent | FeedbackEvent) -> bool:
+    async def _publish(self, event: PredictionEvent | FeedbackEvent) -> bool:
         if isinstance(event, PredictionEvent):
             self.answers.remember(event.request_id, event.task or self.settings.default_task, event.adapter_version)
         else:
             self.metrics.count_feedback(*self.answers.who(event.request_id), event.rating, event.thumb,
                                         event.correction)
         if self.settings.feedback.mask_at_source:  # personal data never reaches a log, a spool or Kafka
-            event = mask_event(event)
+            event = await asyncio.to_thread(mask_event, event)  # up to a prompt's worth of text: off the event loop
         stored = self.bus.publish(event)
         self.metrics.events.labels(event.event_type, "stored" if stored else "lost").inc()
         if not stored:
@@ -358,7 +358,7 @@ class Gateway:
             self.metrics.requests.labels("/feedback", "422").inc()
             return _error(422, [{"field": f, "message": m, "type": "limit"} for f, m in too_long])
         event = body.to_event()
-        if not self._publish(event):
+        if not await self._publish(event):
             self.metrics.requests.labels("/feedback", "503").inc()
             return JSONResponse(status_code=503, content={"error": "feedback could not be stored; retry"})
         self.metrics.requests.labels("/feedback", "202").inc()
