@@ -14,7 +14,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -63,6 +63,7 @@ from flywheel.registry import (
 from flywheel.runs import RetrainBusyError, RunStore
 from flywheel.tasks import TaskName, TaskSpec
 from services.access import Access, Denied
+from services.body_limit import BodySizeLimit
 from services.engines.protocol import PromptTooLongError, SamplingOptions
 from services.llm_client import LLMClient, LocalLLM, RemoteLLM, open_stream
 from services.metrics import GatewayMetrics, OpsCollector, RecentAnswers, ReplicaCollector
@@ -96,19 +97,7 @@ api = FastAPI(title="flywheel", description="Serve LoRA-tuned R1-distilled model
 MAX_BODY_BYTES = 1 << 20  # far above any body the size limits allow; refused before anything is parsed
 
 
-@api.middleware("http")
-async def _cap_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """413 for a body over MAX_BODY_BYTES: by its Content-Length before reading, else once read."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return _too_large()
-    if request.method in ("POST", "PUT", "PATCH") and not declared and len(await request.body()) > MAX_BODY_BYTES:
-        return _too_large()  # (the body read here is cached for the route)
-    return await call_next(request)
-
-
-def _too_large() -> JSONResponse:
-    return JSONResponse(status_code=413, content={"error": f"the request body is over {MAX_BODY_BYTES} bytes"})
+api.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 
 
 def _documented(**codes: str) -> dict[int | str, dict[str, Any]]:
@@ -310,7 +299,7 @@ class Gateway:
                 "error": f"the model could not answer right now ({type(exc).__name__}); retry shortly",
                 "request_id": request_id,
             })
-        response = self._answered(body, request_id, completion, started, asker)
+        response = await self._answered(body, request_id, completion, started, asker)
         return JSONResponse(response.model_dump(), headers={"x-flywheel-replica": completion.replica})
 
     async def _predict_events(self, body: PredictRequest, task: str, request_id: str, started: float,
@@ -331,11 +320,11 @@ class Gateway:
                                 answer="".join(answer), reasoning="".join(reasoning), truncated=event.truncated,
                                 finish_reason=event.finish_reason,
                                 usage=event.usage or Usage(prompt_tokens=0, completion_tokens=0))
-        response = self._answered(body, request_id, completion, started, asker)
+        response = await self._answered(body, request_id, completion, started, asker)
         yield f"data: {json.dumps({**response.model_dump(), 'done': True})}\n\n"
 
-    def _answered(self, body: PredictRequest, request_id: str, completion: Completion, started: float, asker: str
-                  ) -> PredictResponse:
+    async def _answered(self, body: PredictRequest, request_id: str, completion: Completion, started: float,
+                        asker: str) -> PredictResponse:
         """Count, log and publish one answer; the response that says it."""
         latency = time.perf_counter() - started
         version = completion.adapter_version
@@ -357,7 +346,7 @@ class Gateway:
             usage=completion.usage,
             latency_ms=round(latency * 1000, 2),
         )
-        self._publish(PredictionEvent(
+        await self._publish(PredictionEvent(
             request_id=request_id,
             task=completion.task,
             prompt=body.prompt,
@@ -386,7 +375,7 @@ class Gateway:
             log.info("event=denied status=%d path=%s why=%r", exc.status, request.url.path, exc.message)
             return exc.response(openai=_openai_route(request))
 
-    def _publish(self, event: PredictionEvent | FeedbackEvent) -> bool:
+    async def _publish(self, event: PredictionEvent | FeedbackEvent) -> bool:
         if isinstance(event, PredictionEvent):
             self.answers.remember(event.request_id, event.task or self.settings.default_task, event.adapter_version,
                                   event.asker)
@@ -394,7 +383,7 @@ class Gateway:
             self.metrics.count_feedback(*self.answers.who(event.request_id), event.rating, event.thumb,
                                         event.correction)
         if self.settings.feedback.mask_at_source:  # personal data never reaches a log, a spool or Kafka
-            event = mask_event(event)
+            event = await asyncio.to_thread(mask_event, event)  # up to a prompt's worth of text: off the event loop
         stored = self.bus.publish(event)
         self.metrics.events.labels(event.event_type, "stored" if stored else "lost").inc()
         if not stored:
@@ -420,7 +409,7 @@ class Gateway:
             self.metrics.requests.labels("/feedback", "422").inc()
             return _error(422, [{"field": f, "message": m, "type": "limit"} for f, m in too_long])
         event = body.to_event(caller.rater, caller.authenticated, caller.end_user, caller.tenant)
-        if not self._publish(event):
+        if not await self._publish(event):
             self.metrics.requests.labels("/feedback", "503").inc()
             return JSONResponse(status_code=503, content={"error": "feedback could not be stored; retry"})
         self.metrics.requests.labels("/feedback", "202").inc()

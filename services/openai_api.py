@@ -65,7 +65,7 @@ class ChatCompletions:
         llm: LLMClient,
         settings: Settings,
         tasks: Callable[[], Awaitable[dict[str, TaskSpec]]],
-        publish: Callable[[PredictionEvent], bool],
+        publish: Callable[[PredictionEvent], Awaitable[bool]],
         metrics: GatewayMetrics,
     ) -> None:
         self.llm = llm
@@ -119,8 +119,8 @@ class ChatCompletions:
         except Exception:  # engine or replica trouble is ours, not the caller's: 503, logged
             return self._unavailable(request_id)
         latency = time.perf_counter() - started
-        self._record(body, request_id, task, completion.adapter_version, completion.answer, completion.reasoning,
-                     completion.usage, latency, asker)
+        await self._record(body, request_id, task, completion.adapter_version, completion.answer,
+                           completion.reasoning, completion.usage, latency, asker)
         response = ChatCompletion(
             id=COMPLETION_ID_PREFIX + request_id, created=int(time.time()), model=completion.adapter_version,
             choices=[Choice(message=AssistantMessage(content=completion.answer,
@@ -191,21 +191,21 @@ class ChatCompletions:
                                             choices=[], usage=_usage(usage))
                 yield f"data: {final.model_dump_json(exclude_none=True)}\n\n"
             yield "data: [DONE]\n\n"
-            self._record(body, request_id, task, first.adapter_version, "".join(answer), "".join(reasoning), usage,
-                         time.perf_counter() - started, asker)
+            await self._record(body, request_id, task, first.adapter_version, "".join(answer), "".join(reasoning),
+                               usage, time.perf_counter() - started, asker)
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"x-flywheel-replica": first.replica, "cache-control": "no-cache"})
 
-    def _record(self, body: ChatCompletionRequest, request_id: str, task: str, version: str, answer: str,
-                reasoning: str, usage: Usage, latency: float, asker: str) -> None:
+    async def _record(self, body: ChatCompletionRequest, request_id: str, task: str, version: str, answer: str,
+                      reasoning: str, usage: Usage, latency: float, asker: str) -> None:
         self.metrics.requests.labels(ROUTE, "200").inc()
         self.metrics.latency.labels(ROUTE, version).observe(latency)
         self.metrics.tokens.labels("prompt", version).inc(usage.prompt_tokens)
         self.metrics.tokens.labels("completion", version).inc(usage.completion_tokens)
         log.info("event=chat request_id=%s task=%s version=%s stream=%s tokens=%d ms=%.1f", request_id, task,
                  version, body.stream, usage.completion_tokens, latency * 1000)
-        self.publish(PredictionEvent(
+        await self.publish(PredictionEvent(
             request_id=request_id, task=task,
             messages=[Message(role=m.role, content=m.content) for m in body.chat()],
             answer=answer, reasoning=reasoning, adapter_version=version, latency_ms=round(latency * 1000, 2),

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from flywheel.tasks import TaskSpec
 from tests.timing import fastest_run_s
+from training import user_data
 from training.user_data import (
     DataError,
     Example,
@@ -184,6 +185,20 @@ def test_personal_data_never_reaches_a_kept_example(messy: Messy) -> None:
     masked = next(e for e in splits.train + splits.val + splits.test if e.line == messy.at["pii"])
     assert masked.prompt == "Call [EMAIL] or [PHONE] about the merger, shares fell sharply"
     assert report.pii_masked_rows == 1
+
+
+def test_a_too_long_row_is_dropped_before_it_is_masked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Masking costs time on every character: a row training would drop anyway is never masked."""
+    masked_texts: list[str] = []
+    monkeypatch.setattr(user_data, "mask_pii", lambda text: masked_texts.append(text) or text)
+    rng = random.Random(3)
+    huge = "mail a.b@example.com " + sentence(rng, (2000, 2000))
+    path = write_lines(tmp_path / "long.jsonl", [{"prompt": sentence(rng), "completion": "positive"},
+                                                 {"prompt": huge, "completion": "positive"}])
+
+    examples, report = load_examples(path, SENTIMENT, count_tokens=count_tokens)
+    assert len(examples) == 1 and report.invalid["too_long"].lines == [2]
+    assert masked_texts and huge not in masked_texts
 
 
 def test_split_is_stratified_about_70_15_15_and_seeded(messy: Messy) -> None:

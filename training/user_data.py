@@ -466,8 +466,8 @@ def _split_think(reasoning: str, answer: str) -> tuple[str, str]:
     return reasoning.replace(THINK, "").replace(THINK_END, "").strip(), answer
 
 
-def _clean(parsed: _Parsed, line: int, task: TaskSpec, labels: dict[str, str]) -> tuple[Example, bool]:
-    """The row normalised, checked and PII-masked; and whether masking changed it."""
+def _clean(parsed: _Parsed, line: int, task: TaskSpec, labels: dict[str, str]) -> Example:
+    """The row normalised and checked, not yet masked (see `_masked`)."""
     turns, reasoning, answer = parsed
     turns = [(role, normalize_text(content)) for role, content in turns]
     turns = [(role, content) for role, content in turns if content or role != "system"]
@@ -481,11 +481,17 @@ def _clean(parsed: _Parsed, line: int, task: TaskSpec, labels: dict[str, str]) -
         if label is None:
             raise _RowError("unknown_label", f"{mask_pii(answer)[:40]!r} is not one of {', '.join(task.labels)}")
         answer = label
-    texts = [content for _, content in turns] + [reasoning, answer]
-    masked = [mask_pii(text) for text in texts]
-    messages = [Turn(role=role, content=text) for (role, _), text in zip(turns, masked[:-2], strict=True)]
-    example = Example(messages=messages, reasoning=masked[-2], answer=masked[-1], line=line)
-    return example, masked != texts
+    messages = [Turn(role=role, content=content) for role, content in turns]
+    return Example(messages=messages, reasoning=reasoning, answer=answer, line=line)
+
+
+def _masked(example: Example) -> Example:
+    """`example` with personal data masked in every text."""
+    return example.model_copy(update={
+        "messages": [turn.model_copy(update={"content": mask_pii(turn.content)}) for turn in example.messages],
+        "reasoning": mask_pii(example.reasoning),
+        "answer": mask_pii(example.answer),
+    })
 
 
 def _percentiles(lengths: list[int]) -> TokenLengths | None:
@@ -510,7 +516,8 @@ def load_examples(
     """The file's valid rows, cleaned and masked (not deduplicated), and the report of reading them.
 
     Bad rows are counted and skipped; with `strict` the first raises DataError. `count_tokens` (None
-    skips the check) measures a row as training will see it; rows over `task.max_seq_len` are too_long.
+    skips the check) measures a row before masking (which only shortens personal data to a token), so a
+    too_long row (over `task.max_seq_len`) is dropped before any work is spent masking it.
     Raises DataError when the file cannot be read or holds no valid row.
     """
     path = Path(path)
@@ -531,12 +538,13 @@ def load_examples(
             row = _rename(row, mapping)
             shape = _detect(row)
             formats[shape] += 1
-            example, masked = _clean(_parse(shape, row), line, task, labels)
+            cleaned = _clean(_parse(shape, row), line, task, labels)
             if count_tokens is not None:
-                n = count_tokens(example)
+                n = count_tokens(cleaned)
                 lengths.append(n)
                 if n > task.max_seq_len:
                     raise _RowError("too_long", f"{n} tokens > max_seq_len {task.max_seq_len}")
+            example = _masked(cleaned)
         except _RowError as exc:
             if strict:
                 raise DataError(f"{path} {unit} {line}: {exc.reason}" + (f" ({exc.detail})" if exc.detail else "")
@@ -546,7 +554,7 @@ def load_examples(
             if len(rejected.lines) < LISTED_LINES:
                 rejected.lines.append(line)
             continue
-        report.pii_masked_rows += masked
+        report.pii_masked_rows += example != cleaned
         examples.append(example)
     report.formats = dict(formats)
     report.rows_kept = len(examples)
