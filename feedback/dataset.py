@@ -193,12 +193,14 @@ class CuratedDataset:
         return current_verdicts(CuratedExample.model_validate(row) for row in table.to_pylist()
                                 if row["event_id"] not in retracted)
 
-    def ratings(self, task: str, since: datetime, manifest: Manifest | None = None) -> list[tuple[str, float]]:
-        """(adapter version, rating 1-5) of `task`'s answers rated at or after `since` by authenticated raters,
+    def ratings(self, task: str, since: datetime, manifest: Manifest | None = None, *, anonymous: bool = False
+                ) -> list[tuple[str, float, str]]:
+        """(adapter version, rating 1-5, rater) of `task`'s answers rated at or after `since` by authenticated raters
+        (`anonymous`: by anyone),
         one per rater per answer (their latest), retracted ones left out; a thumb up counts 5, down 1. Reads
         only the parts written since then, and only the columns it needs."""
         manifest = manifest or self.manifest()
-        latest: dict[tuple[str, str], tuple[datetime, str, float]] = {}
+        latest: dict[tuple[str, str], tuple[datetime, str, float, str]] = {}
         retracted = self.reviews.retracted()
         columns = ["event_id", "request_id", "task", "feedback_ts", "adapter_version", "rating", "thumb", "rater",
                    "authenticated"]
@@ -206,17 +208,17 @@ class CuratedDataset:
             if part.created_at < since:
                 continue
             table = pq.read_table(self.root / part.path, schema=SCHEMA, columns=columns)
-            table = table.filter(pc.and_(pc.and_(pc.equal(table["task"], task), pc.greater_equal(table["feedback_ts"],
-                                                                                                 since)),
-                                         pc.equal(table["authenticated"], True)))
+            table = table.filter(pc.and_(pc.equal(table["task"], task), pc.greater_equal(table["feedback_ts"], since)))
+            if not anonymous:
+                table = table.filter(pc.equal(table["authenticated"], True))
             for row in table.to_pylist():
                 value = row["rating"] if row["rating"] is not None else THUMB_RATING.get(row["thumb"] or "")
                 if value is None or row["event_id"] in retracted:
                     continue
                 key = (row["request_id"], row["rater"] or row["event_id"])
                 if key not in latest or latest[key][0] <= row["feedback_ts"]:
-                    latest[key] = (row["feedback_ts"], row["adapter_version"], float(value))
-        return [(version, value) for _, version, value in latest.values()]
+                    latest[key] = (row["feedback_ts"], row["adapter_version"], float(value), key[1])
+        return [(version, value, rater) for _, version, value, rater in latest.values()]
 
     def export_jsonl(self, path: Path, manifest: Manifest | None = None, until: Mapping[str, int] | None = None
                      ) -> int:

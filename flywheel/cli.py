@@ -304,7 +304,8 @@ def _canary_review(settings: Settings, task: str | None) -> tuple[Registry, Cana
     registry = registry_for(settings, name)
     dataset = CuratedDataset(settings.feedback_dir / "dataset")
     # the replicas' guardrail figures live in the running app (GET /admin/canary shows them)
-    return registry, review(registry, settings.canary, lambda since: dataset.ratings(name, since), {})
+    return registry, review(registry, settings.canary, lambda since: dataset.ratings(
+        name, since, anonymous=settings.canary.count_anonymous), {})
 
 
 @canary_app.command("status")

@@ -252,6 +252,8 @@ class CanarySettings(BaseModel):
     max_p99_ratio: float = Field(1.5, gt=0, description="Guardrail: canary p99 latency / champion's.")
     min_guardrail_requests: int = Field(20, ge=1, description="Requests per arm before the guardrails judge.")
     check_every_s: float = Field(10.0, gt=0, description="How often the canary controller looks.")
+    count_anonymous: bool = Field(False, description="Count anonymous ratings (open mode) in the arms; by default "
+                                  "only authenticated raters', one per rater per answer.")
 
     @field_validator("steps")
     @classmethod

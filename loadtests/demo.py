@@ -441,6 +441,11 @@ def run_demo(settings: Settings, *, out_dir: Path, quick: bool, url: str | None 
     settings.retrain.schedule_interval_s = plan.schedule_interval_s
     settings.retrain.schedule_min_new_examples = plan.schedule_min_new_examples
     settings.serving.app_name = app_name
+    # The simulated raters are anonymous users on loopback, each rating once: let their verdicts count.
+    # (Keys per simulated user, with the default trust policy, are the next step; see tests/test_trust.py.)
+    settings.retrain.min_trust = settings.retrain.min_rating_trust = "anonymous"
+    settings.retrain.max_share_per_rater = 1.0
+    settings.canary.count_anonymous = True
     if url is None:  # a platform started here: its task's rollout and canary follow the plan
         spec = resolve_task(settings)
         settings.tasks = [*(t for t in settings.tasks if t.name != spec.name),

@@ -577,7 +577,8 @@ class Gateway:
 
         def act() -> CanaryReview | None:
             dataset = CuratedDataset(self.settings.feedback_dir / "dataset")
-            decided = review(registry, self.settings.canary, lambda since: dataset.ratings(task, since), figures)
+            decided = review(registry, self.settings.canary, lambda since: dataset.ratings(
+                task, since, anonymous=self.settings.canary.count_anonymous), figures)
             if decided is not None and verdict is not None:
                 decided = decided.model_copy(update={"verdict": verdict,
                                                      "reason": f"by hand (admin API); {decided.reason}"})

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 import ray
@@ -73,7 +74,10 @@ def canary_controller(settings: Settings, stop: threading.Event) -> CanaryContro
             log.warning("event=canary_figures_unavailable", exc_info=True)
             return {}
 
-    return CanaryController(settings, stop, ratings=dataset.ratings, figures=figures)
+    def ratings(task: str, since: datetime) -> list[tuple[str, float, str]]:
+        return dataset.ratings(task, since, anonymous=settings.canary.count_anonymous)
+
+    return CanaryController(settings, stop, ratings=ratings, figures=figures)
 
 
 def loop_workers(settings: Settings, stop: threading.Event) -> list[threading.Thread]:

@@ -57,6 +57,7 @@ def learn_from_anyone(settings: Settings) -> Settings:
     The defaults (agreed corrections from distinct keys, a cap per rater) are proven in tests/test_trust.py."""
     settings.retrain.min_trust = settings.retrain.min_rating_trust = "anonymous"
     settings.retrain.max_share_per_rater = 1.0
+    settings.canary.count_anonymous = True
     return settings
 
 

@@ -187,7 +187,8 @@ def test_retraction_and_review_through_the_dataset_and_lineage(tmp_path: Path) -
         path="day=2026-12-01/part-0000000001-000.parquet", day="2026-12-01", batch=1, rows=3, offsets={},
         positions={}, created_at=T0)]))
     assert [p.event_id for p in review_queue(settings)] == [rows[2].event_id]
-    assert dataset.ratings("faq", T0) == [("faq-v1", 1.0), ("faq-v1", 1.0)]  # the canary: authenticated raters only
+    # the canary: authenticated raters only, one rating per rater per answer
+    assert dataset.ratings("faq", T0) == [("faq-v1", 1.0, "k0"), ("faq-v1", 1.0, "k1")]
     registry = registry_for(settings, "faq")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
