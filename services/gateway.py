@@ -14,16 +14,19 @@ import logging
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from feedback import (
     FeedbackAccepted,
@@ -46,6 +49,7 @@ from feedback.oversight import (
     review_queue,
 )
 from feedback.pii import pseudonym
+from feedback.review import Judgement, ReviewLog
 from feedback.schemas import Message
 from flywheel.auth import Caller, Scope
 from flywheel.canary import CanaryReview, apply, review
@@ -91,6 +95,7 @@ from services.status_board import get_board, version_figures
 
 log = logging.getLogger("flywheel.gateway")
 LINEAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # versions, request ids and event ids: nothing else is looked up
+RECENT_FEEDBACK = 100_000  # feedback events this replica remembers the author of
 TASKS_TTL_S = 2.0  # how stale the gateway's list of tasks may be (new tasks come from `flywheel train`)
 
 api = FastAPI(title="flywheel", description="Serve LoRA-tuned R1-distilled models; learn from feedback.")
@@ -167,8 +172,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         return response
     if unreadable:
         return _error(422, [{"field": "body", "message": "the body is not valid JSON", "type": "json_invalid"}])
-    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)},
-                        headers=getattr(exc, "headers", None))  # e.g. 405's Allow
+    headers = dict(getattr(exc, "headers", None) or {})  # e.g. 405's Allow
+    if exc.status_code == 405:  # Starlette names the first route of the path only; list every one's methods
+        methods = {m for route in request.app.routes if isinstance(route, APIRoute)
+                   and route.matches(request.scope)[0] != Match.NONE for m in route.methods}
+        headers["allow"] = ", ".join(sorted(methods)) or headers.get("allow", "")
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)}, headers=headers)
 
 
 @api.exception_handler(RequestValidationError)
@@ -224,6 +233,8 @@ class Gateway:
         self.metrics.watch(ReplicaCollector(lambda: self._replicas, self._champion))
         runs = RunStore(self.settings.home / "runs")
         self.access = Access(self.settings)
+        self.reviews = ReviewLog(self.settings.feedback_dir)
+        self._recent_feedback: OrderedDict[str, str] = OrderedDict()  # event id -> rater, for DELETE /feedback
         self.metrics.watch(OpsCollector(self.bus.stats, lambda: read_health(self.settings), runs.summary))
         self.chat = ChatCompletions(self.llm, self.settings, self._known_tasks, self._publish, self.metrics)
         api.openapi_schema = _document_limits(api.openapi(), self.settings)
@@ -245,7 +256,7 @@ class Gateway:
         200: {"description": "The answer, or with `stream: true` server-sent events: `data: {\"reasoning\", "
                              "\"answer\"}` deltas as the model makes them, then the whole response with "
                              "`\"done\": true`.", "content": {"text/event-stream": {}}},
-        **_documented(e400="The prompt is longer than the configured limit or than the model's context.",
+        **_documented(**AUTH, e400="The prompt is longer than the configured limit or than the model's context.",
                       e404="Unknown task, or a `version` that is not one of the task's.", e413=TOO_LARGE,
                       e422=INVALID, e503="The model could not answer right now; retry.")})
     async def predict(self, body: PredictRequest, request: Request) -> Any:
@@ -409,6 +420,9 @@ class Gateway:
             self.metrics.requests.labels("/feedback", "422").inc()
             return _error(422, [{"field": f, "message": m, "type": "limit"} for f, m in too_long])
         event = body.to_event(caller.rater, caller.authenticated, caller.end_user, caller.tenant)
+        self._recent_feedback[event.event_id] = caller.rater
+        while len(self._recent_feedback) > RECENT_FEEDBACK:
+            self._recent_feedback.popitem(last=False)
         if not await self._publish(event):
             self.metrics.requests.labels("/feedback", "503").inc()
             return JSONResponse(status_code=503, content={"error": "feedback could not be stored; retry"})
@@ -422,7 +436,10 @@ class Gateway:
                              "ending in `data: [DONE]`.", "content": {"text/event-stream": {}}},
         400: {"model": OpenAIError, "description": "Invalid request, or the prompt does not fit the context."},
         404: {"model": OpenAIError, "description": "Unknown model (models are task names)."},
+        401: {"model": OpenAIError, "description": AUTH["e401"]},
+        403: {"model": OpenAIError, "description": AUTH["e403"]},
         413: {"model": ErrorResponse, "description": TOO_LARGE},
+        429: {"model": OpenAIError, "description": AUTH["e429"]},
         503: {"model": OpenAIError, "description": "The model could not answer right now."},
     })
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
@@ -432,7 +449,8 @@ class Gateway:
             return caller
         return await self.chat(body, caller.vouching_for(pseudonym(body.user)).rater)
 
-    @api.get("/v1/models", response_model=ModelList)
+    @api.get("/v1/models", response_model=ModelList, responses={
+        status: {"model": OpenAIError, "description": AUTH[f"e{status}"]} for status in (401, 403, 429)})
     async def models(self, request: Request) -> Any:
         """Every task (its champion answers), and each of its ready versions as `task@version`."""
         caller = await self._admit(request, "predict")
@@ -644,7 +662,13 @@ class Gateway:
         rater = caller.vouching_for(pseudonym(by)).rater
 
         def retract_own() -> Retraction | None:
-            if not LINEAGE_ID.fullmatch(event_id) or event_id not in events_matching(self.settings, rater=rater):
+            if not LINEAGE_ID.fullmatch(event_id):
+                return None
+            if self._recent_feedback.get(event_id) == rater:  # sent here lately, maybe not curated yet: a tombstone
+                self.reviews.append([Judgement(event_id=event_id, action="retract", by=rater,
+                                               reason="retracted by its author")])
+                return Retraction(retracted=[event_id], unknown=[], trained={})
+            if event_id not in events_matching(self.settings, rater=rater):
                 return None
             return retract(self.settings, [event_id], by=rater, reason="retracted by its author")
 

@@ -10,6 +10,7 @@ import asyncio
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 from feedback.curator import Curator
 from feedback.dataset import CuratedDataset
 from feedback.pii import pseudonym
+from flywheel.auth import KeyStore
 from flywheel.config import Settings
 from tests.conftest import make_settings
 from training.demo_task import generate_examples
@@ -93,10 +95,13 @@ def test_personal_data_never_reaches_the_feedback_log(served: tuple[str, Setting
     """With `mask_at_source` (the default) the gateway masks before the event is written anywhere."""
     url, settings = served
     email, card, phone = "jane.doe@example.com", "4111 1111 1111 1111", "13812345678"
-    answer = httpx.post(f"{url}/predict", json={"prompt": f"I am {email}, card {card}", "max_tokens": 4},
-                        timeout=60).json()
+    _, key = KeyStore(settings.registry_uri).create(f"backend-{uuid.uuid4().hex[:6]}",
+                                                    ["predict", "feedback", "act-for-users"])
+    backend = {"Authorization": f"Bearer {key}"}  # vouches for its users: their ids are identities, pseudonymised
+    answer = httpx.post(f"{url}/predict", json={"prompt": f"I am {email}, card {card}", "max_tokens": 4, "user": email},
+                        headers=backend, timeout=60).json()
     rated = httpx.post(f"{url}/feedback", json={"request_id": answer["request_id"], "rating": 1, "user_id": email,
-                                                "correction": f"call me on {phone}"}, timeout=30)
+                                                "correction": f"call me on {phone}"}, headers=backend, timeout=30)
     assert rated.status_code == 202, rated.text
     logged = b"".join(p.read_bytes() for p in (settings.feedback_dir / "log").glob("*.log")).decode()
     assert answer["request_id"] in logged  # both events are there ...
