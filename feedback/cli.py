@@ -18,6 +18,7 @@ from kafka.errors import KafkaError
 
 from feedback.curator import Curator, dataset_path, feedback_status
 from feedback.dataset import CuratedDataset
+from feedback.erasure import forget
 from feedback.oversight import Lineage, events_matching, judge, lineage, review_queue
 from feedback.oversight import retract as retract_events
 from feedback.supervisor import CuratorHealth, supervise
@@ -222,3 +223,26 @@ def _describe(found: Lineage) -> str:
     assert e is not None
     return (f"event {e.event_id} on request {e.row.request_id if e.row else '?'}: trust {e.trust}, retracted "
             f"{e.retracted}\ntrained: {', '.join(e.trained) or 'no version'}")
+
+
+users_app = typer.Typer(help="End users' data: erasure requests.", no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@users_app.command("forget")
+def users_forget(
+    user: Annotated[str, typer.Argument(help="A rater or asker (a key's name, or key/end-user), or an end user's id "
+                                        "as an app backend sent it.")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Erase a user's predictions and feedback from everything flywheel stores (curated Parquet, join state,
+    local log, spool, review log, versions' training rows); report what went and which versions learned from
+    them. Kafka keeps its copies until the topics' retention deletes them."""
+    settings = settings_or_exit(config)
+    report = forget(settings, user)
+    trained = "; ".join(f"{t}: {', '.join(v)}" for t, v in report.trained.items()) or "none"
+    emit(as_json, report.model_dump(), (
+        f"forgot {user}: {report.curated_rows} curated rows ({report.parts_rewritten} parts rewritten), "
+        f"{report.joined_predictions} predictions in the join state, {report.waiting_feedback} waiting feedback, "
+        f"{report.log_records} log and {report.spool_records} spool records, {report.judgements} review "
+        f"judgements, {report.training_rows} training rows\nversions trained on their rows: {trained}"))

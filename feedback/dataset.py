@@ -76,7 +76,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)`, fsync the result, rename it onto `path`, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -116,11 +116,11 @@ class CuratedDataset:
 
     def write_part(self, relative_path: str, rows: list[CuratedExample]) -> None:
         table = pa.Table.from_pylist([row.model_dump() for row in rows], schema=SCHEMA)
-        _write_atomically(self.root / relative_path, lambda tmp: pq.write_table(table, tmp))
+        write_atomically(self.root / relative_path, lambda tmp: pq.write_table(table, tmp))
 
     def write_manifest(self, manifest: Manifest) -> None:
         text = manifest.model_dump_json(indent=1)
-        _write_atomically(self.root / MANIFEST, lambda tmp: tmp.write_text(text))
+        write_atomically(self.root / MANIFEST, lambda tmp: tmp.write_text(text))
 
     def remove_unlisted(self, listed: Iterable[str]) -> list[str]:
         """Delete parts (and temp files) the manifest does not name: leftovers of a crashed batch."""
@@ -225,5 +225,5 @@ class CuratedDataset:
         """Write the rows as JSON lines (atomically); returns how many."""
         rows = self.examples(manifest, until)
         lines = "".join(json.dumps(row.model_dump(mode="json"), ensure_ascii=False) + "\n" for row in rows)
-        _write_atomically(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+        write_atomically(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
         return len(rows)

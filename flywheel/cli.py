@@ -17,7 +17,7 @@ import typer
 
 from feedback.cli import app as feedback_app
 from feedback.cli import curator as curator_command
-from feedback.cli import lineage_command
+from feedback.cli import lineage_command, users_app
 from flywheel.cli_common import ConfigOption, JsonOption, emit, fail, progress, settings_or_exit
 from flywheel.config import SHARED_SETTINGS_ENV
 from flywheel.keys_cli import app as keys_app
@@ -48,6 +48,7 @@ bases_app = typer.Typer(help="Inspect quantized base versions in the registry.",
 app.add_typer(bases_app, name="bases")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(keys_app, name="keys")
+app.add_typer(users_app, name="users")
 app.command("curator")(curator_command)
 app.command("lineage")(lineage_command)
 canary_app = typer.Typer(help="A task's canary: a gate-passed candidate on trial with a share of users.",

@@ -393,6 +393,26 @@ class Registry:
         self._write_text(self._path("versions", version, MANIFEST), concluded.model_dump_json(indent=2))
         return concluded
 
+    def redact_train_data(self, version: str, keep: Callable[[dict[str, Any]], bool]) -> int:
+        """Drop the training rows of `version` that `keep` refuses (an erasure request: the weights stay, the
+        record of personal data goes); returns how many went. The file's hash in the manifest follows."""
+        local = self.local_path(version) / TRAIN_DATA_FILE
+        if not local.is_file():
+            return 0
+        lines = [line for line in local.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [line for line in lines if keep(json.loads(line))]
+        if len(kept) == len(lines):
+            return 0
+        text = "".join(line + "\n" for line in kept)
+        self._write_text(self._path("versions", version, TRAIN_DATA_FILE), text)
+        if not self.is_local:  # the node's cached copy goes too: the next use downloads the redacted one
+            shutil.rmtree(self._cache_dir / version, ignore_errors=True)
+        manifest = self.manifest(version)
+        files = {**manifest.files, TRAIN_DATA_FILE: hashlib.sha256(text.encode()).hexdigest()}
+        self._write_text(self._path("versions", version, MANIFEST),
+                         manifest.model_copy(update={"files": files}).model_dump_json(indent=2))
+        return len(lines) - len(kept)
+
     def verify(self, version: str, *, base_sha256: str | None = None) -> AdapterManifest:
         """Recompute every file's sha256 (and check the base); raise AdapterIntegrityError if off."""
         manifest = self.manifest(version)

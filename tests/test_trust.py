@@ -5,20 +5,24 @@ The unit half runs on fabricated curated rows; the last tests drive the real gat
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 from starlette.requests import Request
 
+from feedback.bus import build_bus
 from feedback.curator import Curator
 from feedback.dataset import CuratedDataset, Manifest, PartFile, current_verdicts
+from feedback.erasure import forget
 from feedback.oversight import lineage, retract, review_queue
 from feedback.review import Judgement, ReviewLog
-from feedback.schemas import CuratedExample
+from feedback.schemas import CuratedExample, FeedbackRequest, PredictionEvent
 from feedback.trust import assess, pending_review, trainable
 from flywheel.auth import Authenticator, AuthError, KeyStore
 from flywheel.config import Settings
@@ -204,6 +208,59 @@ def test_retraction_and_review_through_the_dataset_and_lineage(tmp_path: Path) -
     assert rows[0].event_id not in {r.event_id for r in dataset.examples()}
     assert lineage(settings, rows[0].event_id).event.retracted
     assert ReviewLog(settings.feedback_dir).retracted() == {rows[0].event_id}
+
+
+def test_forget_erases_a_user_from_every_store_and_names_the_versions_that_learned(tmp_path: Path) -> None:
+    """Through the real local log and curator: afterwards no file under the home holds the user's id or prompt."""
+    settings = Settings(home=tmp_path, tasks=[{"name": "faq", "kind": "generation", "metric": "token_f1"}])
+    bus = build_bus(settings)
+    secret, kept_prompt = "where is alice-private-prompt-7731", "where is bob's ordinary prompt"
+    ids = {}
+    for user, prompt, n in (("alice", secret, 3), ("bob", kept_prompt, 2)):
+        for i in range(n):
+            request_id = uuid.uuid4().hex
+            rater = f"app/{user}"
+            bus.publish(PredictionEvent(request_id=request_id, task="faq", prompt=f"{prompt} {i}", answer="a",
+                                        adapter_version="faq-v1", latency_ms=1, prompt_tokens=1, completion_tokens=1,
+                                        asker=rater))
+            event = FeedbackRequest(request_id=request_id, rating=5, user_id=user).to_event(rater, True, user, None)
+            bus.publish(event)
+            ids.setdefault(user, []).append(event.event_id)
+    waiting = uuid.uuid4().hex  # asked, never rated: only in the join state and the log
+    bus.publish(PredictionEvent(request_id=waiting, task="faq", prompt=f"{secret} unrated", answer="a",
+                                adapter_version="faq-v1", latency_ms=1, prompt_tokens=1, completion_tokens=1,
+                                asker="app/alice"))
+    bus.close()
+    curator = Curator(settings)
+    try:
+        curator.drain(timeout_s=60)
+    finally:
+        curator.close()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"w")
+    write_train_data(adapter, [TrainExample(prompt=secret, reasoning="", answer="a", source="approved",
+                                            event_ids=[ids["alice"][0]], raters=["app/alice"]),
+                               TrainExample(prompt=kept_prompt, reasoning="", answer="a", source="approved",
+                                            event_ids=[ids["bob"][0]], raters=["app/bob"])])
+    registry = registry_for(settings, "faq")
+    version = registry.register(adapter, base=BaseModelRef(id="demo", sha256="0" * 64)).version
+    shutil.rmtree(adapter)
+
+    report = forget(settings, "alice")
+
+    assert (report.curated_rows, report.joined_predictions, report.training_rows) == (3, 4, 1)  # 3 rated, 1 not
+    assert report.log_records == 7 and report.trained == {"faq": [version]}
+    registry.verify(version)  # the redacted training rows still match the manifest
+    rows = CuratedDataset(settings.feedback_dir / "dataset").examples()
+    assert sorted(r.event_id for r in rows) == sorted(ids["bob"])
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"alice" not in data and b"alice-private-prompt" not in data, path
+    parquet = [pq.read_table(p).to_pylist() for p in (settings.feedback_dir / "dataset").rglob("*.parquet")]
+    assert "alice" not in str(parquet) and kept_prompt in str(parquet)
 
 
 # -- through the real gateway and curator ------------------------------------------------------------
