@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from datetime import datetime
@@ -28,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flywheel.auth import KeyStore
 from flywheel.config import Settings
 from flywheel.registry import CANARY_ALIAS, registry_for, resolve_task
 from flywheel.runs import RunState, RunStore
@@ -247,7 +249,7 @@ def _stop_runs(store: RunStore, grace_s: float = 120.0) -> None:
 
 
 def _drive(url: str, plan: DemoPlan, seed: int, out_dir: Path, champion: Callable[[], str | None],
-           retraining: Callable[[], bool], on_loops_done: Callable[[], None]) -> float:
+           retraining: Callable[[], bool], on_loops_done: Callable[[], None], keys: list[str]) -> float:
     """Run the mixed Locust scenario until `plan.loops` swaps plus `plan.post_swap_s`, or the time limit.
 
     At the time limit a retrain in progress gets up to `plan.retrain_grace_s` more, under the same load.
@@ -255,7 +257,7 @@ def _drive(url: str, plan: DemoPlan, seed: int, out_dir: Path, champion: Callabl
     env = {"FLYWHEEL_SCENARIO": "mixed", "FLYWHEEL_SEED": str(seed),
            "FLYWHEEL_CORRECTION_P": str(plan.correction_p), "FLYWHEEL_DRIFT_START": str(plan.drift_start),
            "FLYWHEEL_DRIFT_END": str(plan.drift_end), "FLYWHEEL_DRIFT_RAMP_S": str(plan.drift_ramp_s),
-           "FLYWHEEL_MAX_TOKENS": str(plan.max_tokens)}
+           "FLYWHEEL_MAX_TOKENS": str(plan.max_tokens), "FLYWHEEL_API_KEYS": ",".join(keys)}
     started = time.monotonic()
     current, swaps, last_swap = champion(), 0, 0.0
     with start_locust(url, out_dir, env, users=plan.users, spawn_rate=plan.spawn_rate,
@@ -441,11 +443,10 @@ def run_demo(settings: Settings, *, out_dir: Path, quick: bool, url: str | None 
     settings.retrain.schedule_interval_s = plan.schedule_interval_s
     settings.retrain.schedule_min_new_examples = plan.schedule_min_new_examples
     settings.serving.app_name = app_name
-    # The simulated raters are anonymous users on loopback, each rating once: let their verdicts count.
-    # (Keys per simulated user, with the default trust policy, are the next step; see tests/test_trust.py.)
-    settings.retrain.min_trust = settings.retrain.min_rating_trust = "anonymous"
-    settings.retrain.max_share_per_rater = 1.0
-    settings.canary.count_anonymous = True
+    # The simulated raters know the ground truth and each person rarely meets a prompt twice: in the demo one
+    # authenticated rater's correction is enough (the default asks that raters agree: README, "Who the loop
+    # listens to").
+    settings.retrain.min_trust = "single"
     if url is None:  # a platform started here: its task's rollout and canary follow the plan
         spec = resolve_task(settings)
         settings.tasks = [*(t for t in settings.tasks if t.name != spec.name),
@@ -469,7 +470,14 @@ def run_demo(settings: Settings, *, out_dir: Path, quick: bool, url: str | None 
             canary = registry.aliases().get(CANARY_ALIAS)
             return runs.busy() or bool(canary and canary.traffic_fraction)
 
-        load_s = _drive(url, plan, seed, out_dir, lambda: registry.alias("champion"), deciding, stop_scheduler.set)
+        # one key per simulated user: a backend that vouches for the people it speaks for
+        store = KeyStore(settings.registry_uri, settings.registry.storage_options)
+        run = uuid.uuid4().hex[:6]
+        made = [store.create(f"demo-rater-{run}-{i}", ["predict", "feedback", "act-for-users"])
+                for i in range(plan.users)]
+        stack.callback(lambda: [store.revoke(record.name) for record, _ in made])
+        load_s = _drive(url, plan, seed, out_dir, lambda: registry.alias("champion"), deciding, stop_scheduler.set,
+                        [key for _, key in made])
     report = build_report(settings, out_dir=out_dir, seed=seed, quick=quick, url=url, plan=plan, t0=t0,
                           load_s=load_s, champion_before=champion_before)
     (out_dir / "report.json").write_text(report.model_dump_json(indent=2, by_alias=True))

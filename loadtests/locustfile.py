@@ -14,6 +14,8 @@ Environment:
     FLYWHEEL_SEED            seeds the prompt pools and every user's choices (default 0)
     FLYWHEEL_MAX_TOKENS      max_tokens of each /predict (default 48)
     FLYWHEEL_DEMO_LOG        if set, one JSON line per request is appended to this file
+    FLYWHEEL_API_KEYS        comma-separated API keys, one per Locust user (taken in turn): each a backend that
+                             vouches for the people it speaks for (`act-for-users`); none: anonymous (open mode)
 
 Ground truth stays with the rater (this process): the model only ever sees it as a correction.
 """
@@ -40,6 +42,7 @@ DRIFT_RAMP_S = float(os.environ.get("FLYWHEEL_DRIFT_RAMP_S", "120"))
 SEED = int(os.environ.get("FLYWHEEL_SEED", "0"))
 MAX_TOKENS = int(os.environ.get("FLYWHEEL_MAX_TOKENS", "48"))
 MAX_PROMPT_CHARS = int(os.environ.get("FLYWHEEL_MAX_PROMPT_CHARS", "4000"))
+API_KEYS = [key for key in os.environ.get("FLYWHEEL_API_KEYS", "").split(",") if key]
 if SCENARIO not in ("predict", "mixed", "swap", "hostile"):
     raise SystemExit(f"FLYWHEEL_SCENARIO must be predict, mixed, swap or hostile, not {SCENARIO!r}")
 
@@ -89,7 +92,10 @@ class Rater(HttpUser):
     wait_time = between(0.2, 0.6)
 
     def on_start(self) -> None:
-        self.rng = random.Random(f"{SEED}:{next(_user_numbers)}")
+        number = next(_user_numbers)
+        self.rng = random.Random(f"{SEED}:{number}")
+        if API_KEYS:
+            self.client.headers["Authorization"] = f"Bearer {API_KEYS[number % len(API_KEYS)]}"
 
     def _pick(self) -> DemoExample:
         distribution = "drifted" if self.rng.random() < drift_share(time.time() - _started) else "original"
@@ -129,8 +135,10 @@ class Rater(HttpUser):
 
     def _ask(self) -> None:
         example = self._pick()
-        # each Locust user speaks for many people: a canary's share is drawn per person
-        body = {"prompt": example.prompt, "max_tokens": MAX_TOKENS, "user": f"person-{self.rng.randrange(500)}"}
+        # each Locust user speaks for many people: a canary's share is drawn per person, and each person rates
+        # what they asked (with a key that vouches for users, each person is a rater of their own)
+        person = f"person-{self.rng.randrange(500)}"
+        body = {"prompt": example.prompt, "max_tokens": MAX_TOKENS, "user": person}
         started = time.perf_counter()
         with self.client.post("/predict", json=body, name="/predict", catch_response=True) as response:
             latency_ms = (time.perf_counter() - started) * 1000
@@ -145,14 +153,14 @@ class Rater(HttpUser):
             _record(kind="predict", status=200, adapter_version=answer["adapter_version"],
                     distribution=example.distribution, correct=correct, rating=rating, latency_ms=latency_ms)
         if rating is not None:
-            self._rate(example, answer, correct, rating)
+            self._rate(example, answer, correct, rating, person)
 
-    def _rate(self, example: DemoExample, answer: dict[str, Any], correct: bool, rating: int) -> None:
+    def _rate(self, example: DemoExample, answer: dict[str, Any], correct: bool, rating: int, person: str) -> None:
         correction = None
         if self.rng.random() < CORRECTION_P:
             correction = f"<think>\n{example.reasoning}\n</think>\n\n{example.answer}"
         body = {"request_id": answer["request_id"], "rating": rating, "thumb": "up" if correct else "down",
-                "event_id": f"demo-{answer['request_id']}"}
+                "event_id": f"demo-{answer['request_id']}", "user_id": person}
         if correction is not None:  # an optional field is left out, never sent as null
             body["correction"] = correction
         started = time.perf_counter()
