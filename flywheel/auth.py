@@ -211,7 +211,7 @@ class Authenticator:
         match = _KEY_RE.fullmatch(token.decode("latin-1"))
         key = self._key(match.group(1)) if match else None
         if key is None or not hmac.compare_digest(hash_key(token.decode("latin-1")), key.sha256):
-            raise AuthError(401, "unknown API key")
+            raise AuthError(401, "unknown API key or admin token")
         if not key.active:
             raise AuthError(401, "this API key was revoked")
         return Caller(principal=key.name, tenant=key.tenant, authenticated=True, scopes=frozenset(key.scopes),
