@@ -15,6 +15,7 @@ import shutil
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,8 +26,10 @@ import yaml
 from typer.testing import CliRunner
 
 from feedback.curator import Curator
+from feedback.oversight import lineage, trained_on
+from flywheel.auth import KeyStore
 from flywheel.cli import app as cli
-from flywheel.config import Settings
+from flywheel.config import RetrainSettings, Settings
 from flywheel.registry import Registry, registry_for
 from flywheel.runs import RunStore
 from flywheel.tasks import DEMO_TASK
@@ -213,65 +216,140 @@ def task_like_demo(settings: Settings, name: str, tmp_path: Path, rollout: str =
     return task
 
 
-def test_a_small_batch_of_confirmed_corrections_is_learned_in_one_retrain(
+def test_trust_decides_what_is_learned_and_a_retraction_rolls_it_back(
     learning_app: tuple[str, Settings, Path], tmp_path: Path,
 ) -> None:
-    """A support desk corrects a few distinct questions several times with one answer: learned at once.
+    """Under the default trust policy, through the real gateway, curator and retrain:
 
-    A second task (`desk`, on the same base, starting from a copy of demo-v1) keeps this batch apart from
-    the demo task's feedback: its retrain reads only its own rows, and the demo task is not retrained.
+    - three distinct keys giving a few questions one correction: learned at once (small-data policy);
+    - one key asking a question ten times and correcting each answer, and anonymous corrections: not learned,
+      waiting for review; once an admin approves the anonymous ones, the next retrain learns them;
+    - lineage round trip: the event names the version that trained on it, the request the version that
+      answered it; a retraction with --rollback puts the clean ancestor back under 8 concurrent streams
+      with no failed request.
+
+    A second task (`desk`, on the same base, starting from a copy of demo-v1) keeps this apart from the demo
+    task's feedback: its retrain reads only its own rows, and the demo task is not retrained.
     """
-    url, settings, config = learning_app
+    url, settings, _ = learning_app
+    strict = settings.model_copy(deep=True)
+    defaults = RetrainSettings()
+    strict.retrain.min_trust, strict.retrain.min_rating_trust = defaults.min_trust, defaults.min_rating_trust
+    strict.retrain.max_share_per_rater = defaults.max_share_per_rater
+    config = tmp_path / "strict.yaml"
+    config.write_text(yaml.safe_dump(strict.shareable(), allow_unicode=True))
     demo = registry_for(settings)
     desk = task_like_demo(settings, "desk", tmp_path, rollout="canary")
-    desk_champion = desk.alias("champion")
+    first_champion = desk.alias("champion")
     demo_champion, demo_versions = demo.alias("champion"), [m.version for m in demo.versions()]
+    store = KeyStore(settings.registry_uri)
+    made = {name: store.create(f"{name}-{uuid.uuid4().hex[:6]}", ["predict", "feedback"])[1]
+            for name in ("k1", "k2", "k3", "solo")}
+    keys = {name: {"authorization": f"Bearer {key}"} for name, key in made.items()}
 
     rng = random.Random(5)
-    pool = [make_example(rng, "en", "positive", "original", cue=f"{a} {b}") for a, b in
-            zip(["zorbex", "quilty", "mavren", "trundle", "pexal", "vintor", "gossam", "lurken"],
-                ["ka", "lo", "mi", "zu", "te", "ra", "vo", "ne"], strict=True)]
+    cues = [f"{a} {b}" for a in ("zorbex", "quilty", "mavren", "trundle", "pexal", "vintor") for b in ("ka", "lo")]
+    pool = [make_example(rng, "en", "positive", "original", cue=cue) for cue in cues]
 
-    def ask(prompt: str) -> dict:
+    def ask(prompt: str, who: dict[str, str] | None = None) -> dict:
         deadline = time.monotonic() + 30
         while True:  # the replicas pick the new task up within a few seconds
             response = httpx.post(f"{url}/predict", json={"prompt": prompt, "task": "desk", "max_tokens": 48},
-                                  timeout=60)
+                                  headers=who or {}, timeout=60)
             if response.status_code == 200 or time.monotonic() > deadline:
                 return response.json()
             time.sleep(0.5)
 
-    wrong = [e for e in pool if ask(e.prompt)["answer"] != "positive"][:5]
-    assert len(wrong) >= 3, "the champion already answers these made-up cues"
-    for example in wrong:
-        for _ in range(3):  # three users, one answer
-            answer = ask(example.prompt)
-            assert answer["task"] == "desk"
-            feedback = httpx.post(f"{url}/feedback", json={"request_id": answer["request_id"], "rating": 1,
-                                                          "correction": "positive"})
-            assert feedback.status_code == 202
+    def correct(prompt: str, who: dict[str, str] | None = None) -> tuple[str, str]:
+        answer = ask(prompt, who)
+        assert answer["task"] == "desk"
+        given = httpx.post(f"{url}/feedback", json={"request_id": answer["request_id"], "rating": 1,
+                                                    "correction": "positive"}, headers=who or {})
+        assert given.status_code == 202, given.text
+        return answer["request_id"], given.json()["event_id"]
+
+    wrong = [e for e in pool if ask(e.prompt)["answer"] != "positive"]
+    assert len(wrong) >= 5, "the champion already answers these made-up cues"
+    agreed, anonymous, solo = wrong[:3], wrong[3], wrong[4]
+    for example in agreed:
+        for key in ("k1", "k2", "k3"):  # three users, one answer
+            correct(example.prompt, keys[key])
+    anonymous_given = [correct(anonymous.prompt) for _ in range(3)]
+    solo_given = [correct(solo.prompt, keys["solo"]) for _ in range(10)]
     curate(settings)
 
     code, result = retrain(config, "--task", "desk")
     assert code == 0 and result["verdict"] == "passed", result
     assert result["task"] == "desk" and result["report"]["policy"] == "confirmed_corrections", result["report"]
-    assert result["dataset"]["feedback_rows"] == 3 * len(wrong)  # only this task's rows
+    data = result["dataset"]
+    assert data["feedback_rows"] == 3 * 3 + 3 + 10 and data["by_trust"] == {"agreed": 9}, data  # only this task's
+    assert data["pending_review"] == 3 + 10, data  # anonymous, and one key's ten: not agreed, not learned
     golden = next(c for c in result["report"]["checks"] if c["name"] == "golden_regression")
     assert golden["passed"] and golden["value"] is not None, golden
-    new = result["version"]
+    second = result["version"]
+    untrusted = {event for _, event in anonymous_given + solo_given}
+    assert trained_on(desk, second) and not trained_on(desk, second) & untrusted
     # a `rollout: canary` task: the gate's pass makes the candidate its canary, not yet its champion
-    assert desk.alias("champion") == desk_champion and desk.alias("canary") == new, result["message"]
+    assert desk.alias("champion") == first_champion and desk.alias("canary") == second, result["message"]
     assert desk.aliases()["canary"].traffic_fraction == settings.canary.steps[0]
     promoted = CliRunner().invoke(cli, ["canary", "promote", "--task", "desk", "--config", str(config)])
     assert promoted.exit_code == 0, promoted.output
-    assert desk.alias("champion") == new and desk.aliases()["canary"].traffic_fraction == 0
+    assert desk.alias("champion") == second and desk.aliases()["canary"].traffic_fraction == 0
     assert (demo.alias("champion"), [m.version for m in demo.versions()]) == (demo_champion, demo_versions)
+    assert wait_for(lambda: ask("ping")["adapter_version"] == second)
+    honoured = sum(ask(e.prompt)["answer"] == "positive" for e in agreed)
+    assert honoured >= len(agreed) - 1, f"{honoured} of {len(agreed)} corrections served after the retrain"
 
-    deadline = time.monotonic() + 30
-    while ask("ping")["adapter_version"] != new and time.monotonic() < deadline:
-        time.sleep(0.2)
-    honoured = sum(ask(e.prompt)["answer"] == "positive" for e in wrong)
-    assert honoured >= len(wrong) - 1, f"{honoured} of {len(wrong)} corrections served after the retrain"
+    # an admin approves the anonymous corrections: the next retrain learns them
+    approve = [arg for _, event in anonymous_given for arg in ("--approve", event)]
+    approved = CliRunner().invoke(cli, ["feedback", "review", *approve, "--config", str(config)])
+    assert approved.exit_code == 0, approved.output
+    code, result = retrain(config, "--task", "desk")
+    assert code == 0 and result["verdict"] == "passed", result
+    third = result["version"]
+    assert {event for _, event in anonymous_given} <= trained_on(desk, third)
+    assert CliRunner().invoke(cli, ["canary", "promote", "--task", "desk", "--config", str(config)]).exit_code == 0
+    assert wait_for(lambda: ask("ping")["adapter_version"] == third)
+    assert ask(anonymous.prompt)["answer"] == "positive"
+
+    request_id, event_id = anonymous_given[0]
+    found = lineage(strict, event_id).event
+    assert found.trust == "reviewed" and found.trained == [third]
+    asked = lineage(strict, request_id).request
+    assert asked.answered_by == first_champion and [e.event_id for e in asked.feedback] == [event_id]
+    assert lineage(strict, third).version.parents[:1] == [second]
+
+    # the approval was wrong after all: retract, and put the clean ancestor back while streams run
+    stop, failures, answered = threading.Event(), [], []
+
+    def stream() -> None:
+        while not stop.is_set():
+            try:
+                with httpx.stream("POST", f"{url}/predict", json={"prompt": anonymous.prompt, "task": "desk",
+                                                                  "max_tokens": 24, "stream": True}, timeout=60) as r:
+                    done = [line for line in r.iter_lines() if '"done": true' in line]
+                    (answered if r.status_code == 200 and done else failures).append(r.status_code)
+            except httpx.HTTPError as exc:
+                failures.append(repr(exc))
+
+    streams = [threading.Thread(target=stream) for _ in range(8)]
+    for thread in streams:
+        thread.start()
+    try:
+        time.sleep(2)
+        retracted = CliRunner().invoke(cli, ["feedback", "retract", *(e for _, e in anonymous_given), "--reason",
+                                             "approved by mistake", "--rollback", "--json", "--config", str(config)])
+        assert retracted.exit_code == 0, retracted.output
+        assert wait_for(lambda: ask("ping")["adapter_version"] == second)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for thread in streams:
+            thread.join(timeout=120)
+    report = json.loads(retracted.stdout[retracted.stdout.index("{"):])
+    assert report["trained"] == {"desk": [third]} and report["rolled_back"] == {"desk": second}, report
+    assert desk.alias("champion") == second
+    assert not failures and len(answered) >= 8, (failures, len(answered))
 
 
 def test_a_kto_retrain_learns_from_thumbs_and_never_from_the_gate_rows(
