@@ -109,11 +109,12 @@ def _curated(settings: Settings, match: _Matcher, report: Erasure) -> tuple[set[
         report.curated_rows += table.num_rows - kept.num_rows
         rewritten.append(part.model_copy(update={"rows": kept.num_rows}))
     report.parts_rewritten = len(rewritten)
-    if rewritten:
+    if rewritten and state_path(settings).is_file():
         with sqlite3.connect(state_path(settings), timeout=30) as db:  # the curator rewrites the manifest from it
             db.execute("PRAGMA secure_delete = ON")
             db.executemany("UPDATE parts SET entry = ? WHERE path = ?",
                            [(p.model_dump_json(), p.path) for p in rewritten])
+    if rewritten:
         manifest = dataset.manifest()
         entries = {p.path: p for p in rewritten}
         dataset.write_manifest(manifest.model_copy(update={"files": [entries.get(f.path, f) for f in manifest.files]}))

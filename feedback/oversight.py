@@ -9,16 +9,20 @@ dataset positions it read, and the task's history says when it served.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable
+from contextlib import closing
 from datetime import datetime
 from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from feedback.dataset import SCHEMA, CuratedDataset
+from feedback.curator import state_path
+from feedback.dataset import SCHEMA, CuratedDataset, current_verdicts
 from feedback.review import Judgement
 from feedback.schemas import CuratedExample
 from feedback.trust import Assessed, Trust, assess, pending_review
@@ -150,13 +154,34 @@ def trained_on(registry: Registry, version: str) -> set[str]:
     return ids
 
 
+FEW_EVENTS = 100  # up to this many, look each event up as text; past it, parse every training row
+
+
+def trained_on_any(registry: Registry, version: str, event_ids: set[str]) -> bool:
+    """Whether version `version` trained on any of `event_ids`. A few ids are found as quoted text first (a JSON
+    string inside another string has its quotes escaped), and only the lines holding them are parsed."""
+    if len(event_ids) > FEW_EVENTS:
+        return bool(event_ids & trained_on(registry, version))
+    path = registry.local_path(version) / TRAIN_DATA_FILE
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    for event_id in event_ids:
+        found = text.find(f'"{event_id}"')
+        while found >= 0:
+            start, end = text.rfind("\n", 0, found) + 1, text.find("\n", found)
+            end = len(text) if end < 0 else end
+            if event_id in json.loads(text[start:end]).get("event_ids", ()):
+                return True
+            found = text.find(f'"{event_id}"', end)
+    return False
+
+
 def versions_trained_on(settings: Settings, event_ids: set[str], tasks: Iterable[str] | None = None
                         ) -> dict[str, list[str]]:
     """Task -> its versions whose training rows include any of `event_ids`."""
     out: dict[str, list[str]] = {}
     for task in tasks or known_tasks(settings):
         registry = registry_for(settings, task)
-        hit = [m.version for m in registry.versions() if event_ids & trained_on(registry, m.version)]
+        hit = [m.version for m in registry.versions() if trained_on_any(registry, m.version, event_ids)]
         if hit:
             out[task] = hit
     return out
@@ -184,16 +209,18 @@ def _version_lineage(settings: Settings, version: str) -> VersionLineage:
                           champion_periods=periods)
 
 
-def _event_lineage(settings: Settings, event_id: str, rows: list[CuratedExample] | None = None) -> EventLineage:
+def _event_lineage(settings: Settings, event_id: str) -> EventLineage:
     dataset = _dataset(settings)
     table = _rows_where(dataset, "event_id", event_id)
     row = CuratedExample.model_validate(table[0]) if table else None
     judgements = [j for j in dataset.reviews.judgements() if j.event_id == event_id]
     retracted = any(j.action == "retract" for j in judgements)
     trust = None
-    if row is not None and not retracted:
-        peers = dataset.examples(task=row.task) if rows is None else rows
-        trust = next((i.trust for i in assess(peers, dataset.reviews.decisions(),
+    if row is not None and not retracted:  # trust is decided among the verdicts on the same prompt
+        decisions = dataset.reviews.decisions()
+        peers = current_verdicts(CuratedExample.model_validate(r) for r in _rows_where(dataset, "prompt", row.prompt)
+                                 if r["task"] == row.task)
+        trust = next((i.trust for i in assess(peers, decisions,
                                               confirm_raters=settings.retrain.confirm_raters,
                                               majority=settings.retrain.majority) if i.row.event_id == event_id), None)
     tasks = [row.task] if row else None
@@ -203,11 +230,25 @@ def _event_lineage(settings: Settings, event_id: str, rows: list[CuratedExample]
 
 
 def _rows_where(dataset: CuratedDataset, column: str, value: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    for part in dataset.manifest().files:
-        table = pq.read_table(dataset.root / part.path, schema=SCHEMA, filters=[(column, "=", value)])
-        found += table.to_pylist()
-    return found
+    """Curated rows whose `column` is `value`: the parts scanned as one dataset, in parallel."""
+    paths = [str(dataset.root / part.path) for part in dataset.manifest().files]
+    if not paths:
+        return []
+    match = ds.field(column) == value
+    # first only the one column, to learn which parts hold a match; then those parts' whole rows
+    scanner = ds.dataset(paths, schema=SCHEMA, format="parquet").scanner(columns=[column], filter=match)
+    holding = sorted({tagged.fragment.path for tagged in scanner.scan_batches() if tagged.record_batch.num_rows})
+    return [row for path in holding for row in pq.read_table(path, schema=SCHEMA, filters=match).to_pylist()]
+
+
+def _waiting_prediction(settings: Settings, request_id: str) -> str | None:
+    """The version that answered a request nobody rated (yet): the curator keeps it for joining, read-only here."""
+    path = state_path(settings)
+    if not path.is_file():
+        return None
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+        row = db.execute("SELECT event FROM predictions WHERE request_id = ?", (request_id,)).fetchone()
+    return json.loads(row[0])["adapter_version"] if row else None
 
 
 def lineage(settings: Settings, identifier: str) -> Lineage:
@@ -219,8 +260,8 @@ def lineage(settings: Settings, identifier: str) -> Lineage:
             raise LookupError(f"no version {identifier!r}") from exc
     dataset = _dataset(settings)
     answered = _rows_where(dataset, "request_id", identifier)
-    if answered:
-        version = answered[0]["adapter_version"]
+    version = answered[0]["adapter_version"] if answered else _waiting_prediction(settings, identifier)
+    if version is not None:
         try:
             ancestors = _version_lineage(settings, version).parents
         except (VersionNotFoundError, ValueError):

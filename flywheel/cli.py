@@ -741,6 +741,31 @@ def bench_serve(
     ]), as_json)
 
 
+@bench_app.command("trust")
+def bench_trust(
+    config: ConfigOption = None,
+    requests: Annotated[int, typer.Option(help="/predict requests with a key, and as many without.")] = 200,
+    rows: Annotated[int, typer.Option(help="Curated rows in the scratch home for lineage and forget.")] = 100_000,
+    port: Annotated[int, typer.Option(help="Port for the benchmark's own Serve app.")] = 8766,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/trust.json"),
+    as_json: JsonOption = False,
+) -> None:
+    """What identity costs: /predict p50 with a key vs without, a lineage query and `users forget` on many rows."""
+    from loadtests.bench_trust import run_trust_bench
+
+    configure_logging()
+    settings = settings_or_exit(config)
+    settings.serving.port = port
+    r = run_trust_bench(settings, requests=requests, rows=rows, say=progress)
+    write_report(out, r, "\n".join([
+        f"/predict p50 with a key {r.key_p50_ms:.1f} ms / open {r.open_p50_ms:.1f} ms = {r.key_over_open_p50:.3f} "
+        "(goal <= 1.02)",
+        f"lineage on {r.curated_rows} curated rows, {r.versions} versions: event {r.lineage_event_s:.2f} s, request "
+        f"{r.lineage_request_s:.2f} s, version {r.lineage_version_s:.2f} s (goal < 1 s)",
+        f"users forget: {r.forgot_rows} rows in {r.forget_s:.1f} s",
+    ]), as_json)
+
+
 @bench_app.command("openai")
 def bench_openai(
     config: ConfigOption = None,
