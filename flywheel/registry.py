@@ -45,7 +45,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field, ValidationError
 
-from flywheel.tasks import TASK_NAME_PATTERN, TaskSpec
+from flywheel.tasks import BASE_VERSION_PATTERN, TASK_NAME_PATTERN, TaskSpec
 
 if TYPE_CHECKING:
     from flywheel.config import Settings
@@ -55,7 +55,8 @@ MANIFEST = "manifest.json"
 CLAIM = ".claim"  # on object stores: the first object of a version, created exclusively
 TASK_SPEC, GOLDEN = "task.json", "golden.jsonl"
 _TASK_NAME = re.compile(TASK_NAME_PATTERN)
-_HISTORY_NAME = re.compile(r"^\d{10}\.json$")
+_BASE_VERSION_NAME = re.compile(BASE_VERSION_PATTERN)
+_HISTORY_NAME = re.compile(r"\d{10}\.json")
 MOVE_ATTEMPTS = 50
 CANARY_ALIAS = "canary"  # a version on trial: its record's traffic_fraction is its share (0: no canary)
 
@@ -227,23 +228,26 @@ class Registry:
     def __init__(
         self, uri: str, task: str, cache_dir: Path | None = None, storage_options: dict[str, Any] | None = None,
     ) -> None:
-        if not _TASK_NAME.match(task):
+        if not _TASK_NAME.fullmatch(task):
             raise RegistryError(f"invalid task name {task!r}: use lowercase letters, digits and dashes (max 64)")
         self.uri = uri.rstrip("/")
         self.task = task
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "flywheel-adapter-cache"
-        self._version_re = re.compile(rf"^{re.escape(task)}-v(\d+)$")
+        self._version_re = re.compile(rf"{re.escape(task)}-v(\d+)")
 
     # -- paths ---------------------------------------------------------------------------------------
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def _version_dir(self, version: str) -> str:
-        if not self._version_re.match(version):  # a version name becomes a path: refuse anything else
+    def _check_version_name(self, version: str) -> None:
+        if not self._version_re.fullmatch(version):  # a version name becomes a path: refuse anything else
             raise VersionNotFoundError(f"{version!r} is not a version of task {self.task!r} ({self.task}-v<N>)")
+
+    def _version_dir(self, version: str) -> str:
+        self._check_version_name(version)
         return self._path("versions", version)
 
     def _task_path(self, *parts: str) -> str:
@@ -299,11 +303,12 @@ class Registry:
         manifests = []
         for entry in self.fs.ls(self._path("versions"), detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if self._version_re.match(name) and self.fs.exists(self._path("versions", name, MANIFEST)):
+            if self._version_re.fullmatch(name) and self.fs.exists(self._path("versions", name, MANIFEST)):
                 manifests.append(self.manifest(name))
         return sorted(manifests, key=lambda m: m.number)
 
     def manifest(self, version: str) -> AdapterManifest:
+        self._check_version_name(version)
         return self._read_manifest("versions", version, AdapterManifest, "adapter version")
 
     def _read_manifest(self, folder: str, name: str, model: type[ManifestT], what: str) -> ManifestT:
@@ -317,7 +322,7 @@ class Registry:
         self.fs.invalidate_cache(self._path("versions"))
         if self.fs.exists(self._path("versions")):
             for entry in self.fs.ls(self._path("versions"), detail=False):
-                match = self._version_re.match(entry.rstrip("/").rsplit("/", 1)[-1])
+                match = self._version_re.fullmatch(entry.rstrip("/").rsplit("/", 1)[-1])
                 if match:
                     numbers.append(int(match.group(1)))
         return max(numbers) + 1
@@ -433,6 +438,8 @@ class Registry:
         return sorted(manifests, key=lambda m: m.created_at)
 
     def base_manifest(self, name: str) -> BaseManifest:
+        if not _BASE_VERSION_NAME.fullmatch(name):  # a base version name becomes a path: refuse anything else
+            raise VersionNotFoundError(f"{name!r} is not a base version name (<model>-gptq-w<bits>g<group>-v<N>)")
         return self._read_manifest("bases", name, BaseManifest, "base version")
 
     def register_base(
@@ -445,10 +452,10 @@ class Registry:
             raise RegistryError(f"{model_dir} is not a model directory: no config.json")
         hashes = {p.name: _sha256_file(p) for p in files}
         self.fs.makedirs(self._path("bases"), exist_ok=True)
-        pattern = re.compile(rf"^{re.escape(prefix)}-v(\d+)$")
+        pattern = re.compile(rf"{re.escape(prefix)}-v(\d+)")
         for _attempt in range(100):
             entries = self.fs.ls(self._path("bases"), detail=False)
-            taken = [pattern.match(e.rstrip("/").rsplit("/", 1)[-1]) for e in entries]
+            taken = [pattern.fullmatch(e.rstrip("/").rsplit("/", 1)[-1]) for e in entries]
             number = max([0, *(int(m.group(1)) for m in taken if m)]) + 1
             manifest = BaseManifest(name=f"{prefix}-v{number}", number=number, source=source, created_at=_now(),
                                     status=status, files=hashes, **fields)
@@ -515,7 +522,7 @@ class Registry:
         self.fs.invalidate_cache(folder)
         if not self.fs.exists(folder):
             return []
-        paths = sorted(p for p in self.fs.ls(folder, detail=False) if _HISTORY_NAME.match(p.rsplit("/", 1)[-1]))
+        paths = sorted(p for p in self.fs.ls(folder, detail=False) if _HISTORY_NAME.fullmatch(p.rsplit("/", 1)[-1]))
         entries = [e for e in map(self._history_entry, paths) if e is not None]
         return [e for e in entries if alias is None or e.alias == alias]
 
@@ -629,7 +636,7 @@ def task_names(uri: str, storage_options: dict[str, Any] | None = None) -> list[
         names |= {e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(f"{root}/tasks", detail=False)}
     if fs.exists(f"{root}/versions"):
         names |= {e.rstrip("/").rsplit("/", 1)[-1].rsplit("-v", 1)[0] for e in fs.ls(f"{root}/versions", detail=False)}
-    return sorted(n for n in names if _TASK_NAME.match(n))
+    return sorted(n for n in names if _TASK_NAME.fullmatch(n))
 
 
 def registry_for(settings: Settings, task: str | None = None) -> Registry:
