@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -75,13 +76,26 @@ class UnknownTaskError(RegistryError):
     """A task name that neither config nor the registry declares."""
 
 
-def lora_int_id(version: str) -> int:
-    """The LoRA int id engines know `version` by: stable, and distinct across tasks (demo-v1 vs faq-v1).
+class LoraIds:
+    """The LoRA int ids engines know adapters by: a name gets the next number the first time it is asked
+    for and keeps it, so no number ever stands for two names (demo-v1 and faq-v1 in one engine included).
 
-    vLLM caches adapters by name and id, so one id must never stand for two sets of weights; a 31-bit
-    hash of the (never reused) version name gives that without a shared counter.
+    The rule: within an engine, never reuse an adapter name or a LoRA int id. vLLM caches an adapter by
+    its id, so one id for two sets of weights would silently answer with the wrong ones; a hash of the
+    name (as before) collides for some pairs (demo-v29595 and demo-v56814 under a 31-bit sha256 prefix).
+    Numbered per process, the ids are distinct in every engine the process drives.
     """
-    return int.from_bytes(hashlib.sha256(version.encode()).digest()[:4], "big") % (2**31 - 2) + 1
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._lock = threading.Lock()  # a replica's event loop and the gate's threads both ask
+
+    def __call__(self, name: str) -> int:
+        with self._lock:
+            return self._ids.setdefault(name, len(self._ids) + 1)
+
+
+lora_int_id = LoraIds()
 
 
 class AdapterIntegrityError(RegistryError):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from pathlib import Path
 
 import pytest
 
-from flywheel.registry import BaseModelRef, Registry
+from flywheel.registry import BaseModelRef, Registry, lora_int_id
 from services.adapters import AdapterManager, AdapterState
 from services.engines.protocol import AdapterHandle, ChatMessage, Generation, SamplingOptions
 from tests.test_registry import fake_adapter
@@ -290,3 +291,24 @@ async def test_lora_residency_loads_on_demand_and_evicts_the_least_recently_used
     assert await busy == "t2-v1"
     await loras.unload(b)
     assert "t2-v1" not in engine.resident
+
+
+async def test_versions_whose_names_hash_alike_get_distinct_lora_ids_and_their_own_weights() -> None:
+    """demo-v29595 and demo-v56814 share the 31-bit sha256 prefix the ids once were: one engine holding both
+    answered for one with the other's weights."""
+    from services.adapters import LoraResidency
+
+    colliding = ("demo-v29595", "demo-v56814")
+    old_ids = {int.from_bytes(hashlib.sha256(v.encode()).digest()[:4], "big") % (2**31 - 2) + 1 for v in colliding}
+    assert len(old_ids) == 1
+    assert lora_int_id(colliding[0]) != lora_int_id(colliding[1])
+    assert lora_int_id(colliding[0]) == lora_int_id(colliding[0])  # stable: the same name, the same id
+
+    engine = FakeEngine()
+    loras = LoraResidency(engine, capacity=4)
+    answers = []
+    for version in colliding:
+        handle = AdapterHandle(name=version, int_id=lora_int_id(version), path=Path("/nowhere"))
+        async with loras.using(handle):
+            answers.append((await engine.generate([], SamplingOptions(max_tokens=1), handle, "r")).text)
+    assert answers == list(colliding) and engine.resident == set(colliding)
