@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from feedback import pii
 from feedback.schemas import FeedbackEvent, PredictionEvent
+from flywheel.tasks import TaskSpec
+from services.adapters import PINNED_RETRY_AFTER_S, PinnedAdaptersBusyError
 from services.gateway import Gateway
 from services.metrics import GatewayMetrics, RecentAnswers
+from services.protocol import PredictRequest
+from tests.conftest import make_settings
 from tests.kafka_broker import feedback, prediction
 
 
@@ -41,3 +48,15 @@ async def test_events_are_masked_off_the_event_loop(monkeypatch: pytest.MonkeyPa
     for event in events:
         assert await gateway._publish(event)
     assert published == events and masked_on and threading.get_ident() not in masked_on
+
+
+async def test_a_pinned_version_with_no_room_is_a_503_with_retry_after(tmp_path: Path) -> None:
+    class BusyLLM:
+        async def generate(self, *_: object) -> None:
+            raise PinnedAdaptersBusyError("all 2 pinned versions are answering requests")
+
+    gateway = bare_gateway(settings=make_settings(tmp_path), llm=BusyLLM(), metrics=GatewayMetrics(),
+                           _tasks={"demo": TaskSpec(name="demo")}, _tasks_read_at=time.monotonic())
+    response = await gateway.predict(PredictRequest(prompt="hello", task="demo", version="demo-v2"))
+    assert response.status_code == 503 and response.headers["retry-after"] == str(PINNED_RETRY_AFTER_S)
+    assert "demo-v2" in json.loads(response.body)["error"]
