@@ -12,10 +12,11 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +42,7 @@ from flywheel.config import Settings
 from flywheel.logs import configure_logging
 from flywheel.registry import (
     AdapterIntegrityError,
+    AdapterManifest,
     HistoryEntry,
     RegistryError,
     UnknownTaskError,
@@ -76,7 +78,28 @@ from services.protocol import (
 from services.status_board import get_board, version_figures
 
 log = logging.getLogger("flywheel.gateway")
-TASKS_TTL_S = 2.0  # how stale the gateway's list of tasks may be (new tasks come from `flywheel train`)
+TASKS_TTL_S = 2.0  # how stale the gateway's view of tasks and aliases may be (new tasks come from `flywheel train`)
+
+
+T = TypeVar("T")
+
+
+class TtlCache(Generic[T]):
+    """What `read` (blocking registry I/O, run in a worker thread) returned, read again once `ttl_s` has passed."""
+
+    def __init__(self, read: Callable[[], T], ttl_s: float) -> None:
+        self.read = read
+        self.ttl_s = ttl_s
+        self._value: T | None = None
+        self._read_at = -math.inf
+        self._lock = asyncio.Lock()  # a burst of callers after expiry waits on one read
+
+    async def get(self) -> T:
+        async with self._lock:
+            if time.monotonic() - self._read_at > self.ttl_s:
+                self._value = await asyncio.to_thread(self.read)
+                self._read_at = time.monotonic()
+        return self._value  # type: ignore[return-value]  # set by the read above
 
 api = FastAPI(title="flywheel", description="Serve LoRA-tuned R1-distilled models; learn from feedback.")
 MAX_BODY_BYTES = 1 << 20  # far above any body the size limits allow; refused before anything is parsed
@@ -191,8 +214,7 @@ class Gateway:
         self.loop = loop
         self.settings = Settings.from_shared(settings)
         self.registry = registry_for(self.settings)
-        self._tasks: dict[str, TaskSpec] = {}
-        self._tasks_read_at = 0.0
+        self._cache_registry_views()
         self.board = get_board(self.settings.registry_uri, self.settings.serving.alias)
         self.metrics = GatewayMetrics()
         self.bus = build_bus(self.settings)  # publish() never waits on a broker: a spool absorbs outages
@@ -207,11 +229,23 @@ class Gateway:
     def _champion(self) -> str | None:
         return self.registry.alias(self.settings.serving.alias)
 
+    def _cache_registry_views(self) -> None:
+        """What every request's task check and the unauthenticated /healthz and /v1/models read: from the
+        registry at most once per TASKS_TTL_S, however often they are called."""
+        self._tasks = TtlCache(lambda: known_tasks(self.settings), TASKS_TTL_S)
+        self._champions = TtlCache(self._read_champions, TASKS_TTL_S)
+        self._ready_versions = TtlCache(self._read_ready_versions, TASKS_TTL_S)
+
     async def _known_tasks(self) -> dict[str, TaskSpec]:
-        if time.monotonic() - self._tasks_read_at > TASKS_TTL_S:
-            self._tasks = await asyncio.to_thread(known_tasks, self.settings)
-            self._tasks_read_at = time.monotonic()
-        return self._tasks
+        return await self._tasks.get()
+
+    def _read_champions(self) -> dict[str, str | None]:
+        alias = self.settings.serving.alias
+        return {task: registry_for(self.settings, task).alias(alias) for task in known_tasks(self.settings)}
+
+    def _read_ready_versions(self) -> dict[str, list[AdapterManifest]]:
+        return {task: [m for m in registry_for(self.settings, task).versions() if m.status == "ready"]
+                for task in known_tasks(self.settings)}
 
     async def _refresh_replicas(self) -> list[dict[str, Any]]:
         self._replicas = await self.board.snapshot.remote()
@@ -387,13 +421,11 @@ class Gateway:
     @api.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
         """Every task (its champion answers), and each of its ready versions as `task@version`."""
-        tasks = await self._known_tasks()
         base = self.settings.model.quantized_base or self.settings.model.base
-        ready = await asyncio.to_thread(lambda: {
-            t: [m for m in registry_for(self.settings, t).versions() if m.status == "ready"] for t in tasks})
+        ready = await self._ready_versions.get()
         now = int(time.time())
         cards = []
-        for task in sorted(tasks):
+        for task in sorted(ready):
             cards.append(ModelCard(id=task, created=now, parent=base, root=base))
             cards += [ModelCard(id=f"{task}@{m.version}", created=int(m.created_at.timestamp()), parent=task,
                                 root=base) for m in ready[task]]
@@ -402,9 +434,7 @@ class Gateway:
     @api.get("/healthz", response_model=HealthResponse)
     async def healthz(self) -> HealthResponse:
         replicas = await self._refresh_replicas()
-        tasks = await self._known_tasks()
-        champions = await asyncio.to_thread(
-            lambda: {t: registry_for(self.settings, t).alias(self.settings.serving.alias) for t in tasks})
+        champions = await self._champions.get()
         health: dict[str, TaskHealth] = {}
         healthy = bool(replicas)
         for task, champion in champions.items():
