@@ -105,19 +105,13 @@ def up(
                f"topology={'fused' if serving.fused else 'split'}, base={base.label}, "
                f"champion={result.champion}, feedback={feedback_target}) …", err=True)
 
-    def on_sigterm(*_: object) -> None:
-        # Ray's native failure-signal handler saw SIGTERM first and armed a 3 s SIGALRM that aborts the
-        # process (ray-project/ray#64830): cancel it, a clean shutdown takes longer than that. Then stop as
-        # Ctrl-C does, even while Serve is still starting.
-        signal.alarm(0)
-        raise KeyboardInterrupt
-
     # What this Ray runs for others (`flywheel retrain --address` jobs) uses this python and these settings.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ[SHARED_SETTINGS_ENV] = json.dumps(settings.shareable())
+    stop_signals = StopSignals()
     try:
         serve_app.ensure_ray(settings)
-        signal.signal(signal.SIGTERM, on_sigterm)  # after ray.init, which installs a handler of its own
+        signal.signal(signal.SIGTERM, stop_signals.on_signal)  # after ray.init, which installs a handler of its own
         url = serve_app.run(settings)
         typer.echo(f"flywheel is serving at {url}  (POST {url}/predict, POST {url}/feedback, GET {url}/healthz; "
                    "Ctrl-C stops)")
@@ -128,11 +122,41 @@ def up(
     except TimeoutError as exc:
         fail(str(exc))
     finally:
+        stop_signals.stopping = True
         typer.echo("stopping Serve (the loop's keeper stops the curator first) and Ray …", err=True)
         started_here = psutil.Process().children(recursive=True)  # Ray's processes, vLLM's, the agents
         serve_app.shutdown()
         _end(started_here)
         typer.echo("stopped", err=True)
+
+
+class StopSignals:
+    """SIGTERM for `flywheel up`: the first stops serving as Ctrl-C does, even while Serve is still starting.
+
+    A second one while the cleanup runs is ignored: raised there, it cut the cleanup short and left Ray's
+    and vLLM's processes behind (a supervisor repeats SIGTERM before its kill timeout). The third forces
+    an exit, for an operator who really means it.
+    """
+
+    FORCE_AT = 3
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.stopping = False
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        # Ray's native failure-signal handler saw SIGTERM first and armed a 3 s SIGALRM that aborts the
+        # process (ray-project/ray#64830): cancel it, a clean shutdown takes longer than that.
+        signal.alarm(0)
+        self.received += 1
+        if self.received >= self.FORCE_AT:
+            typer.echo("stop signal received again: exiting now, the cleanup cut short", err=True)
+            os._exit(128 + signum)
+        if self.stopping:
+            typer.echo("already stopping; a third stop signal forces an exit", err=True)
+            return
+        self.stopping = True
+        raise KeyboardInterrupt
 
 
 def _end(processes: list[Any], grace_s: float = 15.0) -> None:

@@ -27,7 +27,7 @@ from pydantic_settings import (
 )
 
 from flywheel.auth import is_loopback
-from flywheel.tasks import DEMO_TASK, TaskName, TaskSpec
+from flywheel.tasks import DEMO_TASK, BaseVersionName, TaskName, TaskSpec
 
 DEMO_MODEL = "demo"
 SHARED_SETTINGS_ENV = "FLYWHEEL_SETTINGS_JSON"
@@ -45,7 +45,7 @@ class ModelSettings(BaseModel):
     task: TaskName | None = Field(
         None, description="The default task (a request that names none gets it); None: the first of `tasks`."
     )
-    quantized_base: str | None = Field(
+    quantized_base: BaseVersionName | None = Field(
         None,
         description="Registry base version from `flywheel quantize` (e.g. demo-gptq-w4g128-v1) that serving "
         "and the gate run on; None serves the unquantized base. Adapters are trained against `base`.",

@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -45,7 +46,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field, ValidationError
 
-from flywheel.tasks import TASK_NAME_PATTERN, TaskSpec
+from flywheel.tasks import BASE_VERSION_PATTERN, TASK_NAME_PATTERN, TaskSpec
 
 if TYPE_CHECKING:
     from flywheel.config import Settings
@@ -56,7 +57,8 @@ TRAIN_DATA_FILE = "train_data.jsonl"  # in a version: its training rows, each na
 CLAIM = ".claim"  # on object stores: the first object of a version, created exclusively
 TASK_SPEC, GOLDEN = "task.json", "golden.jsonl"
 _TASK_NAME = re.compile(TASK_NAME_PATTERN)
-_HISTORY_NAME = re.compile(r"^\d{10}\.json$")
+_BASE_VERSION_NAME = re.compile(BASE_VERSION_PATTERN)
+_HISTORY_NAME = re.compile(r"\d{10}\.json")
 MOVE_ATTEMPTS = 50
 CANARY_ALIAS = "canary"  # a version on trial: its record's traffic_fraction is its share (0: no canary)
 
@@ -75,13 +77,26 @@ class UnknownTaskError(RegistryError):
     """A task name that neither config nor the registry declares."""
 
 
-def lora_int_id(version: str) -> int:
-    """The LoRA int id engines know `version` by: stable, and distinct across tasks (demo-v1 vs faq-v1).
+class LoraIds:
+    """The LoRA int ids engines know adapters by: a name gets the next number the first time it is asked
+    for and keeps it, so no number ever stands for two names (demo-v1 and faq-v1 in one engine included).
 
-    vLLM caches adapters by name and id, so one id must never stand for two sets of weights; a 31-bit
-    hash of the (never reused) version name gives that without a shared counter.
+    The rule: within an engine, never reuse an adapter name or a LoRA int id. vLLM caches an adapter by
+    its id, so one id for two sets of weights would silently answer with the wrong ones; a hash of the
+    name (as before) collides for some pairs (demo-v29595 and demo-v56814 under a 31-bit sha256 prefix).
+    Numbered per process, the ids are distinct in every engine the process drives.
     """
-    return int.from_bytes(hashlib.sha256(version.encode()).digest()[:4], "big") % (2**31 - 2) + 1
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._lock = threading.Lock()  # a replica's event loop and the gate's threads both ask
+
+    def __call__(self, name: str) -> int:
+        with self._lock:
+            return self._ids.setdefault(name, len(self._ids) + 1)
+
+
+lora_int_id = LoraIds()
 
 
 class AdapterIntegrityError(RegistryError):
@@ -228,23 +243,26 @@ class Registry:
     def __init__(
         self, uri: str, task: str, cache_dir: Path | None = None, storage_options: dict[str, Any] | None = None,
     ) -> None:
-        if not _TASK_NAME.match(task):
+        if not _TASK_NAME.fullmatch(task):
             raise RegistryError(f"invalid task name {task!r}: use lowercase letters, digits and dashes (max 64)")
         self.uri = uri.rstrip("/")
         self.task = task
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "flywheel-adapter-cache"
-        self._version_re = re.compile(rf"^{re.escape(task)}-v(\d+)$")
+        self._version_re = re.compile(rf"{re.escape(task)}-v(\d+)")
 
     # -- paths ---------------------------------------------------------------------------------------
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def _version_dir(self, version: str) -> str:
-        if not self._version_re.match(version):  # a version name becomes a path: refuse anything else
+    def _check_version_name(self, version: str) -> None:
+        if not self._version_re.fullmatch(version):  # a version name becomes a path: refuse anything else
             raise VersionNotFoundError(f"{version!r} is not a version of task {self.task!r} ({self.task}-v<N>)")
+
+    def _version_dir(self, version: str) -> str:
+        self._check_version_name(version)
         return self._path("versions", version)
 
     def _task_path(self, *parts: str) -> str:
@@ -300,11 +318,12 @@ class Registry:
         manifests = []
         for entry in self.fs.ls(self._path("versions"), detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if self._version_re.match(name) and self.fs.exists(self._path("versions", name, MANIFEST)):
+            if self._version_re.fullmatch(name) and self.fs.exists(self._path("versions", name, MANIFEST)):
                 manifests.append(self.manifest(name))
         return sorted(manifests, key=lambda m: m.number)
 
     def manifest(self, version: str) -> AdapterManifest:
+        self._check_version_name(version)
         return self._read_manifest("versions", version, AdapterManifest, "adapter version")
 
     def _read_manifest(self, folder: str, name: str, model: type[ManifestT], what: str) -> ManifestT:
@@ -318,7 +337,7 @@ class Registry:
         self.fs.invalidate_cache(self._path("versions"))
         if self.fs.exists(self._path("versions")):
             for entry in self.fs.ls(self._path("versions"), detail=False):
-                match = self._version_re.match(entry.rstrip("/").rsplit("/", 1)[-1])
+                match = self._version_re.fullmatch(entry.rstrip("/").rsplit("/", 1)[-1])
                 if match:
                     numbers.append(int(match.group(1)))
         return max(numbers) + 1
@@ -454,6 +473,8 @@ class Registry:
         return sorted(manifests, key=lambda m: m.created_at)
 
     def base_manifest(self, name: str) -> BaseManifest:
+        if not _BASE_VERSION_NAME.fullmatch(name):  # a base version name becomes a path: refuse anything else
+            raise VersionNotFoundError(f"{name!r} is not a base version name (<model>-gptq-w<bits>g<group>-v<N>)")
         return self._read_manifest("bases", name, BaseManifest, "base version")
 
     def register_base(
@@ -466,10 +487,10 @@ class Registry:
             raise RegistryError(f"{model_dir} is not a model directory: no config.json")
         hashes = {p.name: _sha256_file(p) for p in files}
         self.fs.makedirs(self._path("bases"), exist_ok=True)
-        pattern = re.compile(rf"^{re.escape(prefix)}-v(\d+)$")
+        pattern = re.compile(rf"{re.escape(prefix)}-v(\d+)")
         for _attempt in range(100):
             entries = self.fs.ls(self._path("bases"), detail=False)
-            taken = [pattern.match(e.rstrip("/").rsplit("/", 1)[-1]) for e in entries]
+            taken = [pattern.fullmatch(e.rstrip("/").rsplit("/", 1)[-1]) for e in entries]
             number = max([0, *(int(m.group(1)) for m in taken if m)]) + 1
             manifest = BaseManifest(name=f"{prefix}-v{number}", number=number, source=source, created_at=_now(),
                                     status=status, files=hashes, **fields)
@@ -536,7 +557,7 @@ class Registry:
         self.fs.invalidate_cache(folder)
         if not self.fs.exists(folder):
             return []
-        paths = sorted(p for p in self.fs.ls(folder, detail=False) if _HISTORY_NAME.match(p.rsplit("/", 1)[-1]))
+        paths = sorted(p for p in self.fs.ls(folder, detail=False) if _HISTORY_NAME.fullmatch(p.rsplit("/", 1)[-1]))
         entries = [e for e in map(self._history_entry, paths) if e is not None]
         return [e for e in entries if alias is None or e.alias == alias]
 
@@ -650,7 +671,7 @@ def task_names(uri: str, storage_options: dict[str, Any] | None = None) -> list[
         names |= {e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(f"{root}/tasks", detail=False)}
     if fs.exists(f"{root}/versions"):
         names |= {e.rstrip("/").rsplit("/", 1)[-1].rsplit("-v", 1)[0] for e in fs.ls(f"{root}/versions", detail=False)}
-    return sorted(n for n in names if _TASK_NAME.match(n))
+    return sorted(n for n in names if _TASK_NAME.fullmatch(n))
 
 
 def registry_for(settings: Settings, task: str | None = None) -> Registry:

@@ -15,12 +15,17 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# Names become registry paths. These patterns serve pydantic (Rust regex: `$` is the end of the text) and
+# Python's `re`, whose `$` also matches before a final "\n": check them there with `fullmatch`, never `match`.
 TASK_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
 TaskName = Annotated[
     str, Field(pattern=TASK_NAME_PATTERN, description="Lowercase letters, digits and dashes; at most 64.")
 ]
 VERSION_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}-v[0-9]{1,9}$"
 VersionName = Annotated[str, Field(pattern=VERSION_PATTERN, description="`<task>-v<N>`, e.g. demo-v3.")]
+BASE_VERSION_PATTERN = r"^[A-Za-z0-9._-]{1,128}-v[0-9]{1,9}$"
+BaseVersionName = Annotated[str, Field(pattern=BASE_VERSION_PATTERN,
+                                       description="`<model>-gptq-w<bits>g<group>-v<N>`, e.g. demo-gptq-w4g128-v1.")]
 
 ClassificationMetric = Literal["accuracy", "macro_f1"]
 GenerationMetric = Literal["exact_match", "contains", "token_f1", "rouge_l", "chrf"]

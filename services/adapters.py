@@ -279,11 +279,21 @@ class PinnedCounters:
     load_seconds: float = 0.0
 
 
+class PinnedAdaptersBusyError(RuntimeError):
+    """Every place for a version asked for by name holds one answering requests: the caller's 503."""
+
+
+PINNED_RETRY_AFTER_S = 2  # what that 503 tells the client to wait: about one request's time
+
+
 class PinnedAdapters:
     """Versions served by name next to the champions, loaded on demand, least recently used unloaded first.
 
-    A version in use (`in_flight` > 0) is never unloaded, nor one `in_use_elsewhere` says a champion
-    holds; past `capacity` the idle ones go, oldest use first (a burst of busy ones may exceed it).
+    At most `capacity` are resident: a new one makes room by unloading the least recently used idle ones,
+    and is refused (PinnedAdaptersBusyError) when every one is answering requests, rather than loaded past
+    it. A version in use (`in_flight` > 0) is never unloaded, nor one `in_use_elsewhere` says a champion
+    holds. Verifying and loading a version (a sha256 of its weights, then the engine's load) wait on
+    nothing shared: requests for versions already loaded, or being loaded, go on meanwhile.
     """
 
     def __init__(self, engine: Engine, *, base_sha256: str, capacity: int,
@@ -297,58 +307,83 @@ class PinnedAdapters:
         self.slots: OrderedDict[str, AdapterSlot] = OrderedDict()
         self.counters = PinnedCounters()
         self.evaluating: set[str] = set()  # loaded for the gate; may not answer users yet
-        self._lock = asyncio.Lock()
+        self._loading: dict[str, asyncio.Future[AdapterSlot]] = {}  # one load per version, its requests await it
+        self._places_reserved = 0  # places taken by versions verified and now loading
 
     @contextlib.asynccontextmanager
     async def acquire(self, registry: Registry, version: str, *, for_gate: bool = False) -> AsyncIterator[AdapterSlot]:
-        """The slot of `version`, loaded if needed; VersionNotFoundError/AdapterIntegrityError if it cannot be.
+        """The slot of `version`, loaded if needed; VersionNotFoundError/AdapterIntegrityError if it cannot be,
+        PinnedAdaptersBusyError if there is no room for it now.
 
         A version still `evaluating` answers only the gate (`for_gate`): users never see a candidate
         before the gate has passed it.
         """
-        async with self._lock:
-            slot = self.slots.get(version)
-            if slot is None:
-                slot = await self._load(registry, version)
+        while (slot := self.slots.get(version)) is None:  # (loaded, it may be evicted before this request resumes)
+            await self._load_once(registry, version)
+        self.slots.move_to_end(version)
+        slot.in_flight += 1  # at once (no await since the lookup): it is never unloaded under this request
+        try:
             if version in self.evaluating and not for_gate:
                 if (await asyncio.to_thread(registry.manifest, version)).status == "evaluating":
                     raise VersionNotFoundError(f"{version} is being evaluated; it answers once the gate passes it")
                 self.evaluating.discard(version)
-            self.slots.move_to_end(version)
-            slot.in_flight += 1
-            await self._unload_beyond_capacity()
-        try:
             yield slot
         finally:
             slot.in_flight -= 1
 
+    async def _load_once(self, registry: Registry, version: str) -> None:
+        """Load `version`, or wait for the load a concurrent request started (its outcome is ours too)."""
+        loading = self._loading.get(version)
+        if loading is None:
+            loading = self._loading[version] = asyncio.ensure_future(self._load(registry, version))
+            loading.add_done_callback(lambda done: self._loaded(version, done))
+        await asyncio.shield(loading)  # a request that goes away leaves the load to the others
+
+    def _loaded(self, version: str, load: asyncio.Future[AdapterSlot]) -> None:
+        del self._loading[version]
+        if not load.cancelled():
+            load.exception()  # seen: an error whose requests all went away is not reported as never retrieved
+
     async def _load(self, registry: Registry, version: str) -> AdapterSlot:
         started = time.perf_counter()
         manifest = await asyncio.to_thread(registry.verify, version, base_sha256=self.base_sha256)
+        handle = AdapterHandle(name=version, int_id=lora_int_id(manifest.version), path=registry.local_path(version))
+        evicted = self._reserve_place()
+        try:
+            for old_version, old in evicted:
+                await self._unload(old_version, old)
+            await self.loras.load(handle)
+        finally:
+            self._places_reserved -= 1
         if manifest.status == "evaluating":
             self.evaluating.add(version)
-        handle = AdapterHandle(name=version, int_id=lora_int_id(manifest.version), path=registry.local_path(version))
-        await self.loras.load(handle)
         seconds = time.perf_counter() - started
         self.counters.loads += 1
         self.counters.load_seconds += seconds
         log.info("event=pinned_loaded version=%s ms=%.0f resident=%d", version, seconds * 1000, len(self.slots) + 1)
-        slot = AdapterSlot(version, handle, AdapterState.READY)
-        self.slots[version] = slot
+        slot = self.slots[version] = AdapterSlot(version, handle, AdapterState.READY)
         return slot
 
-    async def _unload_beyond_capacity(self) -> None:
-        for version, slot in list(self.slots.items()):  # least recently used first
-            if len(self.slots) <= self.capacity:
-                return
-            if slot.in_flight or slot.handle is None:
-                continue
+    def _reserve_place(self) -> list[tuple[str, AdapterSlot]]:
+        """Take a place for one more version, evicting the least recently used idle ones to free it.
+
+        No await from the count to the reservation: two loads never take the same place.
+        """
+        excess = len(self.slots) + self._places_reserved + 1 - self.capacity
+        idle = [(version, slot) for version, slot in self.slots.items() if not slot.in_flight][:max(0, excess)]
+        if len(idle) < excess:
+            raise PinnedAdaptersBusyError(f"all {self.capacity} pinned versions are answering requests")
+        for version, _ in idle:
             del self.slots[version]
             self.evaluating.discard(version)
             self.counters.evictions += 1
-            if not self.in_use_elsewhere(version):
-                await self.loras.unload(slot.handle)
-            log.info("event=pinned_unloaded version=%s resident=%d", version, len(self.slots))
+        self._places_reserved += 1
+        return idle
+
+    async def _unload(self, version: str, slot: AdapterSlot) -> None:
+        if slot.handle is not None and not self.in_use_elsewhere(version):
+            await self.loras.unload(slot.handle)
+        log.info("event=pinned_unloaded version=%s resident=%d", version, len(self.slots))
 
     def status(self) -> dict:
         return {"resident": {v: {"in_flight": s.in_flight} for v, s in self.slots.items()},

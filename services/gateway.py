@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,6 +58,7 @@ from flywheel.config import Settings
 from flywheel.logs import configure_logging
 from flywheel.registry import (
     AdapterIntegrityError,
+    AdapterManifest,
     HistoryEntry,
     RegistryError,
     UnknownTaskError,
@@ -67,6 +69,7 @@ from flywheel.registry import (
 from flywheel.runs import RetrainBusyError, RunStore
 from flywheel.tasks import TaskName, TaskSpec
 from services.access import Access, Denied
+from services.adapters import PINNED_RETRY_AFTER_S, PinnedAdaptersBusyError
 from services.body_limit import BodySizeLimit
 from services.engines.protocol import PromptTooLongError, SamplingOptions
 from services.llm_client import LLMClient, LocalLLM, RemoteLLM, open_stream
@@ -96,7 +99,28 @@ from services.status_board import get_board, version_figures
 log = logging.getLogger("flywheel.gateway")
 LINEAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # versions, request ids and event ids: nothing else is looked up
 RECENT_FEEDBACK = 100_000  # feedback events this replica remembers the author of
-TASKS_TTL_S = 2.0  # how stale the gateway's list of tasks may be (new tasks come from `flywheel train`)
+TASKS_TTL_S = 2.0  # how stale the gateway's view of tasks and aliases may be (new tasks come from `flywheel train`)
+
+
+T = TypeVar("T")
+
+
+class TtlCache(Generic[T]):
+    """What `read` (blocking registry I/O, run in a worker thread) returned, read again once `ttl_s` has passed."""
+
+    def __init__(self, read: Callable[[], T], ttl_s: float) -> None:
+        self.read = read
+        self.ttl_s = ttl_s
+        self._value: T | None = None
+        self._read_at = -math.inf
+        self._lock = asyncio.Lock()  # a burst of callers after expiry waits on one read
+
+    async def get(self) -> T:
+        async with self._lock:
+            if time.monotonic() - self._read_at > self.ttl_s:
+                self._value = await asyncio.to_thread(self.read)
+                self._read_at = time.monotonic()
+        return self._value  # type: ignore[return-value]  # set by the read above
 
 api = FastAPI(title="flywheel", description="Serve LoRA-tuned R1-distilled models; learn from feedback.")
 MAX_BODY_BYTES = 1 << 20  # far above any body the size limits allow; refused before anything is parsed
@@ -223,8 +247,7 @@ class Gateway:
         self.loop = loop
         self.settings = Settings.from_shared(settings)
         self.registry = registry_for(self.settings)
-        self._tasks: dict[str, TaskSpec] = {}
-        self._tasks_read_at = 0.0
+        self._cache_registry_views()
         self.board = get_board(self.settings.registry_uri, self.settings.serving.alias)
         self.metrics = GatewayMetrics()
         self.bus = build_bus(self.settings)  # publish() never waits on a broker: a spool absorbs outages
@@ -242,11 +265,23 @@ class Gateway:
     def _champion(self) -> str | None:
         return self.registry.alias(self.settings.serving.alias)
 
+    def _cache_registry_views(self) -> None:
+        """What every request's task check and the unauthenticated /healthz and /v1/models read: from the
+        registry at most once per TASKS_TTL_S, however often they are called."""
+        self._tasks = TtlCache(lambda: known_tasks(self.settings), TASKS_TTL_S)
+        self._champions = TtlCache(self._read_champions, TASKS_TTL_S)
+        self._ready_versions = TtlCache(self._read_ready_versions, TASKS_TTL_S)
+
     async def _known_tasks(self) -> dict[str, TaskSpec]:
-        if time.monotonic() - self._tasks_read_at > TASKS_TTL_S:
-            self._tasks = await asyncio.to_thread(known_tasks, self.settings)
-            self._tasks_read_at = time.monotonic()
-        return self._tasks
+        return await self._tasks.get()
+
+    def _read_champions(self) -> dict[str, str | None]:
+        alias = self.settings.serving.alias
+        return {task: registry_for(self.settings, task).alias(alias) for task in known_tasks(self.settings)}
+
+    def _read_ready_versions(self) -> dict[str, list[AdapterManifest]]:
+        return {task: [m for m in registry_for(self.settings, task).versions() if m.status == "ready"]
+                for task in known_tasks(self.settings)}
 
     async def _refresh_replicas(self) -> list[dict[str, Any]]:
         self._replicas = await self.board.snapshot.remote()
@@ -301,6 +336,11 @@ class Gateway:
             return self._reject(404, "version", f"{body.version} is not a servable version of task {task!r}")
         except UnknownTaskError:  # registered a moment ago: this replica has not seen it yet
             return self._reject(404, "task", f"task {task!r} is not loaded yet; retry in a few seconds")
+        except PinnedAdaptersBusyError:
+            self.metrics.requests.labels("/predict", "503").inc()
+            return JSONResponse(status_code=503, headers={"retry-after": str(PINNED_RETRY_AFTER_S)}, content={
+                "error": f"every pinned version is answering requests; retry {body.version} in "
+                         f"{PINNED_RETRY_AFTER_S} s", "request_id": request_id})
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception as exc:  # engine or replica trouble is ours, not the caller's: 503, logged
@@ -456,13 +496,11 @@ class Gateway:
         caller = await self._admit(request, "predict")
         if isinstance(caller, JSONResponse):
             return caller
-        tasks = await self._known_tasks()
         base = self.settings.model.quantized_base or self.settings.model.base
-        ready = await asyncio.to_thread(lambda: {
-            t: [m for m in registry_for(self.settings, t).versions() if m.status == "ready"] for t in tasks})
+        ready = await self._ready_versions.get()
         now = int(time.time())
         cards = []
-        for task in sorted(tasks):
+        for task in sorted(ready):
             cards.append(ModelCard(id=task, created=now, parent=base, root=base))
             cards += [ModelCard(id=f"{task}@{m.version}", created=int(m.created_at.timestamp()), parent=task,
                                 root=base) for m in ready[task]]
@@ -471,9 +509,7 @@ class Gateway:
     @api.get("/healthz", response_model=HealthResponse)
     async def healthz(self) -> HealthResponse:
         replicas = await self._refresh_replicas()
-        tasks = await self._known_tasks()
-        champions = await asyncio.to_thread(
-            lambda: {t: registry_for(self.settings, t).alias(self.settings.serving.alias) for t in tasks})
+        champions = await self._champions.get()
         health: dict[str, TaskHealth] = {}
         healthy = bool(replicas)
         for task, champion in champions.items():

@@ -23,6 +23,7 @@ from feedback.schemas import Message, PredictionEvent
 from flywheel.config import Settings
 from flywheel.registry import AdapterIntegrityError, UnknownTaskError, VersionNotFoundError
 from flywheel.tasks import TaskSpec
+from services.adapters import PINNED_RETRY_AFTER_S, PinnedAdaptersBusyError
 from services.engines.protocol import SamplingOptions
 from services.llm_client import REFUSALS, LLMClient, open_stream
 from services.metrics import GatewayMetrics
@@ -140,6 +141,11 @@ class ChatCompletions:
         if isinstance(exc, UnknownTaskError):
             return self._reject(404, "the model is not loaded yet; retry in a few seconds", "model",
                                 "model_not_found")
+        if isinstance(exc, PinnedAdaptersBusyError):
+            busy = self._reject(503, f"every pinned model is answering requests; retry `{model}` in "
+                                f"{PINNED_RETRY_AFTER_S} s", "model", "pinned_models_busy")
+            busy.headers["retry-after"] = str(PINNED_RETRY_AFTER_S)
+            return busy
         if isinstance(exc, VersionNotFoundError | AdapterIntegrityError):  # details name registry paths: logs only
             log.info("event=pinned_refused model=%s error=%r", model, exc)
             return self._reject(404, f"The model `{model}` is not a servable version", "model", "model_not_found")

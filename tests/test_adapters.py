@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from flywheel.registry import BaseModelRef, Registry
+from flywheel.registry import BaseModelRef, Registry, lora_int_id
 from services.adapters import AdapterManager, AdapterState
 from services.engines.protocol import AdapterHandle, ChatMessage, Generation, SamplingOptions
+from services.metrics import GatewayMetrics
 from tests.test_registry import fake_adapter
 
 BASE = BaseModelRef(id="demo", sha256="a" * 64)
@@ -290,3 +293,80 @@ async def test_lora_residency_loads_on_demand_and_evicts_the_least_recently_used
     assert await busy == "t2-v1"
     await loras.unload(b)
     assert "t2-v1" not in engine.resident
+
+
+async def test_versions_whose_names_hash_alike_get_distinct_lora_ids_and_their_own_weights() -> None:
+    """demo-v29595 and demo-v56814 share the 31-bit sha256 prefix the ids once were: one engine holding both
+    answered for one with the other's weights."""
+    from services.adapters import LoraResidency
+
+    colliding = ("demo-v29595", "demo-v56814")
+    old_ids = {int.from_bytes(hashlib.sha256(v.encode()).digest()[:4], "big") % (2**31 - 2) + 1 for v in colliding}
+    assert len(old_ids) == 1
+    assert lora_int_id(colliding[0]) != lora_int_id(colliding[1])
+    assert lora_int_id(colliding[0]) == lora_int_id(colliding[0])  # stable: the same name, the same id
+
+    engine = FakeEngine()
+    loras = LoraResidency(engine, capacity=4)
+    answers = []
+    for version in colliding:
+        handle = AdapterHandle(name=version, int_id=lora_int_id(version), path=Path("/nowhere"))
+        async with loras.using(handle):
+            answers.append((await engine.generate([], SamplingOptions(max_tokens=1), handle, "r")).text)
+    assert answers == list(colliding) and engine.resident == set(colliding)
+
+
+async def test_a_slow_pinned_load_never_holds_up_requests_for_other_versions(
+        setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verifying a version hashes all its weights: a request for another version must not wait on that."""
+    from services.adapters import PinnedAdapters
+
+    registry, engine, _ = setup
+    verify, slow_verify_may_finish = registry.verify, threading.Event()
+
+    def verify_demo_v2_slowly(version: str, **kwargs: object) -> object:
+        if version == "demo-v2":
+            slow_verify_may_finish.wait(timeout=10)
+        return verify(version, **kwargs)
+
+    monkeypatch.setattr(registry, "verify", verify_demo_v2_slowly)
+    pinned = PinnedAdapters(engine, base_sha256=BASE.sha256, capacity=2)
+    slow = [asyncio.create_task(ask_pinned(pinned, registry, engine, "demo-v2")) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    try:
+        assert await asyncio.wait_for(ask_pinned(pinned, registry, engine, "demo-v3"), timeout=5) == "demo-v3"
+        assert not any(task.done() for task in slow)
+    finally:
+        slow_verify_may_finish.set()
+    assert await asyncio.gather(*slow) == ["demo-v2"] * 3
+    assert pinned.counters.loads == 2  # three requests for demo-v2 waited on one load
+
+
+async def test_pinned_versions_never_exceed_capacity_when_every_one_is_busy(setup) -> None:
+    from services.adapters import PinnedAdapters, PinnedAdaptersBusyError
+
+    registry, engine, _ = setup
+    pinned = PinnedAdapters(engine, base_sha256=BASE.sha256, capacity=1)
+    engine.release.clear()
+    busy = asyncio.create_task(ask_pinned(pinned, registry, engine, "demo-v2"))
+    await asyncio.sleep(0.05)
+    with pytest.raises(PinnedAdaptersBusyError):
+        async with pinned.acquire(registry, "demo-v3"):
+            pass
+    assert set(pinned.slots) == {"demo-v2"} and "demo-v3" not in engine.resident
+    engine.release.set()
+    assert await busy == "demo-v2"
+    assert await ask_pinned(pinned, registry, engine, "demo-v3") == "demo-v3"  # idle now: demo-v2 makes room
+    assert set(pinned.slots) == {"demo-v3"} and "demo-v2" not in engine.resident
+
+
+def test_a_full_pinned_residency_travels_as_a_refusal_and_reaches_the_client_as_503_with_retry_after() -> None:
+    from services.adapters import PINNED_RETRY_AFTER_S, PinnedAdaptersBusyError
+    from services.openai_api import ChatCompletions
+    from services.protocol import Refusal
+
+    refusal = Refusal.of(PinnedAdaptersBusyError("all 2 pinned versions are answering requests"))
+    assert isinstance(refusal.error(), PinnedAdaptersBusyError)
+    chat = ChatCompletions(llm=None, settings=None, tasks=None, publish=None, metrics=GatewayMetrics())  # type: ignore[arg-type]
+    response = chat._engine_refusal(refusal.error(), "demo@demo-v2")
+    assert response.status_code == 503 and response.headers["retry-after"] == str(PINNED_RETRY_AFTER_S)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
-from flywheel.cli import app
+from flywheel.cli import StopSignals, app
 
 
 def run_json(cli: CliRunner, *args: str) -> object:
@@ -59,3 +62,21 @@ def test_clear_errors_and_exit_codes(cli: CliRunner, tmp_path: Path) -> None:
     bad.write_text("serving:\n  engine: tensorflow\n")
     invalid = cli.invoke(app, ["status", "--config", str(bad)])
     assert invalid.exit_code == 1 and "serving.engine" in invalid.stderr
+
+
+def test_a_repeated_stop_signal_never_cuts_the_cleanup_short_and_a_third_forces_an_exit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    stop = StopSignals()
+    with pytest.raises(KeyboardInterrupt):  # the first stops serving, as Ctrl-C does
+        stop.on_signal(signal.SIGTERM, None)
+    stop.on_signal(signal.SIGTERM, None)  # the second arrives during the cleanup: it goes on
+    assert exits == []
+    stop.on_signal(signal.SIGTERM, None)
+    assert exits == [128 + signal.SIGTERM]
+
+    already = StopSignals()
+    already.stopping = True  # the cleanup began another way (Ctrl-C, a failed start)
+    already.on_signal(signal.SIGTERM, None)
+    assert already.received == 1

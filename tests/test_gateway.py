@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from feedback import pii
 from feedback.schemas import FeedbackEvent, PredictionEvent
-from services.gateway import Gateway
+from flywheel.registry import registry_for
+from flywheel.tasks import TaskSpec
+from services.adapters import PINNED_RETRY_AFTER_S, PinnedAdaptersBusyError
+from services.gateway import Gateway, TtlCache
 from services.metrics import GatewayMetrics, RecentAnswers
+from services.protocol import PredictRequest
+from tests.conftest import make_settings
 from tests.kafka_broker import feedback, prediction
+from tests.test_registry import BASE, fake_adapter
 
 
 def bare_gateway(**attributes: object) -> Gateway:
@@ -41,3 +50,44 @@ async def test_events_are_masked_off_the_event_loop(monkeypatch: pytest.MonkeyPa
     for event in events:
         assert await gateway._publish(event)
     assert published == events and masked_on and threading.get_ident() not in masked_on
+
+
+async def test_a_pinned_version_with_no_room_is_a_503_with_retry_after(tmp_path: Path) -> None:
+    class BusyLLM:
+        async def generate(self, *_: object) -> None:
+            raise PinnedAdaptersBusyError("all 2 pinned versions are answering requests")
+
+    gateway = bare_gateway(settings=make_settings(tmp_path), llm=BusyLLM(), metrics=GatewayMetrics(),
+                           _tasks=TtlCache(lambda: {"demo": TaskSpec(name="demo")}, ttl_s=60))
+    response = await gateway.predict(PredictRequest(prompt="hello", task="demo", version="demo-v2"))
+    assert response.status_code == 503 and response.headers["retry-after"] == str(PINNED_RETRY_AFTER_S)
+    assert "demo-v2" in json.loads(response.body)["error"]
+
+
+async def test_a_ttl_cache_reads_once_for_a_burst_and_again_once_stale() -> None:
+    reads: list[int] = []
+    cache = TtlCache(lambda: reads.append(len(reads)) or len(reads), ttl_s=60)
+    assert await asyncio.gather(*(cache.get() for _ in range(10))) == [1] * 10 and len(reads) == 1
+    cache.ttl_s = 0
+    assert await cache.get() == 2
+
+
+async def test_models_and_healthz_answer_from_a_cached_view_of_the_registry(tmp_path: Path) -> None:
+    """Unauthenticated routes: calling them in a loop must not read the registry on every call."""
+    settings = make_settings(tmp_path)
+    demo = registry_for(settings, "demo")
+    demo.promote(demo.register(fake_adapter(tmp_path / "a1"), base=BASE).version, actor="test")
+    gateway = bare_gateway(settings=settings)
+    gateway._cache_registry_views()
+
+    async def model_ids() -> set[str]:
+        return {card.id for card in (await gateway.models()).data}
+
+    assert await model_ids() == {"demo", "demo@demo-v1"}
+    assert await gateway._champions.get() == {"demo": "demo-v1"}
+    demo.promote(demo.register(fake_adapter(tmp_path / "a2", b"two"), base=BASE).version, actor="test")
+    assert await model_ids() == {"demo", "demo@demo-v1"}  # within TASKS_TTL_S: the view read before
+    assert await gateway._champions.get() == {"demo": "demo-v1"}
+    gateway._ready_versions.ttl_s = gateway._champions.ttl_s = 0
+    assert await model_ids() == {"demo", "demo@demo-v1", "demo@demo-v2"}
+    assert await gateway._champions.get() == {"demo": "demo-v2"}

@@ -11,7 +11,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
+from pydantic import TypeAdapter, ValidationError
 
+from flywheel.config import ModelSettings
 from flywheel.registry import (
     AdapterIntegrityError,
     BaseModelRef,
@@ -21,6 +23,7 @@ from flywheel.registry import (
     VersionNotFoundError,
     fingerprint_base,
 )
+from flywheel.tasks import BaseVersionName, TaskName, VersionName
 
 BASE = BaseModelRef(id="demo", sha256="a" * 64)
 OTHER_BASE = BaseModelRef(id="other", sha256="b" * 64)
@@ -171,6 +174,31 @@ def test_a_broken_history_entry_breaks_neither_alias_nor_history(registry: Regis
 def test_unknown_version_is_a_clear_error(registry: Registry) -> None:
     with pytest.raises(VersionNotFoundError, match="demo-v9"):
         registry.promote("demo-v9", actor="test")
+
+
+@pytest.mark.parametrize("name", ["demo-v1\n", "demo-v1/", "demo-v1 "])
+def test_a_version_name_with_anything_after_it_is_refused(registry: Registry, tmp_path: Path, name: str) -> None:
+    """Python's `$` matches before a final newline: "demo-v1\n" must not pass as (a path beside) demo-v1."""
+    registry.register(fake_adapter(tmp_path / "a1"), base=BASE)
+    with pytest.raises(VersionNotFoundError, match="is not a version of task 'demo'"):
+        registry.manifest(name)
+    with pytest.raises(VersionNotFoundError, match="is not a version of task 'demo'"):
+        registry.promote(name, actor="test")
+    with pytest.raises(VersionNotFoundError, match="is not a base version name"):
+        registry.base_manifest("demo-gptq-w4g128-v1\n")
+
+
+def test_pydantic_name_patterns_end_at_the_end_of_the_text() -> None:
+    """pydantic checks `pattern=` with Rust's regex, where `$` is the end of the text: no final newline passes."""
+    for name_type, name in ((TaskName, "demo"), (VersionName, "demo-v1"), (BaseVersionName, "demo-gptq-w4g128-v1")):
+        names = TypeAdapter(name_type)
+        assert names.validate_python(name) == name
+        with pytest.raises(ValidationError):
+            names.validate_python(name + "\n")
+    assert ModelSettings(quantized_base="DeepSeek-R1-Distill-Qwen-1.5B-gptq-w4g128-v1").quantized_base
+    for bad_base in ("demo-gptq-w4g128-v1\n", "../demo-gptq-w4g128-v1", "demo-gptq"):
+        with pytest.raises(ValidationError):
+            ModelSettings(quantized_base=bad_base)
 
 
 def test_remote_style_registry_through_fsspec(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ def adapter_dir(tmp_path: Path, name: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["../etc", "/abs", "UPPER", "a b", "-lead", "%2e%2e", "x" * 65, ""])
+@pytest.mark.parametrize("name", ["../etc", "/abs", "UPPER", "a b", "-lead", "%2e%2e", "x" * 65, "", "demo\n"])
 def test_task_names_that_would_escape_or_mislead_are_refused(name: str, tmp_path: Path) -> None:
     with pytest.raises(ValidationError):
         TaskSpec(name=name)

@@ -14,7 +14,7 @@ from typing import Any
 
 from safetensors import safe_open
 
-LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+LORA_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight")
 
 
 class AdapterImportError(Exception):
@@ -65,7 +65,7 @@ def check_adapter_fits(adapter_dir: Path, base: str) -> dict[str, Any]:
     base_shapes = _shapes(base_files)
     checked = 0
     for key, shape in _shapes(weights).items():
-        match = LORA_KEY.match(key)
+        match = LORA_KEY.fullmatch(key)
         if match is None:
             continue
         module = match["module"]

@@ -228,8 +228,8 @@ class TaskTrainer:
     async def _score(self, candidate_dir: Path, test: list[EvalExample]) -> dict[str, SliceScores]:
         base = served_base(self.settings, self.registry)
         engine = build_engine(self.settings, base)
-        handle = AdapterHandle(name=f"train-{self.spec.name}-{time.time_ns()}", int_id=lora_int_id(str(candidate_dir)),
-                               path=candidate_dir)
+        name = f"train-{self.spec.name}-{time.time_ns()}"
+        handle = AdapterHandle(name=name, int_id=lora_int_id(name), path=candidate_dir)
         await engine.start()
         try:
             await engine.add_adapter(handle)
