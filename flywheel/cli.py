@@ -104,6 +104,10 @@ def up(
     typer.echo(f"starting Ray and Serve (engine={serving.engine}, ingress={serving.ingress}, "
                f"topology={'fused' if serving.fused else 'split'}, base={base.label}, "
                f"champion={result.champion}, feedback={feedback_target}) …", err=True)
+    typer.echo("auth: keys (every route but /healthz and /metrics needs Authorization: Bearer <key>; "
+               "`flywheel keys create NAME`)" if settings.auth_mode == "keys" else
+               f"auth: open (no key needed: only {serving.host} can connect; ratings without a key count as "
+               "anonymous and train nothing until reviewed)", err=True)
 
     # What this Ray runs for others (`flywheel retrain --address` jobs) uses this python and these settings.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
