@@ -194,13 +194,13 @@ class CuratedDataset:
                                 if row["event_id"] not in retracted)
 
     def ratings(self, task: str, since: datetime, manifest: Manifest | None = None, *, anonymous: bool = False
-                ) -> list[tuple[str, float, str]]:
+                ) -> list[tuple[str, float, str | None]]:
         """(adapter version, rating 1-5, rater) of `task`'s answers rated at or after `since` by authenticated raters
         (`anonymous`: by anyone),
         one per rater per answer (their latest), retracted ones left out; a thumb up counts 5, down 1. Reads
         only the parts written since then, and only the columns it needs."""
         manifest = manifest or self.manifest()
-        latest: dict[tuple[str, str], tuple[datetime, str, float, str]] = {}
+        latest: dict[tuple[str, str], tuple[datetime, str, float, str | None]] = {}
         retracted = self.reviews.retracted()
         columns = ["event_id", "request_id", "task", "feedback_ts", "adapter_version", "rating", "thumb", "rater",
                    "authenticated"]
@@ -217,7 +217,9 @@ class CuratedDataset:
                     continue
                 key = (row["request_id"], row["rater"] or row["event_id"])
                 if key not in latest or latest[key][0] <= row["feedback_ts"]:
-                    latest[key] = (row["feedback_ts"], row["adapter_version"], float(value), key[1])
+                    # an anonymous rating names no person (an address is not one): each stands alone
+                    latest[key] = (row["feedback_ts"], row["adapter_version"], float(value),
+                                   row["rater"] if row["authenticated"] else None)
         return [(version, value, rater) for _, version, value, rater in latest.values()]
 
     def export_jsonl(self, path: Path, manifest: Manifest | None = None, until: Mapping[str, int] | None = None

@@ -74,7 +74,7 @@ def canary_controller(settings: Settings, stop: threading.Event) -> CanaryContro
             log.warning("event=canary_figures_unavailable", exc_info=True)
             return {}
 
-    def ratings(task: str, since: datetime) -> list[tuple[str, float, str]]:
+    def ratings(task: str, since: datetime) -> list[tuple[str, float, str | None]]:
         return dataset.ratings(task, since, anonymous=settings.canary.count_anonymous)
 
     return CanaryController(settings, stop, ratings=ratings, figures=figures)
