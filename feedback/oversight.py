@@ -50,10 +50,20 @@ def _dataset(settings: Settings) -> CuratedDataset:
 
 
 def assessed_rows(settings: Settings, task: str | None = None) -> list[Assessed]:
+    """The current verdicts of `task` (default: every task), each task's assessed on its own."""
     dataset = _dataset(settings)
-    cfg = settings.retrain
-    rows = dataset.examples(task=task)
-    return assess(rows, dataset.reviews.decisions(), confirm_raters=cfg.confirm_raters, majority=cfg.majority)
+    decisions = dataset.reviews.decisions()
+    by_task: dict[str, list[CuratedExample]] = {}
+    for row in dataset.examples(task=task):
+        by_task.setdefault(row.task, []).append(row)
+    return [item for name, rows in by_task.items() for item in _assess(settings, name, rows, decisions)]
+
+
+def _assess(settings: Settings, task: str, rows: list[CuratedExample], decisions: dict[str, Judgement]
+            ) -> list[Assessed]:
+    spec = known_tasks(settings).get(task)
+    return assess(rows, decisions, confirm_raters=settings.retrain.confirm_raters, majority=settings.retrain.majority,
+                  labelled=spec is not None and spec.kind == "classification")
 
 
 def review_queue(settings: Settings, task: str | None = None) -> list[PendingCorrection]:
@@ -220,9 +230,8 @@ def _event_lineage(settings: Settings, event_id: str) -> EventLineage:
         decisions = dataset.reviews.decisions()
         peers = current_verdicts(CuratedExample.model_validate(r) for r in _rows_where(dataset, "prompt", row.prompt)
                                  if r["task"] == row.task)
-        trust = next((i.trust for i in assess(peers, decisions,
-                                              confirm_raters=settings.retrain.confirm_raters,
-                                              majority=settings.retrain.majority) if i.row.event_id == event_id), None)
+        trust = next((i.trust for i in _assess(settings, row.task, peers, decisions) if i.row.event_id == event_id),
+                     None)
     tasks = [row.task] if row else None
     trained = [v for versions in versions_trained_on(settings, {event_id}, tasks).values() for v in versions]
     return EventLineage(event_id=event_id, row=row, trust=trust, retracted=retracted, judgements=judgements,

@@ -6,7 +6,8 @@ authenticated raters gave the prompt the same correction, with a `majority` of t
 one rater has one verdict per answer, and asking the same prompt ten times is still one rater.
 
 A correction is held for review, whatever its trust short of `reviewed`, when raters disagree on the
-prompt without a clear majority, or when it brings what the task's own data never had: a URL, an email
+prompt without a clear majority (for classification tasks, weighed by each rater's agreement with the others:
+Dawid-Skene), or when it brings what the task's own data never had: a URL, an email
 address, a phone, card, account or ID number, or words asking for credentials (masked PII shows up as
 its token, `[EMAIL]`, and counts the same). The screens are plain linear-time patterns.
 """
@@ -18,6 +19,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
+import pandas as pd
+from crowdkit.aggregation import DawidSkene
 from pydantic import BaseModel
 
 from feedback.pii import CARD_TOKEN, EMAIL_TOKEN, ID_TOKEN, PHONE_TOKEN
@@ -80,14 +83,34 @@ class Assessed(BaseModel):
     decision: Literal["approve", "reject"] | None = None
 
 
+def _consensus(by_prompt: dict[str, dict[str, set[str]]], labelled: bool) -> dict[str, tuple[str, float]]:
+    """Prompt -> (the winning correction, its support). Support is the winner's share of the prompt's raters; for a
+    labelled task (classification) whose raters disagree somewhere, it is Dawid-Skene's posterior (crowd-kit),
+    which weighs each rater by how often they agree with the others across the task's prompts."""
+    consensus = {key: max(((len(r) / len(set().union(*answers.values())), c) for c, r in answers.items()))[::-1]
+                 for key, answers in by_prompt.items()}
+    if not labelled or all(len(answers) == 1 for answers in by_prompt.values()):
+        return consensus
+    votes = pd.DataFrame([(key, rater, label) for key, answers in by_prompt.items() for label, raters in
+                          answers.items() for rater in raters], columns=["task", "worker", "label"])
+    posterior = DawidSkene(n_iter=100).fit_predict_proba(votes)
+    for key, answers in by_prompt.items():
+        if len(answers) > 1:
+            label = str(posterior.loc[key].idxmax())
+            consensus[key] = (label, float(posterior.loc[key, label]))
+    return consensus
+
+
 def assess(rows: Sequence[CuratedExample], decisions: dict[str, Judgement], *, confirm_raters: int,
-           majority: float, task_answers: Sequence[str] = ()) -> list[Assessed]:
-    """Every row's trust and hold; retracted rows are left out (they are tombstones)."""
+           majority: float, task_answers: Sequence[str] = (), labelled: bool = False) -> list[Assessed]:
+    """Every row's trust and hold; retracted rows are left out (they are tombstones). `labelled`: the task's
+    corrections are labels (classification), so disagreeing raters are weighed by agreement (Dawid-Skene)."""
     rows = [r for r in rows if decisions.get(r.event_id) is None or decisions[r.event_id].action != "retract"]
     by_prompt: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for row in rows:
         if row.correction and row.authenticated:
             by_prompt[prompt_key(row)][normalized(row.correction)].add(rater_of(row))
+    consensus = _consensus(by_prompt, labelled)
     out = []
     for row in rows:
         decision = decisions.get(row.event_id)
@@ -98,11 +121,11 @@ def assess(rows: Sequence[CuratedExample], decisions: dict[str, Judgement], *, c
             corrections = by_prompt.get(prompt_key(row), {})
             mine = len(corrections.get(normalized(row.correction), ()))
             everyone = len(set().union(*corrections.values())) if corrections else 0
-            best = max((len(r) for r in corrections.values()), default=0)
+            winner, support = consensus.get(prompt_key(row), ("", 0.0))
             raters = max(mine, 1)
-            if row.authenticated and mine >= confirm_raters and mine / everyone >= majority:
-                trust = "agreed"
-            elif (len(corrections) > 1 and best / everyone < majority) or mine < best:
+            if row.authenticated and normalized(row.correction) == winner and support >= majority:
+                trust = "agreed" if mine >= confirm_raters else trust
+            elif corrections and (len(corrections) > 1 or normalized(row.correction) != winner):
                 held = f"raters disagree on this prompt ({everyone} raters, {len(corrections)} corrections)"
             held = held or screen(row.correction, task_answers)
         if verdict == "approve":

@@ -161,6 +161,23 @@ def test_conflicts_without_a_majority_and_new_kinds_of_content_are_held() -> Non
     assert learnable(phishing) == []
 
 
+def test_labelled_disagreements_are_weighed_by_each_raters_agreement() -> None:
+    """A 2-2 split on one prompt: by counts, no majority (held); on a classification task, Dawid-Skene (crowd-kit)
+    trusts the two raters who agreed with everyone else on the other prompts, and their label is agreed."""
+    rows = [row(rater, prompt=f"q{p}", correction=label, at=p * 10 + i)
+            for p in range(6) for i, (rater, label) in enumerate([("good-1", "urgent"), ("good-2", "urgent"),
+                                                                  ("good-3", "urgent"), ("odd-1", "routine")])]
+    rows += [row(rater, prompt="split", correction=label, at=100 + i)
+             for i, (rater, label) in enumerate([("good-1", "urgent"), ("good-2", "urgent"), ("odd-1", "routine"),
+                                                 ("odd-2", "routine")])]
+    by_count = assess(rows, {}, confirm_raters=2, majority=0.66)
+    assert all(i.held for i in by_count if i.row.prompt == "split")
+    weighed = assess(rows, {}, confirm_raters=2, majority=0.66, labelled=True)
+    split = {i.row.rater: (i.trust, i.held) for i in weighed if i.row.prompt == "split"}
+    assert split["good-1"] == split["good-2"] == ("agreed", None)
+    assert split["odd-1"][1] and split["odd-2"][1]  # the minority waits for review
+
+
 def test_no_rater_outweighs_many() -> None:
     heavy = [row("heavy", prompt=f"q{i}", correction=None, rating=5, at=i) for i in range(20)]
     light = [row(f"light-{i}", prompt=f"p{i}", correction=None, rating=5, at=100 + i) for i in range(8)]

@@ -110,7 +110,8 @@ class Retrain:
         decisions = dataset.reviews.decisions()
         retracted = {e for e, j in decisions.items() if j.action == "retract"}
         assessed = assess(rows, decisions, confirm_raters=cfg.confirm_raters, majority=cfg.majority,
-                          task_answers=[e.answer for e in champion_data])
+                          task_answers=[e.answer for e in champion_data],
+                          labelled=self.task.kind == "classification")
         learnable = [i for i in assessed
                      if trainable(i, min_trust=cfg.min_trust, min_rating_trust=cfg.min_rating_trust)]
         data = build_retrain_data(learnable, champion_data, holdout_fraction=cfg.holdout_fraction,
