@@ -1,6 +1,7 @@
 """The gateway's door: who is calling (flywheel.auth), whether the route's scope allows it, and how often.
 
-Every route but /healthz, /metrics and the API document goes through `Access.admit`. Rate limits are per
+Every route but /healthz, /metrics and the API document goes through `Access.admit`; those two go through
+`Access.throttle` (no key, but a rate per client address). Rate limits are per
 caller (a key's principal; an anonymous caller's client address) and per replica, with `limits`' moving
 window; a caller over its rate gets 429 with `Retry-After`.
 """
@@ -67,6 +68,11 @@ class Access:
             raise Denied(exc.status, str(exc), headers) from None
         self._within_rate(caller)
         return caller
+
+    def throttle(self, request: Request) -> None:
+        """A route that needs no key still counts against its caller's rate (Denied 429 past it)."""
+        client = request.client.host if request.client else "unknown"
+        self._within_rate(Caller(principal=f"anonymous:{client}", authenticated=False, scopes=frozenset()))
 
     def _within_rate(self, caller: Caller) -> None:
         rate = self._default_rate

@@ -426,6 +426,16 @@ class Gateway:
             log.info("event=denied status=%d path=%s why=%r", exc.status, request.url.path, exc.message)
             return exc.response(openai=_openai_route(request))
 
+    def _throttled(self, request: Request) -> JSONResponse | None:
+        """The open routes (/healthz, /metrics) need no key, but are rate-limited per client address too."""
+        try:
+            self.access.throttle(request)
+        except Denied as exc:
+            self.metrics.requests.labels(request.url.path.removeprefix(request.scope.get("root_path", "")),
+                                         str(exc.status)).inc()
+            return exc.response(openai=False)
+        return None
+
     async def _publish(self, event: PredictionEvent | FeedbackEvent) -> bool:
         if isinstance(event, PredictionEvent):
             self.answers.remember(event.request_id, event.task or self.settings.default_task, event.adapter_version,
@@ -506,8 +516,10 @@ class Gateway:
                                 root=base) for m in ready[task]]
         return ModelList(data=cards)
 
-    @api.get("/healthz", response_model=HealthResponse)
-    async def healthz(self) -> HealthResponse:
+    @api.get("/healthz", response_model=HealthResponse, responses=_documented(e429=AUTH["e429"]))
+    async def healthz(self, request: Request) -> Any:
+        if denied := self._throttled(request):
+            return denied
         replicas = await self._refresh_replicas()
         champions = await self._champions.get()
         health: dict[str, TaskHealth] = {}
@@ -730,7 +742,10 @@ class Gateway:
         self.bus.close()  # flushes what is buffered; the spool/log keeps the rest for the next process
 
     @api.get("/metrics", response_class=Response, responses={
-        200: {"description": "Prometheus text exposition.", "content": {"text/plain": {}}}})
-    async def metrics(self) -> Response:
+        200: {"description": "Prometheus text exposition.", "content": {"text/plain": {}}},
+        **_documented(e429=AUTH["e429"])})
+    async def metrics(self, request: Request) -> Response:
+        if denied := self._throttled(request):
+            return denied
         await self._refresh_replicas()
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
