@@ -28,6 +28,7 @@ from flywheel.auth import Authenticator, AuthError, KeyStore
 from flywheel.config import Settings
 from flywheel.registry import BaseModelRef, registry_for
 from services.access import Access, Denied
+from tests.conftest import ADMIN_TOKEN
 from training.retrain_data import TrainExample, build_retrain_data, write_train_data
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
@@ -324,3 +325,18 @@ def test_through_the_gateway_identity_comes_from_keys_and_only_the_asker_rates(s
     mine = [r for r in dataset.examples() if r.request_id == request_id]
     assert len(mine) == 1 and mine[0].rater.startswith("alice-") and mine[0].comment == "again 5"
     assert mine[0].user_id is None  # a body's user_id from a key without act-for-users is no identity
+
+    event_id = mine[0].event_id
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with httpx.Client(base_url=url, timeout=60) as client:
+        queue = client.get("/admin/feedback/review", headers=admin)
+        assert queue.status_code == 200 and event_id in [p["event_id"] for p in queue.json()]  # one key: single
+        assert client.get("/admin/feedback/review", headers=as_key("alice")).status_code == 403
+        rejected = client.post("/admin/feedback/review", headers=admin, json={"reject": [event_id, "nope"]})
+        assert rejected.json() == {"approved": [], "rejected": [event_id], "unknown": ["nope"]}
+        found = client.get(f"/admin/lineage/{request_id}", headers=admin).json()
+        assert found["kind"] == "request" and found["request"]["answered_by"] == mine[0].adapter_version
+        assert client.get("/admin/lineage/no-such-thing", headers=admin).status_code == 404
+        assert client.delete(f"/feedback/{event_id}", headers=as_key("alice")).status_code == 200
+        assert client.delete(f"/feedback/{event_id}", headers={"Authorization": f"Bearer {burst}"}).status_code == 403
+    assert event_id not in {r.event_id for r in dataset.examples()}
