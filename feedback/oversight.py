@@ -27,7 +27,7 @@ from feedback.review import Judgement
 from feedback.schemas import CuratedExample
 from feedback.trust import Assessed, Trust, assess, pending_review
 from flywheel.config import Settings
-from flywheel.registry import TRAIN_DATA_FILE, Registry, VersionNotFoundError, known_tasks, registry_for
+from flywheel.registry import TRAIN_DATA_FILE, Registry, RegistryError, known_tasks, registry_for
 
 
 class PendingCorrection(BaseModel):
@@ -265,7 +265,7 @@ def lineage(settings: Settings, identifier: str) -> Lineage:
     if "-v" in identifier and identifier.rsplit("-v", 1)[1].isdigit():
         try:
             return Lineage(kind="version", version=_version_lineage(settings, identifier))
-        except (VersionNotFoundError, ValueError) as exc:
+        except (RegistryError, OSError, ValueError) as exc:
             raise LookupError(f"no version {identifier!r}") from exc
     dataset = _dataset(settings)
     answered = _rows_where(dataset, "request_id", identifier)
@@ -273,7 +273,7 @@ def lineage(settings: Settings, identifier: str) -> Lineage:
     if version is not None:
         try:
             ancestors = _version_lineage(settings, version).parents
-        except (VersionNotFoundError, ValueError):
+        except (RegistryError, OSError, ValueError):
             ancestors = []
         feedback = [_event_lineage(settings, row["event_id"]) for row in answered]
         return Lineage(kind="request", request=RequestLineage(request_id=identifier, answered_by=version,
