@@ -71,7 +71,8 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     lines = [
         f"backend: {report.backend}",
         f"received {report.received}  curated {report.curated}  unmatched {report.unmatched}{age}  "
-        f"duplicates {report.duplicates}  rejected {report.rejected}  spooled {report.spooled}",
+        f"duplicates {report.duplicates}  refused {report.refused}  rejected {report.rejected}  "
+        f"spooled {report.spooled}",
         "positions: " + (" ".join(f"{p}={n}" + (f"/{report.log_end[p]}" if p in report.log_end else "")
                                   for p, n in sorted(report.positions.items())) or "-"),
         f"dataset: {report.dataset} ({report.parts} parts)",
@@ -204,10 +205,10 @@ def lineage_command(
         found = lineage(settings, identifier)
     except LookupError as exc:
         fail(str(exc))
-    emit(as_json, found.model_dump(mode="json"), _describe(found))
+    emit(as_json, found.model_dump(mode="json"), _describe_lineage(found))
 
 
-def _describe(found: Lineage) -> str:
+def _describe_lineage(found: Lineage) -> str:
     if found.version is not None:
         v = found.version
         return (f"{v.version} ({v.status}) parents: {' <- '.join(v.parents) or 'none'}\n"

@@ -34,7 +34,8 @@ PROMPTS = [e.prompt for e in generate_examples(50, seed=31)]
 async def exercise(url: str, n: int, halfway: Callable[[], None] | None = None) -> dict[str, dict]:
     """n predictions, each followed by one rating (every 10th with a correction); returns them by request_id.
 
-    Every 50th rating is sent twice with the same event_id: it must be curated once.
+    Every 50th rating is sent twice with the same event_id: it must be curated once. The event ids are the ones
+    /feedback answered with (a client's own id is kept in its rater's namespace).
     """
     sent: dict[str, dict] = {}
     statuses: list[int] = []
@@ -47,9 +48,13 @@ async def exercise(url: str, n: int, halfway: Callable[[], None] | None = None) 
             body = {"request_id": predicted["request_id"], "rating": 1 + i % 5, "event_id": f"ev-{i}"}
             if i % 10 == 0:
                 body["correction"] = "积极"
+            accepted = set()
             for _ in range(2 if i % 50 == 0 else 1):
-                statuses.append((await client.post(f"{url}/feedback", json=body)).status_code)
-            sent[predicted["request_id"]] = {**body, "answer": predicted["answer"],
+                response = await client.post(f"{url}/feedback", json=body)
+                statuses.append(response.status_code)
+                accepted.add(response.json().get("event_id"))
+            assert len(accepted) == 1, "a resubmission with the same event_id names the same event"
+            sent[predicted["request_id"]] = {**body, "event_id": accepted.pop(), "answer": predicted["answer"],
                                              "adapter_version": predicted["adapter_version"]}
 
     async with httpx.AsyncClient(timeout=60) as client:

@@ -10,11 +10,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from starlette.requests import Request
 
 from feedback import pii
 from feedback.schemas import FeedbackEvent, PredictionEvent
 from flywheel.registry import registry_for
 from flywheel.tasks import TaskSpec
+from services.access import Access
 from services.adapters import PINNED_RETRY_AFTER_S, PinnedAdaptersBusyError
 from services.gateway import Gateway, TtlCache
 from services.metrics import GatewayMetrics, RecentAnswers
@@ -22,6 +24,11 @@ from services.protocol import PredictRequest
 from tests.conftest import make_settings
 from tests.kafka_broker import feedback, prediction
 from tests.test_registry import BASE, fake_adapter
+
+
+def local_request() -> Request:
+    """A request from loopback without a key (open mode)."""
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": [], "client": ("127.0.0.1", 9)})
 
 
 def bare_gateway(**attributes: object) -> Gateway:
@@ -57,9 +64,10 @@ async def test_a_pinned_version_with_no_room_is_a_503_with_retry_after(tmp_path:
         async def generate(self, *_: object) -> None:
             raise PinnedAdaptersBusyError("all 2 pinned versions are answering requests")
 
-    gateway = bare_gateway(settings=make_settings(tmp_path), llm=BusyLLM(), metrics=GatewayMetrics(),
+    settings = make_settings(tmp_path)
+    gateway = bare_gateway(settings=settings, llm=BusyLLM(), metrics=GatewayMetrics(), access=Access(settings),
                            _tasks=TtlCache(lambda: {"demo": TaskSpec(name="demo")}, ttl_s=60))
-    response = await gateway.predict(PredictRequest(prompt="hello", task="demo", version="demo-v2"))
+    response = await gateway.predict(PredictRequest(prompt="hello", task="demo", version="demo-v2"), local_request())
     assert response.status_code == 503 and response.headers["retry-after"] == str(PINNED_RETRY_AFTER_S)
     assert "demo-v2" in json.loads(response.body)["error"]
 
@@ -77,11 +85,11 @@ async def test_models_and_healthz_answer_from_a_cached_view_of_the_registry(tmp_
     settings = make_settings(tmp_path)
     demo = registry_for(settings, "demo")
     demo.promote(demo.register(fake_adapter(tmp_path / "a1"), base=BASE).version, actor="test")
-    gateway = bare_gateway(settings=settings)
+    gateway = bare_gateway(settings=settings, access=Access(settings), metrics=GatewayMetrics())
     gateway._cache_registry_views()
 
     async def model_ids() -> set[str]:
-        return {card.id for card in (await gateway.models()).data}
+        return {card.id for card in (await gateway.models(local_request())).data}
 
     assert await model_ids() == {"demo", "demo@demo-v1"}
     assert await gateway._champions.get() == {"demo": "demo-v1"}
