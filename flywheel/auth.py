@@ -196,19 +196,25 @@ class Authenticator:
         """The next key lookup reads the store."""
         return time.monotonic() - self._read_at > self.cache_s
 
+    @staticmethod
+    def _anonymous(client: str) -> Caller:
+        return Caller(principal=f"anonymous:{client}", authenticated=False, scopes=frozenset({"predict", "feedback"}))
+
     def authenticate(self, authorization: str, client: str) -> Caller:
-        """The caller; AuthError(401) for a missing (in `keys` mode), malformed, unknown or revoked key."""
+        """The caller; AuthError(401) for a missing (in `keys` mode), malformed, unknown or revoked key. In `open`
+        mode a bearer token that is no flywheel key nor the admin token (an SDK's placeholder) is no key at all."""
         token = bearer_token(authorization) if authorization else None
         if token is None:
             if authorization:
                 raise AuthError(401, "the Authorization header must be `Bearer <key>`")
             if self.mode == "keys":
                 raise AuthError(401, "an API key is required: Authorization: Bearer <key> (flywheel keys create)")
-            return Caller(principal=f"anonymous:{client}", authenticated=False, scopes=frozenset({"predict",
-                                                                                                 "feedback"}))
+            return self._anonymous(client)
         if self._admin_token and hmac.compare_digest(token, self._admin_token):
             return Caller(principal=ADMIN_TOKEN_PRINCIPAL, authenticated=True, scopes=frozenset(SCOPES))
         match = _KEY_RE.fullmatch(token.decode("latin-1"))
+        if match is None and self.mode == "open":  # SDKs send some token ("unused"): no key, so anonymous
+            return self._anonymous(client)
         key = self._key(match.group(1)) if match else None
         if key is None or not hmac.compare_digest(hash_key(token.decode("latin-1")), key.sha256):
             raise AuthError(401, "unknown API key or admin token")

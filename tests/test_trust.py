@@ -83,6 +83,7 @@ def test_a_body_user_id_is_an_identity_only_for_a_key_that_acts_for_users(tmp_pa
     assert auth.authenticate(f"Bearer {backend}", "x").vouching_for("alice").rater == "backend/alice"
     anonymous = Authenticator(store, mode="open", admin_token="").authenticate("", "127.0.0.1")
     assert not anonymous.authenticated and anonymous.vouching_for("bob").rater == "anonymous:127.0.0.1"
+    assert not Authenticator(store, mode="open", admin_token="").authenticate("Bearer unused", "x").authenticated
 
 
 def _request(headers: dict[str, str]) -> Request:
@@ -306,8 +307,11 @@ def test_through_the_gateway_identity_comes_from_keys_and_only_the_asker_rates(s
             "request_id": request_id, "rating": 1, "correction": "negative", "comment": f"again {i}",
             "user_id": f"someone-{i}", "event_id": f"ev-{i}"}) for i in range(6)]
         assert {r.status_code for r in stuffed} == {202}
-        assert client.post("/predict", json={"prompt": "x"}, headers={"Authorization": "Bearer fw_nope"}
-                           ).status_code == 401
+        unknown = {"Authorization": "Bearer fw_000000000000_" + "a" * 43}
+        assert client.post("/predict", json={"prompt": "x"}, headers=unknown).status_code == 401
+        # in open mode an SDK's placeholder token ("unused") is no key: the call is anonymous
+        assert client.post("/predict", json={"prompt": "x", "max_tokens": 4},
+                           headers={"Authorization": "Bearer unused"}).status_code == 200
         store.revoke(next(k.name for k in store.all() if k.name.startswith("bob-")))
         time.sleep(0.5)
         revoked = client.post("/predict", json={"prompt": "x", "max_tokens": 4}, headers=as_key("bob"))
