@@ -100,6 +100,12 @@ def _strings(values: Iterable[str]) -> pa.Array:
     return pa.array(sorted(values), type=pa.string())
 
 
+def author_of(settings: Settings, event_id: str) -> str | None:
+    """The rater of a curated event (None: no such event, or one from before identities)."""
+    rows = _rows_where(_dataset(settings), "event_id", event_id)
+    return rows[0]["rater"] if rows else None
+
+
 def events_matching(settings: Settings, *, rater: str | None = None, request_id: str | None = None) -> list[str]:
     """Event ids of every curated row by `rater`, or about `request_id`."""
     dataset = _dataset(settings)

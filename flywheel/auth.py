@@ -79,6 +79,11 @@ class Caller(BaseModel):
         """The identity a rating counts under: one verdict per rater per answer."""
         return f"{self.principal}/{self.end_user}" if self.end_user else self.principal
 
+    def speaks_for(self, rater: str | None) -> bool:
+        """Whether this caller may act as `rater`: it is them, or the backend that vouched for them."""
+        return rater is not None and (rater == self.rater or (
+            "act-for-users" in self.scopes and rater.startswith(f"{self.principal}/")))
+
     def vouching_for(self, end_user: str | None) -> Caller:
         """This caller speaking for `end_user`: honoured only with `act-for-users`, otherwise ignored."""
         if end_user is None or "act-for-users" not in self.scopes:

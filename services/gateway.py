@@ -43,7 +43,7 @@ from feedback.oversight import (
     Lineage,
     PendingCorrection,
     Retraction,
-    events_matching,
+    author_of,
     judge,
     lineage,
     retract,
@@ -702,28 +702,28 @@ class Gateway:
     @api.delete("/feedback/{event_id}", response_model=Retraction, responses=_documented(
         **AUTH, e404="No curated feedback with this id by this caller (it may not be curated yet: retry)."))
     async def retract_feedback(self, request: Request, event_id: str) -> Any:
-        """Take back your own feedback: it is never trained on again; the answer names versions that learned it."""
+        """Take back your own feedback (or, with `act-for-users`, feedback you gave for one of your users): it is
+        never trained on again; the answer names the versions that learned it."""
         caller = await self._admit(request, "feedback")
         if isinstance(caller, JSONResponse):
             return caller
-        by = request.headers.get("x-flywheel-user")  # an app backend retracting for its user
-        rater = caller.vouching_for(pseudonym(by)).rater
 
         def retract_own() -> Retraction | None:
             if not LINEAGE_ID.fullmatch(event_id):
                 return None
-            if self._recent_feedback.get(event_id) == rater:  # sent here lately, maybe not curated yet: a tombstone
-                self.reviews.append([Judgement(event_id=event_id, action="retract", by=rater,
+            recent = self._recent_feedback.get(event_id)  # sent here lately, maybe not curated yet: a tombstone
+            if recent is not None and caller.speaks_for(recent):
+                self.reviews.append([Judgement(event_id=event_id, action="retract", by=caller.rater,
                                                reason="retracted by its author")])
                 return Retraction(retracted=[event_id], unknown=[], trained={})
-            if event_id not in events_matching(self.settings, rater=rater):
+            if not caller.speaks_for(author_of(self.settings, event_id)):
                 return None
-            return retract(self.settings, [event_id], by=rater, reason="retracted by its author")
+            return retract(self.settings, [event_id], by=caller.rater, reason="retracted by its author")
 
         result = await asyncio.to_thread(retract_own)
         if result is None:
             return JSONResponse(status_code=404, content={"error": f"no curated feedback {event_id!r} of yours"})
-        log.info("event=feedback_retracted event_id=%s by=%s", event_id, rater)
+        log.info("event=feedback_retracted event_id=%s by=%s", event_id, caller.rater)
         return JSONResponse(result.model_dump())
 
     @api.get("/admin/status", response_model=AdminStatus, responses=_documented(**ADMIN))

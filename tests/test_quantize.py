@@ -27,7 +27,7 @@ from flywheel.registry import BaseRefusedError, registry_for
 from services.engines import build_engine
 from services.engines.hf_engine import HFEngine
 from services.engines.protocol import AdapterHandle, ChatMessage, SamplingOptions, UnsupportedBaseError
-from tests.conftest import make_settings
+from tests.conftest import learn_from_anyone, make_settings
 from tests.test_retrain import DRIFTED, accuracy, curate, rate, retrain, wait_serving
 
 # Stated bars for the 4-bit demo base: its greedy next token matches the fp32 base's on at least 95 % of
@@ -128,6 +128,7 @@ def test_serving_and_gate_run_on_the_quantized_base(
 
     settings, config, outcome = quantized
     settings.serving.port = served[1].serving.port
+    learn_from_anyone(settings)
     settings.retrain.min_examples = 40
     settings.retrain.steps = 60
     settings.retrain.gate.max_latency_ratio = 3.0

@@ -80,7 +80,10 @@ def test_a_body_user_id_is_an_identity_only_for_a_key_that_acts_for_users(tmp_pa
     _, backend = store.create("backend", ["predict", "feedback", "act-for-users"])
     auth = Authenticator(store, mode="keys", admin_token="", cache_s=0.0)
     assert auth.authenticate(f"Bearer {plain}", "x").vouching_for("alice").rater == "plain"
-    assert auth.authenticate(f"Bearer {backend}", "x").vouching_for("alice").rater == "backend/alice"
+    vouching = auth.authenticate(f"Bearer {backend}", "x")
+    assert vouching.vouching_for("alice").rater == "backend/alice"
+    assert vouching.speaks_for("backend/alice") and vouching.speaks_for("backend")  # may retract for its users
+    assert not auth.authenticate(f"Bearer {plain}", "x").speaks_for("plain/alice")
     anonymous = Authenticator(store, mode="open", admin_token="").authenticate("", "127.0.0.1")
     assert not anonymous.authenticated and anonymous.vouching_for("bob").rater == "anonymous:127.0.0.1"
     assert not Authenticator(store, mode="open", admin_token="").authenticate("Bearer unused", "x").authenticated
