@@ -62,8 +62,9 @@ class ReviewLog:
 
     def rewrite_without(self, event_ids: set[str]) -> int:
         """Drop every judgement of `event_ids` (an erasure); returns how many lines went."""
-        kept = [j for j in self.judgements() if j.event_id not in event_ids]
-        removed = len(self.judgements()) - len(kept)
+        judgements = self.judgements()
+        kept = [j for j in judgements if j.event_id not in event_ids]
+        removed = len(judgements) - len(kept)
         if removed:
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text("".join(j.model_dump_json() + "\n" for j in kept), encoding="utf-8")

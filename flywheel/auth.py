@@ -25,7 +25,8 @@ from typing import Annotated, Any, Literal
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import BaseModel, Field, ValidationError
+from limits import parse
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 Scope = Literal["predict", "feedback", "admin", "act-for-users"]
 SCOPES: tuple[Scope, ...] = ("predict", "feedback", "admin", "act-for-users")
@@ -59,6 +60,11 @@ class ApiKey(BaseModel):
     created_at: datetime
     revoked_at: datetime | None = None
 
+    @field_validator("rate")
+    @classmethod
+    def _a_rate(cls, rate: str | None) -> str | None:
+        return rate if rate is None else valid_rate(rate)
+
     @property
     def active(self) -> bool:
         return self.revoked_at is None
@@ -89,6 +95,15 @@ class Caller(BaseModel):
         if end_user is None or "act-for-users" not in self.scopes:
             return self
         return self.model_copy(update={"end_user": end_user})
+
+
+def valid_rate(rate: str) -> str:
+    """`rate` if `limits` reads it (`20/second`, `1000/minute`); ValueError otherwise."""
+    try:
+        parse(rate)
+    except ValueError:
+        raise ValueError(f"{rate!r} is not a rate; e.g. 20/second or 1000/minute") from None
+    return rate
 
 
 def hash_key(key: str) -> str:

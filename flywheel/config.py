@@ -26,7 +26,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from flywheel.auth import is_loopback
+from flywheel.auth import is_loopback, valid_rate
 from flywheel.tasks import DEMO_TASK, BaseVersionName, TaskName, TaskSpec
 
 DEMO_MODEL = "demo"
@@ -162,6 +162,11 @@ class AuthSettings(BaseModel):
                       "`limits` notation (`100/minute`, `10/second`); a key's own `--rate` overrides it.")
     key_cache_s: float = Field(5.0, gt=0, description="How often replicas re-read the keys: a revoked key stops "
                                "working within this.")
+
+    @field_validator("rate")
+    @classmethod
+    def _a_rate(cls, rate: str) -> str:
+        return valid_rate(rate)
 
 
 class FeedbackSettings(BaseModel):

@@ -8,10 +8,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from limits import parse
 from pydantic import TypeAdapter, ValidationError
 
-from flywheel.auth import SCOPES, KeyName, KeyStore, Scope
+from flywheel.auth import SCOPES, KeyName, KeyStore, Scope, valid_rate
 from flywheel.cli_common import ConfigOption, JsonOption, emit, fail, settings_or_exit
 
 app = typer.Typer(help="API keys: who may predict, give feedback, vouch for end users, administer.",
@@ -49,9 +48,9 @@ def create(
         fail(f"invalid key name {name!r}: letters, digits, '.', '_' and '-', at most 64", code=2)
     if rate is not None:
         try:
-            parse(rate)
-        except ValueError:
-            fail(f"--rate {rate!r} is not a rate; e.g. 20/second or 1000/minute", code=2)
+            valid_rate(rate)
+        except ValueError as exc:
+            fail(f"--rate: {exc}", code=2)
     try:
         record, key = _store(config).create(name, _scopes(scopes), tenant=tenant, rate=rate)
     except ValueError as exc:

@@ -69,6 +69,11 @@ class Access:
         self._within_rate(caller)
         return caller
 
+    def within(self, caller: Caller, rate: str, route: str) -> None:
+        """A second, tighter rate for a costly route (Denied 429 past it), counted apart from the caller's own."""
+        item = self._rates.get(rate) or self._rates.setdefault(rate, parse(rate))
+        self._hit(item, f"{caller.principal}:{route}")
+
     def throttle(self, request: Request) -> None:
         """A route that needs no key still counts against its caller's rate (Denied 429 past it)."""
         client = request.client.host if request.client else "unknown"
@@ -78,8 +83,11 @@ class Access:
         rate = self._default_rate
         if caller.rate:
             rate = self._rates.get(caller.rate) or self._rates.setdefault(caller.rate, parse(caller.rate))
-        if self._limiter.hit(rate, caller.principal):
+        self._hit(rate, caller.principal)
+
+    def _hit(self, rate: RateLimitItem, who: str) -> None:
+        if self._limiter.hit(rate, who):
             return
-        reset_at = self._limiter.get_window_stats(rate, caller.principal).reset_time
+        reset_at = self._limiter.get_window_stats(rate, who).reset_time
         retry = max(1, math.ceil(reset_at - time.time()))
         raise Denied(429, f"rate limit {rate} exceeded; retry in {retry} s", {"retry-after": str(retry)})

@@ -97,6 +97,8 @@ def _request(headers: dict[str, str]) -> Request:
 async def test_the_door_answers_401_403_and_429_with_retry_after(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, serving={"host": "0.0.0.0"}, auth={"rate": "3/minute"})
     assert settings.auth_mode == "keys"
+    with pytest.raises(ValueError, match="not a rate"):
+        Settings(home=tmp_path, auth={"rate": "lots"})
     with pytest.raises(ValueError, match="loopback"):
         Settings(home=tmp_path, serving={"host": "0.0.0.0"}, auth={"mode": "open"})
     store = KeyStore(settings.registry_uri)
