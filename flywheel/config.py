@@ -163,7 +163,10 @@ class AuthSettings(BaseModel):
     key_cache_s: float = Field(5.0, gt=0, description="How often replicas re-read the keys: a revoked key stops "
                                "working within this.")
 
-    @field_validator("rate")
+    retract_rate: str = Field("30/minute", description="DELETE /feedback/{id} per caller (it may scan the curated "
+                              "dataset), beside `rate`.")
+
+    @field_validator("rate", "retract_rate")
     @classmethod
     def _a_rate(cls, rate: str) -> str:
         return valid_rate(rate)

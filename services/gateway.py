@@ -98,7 +98,6 @@ from services.status_board import get_board, version_figures
 
 log = logging.getLogger("flywheel.gateway")
 LINEAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # versions, request ids and event ids: nothing else is looked up
-RETRACT_RATE = "30/minute"  # per caller, for DELETE /feedback/{id}
 RECENT_FEEDBACK = 100_000  # feedback events this replica remembers the author of
 TASKS_TTL_S = 2.0  # how stale the gateway's view of tasks and aliases may be (new tasks come from `flywheel train`)
 
@@ -709,7 +708,7 @@ class Gateway:
         if isinstance(caller, JSONResponse):
             return caller
         try:  # a lookup scans the curated dataset: one caller cannot make it do so often
-            self.access.within(caller, RETRACT_RATE, "retract")
+            self.access.within(caller, self.settings.auth.retract_rate, "retract")
         except Denied as exc:
             return exc.response(openai=False)
 

@@ -48,7 +48,8 @@ def make_settings(home: Path, **serving: object) -> Settings:
         serving={"port": free_port(), **serving},
         ray={"num_cpus": 4, "object_store_mb": 256, "dashboard_port": free_port()},
         loop={"enabled": False},  # tests drive the curator themselves; tests/test_loop.py runs the keeper
-        auth={"key_cache_s": 0.2, "rate": "100000/second"},  # a revoked key is refused at once; fuzzers never wait
+        # a revoked key is refused at once; fuzzers never wait
+        auth={"key_cache_s": 0.2, "rate": "100000/second", "retract_rate": "100000/second"},
     )
 
 
