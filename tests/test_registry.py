@@ -218,9 +218,13 @@ def test_replicas_copying_the_same_version_at_once_both_get_it(tmp_path: Path) -
     registry.register(fake_adapter(tmp_path / "a1", b"one"), base=BASE)
     both_downloaded = threading.Barrier(2)
     download = registry.fs.get
+    # fsspec's memory filesystem hands every reader one shared file object, so two reads at once can tear
+    # (S3 and GCS do not): the downloads take turns, and the race under test is the one between the renames.
+    one_reader = threading.Lock()
 
     def slow_get(*args: object, **kwargs: object) -> None:
-        download(*args, **kwargs)
+        with one_reader:
+            download(*args, **kwargs)
         both_downloaded.wait(timeout=10)  # neither renames its copy before the other has one too
 
     registry.fs.get = slow_get  # type: ignore[method-assign]
