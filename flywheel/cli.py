@@ -882,8 +882,9 @@ def bench_soak(
     swap_every: Annotated[float, typer.Option(help="Seconds between hot swaps of the champion (two versions).")
                           ] = 60.0,
     scenario: Annotated[str, typer.Option(help="`mixed` (predict, then rate), `swap` (predict only) or `hostile` "
-                                               "(mixed, plus digit floods at the size limit and ratings of "
-                                               "requests that never were).")] = "mixed",
+                                               "(half mixed alone, half mixed beside a hostile client: "
+                                               "64 000-character prompts of adversarial shapes, a chunked "
+                                               "100 MB body, ratings of requests that never were).")] = "mixed",
     users: Annotated[int, typer.Option(help="Concurrent Locust users.")] = 4,
     out: Annotated[Path, typer.Option(help="Where soak.json and Locust's stats go.")] = Path("bench-out/soak"),
     as_json: JsonOption = False,

@@ -5,8 +5,11 @@
 
 Environment:
     FLYWHEEL_SCENARIO        predict (predict only) | mixed (predict, then rate; default) | swap (predict only,
-                             while something else moves the alias) | hostile (mixed, plus prompts of
-                             digit groups at the size limit and ratings for request ids that never existed)
+                             while something else moves the alias) | hostile (mixed, plus FLYWHEEL_HOSTILE_USERS
+                             users that send what a hostile-but-valid client sends: prompts of each adversarial
+                             shape at the prompt limit, a chunked body of 100 MB, ratings for request ids that
+                             never existed)
+    FLYWHEEL_HOSTILE_USERS   hostile: how many of the -u users are hostile (default 1)
     FLYWHEEL_MAX_PROMPT_CHARS hostile: the gateway's prompt limit (default 4000)
     FLYWHEEL_CORRECTION_P    mixed: chance a rater sends the ground truth as a correction (default 0.8)
     FLYWHEEL_DRIFT_START/END share of drifted prompts at the start / after the ramp (default 0.2 / 0.8)
@@ -32,6 +35,7 @@ from typing import IO, Any
 from locust import HttpUser, between, events, task
 from locust.env import Environment
 
+from loadtests.hostile import ADVERSARIAL_UNITS, repeated
 from training.demo_task import DemoExample, generate_examples, is_correct
 
 SCENARIO = os.environ.get("FLYWHEEL_SCENARIO", "mixed")
@@ -42,6 +46,8 @@ DRIFT_RAMP_S = float(os.environ.get("FLYWHEEL_DRIFT_RAMP_S", "120"))
 SEED = int(os.environ.get("FLYWHEEL_SEED", "0"))
 MAX_TOKENS = int(os.environ.get("FLYWHEEL_MAX_TOKENS", "48"))
 MAX_PROMPT_CHARS = int(os.environ.get("FLYWHEEL_MAX_PROMPT_CHARS", "4000"))
+HOSTILE_USERS = int(os.environ.get("FLYWHEEL_HOSTILE_USERS", "1"))
+STREAMED_BODY_BYTES = 100 * 2**20
 API_KEYS = [key for key in os.environ.get("FLYWHEEL_API_KEYS", "").split(",") if key]
 if SCENARIO not in ("predict", "mixed", "swap", "hostile"):
     raise SystemExit(f"FLYWHEEL_SCENARIO must be predict, mixed, swap or hostile, not {SCENARIO!r}")
@@ -103,37 +109,6 @@ class Rater(HttpUser):
 
     @task
     def ask(self) -> None:
-        roll = self.rng.random() if SCENARIO == "hostile" else 1.0
-        if roll < 1 / 3:
-            self._digits_at_the_limit()
-        elif roll < 2 / 3:
-            self._rate_a_request_that_never_was()
-        else:
-            self._ask()
-
-    def _digits_at_the_limit(self) -> None:
-        """What made the PII masker cubic: thousands of digit groups. Any 4xx is fine, a 5xx is not."""
-        prompt = self.rng.choice(["1 ", "12-", "9"]) * MAX_PROMPT_CHARS
-        self._hostile("/predict", {"prompt": prompt[:MAX_PROMPT_CHARS], "max_tokens": 4})
-
-    def _rate_a_request_that_never_was(self) -> None:
-        """Feedback no prediction will ever match, with a correction the masker must chew through."""
-        body = {"request_id": f"{self.rng.getrandbits(128):032x}", "rating": 1,
-                "correction": "1 " * 1999}
-        self._hostile("/feedback", body)
-
-    def _hostile(self, route: str, body: dict[str, Any]) -> None:
-        started = time.perf_counter()
-        with self.client.post(route, json=body, name=f"{route} (hostile)", catch_response=True) as response:
-            if response.status_code >= 500:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
-            else:
-                response.success()
-        _record(kind=f"hostile{route.replace('/', '_')}", status=response.status_code, adapter_version=None,
-                distribution="hostile", correct=False, rating=None,
-                latency_ms=(time.perf_counter() - started) * 1000)
-
-    def _ask(self) -> None:
         example = self._pick()
         # each Locust user speaks for many people: a canary's share is drawn per person, and each person rates
         # what they asked (with a key that vouches for users, each person is a rater of their own)
@@ -170,3 +145,58 @@ class Rater(HttpUser):
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
             _record(kind="feedback", status=response.status_code, adapter_version=answer["adapter_version"],
                     distribution=example.distribution, correct=correct, rating=rating, latency_ms=latency_ms)
+
+
+class Hostile(HttpUser):
+    """Sends, in turn, what a hostile-but-valid client may send. Any 4xx is fine; a 5xx is a failure."""
+
+    abstract = SCENARIO != "hostile"
+    fixed_count = HOSTILE_USERS
+    wait_time = between(0.5, 1.5)
+
+    def on_start(self) -> None:
+        self.rng = random.Random(f"{SEED}:hostile:{next(_user_numbers)}")
+        if API_KEYS:
+            self.client.headers["Authorization"] = f"Bearer {API_KEYS[0]}"
+
+    @task(len(ADVERSARIAL_UNITS))
+    def adversarial_prompt(self) -> None:
+        """A prompt of one adversarial shape at the limit: the shapes that made PII masking quadratic."""
+        unit = self.rng.choice(ADVERSARIAL_UNITS)
+        self._send("prompt", json={"prompt": repeated(unit, MAX_PROMPT_CHARS), "max_tokens": 4})
+
+    @task(2)
+    def endless_body(self) -> None:
+        """100 MB streamed with no Content-Length: a server that buffers before its cap holds all of it."""
+        progress = {"bytes_sent": 0}
+
+        def chunks() -> Any:
+            yield b'{"prompt": "'
+            while progress["bytes_sent"] < STREAMED_BODY_BYTES:
+                progress["bytes_sent"] += 2**20
+                yield b"a" * 2**20
+            yield b'"}'
+
+        self._send("chunked", data=chunks(), headers={"Content-Type": "application/json"}, logged=progress)
+
+    @task(2)
+    def rate_a_request_that_never_was(self) -> None:
+        """Feedback no prediction will ever match, with a correction the masker must chew through."""
+        body = {"request_id": f"{self.rng.getrandbits(128):032x}", "rating": 1,
+                "correction": repeated("1 ", MAX_PROMPT_CHARS)}
+        self._send("orphan_feedback", route="/feedback", json=body)
+
+    def _send(self, shape: str, *, route: str = "/predict", logged: dict[str, Any] | None = None,
+              **request: Any) -> None:
+        started = time.perf_counter()
+        with self.client.post(route, name=f"{route} (hostile {shape})", catch_response=True, **request) as response:
+            # a server that refuses a streamed body may close the connection before the client has sent it all
+            refused_midway = response.status_code == 0 and shape == "chunked"
+            if response.status_code >= 500:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+            elif response.status_code == 0 and not refused_midway:
+                response.failure(f"no answer: {response.error}")
+            else:
+                response.success()
+        _record(kind=f"hostile_{shape}", status=response.status_code, adapter_version=None, distribution="hostile",
+                correct=False, rating=None, latency_ms=(time.perf_counter() - started) * 1000, **(logged or {}))

@@ -8,10 +8,14 @@ records the resident memory of the Serve replicas and their children (vLLM's eng
 process (the curator).
 Memory growth is measured from the first sample after warm-up to the last one.
 
-`hostile` adds what a hostile-but-valid client sends (prompts of digit groups at the size limit,
-ratings for request ids that never existed) and reports, besides memory: 5xx answers (goal 0), how long
-the curator needs to catch up once the load stops (goal < 5 s), and how much the feedback stores grow
-on disk per 1 000 requests with retention on.
+`hostile` runs in two halves on one platform, so the comparison is a ratio within one run: first the
+mixed traffic alone, then the same traffic beside hostile-but-valid clients (prompts of every
+adversarial shape at a prompt limit raised to 64 000 characters, a chunked body of 100 MB, ratings for
+request ids that never existed). It reports the normal traffic's `/predict` p99 in each half (goal: ≤
+1.5× with the hostile clients), the replicas' resident memory across the hostile half (goal: flat), what
+the hostile clients got back (any 4xx is right; 5xx answers: goal 0), how many bytes of the streamed
+body went out before the server refused it, how long the curator needs to catch up once the load stops
+(goal < 5 s), and how much the feedback stores grow on disk per 1 000 requests with retention on.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import psutil
 from pydantic import BaseModel, Field
@@ -42,6 +47,25 @@ class MemorySample(BaseModel):
     by_process: dict[str, float]
 
 
+class PhaseReport(BaseModel):
+    """One stretch of the soak under one Locust scenario."""
+
+    name: str
+    seconds: float
+    requests: int
+    failed_requests: int
+    predict_p50_ms: float | None = Field(description="The normal traffic's /predict p50 (answered 200).")
+    predict_p99_ms: float | None
+    rss_start_mb: float = Field(description="Resident memory of the serving processes at the phase's first sample "
+                                            "(after warm-up in the first phase).")
+    rss_end_mb: float
+    hostile_answers: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="What each hostile shape got back: HTTP status (0: the server closed the "
+                                          "connection before the client finished sending) -> count.")
+    streamed_mb_before_answer: float | None = Field(
+        None, description="The most the chunked body sent before the server answered (its cap, not 100 MB).")
+
+
 class SoakReport(BaseModel):
     scenario: str
     seconds: float
@@ -57,16 +81,33 @@ class SoakReport(BaseModel):
     curator_lag_s: float | None = Field(description="Seconds the curator needed to catch up after the load "
                                         "stopped (local log; goal < 5).")
     disk_mb_per_1000_requests: float = Field(description="Growth of the feedback stores on disk after warm-up.")
+    phases: list[PhaseReport]
+    hostile_p99_ratio: float | None = Field(
+        None, description="hostile: the normal traffic's /predict p99 beside the hostile clients / without them "
+                          "(goal <= 1.5).")
+    hostile_rss_growth: float | None = Field(
+        None, description="hostile: resident memory at the end of the hostile half / at its start - 1 (goal: flat).")
     samples: list[MemorySample]
 
     def summary(self) -> str:
         lag = "-" if self.curator_lag_s is None else f"{self.curator_lag_s:.1f} s"
-        return (f"soak ({self.scenario}) {self.seconds / 60:.1f} min: {self.requests} requests, "
-                f"{self.failed_requests} failed (goal 0), {self.server_errors} 5xx, {self.swaps} swaps; "
-                f"p50 {self.p50_ms or 0:.0f} ms, p99 {self.p99_ms or 0:.0f} ms; "
-                f"resident memory {self.baseline_mb:.0f} MB after warm-up -> {self.final_mb:.0f} MB "
-                f"= {self.rss_growth:+.1%} (goal < 10%); curator caught up {lag} after the load (goal < 5 s); "
-                f"feedback stores +{self.disk_mb_per_1000_requests:.2f} MB per 1000 requests")
+        lines = [
+            f"soak ({self.scenario}) {self.seconds / 60:.1f} min: {self.requests} requests, "
+            f"{self.failed_requests} failed (goal 0), {self.server_errors} 5xx, {self.swaps} swaps; "
+            f"p50 {self.p50_ms or 0:.0f} ms, p99 {self.p99_ms or 0:.0f} ms; "
+            f"resident memory {self.baseline_mb:.0f} MB after warm-up -> {self.final_mb:.0f} MB "
+            f"= {self.rss_growth:+.1%} (goal < 10%); curator caught up {lag} after the load (goal < 5 s); "
+            f"feedback stores +{self.disk_mb_per_1000_requests:.2f} MB per 1000 requests"]
+        if self.hostile_p99_ratio is not None and self.hostile_rss_growth is not None:
+            calm, hostile = self.phases
+            lines.append(
+                f"beside hostile clients: /predict p99 {calm.predict_p99_ms or 0:.0f} -> "
+                f"{hostile.predict_p99_ms or 0:.0f} ms = {self.hostile_p99_ratio:.2f}x (goal <= 1.5x); resident "
+                f"memory {hostile.rss_start_mb:.0f} -> {hostile.rss_end_mb:.0f} MB = {self.hostile_rss_growth:+.1%} "
+                f"(goal flat); streamed body answered after {hostile.streamed_mb_before_answer or 0:.0f} MB of 100")
+            lines += [f"  {shape}: " + ", ".join(f"{count} x {status}" for status, count in sorted(answers.items()))
+                      for shape, answers in sorted(hostile.hostile_answers.items())]
+        return "\n".join(lines)
 
 
 def serving_processes(app_name: str) -> dict[str, psutil.Process]:
@@ -125,59 +166,145 @@ def _requests_logged(path: Path) -> int:
     return sum(1 for _ in path.open()) if path.exists() else 0
 
 
+HOSTILE_PROMPT_CHARS = 64_000  # a long R1 context: the limit a deployment raises, and the length attacked
+
+
 def run_soak(settings: Settings, *, out_dir: Path, minutes: float = 10.0, swap_every_s: float = 60.0,
              scenario: Literal["mixed", "swap", "hostile"] = "mixed", users: int = 4, warmup_s: float = 60.0,
              sample_every_s: float = 10.0, say: Callable[[str], None] = print) -> SoakReport:
     settings = settings.model_copy(deep=True)
     settings.retrain.schedule_enabled = False  # this driver moves the alias; no retrains mid-soak
     settings.serving.app_name = "flywheel-soak"
+    if scenario == "hostile":  # both halves run with the raised limit: only the clients differ
+        settings.serving.max_prompt_chars = max(settings.serving.max_prompt_chars, HOSTILE_PROMPT_CHARS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "requests.jsonl").unlink(missing_ok=True)
     bootstrap(settings, progress=say)
     registry = registry_for(settings)
     versions = two_ready_versions(settings, registry, say)
     seconds = minutes * 60
+    phases = ([Phase("calm", "mixed", seconds / 2, users), Phase("hostile", "hostile", seconds / 2, users + 1)]
+              if scenario == "hostile" else [Phase(scenario, scenario, seconds, users)])
     samples: list[MemorySample] = []
-    swaps = 0
-    requests_log = out_dir / "requests.jsonl"
-    warm_disk: tuple[int, float] | None = None  # (requests so far, MB on disk) once warm
+    swapper = Swapper(registry, versions, swap_every_s)
     with platform(settings, DemoPlan(), "/soak") as (url, _):
         started = time.monotonic()
-        env = {"FLYWHEEL_SCENARIO": scenario, "FLYWHEEL_DRIFT_START": "0.5", "FLYWHEEL_DRIFT_END": "0.5",
-               "FLYWHEEL_MAX_PROMPT_CHARS": str(settings.serving.max_prompt_chars)}
-        with start_locust(url, out_dir, env, users=users, spawn_rate=users, seconds=seconds + 60) as locust:
-            next_swap, next_sample = started + swap_every_s, started
-            while locust.poll() is None and (now := time.monotonic()) - started < seconds:
-                if warm_disk is None and now - started >= warmup_s:
-                    warm_disk = (_requests_logged(requests_log), _feedback_disk_mb(settings))
-                if now >= next_sample:
-                    sizes = _rss_mb(serving_processes(settings.serving.app_name))
-                    samples.append(MemorySample(t_s=now - started, total_mb=sum(sizes.values()), by_process=sizes))
-                    say(f"{now - started:5.0f} s  resident {samples[-1].total_mb:.0f} MB  swaps {swaps}")
-                    next_sample += sample_every_s
-                if now >= next_swap:
-                    target = versions[(swaps + 1) % 2]
-                    registry.promote(target, actor="soak", reason="swap under load")
-                    swaps, next_swap = swaps + 1, next_swap + swap_every_s
-                time.sleep(0.5)
+        runs = [_drive(phase, settings, url, out_dir / phase.name if len(phases) > 1 else out_dir, started=started,
+                       warmup_s=warmup_s if phase is phases[0] else 0.0, sample_every_s=sample_every_s,
+                       samples=samples, swapper=swapper, say=say)
+                for phase in phases]
         elapsed = time.monotonic() - started
         lag = _curator_catch_up_s(settings)
-        disk_end = (_requests_logged(requests_log), _feedback_disk_mb(settings))
-    rows = [json.loads(line) for line in requests_log.read_text().splitlines() if line]
+        disk_end_mb = _feedback_disk_mb(settings)
+    rows = [row for run in runs for row in run.rows]
     latencies = [r["latency_ms"] for r in rows if r["kind"] == "predict" and r["status"] == 200]
+    reports = [run.report() for run in runs]
     warm = [s for s in samples if s.t_s >= warmup_s] or samples
     report = SoakReport(
-        scenario=scenario, seconds=elapsed, requests=len(rows), failed_requests=locust_failures(out_dir), swaps=swaps,
-        p50_ms=percentile(latencies, 0.5), p99_ms=percentile(latencies, 0.99),
+        scenario=scenario, seconds=elapsed, requests=len(rows), failed_requests=sum(r.failed_requests for r in reports),
+        swaps=swapper.swaps, p50_ms=percentile(latencies, 0.5), p99_ms=percentile(latencies, 0.99),
         baseline_mb=warm[0].total_mb, final_mb=warm[-1].total_mb,
         rss_growth=warm[-1].total_mb / warm[0].total_mb - 1, samples=samples,
         server_errors=sum(r["status"] >= 500 for r in rows), curator_lag_s=lag,
-        disk_mb_per_1000_requests=_per_1000(warm_disk or (0, 0.0), disk_end),
+        disk_mb_per_1000_requests=_per_1000((runs[0].requests_when_warm, runs[0].disk_mb_when_warm),
+                                            (len(rows), disk_end_mb)),
+        phases=reports,
     )
+    if scenario == "hostile":
+        calm, hostile = reports
+        if calm.predict_p99_ms and hostile.predict_p99_ms:
+            report.hostile_p99_ratio = hostile.predict_p99_ms / calm.predict_p99_ms
+        report.hostile_rss_growth = hostile.rss_end_mb / hostile.rss_start_mb - 1
     (out_dir / "soak.json").write_text(report.model_dump_json(indent=2))
     return report
 
 
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    locust_scenario: str
+    seconds: float
+    users: int
+
+
+@dataclass
+class Swapper:
+    """Alternates the champion between two ready versions every `every_s`, across phases."""
+
+    registry: Registry
+    versions: tuple[str, str]
+    every_s: float
+    swaps: int = 0
+    next_at: float | None = None
+
+    def tick(self, now: float) -> None:
+        if self.next_at is None:
+            self.next_at = now + self.every_s
+        elif now >= self.next_at:
+            self.registry.promote(self.versions[(self.swaps + 1) % 2], actor="soak", reason="swap under load")
+            self.swaps, self.next_at = self.swaps + 1, self.next_at + self.every_s
+
+
+@dataclass
+class PhaseRun:
+    phase: Phase
+    out_dir: Path
+    seconds: float
+    samples: list[MemorySample]
+    rows: list[dict[str, Any]]
+    requests_when_warm: int
+    disk_mb_when_warm: float
+
+    def report(self) -> PhaseReport:
+        latencies = [r["latency_ms"] for r in self.rows if r["kind"] == "predict" and r["status"] == 200]
+        hostile: dict[str, dict[str, int]] = {}
+        for row in self.rows:
+            if row["kind"].startswith("hostile_"):
+                answers = hostile.setdefault(row["kind"].removeprefix("hostile_"), {})
+                answers[str(row["status"])] = answers.get(str(row["status"]), 0) + 1
+        streamed = [r["bytes_sent"] for r in self.rows if "bytes_sent" in r]
+        return PhaseReport(
+            name=self.phase.name, seconds=self.seconds, requests=len(self.rows),
+            failed_requests=locust_failures(self.out_dir),
+            predict_p50_ms=percentile(latencies, 0.5), predict_p99_ms=percentile(latencies, 0.99),
+            rss_start_mb=self.samples[0].total_mb, rss_end_mb=self.samples[-1].total_mb, hostile_answers=hostile,
+            streamed_mb_before_answer=max(streamed) / 2**20 if streamed else None)
+
+
+def _drive(phase: Phase, settings: Settings, url: str, out_dir: Path, *, started: float, warmup_s: float,
+           sample_every_s: float, samples: list[MemorySample], swapper: Swapper, say: Callable[[str], None]
+           ) -> PhaseRun:
+    """Run one phase's Locust load, sampling memory and swapping the champion as it goes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    requests_log = out_dir / "requests.jsonl"
+    requests_log.unlink(missing_ok=True)
+    env = {"FLYWHEEL_SCENARIO": phase.locust_scenario, "FLYWHEEL_DRIFT_START": "0.5", "FLYWHEEL_DRIFT_END": "0.5",
+           "FLYWHEEL_MAX_PROMPT_CHARS": str(settings.serving.max_prompt_chars), "FLYWHEEL_HOSTILE_USERS": "1"}
+    say(f"phase {phase.name}: {phase.users} Locust users, {phase.seconds:.0f} s")
+    phase_started = time.monotonic()
+    phase_samples: list[MemorySample] = []
+    warm: tuple[int, float] | None = None  # (requests so far, MB on disk) once warm
+    with start_locust(url, out_dir, env, users=phase.users, spawn_rate=phase.users, seconds=phase.seconds + 60
+                      ) as locust:
+        next_sample = phase_started
+        while locust.poll() is None and (now := time.monotonic()) - phase_started < phase.seconds:
+            if warm is None and now - phase_started >= warmup_s:
+                warm = (_requests_logged(requests_log), _feedback_disk_mb(settings))
+            if now >= next_sample:
+                sizes = _rss_mb(serving_processes(settings.serving.app_name))
+                sample = MemorySample(t_s=now - started, total_mb=sum(sizes.values()), by_process=sizes)
+                if now - phase_started >= warmup_s:
+                    phase_samples.append(sample)
+                samples.append(sample)
+                say(f"{now - started:5.0f} s  resident {sample.total_mb:.0f} MB  swaps {swapper.swaps}")
+                next_sample += sample_every_s
+            swapper.tick(now)
+            time.sleep(0.5)
+    sizes = _rss_mb(serving_processes(settings.serving.app_name))
+    phase_samples.append(MemorySample(t_s=time.monotonic() - started, total_mb=sum(sizes.values()), by_process=sizes))
+    samples.append(phase_samples[-1])
+    rows = [json.loads(line) for line in requests_log.read_text().splitlines() if line] if requests_log.exists() else []
+    return PhaseRun(phase, out_dir, time.monotonic() - phase_started, phase_samples, rows,
+                    *(warm or (0, _feedback_disk_mb(settings))))
 def _per_1000(warm: tuple[int, float], end: tuple[int, float]) -> float:
     requests = end[0] - warm[0]
     return (end[1] - warm[1]) / requests * 1000 if requests > 0 else 0.0
