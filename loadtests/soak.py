@@ -14,7 +14,7 @@ adversarial shape at a prompt limit raised to 64 000 characters, a chunked body 
 request ids that never existed). It reports the normal traffic's `/predict` p99 in each half (goal: ≤
 1.5× with the hostile clients), the replicas' resident memory across the hostile half (goal: flat), what
 the hostile clients got back (any 4xx is right; 5xx answers: goal 0), how many bytes of the streamed
-body went out before the server refused it, how long the curator needs to catch up once the load stops
+body the client got to send, how long the curator needs to catch up once the load stops
 (goal < 5 s), and how much the feedback stores grow on disk per 1 000 requests with retention on.
 """
 
@@ -62,8 +62,9 @@ class PhaseReport(BaseModel):
     hostile_answers: dict[str, dict[str, int]] = Field(
         default_factory=dict, description="What each hostile shape got back: HTTP status (0: the server closed the "
                                           "connection before the client finished sending) -> count.")
-    streamed_mb_before_answer: float | None = Field(
-        None, description="The most the chunked body sent before the server answered (its cap, not 100 MB).")
+    streamed_mb_sent: float | None = Field(
+        None, description="The most of the 100 MB chunked body a client got to send (an ingress may drain a refused "
+                          "body; what must not grow is the replicas' memory).")
 
 
 class SoakReport(BaseModel):
@@ -104,7 +105,7 @@ class SoakReport(BaseModel):
                 f"beside hostile clients: /predict p99 {calm.predict_p99_ms or 0:.0f} -> "
                 f"{hostile.predict_p99_ms or 0:.0f} ms = {self.hostile_p99_ratio:.2f}x (goal <= 1.5x); resident "
                 f"memory {hostile.rss_start_mb:.0f} -> {hostile.rss_end_mb:.0f} MB = {self.hostile_rss_growth:+.1%} "
-                f"(goal flat); streamed body answered after {hostile.streamed_mb_before_answer or 0:.0f} MB of 100")
+                f"(goal flat); {hostile.streamed_mb_sent or 0:.0f} MB of the 100 MB streamed body sent")
             lines += [f"  {shape}: " + ", ".join(f"{count} x {status}" for status, count in sorted(answers.items()))
                       for shape, answers in sorted(hostile.hostile_answers.items())]
         return "\n".join(lines)
@@ -267,7 +268,7 @@ class PhaseRun:
             failed_requests=locust_failures(self.out_dir),
             predict_p50_ms=percentile(latencies, 0.5), predict_p99_ms=percentile(latencies, 0.99),
             rss_start_mb=self.samples[0].total_mb, rss_end_mb=self.samples[-1].total_mb, hostile_answers=hostile,
-            streamed_mb_before_answer=max(streamed) / 2**20 if streamed else None)
+            streamed_mb_sent=max(streamed) / 2**20 if streamed else None)
 
 
 def _drive(phase: Phase, settings: Settings, url: str, out_dir: Path, *, started: float, warmup_s: float,
