@@ -588,7 +588,11 @@ def retrain(
     as_json: JsonOption = False,
     address: Annotated[str | None, typer.Option(
         help="A Ray cluster's dashboard, e.g. http://HOST:8265: run there as a Ray job (`ray job submit`), with "
-        "the cluster's own config, or --config's if given (secrets stay the cluster's).")] = None,
+        "the cluster's own config, or --config's if given (secrets stay the cluster's). https, or plain http "
+        "to this machine only.")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Allow --address over plain http to another machine (the Ray token travels in clear)."
+    )] = False,
     run_id: Annotated[str | None, typer.Option(hidden=True)] = None,
     trigger: Annotated[str, typer.Option(hidden=True)] = "cli",
     lock_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
@@ -604,6 +608,12 @@ def retrain(
 
     configure_logging()
     if address:
+        from flywheel.runs import job_address
+
+        try:
+            address = job_address(address, insecure=insecure)
+        except ValueError as exc:
+            fail(str(exc), code=2)
         _retrain_as_ray_job(address, settings_or_exit(config) if config else None, task, wait, as_json)
         return
     settings = settings_or_exit(config)

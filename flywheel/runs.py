@@ -23,9 +23,11 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field
 
+from flywheel.auth import is_loopback
 from flywheel.config import SHARED_SETTINGS_ENV, Settings
 
 
@@ -258,6 +260,27 @@ def _jobs_client(address: str) -> Any:
     except AuthenticationError as exc:
         raise ConnectionError("the cluster needs its Ray auth token: set RAY_AUTH_TOKEN, or put it in "
                               "~/.ray/auth_token") from exc
+
+
+def job_address(address: str, *, insecure: bool = False) -> str:
+    """The Jobs API URL to send a retrain, and the local Ray auth token, to.
+
+    https anywhere; plain http only to this machine, unless `insecure` (the token would cross the network in
+    clear). A bare HOST:PORT means http.
+    """
+    parsed = urlsplit(address if "://" in address else f"http://{address}")
+    try:
+        host, _ = parsed.hostname, parsed.port  # a port that is not a number raises here
+    except ValueError:
+        host = None
+    if parsed.username or parsed.password:  # not echoed: it would print the password
+        raise ValueError("--address must not carry a user or password; the Ray auth token is sent instead")
+    if parsed.scheme not in ("http", "https") or not host:
+        raise ValueError(f"--address must be a Ray dashboard URL such as https://HOST:8265, not {address!r}")
+    if parsed.scheme == "http" and not is_loopback(host) and not insecure:
+        raise ValueError(f"refusing to send the job and the Ray auth token over plain http to {host}: use "
+                         "https://, or --insecure on a network you trust")
+    return urlunsplit((parsed.scheme, parsed.netloc, parsed.path.rstrip("/"), "", ""))
 
 
 def submit_retrain_job(address: str, task: str | None, settings: Settings | None) -> str:

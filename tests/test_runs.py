@@ -5,7 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from flywheel.runs import RunRecord, RunState, RunStore
+import pytest
+from typer.testing import CliRunner
+
+from flywheel.cli import app as cli
+from flywheel.runs import RunRecord, RunState, RunStore, job_address
 
 
 def test_old_finished_runs_are_forgotten_and_running_ones_kept(tmp_path: Path) -> None:
@@ -39,3 +43,30 @@ def test_the_summary_counts_verdicts_ever_and_rejections_in_a_row(tmp_path: Path
     assert len(store.list()) == 2  # old records pruned, the counts stay
     assert summary["rejections_in_a_row"] == {"demo": 1}  # only the kept records: the last pass was pruned
     assert summary["gate"] == {("demo", "champion", "golden"): 0.8, ("demo", "candidate", "golden"): 0.7}
+
+
+@pytest.mark.parametrize(("address", "allowed"), [
+    ("http://127.0.0.1:8265", "http://127.0.0.1:8265"),
+    ("localhost:8265", "http://localhost:8265"),
+    ("http://[::1]:8265/", "http://[::1]:8265"),
+    ("https://ray.example.com:8265/", "https://ray.example.com:8265"),
+    ("http://ray.example.com:8265", "over plain http to ray.example.com"),
+    ("http://10.0.0.7:8265", "over plain http to 10.0.0.7"),
+    ("ray://ray.example.com:10001", "must be a Ray dashboard URL"),
+    ("http://ray.example.com:port", "must be a Ray dashboard URL"),
+    ("https://ops:hunter2@ray.example.com", "must not carry a user or password"),
+])
+def test_a_retrain_job_goes_only_where_its_token_is_safe(address: str, allowed: str) -> None:
+    """`flywheel retrain --address` sends the local Ray token: never over plain http to another machine."""
+    if allowed.startswith("http"):
+        assert job_address(address) == allowed
+        return
+    with pytest.raises(ValueError, match=allowed) as refused:
+        job_address(address)
+    assert "hunter2" not in str(refused.value)
+
+
+def test_insecure_allows_plain_http_to_another_machine_and_the_cli_says_why_it_refuses() -> None:
+    assert job_address("http://ray.example.com:8265", insecure=True) == "http://ray.example.com:8265"
+    refused = CliRunner().invoke(cli, ["retrain", "--address", "http://ray.example.com:8265", "--task", "demo"])
+    assert refused.exit_code == 2 and "use https://, or --insecure" in refused.output
