@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -628,16 +629,15 @@ def retrain(
         except RetrainBusyError as exc:
             fail(str(exc), code=3)
         emit(as_json, {"run_id": record.run_id, "state": record.state},
-              f"retrain {record.run_id} started (pid {record.pid}); follow it with `flywheel status`")
+              f"retrain {record.run_id} started; follow it with `flywheel status`")
         return
     from training.pipeline import Retrain
 
     run_id = run_id or new_run_id()
     record = store.get(run_id) or RunRecord(run_id=run_id, trigger=trigger, task=task)
-    record.task = task
-    record.pid = os.getpid()
+    record.task, record.host, record.pid = task, socket.gethostname(), os.getpid()
     try:
-        with store.exclusive(inherited_fd=lock_fd), stdout_to_stderr():  # stdout is for --json
+        with store.exclusive(inherited_fd=lock_fd), store.heartbeat(run_id), stdout_to_stderr():  # stdout: --json
             result = Retrain(settings, record, say=progress).run()
     except RetrainBusyError as exc:
         fail(str(exc), code=3)

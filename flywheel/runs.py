@@ -2,7 +2,9 @@
 
 Shared by the training plane (which does runs) and the serving plane (whose admin routes and
 scheduler start them and show their state). The lock is an OS file lock held by the process doing the
-run, so a crashed run releases it by dying; a record left `running` by a dead process reads `failed`.
+run, so a crashed run releases it by dying. A running run beats a heartbeat file beside its record; a
+record left `running` whose heartbeat went silent reads `failed`, from whichever machine reads it (a PID
+is consulted only on its own machine, to notice a death sooner).
 A launcher takes the lock itself and hands the open descriptor to the child, so two triggers racing
 cannot both start a run.
 """
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +33,8 @@ from pydantic import BaseModel, Field
 
 from flywheel.auth import is_loopback
 from flywheel.config import SHARED_SETTINGS_ENV, Settings
+
+log = logging.getLogger("flywheel.runs")
 
 
 class RetrainBusyError(RuntimeError):
@@ -50,7 +56,9 @@ class RunRecord(BaseModel):
     stage: str = "starting"
     stages: dict[str, datetime] = Field(default_factory=dict, description="When each stage began.")
     trigger: str
-    pid: int = Field(default_factory=os.getpid)
+    host: str = Field(default_factory=socket.gethostname, description="The machine (pod) the run works on.")
+    pid: int = Field(default_factory=os.getpid, description="Its process there: for ops on that machine; "
+                                                            "liveness is the heartbeat, readable from anywhere.")
     started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None
     champion_before: str | None = None
@@ -67,6 +75,10 @@ class RunRecord(BaseModel):
 
 def new_run_id() -> str:
     return f"run-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+HEARTBEAT_S = 5.0  # how often a running run says it is alive
+STALE_AFTER_S = 60.0  # a running run silent this long is dead, read from any machine (clock skew included)
 
 
 def process_alive(pid: int) -> bool:
@@ -153,7 +165,42 @@ class RunStore:
         threading.Thread(target=child.wait, name=f"reap-{run_id}", daemon=True).start()
         record = RunRecord(run_id=run_id, trigger=trigger, pid=child.pid, task=task)
         self.save(record)
+        self.beat(run_id)  # for the child's start-up, until its own heartbeat begins
         return record
+
+    def beat(self, run_id: str) -> None:
+        """Say that `run_id` is alive now (a file of its own: the run's record is written by its stages)."""
+        tmp = self.root / f".{run_id}.{uuid.uuid4().hex}.beat"
+        tmp.write_text(datetime.now(UTC).isoformat())
+        os.replace(tmp, self.root / f"{run_id}.beat")
+
+    def last_beat(self, run_id: str) -> datetime | None:
+        try:
+            return datetime.fromisoformat((self.root / f"{run_id}.beat").read_text())
+        except (OSError, ValueError):
+            return None
+
+    @contextmanager
+    def heartbeat(self, run_id: str, every_s: float = HEARTBEAT_S) -> Iterator[None]:
+        """Beat for `run_id` every `every_s` while the block runs."""
+        stop = threading.Event()
+
+        def beat_until_stopped() -> None:
+            while True:
+                try:
+                    self.beat(run_id)
+                except OSError as exc:  # a full or flaky disk: the run goes on; readers may call it dead
+                    log.warning("event=heartbeat_failed run_id=%s error=%s", run_id, exc)
+                if stop.wait(every_s):
+                    return
+
+        beating = threading.Thread(target=beat_until_stopped, name=f"heartbeat-{run_id}", daemon=True)
+        beating.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beating.join()
 
     def save(self, record: RunRecord) -> None:
         path = self.root / f"{record.run_id}.json"
@@ -217,14 +264,22 @@ class RunStore:
         for path in finished[:max(0, len(finished) - self.keep)]:
             path.unlink(missing_ok=True)
             path.with_suffix(".log").unlink(missing_ok=True)
+            path.with_suffix(".beat").unlink(missing_ok=True)
 
     def get(self, run_id: str) -> RunRecord | None:
         path = self.root / f"{run_id}.json"
         if not path.exists():
             return None
         record = RunRecord.model_validate_json(path.read_text())
-        if record.state == RunState.RUNNING and not process_alive(record.pid):
-            record.state, record.message = RunState.FAILED, f"the run's process {record.pid} died at {record.stage}"
+        if record.state == RunState.RUNNING:
+            last = self.last_beat(run_id) or record.started_at
+            silent_s = (datetime.now(UTC) - last).total_seconds()
+            if silent_s > STALE_AFTER_S:
+                record.state = RunState.FAILED
+                record.message = f"the run died at {record.stage}: no heartbeat for {silent_s:.0f} s"
+            elif record.host == socket.gethostname() and not process_alive(record.pid):  # known at once here
+                record.state = RunState.FAILED
+                record.message = f"the run died at {record.stage}: its process {record.pid} is gone"
         return record
 
     def list(self, limit: int | None = None) -> list[RunRecord]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from flywheel.cli import app as cli
-from flywheel.runs import RunRecord, RunState, RunStore, job_address
+from flywheel.runs import STALE_AFTER_S, RunRecord, RunState, RunStore, job_address
 
 
 def test_old_finished_runs_are_forgotten_and_running_ones_kept(tmp_path: Path) -> None:
@@ -70,3 +73,29 @@ def test_insecure_allows_plain_http_to_another_machine_and_the_cli_says_why_it_r
     assert job_address("http://ray.example.com:8265", insecure=True) == "http://ray.example.com:8265"
     refused = CliRunner().invoke(cli, ["retrain", "--address", "http://ray.example.com:8265", "--task", "demo"])
     assert refused.exit_code == 2 and "use https://, or --insecure" in refused.output
+
+
+def test_a_run_is_alive_while_it_beats_and_dead_once_it_stops_read_from_any_machine(tmp_path: Path) -> None:
+    """Liveness is the heartbeat beside the record, not a PID: a run on another machine (whose PID means
+    nothing here) is running while it beats and failed once it has been silent too long."""
+    writer, reader = RunStore(tmp_path / "runs"), RunStore(tmp_path / "runs")  # two processes, one shared home
+    record = RunRecord(run_id="run-20260101-000000-dddddd", trigger="schedule", host="another-pod", pid=1,
+                       stage="train")
+    writer.save(record)
+    with writer.heartbeat(record.run_id, every_s=0.05):
+        time.sleep(0.2)
+        assert reader.get(record.run_id).state == RunState.RUNNING
+    old = (datetime.now(UTC) - timedelta(seconds=STALE_AFTER_S + 1)).isoformat()
+    (writer.root / f"{record.run_id}.beat").write_text(old)  # the beats stopped long ago
+    dead = reader.get(record.run_id)
+    assert dead.state == RunState.FAILED and "died at train: no heartbeat" in dead.message
+
+
+def test_a_run_on_this_machine_whose_process_is_gone_is_dead_at_once(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "runs")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    store.save(RunRecord(run_id="run-20260101-000000-eeeeee", trigger="cli", pid=gone.pid, stage="gate"))
+    store.beat("run-20260101-000000-eeeeee")
+    dead = store.get("run-20260101-000000-eeeeee")
+    assert dead.state == RunState.FAILED and "its process" in dead.message
