@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from pydantic import ValidationError
 
 from flywheel.config import Settings, load_settings
 
@@ -21,6 +22,10 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 def settings_or_exit(config: Path | None, **overrides: Any) -> Settings:
     try:
         return load_settings(config, **overrides)
+    except ValidationError as exc:  # each field and why, never the values given (a config holds secrets)
+        fail("invalid configuration:\n" + "\n".join(
+            f"  {'.'.join(map(str, error['loc'])) or '(top level)'}: {error['msg']}"
+            for error in exc.errors(include_url=False, include_input=False)))
     except (FileNotFoundError, ValueError) as exc:
         fail(f"invalid configuration: {exc}")
 

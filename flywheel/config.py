@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -52,6 +53,9 @@ class ModelSettings(BaseModel):
     )
 
 
+_CREDENTIAL_NAME = re.compile(r"secret|passw|token|credential|access_key|(^|_)key$", re.IGNORECASE)
+
+
 class RegistrySettings(BaseModel):
     uri: str = Field("", description="Local path or fsspec URL (s3:// with the `s3` extra, gs:// with `gcs`). "
                      "Empty: `<home>/registry`.")
@@ -59,6 +63,22 @@ class RegistrySettings(BaseModel):
         default_factory=dict, description="fsspec options for `uri`, e.g. {endpoint_url: http://minio:9000} for an "
         "S3-compatible store. Credentials come from the environment (AWS_ACCESS_KEY_ID…), not from here.",
     )
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """These options travel with every job and replica's settings: a credential here would be on show."""
+        def named(value: Any, path: str) -> list[str]:
+            if not isinstance(value, dict):
+                return []
+            found = [f"{path}{key}" for key in value if _CREDENTIAL_NAME.search(str(key))]
+            return found + [hit for key, inner in value.items() for hit in named(inner, f"{path}{key}.")]
+
+        if found := named(options, "registry.storage_options."):
+            raise ValueError(f"{', '.join(found)} looks like a credential: give it to the process that uses it in "
+                             "its environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_"
+                             "CREDENTIALS…), never in the settings, which travel with every job")
+        return options
 
 
 class VLLMSettings(BaseModel):

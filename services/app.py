@@ -44,24 +44,25 @@ QUIET = {"enable_access_log": False}
 
 
 def build_app(settings: Settings) -> Application:
-    payload = settings.shareable()  # secrets reach the gateway through its environment, never init args
-    # Secrets already in this environment reach the workers the same way (Ray passes it on; on Kubernetes
-    # every pod mounts the Secret): only those set from a config file travel in the gateway's runtime env.
-    secrets = {name: value for name, value in settings.secret_env().items() if os.environ.get(name) != value}
-    secret_env = {"runtime_env": {"env_vars": secrets}} if secrets else {}
+    # Secrets reach replicas only through their process environment, never init args or a runtime env (the
+    # dashboard and the state API show both): a Ray flywheel starts inherits them (`ensure_ray`); on a
+    # cluster every pod has them from its Kubernetes Secret.
+    payload = settings.shareable()
+    unseen = [name for name, value in settings.secret_env().items() if os.environ.get(name) != value]
+    if unseen:
+        log.warning("event=secrets_not_in_environment names=%s message='set in the config file but not in this "
+                    "environment: the replicas read secrets from theirs (on Kubernetes, a Secret in the pod "
+                    "spec)'", ",".join(unseen))
     # The loop (curator, scheduler, canary controller) is part of the app, so `serve deploy` runs it too.
-    loop = LoopKeeper.options(logging_config=QUIET, ray_actor_options={"num_cpus": 0, **secret_env}).bind(
+    loop = LoopKeeper.options(logging_config=QUIET, ray_actor_options={"num_cpus": 0}).bind(
         payload) if settings.loop.enabled else None
     engine_replicas = {**replica_count(settings), "logging_config": QUIET}
-    engine_resources = {"num_cpus": settings.serving.replica_cpus, "num_gpus": settings.serving.replica_gpus}
+    engine_resources = {"num_cpus": settings.serving.replica_cpus, "num_gpus": settings.serving.replica_gpus,
+                        "runtime_env": {"env_vars": _replica_env(settings)}}
     if settings.serving.fused:
-        env = {**_replica_env(settings), **secrets}
-        return FusedServer.options(**engine_replicas, ray_actor_options={
-            **engine_resources, "runtime_env": {"env_vars": env}}).bind(payload, loop)
-    llm = LLMServer.options(**engine_replicas, ray_actor_options={
-        **engine_resources, "runtime_env": {"env_vars": _replica_env(settings)}}).bind(payload)
-    return Gateway.options(logging_config=QUIET, ray_actor_options={"num_cpus": 0, **secret_env}).bind(
-        llm, payload, loop)
+        return FusedServer.options(**engine_replicas, ray_actor_options=engine_resources).bind(payload, loop)
+    llm = LLMServer.options(**engine_replicas, ray_actor_options=engine_resources).bind(payload)
+    return Gateway.options(logging_config=QUIET, ray_actor_options={"num_cpus": 0}).bind(llm, payload, loop)
 
 
 def replica_count(settings: Settings) -> dict[str, Any]:
@@ -105,6 +106,8 @@ def ensure_ray(settings: Settings) -> None:
         _haproxy_side_ports()
     else:
         os.environ[HAPROXY_ENV] = "0"  # the setting decides for a Ray flywheel starts, not an inherited variable
+    if not settings.ray.address:  # the Ray started here passes this environment to every worker it starts
+        os.environ.update(settings.secret_env())
     ray.init(address=settings.ray.address, log_to_driver=True, namespace="flywheel", **local)
 
 

@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
+import yaml
 
+from flywheel.cli_common import settings_or_exit
 from flywheel.config import Settings, load_settings
 from flywheel.runs import RunStore
 
@@ -82,3 +85,45 @@ def test_llm_replicas_are_fixed_or_autoscaled_from_config() -> None:
     build_app(Settings(serving={"autoscaling": {"max_replicas": 2}}))  # Serve validates the options here
     with pytest.raises(ValueError, match="below min_replicas"):
         Settings(serving={"autoscaling": {"min_replicas": 3, "max_replicas": 2}})
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_secret_travels_in_a_deployment_runtime_env_or_init_args(
+    secret_settings: Settings, fused: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ray's dashboard and state API show every actor's runtime env and arguments: secrets reach replicas
+    through their process environment only, and a config-file secret not in it is named in a warning."""
+    from ray.serve import Application
+
+    from services.app import build_app
+
+    secret_settings.serving.topology = "fused" if fused else "split"
+    app = build_app(secret_settings)
+    seen, pending = [], [app]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, Application):
+            deployment = node._bound_deployment
+            seen.append(repr(deployment.ray_actor_options))
+            pending += [*deployment.init_args, *deployment.init_kwargs.values()]
+        else:
+            seen.append(json.dumps(node, default=repr))
+    assert len(seen) >= 3 and not any(TOKEN in text or PASSWORD in text for text in seen)
+    assert "FLYWHEEL_ADMIN_TOKEN" in caplog.text and TOKEN not in caplog.text
+
+
+def test_a_credential_in_storage_options_is_refused_without_echoing_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "flywheel.yaml"
+    for options in ({"key": "AKIA-1", "secret": "s3cr3t-value"},
+                    {"client_kwargs": {"aws_secret_access_key": "s3cr3t-value"}}, {"token": "s3cr3t-value"}):
+        config.write_text(yaml.safe_dump({"home": str(tmp_path / "home"), "registry": {"storage_options": options}}))
+        with pytest.raises(typer.Exit):
+            settings_or_exit(config)
+        refused = capsys.readouterr().err
+        assert "looks like a credential" in refused and "registry.storage_options" in refused
+        assert "s3cr3t-value" not in refused
+    allowed = {"endpoint_url": "http://minio:9000", "key_prefix": "a", "config_kwargs": {"signature_version": "s3v4"}}
+    assert load_settings(home=tmp_path / "home", registry={"storage_options": allowed}).registry.storage_options \
+        == allowed
