@@ -250,6 +250,50 @@ def test_secrets_reach_pods_only_through_secret_key_refs() -> None:
     assert not re.search(r"admin_token|sasl_password", flywheel_yaml())
 
 
+def ray_pod_labels() -> Iterator[tuple[str, dict[str, str]]]:
+    """(where, labels) of every Ray pod, with the ones KubeRay adds to each (ray.io/is-ray-node, node-type)."""
+    for name, cluster in ray_clusters().items():
+        for group, spec in ray_groups(cluster):
+            added = {"ray.io/is-ray-node": "yes", "ray.io/node-type": "head" if group == "head" else "worker",
+                     "app.kubernetes.io/created-by": "kuberay-operator"}
+            yield f"{name}/{group}", {**spec["template"]["metadata"]["labels"], **added}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "these checks read matchLabels only"
+    return all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
+
+
+def test_ray_is_behind_its_token_and_only_serves_port_is_open_to_everyone() -> None:
+    """The Jobs API runs whatever it is sent: Ray's token guards it, and no policy opens a Ray port to the
+    world. Every Ray pod is selected (else Kubernetes admits everything), Ray pods reach each other, and
+    the dashboard is reachable from Ray pods and KubeRay only."""
+    for where, cluster in ray_clusters().items():
+        assert cluster["authOptions"] == {"mode": "token"}, where
+        assert tuple(map(int, cluster.get("rayVersion", "2.60.0").split("."))) >= (2, 52), where
+    policies = [d for d in docs(K8S / "networkpolicy.yaml") if d["kind"] == "NetworkPolicy"]
+    open_ports: set[int] = set()
+    for where, labels in ray_pod_labels():
+        mine = [p["spec"] for p in policies if selects(p["spec"]["podSelector"], labels)]
+        assert mine and all(p["policyTypes"] == ["Ingress"] for p in mine), where
+        rules = [rule for p in mine for rule in p["ingress"]]
+        from_anyone = [rule for rule in rules if "from" not in rule]
+        assert all("ports" in rule for rule in from_anyone), f"{where}: every port open to everyone"
+        open_ports |= {port["port"] for rule in from_anyone for port in rule["ports"]}
+        peers = [peer for rule in rules if "ports" not in rule for peer in rule["from"]]
+        assert peers and all(set(peer) == {"podSelector"}
+                             and peer["podSelector"]["matchLabels"].get("ray.io/is-ray-node") == "yes"
+                             for peer in peers), f"{where}: all ports, but only from Ray pods"
+        assert any(selects(peer["podSelector"], labels) for peer in peers), f"{where} cannot reach its own cluster"
+        dashboard = [peer for rule in rules if any(p["port"] == 8265 for p in rule.get("ports", []))
+                     for peer in rule["from"]]
+        assert all("kuberay-operator" in json.dumps(peer) for peer in dashboard), where
+    assert open_ports == {8000}
+    serving = json.dumps(docs(K8S / "rayservice.yaml")) + json.dumps(docs(K8S / "monitoring.yaml"))
+    assert not re.search(r"LoadBalancer|NodePort|Ingress\b", serving)  # nothing exposes the head's ports
+    assert [port["port"] for port in one(K8S / "monitoring.yaml", "Service")["spec"]["ports"]] == [8000]
+
+
 def test_ray_pods_mount_the_config_map_and_the_shared_home() -> None:
     configmap = one(K8S / "configmap.yaml", "ConfigMap")
     claim = one(K8S / "pvc.yaml", "PersistentVolumeClaim")
