@@ -11,6 +11,7 @@ Environment:
                              never existed)
     FLYWHEEL_HOSTILE_USERS   hostile: how many of the -u users are hostile (default 1)
     FLYWHEEL_MAX_PROMPT_CHARS hostile: the gateway's prompt limit (default 4000)
+    FLYWHEEL_MAX_CORRECTION_CHARS hostile: the gateway's correction limit (default 4000)
     FLYWHEEL_CORRECTION_P    mixed: chance a rater sends the ground truth as a correction (default 0.8)
     FLYWHEEL_DRIFT_START/END share of drifted prompts at the start / after the ramp (default 0.2 / 0.8)
     FLYWHEEL_DRIFT_RAMP_S    seconds the share takes to go from START to END (default 120)
@@ -46,6 +47,7 @@ DRIFT_RAMP_S = float(os.environ.get("FLYWHEEL_DRIFT_RAMP_S", "120"))
 SEED = int(os.environ.get("FLYWHEEL_SEED", "0"))
 MAX_TOKENS = int(os.environ.get("FLYWHEEL_MAX_TOKENS", "48"))
 MAX_PROMPT_CHARS = int(os.environ.get("FLYWHEEL_MAX_PROMPT_CHARS", "4000"))
+MAX_CORRECTION_CHARS = int(os.environ.get("FLYWHEEL_MAX_CORRECTION_CHARS", "4000"))
 HOSTILE_USERS = int(os.environ.get("FLYWHEEL_HOSTILE_USERS", "1"))
 STREAMED_BODY_BYTES = 100 * 2**20
 API_KEYS = [key for key in os.environ.get("FLYWHEEL_API_KEYS", "").split(",") if key]
@@ -179,11 +181,12 @@ class Hostile(HttpUser):
 
         self._send("chunked", data=chunks(), headers={"Content-Type": "application/json"}, logged=progress)
 
-    @task(2)
+    @task(len(ADVERSARIAL_UNITS))
     def rate_a_request_that_never_was(self) -> None:
-        """Feedback no prediction will ever match, with a correction the masker must chew through."""
+        """Feedback no prediction will ever match, with a correction of one adversarial shape at the limit:
+        accepted (202) and masked on the way in, whatever the base's context."""
         body = {"request_id": f"{self.rng.getrandbits(128):032x}", "rating": 1,
-                "correction": repeated("1 ", MAX_PROMPT_CHARS)}
+                "correction": repeated(self.rng.choice(ADVERSARIAL_UNITS), MAX_CORRECTION_CHARS)}
         self._send("orphan_feedback", route="/feedback", json=body)
 
     def _send(self, shape: str, *, route: str = "/predict", logged: dict[str, Any] | None = None,

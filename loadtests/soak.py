@@ -9,9 +9,10 @@ process (the curator).
 Memory growth is measured from the first sample after warm-up to the last one.
 
 `hostile` runs in two halves on one platform, so the comparison is a ratio within one run: first the
-mixed traffic alone, then the same traffic beside hostile-but-valid clients (prompts of every
-adversarial shape at a prompt limit raised to 64 000 characters, a chunked body of 100 MB, ratings for
-request ids that never existed). It reports the normal traffic's `/predict` p99 in each half (goal: ≤
+mixed traffic alone, then the same traffic beside a hostile-but-valid client (prompts and corrections of
+every adversarial shape at limits raised to 64 000 characters, a chunked body of 100 MB; the
+corrections rate request ids that never existed, so they are accepted and masked whatever the base's
+context). It reports the normal traffic's `/predict` p99 in each half (goal: ≤
 1.5× with the hostile clients), the replicas' resident memory across the hostile half (goal: flat), what
 the hostile clients got back (any 4xx is right; 5xx answers: goal 0), how many bytes of the streamed
 body the client got to send, how long the curator needs to catch up once the load stops
@@ -176,8 +177,9 @@ def run_soak(settings: Settings, *, out_dir: Path, minutes: float = 10.0, swap_e
     settings = settings.model_copy(deep=True)
     settings.retrain.schedule_enabled = False  # this driver moves the alias; no retrains mid-soak
     settings.serving.app_name = "flywheel-soak"
-    if scenario == "hostile":  # both halves run with the raised limit: only the clients differ
+    if scenario == "hostile":  # both halves run with the raised limits: only the clients differ
         settings.serving.max_prompt_chars = max(settings.serving.max_prompt_chars, HOSTILE_PROMPT_CHARS)
+        settings.feedback.max_correction_chars = max(settings.feedback.max_correction_chars, HOSTILE_PROMPT_CHARS)
     out_dir.mkdir(parents=True, exist_ok=True)
     bootstrap(settings, progress=say)
     registry = registry_for(settings)
@@ -279,7 +281,8 @@ def _drive(phase: Phase, settings: Settings, url: str, out_dir: Path, *, started
     requests_log = out_dir / "requests.jsonl"
     requests_log.unlink(missing_ok=True)
     env = {"FLYWHEEL_SCENARIO": phase.locust_scenario, "FLYWHEEL_DRIFT_START": "0.5", "FLYWHEEL_DRIFT_END": "0.5",
-           "FLYWHEEL_MAX_PROMPT_CHARS": str(settings.serving.max_prompt_chars), "FLYWHEEL_HOSTILE_USERS": "1"}
+           "FLYWHEEL_MAX_PROMPT_CHARS": str(settings.serving.max_prompt_chars),
+           "FLYWHEEL_MAX_CORRECTION_CHARS": str(settings.feedback.max_correction_chars), "FLYWHEEL_HOSTILE_USERS": "1"}
     say(f"phase {phase.name}: {phase.users} Locust users, {phase.seconds:.0f} s")
     phase_started = time.monotonic()
     phase_samples: list[MemorySample] = []
