@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import httpx
@@ -10,6 +12,7 @@ import pytest
 from flywheel.config import Settings
 from flywheel.r1 import split_reasoning
 from flywheel.registry import registry_for
+from services.engines.chat import OFF_LOOP_CHARS, render_prompt_ids, tokenized_prompt
 from services.engines.hf_engine import HFEngine
 from services.engines.protocol import AdapterHandle, ChatMessage, PromptTooLongError, SamplingOptions
 from tests.conftest import make_settings
@@ -109,3 +112,33 @@ async def test_reference_logprobs_agree_across_engines(hf_engine: HFEngine, demo
         assert (await vllm_engine.completion_logprob(messages, wrong, adapter))[0] < vllm_sum
     finally:
         await vllm_engine.shutdown()
+
+
+class CountingTokenizer:
+    """A vocabulary whose longest token is 4 characters; records which thread tokenized each prompt."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def get_vocab(self) -> dict[str, int]:
+        return {"a": 0, "ab": 1, "abcd": 2}
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **_: object) -> list[int]:
+        self.threads.append(threading.get_ident())
+        return [0] * sum(len(m["content"]) for m in messages)
+
+
+def test_a_prompt_the_context_cannot_hold_is_refused_before_tokenizing_and_a_long_one_leaves_the_loop() -> None:
+    """64 000 characters to a 512-token model: refused from its length alone; a long prompt that may fit
+    is tokenized in a worker thread, so the replica's event loop keeps serving."""
+    tokenizer = CountingTokenizer()
+    with pytest.raises(PromptTooLongError, match="64000 characters"):
+        render_prompt_ids(tokenizer, [ChatMessage(role="user", content="1." * 32_000)], 4, 512)
+    assert tokenizer.threads == []
+
+    async def tokenize(chars: int) -> int:
+        await tokenized_prompt(tokenizer, [ChatMessage(role="user", content="a" * chars)], 4, 100_000)
+        return threading.get_ident()
+
+    assert asyncio.run(tokenize(100)) == tokenizer.threads[-1]  # short: on the loop, no thread hop
+    assert asyncio.run(tokenize(OFF_LOOP_CHARS + 1)) != tokenizer.threads[-1]

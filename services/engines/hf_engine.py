@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from services.engines.chat import load_tokenizer, opens_think, render_prompt_ids
+from services.engines.chat import load_tokenizer, opens_think, tokenized_prompt
 from services.engines.protocol import AdapterHandle, ChatMessage, Generation, SamplingOptions
 
 log = logging.getLogger("flywheel.engine.hf")
@@ -77,7 +77,7 @@ class HFEngine:
         adapter: AdapterHandle | None,
         request_id: str,
     ) -> Generation:
-        prompt_ids = render_prompt_ids(self._tokenizer, messages, options.max_tokens, self.max_model_len)
+        prompt_ids = await tokenized_prompt(self._tokenizer, messages, options.max_tokens, self.max_model_len)
         async with self._lock:
             return await asyncio.to_thread(self._generate, prompt_ids, options, adapter)
 
@@ -133,7 +133,7 @@ class HFEngine:
     async def completion_logprob(
         self, messages: list[ChatMessage], completion: str, adapter: AdapterHandle | None
     ) -> tuple[float, int]:
-        prompt_ids = render_prompt_ids(self._tokenizer, messages, 1, self.max_model_len)
+        prompt_ids = await tokenized_prompt(self._tokenizer, messages, 1, self.max_model_len)
         target = self._tokenizer.encode(completion, add_special_tokens=False)
         async with self._lock:
             return await asyncio.to_thread(self._logprob, prompt_ids, target, adapter)

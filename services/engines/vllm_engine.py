@@ -12,7 +12,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 
-from services.engines.chat import load_tokenizer, opens_think, render_prompt_ids
+from services.engines.chat import load_tokenizer, opens_think, tokenized_prompt
 from services.engines.protocol import (
     AdapterHandle,
     ChatMessage,
@@ -127,7 +127,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        prompt_ids = render_prompt_ids(self._tokenizer, messages, options.max_tokens, self.max_model_len)
+        prompt_ids = await tokenized_prompt(self._tokenizer, messages, options.max_tokens, self.max_model_len)
         params = SamplingParams(
             max_tokens=options.max_tokens,
             temperature=options.temperature,
@@ -164,7 +164,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompt_ids = render_prompt_ids(self._tokenizer, messages, 1, self.max_model_len)
+        prompt_ids = await tokenized_prompt(self._tokenizer, messages, 1, self.max_model_len)
         target = self._tokenizer.encode(completion, add_special_tokens=False)
         ids = (prompt_ids + target)[: self.max_model_len - 1]
         final = None
