@@ -15,6 +15,10 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# The answer closes the connection: otherwise the server reads (and drops) the rest of the refused body to
+# keep the connection alive, and a client streaming gigabytes keeps the replica busy reading them.
+CLOSE = {"Connection": "close"}
+
 
 class BodySizeLimit:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -30,7 +34,7 @@ class BodySizeLimit:
         if declared is None:
             await self.app(scope, self._counted(receive), send)
         elif declared.isdigit() and int(declared) > self.max_bytes:
-            await JSONResponse(status_code=413, content={"error": self.message})(scope, receive, send)
+            await JSONResponse(status_code=413, content={"error": self.message}, headers=CLOSE)(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
@@ -43,7 +47,7 @@ class BodySizeLimit:
             received += len(message.get("body", b""))
             if received > self.max_bytes:
                 # Raised inside the route's body read: FastAPI passes an HTTPException on to the app's handlers.
-                raise HTTPException(status_code=413, detail=self.message)
+                raise HTTPException(status_code=413, detail=self.message, headers=CLOSE)
             return message
 
         return receive_within_cap

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import uvicorn
 
 from services.gateway import MAX_BODY_BYTES, api
 
@@ -46,3 +51,32 @@ async def test_a_chunked_body_under_the_cap_reaches_the_route() -> None:
 
     response = await post_to_gateway("/feedback", content=small_body(), headers={"content-type": "application/json"})
     assert response.status_code == 422 and "json_invalid" in response.text
+
+
+def test_a_server_refusing_a_streamed_body_hangs_up_instead_of_reading_the_rest(unused_tcp_port: int) -> None:
+    """Through a real HTTP server: after the 413 the connection closes, so the client cannot make the replica
+    read (and drop) the other gigabytes it meant to send."""
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=unused_tcp_port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        with socket.create_connection(("127.0.0.1", unused_tcp_port), timeout=10) as client:
+            client.sendall(b"POST /feedback HTTP/1.1\r\nHost: gateway\r\nTransfer-Encoding: chunked\r\n"
+                           b"Content-Type: application/json\r\n\r\n")
+            chunk = b"%x\r\n%s\r\n" % (len(CHUNK), CHUNK)
+            sent, answer = 0, b""
+            with pytest.raises(OSError):  # broken pipe or reset: the server hung up
+                while sent < 200 * 2**20:  # a server that drains would take all of it
+                    client.sendall(chunk)
+                    sent += len(CHUNK)
+                    client.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        answer += client.recv(65536)
+                    client.setblocking(True)
+            assert answer.startswith(b"HTTP/1.1 413") and b"connection: close" in answer.lower()
+            assert sent < 50 * 2**20
+    finally:
+        server.should_exit = True
