@@ -187,7 +187,7 @@ def build_retrain_data(
         train=train + replayed,
         holdout=holdout,
         replay=len(replayed),
-        feedback_rows=len(items),
+        feedback_rows=given,
         usable=len(targets),
         duplicates=len(targets) - len(chosen),
         confirmed=confirmed,
