@@ -11,7 +11,7 @@ from flywheel.config import Settings
 from flywheel.tasks import TaskSpec
 from services.engines.protocol import AdapterHandle, ChatMessage, Generation, PromptTooLongError, SamplingOptions
 from training.evaluate import EvalExample, SliceScores, evaluate
-from training.gate import decide, decide_confirmed, first_champion, min_holdout
+from training.gate import decide, decide_confirmed, first_champion, min_holdout, small_data_problem
 
 POLICY = Settings().retrain.gate
 ALPHA = POLICY.significance_alpha
@@ -161,6 +161,7 @@ class KnowingEngine:
         if "LONG" in messages[-1].content:
             raise PromptTooLongError("does not fit")
         answer = "right" if adapter is not None and adapter.name == "candidate" else "wrong"
+        await asyncio.sleep(0.02)  # both alike: the latency check has something to compare besides noise
         return Generation(text=f"thinking</think>{answer}", prompt_tokens=1, completion_tokens=1)
 
     async def completion_logprob(self, messages: list[ChatMessage], completion: str,
@@ -231,6 +232,14 @@ def test_the_small_data_policy_without_a_golden_set_is_insufficient_data_with_a_
     assert report.verdict == "insufficient_data" and "--eval-file" in report.message, report
     empty = confirmed(*small_data(golden=(scores([], "exact_match"), scores([], "exact_match"))))
     assert empty.verdict == "insufficient_data" and "no golden set" in empty.message, empty
+
+
+def test_a_retrain_asks_before_it_trains_whether_the_small_data_policy_could_judge() -> None:
+    spec = TaskSpec(name="faq")
+    assert small_data_problem(spec, confirmed=3, golden=20, well_rated=5, min_prompts=3) is None
+    nothing = small_data_problem(spec, confirmed=1, golden=0, well_rated=0, min_prompts=3)
+    assert nothing is not None
+    assert all(why in nothing for why in ("retrain.min_confirmed_prompts", "--eval-file", "rated well")), nothing
 
 
 def test_a_golden_set_the_champion_scores_zero_on_proves_nothing() -> None:

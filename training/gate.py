@@ -234,15 +234,24 @@ def _no_golden(spec: TaskSpec) -> str:
             f"set of a task that has none)")
 
 
-def small_data_problem(spec: TaskSpec, *, confirmed: int, golden: int, min_prompts: int) -> str | None:
-    """Why the small-data policy cannot judge at all (None: it can): too few confirmed prompts, or no golden set.
-    The pipeline asks before it trains; `decide_confirmed` asks again on what was scored."""
-    if confirmed < min_prompts:
-        return (f"{confirmed} distinct prompts with a confirmed correction; the small-data policy needs at least "
-                f"{min_prompts} (retrain.min_confirmed_prompts)")
-    if golden == 0:
-        return _no_golden(spec)
-    return None
+NO_WELL_RATED = ("no recent answer of the champion was rated well (rating >= 4 or thumbs up), so nothing shows the "
+                 "candidate still gives them; wait for users' ratings")
+
+
+def _too_few(confirmed: int, min_prompts: int) -> str | None:
+    return None if confirmed >= min_prompts else (
+        f"{confirmed} distinct prompts with a confirmed correction; the small-data policy needs at least "
+        f"{min_prompts} (retrain.min_confirmed_prompts)")
+
+
+def small_data_problem(spec: TaskSpec, *, confirmed: int, golden: int, well_rated: int, min_prompts: int
+                       ) -> str | None:
+    """Why the small-data policy could not judge a candidate (None: it could): too few confirmed prompts, no golden
+    set, or no answer of the champion rated well. The pipeline asks before it trains; `decide_confirmed` judges
+    the same on what was scored."""
+    problems = [_too_few(confirmed, min_prompts), None if golden else _no_golden(spec),
+                None if well_rated else NO_WELL_RATED]
+    return "; ".join(p for p in problems if p) or None
 
 
 def decide_confirmed(
@@ -263,9 +272,8 @@ def decide_confirmed(
     new_c, new_k = candidate[new_slice], champion[new_slice]
     metric = spec.gate_metric
     golden = candidate.get(golden_slice)
-    if problem := small_data_problem(spec, confirmed=new_c.n, golden=golden.n if golden else 0,
-                                     min_prompts=min_prompts):
-        return GateReport(verdict="insufficient_data", metric=metric, checks=[], message=problem)
+    if too_few := _too_few(new_c.n, min_prompts):
+        return GateReport(verdict="insufficient_data", metric=metric, checks=[], message=too_few)
     test = paired_test(new_k, new_c, spec, policy.significance_alpha)
     interval = (test.ci_low, test.ci_high)
     checks = [
@@ -278,9 +286,7 @@ def decide_confirmed(
                              missing=_no_golden(spec)),
         noninferiority_check(
             "well_rated_answers", "answers users rated well", champion.get(rated_slice), candidate.get(rated_slice),
-            spec, policy,
-            missing="no recent answer of the champion was rated well (rating >= 4 or thumbs up), so nothing shows "
-                    "the candidate still gives them; wait for ratings"),
+            spec, policy, missing=NO_WELL_RATED),
     ]
     return _report(metric, checks + _serving_checks(candidate, new_c, new_k, parity, policy))
 

@@ -157,8 +157,10 @@ class Retrain:
             )
 
         golden = golden_examples(self.registry)
+        rated = well_rated(learnable, champion, limit=cfg.max_well_rated) if policy == "confirmed_corrections" else []
         if policy == "confirmed_corrections" and (problem := small_data_problem(
-                self.task, confirmed=len(data.confirmed), golden=len(golden), min_prompts=cfg.min_confirmed_prompts)):
+                self.task, confirmed=len(data.confirmed), golden=len(golden), well_rated=len(rated),
+                min_prompts=cfg.min_confirmed_prompts)):
             return self.finish(RunState.INSUFFICIENT_DATA, problem)
 
         # The gate judges on the weights that will serve (a quantized base, when configured): a
@@ -186,8 +188,7 @@ class Retrain:
             GOLDEN_SLICE: golden,
         }
         if policy == "confirmed_corrections":  # the champion's answers users liked: the candidate must keep them
-            slices[RATED_SLICE] = [EvalExample.of(e.prompt, e.answer, e.reasoning)
-                                   for e in well_rated(learnable, champion, limit=cfg.max_well_rated)]
+            slices[RATED_SLICE] = [EvalExample.of(e.prompt, e.answer, e.reasoning) for e in rated]
         scores, agreement, engine = asyncio.run(self._evaluate(champion, manifest.version, slices, base))
 
         self.stage("gate")
