@@ -52,7 +52,9 @@ def test_a_first_adapter_that_does_not_beat_the_base_is_registered_but_not_champ
     assert "not champion" in report.message and "does not beat the bare base" in report.message, report.message
     assert report.beats_base is not None and report.beats_base["outcome"] == "failed"
     assert report.beats_base["rows"] == 20
-    assert any("against the base: failed" in line for line in report.lines())
+    lines = report.lines()
+    assert any("against the base: failed" in line for line in lines)
+    assert any(line.startswith("  test candidate: accuracy 0.000 on 20 examples") for line in lines), lines
 
 
 def test_a_first_adapter_that_beats_the_base_is_champion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

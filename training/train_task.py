@@ -82,8 +82,9 @@ class TrainReport(BaseModel):
         out = [f"task {self.task}: {self.message}"]
         out += [f"  stage {k}: {v:.1f} s" for k, v in self.stage_seconds.items()]
         for who, scores in self.evaluation.items():
-            out.append(f"  test {who}: {scores['metric']} {scores['score']:.3f}, format validity "
-                       f"{scores['format_validity']:.2f}, truncated {scores['truncated']:.2f}")
+            out.append(f"  test {who}: {scores['metric']} {scores['score']:.3f} on {scores['n']} examples"
+                       + (f" ({scores['too_long']} too long for the context)" if scores.get("too_long") else "")
+                       + f", format validity {scores['format_validity']:.2f}, truncated {scores['truncated']:.2f}")
         if self.beats_base:
             out.append(f"  against the base: {self.beats_base['outcome']}, {self.beats_base['detail']}")
         if self.golden:
