@@ -217,6 +217,22 @@ def test_the_small_data_policy_passes_a_candidate_that_learned_and_lost_nothing(
     assert golden.threshold == POLICY.noninferiority_margin and "non-inferiority margin" in golden.detail
 
 
+def test_the_small_data_policy_rejects_a_candidate_that_does_not_give_the_confirmed_answers() -> None:
+    report = confirmed(*small_data(new=(binary(0, 3), binary(1, 3))))
+    assert report.verdict == "rejected" and "confirmed_corrections" in report.message, report
+    assert next(c for c in report.checks if c.name == "confirmed_corrections").rows == 3
+
+
+def test_the_held_out_policy_rejects_a_golden_regression_however_good_the_new_slice() -> None:
+    spec = TaskSpec(name="faq", metric="exact_match")
+    better = (binary(4, 20), binary(18, 20))
+    report = judge(*better, spec, golden=(binary(18, 20), binary(10, 20)))
+    assert report.verdict == "rejected" and "golden_regression" in report.message, report
+    golden = next(c for c in report.checks if c.name == "golden_regression")
+    assert golden.rows == 20 and golden.value == pytest.approx(0.4)
+    assert judge(*better, spec, golden=(binary(18, 20), binary(18, 20))).verdict == "passed"
+
+
 def test_the_small_data_policy_needs_enough_confirmed_prompts() -> None:
     """One prompt, however often confirmed, used to be enough to retrain and promote."""
     champion, candidate = small_data(new=(binary(0, 2), binary(2, 2)))
