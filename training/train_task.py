@@ -99,7 +99,7 @@ def first_adapter_verdict(scores: dict[str, SliceScores], spec: TaskSpec, policy
     check = first_champion(scores["base"], scores["candidate"], spec, policy) if scores else None
     if check is not None and check.passed:
         return True, check, f"it beats the bare base ({check.detail})"
-    why = (check.detail if check is not None else "no test split to show it beats the bare base")
+    why = check.detail if check is not None else "there is no test split to score it on"
     if force:
         return True, check, f"forced with --force, although it does not beat the bare base: {why}"
     verdict = "does not beat" if check is not None and check.outcome == "failed" else "cannot show it beats"
