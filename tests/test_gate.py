@@ -10,7 +10,7 @@ import pytest
 from flywheel.config import Settings
 from flywheel.tasks import TaskSpec
 from services.engines.protocol import AdapterHandle, ChatMessage, Generation, PromptTooLongError, SamplingOptions
-from training.evaluate import EvalExample, SliceScores, evaluate
+from training.evaluate import EvalExample, SliceScores, evaluate, parity
 from training.gate import decide, decide_confirmed, first_champion, min_holdout, small_data_problem
 
 POLICY = Settings().retrain.gate
@@ -180,10 +180,15 @@ async def test_prompts_too_long_for_the_context_are_reported_apart_not_held_agai
     scored = await evaluate(engine, adapters, {"new": examples, "golden": examples}, spec,  # type: ignore[arg-type]
                             concurrency=4)
     assert scored["candidate"]["new"].too_long == 4 and scored["candidate"]["new"].format_validity == 1.0
+    # the engine-parity probe skips them too (it used to fail the run when one was among its first prompts)
+    agreement = await parity(engine, engine, adapters["candidate"], examples, spec,  # type: ignore[arg-type]
+                             limit=POLICY.parity_prompts)
     report = decide(scored["champion"], scored["candidate"], spec=spec, new_slice="new", golden_slice="golden",
-                    parity=None, policy=POLICY)
+                    parity=agreement, policy=POLICY)
     validity = next(c for c in report.checks if c.name == "format_validity")
     assert validity.passed and validity.rows == 2 * 16 and "8 prompts too long" in validity.detail, validity
+    probe = next(c for c in report.checks if c.name == "engine_parity")
+    assert (probe.value, probe.rows) == (1.0, POLICY.parity_prompts), probe
     assert report.verdict == "passed", report
 
 

@@ -225,15 +225,23 @@ async def evaluate(
 
 
 async def parity(
-    serving: Engine, reference: Engine, adapter: AdapterHandle, examples: list[EvalExample], spec: TaskSpec
+    serving: Engine, reference: Engine, adapter: AdapterHandle, examples: list[EvalExample], spec: TaskSpec, *,
+    limit: int | None = None,
 ) -> float:
-    """Share of prompts where the serving engine's greedy answer equals the PEFT reference's."""
+    """Share of prompts where the serving engine's greedy answer equals the PEFT reference's, over the first `limit`
+    prompts that fit the context (a prompt too long for it is skipped, as evaluation leaves it out)."""
     greedy = SamplingOptions(max_tokens=spec.max_new_tokens)
-    agree = 0
+    agree = compared = 0
     for i, example in enumerate(examples):
+        if limit is not None and compared >= limit:
+            break
         chat = _chat(spec, example)
-        served = await serving.generate(chat, greedy, adapter, f"parity-s-{i}-{time.time_ns()}")
-        expected = await reference.generate(chat, greedy, adapter, f"parity-r-{i}")
+        try:
+            served = await serving.generate(chat, greedy, adapter, f"parity-s-{i}-{time.time_ns()}")
+            expected = await reference.generate(chat, greedy, adapter, f"parity-r-{i}")
+        except PromptTooLongError:
+            continue
+        compared += 1
         agree += (split_completion(served.text, opened_think=served.opened_think).answer
                   == split_completion(expected.text, opened_think=expected.opened_think).answer)
-    return agree / len(examples) if examples else 1.0
+    return agree / compared if compared else 1.0

@@ -151,7 +151,7 @@ def _serving_checks(
                detail=f"mean latency ratio {latency_ratio:.2f} over {answered} answers per arm"),
     ]
     if parity is not None:
-        probed = min(policy.parity_prompts, new_c.n)  # the pipeline probes the first prompts of the new slice
+        probed = min(policy.parity_prompts, answered)  # the pipeline probes the new slice's first prompts that fit
         checks.append(_check("engine_parity", ok=parity >= policy.min_parity, value=parity,
                              threshold=policy.min_parity, rows=probed,
                              detail=f"serving engine agrees with the PEFT reference on {parity:.0%} of {probed}"))

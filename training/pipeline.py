@@ -306,8 +306,8 @@ class Retrain:
             reference = HFEngine(base.path, max_model_len=context_length(self.settings))
             await reference.start()
             await reference.add_adapter(handles[candidate])
-            probe = slices[NEW_SLICE][: self.settings.retrain.gate.parity_prompts]
-            agreement = await parity(engine, reference, handles[candidate], probe, self.task)
+            agreement = await parity(engine, reference, handles[candidate], slices[NEW_SLICE], self.task,
+                                     limit=self.settings.retrain.gate.parity_prompts)
             await reference.shutdown()
         finally:
             await engine.shutdown()
