@@ -408,6 +408,9 @@ def train(
                       ] = False,
     balance: Annotated[bool, typer.Option("--balance", help="Oversample minority labels in the training split.")
                        ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Make a task's first adapter champion even if it does not "
+                                        "beat the bare base on the test split (the report says it was forced).")
+                     ] = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -416,7 +419,9 @@ def train(
     Bad rows are counted by type with their line numbers and skipped (--strict stops instead); rows are
     normalised, deduplicated (exactly and near-exactly) and PII-masked before anything is written; the
     split is seeded (stratified by label for classification). The new version becomes champion when the
-    task has none. Exit codes: 0 registered, 2 unusable input (nothing registered), 1 training failed.
+    task has none and it beats the bare base on the test split by the task's gate test (or with --force);
+    otherwise it is registered as ready and the report says why it is not serving. Exit codes: 0 registered,
+    2 unusable input (nothing registered), 1 training failed.
     """
     from flywheel.registry import UnknownTaskError, resolve_task
     from training.train_task import TaskTrainer, TrainError, TrainRequest
@@ -437,7 +442,7 @@ def train(
             mapping[source.strip()] = target.strip()
     run_bootstrap_base(settings)
     request = TrainRequest(task=spec.name, data=data, eval_file=eval_file, val_size=val_size, test_size=test_size,
-                           strict=strict, balance=balance, columns=mapping)
+                           strict=strict, balance=balance, columns=mapping, force=force)
     trainer = TaskTrainer(settings, spec, request, say=progress)
     ray_was_up = _ray_is_up()
     try:

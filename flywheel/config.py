@@ -249,6 +249,11 @@ class GateSettings(BaseModel):
         0.8, ge=0, le=1, description="Small-data policy: the candidate's mean task metric on the confirmed "
         "corrections' own prompts must reach this (it must honour what users agreed on).",
     )
+    noninferiority_margin: float = Field(
+        0.05, ge=0, lt=1, description="Small-data policy and nothing else: the most the candidate may be worse than "
+        "the champion on the golden set and on the champion's answers users rated well, in the task's metric. "
+        "Judged on the upper end of the drop's one-sided 1 - significance_alpha bound, not on the point estimate; "
+        "shown in the gate report.")
     parity_prompts: int = Field(8, ge=1, description="Prompts in the engine-parity probe.")
     serving_concurrency: int = Field(
         1, ge=1, description="Scoring requests the gate keeps in flight on the serving replicas: its bounded share "
@@ -320,6 +325,12 @@ class RetrainSettings(BaseModel):
         "(a confirmed correction). When the hold-out is too small for significance, confirmed corrections are "
         "learned in one retrain and gated on honouring them plus golden non-regression (the small-data policy).",
     )
+    min_confirmed_prompts: int = Field(
+        3, ge=1, description="Small-data policy: the fewest distinct prompts with a confirmed correction it learns "
+        "from; fewer is `insufficient_data` (one prompt, however often confirmed, is one piece of evidence).")
+    max_well_rated: int = Field(
+        50, ge=1, description="Small-data policy: the champion's newest answers rated well (>= 4 or thumbs up, one "
+        "per prompt) that the candidate must still give (see gate.noninferiority_margin).")
     min_trust: Literal["reviewed", "agreed", "single", "anonymous"] = Field(
         "agreed", description="The least trust a correction needs to be trained on: `reviewed` (an admin approved "
         "it) > `agreed` (confirm_raters distinct raters) > `single` (one authenticated rater) > `anonymous`. The "

@@ -11,6 +11,7 @@ The demo task is one task declared like any other (`DEMO_TASK`), the default whe
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -92,11 +93,22 @@ class TaskSpec(BaseModel):
         """Whether the gate metric scores each example 0 or 1 (McNemar) rather than continuously."""
         return self.gate_metric in BINARY_METRICS
 
+    def label_of(self, answer: str) -> str | None:
+        """The label `answer` is, Unicode form, spacing, case and invisible characters aside (None: not one of
+        them). A classification task's corrections and training answers must each be one of its labels."""
+        key = _label_key(answer)
+        return next((label for label in self.labels if _label_key(label) == key), None)
+
     def conversation(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         """`messages` with the task's instruction as the system turn when they carry none."""
         if self.instruction and not any(m["role"] == "system" for m in messages):
             return [{"role": "system", "content": self.instruction}, *messages]
         return messages
+
+
+def _label_key(text: str) -> str:
+    text = " ".join(unicodedata.normalize("NFKC", text).split())
+    return "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cf")).casefold()
 
 
 # The built-in demo: financial-news sentiment in Chinese and English (training/demo_task.py makes its data).

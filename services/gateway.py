@@ -56,6 +56,7 @@ from flywheel.auth import Caller, Scope
 from flywheel.canary import CanaryReview, apply, review
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
+from flywheel.r1 import split_reasoning
 from flywheel.registry import (
     AdapterIntegrityError,
     AdapterManifest,
@@ -453,7 +454,8 @@ class Gateway:
 
     @api.post("/feedback", status_code=202, response_model=FeedbackAccepted, responses=_documented(
         **{**AUTH, "e403": AUTH["e403"] + " Or the caller is not the one who asked for the answer (`feedback.rater`)."},
-        e413=TOO_LARGE, e422=INVALID, e503="The feedback could not be stored; retry."))
+        e413=TOO_LARGE, e422=INVALID + " Or the correction is not one of the labels of the classification task "
+        "that answered (the message names them).", e503="The feedback could not be stored; retry."))
     async def feedback(self, body: FeedbackRequest, request: Request) -> Any:
         caller = await self._admit(request, "feedback")
         if isinstance(caller, JSONResponse):
@@ -469,6 +471,10 @@ class Gateway:
         if too_long:
             self.metrics.requests.labels("/feedback", "422").inc()
             return _error(422, [{"field": f, "message": m, "type": "limit"} for f, m in too_long])
+        if body.correction is not None and (not_a_label := await self._not_a_label(body)):
+            self.metrics.requests.labels("/feedback", "422").inc()
+            log.info("event=feedback_refused request_id=%s why=%r", body.request_id, not_a_label)
+            return _error(422, [{"field": "correction", "message": not_a_label, "type": "label"}])
         event = body.to_event(caller.rater, caller.authenticated, caller.end_user, caller.tenant)
         self._recent_feedback[event.event_id] = caller.rater
         while len(self._recent_feedback) > RECENT_FEEDBACK:
@@ -480,6 +486,17 @@ class Gateway:
         log.info("event=feedback event_id=%s request_id=%s rating=%s thumb=%s correction=%s", event.event_id,
                  event.request_id, event.rating, event.thumb, event.correction is not None)
         return JSONResponse(status_code=202, content=FeedbackAccepted(event_id=event.event_id).model_dump())
+
+    async def _not_a_label(self, body: FeedbackRequest) -> str | None:
+        """Why a correction cannot teach the classification task that answered (None: it can, or the task is not
+        known here: the retrain drops a correction that names no label)."""
+        task = (await self._known_tasks()).get(self.answers.who(body.request_id)[0])
+        if task is None or task.kind != "classification" or body.correction is None:
+            return None
+        answer = split_reasoning(body.correction)[1] if "</think>" in body.correction else body.correction
+        if task.label_of(answer) is not None:
+            return None
+        return f"is not one of task {task.name!r}'s labels: {', '.join(task.labels)}"
 
     @api.post("/v1/chat/completions", response_model=ChatCompletion, responses={
         200: {"description": "A completion, or with `stream: true` server-sent `chat.completion.chunk` events "

@@ -106,7 +106,8 @@ def test_personal_data_never_reaches_the_feedback_log(served: tuple[str, Setting
     answer = httpx.post(f"{url}/predict", json={"prompt": f"I am {email}, card {card}", "max_tokens": 4, "user": email},
                         headers=backend, timeout=60).json()
     rated = httpx.post(f"{url}/feedback", json={"request_id": answer["request_id"], "rating": 1, "user_id": email,
-                                                "correction": f"call me on {phone}"}, headers=backend, timeout=30)
+                                                "comment": f"call me on {phone}"},  # (a correction must be a label)
+                       headers=backend, timeout=30)
     assert rated.status_code == 202, rated.text
     logged = b"".join(p.read_bytes() for p in (settings.feedback_dir / "log").glob("*.log")).decode()
     assert answer["request_id"] in logged  # both events are there ...

@@ -99,3 +99,34 @@ async def test_models_and_healthz_answer_from_a_cached_view_of_the_registry(tmp_
     gateway._ready_versions.ttl_s = gateway._champions.ttl_s = 0
     assert await model_ids() == {"demo", "demo@demo-v1", "demo@demo-v2"}
     assert await gateway._champions.get() == {"demo": "demo-v2"}
+
+
+async def test_a_correction_that_is_not_one_of_a_classification_tasks_labels_is_a_422(tmp_path: Path) -> None:
+    """It used to be curated, confirmed and trained on, teaching the model to answer outside its labels."""
+    from collections import OrderedDict
+
+    from feedback.schemas import FeedbackRequest
+
+    settings = make_settings(tmp_path)
+    published: list[PredictionEvent | FeedbackEvent] = []
+    triage = TaskSpec(name="triage", kind="classification", labels=["urgent", "routine"])
+    gateway = bare_gateway(settings=settings, access=Access(settings), metrics=GatewayMetrics(),
+                           answers=RecentAnswers(), _recent_feedback=OrderedDict(),
+                           _tasks=TtlCache(lambda: {"triage": triage, "faq": TaskSpec(name="faq")}, ttl_s=60),
+                           bus=SimpleNamespace(publish=lambda event: published.append(event) or True))
+    asked = {task: uuid.uuid4().hex for task in ("triage", "faq")}
+    for task, request_id in asked.items():
+        gateway.answers.remember(request_id, task, f"{task}-v1", None)
+
+    async def correct(task: str, correction: str) -> tuple[int, dict]:
+        body = FeedbackRequest.model_validate({"request_id": asked[task], "correction": correction})
+        response = await gateway.feedback(body, local_request())
+        return response.status_code, json.loads(response.body)
+
+    status, body = await correct("triage", "critical")
+    assert status == 422 and "urgent, routine" in body["error"] and body["detail"][0]["field"] == "correction"
+    assert not published
+    assert (await correct("triage", " Urgent "))[0] == 202  # a label, spacing and case aside
+    assert (await correct("triage", "it is serious</think>routine"))[0] == 202  # reasoning, then a label
+    assert (await correct("faq", "critical"))[0] == 202  # a generation task takes any answer
+    assert len(published) == 3

@@ -268,6 +268,17 @@ def test_trust_decides_what_is_learned_and_a_retraction_rolls_it_back(
         assert given.status_code == 202, given.text
         return answer["request_id"], given.json()["event_id"]
 
+    liked = [make_example(rng, "en", label, "original") for label in ("positive", "negative", "neutral")]
+
+    def rate_liked() -> None:
+        """A user rates the champion's answers to ordinary questions well: the small-data policy's candidate must
+        still give them (without any, it has no evidence that it does, and says insufficient_data)."""
+        for example in liked:
+            answer = ask(example.prompt, keys["k1"])
+            rated = httpx.post(f"{url}/feedback", json={"request_id": answer["request_id"], "rating": 5},
+                               headers=keys["k1"])
+            assert rated.status_code == 202, rated.text
+
     wrong = [e for e in pool if ask(e.prompt)["answer"] != "positive"]
     assert len(wrong) >= 5, "the champion already answers these made-up cues"
     agreed, anonymous, solo = wrong[:3], wrong[3], wrong[4]
@@ -276,13 +287,17 @@ def test_trust_decides_what_is_learned_and_a_retraction_rolls_it_back(
             correct(example.prompt, keys[key])
     anonymous_given = [correct(anonymous.prompt) for _ in range(3)]
     solo_given = [correct(solo.prompt, keys["solo"]) for _ in range(10)]
+    rate_liked()
     curate(settings)
 
     code, result = retrain(config, "--task", "desk")
     assert code == 0 and result["verdict"] == "passed", result
     assert result["task"] == "desk" and result["report"]["policy"] == "confirmed_corrections", result["report"]
     data = result["dataset"]
-    assert data["feedback_rows"] == 3 * 3 + 3 + 10 and data["by_trust"] == {"agreed": 9}, data  # only this task's
+    assert data["feedback_rows"] == 3 * 3 + 3 + 10 + 3, data  # only this task's
+    assert data["by_trust"] == {"agreed": 9, "single": 3}, data
+    rated = next(c for c in result["report"]["checks"] if c["name"] == "well_rated_answers")
+    assert rated["passed"] and 0 < rated["rows"] <= len(liked), rated  # answers naming a label are scored
     assert data["pending_review"] == 3 + 10, data  # anonymous, and one key's ten: not agreed, not learned
     golden = next(c for c in result["report"]["checks"] if c["name"] == "golden_regression")
     assert golden["passed"] and golden["value"] is not None, golden
@@ -301,6 +316,8 @@ def test_trust_decides_what_is_learned_and_a_retraction_rolls_it_back(
     assert honoured >= len(agreed) - 1, f"{honoured} of {len(agreed)} corrections served after the retrain"
 
     # an admin approves the anonymous corrections: the next retrain learns them
+    rate_liked()  # the new champion's answers, rated well
+    curate(settings)
     approve = [arg for _, event in anonymous_given for arg in ("--approve", event)]
     approved = CliRunner().invoke(cli, ["feedback", "review", *approve, "--config", str(config)])
     assert approved.exit_code == 0, approved.output

@@ -138,7 +138,8 @@ def test_train_a_classification_task_from_a_messy_export(served: tuple[str, Sett
     scores = report["evaluation"]
     assert scores["candidate"]["metric"] == "accuracy" and "confusion_png" in scores["candidate"]
     assert scores["candidate"]["score"] >= scores["base"]["score"] + 0.4, scores  # the margin this test states
-    assert report["version"] == "triage-v1" and report["champion"]
+    assert report["version"] == "triage-v1" and report["champion"] and not report["forced"]
+    assert report["beats_base"]["outcome"] == "passed", report["beats_base"]  # champion because it beats the base
     registry = registry_for(settings, "triage")
     version_dir = registry.local_path("triage-v1")
     assert (version_dir / "confusion.png").stat().st_size > 0

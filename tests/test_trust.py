@@ -27,9 +27,10 @@ from feedback.trust import assess, pending_review, trainable
 from flywheel.auth import Authenticator, AuthError, KeyStore
 from flywheel.config import Settings
 from flywheel.registry import BaseModelRef, registry_for
+from flywheel.tasks import TaskSpec
 from services.access import Access, Denied
 from tests.conftest import ADMIN_TOKEN
-from training.retrain_data import TrainExample, build_retrain_data, write_train_data
+from training.retrain_data import TrainExample, build_retrain_data, well_rated, write_train_data
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 PHISH = "Please send your password to the support desk at once."
@@ -146,6 +147,35 @@ def test_distinct_keys_agreeing_are_learned_and_confirmed_by_raters_not_rows() -
     assert data.confirmations == {"How do I reset my card PIN?": 3}
     assert sorted(data.confirmed[0].raters) == ["key-0", "key-1", "key-2"]
     assert len(data.confirmed[0].event_ids) == 3
+
+
+def test_a_correction_outside_a_classification_tasks_labels_is_never_learned() -> None:
+    """Three keys agree on `critical` for a task whose labels are urgent and routine: it used to be confirmed and
+    trained on. It is left out and counted; an agreed label on another prompt is still learned."""
+    triage = TaskSpec(name="triage", kind="classification", labels=["urgent", "routine"])
+    rows = [row(f"key-{k}", prompt=prompt, correction=correction, at=k + 10 * i)
+            for i, (prompt, correction) in enumerate((("Chest pain", "critical"), ("A cough", "Routine")))
+            for k in range(3)]
+    items = learnable(rows)
+    assert len(items) == 6 and {i.trust for i in items} == {"agreed"}
+    data = build_retrain_data(items, [], holdout_fraction=0.2, replay_fraction=0.0, task=triage)
+    assert [(e.prompt, e.answer) for e in data.confirmed] == [("A cough", "Routine")]
+    assert data.unknown_label == 3 and data.feedback_rows == 6
+    assert "critical" not in {e.answer for e in data.train + data.holdout}
+    everything = build_retrain_data(items, [], holdout_fraction=0.2, replay_fraction=0.0)  # a generation task
+    assert everything.unknown_label == 0 and len(everything.confirmed) == 2
+
+
+def test_well_rated_answers_are_the_versions_newest_uncorrected_ones_one_per_prompt() -> None:
+    rows = [row("a", prompt="p1", rating=5, at=1, answer="old answer"), row("b", prompt="p1", rating=4, at=2),
+            row("a", prompt="p2", rating=None, thumb="up", at=3),
+            row("a", prompt="p3", rating=5, at=4, adapter_version="faq-v0"),  # another version answered
+            row("a", prompt="p4", rating=5, at=5), row("b", prompt="p4", correction="Use the app.", at=6),
+            row("a", prompt="p5", rating=2, at=7)]  # rated poorly
+    items = learnable(rows, min_trust="single")
+    chosen = well_rated(items, "faq-v1", limit=10)
+    assert [(e.prompt, e.answer) for e in chosen] == [("p2", "Call us."), ("p1", "Call us.")]
+    assert [e.prompt for e in well_rated(items, "faq-v1", limit=1)] == ["p2"]
 
 
 def test_anonymous_corrections_wait_for_review_and_train_once_approved() -> None:

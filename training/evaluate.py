@@ -65,9 +65,11 @@ class SliceScores(BaseModel):
     expected_labels: list[str] = Field(default_factory=list, exclude=True)
     metrics: dict[str, float] = Field(default_factory=dict, description="Every metric of the task's kind.")
     classification: dict[str, Any] | None = Field(None, description="Per-label scores and confusion matrix.")
-    format_validity: float
+    format_validity: float = Field(description="Share of the answered prompts (not `too_long`) with a closed think "
+                                   "block and an answer.")
     truncated: float = Field(0.0, description="Share of completions cut off while thinking (scored 0).")
-    too_long: int = Field(0, description="Examples whose prompt did not fit the context with the answer budget.")
+    too_long: int = Field(0, description="Examples whose prompt did not fit the context with the answer budget: "
+                          "scored 0, left out of format validity and latency, reported apart.")
     perplexity: float | None = None
     mean_latency_ms: float
     samples: list[dict[str, str]] = Field(default_factory=list, description="A few predictions, for the report.")
@@ -165,7 +167,7 @@ def _slice_scores(examples: list[EvalExample], results: list[_Answer], logprobs:
         classification=classification,
         predicted_labels=predicted,
         expected_labels=expected,
-        format_validity=sum(r.valid for r in results) / n if n else 0.0,
+        format_validity=sum(r.valid for r in results) / len(answered) if answered else 0.0,
         truncated=sum(r.truncated for r in results) / n if n else 0.0,
         too_long=sum(r.too_long for r in results),
         perplexity=math.exp(-total_logprob / total_tokens) if total_tokens else None,
@@ -223,15 +225,23 @@ async def evaluate(
 
 
 async def parity(
-    serving: Engine, reference: Engine, adapter: AdapterHandle, examples: list[EvalExample], spec: TaskSpec
+    serving: Engine, reference: Engine, adapter: AdapterHandle, examples: list[EvalExample], spec: TaskSpec, *,
+    limit: int | None = None,
 ) -> float:
-    """Share of prompts where the serving engine's greedy answer equals the PEFT reference's."""
+    """Share of prompts where the serving engine's greedy answer equals the PEFT reference's, over the first `limit`
+    prompts that fit the context (a prompt too long for it is skipped, as evaluation leaves it out)."""
     greedy = SamplingOptions(max_tokens=spec.max_new_tokens)
-    agree = 0
+    agree = compared = 0
     for i, example in enumerate(examples):
+        if limit is not None and compared >= limit:
+            break
         chat = _chat(spec, example)
-        served = await serving.generate(chat, greedy, adapter, f"parity-s-{i}-{time.time_ns()}")
-        expected = await reference.generate(chat, greedy, adapter, f"parity-r-{i}")
+        try:
+            served = await serving.generate(chat, greedy, adapter, f"parity-s-{i}-{time.time_ns()}")
+            expected = await reference.generate(chat, greedy, adapter, f"parity-r-{i}")
+        except PromptTooLongError:
+            continue
+        compared += 1
         agree += (split_completion(served.text, opened_think=served.opened_think).answer
                   == split_completion(expected.text, opened_think=expected.opened_think).answer)
-    return agree / len(examples) if examples else 1.0
+    return agree / compared if compared else 1.0

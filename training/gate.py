@@ -8,7 +8,13 @@ alpha, and every gain comes with a bootstrap interval. A hold-out too small for 
 alpha, or any check with no rows to score, gives `insufficient_data`, never a pass or a rejection.
 
 The small-data policy (`decide_confirmed`) judges a batch of corrections users confirmed by repeating
-them: the candidate must give those answers on their own prompts, and regress nothing on the golden set.
+them. It needs at least `retrain.min_confirmed_prompts` of them and a golden set; the candidate must give
+those answers on their own prompts, and be non-inferior to the champion within `noninferiority_margin` (the
+upper end of the drop's one-sided 1 - alpha bound) on the golden set and on the answers of the champion
+that users rated well (it still gives them). A set the champion scores 0.000 on proves nothing: it is
+`insufficient_data`, never a pass.
+
+`first_champion` is the same test for a task's first adapter against the bare base on the test split.
 """
 
 from __future__ import annotations
@@ -129,20 +135,23 @@ def _serving_checks(
     policy: GateSettings,
 ) -> list[GateCheck]:
     """What every policy asks of a candidate besides quality: well-formed answers, speed, engine parity."""
-    scored = [s for s in candidate.values() if s.n]
+    scored = [s for s in candidate.values() if s.n > s.too_long]  # validity is a share of the answered prompts
     validity = min((s.format_validity for s in scored), default=0.0)
+    too_long = sum(s.too_long for s in candidate.values())
     answered = min(new_c.n - new_c.too_long, new_k.n - new_k.too_long)
     latency_ratio = new_c.mean_latency_ms / max(new_k.mean_latency_ms, 1e-6)
     checks = [
         _check("format_validity", ok=validity >= policy.min_format_validity, value=validity,
-               threshold=policy.min_format_validity, rows=sum(s.n for s in scored),
-               detail=f"worst slice validity {validity:.3f}"),
+               threshold=policy.min_format_validity, rows=sum(s.n - s.too_long for s in scored),
+               detail=f"worst slice validity {validity:.3f} of answered prompts"
+                      + (f"; {too_long} prompts too long for the context, left out (scored 0 for both arms)"
+                         if too_long else "")),
         _check("latency", ok=latency_ratio <= policy.max_latency_ratio, value=latency_ratio,
                threshold=policy.max_latency_ratio, rows=answered,
                detail=f"mean latency ratio {latency_ratio:.2f} over {answered} answers per arm"),
     ]
     if parity is not None:
-        probed = min(policy.parity_prompts, new_c.n)  # the pipeline probes the first prompts of the new slice
+        probed = min(policy.parity_prompts, answered)  # the pipeline probes the new slice's first prompts that fit
         checks.append(_check("engine_parity", ok=parity >= policy.min_parity, value=parity,
                              threshold=policy.min_parity, rows=probed,
                              detail=f"serving engine agrees with the PEFT reference on {parity:.0%} of {probed}"))
@@ -197,6 +206,54 @@ def decide(
     return _report(metric, checks + _serving_checks(candidate, new_c, new_k, parity, policy))
 
 
+def noninferiority_check(name: str, what: str, champion: SliceScores | None, candidate: SliceScores | None,
+                         spec: TaskSpec, policy: GateSettings, *, missing: str) -> GateCheck:
+    """Whether the candidate is no worse than the champion on `what` by more than `policy.noninferiority_margin`:
+    the upper end of the drop's one-sided 1 - alpha bound must be within it. No rows, no interval (one pair), or a
+    champion at 0.000 (no drop could show) is `insufficient_data`: it proves nothing either way."""
+    margin = policy.noninferiority_margin
+    if champion is None or candidate is None or candidate.n == 0:
+        return _check(name, ok=False, value=None, threshold=margin, rows=0, detail=missing)
+    test = paired_test(champion, candidate, spec, policy.significance_alpha)
+    drop = -test.gain
+    interval = (None, None) if test.ci_low is None or test.ci_high is None else (-test.ci_high, -test.ci_low)
+    figures = (f"{what} {candidate.metric} {test.champion:.3f} -> {test.candidate:.3f} on {test.n} examples (drop "
+               f"{drop:+.3f}, {_interval_text(interval, test.confidence)}; non-inferiority margin {margin:.3f})")
+    if test.champion == 0.0 or interval[1] is None:
+        why = ("the champion scores 0.000 on them, so no regression could show: they prove nothing"
+               if test.champion == 0.0 else "one example gives no interval")
+        return GateCheck(name=name, outcome="insufficient_data", value=drop, threshold=margin, rows=test.n,
+                         detail=f"{figures}: {why}", ci_low=interval[0], ci_high=interval[1])
+    return _check(name, ok=interval[1] <= margin, value=drop, threshold=margin, rows=test.n, interval=interval,
+                  detail=figures)
+
+
+def _no_golden(spec: TaskSpec) -> str:
+    return (f"the task has no golden set, so nothing shows the candidate regresses nowhere else: give it one "
+            f"(`flywheel train --task {spec.name} --data FILE --eval-file GOLDEN.jsonl` keeps the file as the golden "
+            f"set of a task that has none)")
+
+
+NO_WELL_RATED = ("no recent answer of the champion was rated well (rating >= 4 or thumbs up), so nothing shows the "
+                 "candidate still gives them; wait for users' ratings")
+
+
+def _too_few(confirmed: int, min_prompts: int) -> str | None:
+    return None if confirmed >= min_prompts else (
+        f"{confirmed} distinct prompts with a confirmed correction; the small-data policy needs at least "
+        f"{min_prompts} (retrain.min_confirmed_prompts)")
+
+
+def small_data_problem(spec: TaskSpec, *, confirmed: int, golden: int, well_rated: int, min_prompts: int
+                       ) -> str | None:
+    """Why the small-data policy could not judge a candidate (None: it could): too few confirmed prompts, no golden
+    set, or no answer of the champion rated well. The pipeline asks before it trains; `decide_confirmed` judges
+    the same on what was scored."""
+    problems = [_too_few(confirmed, min_prompts), None if golden else _no_golden(spec),
+                None if well_rated else NO_WELL_RATED]
+    return "; ".join(p for p in problems if p) or None
+
+
 def decide_confirmed(
     champion: dict[str, SliceScores],
     candidate: dict[str, SliceScores],
@@ -204,12 +261,19 @@ def decide_confirmed(
     spec: TaskSpec,
     new_slice: str,
     golden_slice: str,
+    rated_slice: str,
     parity: float | None,
     policy: GateSettings,
+    min_prompts: int,
 ) -> GateReport:
-    """The small-data policy: `new_slice` holds the confirmed corrections (trained on, by design)."""
+    """The small-data policy: `new_slice` holds the confirmed corrections (trained on, by design), `rated_slice`
+    the champion's recent answers that users rated well (the served answer is the reference), and `golden_slice`
+    the task's golden set. `min_prompts` is `retrain.min_confirmed_prompts`."""
     new_c, new_k = candidate[new_slice], champion[new_slice]
     metric = spec.gate_metric
+    golden = candidate.get(golden_slice)
+    if too_few := _too_few(new_c.n, min_prompts):
+        return GateReport(verdict="insufficient_data", metric=metric, checks=[], message=too_few)
     test = paired_test(new_k, new_c, spec, policy.significance_alpha)
     interval = (test.ci_low, test.ci_high)
     checks = [
@@ -218,6 +282,25 @@ def decide_confirmed(
                detail=f"{new_c.n} confirmed corrections honoured on their own prompts: {metric} "
                       f"{new_k.score:.3f} -> {new_c.score:.3f} (gain {test.gain:+.3f}, "
                       f"{_interval_text(interval, test.confidence)})"),
-        golden_check(champion.get(golden_slice), candidate.get(golden_slice), spec, policy),
+        noninferiority_check("golden_regression", "golden", champion.get(golden_slice), golden, spec, policy,
+                             missing=_no_golden(spec)),
+        noninferiority_check(
+            "well_rated_answers", "answers users rated well", champion.get(rated_slice), candidate.get(rated_slice),
+            spec, policy, missing=NO_WELL_RATED),
     ]
     return _report(metric, checks + _serving_checks(candidate, new_c, new_k, parity, policy))
+
+
+def first_champion(base: SliceScores, candidate: SliceScores, spec: TaskSpec, policy: GateSettings) -> GateCheck:
+    """Whether a task's first adapter may serve: it must beat the bare base on the test split by the task's gate
+    test (one-sided at alpha). A test split too small to ever reach alpha is `insufficient_data`."""
+    alpha = policy.significance_alpha
+    if candidate.n < (needed := min_holdout(spec, alpha)):
+        return GateCheck(name="beats_base", outcome="insufficient_data", value=None, threshold=alpha,
+                         rows=candidate.n, detail=f"{candidate.n} test examples; the {spec.gate_metric} test at "
+                                                  f"alpha={alpha} needs at least {needed} to ever be significant")
+    test = paired_test(base, candidate, spec, alpha)
+    return _check("beats_base", ok=test.gain > 0 and test.p_value <= alpha, value=test.p_value, threshold=alpha,
+                  rows=test.n, interval=(test.ci_low, test.ci_high),
+                  detail=f"test {spec.gate_metric}: base {test.champion:.3f} -> adapter {test.candidate:.3f}; "
+                         f"{test.describe()}")

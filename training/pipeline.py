@@ -15,6 +15,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from services.engines.hf_engine import HFEngine
 from services.engines.protocol import AdapterHandle, Engine
 from services.engines.served import ServedEngine
 from training.evaluate import EvalExample, SliceScores, evaluate, golden_examples, parity
-from training.gate import decide, decide_confirmed, min_holdout
+from training.gate import decide, decide_confirmed, min_holdout, small_data_problem
 from training.kto import KtoExample
 from training.ray_train import TrainJob, connect_ray, train_on_ray
 from training.retrain_data import (
@@ -42,13 +43,14 @@ from training.retrain_data import (
     confirmed_batch,
     kto_training_rows,
     read_train_data,
+    well_rated,
     write_train_data,
 )
 from training.sft import LoraSpec, SftConfig
 
 log = logging.getLogger("flywheel.retrain")
 
-NEW_SLICE, GOLDEN_SLICE = "new_feedback", "golden"
+NEW_SLICE, GOLDEN_SLICE, RATED_SLICE = "new_feedback", "golden", "well_rated"
 PRIVATE_CONCURRENCY = 16  # a private engine serves nobody else: keep vLLM's continuous batching busy
 
 
@@ -116,7 +118,7 @@ class Retrain:
                      if trainable(i, min_trust=cfg.min_trust, min_rating_trust=cfg.min_rating_trust)]
         data = build_retrain_data(learnable, champion_data, holdout_fraction=cfg.holdout_fraction,
                                   replay_fraction=cfg.replay_fraction, max_share_per_rater=cfg.max_share_per_rater,
-                                  retracted=retracted)
+                                  retracted=retracted, task=self.task)
         fresh = len(data.train) - data.replay
         kto_rows: list[KtoExample] = []
         if cfg.method == "kto":
@@ -142,6 +144,7 @@ class Retrain:
             "usable": data.usable, "duplicates_removed": data.duplicates,
             "train": len(data.train), "replay": data.replay, "holdout": len(data.holdout),
             "confirmed": len(data.confirmed), "policy": policy, "snapshot_positions": snapshot.positions,
+            "unknown_label": data.unknown_label,
             **({"kto_examples": len(kto_rows)} if cfg.method == "kto" else {}),
         }
         if policy == "held_out_significance" and fresh < cfg.min_examples:
@@ -152,6 +155,13 @@ class Retrain:
                 f"{fresh} feedback examples left for training after holding out {len(data.holdout)} for the gate; "
                 f"at least {cfg.min_examples} are needed ({usable}; {data.feedback_rows} curated rows)",
             )
+
+        golden = golden_examples(self.registry)
+        rated = well_rated(learnable, champion, limit=cfg.max_well_rated) if policy == "confirmed_corrections" else []
+        if policy == "confirmed_corrections" and (problem := small_data_problem(
+                self.task, confirmed=len(data.confirmed), golden=len(golden), well_rated=len(rated),
+                min_prompts=cfg.min_confirmed_prompts)):
+            return self.finish(RunState.INSUFFICIENT_DATA, problem)
 
         # The gate judges on the weights that will serve (a quantized base, when configured): a
         # candidate that only works unquantized must not pass.
@@ -175,12 +185,15 @@ class Retrain:
         self.stage("evaluate")
         slices = {
             NEW_SLICE: [EvalExample.of(e.prompt, e.answer, e.reasoning) for e in data.holdout],
-            GOLDEN_SLICE: golden_examples(self.registry),
+            GOLDEN_SLICE: golden,
         }
+        if policy == "confirmed_corrections":  # the champion's answers users liked: the candidate must keep them
+            slices[RATED_SLICE] = [EvalExample.of(e.prompt, e.answer, e.reasoning) for e in rated]
         scores, agreement, engine = asyncio.run(self._evaluate(champion, manifest.version, slices, base))
 
         self.stage("gate")
-        judge = decide_confirmed if policy == "confirmed_corrections" else decide
+        judge = (partial(decide_confirmed, rated_slice=RATED_SLICE, min_prompts=cfg.min_confirmed_prompts)
+                 if policy == "confirmed_corrections" else decide)
         report = judge(scores[champion], scores[manifest.version], spec=self.task, new_slice=NEW_SLICE,
                        golden_slice=GOLDEN_SLICE, parity=agreement, policy=cfg.gate)
         summary = {
@@ -293,8 +306,8 @@ class Retrain:
             reference = HFEngine(base.path, max_model_len=context_length(self.settings))
             await reference.start()
             await reference.add_adapter(handles[candidate])
-            probe = slices[NEW_SLICE][: self.settings.retrain.gate.parity_prompts]
-            agreement = await parity(engine, reference, handles[candidate], probe, self.task)
+            agreement = await parity(engine, reference, handles[candidate], slices[NEW_SLICE], self.task,
+                                     limit=self.settings.retrain.gate.parity_prompts)
             await reference.shutdown()
         finally:
             await engine.shutdown()

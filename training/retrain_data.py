@@ -11,6 +11,8 @@
   learn a small, focused batch (the pipeline's small-data policy) instead of starving it.
 - No rater outweighs many: rows that rest on one rater alone are capped at `max_share_per_rater` of the
   new rows (their newest kept).
+- Labels: a classification task's correction that is not one of its labels teaches nothing it may answer:
+  it is dropped and counted (`unknown_label`), as `flywheel train` does with such rows.
 - Lineage: every training row names the curated events (and raters) it came from; a replayed row keeps
   them, so retracting an event finds every version that learned it, directly or through replay, and
   replay never brings a retracted event back.
@@ -31,6 +33,7 @@ from feedback.schemas import CuratedExample
 from feedback.trust import Assessed, normalized, rater_of
 from flywheel.r1 import split_reasoning
 from flywheel.registry import TRAIN_DATA_FILE
+from flywheel.tasks import TaskSpec
 from training.kto import KtoExample, balance_kto
 
 
@@ -56,6 +59,7 @@ class RetrainData(BaseModel):
     )
     confirmations: dict[str, int] = Field(default_factory=dict, description="Prompt -> raters who agree.")
     capped: int = Field(0, description="Rows left out because one rater alone would pass max_share_per_rater.")
+    unknown_label: int = Field(0, description="Corrections left out because they are not one of the task's labels.")
 
 
 def _prompt_text(row: CuratedExample) -> str:
@@ -63,6 +67,10 @@ def _prompt_text(row: CuratedExample) -> str:
         return row.prompt
     messages = json.loads(row.prompt)
     return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+def _correction_answer(correction: str) -> str:
+    return split_reasoning(correction)[1] if "</think>" in correction else correction
 
 
 def target_of(row: CuratedExample) -> TrainExample | None:
@@ -156,8 +164,14 @@ def build_retrain_data(
     max_share_per_rater: float = 1.0,
     retracted: set[str] | frozenset[str] = frozenset(),
     seed: int = 0,
+    task: TaskSpec | None = None,
 ) -> RetrainData:
-    """`items`: the trainable curated rows (feedback.trust); `retracted`: events replay must not bring back."""
+    """`items`: the trainable curated rows (feedback.trust); `retracted`: events replay must not bring back;
+    `task`: a classification task's corrections that are not one of its labels are left out."""
+    given = len(items)
+    if task is not None and task.kind == "classification":
+        items = [i for i in items
+                 if not i.row.correction or task.label_of(_correction_answer(i.row.correction)) is not None]
     targets = [t for t in (target_of(i.row) for i in items) if t is not None]
     chosen, confirming = _one_per_prompt(items)
     unique = cap_per_rater(chosen, max_share_per_rater)
@@ -173,13 +187,29 @@ def build_retrain_data(
         train=train + replayed,
         holdout=holdout,
         replay=len(replayed),
-        feedback_rows=len(items),
+        feedback_rows=given,
         usable=len(targets),
         duplicates=len(targets) - len(chosen),
         confirmed=confirmed,
         confirmations={e.prompt: confirming[e.prompt] for e in confirmed},
         capped=len(chosen) - len(unique),
+        unknown_label=given - len(items),
     )
+
+
+def well_rated(items: Sequence[Assessed], version: str, *, limit: int) -> list[TrainExample]:
+    """The newest answers of `version` that users rated well (>= 4 or thumbs up), one per prompt, at most `limit`,
+    leaving out every prompt someone corrected: the answers a small-data candidate must still give."""
+    corrected = {_prompt_text(i.row) for i in items if i.row.correction}
+    chosen: dict[str, TrainExample] = {}
+    for item in sorted(items, key=lambda i: i.row.feedback_ts, reverse=True):
+        if len(chosen) == limit:
+            break
+        target = target_of(item.row) if item.row.adapter_version == version else None
+        if (target is not None and target.source == "approved" and target.prompt not in corrected
+                and target.prompt not in chosen):
+            chosen[target.prompt] = target
+    return list(chosen.values())
 
 
 def confirmed_batch(

@@ -2,7 +2,8 @@
 
 load → clean → split → train (Ray Train) → evaluate (serving engine: the untrained base vs the new
 adapter on the held-out test split) → register `<task>-v<N>` with its report → champion if the task
-has none. The test split becomes the task's golden set unless the task (or `--eval-file`) names one.
+has none and the adapter beats the bare base on the test split by the task's gate test (`--force`: even
+if not; the report says so). The test split becomes the task's golden set unless the task (or `--eval-file`) names one.
 Nothing is registered unless every stage succeeds; bad data is reported, never half-written.
 """
 
@@ -23,12 +24,13 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from flywheel.bases import base_ref, budget_problem, served_base
-from flywheel.config import Settings
+from flywheel.config import GateSettings, Settings
 from flywheel.registry import AdapterManifest, Registry, lora_int_id, registry_for
 from flywheel.tasks import TaskSpec
 from services.engines import build_engine
 from services.engines.protocol import AdapterHandle
 from training.evaluate import EvalExample, SliceScores, evaluate
+from training.gate import GateCheck, first_champion
 from training.metrics import ClassificationReport, confusion_png
 from training.ray_train import TrainJob, connect_ray, train_on_ray
 from training.retrain_data import TrainExample, write_train_data
@@ -56,6 +58,7 @@ class TrainRequest(BaseModel):
     strict: bool = False
     balance: bool = False
     columns: dict[str, str] = Field(default_factory=dict)
+    force: bool = Field(False, description="Make the first adapter champion even if it does not beat the base.")
 
 
 class TrainReport(BaseModel):
@@ -69,6 +72,9 @@ class TrainReport(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     evaluation: dict[str, dict[str, Any]] = Field(default_factory=dict, description="{base|candidate: scores}")
     golden: str = ""
+    beats_base: dict[str, Any] | None = Field(
+        None, description="A first adapter's test against the bare base on the test split (the gate's check).")
+    forced: bool = Field(False, description="Made champion by --force although it did not beat the base.")
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     message: str = ""
 
@@ -76,11 +82,28 @@ class TrainReport(BaseModel):
         out = [f"task {self.task}: {self.message}"]
         out += [f"  stage {k}: {v:.1f} s" for k, v in self.stage_seconds.items()]
         for who, scores in self.evaluation.items():
-            out.append(f"  test {who}: {scores['metric']} {scores['score']:.3f}, format validity "
-                       f"{scores['format_validity']:.2f}, truncated {scores['truncated']:.2f}")
+            out.append(f"  test {who}: {scores['metric']} {scores['score']:.3f} on {scores['n']} examples"
+                       + (f" ({scores['too_long']} too long for the context)" if scores.get("too_long") else "")
+                       + f", format validity {scores['format_validity']:.2f}, truncated {scores['truncated']:.2f}")
+        if self.beats_base:
+            out.append(f"  against the base: {self.beats_base['outcome']}, {self.beats_base['detail']}")
         if self.golden:
             out.append(f"  golden set: {self.golden}")
         return out
+
+
+def first_adapter_verdict(scores: dict[str, SliceScores], spec: TaskSpec, policy: GateSettings, *,
+                          force: bool) -> tuple[bool, GateCheck | None, str]:
+    """(champion?, the check, why) for a task's first adapter, from its and the bare base's test-split scores:
+    champion only when it beats the base by the task's gate test, or when forced."""
+    check = first_champion(scores["base"], scores["candidate"], spec, policy) if scores else None
+    if check is not None and check.passed:
+        return True, check, f"it beats the bare base ({check.detail})"
+    why = check.detail if check is not None else "there is no test split to score it on"
+    if force:
+        return True, check, f"forced with --force, although it does not beat the bare base: {why}"
+    verdict = "does not beat" if check is not None and check.outcome == "failed" else "cannot show it beats"
+    return False, check, f"it {verdict} the bare base: {why}"
 
 
 def _counter(settings: Settings) -> Callable[[Example], int]:
@@ -122,6 +145,7 @@ class TaskTrainer:
         self.registry: Registry = registry_for(settings, spec.name)
         self.say = say or (lambda _msg: None)
         self.seconds: dict[str, float] = {}
+        self.scores: dict[str, SliceScores] = {}
 
     def _timed(self, stage: str, started: float) -> None:
         self.seconds[stage] = round(time.perf_counter() - started, 2)
@@ -216,7 +240,7 @@ class TaskTrainer:
             return
         self.say(f"evaluating the base and the new adapter on {len(test)} test rows with the serving engine "
                  f"({self.settings.serving.engine})")
-        scores = asyncio.run(self._score(candidate_dir, test))
+        scores = self.scores = asyncio.run(self._score(candidate_dir, test))
         report.evaluation = {who: s.model_dump(exclude={"per_example"}) for who, s in scores.items()}
         candidate = scores["candidate"]
         if candidate.classification:
@@ -246,8 +270,14 @@ class TaskTrainer:
             report.golden = f"the {len(splits.test)} test rows"
         elif splits.test:
             report.golden = "kept the task's existing golden set"
-        (candidate_dir / REPORT_FILE).write_text(report.model_dump_json(indent=2))
         champion = self.registry.alias("champion")
+        serve, why = False, ""
+        if champion is None:
+            serve, check, why = first_adapter_verdict(self.scores, self.spec, self.settings.retrain.gate,
+                                                      force=self.request.force)
+            report.beats_base = check.model_dump() if check is not None else None
+            report.forced = serve and (check is None or not check.passed)
+        (candidate_dir / REPORT_FILE).write_text(report.model_dump_json(indent=2))
         manifest = self.registry.register(
             candidate_dir,
             base=base_ref(self.settings),
@@ -261,9 +291,15 @@ class TaskTrainer:
         )
         report.version = manifest.version
         if champion is None:
-            self.registry.promote(manifest.version, actor="flywheel train", reason="first adapter of the task")
-            report.champion = True
-            report.message = f"{manifest.version} registered and made champion (the task had none)"
+            if serve:
+                self.registry.promote(manifest.version, actor="flywheel train",
+                                      reason=f"first adapter of the task; {why}")
+                report.champion = True
+                report.message = f"{manifest.version} registered and made champion (the task had none): {why}"
+            else:
+                report.message = (f"{manifest.version} registered as ready but not champion: {why}; the task "
+                                  f"serves nothing yet (`flywheel promote {manifest.version}`, or train again with "
+                                  f"--force, to serve it anyway)")
         else:
             report.message = (f"{manifest.version} registered as ready; champion stays {champion} "
                               f"(`flywheel promote {manifest.version}` to switch)")

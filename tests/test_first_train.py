@@ -1,0 +1,72 @@
+"""`flywheel train`'s first adapter serves only when it beats the bare base on the test split (or is forced).
+
+The decision is made on evaluated scores, so these tests hand the trainer its test-split scores and drive the
+register step for real (registry, aliases, report) without training; tests/test_train_task.py trains for real
+and asserts a first adapter that does beat the base is made champion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flywheel.registry import registry_for
+from flywheel.tasks import TaskSpec
+from tests.conftest import make_settings
+from tests.test_registry import BASE, fake_adapter
+from training import train_task
+from training.evaluate import SliceScores
+from training.train_task import TaskTrainer, TrainReport, TrainRequest
+from training.user_data import Example, Splits, Turn
+
+TRIAGE = TaskSpec(name="triage", kind="classification", labels=["urgent", "routine"])
+
+
+def split_scores(right: int, n: int = 20) -> SliceScores:
+    per_example = [1.0] * right + [0.0] * (n - right)
+    return SliceScores(n=n, metric="accuracy", score=right / n, per_example=per_example, format_validity=1.0,
+                       mean_latency_ms=5.0)
+
+
+def register_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base: int, adapter: int,
+                   force: bool = False) -> tuple[TrainReport, TaskTrainer]:
+    monkeypatch.setattr(train_task, "base_ref", lambda _settings: BASE)  # no base model to fingerprint here
+    settings = make_settings(tmp_path / "home")
+    trainer = TaskTrainer(settings, TRIAGE, TrainRequest(task="triage", data=tmp_path / "data.jsonl", force=force))
+    trainer.scores = {"base": split_scores(base), "candidate": split_scores(adapter)}
+    report = TrainReport(task="triage", data={}, evaluation={
+        who: s.model_dump(exclude={"per_example"}) for who, s in trainer.scores.items()})
+    test = [Example(messages=[Turn(role="user", content=f"message {i}")], answer="urgent", line=i) for i in range(20)]
+    trainer._register(Splits(train=[], val=[], test=test), fake_adapter(tmp_path / "adapter"), report)
+    return report, trainer
+
+
+def test_a_first_adapter_that_does_not_beat_the_base_is_registered_but_not_champion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a user tried: an adapter at 0.000 on its test split, against a base at 0.000, was made champion."""
+    report, trainer = register_first(tmp_path, monkeypatch, base=0, adapter=0)
+    registry = registry_for(trainer.settings, "triage")
+    assert report.version == "triage-v1" and registry.manifest("triage-v1").status == "ready"
+    assert registry.alias("champion") is None and not report.champion and not report.forced
+    assert "not champion" in report.message and "does not beat the bare base" in report.message, report.message
+    assert report.beats_base is not None and report.beats_base["outcome"] == "failed"
+    assert report.beats_base["rows"] == 20
+    lines = report.lines()
+    assert any("against the base: failed" in line for line in lines)
+    assert any(line.startswith("  test candidate: accuracy 0.000 on 20 examples") for line in lines), lines
+
+
+def test_a_first_adapter_that_beats_the_base_is_champion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    report, trainer = register_first(tmp_path, monkeypatch, base=4, adapter=16)
+    assert registry_for(trainer.settings, "triage").alias("champion") == "triage-v1"
+    assert report.champion and not report.forced and "beats the bare base" in report.message
+
+
+def test_force_makes_a_first_adapter_champion_and_the_report_says_so(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    report, trainer = register_first(tmp_path, monkeypatch, base=0, adapter=0, force=True)
+    registry = registry_for(trainer.settings, "triage")
+    assert registry.alias("champion") == "triage-v1" and report.champion and report.forced
+    assert "forced with --force" in report.message
+    assert "forced with --force" in registry.history()[-1].reason
