@@ -211,13 +211,25 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", floa
 _RawRow = tuple[int, Any, str | None]
 
 
-def _open_rows(path: Path) -> tuple[Literal["line", "row"], Iterator[_RawRow]]:
+def check_readable(path: str | os.PathLike[str]) -> None:
+    """DataError unless `path` is a file of a supported type that can be opened: checked before any work."""
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix or '(no extension)'!r}; "
                         f"use one of {', '.join(SUFFIXES)}")
     if not path.is_file():
         raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _open_rows(path: Path) -> tuple[Literal["line", "row"], Iterator[_RawRow]]:
+    check_readable(path)
+    suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return "line", _jsonl_rows(path)
     if suffix == ".csv":
@@ -331,7 +343,8 @@ _SHAPE_FIELDS: tuple[tuple[Shape, tuple[str, ...]], ...] = (
 )
 
 
-def _check_columns(columns: dict[str, str] | None) -> dict[str, str]:
+def check_columns(columns: dict[str, str] | None) -> dict[str, str]:
+    """The user's `columns` mapping, checked: DataError names a target that is not a field we read."""
     columns = dict(columns or {})
     wrong = sorted(target for target in columns.values() if target not in CANONICAL_FIELDS)
     if wrong:
@@ -532,7 +545,7 @@ def load_examples(
     Raises DataError when the file cannot be read or holds no valid row.
     """
     path = Path(path)
-    mapping = _check_columns(columns)
+    mapping = check_columns(columns)
     unit, rows = _open_rows(path)
     report = DataReport(file=str(path), unit=unit)
     labels = {_label_key(label): label for label in reversed(task.labels)}  # the first spelling wins
@@ -574,6 +587,26 @@ def load_examples(
         why = "; ".join(f"{reason} {rows.count} ({_listed(unit, rows)})" for reason, rows in report.invalid.items())
         raise DataError(f"no valid rows in {path}: {why or 'the file holds no rows'}")
     return examples, report
+
+
+# A file looks like classification when its answers are a few short, often repeated texts.
+MAX_INFERRED_LABELS = 20
+MAX_LABEL_CHARS = 40
+
+
+def infer_task(path: str | os.PathLike[str], *, columns: dict[str, str] | None = None,
+               ) -> tuple[Literal["classification", "generation"], list[str]]:
+    """(kind, labels) the file's rows look like: classification, labels by frequency, when there are 2 to
+    MAX_INFERRED_LABELS distinct short one-line answers (no comma) and at least three rows per answer;
+    else generation. DataError when the file holds no valid row."""
+    probe = TaskSpec(name="inferred", kind="generation")
+    examples, _ = load_examples(path, probe, columns=columns)
+    counts = Counter(e.answer for e in examples)
+    labels = [answer for answer, _ in counts.most_common()]
+    if (2 <= len(labels) <= MAX_INFERRED_LABELS and len(examples) >= 3 * len(labels)
+            and all(len(label) <= MAX_LABEL_CHARS and "\n" not in label and "," not in label for label in labels)):
+        return "classification", labels
+    return "generation", []
 
 
 # ------------------------------------------------------------------------------------------ duplicates
