@@ -708,21 +708,19 @@ class _NearIndex:
         self.texts: list[str] = []
 
     def near(self, text: str, sketch: LeanMinHash) -> bool:
-        return bool(self.matches(text, sketch, first=True))
+        candidates = self.lsh.query(sketch)
+        if not candidates:
+            return False
+        mine = shingles(text)
+        return any(jaccard(mine, shingles(self.texts[j])) >= self.threshold for j in candidates)
 
-    def matches(self, text: str, sketch: LeanMinHash, *, first: bool = False) -> list[int]:
+    def matches(self, text: str, sketch: LeanMinHash) -> list[int]:
         """Positions (in `add` order) of the texts seen so far that `text` is a near duplicate of."""
         candidates = self.lsh.query(sketch)
         if not candidates:
             return []
         mine = shingles(text)
-        found = []
-        for j in sorted(candidates):
-            if jaccard(mine, shingles(self.texts[j])) >= self.threshold:
-                found.append(j)
-                if first:
-                    break
-        return found
+        return [j for j in candidates if jaccard(mine, shingles(self.texts[j])) >= self.threshold]
 
     def add(self, text: str, sketch: LeanMinHash) -> None:
         self.lsh.insert(len(self.texts), sketch, check_duplication=False)
