@@ -434,8 +434,10 @@ def train(
 
     Bad rows are counted by type with their line numbers and skipped (--strict stops instead); rows are
     normalised, deduplicated (exactly and near-exactly) and PII-masked before anything is written; the
-    split is seeded (stratified by label for classification). The new version becomes champion when the
-    task has none. Exit codes: 0 registered, 2 unusable input (nothing registered), 1 training failed.
+    split is seeded, grouped by prompt (one prompt is never in two splits) and stratified by label for
+    classification; --eval-file rows whose prompt train or validation holds are dropped. The task, its
+    budgets and the files are checked before any work. The new version becomes champion when the task
+    has none. Exit codes: 0 registered, 2 unusable input (nothing registered), 1 training failed.
     """
     from flywheel.bases import budget_problem
     from flywheel.registry import UnknownTaskError, resolve_task
