@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from flywheel.config import Settings
+from flywheel.config import DEMO_CONTEXT, DEMO_MODEL, Settings
 from flywheel.registry import BaseModelRef, Registry, fingerprint_base
 from flywheel.tasks import TaskSpec
 
@@ -38,9 +38,12 @@ def served_base(settings: Settings, registry: Registry) -> ServedBase:
 
 
 def context_length(settings: Settings) -> int:
-    """Tokens of context the engines serve with: `vllm.max_model_len`, else the base model's own."""
+    """Tokens of context the engines serve with: `vllm.max_model_len`, else the base model's own (the demo
+    base's is known before it is built). Raises OSError when the base cannot be read."""
     if settings.vllm.max_model_len is not None:
         return settings.vllm.max_model_len
+    if settings.model.base == DEMO_MODEL:
+        return DEMO_CONTEXT
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(settings.base_model_path)
@@ -57,6 +60,16 @@ def budget_problem(settings: Settings, task: TaskSpec) -> str | None:
         return (f"task {task.name}: max_seq_len {task.max_seq_len} is longer than the {context}-token context "
                 "(vllm.max_model_len): the model could not serve what it was trained on")
     return None
+
+
+def fitting_budgets(context: int | None) -> tuple[int, int]:
+    """(max_new_tokens, max_seq_len) for a new task: the task defaults, cut to fit a `context`-token window
+    (an answer gets at most a quarter of it, a training row all of it); None: the defaults."""
+    fields = TaskSpec.model_fields
+    max_new_tokens, max_seq_len = fields["max_new_tokens"].default, fields["max_seq_len"].default
+    if context is None:
+        return max_new_tokens, max_seq_len
+    return min(max_new_tokens, context // 4), min(max_seq_len, context)
 
 
 def base_ref(settings: Settings) -> BaseModelRef:

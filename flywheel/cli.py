@@ -7,6 +7,7 @@ import getpass
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -19,7 +20,7 @@ import typer
 from feedback.cli import app as feedback_app
 from feedback.cli import curator as curator_command
 from feedback.cli import lineage_command, users_app
-from flywheel.cli_common import ConfigOption, JsonOption, emit, fail, progress, settings_or_exit
+from flywheel.cli_common import ConfigOption, JsonOption, emit, fail, json_only_on_stdout, progress, settings_or_exit
 from flywheel.config import SHARED_SETTINGS_ENV
 from flywheel.keys_cli import app as keys_app
 from flywheel.logs import configure_logging, stdout_to_stderr
@@ -297,29 +298,48 @@ def tasks_add(
     metric: Annotated[str | None, typer.Option(help="Gate metric (default: accuracy or token_f1 by kind).")
                       ] = None,
     instruction: Annotated[str | None, typer.Option(help="System prompt added to every conversation.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Answer budget, thinking included.")] = 512,
-    max_seq_len: Annotated[int, typer.Option(help="Training sequence length.")] = 1024,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Answer budget, thinking included (default: 512, "
+                                                       "or a quarter of a smaller base's context).")] = None,
+    max_seq_len: Annotated[int | None, typer.Option(help="Training sequence length (default: 1024, or the base's "
+                                                    "context when smaller).")] = None,
     rollout: Annotated[str, typer.Option(help="`direct`: a gate-passed retrain becomes champion; `canary`: it "
                                          "earns users' traffic on their ratings first.")] = "direct",
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Declare a task in the registry (every serving replica picks it up); config `tasks:` does the same."""
+    """Declare a task in the registry (every serving replica picks it up); config `tasks:` does the same.
+
+    Budgets that can never fit the base's context are refused; budgets left out fit it.
+    """
     from pydantic import ValidationError
 
+    from flywheel.bases import budget_problem, context_length, fitting_budgets
     from flywheel.registry import registry_for
     from flywheel.tasks import TaskSpec
 
     settings = settings_or_exit(config)
     try:
+        context: int | None = context_length(settings)
+    except (OSError, ValueError) as exc:  # a hub id this machine cannot read: the budgets go unchecked
+        context = None
+        typer.secho(f"warning: cannot read the context of base {settings.model.base!r} ({exc}); the task's budgets "
+                    "are not checked against it", err=True, fg=typer.colors.YELLOW)
+    fitted = fitting_budgets(context)
+    budgets = {"max_new_tokens": fitted[0] if max_new_tokens is None else max_new_tokens,
+               "max_seq_len": fitted[1] if max_seq_len is None else max_seq_len}
+    try:
         spec = TaskSpec(name=name, kind=kind, labels=[x.strip() for x in (labels or "").split(",") if x.strip()],
-                        metric=metric, instruction=instruction, max_new_tokens=max_new_tokens,
-                        max_seq_len=max_seq_len, rollout=rollout)  # type: ignore[arg-type]
+                        metric=metric, instruction=instruction, rollout=rollout, **budgets)  # type: ignore[arg-type]
     except ValidationError as exc:
         fail("invalid task: " + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'task'}: {e['msg']}"
                                           for e in exc.errors()), code=2)
+    if context is not None and (problem := budget_problem(settings, spec)):
+        fail(f"{problem}; leave the budget out to get one that fits", code=2)
     registry_for(settings, spec.name).save_task_spec(spec)
-    emit(as_json, spec.model_dump(), f"task {spec.name} declared ({spec.kind}, metric {spec.gate_metric})")
+    within = f" (within the base's {context}-token context)" if context is not None else ""
+    emit(as_json, spec.model_dump(), f"task {spec.name} declared ({spec.kind}, metric {spec.gate_metric}); "
+                                     f"budgets: max_new_tokens {spec.max_new_tokens}, max_seq_len "
+                                     f"{spec.max_seq_len}{within}")
 
 
 def _canary_review(settings: Settings, task: str | None) -> tuple[Registry, CanaryReview | None]:
@@ -418,21 +438,21 @@ def train(
 
     Bad rows are counted by type with their line numbers and skipped (--strict stops instead); rows are
     normalised, deduplicated (exactly and near-exactly) and PII-masked before anything is written; the
-    split is seeded (stratified by label for classification). The new version becomes champion when the
-    task has none and it beats the bare base on the test split by the task's gate test (or with --force);
-    otherwise it is registered as ready and the report says why it is not serving. Exit codes: 0 registered,
+    split is seeded, grouped by prompt (one prompt is never in two splits) and stratified by label for
+    classification; --eval-file rows whose prompt train or validation holds are dropped. The task, its
+    budgets and the files are checked before any work. The new version becomes champion when the task has
+    none and it beats the bare base on the test split by the task's gate test (or with --force); otherwise
+    it is registered as ready and the report says why it is not serving. Exit codes: 0 registered,
     2 unusable input (nothing registered), 1 training failed.
     """
+    from flywheel.bases import budget_problem
     from flywheel.registry import UnknownTaskError, resolve_task
+    from training.demo_bootstrap import ensure_demo_base
     from training.train_task import TaskTrainer, TrainError, TrainRequest
-    from training.user_data import DataError
+    from training.user_data import DataError, check_columns, check_readable
 
     configure_logging()
     settings = settings_or_exit(config)
-    try:
-        spec = resolve_task(settings, task)
-    except (UnknownTaskError, RegistryError) as exc:
-        fail(f"{exc}; declare it in config (`tasks:`) or with `flywheel tasks add {task} --kind ...`", code=2)
     mapping: dict[str, str] = {}
     for pair in (columns or "").split(","):
         if pair.strip():
@@ -440,7 +460,25 @@ def train(
             if not source.strip() or not target.strip():
                 fail(f"--columns takes `yours=ours` pairs, not {pair!r}", code=2)
             mapping[source.strip()] = target.strip()
-    run_bootstrap_base(settings)
+    try:
+        spec = resolve_task(settings, task)
+    except (UnknownTaskError, RegistryError) as exc:
+        fail(f"{exc}; {_declare_task_hint(task, data, mapping)}", code=2)
+    # Everything that can be checked is, before any work (building the demo base takes minutes)
+    try:
+        problem = budget_problem(settings, spec)
+    except OSError as exc:
+        fail(f"cannot read base model {settings.model.base!r} to check task {spec.name}'s budgets: {exc}", code=2)
+    if problem:
+        fail(problem, code=2)
+    try:
+        check_columns(mapping)
+        for path in (data, eval_file or (Path(spec.golden_path) if spec.golden_path else None)):
+            if path is not None:
+                check_readable(path)
+    except DataError as exc:
+        fail(str(exc), code=2)
+    ensure_demo_base(settings, progress=progress)  # the base alone: training a task never trains the demo's
     request = TrainRequest(task=spec.name, data=data, eval_file=eval_file, val_size=val_size, test_size=test_size,
                            strict=strict, balance=balance, columns=mapping, force=force)
     trainer = TaskTrainer(settings, spec, request, say=progress)
@@ -465,11 +503,24 @@ def train(
     emit(as_json, report.model_dump(mode="json"), "\n".join(report.lines()))
 
 
-def run_bootstrap_base(settings: Settings) -> None:
-    """Build the demo base when it is the configured base and not built yet (no model hub involved)."""
-    from training.demo_bootstrap import bootstrap as run_bootstrap
+def _declare_task_hint(task: str, data: Path, columns: dict[str, str]) -> str:
+    """How to declare an unknown task: the `flywheel tasks add` line, its kind and labels read from the data."""
+    import shlex
 
-    run_bootstrap(settings, progress=progress)
+    from flywheel.tasks import TASK_NAME_PATTERN
+    from training.user_data import DataError, infer_task
+
+    bare = f"declare it in config (`tasks:`) or with `flywheel tasks add {task} --kind ...`"
+    if not re.fullmatch(TASK_NAME_PATTERN, task):
+        return f"{bare} (a task name is lowercase letters, digits and dashes, at most 64)"
+    try:
+        kind, labels = infer_task(data, columns=columns or None)
+    except DataError:
+        return bare
+    line = f"flywheel tasks add {task} --kind {kind}"
+    if labels:
+        line += f" --labels {shlex.quote(','.join(labels))}"
+    return f"declare it first; your data looks like a {kind} task:\n  {line}\n(or declare it in config `tasks:`)"
 
 
 def _ray_is_up() -> bool:
@@ -992,6 +1043,9 @@ def bench_own_task(
         if not ray_was_up:
             _shutdown_ray()
     write_report(out, report, report.summary(), as_json)
+
+
+json_only_on_stdout(app)  # every command, the groups mounted from other modules included
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from flywheel.auth import is_loopback, valid_rate
 from flywheel.tasks import DEMO_TASK, BaseVersionName, TaskName, TaskSpec
 
 DEMO_MODEL = "demo"
+DEMO_CONTEXT = 512  # tokens of context the demo base is built with (known before it is built)
 SHARED_SETTINGS_ENV = "FLYWHEEL_SETTINGS_JSON"
 ADMIN_TOKEN_ENV, SASL_PASSWORD_ENV = "FLYWHEEL_ADMIN_TOKEN", "FLYWHEEL_FEEDBACK__SASL_PASSWORD"  # where secrets travel
 

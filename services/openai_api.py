@@ -90,8 +90,6 @@ class ChatCompletions:
         if version and not re.fullmatch(rf"{re.escape(task)}-v[0-9]{{1,9}}", version):
             return self._reject(404, f"The model `{body.model}` does not exist: a pinned model is `{task}@{task}-v<N>`",
                                 "model", "model_not_found")
-        if body.n != 1:
-            return self._reject(400, "only n=1 is supported", "n")
         limits = self.settings.serving
         chars = sum(len(m.content) for m in body.chat())
         if chars > limits.max_prompt_chars:

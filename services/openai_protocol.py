@@ -2,7 +2,8 @@
 
 `model` is a task name (its champion answers). Fields OpenAI clients send that flywheel does not use
 (penalties, logit bias, tools, …) are ignored; those whose meaning it cannot honour are refused clearly
-(`n` other than 1). vLLM's `min_tokens` and `ignore_eos`, which load tools send, are honoured.
+and their limits are in the schema (`n` is at most 1). vLLM's `min_tokens` and `ignore_eos`, which load
+tools send, are honoured.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class ChatCompletionRequest(BaseModel):
     seed: Seed | None = None
     stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = Field(
         None, description="Up to 4 non-empty sequences where generation stops.")
-    n: PositiveInt = Field(1, description="Only 1 is served.")
+    n: int = Field(1, ge=1, le=1, description="Choices per request: flywheel answers with one (each answer is "
+                   "rated through its own request id); a larger n is refused with 400, param `n`.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)

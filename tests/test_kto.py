@@ -83,6 +83,8 @@ def test_kto_rows_leave_out_the_gate_hold_out_and_unrated_rows() -> None:
     assert "news 12" not in prompts  # a correction without a rating or thumb is SFT's, not KTO's
     assert {("news 10", True), ("news 11", False)} <= {(k.prompt, k.label) for k in kept}
     assert counts(kept) == (5, 5)
+    golden = {k.prompt for k in kto_training_rows(rows, holdout, ["NEWS 3", " news  4 "])}
+    assert golden == prompts - {"news 3", "news 4"}  # nor are the golden set's prompts
 
 
 def test_kto_rows_with_one_kind_of_verdict_are_refused_as_too_little_data() -> None:

@@ -224,13 +224,12 @@ def test_zero_valid_rows_and_strict_mode_are_clear_errors(home_copy: Path, tmp_p
     runner = CliRunner()
     env = {"FLYWHEEL_HOME": str(home_copy)}
     settings = Settings(home=home_copy)
-    assert runner.invoke(app, ["tasks", "add", "strict-demo", "--kind", "classification", "--labels", "a,b"],
-                         env=env).exit_code == 0
+    # a 512-token answer budget cannot fit the tiny model's 512-token context: refused when declared
+    refused = runner.invoke(app, ["tasks", "add", "strict-demo", "--kind", "classification", "--labels", "a,b",
+                                  "--max-new-tokens", "512"], env=env)
+    assert refused.exit_code == 2 and "max_new_tokens 512 leaves no room" in refused.stderr, refused.output
     garbage = tmp_path / "garbage.jsonl"
     garbage.write_text("nope\n{\"x\": 1}\n")
-    result = runner.invoke(app, ["train", "--task", "strict-demo", "--data", str(garbage)], env=env)
-    # the default 512-token answer budget cannot fit the tiny model's 512-token context: said before any work
-    assert result.exit_code == 2 and "max_new_tokens 512 leaves no room" in result.stderr, result.output
     assert runner.invoke(app, ["tasks", "add", "strict-demo", "--kind", "classification", "--labels", "a,b",
                                "--max-new-tokens", "32", "--max-seq-len", "128"], env=env).exit_code == 0
     result = runner.invoke(app, ["train", "--task", "strict-demo", "--data", str(garbage)], env=env)
@@ -240,5 +239,6 @@ def test_zero_valid_rows_and_strict_mode_are_clear_errors(home_copy: Path, tmp_p
     strict = runner.invoke(app, ["train", "--task", "strict-demo", "--data", str(messy), "--strict"], env=env)
     assert strict.exit_code == 2 and "line 2" in strict.stderr, strict.output
     unknown = runner.invoke(app, ["train", "--task", "never-declared", "--data", str(messy)], env=env)
-    assert unknown.exit_code == 2 and "flywheel tasks add" in unknown.stderr, unknown.output
+    assert unknown.exit_code == 2 and "flywheel tasks add never-declared --kind generation" in unknown.stderr, \
+        unknown.output
     assert registry_for(settings, "strict-demo").versions() == []  # nothing registered

@@ -235,6 +235,24 @@ def test_replay_never_brings_back_a_retracted_event() -> None:
     assert [e.event_ids for e in replayed] == [["ev9"]]
 
 
+def test_golden_prompts_are_never_trained_on_and_are_counted() -> None:
+    golden = ["What is the daily ATM limit?", "Can I freeze my card?"]
+    on_golden = [row(f"g{i}", prompt=p, correction="Ask a teller.", at=i)
+                 for i, p in enumerate(["  what is the DAILY atm limit?", "What is the daily ATM limit?",
+                                        "Can I freeze my card?"])]
+    on_golden += [row(f"h{i}", prompt="Can I freeze   my card?", correction="Ask a teller.", at=10 + i)
+                  for i in range(2)]  # agreed by two keys: confirmed, were it not golden
+    fresh = [row(f"k{i}", prompt=f"new {i}", rating=5, at=20 + i) for i in range(10)]
+    champion_data = [TrainExample(prompt="Can I freeze my card?", reasoning="", answer="Yes.", source="dataset")]
+    items = learnable(on_golden + fresh, min_trust="single")
+    data = build_retrain_data(items, champion_data, holdout_fraction=0.2, replay_fraction=0.0, golden_prompts=golden)
+    used = {e.prompt for e in data.train + data.holdout + data.confirmed}
+    assert used == {f"new {i}" for i in range(10)}
+    assert data.golden_held_out == 5 and data.confirmations == {}
+    plain = build_retrain_data(items, [], holdout_fraction=0.2, replay_fraction=0.0)
+    assert plain.golden_held_out == 0 and "Can I freeze   my card?" in {e.prompt for e in plain.confirmed}
+
+
 def test_retraction_and_review_through_the_dataset_and_lineage(tmp_path: Path) -> None:
     """A retracted row leaves every reader; lineage names the versions that trained on it."""
     settings = Settings(home=tmp_path, tasks=[{"name": "faq", "kind": "generation", "metric": "token_f1"}])

@@ -480,11 +480,47 @@ def test_generation_split_and_leak_removal() -> None:
     doubled = rows + [example(e.prompt, e.answer, 1000 + i) for i, e in enumerate(rows)]  # not deduplicated
     splits = split_examples(doubled, SUPPORT, seed=3)
     train_keys = {e.key() for e in splits.train}
-    assert splits.leaked_removed > 0
+    assert splits.leaked_removed == 0  # a row and its copy share a prompt: they go to one split together
     assert not train_keys & {e.key() for e in splits.val + splits.test}
-    assert len(splits.val) + len(splits.test) + splits.leaked_removed == 60
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (140, 30, 30)
     with pytest.raises(DataError, match="generation task"):
         split_examples(rows, SUPPORT, balance=True)
+
+
+def _prompts(*parts: list[Example]) -> list[set[str]]:
+    return [{e.prompt_key() for e in part} for part in parts]
+
+
+def test_split_keeps_each_prompt_in_one_split_whatever_its_answers(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    questions = [sentence(rng, (10, 14)) for _ in range(60)]
+    rows = [{"prompt": q if k % 2 else q.upper() + "  ", "completion": sentence(rng, (3, 6))}
+            for q in questions for k in range(3)]  # three different answers per prompt (one spelled louder)
+    near = [{"prompt": q[:-1] + "#", "completion": sentence(rng, (3, 6))} for q in questions[:10]]
+    path = write_lines(tmp_path / "answers.jsonl", rows + near)
+
+    splits, report = prepare_dataset(path, SUPPORT, seed=4)
+
+    assert report.duplicates_removed == report.near_duplicates_removed == 0  # the rows differ by their answers
+    train, val, test = _prompts(splits.train, splits.val, splits.test)
+    assert not train & test and not train & val and not val & test
+    for q in questions[:10]:  # a near-duplicate prompt goes where its original goes
+        assert [q in part for part in (train, val, test)] == [q[:-1] + "#" in part for part in (train, val, test)]
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 190 and report.leaked_removed == 0
+    assert 24 <= len(splits.test) <= 33 and 24 <= len(splits.val) <= 33  # whole groups of 3 or 4 make up 15 %
+
+
+def test_classification_split_groups_prompts_across_labels() -> None:
+    rng = random.Random(12)
+    rows = [example(sentence(rng), LABELS[i % 3], i) for i in range(90)]
+    rows += [example(e.prompt, LABELS[(i + 1) % 3], 100 + i) for i, e in enumerate(rows[:30])]  # relabelled
+    splits = split_examples(rows, SENTIMENT, seed=5)
+    train, val, test = _prompts(splits.train, splits.val, splits.test)
+    assert not train & test and not train & val and not val & test
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 120
+    for part in (splits.val, splits.test):
+        assert set(Counter(e.answer for e in part)) == set(LABELS)
+    assert set(Counter(e.answer for e in splits.train)) == set(LABELS)
 
 
 def test_balance_oversamples_train_only(tmp_path: Path) -> None:
@@ -526,6 +562,23 @@ def test_eval_file_becomes_the_test_split_without_train_rows(tmp_path: Path) -> 
     only_train = write_lines(tmp_path / "copy.jsonl", train_rows[:3])
     with pytest.raises(DataError, match="nothing is left to test on"):
         prepare_dataset(data, SENTIMENT, eval_file=only_train, val_size=0)
+
+
+def test_eval_file_loses_prompts_that_train_or_validation_hold(tmp_path: Path) -> None:
+    rng = random.Random(13)
+    rows = [{"prompt": sentence(rng, (20, 30)), "completion": sentence(rng, (3, 6))} for _ in range(40)]
+    data = write_lines(tmp_path / "train.jsonl", rows)
+    fresh = [{"prompt": sentence(rng, (20, 30)), "completion": "fresh"} for _ in range(5)]
+    splits, _ = prepare_dataset(data, SUPPORT, val_size=8, test_size=0)
+    in_val, in_train = splits.val[0], splits.train[0]
+    eval_rows = [*fresh, {"prompt": in_val.prompt, "completion": "another answer"},
+                 {"prompt": in_train.prompt.upper(), "completion": "yet another answer"}]
+    heldout = write_lines(tmp_path / "eval.jsonl", eval_rows)
+
+    splits, report = prepare_dataset(data, SUPPORT, val_size=8, eval_file=heldout)
+
+    assert [e.answer for e in splits.test] == ["fresh"] * 5
+    assert report.heldout is not None and report.heldout.leaked_removed == report.leaked_removed == 2
 
 
 def test_drop_overlap() -> None:

@@ -63,18 +63,24 @@ def train_demo_adapter(
         )
 
 
+def ensure_demo_base(settings: Settings, progress: Progress | None = None) -> bool:
+    """Build the demo base when it is the configured base and not built yet (only the base: no adapter);
+    whether it was built now."""
+    if settings.model.base != DEMO_MODEL or (settings.demo_base_dir / "config.json").exists():
+        return False
+    from training.demo_model import build_demo_base
+
+    say = progress or (lambda _msg: None)
+    say(f"building the demo base model in {settings.demo_base_dir}")
+    build_demo_base(
+        settings.demo_base_dir, steps=settings.bootstrap.base_steps, seed=settings.bootstrap.seed, progress=say,
+    )
+    return True
+
+
 def bootstrap(settings: Settings, progress: Progress | None = None) -> BootstrapResult:
     say = progress or (lambda _msg: None)
-    built = False
-    if settings.model.base == DEMO_MODEL and not (settings.demo_base_dir / "config.json").exists():
-        from training.demo_model import build_demo_base
-
-        say(f"building the demo base model in {settings.demo_base_dir}")
-        build_demo_base(
-            settings.demo_base_dir, steps=settings.bootstrap.base_steps, seed=settings.bootstrap.seed,
-            progress=say,
-        )
-        built = True
+    built = ensure_demo_base(settings, say)
     if settings.model.base != DEMO_MODEL or DEMO_TASK.name not in {t.name for t in settings.tasks}:
         return BootstrapResult(base_model=settings.base_model_path, base_built=built)
     registry = registry_for(settings, DEMO_TASK.name)

@@ -26,6 +26,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from flywheel.config import DEMO_CONTEXT
 from training.demo_task import LANGS, QUOTES, DemoExample, Lang, generate_examples, make_example
 from training.sft import THINK_END, atomic_dir, collate, completion_text, encode_example, prompt_text
 
@@ -110,7 +111,7 @@ def build_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
         pad_token=PAD,
         extra_special_tokens=[USER, ASSISTANT],
         chat_template=CHAT_TEMPLATE,
-        model_max_length=512,
+        model_max_length=DEMO_CONTEXT,
     )
 
 
@@ -124,7 +125,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
-        max_position_embeddings=512,
+        max_position_embeddings=DEMO_CONTEXT,
         tie_word_embeddings=False,
         dtype="float32",
         bos_token_id=tokenizer.bos_token_id,

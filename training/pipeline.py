@@ -116,14 +116,16 @@ class Retrain:
                           labelled=self.task.kind == "classification")
         learnable = [i for i in assessed
                      if trainable(i, min_trust=cfg.min_trust, min_rating_trust=cfg.min_rating_trust)]
+        golden = golden_examples(self.registry)  # its prompts are never trained on: it stays a fair judge
+        golden_prompts = [e.prompt for e in golden]
         data = build_retrain_data(learnable, champion_data, holdout_fraction=cfg.holdout_fraction,
                                   replay_fraction=cfg.replay_fraction, max_share_per_rater=cfg.max_share_per_rater,
-                                  retracted=retracted, task=self.task)
+                                  retracted=retracted, golden_prompts=golden_prompts, task=self.task)
         fresh = len(data.train) - data.replay
         kto_rows: list[KtoExample] = []
         if cfg.method == "kto":
             try:
-                kto_rows = kto_training_rows([i.row for i in learnable], data.holdout)
+                kto_rows = kto_training_rows([i.row for i in learnable], data.holdout, golden_prompts)
             except ValueError as exc:  # one kind of verdict only: nothing to contrast
                 return self.finish(RunState.INSUFFICIENT_DATA, str(exc))
             fresh = len(kto_rows)
@@ -141,7 +143,7 @@ class Retrain:
             "feedback_rows": len(rows), "trainable_rows": data.feedback_rows,
             "pending_review": len(pending_review(assessed, min_trust=cfg.min_trust)),
             "by_trust": dict(Counter(i.trust for i in learnable)), "capped_per_rater": data.capped,
-            "usable": data.usable, "duplicates_removed": data.duplicates,
+            "usable": data.usable, "duplicates_removed": data.duplicates, "golden_held_out": data.golden_held_out,
             "train": len(data.train), "replay": data.replay, "holdout": len(data.holdout),
             "confirmed": len(data.confirmed), "policy": policy, "snapshot_positions": snapshot.positions,
             "unknown_label": data.unknown_label,
@@ -156,7 +158,6 @@ class Retrain:
                 f"at least {cfg.min_examples} are needed ({usable}; {data.feedback_rows} curated rows)",
             )
 
-        golden = golden_examples(self.registry)
         rated = well_rated(learnable, champion, limit=cfg.max_well_rated) if policy == "confirmed_corrections" else []
         if policy == "confirmed_corrections" and (problem := small_data_problem(
                 self.task, confirmed=len(data.confirmed), golden=len(golden), well_rated=len(rated),

@@ -5,6 +5,8 @@
 - Time-ordered split: the newest `holdout_fraction` is held out for the gate (it is the traffic the
   candidate must be better on); exact duplicates are removed before the split.
 - Replay: a share of the champion's own training data, so the candidate does not forget.
+- Golden set: a curated row whose prompt (normalised, `user_data.normalized_prompt`) is in the task's golden
+  set is never trained on, so the golden set stays a fair judge across versions; the rows are counted.
 - Trust: only rows a retrain may learn come in (feedback.trust: `trainable`), so a correction counts by
   the distinct raters behind it, never by rows. Confirmed corrections are the `agreed` (or `reviewed`)
   ones: strong evidence even when there are few such prompts. They are listed apart so the retrain can
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -35,6 +37,7 @@ from flywheel.r1 import split_reasoning
 from flywheel.registry import TRAIN_DATA_FILE
 from flywheel.tasks import TaskSpec
 from training.kto import KtoExample, balance_kto
+from training.user_data import normalized_prompt
 
 
 class TrainExample(BaseModel):
@@ -60,6 +63,7 @@ class RetrainData(BaseModel):
     confirmations: dict[str, int] = Field(default_factory=dict, description="Prompt -> raters who agree.")
     capped: int = Field(0, description="Rows left out because one rater alone would pass max_share_per_rater.")
     unknown_label: int = Field(0, description="Corrections left out because they are not one of the task's labels.")
+    golden_held_out: int = Field(0, description="Usable rows left out because their prompt is in the golden set.")
 
 
 def _prompt_text(row: CuratedExample) -> str:
@@ -94,13 +98,22 @@ def kto_example(row: CuratedExample) -> KtoExample | None:
     return KtoExample(prompt=_prompt_text(row), completion=completion, label=good)
 
 
-def kto_training_rows(rows: Sequence[CuratedExample], holdout: Sequence[TrainExample]) -> list[KtoExample]:
-    """KTO's rows: every rated answer except those of prompts held out for the gate, balanced up/down.
+def kto_training_rows(rows: Sequence[CuratedExample], holdout: Sequence[TrainExample],
+                      golden_prompts: Iterable[str] = ()) -> list[KtoExample]:
+    """KTO's rows: every rated answer except those of prompts held out for the gate or in the golden set,
+    balanced up/down.
 
     ValueError when only one kind of verdict is left (all thumbs up, say): KTO has nothing to contrast.
     """
     held_out = {e.prompt for e in holdout}
-    return balance_kto([k for k in map(kto_example, rows) if k is not None and k.prompt not in held_out])
+    golden = golden_keys(golden_prompts)
+    return balance_kto([k for k in map(kto_example, rows) if k is not None and k.prompt not in held_out
+                        and normalized_prompt(k.prompt) not in golden])
+
+
+def golden_keys(prompts: Iterable[str]) -> set[str]:
+    """The golden set's prompts as rows are compared with them."""
+    return {normalized_prompt(p) for p in prompts}
 
 
 def read_train_data(adapter_dir: Path) -> list[TrainExample]:
@@ -163,18 +176,24 @@ def build_retrain_data(
     replay_fraction: float,
     max_share_per_rater: float = 1.0,
     retracted: set[str] | frozenset[str] = frozenset(),
+    golden_prompts: Iterable[str] = (),
     seed: int = 0,
     task: TaskSpec | None = None,
 ) -> RetrainData:
     """`items`: the trainable curated rows (feedback.trust); `retracted`: events replay must not bring back;
-    `task`: a classification task's corrections that are not one of its labels are left out."""
+    `task`: a classification task's corrections that are not one of its labels are left out; `golden_prompts`:
+    the task's golden set, whose prompts are held out of training (and not used for the hold-out either: the
+    golden slice judges them)."""
     given = len(items)
     if task is not None and task.kind == "classification":
         items = [i for i in items
                  if not i.row.correction or task.label_of(_correction_answer(i.row.correction)) is not None]
+    golden = golden_keys(golden_prompts)
     targets = [t for t in (target_of(i.row) for i in items) if t is not None]
+    on_golden = {t.prompt for t in targets if normalized_prompt(t.prompt) in golden}
     chosen, confirming = _one_per_prompt(items)
-    unique = cap_per_rater(chosen, max_share_per_rater)
+    learnable = [e for e in chosen if e.prompt not in on_golden]
+    unique = cap_per_rater(learnable, max_share_per_rater)
     cut = len(unique) - max(1, round(len(unique) * holdout_fraction)) if unique else 0
     train, holdout = unique[:cut], unique[cut:]
     replay_count = round(len(train) * replay_fraction / (1 - replay_fraction)) if train else 0
@@ -192,8 +211,9 @@ def build_retrain_data(
         duplicates=len(targets) - len(chosen),
         confirmed=confirmed,
         confirmations={e.prompt: confirming[e.prompt] for e in confirmed},
-        capped=len(chosen) - len(unique),
+        capped=len(learnable) - len(unique),
         unknown_label=given - len(items),
+        golden_held_out=sum(t.prompt in on_golden for t in targets),
     )
 
 

@@ -17,8 +17,10 @@ Bad rows are counted by type with their line numbers and skipped (`strict` stops
 text is NFKC- and whitespace-normalised, then PII-masked before anything is kept. Duplicates go
 exactly (`Example.key`) and then near-exactly (MinHash over character 5-grams: signatures computed
 with numpy for all rows at once, candidates found by datasketch's MinHashLSH and confirmed by the
-signatures' agreement). The split is seeded, stratified by label for classification, and val/test
-rows that also occur in train are dropped.
+signatures' agreement). The split is seeded, stratified by label for classification, and grouped by
+prompt: rows whose prompts are equal (folded) or near-duplicates go to one split together, so one
+prompt with several answers never lands in both train and test. A held-out `--eval-file` loses the
+rows whose prompt train or validation holds.
 
 Line numbers are 1-based: the physical line of JSONL and CSV rows (a CSV header is line 1), the
 position in the array or table for JSON and Parquet rows.
@@ -104,6 +106,10 @@ class Example(BaseModel):
         parts = [f"{t.role}\x1f{_fold(t.content)}" for t in self.messages]
         return "\x1e".join([*parts, f"assistant\x1f{_fold(self.answer)}"])
 
+    def prompt_key(self) -> str:
+        """The prompt, folded: rows with equal prompt keys ask the same thing, whatever they answer."""
+        return _fold(self.prompt)
+
     def conversation(self, task: TaskSpec) -> list[dict[str, str]]:
         """The messages as chat-template dicts, with the task's instruction as system turn when none."""
         return task.conversation([t.model_dump() for t in self.messages])
@@ -113,7 +119,7 @@ class Splits(BaseModel):
     train: list[Example]
     val: list[Example]
     test: list[Example]
-    leaked_removed: int = Field(0, description="val/test rows dropped because train holds the same row")
+    leaked_removed: int = Field(0, description="Held-out rows dropped because train (or val) holds their prompt.")
     oversampled: int = Field(0, description="train rows added by `balance`")
 
 
@@ -175,7 +181,7 @@ class DataReport(BaseModel):
         if self.splits:
             out.append("splits: " + ", ".join(f"{name} {n}" for name, n in self.splits.items()))
         if self.leaked_removed:
-            out.append(f"val/test rows dropped because train holds them: {self.leaked_removed}")
+            out.append(f"held-out rows dropped because train or validation holds their prompt: {self.leaked_removed}")
         if self.oversampled:
             out.append(f"train rows added by --balance: {self.oversampled}")
         if self.heldout is not None:
@@ -205,13 +211,25 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", floa
 _RawRow = tuple[int, Any, str | None]
 
 
-def _open_rows(path: Path) -> tuple[Literal["line", "row"], Iterator[_RawRow]]:
+def check_readable(path: str | os.PathLike[str]) -> None:
+    """DataError unless `path` is a file of a supported type that can be opened: checked before any work."""
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix or '(no extension)'!r}; "
                         f"use one of {', '.join(SUFFIXES)}")
     if not path.is_file():
         raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _open_rows(path: Path) -> tuple[Literal["line", "row"], Iterator[_RawRow]]:
+    check_readable(path)
+    suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return "line", _jsonl_rows(path)
     if suffix == ".csv":
@@ -325,7 +343,8 @@ _SHAPE_FIELDS: tuple[tuple[Shape, tuple[str, ...]], ...] = (
 )
 
 
-def _check_columns(columns: dict[str, str] | None) -> dict[str, str]:
+def check_columns(columns: dict[str, str] | None) -> dict[str, str]:
+    """The user's `columns` mapping, checked: DataError names a target that is not a field we read."""
     columns = dict(columns or {})
     wrong = sorted(target for target in columns.values() if target not in CANONICAL_FIELDS)
     if wrong:
@@ -453,6 +472,11 @@ def _fold(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+def normalized_prompt(text: str) -> str:
+    """A prompt as the split and the golden set compare prompts: normalised as rows are, then folded."""
+    return _fold(normalize_text(text))
+
+
 def _label_key(label: str) -> str:
     return normalize_text(label).casefold()
 
@@ -521,7 +545,7 @@ def load_examples(
     Raises DataError when the file cannot be read or holds no valid row.
     """
     path = Path(path)
-    mapping = _check_columns(columns)
+    mapping = check_columns(columns)
     unit, rows = _open_rows(path)
     report = DataReport(file=str(path), unit=unit)
     labels = {_label_key(label): label for label in reversed(task.labels)}  # the first spelling wins
@@ -565,6 +589,26 @@ def load_examples(
     return examples, report
 
 
+# A file looks like classification when its answers are a few short, often repeated texts.
+MAX_INFERRED_LABELS = 20
+MAX_LABEL_CHARS = 40
+
+
+def infer_task(path: str | os.PathLike[str], *, columns: dict[str, str] | None = None,
+               ) -> tuple[Literal["classification", "generation"], list[str]]:
+    """(kind, labels) the file's rows look like: classification, labels by frequency, when there are 2 to
+    MAX_INFERRED_LABELS distinct short one-line answers (no comma) and at least three rows per answer;
+    else generation. DataError when the file holds no valid row."""
+    probe = TaskSpec(name="inferred", kind="generation")
+    examples, _ = load_examples(path, probe, columns=columns)
+    counts = Counter(e.answer for e in examples)
+    labels = [answer for answer, _ in counts.most_common()]
+    if (2 <= len(labels) <= MAX_INFERRED_LABELS and len(examples) >= 3 * len(labels)
+            and all(len(label) <= MAX_LABEL_CHARS and "\n" not in label and "," not in label for label in labels)):
+        return "classification", labels
+    return "generation", []
+
+
 # ------------------------------------------------------------------------------------------ duplicates
 
 _POLY = np.uint64(0x100000001B3)
@@ -583,6 +627,10 @@ _CHUNK_CHARS = 1 << 21  # characters hashed per numpy pass
 
 def _shingle_text(example: Example) -> str:
     return _fold(f"{example.prompt} {example.answer}").ljust(SHINGLE, "\0")  # a short text is one shingle
+
+
+def _prompt_shingle_text(example: Example) -> str:
+    return example.prompt_key().ljust(SHINGLE, "\0")
 
 
 def _codes(text: str) -> np.ndarray:
@@ -666,6 +714,14 @@ class _NearIndex:
         mine = shingles(text)
         return any(jaccard(mine, shingles(self.texts[j])) >= self.threshold for j in candidates)
 
+    def matches(self, text: str, sketch: LeanMinHash) -> list[int]:
+        """Positions (in `add` order) of the texts seen so far that `text` is a near duplicate of."""
+        candidates = self.lsh.query(sketch)
+        if not candidates:
+            return []
+        mine = shingles(text)
+        return [j for j in candidates if jaccard(mine, shingles(self.texts[j])) >= self.threshold]
+
     def add(self, text: str, sketch: LeanMinHash) -> None:
         self.lsh.insert(len(self.texts), sketch, check_duplication=False)
         self.texts.append(text)
@@ -704,19 +760,51 @@ def dedupe(examples: Sequence[Example], threshold: float | None = DEFAULT_NEAR_D
 
 def drop_overlap(train: Sequence[Example], heldout: Sequence[Example], *,
                  near_dup_threshold: float | None = None) -> tuple[list[Example], int]:
-    """(held-out rows that train does not hold, how many were dropped): equal `key()`, and with a
-    threshold also near duplicates of a train row (as `dedupe` judges them)."""
-    keys = {e.key() for e in train}
-    kept = [e for e in heldout if e.key() not in keys]
+    """(held-out rows whose prompt `train` does not hold, how many were dropped): an equal prompt key
+    (whatever the answers), and with a threshold also a prompt that near-duplicates a train prompt."""
+    keys = {e.prompt_key() for e in train}
+    kept = [e for e in heldout if e.prompt_key() not in keys]
     if near_dup_threshold is not None and kept and train:
         index = _NearIndex(near_dup_threshold)
-        train_texts = [_shingle_text(e) for e in {e.key(): e for e in train}.values()]
+        train_texts = [_prompt_shingle_text(e) for e in {e.prompt_key(): e for e in train}.values()]
         for text, sketch in zip(train_texts, _sketches(train_texts), strict=True):
             index.add(text, sketch)
-        texts = [_shingle_text(e) for e in kept]
+        texts = [_prompt_shingle_text(e) for e in kept]
         kept = [e for e, text, sketch in zip(kept, texts, _sketches(texts), strict=True)
                 if not index.near(text, sketch)]
     return kept, len(heldout) - len(kept)
+
+
+def prompt_groups(examples: Sequence[Example], near_dup_threshold: float | None = DEFAULT_NEAR_DUP_THRESHOLD,
+                  ) -> list[list[Example]]:
+    """The rows grouped by prompt, groups in order of their first row: equal prompt keys, and with a
+    threshold prompts that are near duplicates of one another (transitively). A split keeps each group
+    whole, so no prompt is both learned and tested on."""
+    by_key: dict[str, list[Example]] = {}
+    for example in examples:
+        by_key.setdefault(example.prompt_key(), []).append(example)
+    groups = list(by_key.values())
+    if near_dup_threshold is None or len(groups) < 2:
+        return groups
+    parent = list(range(len(groups)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    index = _NearIndex(near_dup_threshold)
+    texts = [_prompt_shingle_text(group[0]) for group in groups]
+    for i, (text, sketch) in enumerate(zip(texts, _sketches(texts), strict=True)):
+        for j in index.matches(text, sketch):
+            a, b = root(i), root(j)
+            parent[max(a, b)] = min(a, b)
+        index.add(text, sketch)
+    merged: dict[int, list[Example]] = {}
+    for i, group in enumerate(groups):
+        merged.setdefault(root(i), []).extend(group)
+    return list(merged.values())
 
 
 # ------------------------------------------------------------------------------------------- splitting
@@ -778,6 +866,29 @@ def _stratified_counts(sizes: list[int], n_val: int, n_test: int) -> tuple[list[
     return val, test
 
 
+def _take(groups: Sequence[list[Example]], target: int, keep: int = 1,
+          ) -> tuple[list[list[Example]], list[list[Example]]]:
+    """(groups taken, groups left), in order: a group is taken while the rows taken are short of `target`
+    and taking it overshoots no more than leaving it undershoots, and never when fewer than `keep` rows
+    would be left."""
+    taken: list[list[Example]] = []
+    left: list[list[Example]] = []
+    count, remaining = 0, sum(map(len, groups))
+    for group in groups:
+        size = len(group)
+        if count < target and 2 * count + size <= 2 * target and remaining - size >= keep:
+            taken.append(group)
+            count += size
+            remaining -= size
+        else:
+            left.append(group)
+    return taken, left
+
+
+def _rows(groups: Iterable[list[Example]]) -> list[Example]:
+    return [row for group in groups for row in group]
+
+
 def split_examples(
     examples: Sequence[Example],
     task: TaskSpec,
@@ -786,12 +897,14 @@ def split_examples(
     test_size: float | int = 0.15,
     seed: int = 0,
     balance: bool = False,
+    near_dup_threshold: float | None = DEFAULT_NEAR_DUP_THRESHOLD,
 ) -> Splits:
-    """Seeded train/val/test split; stratified by answer for classification.
+    """Seeded train/val/test split, grouped by prompt (`prompt_groups`); stratified by answer for
+    classification (a group counts under its most common answer).
 
-    Sizes are fractions in (0, 1) or row counts (0 allowed). Val/test rows whose key occurs in train
-    are dropped (`leaked_removed`). `balance` (classification) oversamples minority labels in train
-    only, up to the majority count.
+    Sizes are fractions in (0, 1) or row counts (0 allowed); whole groups make them up as nearly as they
+    can, and train always keeps a row (of each label, for classification). `balance` (classification)
+    oversamples minority labels in train only, up to the majority count.
     """
     if balance and task.kind != "classification":
         raise DataError(f"--balance oversamples labels: task {task.name!r} is a generation task")
@@ -802,33 +915,41 @@ def split_examples(
     rng = random.Random(seed)
     shuffled = list(examples)
     rng.shuffle(shuffled)
+    groups = prompt_groups(shuffled, near_dup_threshold)
     train: list[Example] = []
     val: list[Example] = []
     test: list[Example] = []
     if task.kind == "classification":
-        groups = _by_label(shuffled, task)
-        val_counts, test_counts = _stratified_counts([len(g) for g in groups.values()], n_val, n_test)
-        for rows, v, t in zip(groups.values(), val_counts, test_counts, strict=True):
-            test += rows[:t]
-            val += rows[t : t + v]
-            train += rows[t + v :]
+        by_label = _groups_by_label(groups, task)
+        sizes = [sum(map(len, label_groups)) for label_groups in by_label.values()]
+        val_counts, test_counts = _stratified_counts(sizes, n_val, n_test)
+        for label_groups, v, t in zip(by_label.values(), val_counts, test_counts, strict=True):
+            taken, left = _take(label_groups, t)
+            test += _rows(taken)
+            taken, left = _take(left, v)
+            val += _rows(taken)
+            train += _rows(left)
         for split in (train, val, test):
             rng.shuffle(split)
     else:
-        test, val, train = shuffled[:n_test], shuffled[n_test : n_test + n_val], shuffled[n_test + n_val :]
-    train_keys = {e.key() for e in train}
-    val_kept = [e for e in val if e.key() not in train_keys]
-    test_kept = [e for e in test if e.key() not in train_keys]
-    leaked = len(val) + len(test) - len(val_kept) - len(test_kept)
+        taken, left = _take(groups, n_test)
+        test = _rows(taken)
+        taken, left = _take(left, n_val)
+        val, train = _rows(taken), _rows(left)
     oversampled = 0
     if balance:
-        groups = _by_label(train, task)
-        majority = max(map(len, groups.values()), default=0)
-        extra = [row for rows in groups.values() for row in rng.choices(rows, k=majority - len(rows))]
+        rows_by_label = _by_label(train, task)
+        majority = max(map(len, rows_by_label.values()), default=0)
+        extra = [row for rows in rows_by_label.values() for row in rng.choices(rows, k=majority - len(rows))]
         oversampled = len(extra)
         train += extra
         rng.shuffle(train)
-    return Splits(train=train, val=val_kept, test=test_kept, leaked_removed=leaked, oversampled=oversampled)
+    return Splits(train=train, val=val, test=test, oversampled=oversampled)
+
+
+def _label_order(task: TaskSpec) -> Callable[[str], tuple[int, str]]:
+    order = {label: i for i, label in enumerate(task.labels)}
+    return lambda label: (order.get(label, len(order)), label)
 
 
 def _by_label(examples: Iterable[Example], task: TaskSpec) -> dict[str, list[Example]]:
@@ -836,8 +957,18 @@ def _by_label(examples: Iterable[Example], task: TaskSpec) -> dict[str, list[Exa
     groups: dict[str, list[Example]] = {}
     for example in examples:
         groups.setdefault(example.answer, []).append(example)
-    order = {label: i for i, label in enumerate(task.labels)}
-    return dict(sorted(groups.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    key = _label_order(task)
+    return dict(sorted(groups.items(), key=lambda kv: key(kv[0])))
+
+
+def _groups_by_label(groups: Iterable[list[Example]], task: TaskSpec) -> dict[str, list[list[Example]]]:
+    """Prompt groups by their most common answer (ties: the first), in the task's label order."""
+    by_label: dict[str, list[list[Example]]] = {}
+    for group in groups:
+        label = Counter(e.answer for e in group).most_common(1)[0][0]
+        by_label.setdefault(label, []).append(group)
+    key = _label_order(task)
+    return dict(sorted(by_label.items(), key=lambda kv: key(kv[0])))
 
 
 def _imbalance_warning(distribution: dict[str, int], balance: bool) -> str | None:
@@ -876,8 +1007,8 @@ def prepare_dataset(
 ) -> tuple[Splits, DataReport]:
     """The user's file read, validated, cleaned, deduplicated and split, with the report.
 
-    With `eval_file` the test split is that file (cleaned the same way, rows that train holds dropped)
-    and `path` is split into train/val only. Raises DataError for unusable input.
+    With `eval_file` the test split is that file (cleaned the same way, rows whose prompt train or val
+    holds dropped) and `path` is split into train/val only. Raises DataError for unusable input.
     """
     examples, report = load_examples(path, task, columns=columns, strict=strict, count_tokens=count_tokens)
     kept, report.duplicates_removed, report.near_duplicates_removed = dedupe(examples, near_dup_threshold)
@@ -887,18 +1018,20 @@ def prepare_dataset(
         report.label_distribution = {label: counts.get(label, 0) for label in task.labels}
         report.imbalance_warning = _imbalance_warning(report.label_distribution, balance)
     if eval_file is None:
-        splits = split_examples(kept, task, val_size=val_size, test_size=test_size, seed=seed, balance=balance)
+        splits = split_examples(kept, task, val_size=val_size, test_size=test_size, seed=seed, balance=balance,
+                                near_dup_threshold=near_dup_threshold)
     else:
         heldout, heldout_report = load_examples(eval_file, task, columns=columns, strict=strict,
                                                 count_tokens=count_tokens)
         heldout, heldout_report.duplicates_removed, heldout_report.near_duplicates_removed = dedupe(
             heldout, near_dup_threshold)
         heldout_report.rows_kept = len(heldout)
-        splits = split_examples(kept, task, val_size=val_size, test_size=0, seed=seed, balance=balance)
-        test, removed = drop_overlap(splits.train, heldout, near_dup_threshold=near_dup_threshold)
+        splits = split_examples(kept, task, val_size=val_size, test_size=0, seed=seed, balance=balance,
+                                near_dup_threshold=near_dup_threshold)
+        test, removed = drop_overlap([*splits.train, *splits.val], heldout, near_dup_threshold=near_dup_threshold)
         if not test:
-            raise DataError(f"every row of {eval_file} also occurs in the training rows of {path}: "
-                            "nothing is left to test on")
+            raise DataError(f"every prompt of {eval_file} also occurs in the training or validation rows of "
+                            f"{path}: nothing is left to test on")
         heldout_report.leaked_removed = removed
         report.heldout = heldout_report
         splits = splits.model_copy(update={"test": test, "leaked_removed": splits.leaked_removed + removed})
