@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -433,16 +432,14 @@ def test_signatures_estimate_jaccard() -> None:
     assert (signatures([base])[0] == signatures(["abc", base])[1]).all()
 
 
-def test_dedupe_throughput() -> None:
+def test_dedupe_finds_the_near_duplicates_among_20_000_rows() -> None:
+    """Its speed is `flywheel bench data`'s to measure; here, what it finds at that size."""
     rng = random.Random(5)
     rows = [example(sentence(rng, (15, 40)), LABELS[i % 3], i + 1) for i in range(20_000)]
     for i in range(0, 20_000, 20):  # 1 000 near duplicates: one character differs
         prompt = rows[i].prompt
         rows[i + 1] = example(prompt[:40] + ("#" if prompt[40] != "#" else "%") + prompt[41:], rows[i].answer, i + 2)
-    started = time.perf_counter()
     kept, exact, near = dedupe(rows, 0.9)
-    elapsed = time.perf_counter() - started
-    assert elapsed < 30, elapsed
     assert exact == 0 and 900 <= near <= 1_000 and len(kept) == 20_000 - near
 
 
