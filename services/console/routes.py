@@ -37,7 +37,7 @@ HEADERS = {  # every console page: no framing, no sniffing, nothing cached, no r
                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",  # no-referrer would make the browser send `Origin: null` on our own forms
     "cache-control": "no-store",
 }
 
