@@ -231,3 +231,15 @@ def test_a_pending_correction_is_approved_from_the_review_queue(desk: Desk) -> N
     assert lineage(desk.settings, row.event_id).event.trust == "reviewed"
     found = desk.client.get(f"/console/lineage?id={row.event_id}")
     assert found.status_code == 200 and "reviewed" in found.text and "approve by ops (console)" in found.text
+
+
+def test_the_task_page_plots_ratings_per_version_and_the_loop_page_shows_runs_and_the_feedback_plane(
+        desk: Desk) -> None:
+    task = desk.registry.task
+    _pending_correction(desk.settings, task)  # one rating of 1 for v2 on 2026-12-01
+    _login(desk.client, desk.keys["ops"])
+    page = desk.client.get(f"/console/tasks/{task}")
+    assert '<svg class="chart"' in page.text and f"{task}-v2 2026-12-01: 1.00 from 1 ratings" in page.text
+    loop = desk.client.get("/console/loop")
+    assert loop.status_code == 200 and "No retrains yet." in loop.text
+    assert "<dt>Curated</dt>" in loop.text or "cannot be read here" in loop.text

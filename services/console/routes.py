@@ -25,6 +25,7 @@ from flywheel.config import Settings
 from flywheel.registry import RegistryError, UnknownTaskError, VersionNotFoundError
 from flywheel.runs import RetrainBusyError
 from services.access import Access, Denied
+from services.console.charts import rating_chart
 from services.console.session import COOKIE, LOGIN_COOKIE, SESSION_TTL_S, Session, Sessions, load_secret
 from services.console.views import Console, NoCanaryError
 
@@ -45,6 +46,7 @@ templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["when"] = lambda at: at.strftime("%Y-%m-%d %H:%M:%S") if isinstance(at, datetime) else "-"
 templates.env.filters["pct"] = lambda v: "-" if v is None else f"{v:.0%}"
 templates.env.filters["num"] = lambda v, digits=2: "-" if v is None else f"{v:.{digits}f}"
+templates.env.globals["rating_chart"] = rating_chart
 templates.env.filters["pretty"] = lambda v: json.dumps(v, indent=1, default=str, ensure_ascii=False)
 
 
@@ -236,6 +238,14 @@ async def version(request: Request, task: str, version: str) -> Response:
     session = await _session(request)
     manifest = await _run(_state(request).views.version, task, version)
     return _page(request, "version.html", session=session, task=task, manifest=manifest)
+
+
+@router.get("/loop")
+async def loop(request: Request) -> Response:
+    session = await _session(request)
+    page = await _run(_state(request).views.loop)
+    running = any(r.state.value == "running" for r in page.runs)
+    return _page(request, "loop.html", session=session, page=page, refresh=10 if running else None)
 
 
 @router.get("/review")

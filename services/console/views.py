@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from feedback.curator import FeedbackStatus, feedback_status
 from feedback.dataset import CuratedDataset
 from feedback.oversight import Lineage, PendingCorrection, Retraction, judge, lineage, retract, review_queue
 from flywheel.canary import CanaryReview, apply, review
@@ -27,9 +28,11 @@ from flywheel.registry import (
 )
 from flywheel.runs import RunRecord, RunStore
 from flywheel.tasks import TaskSpec
+from services.console.charts import Series, daily_ratings
 
 log = logging.getLogger("flywheel.console")
 RECENT_RUNS = 200  # run records the console reads for "last run" and a task's runs
+RATING_ROWS = 20_000  # a task's newest curated rows the ratings plot reads: bounded however long the history
 
 
 class NoCanaryError(LookupError):
@@ -68,6 +71,15 @@ class TaskPage(BaseModel):
     timeline: list[TimelineEvent] = Field(description="Newest first.")
     runs: list[RunRecord]
     can_roll_back: bool
+    ratings: Series = Field(default_factory=dict, description="Mean rating per version per day.")
+
+
+class LoopPage(BaseModel):
+    """The loop's moving parts: retrains (running and recent) and the feedback plane."""
+
+    runs: list[RunRecord] = Field(description="Newest first.")
+    feedback: FeedbackStatus | None
+    feedback_error: str | None = None
 
 
 def _verdict(manifest: AdapterManifest) -> str:
@@ -140,8 +152,19 @@ class Console:
         timeline.sort(key=lambda e: e.at, reverse=True)
         promotions = [e for e in history if e.alias == "champion" and e.action == "promote"]
         row = self._row(spec, registry, runs, self._pending(name).get(name, 0))
+        rows = CuratedDataset(self.settings.feedback_dir / "dataset").examples(task=name, newest=RATING_ROWS)
         return TaskPage(row=row, spec=spec, versions=versions, aliases={v: sorted(a) for v, a in named.items()},
-                        timeline=timeline, runs=list(reversed(runs)), can_roll_back=len(promotions) >= 2)
+                        timeline=timeline, runs=list(reversed(runs)), can_roll_back=len(promotions) >= 2,
+                        ratings=daily_ratings(rows))
+
+    def loop(self) -> LoopPage:
+        """Retrains, newest first, and what the curator has taken in (as `flywheel feedback status`)."""
+        runs = list(reversed(self.runs.list(50)))
+        try:
+            return LoopPage(runs=runs, feedback=feedback_status(self.settings))
+        except OSError as exc:  # the curator's state cannot be read here: say so, show the runs
+            log.warning("event=console_feedback_status_unreadable error=%r", exc)
+            return LoopPage(runs=runs, feedback=None, feedback_error=f"the feedback plane cannot be read here ({exc})")
 
     def version(self, task: str, version: str) -> AdapterManifest:
         """A version's manifest: its gate report, metrics, data and training config."""
