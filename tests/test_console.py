@@ -52,14 +52,13 @@ def _version(registry: Registry, root: Path, n: int) -> str:
                              parent=f"{registry.task}-v{n - 1}" if n > 1 else None).version
 
 
-@pytest.fixture
-def desk(tmp_path: Path) -> Iterator[Desk]:
+def console_app(root: Path) -> tuple[FastAPI, Settings, Registry, dict[str, str]]:
     """A console on its own app: the default task with v1..v3 (v1 then v2 promoted), an admin key and a
     predict-only key."""
-    settings = make_settings(tmp_path / "home")
+    settings = make_settings(root / "home")
     registry = registry_for(settings)
     for n in (1, 2, 3):
-        _version(registry, tmp_path, n)
+        _version(registry, root, n)
     registry.promote(f"{registry.task}-v1", actor="bootstrap")
     registry.promote(f"{registry.task}-v2", actor="bootstrap")
     store = KeyStore(settings.registry_uri)
@@ -68,6 +67,12 @@ def desk(tmp_path: Path) -> Iterator[Desk]:
     app = FastAPI()
     state = ConsoleState(settings, Access(settings))
     install(app, lambda: state)
+    return app, settings, registry, keys
+
+
+@pytest.fixture
+def desk(tmp_path: Path) -> Iterator[Desk]:
+    app, settings, registry, keys = console_app(tmp_path)
     with TestClient(app, follow_redirects=False) as client:
         yield Desk(client, settings, registry, keys)
 
@@ -199,7 +204,7 @@ def test_the_gate_report_is_one_click_from_the_version(desk: Desk) -> None:
     assert desk.client.get("/console/tasks/no-such-task").status_code == 404
 
 
-def _pending_correction(settings: Settings, task: str) -> CuratedExample:
+def pending_correction(settings: Settings, task: str) -> CuratedExample:
     row = CuratedExample(
         event_id=uuid.uuid4().hex, request_id=uuid.uuid4().hex, task=task, feedback_ts=T0, prediction_ts=T0,
         adapter_version=f"{task}-v2", prompt_kind="text", prompt="How do I reset my card PIN?", answer="Call us.",
@@ -216,7 +221,7 @@ def _pending_correction(settings: Settings, task: str) -> CuratedExample:
 
 def test_a_pending_correction_is_approved_from_the_review_queue(desk: Desk) -> None:
     task = desk.registry.task
-    row = _pending_correction(desk.settings, task)
+    row = pending_correction(desk.settings, task)
     assert [p.event_id for p in review_queue(desk.settings)] == [row.event_id]
     _login(desk.client, desk.keys["ops"])
     overview = desk.client.get("/console")
@@ -236,7 +241,7 @@ def test_a_pending_correction_is_approved_from_the_review_queue(desk: Desk) -> N
 def test_the_task_page_plots_ratings_per_version_and_the_loop_page_shows_runs_and_the_feedback_plane(
         desk: Desk) -> None:
     task = desk.registry.task
-    _pending_correction(desk.settings, task)  # one rating of 1 for v2 on 2026-12-01
+    pending_correction(desk.settings, task)  # one rating of 1 for v2 on 2026-12-01
     _login(desk.client, desk.keys["ops"])
     page = desk.client.get(f"/console/tasks/{task}")
     assert '<svg class="chart"' in page.text and f"{task}-v2 2026-12-01: 1.00 from 1 ratings" in page.text
