@@ -22,10 +22,12 @@ from feedback.schemas import CuratedExample
 from flywheel.auth import KeyStore
 from flywheel.config import Settings
 from flywheel.registry import BaseModelRef, Registry, registry_for
+from flywheel.tasks import TaskSpec
 from services.access import Access
 from services.console import ConsoleState, install
 from services.console.session import COOKIE
 from tests.conftest import ADMIN_TOKEN, make_settings
+from tests.timing import fastest_run_s
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -248,3 +250,26 @@ def test_the_task_page_plots_ratings_per_version_and_the_loop_page_shows_runs_an
     loop = desk.client.get("/console/loop")
     assert loop.status_code == 200 and "No retrains yet." in loop.text
     assert "<dt>Curated</dt>" in loop.text or "cannot be read here" in loop.text
+
+
+def test_the_tasks_page_stays_fast_with_30_tasks_and_1000_versions(tmp_path: Path) -> None:
+    """A guard (tests/timing.py), not the target: the issue's goal is < 300 ms server-side; this box measured
+    about 0.2 s while busy. An unbounded read (every manifest of every task per row, say) would blow far past."""
+    app, settings, _, _ = console_app(tmp_path)
+    adapter = tmp_path / "adapter-bench"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"w")
+    for i in range(29):  # and the default task's 3: 30 tasks, 1 000 versions
+        registry = registry_for(settings, f"task-{i:02d}")
+        registry.save_task_spec(TaskSpec(name=registry.task, kind="generation", metric="token_f1"))
+        for _ in range(35 if i < 9 else 34):
+            registry.register(adapter, base=BaseModelRef(id="tiny", sha256="0" * 64))
+        registry.promote(f"{registry.task}-v1", actor="bootstrap")
+    with TestClient(app, follow_redirects=False) as client:
+        _login(client, ADMIN_TOKEN)
+        page = client.get("/console")
+        assert page.text.count('<tr data-task="') == 30 and ", 35 versions" in page.text
+        seconds = fastest_run_s(lambda: client.get("/console"))
+    print(f"tasks page, 30 tasks and 1000 versions: {seconds * 1000:.0f} ms")
+    assert seconds < 2.0
