@@ -50,7 +50,10 @@ def _version(registry: Registry, root: Path, n: int) -> str:
     gate = {"verdict": "passed", "metric": "token_f1", "message": "better", "checks": [
         {"name": "gain", "outcome": "passed", "value": 0.12, "threshold": 0.0, "rows": 40, "detail": "gain on new",
          "ci_low": 0.03, "ci_high": 0.2}]} if n > 1 else None
-    return registry.register(adapter, base=BaseModelRef(id="tiny", sha256="0" * 64), gate=gate,
+    confusion = {"n": 10, "accuracy": 0.8, "macro_f1": 0.79, "labels": ["positive", "negative"], "per_label": {},
+                 "confusion": [[4, 1, 0], [0, 4, 1]]}
+    metrics = {"candidate": {"new": {"n": 10, "metric": "accuracy", "score": 0.8, "classification": confusion}}}
+    return registry.register(adapter, base=BaseModelRef(id="tiny", sha256="0" * 64), gate=gate, metrics=metrics,
                              parent=f"{registry.task}-v{n - 1}" if n > 1 else None).version
 
 
@@ -202,6 +205,8 @@ def test_the_gate_report_is_one_click_from_the_version(desk: Desk) -> None:
     _login(desk.client, ADMIN_TOKEN)
     page = desk.client.get(f"/console/tasks/{task}/versions/{task}-v2")
     assert page.status_code == 200 and "gain on new" in page.text and "[0.030, 0.200]" in page.text
+    assert "Confusion matrix, candidate on the new slice" in page.text
+    assert '<td class="heat h4">4</td><td class="heat h1">1</td><td class="heat h0">0</td>' in page.text
     assert desk.client.get(f"/console/tasks/{task}/versions/{task}-v9").status_code == 404
     assert desk.client.get("/console/tasks/no-such-task").status_code == 404
 

@@ -58,3 +58,9 @@ def rating_chart(series: Series, title: str) -> Markup:
         parts.append(f'<text x="{WIDTH - RIGHT + 10}" y="{PAD + 16 * i}">{escape(version)}</text></g>')
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+def heat(value: int, row: list[int]) -> int:
+    """A confusion matrix cell's shade, 0-5: its share of its row (of the expected label's examples)."""
+    total = sum(row)
+    return min(5, round(5 * value / total)) if total else 0

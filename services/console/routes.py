@@ -25,7 +25,7 @@ from flywheel.config import Settings
 from flywheel.registry import RegistryError, UnknownTaskError, VersionNotFoundError
 from flywheel.runs import RetrainBusyError
 from services.access import Access, Denied
-from services.console.charts import rating_chart
+from services.console.charts import heat, rating_chart
 from services.console.session import COOKIE, LOGIN_COOKIE, SESSION_TTL_S, Session, Sessions, load_secret
 from services.console.views import Console, NoCanaryError
 
@@ -46,7 +46,7 @@ templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["when"] = lambda at: at.strftime("%Y-%m-%d %H:%M:%S") if isinstance(at, datetime) else "-"
 templates.env.filters["pct"] = lambda v: "-" if v is None else f"{v:.0%}"
 templates.env.filters["num"] = lambda v, digits=2: "-" if v is None else f"{v:.{digits}f}"
-templates.env.globals["rating_chart"] = rating_chart
+templates.env.globals.update(rating_chart=rating_chart, heat=heat)
 templates.env.filters["pretty"] = lambda v: json.dumps(v, indent=1, default=str, ensure_ascii=False)
 
 
