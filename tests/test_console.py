@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from feedback.dataset import CuratedDataset, Manifest, PartFile
 from feedback.oversight import lineage, review_queue
 from feedback.schemas import CuratedExample
-from flywheel.auth import KeyStore
+from flywheel.auth import AuthError, KeyStore
 from flywheel.config import Settings
 from flywheel.registry import BaseModelRef, Registry, registry_for
 from flywheel.tasks import TaskSpec
@@ -278,3 +278,19 @@ def test_the_tasks_page_stays_fast_with_30_tasks_and_1000_versions(tmp_path: Pat
         seconds = fastest_run_s(lambda: client.get("/console"))
     print(f"tasks page, 30 tasks and 1000 versions: {seconds * 1000:.0f} ms")
     assert seconds < 2.0
+
+
+def test_a_login_names_its_key_by_id_and_the_session_ends_with_the_key(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "home")
+    store = KeyStore(settings.registry_uri)
+    record, key = store.create("ops", ["admin"])
+    authenticator = Access(settings).authenticator
+    caller, subject = authenticator.login(key, "127.0.0.1")
+    assert (caller.principal, subject) == ("ops", record.key_id)
+    assert authenticator.login(f"  {ADMIN_TOKEN} ", "127.0.0.1")[1] == "admin-token"
+    with pytest.raises(AuthError):  # open mode (loopback) takes an unknown token for no key: no login with it
+        authenticator.login("unused", "127.0.0.1")
+    assert authenticator.subject(record.key_id)[1] == record.sha256
+    store.revoke("ops")
+    time.sleep(settings.auth.key_cache_s + 0.1)
+    assert authenticator.subject(record.key_id) is None and authenticator.subject("0" * 12) is None
