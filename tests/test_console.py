@@ -294,3 +294,20 @@ def test_a_login_names_its_key_by_id_and_the_session_ends_with_the_key(tmp_path:
     store.revoke("ops")
     time.sleep(settings.auth.key_cache_s + 0.1)
     assert authenticator.subject(record.key_id) is None and authenticator.subject("0" * 12) is None
+
+
+def test_a_correction_is_retracted_from_its_lineage_with_a_reason(desk: Desk) -> None:
+    row = pending_correction(desk.settings, desk.registry.task)
+    _login(desk.client, desk.keys["ops"])
+    page = desk.client.get(f"/console/lineage?id={row.event_id}")
+    assert f"Retract {row.event_id}?" in page.text
+    token = CSRF.search(page.text).group(1)
+    without_reason = desk.client.post("/console/review", data={"csrf": token, "action": "retract",
+                                                               "event_id": row.event_id})
+    assert without_reason.status_code == 422 and not lineage(desk.settings, row.event_id).event.retracted
+    done = desk.client.post("/console/review", data={"csrf": token, "action": "retract", "event_id": row.event_id,
+                                                     "reason": "a customer's account number"})
+    assert done.status_code == 303 and "retracted+1" in done.headers["location"]
+    found = lineage(desk.settings, row.event_id).event
+    assert found.retracted and found.judgements[-1].by == "ops (console)"
+    assert review_queue(desk.settings) == []
