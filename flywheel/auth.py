@@ -211,6 +211,34 @@ class Authenticator:
                 self._read_at = time.monotonic()
             return self._keys.get(key_id)
 
+    def login(self, token: str, client: str) -> tuple[Caller, str]:
+        """A key typed into a form (the console's login): the caller it makes and its subject (the key id, or
+        `admin-token`), for a session that names the key without holding it; AuthError if it is no known key."""
+        caller = self.authenticate(f"Bearer {token}", client)
+        if not caller.authenticated:  # open mode takes an unknown token for no key: a login needs a real one
+            raise AuthError(401, "unknown API key or admin token")
+        sent = token.strip().encode("latin-1", errors="replace")
+        if self._admin_token and hmac.compare_digest(sent, self._admin_token):
+            return caller, ADMIN_TOKEN_PRINCIPAL
+        match = _KEY_RE.fullmatch(token.strip())
+        if match is None:
+            raise AuthError(401, "unknown API key or admin token")
+        return caller, match.group(1)
+
+    def subject(self, subject: str) -> tuple[Caller, str] | None:
+        """The caller a session's subject makes now, and a fingerprint of its credential (the stored hash); None when
+        the key was revoked or is gone, or the admin token is no longer configured, so a session ends with its key."""
+        if subject == ADMIN_TOKEN_PRINCIPAL:
+            if not self._admin_token:
+                return None
+            return (Caller(principal=ADMIN_TOKEN_PRINCIPAL, authenticated=True, scopes=frozenset(SCOPES)),
+                    hashlib.sha256(self._admin_token).hexdigest())
+        key = self._key(subject)
+        if key is None or not key.active:
+            return None
+        return (Caller(principal=key.name, tenant=key.tenant, authenticated=True, scopes=frozenset(key.scopes),
+                       rate=key.rate), key.sha256)
+
     @property
     def stale(self) -> bool:
         """The next key lookup reads the store."""

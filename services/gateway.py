@@ -72,6 +72,8 @@ from flywheel.tasks import TaskName, TaskSpec
 from services.access import Access, Denied
 from services.adapters import PINNED_RETRY_AFTER_S, PinnedAdaptersBusyError
 from services.body_limit import BodySizeLimit
+from services.console import ConsoleState
+from services.console import install as install_console
 from services.engines.protocol import PromptTooLongError, SamplingOptions
 from services.llm_client import LLMClient, LocalLLM, RemoteLLM, open_stream
 from services.metrics import GatewayMetrics, OpsCollector, RecentAnswers, ReplicaCollector
@@ -128,6 +130,14 @@ MAX_BODY_BYTES = 1 << 20  # far above any body the size limits allow; refused be
 
 
 api.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+
+
+def _console() -> ConsoleState:
+    """This replica's console (the gateway instance Serve runs here holds it)."""
+    return serve.get_replica_context().servable_object.console
+
+
+install_console(api, _console)  # /console: the pages ops use, behind a login with an admin key
 
 
 def _documented(**codes: str) -> dict[int | str, dict[str, Any]]:
@@ -257,6 +267,7 @@ class Gateway:
         self.metrics.watch(ReplicaCollector(lambda: self._replicas, self._champion))
         runs = RunStore(self.settings.home / "runs")
         self.access = Access(self.settings)
+        self.console = ConsoleState(self.settings, self.access)
         self.reviews = ReviewLog(self.settings.feedback_dir)
         self._recent_feedback: OrderedDict[str, str] = OrderedDict()  # event id -> rater, for DELETE /feedback
         self.metrics.watch(OpsCollector(self.bus.stats, lambda: read_health(self.settings), runs.summary))

@@ -1,0 +1,130 @@
+"""Console sessions: a signed cookie that names the admin key it was opened with, never the key itself.
+
+The cookie holds `{subject, nonce, expires}` and an HMAC over it, keyed with the console's secret and the key's
+stored hash: every replica reading the same registry verifies it without shared memory, and revoking (or
+rotating) the key ends its sessions at once. Forms carry a CSRF token derived from the session's nonce; the
+login form, before any session, a token tied to a short-lived cookie of its own (double submit).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+import uuid
+from pathlib import Path
+
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, ValidationError
+
+from flywheel.auth import Authenticator, Caller
+
+COOKIE = "flywheel_console"
+LOGIN_COOKIE = "flywheel_console_login"
+SESSION_TTL_S = 8 * 3600  # a working day; then the key is asked for again
+SECRET_FILE = "console.secret"  # beside the keys, in the registry's store: one secret for every replica
+
+
+class Session(BaseModel):
+    """An open console session: who (as their key makes them now) and its CSRF token."""
+
+    caller: Caller
+    subject: str
+    expires: int
+    csrf: str
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def load_secret(authenticator: Authenticator) -> bytes:
+    """The console's signing secret: created once (exclusively) beside the keys in the registry's store."""
+    store = authenticator.store
+    path = f"{store.root.rsplit('/', 1)[0]}/{SECRET_FILE}"
+    if store.fs.exists(path):
+        return bytes.fromhex(store.fs.cat_file(path).decode().strip())
+    fresh = secrets.token_hex(32)
+    if isinstance(store.fs, LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        Path(tmp).write_text(fresh)
+        Path(tmp).chmod(0o600)
+        try:
+            os.link(tmp, path)  # exclusive: two replicas starting at once agree on the first one written
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    else:
+        try:
+            with store.fs.open(path, "xb") as f:  # a conditional put where the store has one
+                f.write(fresh.encode())
+        except (OSError, ValueError, NotImplementedError):
+            pass  # another replica wrote it first (or the store has no exclusive create): read what is there
+    return bytes.fromhex(store.fs.cat_file(path).decode().strip())
+
+
+class Sessions:
+    def __init__(self, authenticator: Authenticator, secret: bytes, ttl_s: int = SESSION_TTL_S) -> None:
+        self.authenticator, self.secret, self.ttl_s = authenticator, secret, ttl_s
+
+    def _mac(self, fingerprint: str, payload: bytes) -> bytes:
+        return hmac.new(self.secret + fingerprint.encode(), payload, hashlib.sha256).digest()
+
+    def issue(self, subject: str, fingerprint: str) -> str:
+        """A cookie value for a session of `subject` (a key id or `admin-token`) whose credential hashes to
+        `fingerprint`."""
+        payload = json.dumps({"s": subject, "n": secrets.token_urlsafe(16),
+                              "e": int(time.time()) + self.ttl_s}).encode()
+        return f"{_b64(payload)}.{_b64(self._mac(fingerprint, payload))}"
+
+    def read(self, cookie: str | None) -> Session | None:
+        """The session a cookie holds; None when it is missing, forged, expired, or its key was revoked."""
+        if not cookie or cookie.count(".") != 1:
+            return None
+        try:
+            encoded, mac = cookie.split(".")
+            payload = _unb64(encoded)
+            fields = json.loads(payload)
+            subject, nonce, expires = str(fields["s"]), str(fields["n"]), int(fields["e"])
+            sent_mac = _unb64(mac)
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+            return None
+        if expires < time.time():
+            return None
+        current = self.authenticator.subject(subject)
+        if current is None:
+            return None
+        caller, fingerprint = current
+        if not hmac.compare_digest(sent_mac, self._mac(fingerprint, payload)):
+            return None
+        try:
+            return Session(caller=caller, subject=subject, expires=expires, csrf=self._token("csrf", nonce))
+        except ValidationError:
+            return None
+
+    def _token(self, purpose: str, nonce: str) -> str:
+        return hmac.new(self.secret, f"{purpose}:{nonce}".encode(), hashlib.sha256).hexdigest()
+
+    @staticmethod
+    def csrf_ok(session: Session, token: str | None) -> bool:
+        return bool(token) and hmac.compare_digest(session.csrf.encode(), (token or "").encode())
+
+    def login_nonce(self) -> tuple[str, str]:
+        """(the login cookie's value, the token the login form carries)."""
+        nonce = secrets.token_urlsafe(16)
+        return nonce, self._token("login", nonce)
+
+    def login_ok(self, nonce: str | None, token: str | None) -> bool:
+        if not nonce or not token:
+            return False
+        return hmac.compare_digest(self._token("login", nonce).encode(), token.encode())

@@ -1,0 +1,221 @@
+"""What the console shows and does, without HTTP: the same registry, run records and dataset the CLI reads, through
+the same functions (registry moves, the canary's review and apply, the run store, the review queue, lineage).
+
+Every method blocks on storage; the routes call them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from feedback.curator import FeedbackStatus, feedback_status
+from feedback.dataset import CuratedDataset
+from feedback.oversight import Lineage, PendingCorrection, Retraction, judge, lineage, retract, review_queue
+from flywheel.canary import CanaryReview, apply, review
+from flywheel.config import Settings
+from flywheel.registry import (
+    CANARY_ALIAS,
+    AdapterManifest,
+    HistoryEntry,
+    Registry,
+    UnknownTaskError,
+    known_tasks,
+    registry_for,
+)
+from flywheel.runs import RunRecord, RunStore
+from flywheel.tasks import TaskSpec
+from services.console.charts import Series, daily_ratings
+
+log = logging.getLogger("flywheel.console")
+RECENT_RUNS = 200  # run records the console reads for "last run" and a task's runs
+RATING_ROWS = 20_000  # a task's newest curated rows the ratings plot reads: bounded however long the history
+
+
+class NoCanaryError(LookupError):
+    """A canary action on a task that runs none."""
+
+
+class TaskRow(BaseModel):
+    """One line of the tasks overview."""
+
+    name: str
+    kind: str
+    champion: str | None
+    canary: str | None = Field(None, description="The version on trial, while its share is above 0.")
+    canary_share: float | None = None
+    review: CanaryReview | None = Field(None, description="The canary test as it stands (arms, interval, verdict).")
+    last_run: RunRecord | None = None
+    pending_reviews: int = 0
+    versions: int = 0
+
+
+class TimelineEvent(BaseModel):
+    """One step in a task's life: a version trained and gated, an alias moved, a retrain started."""
+
+    at: datetime
+    kind: Literal["trained", "promoted", "rolled back", "canary", "canary ended", "retrain"]
+    version: str | None = None
+    text: str
+    actor: str | None = None
+
+
+class TaskPage(BaseModel):
+    row: TaskRow
+    spec: TaskSpec | None
+    versions: list[AdapterManifest]
+    aliases: dict[str, list[str]] = Field(description="Version -> the aliases naming it.")
+    timeline: list[TimelineEvent] = Field(description="Newest first.")
+    runs: list[RunRecord]
+    can_roll_back: bool
+    ratings: Series = Field(default_factory=dict, description="Mean rating per version per day.")
+
+
+class LoopPage(BaseModel):
+    """The loop's moving parts: retrains (running and recent) and the feedback plane."""
+
+    runs: list[RunRecord] = Field(description="Newest first.")
+    feedback: FeedbackStatus | None
+    feedback_error: str | None = None
+
+
+def _verdict(manifest: AdapterManifest) -> str:
+    gate = manifest.gate or {}
+    return str(gate.get("verdict") or manifest.status)
+
+
+class Console:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runs = RunStore(settings.home / "runs")
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def _registry(self, task: str) -> Registry:
+        if task not in known_tasks(self.settings):
+            raise UnknownTaskError(f"unknown task {task!r}")
+        return registry_for(self.settings, task)
+
+    def _review(self, registry: Registry) -> CanaryReview | None:
+        """The canary's review as the CLI computes it (the replicas' guardrail figures are left out here)."""
+        dataset = CuratedDataset(self.settings.feedback_dir / "dataset")
+        return review(registry, self.settings.canary, lambda since: dataset.ratings(
+            registry.task, since, anonymous=self.settings.canary.count_anonymous), {})
+
+    def _row(self, spec: TaskSpec, registry: Registry, runs: list[RunRecord], pending: int) -> TaskRow:
+        aliases = registry.aliases()
+        canary = aliases.get(CANARY_ALIAS)
+        on_trial = canary is not None and bool(canary.traffic_fraction)
+        task_runs = [r for r in runs if (r.task or self.settings.default_task) == spec.name]
+        return TaskRow(
+            name=spec.name, kind=spec.kind, champion=aliases["champion"].version if "champion" in aliases else None,
+            canary=canary.version if canary and on_trial else None,
+            canary_share=canary.traffic_fraction if canary and on_trial else None,
+            review=self._review(registry) if on_trial else None,
+            last_run=task_runs[-1] if task_runs else None, pending_reviews=pending,
+            versions=len(registry.versions()))
+
+    def _pending(self, task: str | None = None) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for item in review_queue(self.settings, task):
+            counts[item.task] = counts.get(item.task, 0) + 1
+        return counts
+
+    def tasks(self) -> list[TaskRow]:
+        """Every task: champion, canary and its test, last run, pending reviews."""
+        runs = self.runs.list(RECENT_RUNS)
+        pending = self._pending()
+        return [self._row(spec, registry_for(self.settings, name), runs, pending.get(name, 0))
+                for name, spec in sorted(known_tasks(self.settings).items())]
+
+    def task(self, name: str) -> TaskPage:
+        """A task's versions, history as a timeline, canary and runs."""
+        registry = self._registry(name)
+        spec = known_tasks(self.settings)[name]
+        runs = [r for r in self.runs.list(RECENT_RUNS) if (r.task or self.settings.default_task) == name]
+        versions = registry.versions()
+        history = registry.history()
+        named: dict[str, list[str]] = {}
+        for alias, record in registry.aliases().items():
+            if alias != CANARY_ALIAS or record.traffic_fraction:
+                named.setdefault(record.version, []).append(alias)
+        timeline = [TimelineEvent(at=m.created_at, kind="trained", version=m.version,
+                                  text=f"{m.version} trained from {m.parent or 'the base'}; gate: {_verdict(m)}")
+                    for m in versions]
+        timeline += [_history_event(e) for e in history]
+        timeline += [TimelineEvent(at=r.started_at, kind="retrain", version=r.version, actor=r.trigger,
+                                   text=f"retrain {r.run_id} ({r.trigger}): {r.state.value}"
+                                        + (f" — {r.message}" if r.message else "")) for r in runs]
+        timeline.sort(key=lambda e: e.at, reverse=True)
+        promotions = [e for e in history if e.alias == "champion" and e.action == "promote"]
+        row = self._row(spec, registry, runs, self._pending(name).get(name, 0))
+        rows = CuratedDataset(self.settings.feedback_dir / "dataset").examples(task=name, newest=RATING_ROWS)
+        return TaskPage(row=row, spec=spec, versions=versions, aliases={v: sorted(a) for v, a in named.items()},
+                        timeline=timeline, runs=list(reversed(runs)), can_roll_back=len(promotions) >= 2,
+                        ratings=daily_ratings(rows))
+
+    def loop(self) -> LoopPage:
+        """Retrains, newest first, and what the curator has taken in (as `flywheel feedback status`)."""
+        runs = list(reversed(self.runs.list(50)))
+        try:
+            return LoopPage(runs=runs, feedback=feedback_status(self.settings))
+        except OSError as exc:  # the curator's state cannot be read here: say so, show the runs
+            log.warning("event=console_feedback_status_unreadable error=%r", exc)
+            return LoopPage(runs=runs, feedback=None, feedback_error=f"the feedback plane cannot be read here ({exc})")
+
+    def version(self, task: str, version: str) -> AdapterManifest:
+        """A version's manifest: its gate report, metrics, data and training config."""
+        return self._registry(task).manifest(version)
+
+    def review_queue(self, task: str | None = None) -> list[PendingCorrection]:
+        return review_queue(self.settings, task)
+
+    def lineage(self, identifier: str) -> Lineage:
+        return lineage(self.settings, identifier)
+
+    # -- acting: each move is recorded with who pressed the button -----------------------------------
+
+    def promote(self, task: str, version: str, who: str, reason: str = "") -> HistoryEntry:
+        return self._registry(task).promote(version, actor=who, reason=reason or "promoted in the console")
+
+    def rollback(self, task: str, who: str, reason: str = "") -> HistoryEntry:
+        return self._registry(task).rollback(actor=who, reason=reason or "rolled back in the console")
+
+    def canary(self, task: str, verdict: Literal["promote", "rollback"], who: str) -> CanaryReview:
+        """Promote or abort the task's canary now, whatever its ratings say (as `flywheel canary promote|abort`)."""
+        registry = self._registry(task)
+        decided = self._review(registry)
+        if decided is None:
+            raise NoCanaryError(f"task {task!r} runs no canary")
+        decided = decided.model_copy(update={"verdict": verdict, "reason": f"by hand (console); {decided.reason}"})
+        apply(registry, decided, actor=who)
+        return decided
+
+    def retrain(self, task: str, who: str) -> RunRecord:
+        """Start a retrain in the background (RetrainBusyError if one runs); the run record names who asked."""
+        self._registry(task)
+        return self.runs.launch_retrain(self.settings, f"console:{who}", task)
+
+    def judge(self, approve: list[str], reject: list[str], who: str, reason: str = "") -> dict[str, Any]:
+        approved, unknown_a = judge(self.settings, approve, "approve", who, reason)
+        rejected, unknown_r = judge(self.settings, reject, "reject", who, reason)
+        return {"approved": approved, "rejected": rejected, "unknown": unknown_a + unknown_r}
+
+    def retract(self, event_ids: list[str], who: str, reason: str) -> Retraction:
+        return retract(self.settings, event_ids, by=who, reason=reason)
+
+
+def _history_event(entry: HistoryEntry) -> TimelineEvent:
+    if entry.alias == CANARY_ALIAS:
+        kind: Literal["promoted", "rolled back", "canary", "canary ended"] = (
+            "canary ended" if entry.action == "end" or not entry.traffic_fraction else "canary")
+        share = f" at {entry.traffic_fraction:.0%}" if entry.traffic_fraction else ""
+        text = f"canary {entry.version}{share}"
+    else:
+        kind = "rolled back" if entry.action == "rollback" else "promoted"
+        text = f"{entry.alias}: {entry.previous or '-'} → {entry.version}"
+    return TimelineEvent(at=entry.at, kind=kind, version=entry.version, actor=entry.actor,
+                         text=f"{text}" + (f" — {entry.reason}" if entry.reason else ""))

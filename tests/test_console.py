@@ -1,0 +1,313 @@
+"""The console (/console): its door (login, session cookie, CSRF) and its pages and buttons, through FastAPI's
+TestClient on a real registry, run store and curated dataset (no Ray, no engine)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from feedback.dataset import CuratedDataset, Manifest, PartFile
+from feedback.oversight import lineage, review_queue
+from feedback.schemas import CuratedExample
+from flywheel.auth import AuthError, KeyStore
+from flywheel.config import Settings
+from flywheel.registry import BaseModelRef, Registry, registry_for
+from flywheel.tasks import TaskSpec
+from services.access import Access
+from services.console import ConsoleState, install
+from services.console.session import COOKIE
+from tests.conftest import ADMIN_TOKEN, make_settings
+from tests.timing import fastest_run_s
+
+T0 = datetime(2026, 12, 1, tzinfo=UTC)
+CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+LOGIN_TOKEN = re.compile(r'name="login_token" value="([^"]+)"')
+
+
+@dataclass
+class Desk:
+    client: TestClient
+    settings: Settings
+    registry: Registry
+    keys: dict[str, str]
+
+
+def _version(registry: Registry, root: Path, n: int) -> str:
+    adapter = root / f"adapter-{n}"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(f"weights {n}".encode())
+    gate = {"verdict": "passed", "metric": "token_f1", "message": "better", "checks": [
+        {"name": "gain", "outcome": "passed", "value": 0.12, "threshold": 0.0, "rows": 40, "detail": "gain on new",
+         "ci_low": 0.03, "ci_high": 0.2}]} if n > 1 else None
+    confusion = {"n": 10, "accuracy": 0.8, "macro_f1": 0.79, "labels": ["positive", "negative"], "per_label": {},
+                 "confusion": [[4, 1, 0], [0, 4, 1]]}
+    metrics = {"candidate": {"new": {"n": 10, "metric": "accuracy", "score": 0.8, "classification": confusion}}}
+    return registry.register(adapter, base=BaseModelRef(id="tiny", sha256="0" * 64), gate=gate, metrics=metrics,
+                             parent=f"{registry.task}-v{n - 1}" if n > 1 else None).version
+
+
+def console_app(root: Path) -> tuple[FastAPI, Settings, Registry, dict[str, str]]:
+    """A console on its own app: the default task with v1..v3 (v1 then v2 promoted), an admin key and a
+    predict-only key."""
+    settings = make_settings(root / "home")
+    registry = registry_for(settings)
+    for n in (1, 2, 3):
+        _version(registry, root, n)
+    registry.promote(f"{registry.task}-v1", actor="bootstrap")
+    registry.promote(f"{registry.task}-v2", actor="bootstrap")
+    store = KeyStore(settings.registry_uri)
+    keys = {name: store.create(name, scopes)[1] for name, scopes in
+            (("ops", ["predict", "feedback", "admin"]), ("app", ["predict", "feedback"]))}
+    app = FastAPI()
+    state = ConsoleState(settings, Access(settings))
+    install(app, lambda: state)
+    return app, settings, registry, keys
+
+
+@pytest.fixture
+def desk(tmp_path: Path) -> Iterator[Desk]:
+    app, settings, registry, keys = console_app(tmp_path)
+    with TestClient(app, follow_redirects=False) as client:
+        yield Desk(client, settings, registry, keys)
+
+
+def _login(client: TestClient, key: str) -> object:
+    form = client.get("/console/login")
+    token = LOGIN_TOKEN.search(form.text).group(1)
+    return client.post("/console/login", data={"key": key, "login_token": token})
+
+
+def _csrf(client: TestClient, path: str) -> str:
+    page = client.get(path)
+    assert page.status_code == 200, page.text
+    return CSRF.search(page.text).group(1)
+
+
+def test_without_a_session_every_page_sends_to_login_and_every_action_is_401(desk: Desk) -> None:
+    task = desk.registry.task
+    for path in ("/console", f"/console/tasks/{task}", f"/console/tasks/{task}/versions/{task}-v2", "/console/review",
+                 "/console/lineage?id=x"):
+        response = desk.client.get(path)
+        assert response.status_code == 303 and response.headers["location"] == "/console/login", path
+    for path in (f"/console/tasks/{task}/promote", f"/console/tasks/{task}/rollback",
+                 f"/console/tasks/{task}/canary/abort", f"/console/tasks/{task}/retrain", "/console/logout"):
+        response = desk.client.post(path, data={"version": f"{task}-v3", "csrf": "x"})
+        assert response.status_code == 401, path
+    # a forged cookie is no session either
+    desk.client.cookies.set(COOKIE, "eyJzIjoiYWRtaW4tdG9rZW4ifQ.AAAA", path="/console")
+    assert desk.client.get("/console").status_code == 303
+    assert desk.registry.alias("champion") == f"{task}-v2"
+
+
+def test_a_wrong_key_or_one_without_admin_scope_opens_no_session(desk: Desk, caplog: pytest.LogCaptureFixture
+                                                                 ) -> None:
+    caplog.set_level(logging.INFO)
+    wrong = _login(desk.client, "fw_0123456789ab_" + "x" * 43)
+    assert wrong.status_code == 401 and "not known" in wrong.text
+    not_admin = _login(desk.client, desk.keys["app"])
+    assert not_admin.status_code == 403 and "lacks scope" in not_admin.text
+    assert COOKIE not in desk.client.cookies
+    assert desk.client.get("/console").status_code == 303
+    assert desk.keys["app"] not in caplog.text
+
+
+def test_the_login_form_carries_its_own_csrf_token(desk: Desk) -> None:
+    desk.client.get("/console/login")  # the login cookie is set, but the form's token is not sent back
+    refused = desk.client.post("/console/login", data={"key": ADMIN_TOKEN, "login_token": "forged"})
+    assert refused.status_code == 403 and COOKIE not in desk.client.cookies
+
+
+def test_a_session_cookie_is_httponly_strict_and_never_holds_the_key(desk: Desk, caplog: pytest.LogCaptureFixture
+                                                                     ) -> None:
+    caplog.set_level(logging.INFO)
+    key = desk.keys["ops"]
+    response = _login(desk.client, key)
+    assert response.status_code == 303 and response.headers["location"] == "/console"
+    cookie = next(c for c in response.headers.get_list("set-cookie") if c.startswith(f"{COOKIE}="))
+    attributes = {part.strip().lower() for part in cookie.split(";")}
+    assert {"httponly", "samesite=strict", "path=/console"} <= attributes
+    assert "secure" not in attributes  # plain http here: a browser would drop a Secure cookie
+    assert key not in cookie and key not in response.headers["location"] and key not in caplog.text
+    assert "event=console_login principal=ops" in caplog.text
+    page = desk.client.get("/console")
+    assert page.status_code == 200 and f"{desk.registry.task}-v2" in page.text
+    assert page.headers["cache-control"] == "no-store" and "frame-ancestors 'none'" in page.headers[
+        "content-security-policy"]
+
+
+def test_over_https_the_session_cookie_is_secure(desk: Desk) -> None:
+    desk.client.base_url = "https://testserver"
+    response = _login(desk.client, ADMIN_TOKEN)
+    assert response.status_code == 303
+    cookie = next(c for c in response.headers.get_list("set-cookie") if c.startswith(f"{COOKIE}="))
+    assert "secure" in {part.strip().lower() for part in cookie.split(";")}
+    assert desk.client.get("/console").status_code == 200
+
+
+def test_an_action_needs_the_sessions_csrf_token_and_is_recorded_with_who_pressed_it(desk: Desk) -> None:
+    task = desk.registry.task
+    _login(desk.client, desk.keys["ops"])
+    token = _csrf(desk.client, f"/console/tasks/{task}")
+    for data, headers in (({"version": f"{task}-v3"}, {}), ({"version": f"{task}-v3", "csrf": "0" * 64}, {}),
+                          ({"version": f"{task}-v3", "csrf": token}, {"origin": "https://elsewhere.example"})):
+        refused = desk.client.post(f"/console/tasks/{task}/promote", data=data, headers=headers)
+        assert refused.status_code == 403
+    assert desk.registry.alias("champion") == f"{task}-v2"
+    done = desk.client.post(f"/console/tasks/{task}/promote", data={"version": f"{task}-v3", "csrf": token})
+    assert done.status_code == 303 and done.headers["location"].startswith(f"/console/tasks/{task}?done=")
+    assert desk.registry.alias("champion") == f"{task}-v3"
+    entry = desk.registry.history("champion")[-1]
+    assert (entry.action, entry.version, entry.actor) == ("promote", f"{task}-v3", "ops (console)")
+    page = desk.client.get(done.headers["location"])
+    assert f"{task}-v3 is champion" in page.text and "by ops (console)" in page.text
+    back = desk.client.post(f"/console/tasks/{task}/rollback", data={"csrf": token})
+    assert back.status_code == 303 and desk.registry.alias("champion") == f"{task}-v2"
+    assert desk.registry.history("champion")[-1].actor == "ops (console)"
+
+
+def test_revoking_the_key_ends_its_sessions(desk: Desk) -> None:
+    _login(desk.client, desk.keys["ops"])
+    assert desk.client.get("/console").status_code == 200
+    KeyStore(desk.settings.registry_uri).revoke("ops")
+    time.sleep(desk.settings.auth.key_cache_s + 0.1)
+    assert desk.client.get("/console").status_code == 303
+
+
+def test_the_canary_is_shown_and_aborted_by_hand(desk: Desk) -> None:
+    task = desk.registry.task
+    desk.registry.promote(f"{task}-v3", alias="canary", traffic_fraction=0.2, actor="gate")
+    _login(desk.client, ADMIN_TOKEN)
+    overview = desk.client.get("/console")
+    assert f"{task}-v3 at 20%" in overview.text
+    token = _csrf(desk.client, f"/console/tasks/{task}")
+    done = desk.client.post(f"/console/tasks/{task}/canary/abort", data={"csrf": token})
+    assert done.status_code == 303
+    canary = desk.registry.aliases()["canary"]
+    assert canary.traffic_fraction == 0.0 and canary.actor == "admin-token (console)"
+    assert desk.registry.alias("champion") == f"{task}-v2"
+    again = desk.client.post(f"/console/tasks/{task}/canary/abort", data={"csrf": token})
+    assert again.status_code == 409 and "runs no canary" in again.text
+
+
+def test_the_gate_report_is_one_click_from_the_version(desk: Desk) -> None:
+    task = desk.registry.task
+    _login(desk.client, ADMIN_TOKEN)
+    page = desk.client.get(f"/console/tasks/{task}/versions/{task}-v2")
+    assert page.status_code == 200 and "gain on new" in page.text and "[0.030, 0.200]" in page.text
+    assert "Confusion matrix, candidate on the new slice" in page.text
+    assert '<td class="heat h4">4</td><td class="heat h1">1</td><td class="heat h0">0</td>' in page.text
+    assert desk.client.get(f"/console/tasks/{task}/versions/{task}-v9").status_code == 404
+    assert desk.client.get("/console/tasks/no-such-task").status_code == 404
+
+
+def pending_correction(settings: Settings, task: str) -> CuratedExample:
+    row = CuratedExample(
+        event_id=uuid.uuid4().hex, request_id=uuid.uuid4().hex, task=task, feedback_ts=T0, prediction_ts=T0,
+        adapter_version=f"{task}-v2", prompt_kind="text", prompt="How do I reset my card PIN?", answer="Call us.",
+        reasoning="", rating=1, thumb=None, correction="Use the app's card menu.", comment=None, user_id=None,
+        tenant_id=None, rater=None, authenticated=False, asker=None, feedback_source="f/0", feedback_offset=0,
+        prediction_source="p/0", prediction_offset=0)
+    dataset = CuratedDataset(settings.feedback_dir / "dataset")
+    part = "day=2026-12-01/part-0000000001-000.parquet"
+    dataset.write_part(part, [row])
+    dataset.write_manifest(Manifest(updated_at=T0, files=[PartFile(
+        path=part, day="2026-12-01", batch=1, rows=1, offsets={}, positions={}, created_at=T0)]))
+    return row
+
+
+def test_a_pending_correction_is_approved_from_the_review_queue(desk: Desk) -> None:
+    task = desk.registry.task
+    row = pending_correction(desk.settings, task)
+    assert [p.event_id for p in review_queue(desk.settings)] == [row.event_id]
+    _login(desk.client, desk.keys["ops"])
+    overview = desk.client.get("/console")
+    assert f'href="/console/review?task={task}">1</a>' in overview.text
+    queue = desk.client.get("/console/review")
+    assert row.correction is not None and "Use the app&#39;s card menu." in queue.text
+    token = CSRF.search(queue.text).group(1)
+    done = desk.client.post("/console/review", data={"csrf": token, "action": "approve", "event_id": [row.event_id],
+                                                     "reason": "checked"})
+    assert done.status_code == 303 and "approved+1" in done.headers["location"]
+    assert review_queue(desk.settings) == []
+    assert lineage(desk.settings, row.event_id).event.trust == "reviewed"
+    found = desk.client.get(f"/console/lineage?id={row.event_id}")
+    assert found.status_code == 200 and "reviewed" in found.text and "approve by ops (console)" in found.text
+
+
+def test_the_task_page_plots_ratings_per_version_and_the_loop_page_shows_runs_and_the_feedback_plane(
+        desk: Desk) -> None:
+    task = desk.registry.task
+    pending_correction(desk.settings, task)  # one rating of 1 for v2 on 2026-12-01
+    _login(desk.client, desk.keys["ops"])
+    page = desk.client.get(f"/console/tasks/{task}")
+    assert '<svg class="chart"' in page.text and f"{task}-v2 2026-12-01: 1.00 from 1 ratings" in page.text
+    loop = desk.client.get("/console/loop")
+    assert loop.status_code == 200 and "No retrains yet." in loop.text
+    assert "<dt>Curated</dt>" in loop.text or "cannot be read here" in loop.text
+
+
+def test_the_tasks_page_stays_fast_with_30_tasks_and_1000_versions(tmp_path: Path) -> None:
+    """A guard (tests/timing.py), not the target: the issue's goal is < 300 ms server-side; this box measured
+    about 0.2 s while busy. An unbounded read (every manifest of every task per row, say) would blow far past."""
+    app, settings, _, _ = console_app(tmp_path)
+    adapter = tmp_path / "adapter-bench"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"w")
+    for i in range(29):  # and the default task's 3: 30 tasks, 1 000 versions
+        registry = registry_for(settings, f"task-{i:02d}")
+        registry.save_task_spec(TaskSpec(name=registry.task, kind="generation", metric="token_f1"))
+        for _ in range(35 if i < 9 else 34):
+            registry.register(adapter, base=BaseModelRef(id="tiny", sha256="0" * 64))
+        registry.promote(f"{registry.task}-v1", actor="bootstrap")
+    with TestClient(app, follow_redirects=False) as client:
+        _login(client, ADMIN_TOKEN)
+        page = client.get("/console")
+        assert page.text.count('<tr data-task="') == 30 and ", 35 versions" in page.text
+        seconds = fastest_run_s(lambda: client.get("/console"))
+    print(f"tasks page, 30 tasks and 1000 versions: {seconds * 1000:.0f} ms")
+    assert seconds < 2.0
+
+
+def test_a_login_names_its_key_by_id_and_the_session_ends_with_the_key(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "home")
+    store = KeyStore(settings.registry_uri)
+    record, key = store.create("ops", ["admin"])
+    authenticator = Access(settings).authenticator
+    caller, subject = authenticator.login(key, "127.0.0.1")
+    assert (caller.principal, subject) == ("ops", record.key_id)
+    assert authenticator.login(f"  {ADMIN_TOKEN} ", "127.0.0.1")[1] == "admin-token"
+    with pytest.raises(AuthError):  # open mode (loopback) takes an unknown token for no key: no login with it
+        authenticator.login("unused", "127.0.0.1")
+    assert authenticator.subject(record.key_id)[1] == record.sha256
+    store.revoke("ops")
+    time.sleep(settings.auth.key_cache_s + 0.1)
+    assert authenticator.subject(record.key_id) is None and authenticator.subject("0" * 12) is None
+
+
+def test_a_correction_is_retracted_from_its_lineage_with_a_reason(desk: Desk) -> None:
+    row = pending_correction(desk.settings, desk.registry.task)
+    _login(desk.client, desk.keys["ops"])
+    page = desk.client.get(f"/console/lineage?id={row.event_id}")
+    assert f"Retract {row.event_id}?" in page.text
+    token = CSRF.search(page.text).group(1)
+    without_reason = desk.client.post("/console/review", data={"csrf": token, "action": "retract",
+                                                               "event_id": row.event_id})
+    assert without_reason.status_code == 422 and not lineage(desk.settings, row.event_id).event.retracted
+    done = desk.client.post("/console/review", data={"csrf": token, "action": "retract", "event_id": row.event_id,
+                                                     "reason": "a customer's account number"})
+    assert done.status_code == 303 and "retracted+1" in done.headers["location"]
+    found = lineage(desk.settings, row.event_id).event
+    assert found.retracted and found.judgements[-1].by == "ops (console)"
+    assert review_queue(desk.settings) == []
