@@ -384,6 +384,17 @@ def join(
     )
 
 
+def may_rate(settings: Settings, feedback: Located[FeedbackEvent], prediction: Located[PredictionEvent]) -> bool:
+    """Only the asker rates an answer (`feedback.rater: asker`): the gateway refuses a stranger it can tell
+    apart (403); this catches the rest (a request another replica answered, or one from before a restart)."""
+    asker, rater = prediction.event.asker, feedback.event.rater
+    if settings.feedback.rater == "any" or asker is None or rater == asker:
+        return True
+    log.warning("event=feedback_refused event_id=%s request_id=%s why=not_the_asker", feedback.event.event_id,
+                feedback.event.request_id)
+    return False
+
+
 # -- the curator --------------------------------------------------------------------------------
 
 class BatchResult(BaseModel):
@@ -557,13 +568,8 @@ class Curator:
 
     def _may_rate(self, feedback: Located[FeedbackEvent], prediction: Located[PredictionEvent],
                   result: BatchResult) -> bool:
-        """Only the asker rates an answer (`feedback.rater: asker`): the gateway refuses a stranger it can tell
-        apart (403); this catches the rest (a request another replica answered, or one from before a restart)."""
-        asker, rater = prediction.event.asker, feedback.event.rater
-        if self.settings.feedback.rater == "any" or asker is None or rater == asker:
+        if may_rate(self.settings, feedback, prediction):
             return True
-        log.warning("event=feedback_refused event_id=%s request_id=%s why=not_the_asker", feedback.event.event_id,
-                    feedback.event.request_id)
         result.refused += 1
         return False
 
