@@ -1,0 +1,190 @@
+"""Curation partitioned by Kafka: three curators in one group, one killed mid-batch, every rating once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from kafka import KafkaProducer
+
+from feedback.bus import build_bus, kafka_client_config
+from feedback.curator import Located, dataset_path, join
+from feedback.dataset import CuratedDataset
+from feedback.partitioned import CommitConflict, PartitionedDataset, commit_name
+from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent
+from flywheel.config import Settings
+from tests.kafka_broker import event_pairs, interleaved, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# One curator of the group, as its own process. It writes the pairs it owns to OWNED every 0.1 s; with
+# DIE_AT = k it SIGKILLs itself on its k-th batch, after the batch's Parquet parts are written and before
+# their commit is created (the moment a crash can hurt most).
+CURATOR = """
+import json, os, signal, sys, threading
+from pathlib import Path
+from feedback import partitioned
+from flywheel.cli_common import settings_or_exit
+from flywheel.logs import configure_logging
+
+config, owned, die_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+configure_logging()
+if die_at:
+    write_new, commits = partitioned._write_new, 0
+    def dying(path, write, *, replace):
+        global commits
+        if not replace:
+            commits += 1
+            if commits == die_at:
+                print("dying before commit", path, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        write_new(path, write, replace=replace)
+    partitioned._write_new = dying
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+curator = partitioned.PartitionedCurator(settings_or_exit(config), session_timeout_ms=6000)
+
+def report():
+    while not stop.wait(0.1):
+        try:
+            owned.write_text(json.dumps(curator.pairs))
+        except RuntimeError:  # the dict changed while read: next time
+            pass
+threading.Thread(target=report, daemon=True).start()
+curator.run(stop)
+curator.close()
+"""
+
+
+def _read_owned(path: Path) -> list[int] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout_s: float, logs: list[Path]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {log}\n{log.read_text()[-2000:]}" for log in logs)
+            pytest.fail(f"timed out waiting for {what}\n{tails}")
+        time.sleep(0.1)
+
+
+def _rows(settings: Settings) -> list[CuratedExample]:
+    """What a reader sees: the rows of every committed part (straight from the commits)."""
+    fs = settings.feedback
+    root = dataset_path(settings)
+    manifest = PartitionedDataset(root, fs.predictions_topic, fs.feedback_topic).manifest()
+    table = CuratedDataset(root).read_table(manifest)
+    return [CuratedExample.model_validate(row) for row in table.to_pylist()]
+
+
+def _publish(settings: Settings, events: list[PredictionEvent | FeedbackEvent]) -> None:
+    bus = build_bus(settings)
+    try:
+        for event in events:
+            assert bus.publish(event)
+        assert bus.flush(timeout_s=60), bus.stats()
+    finally:
+        bus.close()
+
+
+@pytest.mark.kafka
+def test_three_curators_one_killed_mid_batch_curate_every_rating_exactly_once(
+    feedback_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = feedback_settings("kafka", curation="partitioned", curator_batch_size=20, curator_flush_s=0.05)
+    fs = settings.feedback
+    producer = KafkaProducer(**kafka_client_config(fs))  # the broker creates both topics (num.partitions=4)
+    try:
+        counts = [len(producer.partitions_for(topic)) for topic in (fs.predictions_topic, fs.feedback_topic)]
+    finally:
+        producer.close()
+    assert counts[0] == counts[1] >= 3, counts
+    partitions = set(range(counts[0]))
+
+    config = write_config(settings, tmp_path / "flywheel.yaml")
+    owned = [tmp_path / f"owned-{n}.json" for n in range(3)]
+    logs = [tmp_path / f"curator-{n}.log" for n in range(3)]
+    procs = []
+    for n in range(3):
+        with logs[n].open("w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", CURATOR, str(config), str(owned[n]), "3" if n == 0 else "0"],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        started = time.monotonic()
+
+        def settled() -> bool:  # every pair owned by exactly one curator, each curator owning some
+            seen = [_read_owned(path) for path in owned]
+            return all(seen) and sorted(p for s in seen for p in s or []) == sorted(partitions)
+
+        _wait_for("the group to settle", settled, 45, logs)
+        victim_pairs = _read_owned(owned[0])
+        print(f"group settled in {time.monotonic() - started:.1f}s: {[_read_owned(p) for p in owned]}")
+
+        pairs = event_pairs(600)
+        _publish(settings, interleaved(pairs))
+        _wait_for("the victim to die mid-batch", lambda: procs[0].poll() is not None, 30, logs)
+        assert procs[0].returncode == -signal.SIGKILL, logs[0].read_text()[-3000:]
+        assert "dying before commit" in logs[0].read_text()
+        root = dataset_path(settings)
+        named = {part.path for commit in PartitionedDataset(root, fs.predictions_topic, fs.feedback_topic).commits()
+                 for part in commit.files}
+        uncommitted = {p.relative_to(root).as_posix() for p in root.glob("day=*/part-*.parquet")} - named
+        assert uncommitted, "the victim died with no part written: not mid-batch"
+        died = time.monotonic()
+
+        _wait_for("every rating curated", lambda: len(_rows(settings)) >= len(pairs), 60, logs)
+        print(f"victim {victim_pairs} died; all {len(pairs)} curated {time.monotonic() - died:.1f}s later "
+              f"({time.monotonic() - started:.1f}s in all)")
+        time.sleep(1.0)  # anything curated twice would show up now
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    rows = _rows(settings)
+    ids = [row.event_id for row in rows]
+    assert len(ids) - len(set(ids)) == 0, "duplicated"
+    assert {fb.event_id for _, fb in pairs} - set(ids) == set(), "lost"
+    assert len(rows) == len(pairs)
+    by_event = {row.event_id: row for row in rows}
+    for pred, fb in pairs:  # each row joined to its own prediction
+        row = by_event[fb.event_id]
+        assert (row.request_id, row.prompt, row.rating) == (pred.request_id, pred.prompt, fb.rating)
+    survivors = logs[1].read_text() + logs[2].read_text()
+    for pair in victim_pairs or []:  # taken over from the victim's chain, its cache replayed from the topics
+        assert f"event=pair_taken pair={pair} chain_end=" in survivors
+    manifest = CuratedDataset(dataset_path(settings)).manifest()  # manifest.json, as the curators wrote it
+    assert sum(part.rows for part in manifest.files) <= len(pairs)
+
+
+def test_a_commit_is_created_once(tmp_path: Path) -> None:
+    """The second writer of a pair's batch from the same start is refused; its parts stay invisible."""
+    dataset = PartitionedDataset(tmp_path, "p", "f")
+    (pred, fb), = event_pairs(1)
+    row = join(Located(fb, "f/0", 0), Located(pred, "p/0", 0), "demo")
+    first = dataset.write_batch(0, (0, 0), (1, 1), [row], 0)
+    with pytest.raises(CommitConflict):
+        dataset.write_batch(0, (0, 0), (2, 3), [row], 0)
+    assert (tmp_path / commit_name(0, (0, 0))).is_file()
+    assert [c.end for c in dataset.commits(0)] == [(1, 1)] and dataset.manifest().files == first.files
+    assert len(list(tmp_path.glob("day=*/*.parquet"))) == 2
+    assert len(dataset.remove_orphans(0, dataset.commits(0))) == 1  # never committable: removed
+    assert CuratedDataset(tmp_path).read_table(dataset.manifest()).num_rows == 1
+
