@@ -19,18 +19,19 @@ curators that both think they own a pair (mid-rebalance, or an evicted member st
 same commit name: one wins, the loser drops its cache of the pair and rebuilds it from the winner's end.
 So a pair's commits form one chain from (0, 0), and every row lies in exactly one committed part.
 
-Join state: a cache, rebuilt from the topics. What a chain ending at E = (pred end, fb end) holds
-follows from offsets alone: a feedback event joined to its prediction is in the chain iff both records lie
-before E (the join happens as soon as both halves have been read, in whatever order the two partitions
-are read; of redelivered copies of an event, the first in offset order is the one joined). So a curator
-that takes a pair over seeks both partitions to their beginning, replays them through an empty cache and
-writes only the joins with a record at or after E. Nothing is stored but the topics and the chain: no
-SQLite, nothing a network filesystem must lock. A takeover re-reads what the topics retain (keep their
-retention near `prediction_retention_s`, which bounds the cache anyway); a snapshot of the cache beside
-the commits would make takeovers cheaper where that matters. The group's committed offsets are set to each
-commit's end for lag monitoring and never read back. Pruning (`prediction_retention_s`,
-`unmatched_retention_s`, `max_unmatched` per pair) is by event time; a replay long after the original read
-may therefore prune what the original still joined, never the other way round.
+Join state: a cache, rebuilt from the topics. What a chain ending at E = (pred end, fb end) holds follows from
+offsets alone: a feedback event joined to its prediction is in the chain iff both records lie before E (the
+join happens as soon as both halves have been read, in whatever order the two partitions are read; of
+redelivered copies of an event, the first in offset order is the one joined). So a curator that takes a pair
+over seeks both partitions to their beginning, replays them through an empty cache, keeps only the joins with
+a record at or after E, and commits nothing until both partitions are read up to E (a commit's end says that
+everything before it was read; one side read ahead must not claim the other). Nothing is stored but the topics
+and the chain: no SQLite, nothing a network filesystem must lock. A takeover re-reads what the topics retain
+(keep their retention near `prediction_retention_s`, which bounds the cache anyway); a snapshot of the cache
+beside the commits would make takeovers cheaper. The group's committed offsets are set to each commit's end
+for lag monitoring and never read back. Pruning (`prediction_retention_s`, `unmatched_retention_s`,
+`max_unmatched` per pair) is by event time; a replay long after the original read may therefore prune what the
+original still joined, never the other way round.
 """
 
 from __future__ import annotations
@@ -217,6 +218,12 @@ class PairState:
         self.joined: dict[str, set[str]] = {}  # request id -> ids of the feedback joined to it
         self.waiting: dict[str, list[Located[FeedbackEvent]]] = {}
         self.waiting_ids: set[str] = set()
+        self.pending: list[CuratedExample] = []  # joins not committed yet
+
+    def replayed(self) -> bool:
+        """Both partitions read up to the chain's end. Only then may a batch be committed: its end claims that
+        every record before it has been read, and the chain's rule (both halves before the end) relies on it."""
+        return all((read or 0) >= done for done, read in zip(self.chain_end, self.next, strict=True))
 
     def already_read(self, feedback: FeedbackEvent) -> bool:
         return feedback.event_id in self.waiting_ids or feedback.event_id in self.joined.get(feedback.request_id, ())
@@ -436,18 +443,17 @@ class PartitionedCurator:
         return result
 
     def _curate_pair(self, state: PairState, records: list[tuple[int, SourceRecord]], result: BatchResult) -> bool:
-        rows: list[CuratedExample] = []
         for side, record in records:
             position = state.next[side]
             if position is not None and record.offset < position:
                 continue  # read twice (a seek back): the cache has it
-            rows += self._apply(state, record, result)
+            state.pending += self._apply(state, record, result)
             state.next[side] = record.next_offset
-        if not rows:
+        if not state.pending or not state.replayed():
             return False  # nothing to lose: a takeover replays these records anyway
-        start, end = state.chain_end, state.end()
+        rows, start, end = state.pending, state.chain_end, state.end()
         commit = self.dataset.write_batch(state.pair, start, end, rows, state.sequence)
-        state.chain_end, state.sequence = end, state.sequence + 1
+        state.chain_end, state.sequence, state.pending = end, state.sequence + 1, []
         result.curated += len(rows)
         result.files += [part.path for part in commit.files]
         for side, source in enumerate(self.dataset.sources(state.pair)):
