@@ -652,14 +652,22 @@ class FeedbackStatus(BaseModel):
 
 def feedback_status(settings: Settings) -> FeedbackStatus:
     """Read-only: safe to call while a curator and publishers are running."""
-    state = CuratorState(state_path(settings))
-    try:
-        counters = state.counters()
-        unmatched, oldest = state.unmatched_summary()
-        positions = state.positions()
-        parts = len(state.parts())
-    finally:
-        state.close()
+    if settings.feedback.curation == "partitioned":  # no state but the commits: what they hold, where they end
+        from feedback.partitioned import PartitionedDataset
+
+        manifest = PartitionedDataset(dataset_path(settings), settings.feedback.predictions_topic,
+                                      settings.feedback.feedback_topic).manifest()
+        counters = dict.fromkeys(COUNTERS, 0) | {"curated": sum(part.rows for part in manifest.files)}
+        unmatched, oldest, positions, parts = 0, None, manifest.positions, len(manifest.files)
+    else:
+        state = CuratorState(state_path(settings))
+        try:
+            counters = state.counters()
+            unmatched, oldest = state.unmatched_summary()
+            positions = state.positions()
+            parts = len(state.parts())
+        finally:
+            state.close()
     kafka = bool(settings.feedback.kafka_bootstrap)
     log_dir = settings.feedback_dir / "log"
     log_end = {} if kafka else {f"{path.stem}/0": path.stat().st_size for path in sorted(log_dir.glob("*.log"))}

@@ -30,8 +30,8 @@ and the chain: no SQLite, nothing a network filesystem must lock. A takeover re-
 (keep their retention near `prediction_retention_s`, which bounds the cache anyway); a snapshot of the cache
 beside the commits would make takeovers cheaper. The group's committed offsets are set to each commit's end
 for lag monitoring and never read back. Pruning (`prediction_retention_s`, `unmatched_retention_s`,
-`max_unmatched` per pair) is by event time; a replay long after the original read may therefore prune what the
-original still joined, never the other way round.
+`max_unmatched` per pair) goes by event time, so a replay decides as the original did except for events
+at those limits: it may then drop a join the original would have made later, never write one twice.
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaProducer
+from pydantic import ValidationError
 
 from feedback.bus import build_bus, kafka_client_config
-from feedback.curator import Located, dataset_path, join
+from feedback.curator import Located, dataset_path, feedback_status, join
 from feedback.dataset import CuratedDataset
 from feedback.partitioned import CommitConflict, PartitionedDataset, commit_name
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent
@@ -172,6 +173,15 @@ def test_three_curators_one_killed_mid_batch_curate_every_rating_exactly_once(
         assert f"event=pair_taken pair={pair} chain_end=" in survivors
     manifest = CuratedDataset(dataset_path(settings)).manifest()  # manifest.json, as the curators wrote it
     assert sum(part.rows for part in manifest.files) <= len(pairs)
+    status = feedback_status(settings)
+    assert status.curated == len(pairs) and set(status.positions) == {
+        f"{topic}/{p}" for topic in (fs.predictions_topic, fs.feedback_topic) for p in partitions}
+    assert not (settings.feedback_dir / "curator" / "state.db").exists()  # no SQLite anywhere
+
+
+def test_partitioned_curation_needs_kafka(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match=r"needs feedback\.kafka_bootstrap"):
+        Settings(home=tmp_path, feedback={"curation": "partitioned"})
 
 
 def test_a_commit_is_created_once(tmp_path: Path) -> None:
