@@ -412,8 +412,8 @@ class PartitionedCurator:
             while len(records) < self._batch_size and (left := deadline - time.monotonic()) > 0:
                 records += self._poll(self._batch_size - len(records), left)
         if self._rebalanced.is_set():  # positions moved under these records: read them again
+            self._take_assignment()  # if this raises (PartitionMismatch), the next batch tries again
             self._rebalanced.clear()
-            self._take_assignment()
             return BatchResult()
         result = BatchResult(records=len(records))
         by_pair: dict[int, list[tuple[int, SourceRecord]]] = defaultdict(list)

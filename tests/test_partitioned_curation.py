@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from feedback.bus import build_bus, kafka_client_config
 from feedback.curator import Located, dataset_path, feedback_status, join
 from feedback.dataset import CuratedDataset
-from feedback.partitioned import CommitConflict, PartitionedDataset, commit_name
+from feedback.partitioned import CommitConflict, PartitionedCurator, PartitionedDataset, commit_name
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent
 from flywheel.config import Settings
 from tests.kafka_broker import event_pairs, interleaved, write_config
@@ -168,6 +168,9 @@ def test_three_curators_one_killed_mid_batch_curate_every_rating_exactly_once(
     for pred, fb in pairs:  # each row joined to its own prediction
         row = by_event[fb.event_id]
         assert (row.request_id, row.prompt, row.rating) == (pred.request_id, pred.prompt, fb.rating)
+    # keyed by request id: a prediction and its feedback came from the same partition number
+    assert all(row.prediction_source.rsplit("/", 1)[1] == row.feedback_source.rsplit("/", 1)[1] for row in rows)
+    assert len({row.feedback_source for row in rows}) == len(partitions)
     survivors = logs[1].read_text() + logs[2].read_text()
     for pair in victim_pairs or []:  # taken over from the victim's chain, its cache replayed from the topics
         assert f"event=pair_taken pair={pair} chain_end=" in survivors
@@ -182,6 +185,26 @@ def test_three_curators_one_killed_mid_batch_curate_every_rating_exactly_once(
 def test_partitioned_curation_needs_kafka(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match=r"needs feedback\.kafka_bootstrap"):
         Settings(home=tmp_path, feedback={"curation": "partitioned"})
+
+
+@pytest.mark.kafka
+def test_a_curator_taking_over_finished_pairs_replays_them_and_writes_nothing_new(
+    feedback_settings: Callable[..., Settings],
+) -> None:
+    """The chain's rule on a whole replay: with redelivered and resent feedback, late predictions, a restart."""
+    settings = feedback_settings("kafka", curation="partitioned")
+    pairs = event_pairs(200)
+    events = interleaved(pairs)
+    _publish(settings, events + events[:60])  # the first 60 events delivered twice
+    for attempt in range(2):  # the second curator takes every pair over from the end of its chain
+        curator = PartitionedCurator(settings, session_timeout_ms=6000)
+        try:
+            result = curator.drain(timeout_s=120)
+        finally:
+            curator.close()
+        assert result.curated == (len(pairs) if attempt == 0 else 0), result
+        rows = _rows(settings)
+        assert sorted(row.event_id for row in rows) == sorted(fb.event_id for _, fb in pairs)
 
 
 def test_a_commit_is_created_once(tmp_path: Path) -> None:
