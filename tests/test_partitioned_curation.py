@@ -15,10 +15,10 @@ from kafka import KafkaProducer
 from pydantic import ValidationError
 
 from feedback.bus import build_bus, kafka_client_config
-from feedback.curator import Located, dataset_path, feedback_status, join
+from feedback.curator import BatchResult, Located, SourceRecord, dataset_path, feedback_status, join
 from feedback.dataset import CuratedDataset
-from feedback.partitioned import CommitConflict, PartitionedCurator, PartitionedDataset, commit_name
-from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent
+from feedback.partitioned import CommitConflict, PairState, PartitionedCurator, PartitionedDataset, commit_name
+from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, encode_event
 from flywheel.config import Settings
 from tests.kafka_broker import event_pairs, interleaved, write_config
 
@@ -205,6 +205,40 @@ def test_a_curator_taking_over_finished_pairs_replays_them_and_writes_nothing_ne
         assert result.curated == (len(pairs) if attempt == 0 else 0), result
         rows = _rows(settings)
         assert sorted(row.event_id for row in rows) == sorted(fb.event_id for _, fb in pairs)
+
+
+class _NoBroker:
+    def commit(self, offsets: object) -> None:
+        pass
+
+
+def _offline_curator(settings: Settings) -> PartitionedCurator:
+    """A curator's pair logic without a consumer group: the test hands it records itself."""
+    curator = PartitionedCurator.__new__(PartitionedCurator)
+    curator.settings, curator._topics = settings, ("p", "f")
+    curator.dataset = PartitionedDataset(dataset_path(settings), "p", "f")
+    curator._consumer = _NoBroker()  # type: ignore[assignment]
+    return curator
+
+
+def test_a_takeover_commits_nothing_until_both_partitions_reach_the_chains_end(tmp_path: Path) -> None:
+    """One partition replayed ahead of the other must not let a commit claim offsets the other has not read."""
+    settings = Settings(home=tmp_path)
+    pairs = event_pairs(12)
+    predictions = [(0, SourceRecord("p/0", i, i + 1, encode_event(pred))) for i, (pred, _) in enumerate(pairs)]
+    feedback = [(1, SourceRecord("f/0", i, i + 1, encode_event(fb))) for i, (_, fb) in enumerate(pairs)]
+    first = _offline_curator(settings)
+    first._curate_pair(PairState(0, (0, 0), 0), predictions[:4] + feedback[:8], BatchResult())
+    assert [c.end for c in first.dataset.commits(0)] == [(4, 8)]  # rows 0-3; feedback 4-7 waits
+
+    second = _offline_curator(settings)
+    state = PairState(0, (4, 8), 1)
+    second._curate_pair(state, predictions + feedback[:6], BatchResult())  # feedback 4, 5 join: new rows
+    assert len(state.pending) == 2 and len(second.dataset.commits(0)) == 1  # feedback 6, 7 not read yet
+    second._curate_pair(state, feedback[6:], BatchResult())
+    assert [c.end for c in second.dataset.commits(0)] == [(4, 8), (12, 12)]
+    rows = CuratedDataset(dataset_path(settings)).read_table(second.dataset.manifest())["event_id"].to_pylist()
+    assert sorted(rows) == sorted(fb.event_id for _, fb in pairs)
 
 
 def test_a_commit_is_created_once(tmp_path: Path) -> None:
