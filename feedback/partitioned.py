@@ -201,8 +201,13 @@ class PartitionedDataset:
         """Write `manifest.json` for readers that read it (concurrent curators: the last write wins, and any
         later write includes all it missed)."""
         manifest = self.manifest()
-        text = manifest.model_dump_json(indent=1)
-        _write_new(self.root / MANIFEST, lambda tmp: tmp.write_text(text), replace=True)
+        try:
+            current = len(self.curated.manifest().files)
+        except ValueError:  # not written by this code: replace it
+            current = -1
+        if len(manifest.files) != current:  # commits are only ever added: a count tells a stale manifest
+            text = manifest.model_dump_json(indent=1)
+            _write_new(self.root / MANIFEST, lambda tmp: tmp.write_text(text), replace=True)
         return manifest
 
 
