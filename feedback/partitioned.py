@@ -352,6 +352,14 @@ class PartitionedCurator:
                 else:
                     self._consumer.seek(tp, position)
 
+    def _restart(self, pair: int | None = None) -> None:
+        """Before the next batch: forget `pair` (None: none), take over again whatever is owned but not cached
+        (from its chain's end), and read every other pair again from where its cache stopped. So nothing a failed
+        batch polled is skipped, and no cache keeps records that a failure left half applied."""
+        if pair is not None:
+            self._pairs.pop(pair, None)
+        self._rebalanced.set()
+
     def _take_over(self, pair: int) -> None:
         """Start a pair from the end of its chain, its cache rebuilt by replaying both partitions."""
         chain = self.dataset.commits(pair)
@@ -365,7 +373,7 @@ class PartitionedCurator:
     # -- curating ----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Curate until `stop` is set. A failed batch drops the caches it touched; they are rebuilt from the topics."""
+        """Curate until `stop` is set. A failed pair's cache is dropped and rebuilt from the topics."""
         backoff = 0.5
         while not stop.is_set():
             try:
@@ -373,6 +381,7 @@ class PartitionedCurator:
                 backoff = 0.5
             except Exception:  # broker, disk or a bug: nothing of the failed pair was committed
                 log.exception("event=batch_failed retry_in_s=%.1f", backoff)
+                self._restart()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
             if time.monotonic() - self._manifest_written > MANIFEST_EVERY_S:
@@ -433,13 +442,13 @@ class PartitionedCurator:
                 continue
             try:
                 committed |= self._curate_pair(state, pair_records, result)
-            except CommitConflict as exc:  # another curator committed first: start again from its end
-                log.warning("event=commit_conflict pair=%d commit=%s", pair, exc)
-                self._take_over(pair)
-            except Exception as exc:  # the cache took records no commit holds: rebuild it from the chain
-                log.error("event=pair_failed pair=%d error=%r", pair, exc)
-                self._take_over(pair)
-                failure = failure or exc
+            except Exception as exc:
+                if isinstance(exc, CommitConflict):  # another curator committed first
+                    log.warning("event=commit_conflict pair=%d commit=%s", pair, exc)
+                else:
+                    log.error("event=pair_failed pair=%d error=%r", pair, exc)
+                    failure = failure or exc
+                self._restart(pair)
         self._prune()
         if committed:
             self._publish_manifest()
