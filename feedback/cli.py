@@ -16,11 +16,12 @@ from typing import Annotated
 import typer
 from kafka.errors import KafkaError
 
-from feedback.curator import Curator, dataset_path, feedback_status
+from feedback.curator import dataset_path, feedback_status
 from feedback.dataset import CuratedDataset
 from feedback.erasure import forget
 from feedback.oversight import Lineage, events_matching, judge, lineage, review_queue
 from feedback.oversight import retract as retract_events
+from feedback.partitioned import build_curator
 from feedback.supervisor import CuratorHealth, supervise
 from flywheel.cli_common import ConfigOption, JsonOption, emit, fail, settings_or_exit
 from flywheel.logs import configure_logging
@@ -48,7 +49,7 @@ def curator(
         supervise(settings, stop)
         return
     try:
-        worker = Curator(settings)
+        worker = build_curator(settings)
     except (KafkaError, OSError, ValueError) as exc:
         fail(f"the curator could not start: {exc!r}")
     try:

@@ -384,6 +384,17 @@ def join(
     )
 
 
+def may_rate(settings: Settings, feedback: Located[FeedbackEvent], prediction: Located[PredictionEvent]) -> bool:
+    """Only the asker rates an answer (`feedback.rater: asker`): the gateway refuses a stranger it can tell
+    apart (403); this catches the rest (a request another replica answered, or one from before a restart)."""
+    asker, rater = prediction.event.asker, feedback.event.rater
+    if settings.feedback.rater == "any" or asker is None or rater == asker:
+        return True
+    log.warning("event=feedback_refused event_id=%s request_id=%s why=not_the_asker", feedback.event.event_id,
+                feedback.event.request_id)
+    return False
+
+
 # -- the curator --------------------------------------------------------------------------------
 
 class BatchResult(BaseModel):
@@ -557,13 +568,8 @@ class Curator:
 
     def _may_rate(self, feedback: Located[FeedbackEvent], prediction: Located[PredictionEvent],
                   result: BatchResult) -> bool:
-        """Only the asker rates an answer (`feedback.rater: asker`): the gateway refuses a stranger it can tell
-        apart (403); this catches the rest (a request another replica answered, or one from before a restart)."""
-        asker, rater = prediction.event.asker, feedback.event.rater
-        if self.settings.feedback.rater == "any" or asker is None or rater == asker:
+        if may_rate(self.settings, feedback, prediction):
             return True
-        log.warning("event=feedback_refused event_id=%s request_id=%s why=not_the_asker", feedback.event.event_id,
-                    feedback.event.request_id)
         result.refused += 1
         return False
 
@@ -646,14 +652,22 @@ class FeedbackStatus(BaseModel):
 
 def feedback_status(settings: Settings) -> FeedbackStatus:
     """Read-only: safe to call while a curator and publishers are running."""
-    state = CuratorState(state_path(settings))
-    try:
-        counters = state.counters()
-        unmatched, oldest = state.unmatched_summary()
-        positions = state.positions()
-        parts = len(state.parts())
-    finally:
-        state.close()
+    if settings.feedback.curation == "partitioned":  # no state but the commits: what they hold, where they end
+        from feedback.partitioned import PartitionedDataset
+
+        manifest = PartitionedDataset(dataset_path(settings), settings.feedback.predictions_topic,
+                                      settings.feedback.feedback_topic).manifest()
+        counters = dict.fromkeys(COUNTERS, 0) | {"curated": sum(part.rows for part in manifest.files)}
+        unmatched, oldest, positions, parts = 0, None, manifest.positions, len(manifest.files)
+    else:
+        state = CuratorState(state_path(settings))
+        try:
+            counters = state.counters()
+            unmatched, oldest = state.unmatched_summary()
+            positions = state.positions()
+            parts = len(state.parts())
+        finally:
+            state.close()
     kafka = bool(settings.feedback.kafka_bootstrap)
     log_dir = settings.feedback_dir / "log"
     log_end = {} if kafka else {f"{path.stem}/0": path.stat().st_size for path in sorted(log_dir.glob("*.log"))}

@@ -85,7 +85,7 @@ def report_lag(settings: Settings, records: int, seconds: float) -> None:
 def supervise(settings: Settings, stop: threading.Event, build: Callable[[Settings], Runnable] | None = None) -> None:
     """Run a curator until `stop` is set, rebuilding it after every failure."""
     if build is None:
-        from feedback.curator import Curator as build
+        from feedback.partitioned import build_curator as build
     retries = 0
     _record(settings, "starting")
     while not stop.is_set():

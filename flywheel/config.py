@@ -214,6 +214,10 @@ class FeedbackSettings(BaseModel):
     predictions_topic: str = "flywheel.predictions"
     feedback_topic: str = "flywheel.feedback"
     consumer_group: str = "flywheel-curator"
+    curation: Literal["single", "partitioned"] = Field(
+        "single", description="`single`: one curator, its join state in SQLite under <home>/feedback (one box). "
+        "`partitioned` (Kafka only): any number of curators in `consumer_group`, each owning partition pairs, their "
+        "join state rebuilt from the topics, no SQLite; see feedback/partitioned.py.")
     max_correction_chars: int = Field(4000, ge=1)
     max_comment_chars: int = Field(2000, ge=1)
     producer_buffer_bytes: int = Field(
@@ -234,6 +238,13 @@ class FeedbackSettings(BaseModel):
     max_unmatched: int = Field(
         100_000, ge=1, description="Most feedback waiting for a prediction; the oldest beyond it is dropped (a "
         "client can send feedback for any well-formed request id).")
+
+    @model_validator(mode="after")
+    def _partitioned_needs_kafka(self) -> FeedbackSettings:
+        if self.curation == "partitioned" and not self.kafka_bootstrap:
+            raise ValueError("feedback.curation partitioned needs feedback.kafka_bootstrap (the local log has one "
+                             "partition and one curator)")
+        return self
 
 
 class GateSettings(BaseModel):

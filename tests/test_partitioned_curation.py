@@ -1,0 +1,260 @@
+"""Curation partitioned by Kafka: three curators in one group, one killed mid-batch, every rating once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from kafka import KafkaProducer
+from pydantic import ValidationError
+
+from feedback.bus import build_bus, kafka_client_config
+from feedback.curator import BatchResult, Located, SourceRecord, dataset_path, feedback_status, join
+from feedback.dataset import CuratedDataset
+from feedback.partitioned import CommitConflict, PairState, PartitionedCurator, PartitionedDataset, commit_name
+from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, encode_event
+from flywheel.config import Settings
+from tests.kafka_broker import event_pairs, interleaved, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# One curator of the group, as its own process. It writes the pairs it owns to OWNED every 0.1 s; with
+# DIE_AT = k it SIGKILLs itself on its k-th batch, after the batch's Parquet parts are written and before
+# their commit is created (the moment a crash can hurt most).
+CURATOR = """
+import json, os, signal, sys, threading
+from pathlib import Path
+from feedback import partitioned
+from flywheel.cli_common import settings_or_exit
+from flywheel.logs import configure_logging
+
+config, owned, die_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+configure_logging()
+if die_at:
+    write_new, commits = partitioned._write_new, 0
+    def dying(path, write, *, replace):
+        global commits
+        if not replace:
+            commits += 1
+            if commits == die_at:
+                print("dying before commit", path, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        write_new(path, write, replace=replace)
+    partitioned._write_new = dying
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+curator = partitioned.PartitionedCurator(settings_or_exit(config), session_timeout_ms=6000)
+
+def report():
+    while not stop.wait(0.1):
+        try:
+            owned.write_text(json.dumps(curator.pairs))
+        except RuntimeError:  # the dict changed while read: next time
+            pass
+threading.Thread(target=report, daemon=True).start()
+curator.run(stop)
+curator.close()
+"""
+
+
+def _read_owned(path: Path) -> list[int] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout_s: float, logs: list[Path]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {log}\n{log.read_text()[-2000:]}" for log in logs)
+            pytest.fail(f"timed out waiting for {what}\n{tails}")
+        time.sleep(0.1)
+
+
+def _rows(settings: Settings) -> list[CuratedExample]:
+    """What a reader sees: the rows of every committed part (straight from the commits)."""
+    fs = settings.feedback
+    root = dataset_path(settings)
+    manifest = PartitionedDataset(root, fs.predictions_topic, fs.feedback_topic).manifest()
+    table = CuratedDataset(root).read_table(manifest)
+    return [CuratedExample.model_validate(row) for row in table.to_pylist()]
+
+
+def _publish(settings: Settings, events: list[PredictionEvent | FeedbackEvent]) -> None:
+    bus = build_bus(settings)
+    try:
+        for event in events:
+            assert bus.publish(event)
+        assert bus.flush(timeout_s=60), bus.stats()
+    finally:
+        bus.close()
+
+
+@pytest.mark.kafka
+def test_three_curators_one_killed_mid_batch_curate_every_rating_exactly_once(
+    feedback_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = feedback_settings("kafka", curation="partitioned", curator_batch_size=20, curator_flush_s=0.05)
+    fs = settings.feedback
+    producer = KafkaProducer(**kafka_client_config(fs))  # the broker creates both topics (num.partitions=4)
+    try:
+        counts = [len(producer.partitions_for(topic)) for topic in (fs.predictions_topic, fs.feedback_topic)]
+    finally:
+        producer.close()
+    assert counts[0] == counts[1] >= 3, counts
+    partitions = set(range(counts[0]))
+
+    config = write_config(settings, tmp_path / "flywheel.yaml")
+    owned = [tmp_path / f"owned-{n}.json" for n in range(3)]
+    logs = [tmp_path / f"curator-{n}.log" for n in range(3)]
+    procs = []
+    for n in range(3):
+        with logs[n].open("w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", CURATOR, str(config), str(owned[n]), "3" if n == 0 else "0"],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        started = time.monotonic()
+
+        def settled() -> bool:  # every pair owned by exactly one curator, each curator owning some
+            seen = [_read_owned(path) for path in owned]
+            return all(seen) and sorted(p for s in seen for p in s or []) == sorted(partitions)
+
+        _wait_for("the group to settle", settled, 45, logs)
+        victim_pairs = _read_owned(owned[0])
+        print(f"group settled in {time.monotonic() - started:.1f}s: {[_read_owned(p) for p in owned]}")
+
+        pairs = event_pairs(600)
+        _publish(settings, interleaved(pairs))
+        _wait_for("the victim to die mid-batch", lambda: procs[0].poll() is not None, 30, logs)
+        assert procs[0].returncode == -signal.SIGKILL, logs[0].read_text()[-3000:]
+        assert "dying before commit" in logs[0].read_text()
+        root = dataset_path(settings)
+        named = {part.path for commit in PartitionedDataset(root, fs.predictions_topic, fs.feedback_topic).commits()
+                 for part in commit.files}
+        uncommitted = {p.relative_to(root).as_posix() for p in root.glob("day=*/part-*.parquet")} - named
+        assert uncommitted, "the victim died with no part written: not mid-batch"
+        died = time.monotonic()
+
+        _wait_for("every rating curated", lambda: len(_rows(settings)) >= len(pairs), 60, logs)
+        print(f"victim {victim_pairs} died; all {len(pairs)} curated {time.monotonic() - died:.1f}s later "
+              f"({time.monotonic() - started:.1f}s in all)")
+        written = CuratedDataset(root)  # and what readers of manifest.json see, once the curators rewrote it
+        _wait_for("manifest.json to name every part", lambda: sum(p.rows for p in written.manifest().files) ==
+                  len(pairs), 15, logs)
+        time.sleep(1.0)  # anything curated twice would show up now
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    rows = _rows(settings)
+    ids = [row.event_id for row in rows]
+    assert len(ids) - len(set(ids)) == 0, "duplicated"
+    assert {fb.event_id for _, fb in pairs} - set(ids) == set(), "lost"
+    assert len(rows) == len(pairs)
+    by_event = {row.event_id: row for row in rows}
+    for pred, fb in pairs:  # each row joined to its own prediction
+        row = by_event[fb.event_id]
+        assert (row.request_id, row.prompt, row.rating) == (pred.request_id, pred.prompt, fb.rating)
+    # keyed by request id: a prediction and its feedback came from the same partition number
+    assert all(row.prediction_source.rsplit("/", 1)[1] == row.feedback_source.rsplit("/", 1)[1] for row in rows)
+    assert len({row.feedback_source for row in rows}) == len(partitions)
+    survivors = logs[1].read_text() + logs[2].read_text()
+    for pair in victim_pairs or []:  # taken over from the victim's chain, its cache replayed from the topics
+        assert f"event=pair_taken pair={pair} chain_end=" in survivors
+    written_ids = CuratedDataset(dataset_path(settings)).read_table()["event_id"].to_pylist()  # via manifest.json
+    assert sorted(written_ids) == sorted(ids)
+    status = feedback_status(settings)
+    assert status.curated == len(pairs) and set(status.positions) == {
+        f"{topic}/{p}" for topic in (fs.predictions_topic, fs.feedback_topic) for p in partitions}
+    assert not (settings.feedback_dir / "curator" / "state.db").exists()  # no SQLite anywhere
+
+
+def test_partitioned_curation_needs_kafka(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match=r"needs feedback\.kafka_bootstrap"):
+        Settings(home=tmp_path, feedback={"curation": "partitioned"})
+
+
+@pytest.mark.kafka
+def test_a_curator_taking_over_finished_pairs_replays_them_and_writes_nothing_new(
+    feedback_settings: Callable[..., Settings],
+) -> None:
+    """The chain's rule on a whole replay: with redelivered and resent feedback, late predictions, a restart."""
+    settings = feedback_settings("kafka", curation="partitioned")
+    pairs = event_pairs(200)
+    events = interleaved(pairs)
+    _publish(settings, events + events[:60])  # the first 60 events delivered twice
+    for attempt in range(2):  # the second curator takes every pair over from the end of its chain
+        curator = PartitionedCurator(settings, session_timeout_ms=6000)
+        try:
+            result = curator.drain(timeout_s=120)
+        finally:
+            curator.close()
+        assert result.curated == (len(pairs) if attempt == 0 else 0), result
+        rows = _rows(settings)
+        assert sorted(row.event_id for row in rows) == sorted(fb.event_id for _, fb in pairs)
+
+
+class _NoBroker:
+    def commit(self, offsets: object) -> None:
+        pass
+
+
+def _offline_curator(settings: Settings) -> PartitionedCurator:
+    """A curator's pair logic without a consumer group: the test hands it records itself."""
+    curator = PartitionedCurator.__new__(PartitionedCurator)
+    curator.settings, curator._topics = settings, ("p", "f")
+    curator.dataset = PartitionedDataset(dataset_path(settings), "p", "f")
+    curator._consumer = _NoBroker()  # type: ignore[assignment]
+    return curator
+
+
+def test_a_takeover_commits_nothing_until_both_partitions_reach_the_chains_end(tmp_path: Path) -> None:
+    """One partition replayed ahead of the other must not let a commit claim offsets the other has not read."""
+    settings = Settings(home=tmp_path)
+    pairs = event_pairs(12)
+    predictions = [(0, SourceRecord("p/0", i, i + 1, encode_event(pred))) for i, (pred, _) in enumerate(pairs)]
+    feedback = [(1, SourceRecord("f/0", i, i + 1, encode_event(fb))) for i, (_, fb) in enumerate(pairs)]
+    first = _offline_curator(settings)
+    first._curate_pair(PairState(0, (0, 0), 0), predictions[:4] + feedback[:8], BatchResult())
+    assert [c.end for c in first.dataset.commits(0)] == [(4, 8)]  # rows 0-3; feedback 4-7 waits
+
+    second = _offline_curator(settings)
+    state = PairState(0, (4, 8), 1)
+    second._curate_pair(state, predictions + feedback[:6], BatchResult())  # feedback 4, 5 join: new rows
+    assert len(state.pending) == 2 and len(second.dataset.commits(0)) == 1  # feedback 6, 7 not read yet
+    second._curate_pair(state, feedback[6:], BatchResult())
+    assert [c.end for c in second.dataset.commits(0)] == [(4, 8), (12, 12)]
+    rows = CuratedDataset(dataset_path(settings)).read_table(second.dataset.manifest())["event_id"].to_pylist()
+    assert sorted(rows) == sorted(fb.event_id for _, fb in pairs)
+
+
+def test_a_commit_is_created_once(tmp_path: Path) -> None:
+    """The second writer of a pair's batch from the same start is refused; its parts stay invisible."""
+    dataset = PartitionedDataset(tmp_path, "p", "f")
+    (pred, fb), = event_pairs(1)
+    row = join(Located(fb, "f/0", 0), Located(pred, "p/0", 0), "demo")
+    first = dataset.write_batch(0, (0, 0), (1, 1), [row], 0)
+    with pytest.raises(CommitConflict):
+        dataset.write_batch(0, (0, 0), (2, 3), [row], 0)
+    assert (tmp_path / commit_name(0, (0, 0))).is_file()
+    assert [c.end for c in dataset.commits(0)] == [(1, 1)] and dataset.manifest().files == first.files
+    assert len(list(tmp_path.glob("day=*/*.parquet"))) == 2
+    assert len(dataset.remove_orphans(0, dataset.commits(0))) == 1  # never committable: removed
+    assert CuratedDataset(tmp_path).read_table(dataset.manifest()).num_rows == 1
+
