@@ -577,7 +577,7 @@ def bases_list(config: ConfigOption = None, as_json: JsonOption = False) -> None
     emit(as_json, rows, "\n".join(lines) or "no quantized bases yet (run `flywheel quantize`)")
 
 
-RETRAIN_EXIT = {"passed": 0, "rejected": 0, "insufficient_data": 2, "failed": 1}
+RETRAIN_EXIT = {"passed": 0, "rejected": 0, "superseded": 0, "insufficient_data": 2, "failed": 1}
 
 
 @app.command()
@@ -596,8 +596,8 @@ def retrain(
     """Retrain a task's champion adapter on that task's curated feedback; the gate decides whether it ships.
 
     Without --wait the run starts in the background and its id is printed (see `flywheel status`).
-    Exit codes with --wait: 0 passed or rejected, 2 too little data, 1 failed, 3 another run is busy; with
-    --address also 2 when the cluster cannot be reached.
+    Exit codes with --wait: 0 passed, rejected or superseded (the champion changed meanwhile), 2 too little
+    data, 1 failed, 3 another run is busy; with --address also 2 when the cluster cannot be reached.
     """
     from flywheel.registry import UnknownTaskError, resolve_task
     from flywheel.runs import RetrainBusyError, RunRecord, RunStore, new_run_id
