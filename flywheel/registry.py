@@ -551,6 +551,14 @@ class Registry:
     def aliases(self) -> dict[str, AliasRecord]:
         return self._alias_state()[1]
 
+    def canary_on_trial(self, aliases: dict[str, AliasRecord] | None = None) -> AliasRecord | None:
+        """The canary alias while a version other than the champion is on trial (a share above 0)."""
+        aliases = self.aliases() if aliases is None else aliases
+        canary, champion = aliases.get(CANARY_ALIAS), aliases.get("champion")
+        if canary is None or not canary.traffic_fraction or (champion and champion.version == canary.version):
+            return None
+        return canary
+
     def alias(self, name: str = "champion") -> str | None:
         record = self.aliases().get(name)
         return record.version if record else None
@@ -647,6 +655,8 @@ class Registry:
         def back(_aliases: dict[str, AliasRecord]) -> tuple[str, str | None]:
             stack: list[str] = []
             for entry in self.history(alias):
+                if entry.alias != alias:  # a move of another alias that also ended this one
+                    continue
                 if entry.action == "promote":
                     stack.append(entry.version)
                 elif stack:

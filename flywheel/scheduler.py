@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from feedback.dataset import CuratedDataset
 from flywheel.config import Settings
-from flywheel.registry import CANARY_ALIAS, known_tasks, registry_for
+from flywheel.registry import known_tasks, registry_for
 from flywheel.runs import RetrainBusyError, RunStore
 
 log = logging.getLogger("flywheel.scheduler")
@@ -42,8 +42,8 @@ class RetrainScheduler(threading.Thread):
         waited = time.time() - last_start
         seen = max((r.dataset.get("feedback_rows", 0) for r in runs), default=0)
         new_rows = self.dataset.rows_by_task().get(task, 0) - seen
-        canary = registry_for(self.settings, task).aliases().get(CANARY_ALIAS)
-        if canary is not None and canary.traffic_fraction:
+        canary = registry_for(self.settings, task).canary_on_trial()
+        if canary is not None:
             return False, f"canary {canary.version} is on trial; one candidate at a time"
         if waited < cfg.schedule_interval_s:
             return False, f"{waited:.0f}s since the last run; interval {cfg.schedule_interval_s:.0f}s"
