@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import importlib.util
 import json
 import logging
 import os
@@ -861,17 +862,25 @@ def bench_autoscale(
 @bench_app.command("canary")
 def bench_canary(
     config: ConfigOption = None,
-    difference: Annotated[float, typer.Option(help="Mean-rating difference (1-5 scale) the raters make.")] = 0.5,
-    runs: Annotated[int, typer.Option(help="Simulated canaries per case.")] = 400,
+    difference: Annotated[float, typer.Option(help="The canary's true mean-rating difference (1-5 scale).")] = 0.3,
+    trials: Annotated[int, typer.Option(help="Simulated trials per case (A/A, and with the difference).")] = 1000,
+    raters: Annotated[int, typer.Option(help="Users who rate in a trial; each keeps their arm.")] = 400,
+    ratings: Annotated[int, typer.Option(help="Ratings per trial at most.")] = 3000,
+    compare_trials: Annotated[int, typer.Option(help="Of those, how many also go through savvi's test "
+                                                     "(0: none; needs the dev extra).")] = 200,
     out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/canary.json"),
     as_json: JsonOption = False,
 ) -> None:
-    """Ratings the canary's sequential test needs to see a rating difference, and how often it is fooled by none
-    (simulated raters, `canary.*` from config)."""
-    from loadtests.bench_canary import run_canary_bench
+    """Whether the canary's verdicts are right, on simulated raters who each have a bias and rate many answers:
+    false verdicts over A/A trials (with their confidence interval), ratings per arm to find --difference, and
+    savvi's anytime-valid test on the same streams (`canary.*` from config)."""
+    from loadtests.bench_canary import Population, run_canary_bench
 
     settings = settings_or_exit(config)
-    report = run_canary_bench(settings.canary, difference=difference, runs=runs)
+    if compare_trials and importlib.util.find_spec("savvi") is None:
+        fail("savvi is not installed (it comes with the dev extra); --compare-trials 0 runs without it", code=2)
+    report = run_canary_bench(settings.canary, difference=difference, trials=trials, compare_trials=compare_trials,
+                              population=Population(raters=raters, ratings=ratings))
     write_report(out, report, "\n".join(report.lines()), as_json)
 
 

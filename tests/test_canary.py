@@ -269,3 +269,38 @@ def test_a_verdict_on_a_state_that_changed_since_the_review_changes_nothing(tria
     worse = decided.model_copy(update={"verdict": "rollback"})
     apply(trial, worse, actor="test")  # a rollback of demo-v2 must not end demo-v1's trial
     assert trial.history() == before and trial.alias("champion") == "demo-v1"
+
+
+def test_the_canary_bench_at_a_small_size_holds_alpha_and_finds_three_tenths() -> None:
+    """`flywheel bench canary` at a small size (the benchmark runs 1 000 trials): raters with personal biases who
+    rate many answers; A/A trials end in a verdict within alpha, counting every rating as its own rater would not."""
+    from loadtests.bench_canary import Population, run_canary_bench
+
+    cfg = CanarySettings()
+    report = run_canary_bench(cfg, difference=0.3, trials=80, population=Population(raters=300, ratings=1500))
+    assert report.false_verdicts.share <= 1 - cfg.confidence and report.false_verdicts_within_alpha
+    assert report.false_verdicts.low <= 1 - cfg.confidence <= report.false_verdicts.high + 1e-9
+    assert report.false_verdicts_per_rating.low > 1 - cfg.confidence  # what one mean per rater is for
+    assert report.power.found.share >= 0.6 and report.power.ratings_per_arm_median is not None
+    assert 50 < report.power.ratings_per_arm_median < 750
+    assert "within alpha" in "\n".join(report.lines())
+
+
+def test_our_msprt_and_savvis_anytime_valid_test_agree_on_the_same_streams() -> None:
+    """savvi (Lindon et al.'s anytime-valid t-test, a published implementation) beside ours on identical streams.
+    Independent raters: both hold alpha and both find +0.5 in every trial. Correlated raters: savvi, which takes
+    every rating as independent, is fooled in many A/A trials; ours is not."""
+    pytest.importorskip("savvi", reason="savvi comes with the dev extra")
+    from loadtests.bench_canary import Population, run_canary_bench
+
+    cfg = CanarySettings()
+    report = run_canary_bench(cfg, difference=0.5, trials=30, compare_trials=30,
+                              population=Population(raters=80, rater_sd=1.0, ratings=1000))
+    compared = report.savvi
+    assert compared is not None and compared.trials == 30
+    assert compared.independent_ours_aa.verdicts <= 3 and compared.independent_savvi_aa.verdicts <= 3
+    assert compared.independent_ours_power.found.share == compared.independent_savvi_power.found.share == 1.0
+    ours_n = compared.independent_ours_power.ratings_per_arm_median
+    savvi_n = compared.independent_savvi_power.ratings_per_arm_median
+    assert ours_n is not None and savvi_n is not None and 0.33 < ours_n / savvi_n < 3, (ours_n, savvi_n)
+    assert report.false_verdicts.verdicts <= 1 and compared.savvi_aa.low > 1 - cfg.confidence, compared.savvi_aa
