@@ -45,6 +45,8 @@ tasks_app = typer.Typer(help="The tasks this platform serves: list them, declare
 app.add_typer(tasks_app, name="tasks")
 TaskOption = Annotated[str | None, typer.Option("--task", "-t", help="Task name (default: model.task, else the "
                                                 "first configured task).")]
+ExpectedChampionOption = Annotated[str | None, typer.Option(
+    "--expect", help="Move only if this version is still the champion (compare-and-swap); refused if it changed.")]
 bases_app = typer.Typer(help="Inspect quantized base versions in the registry.", no_args_is_help=True)
 app.add_typer(bases_app, name="bases")
 app.add_typer(feedback_app, name="feedback")
@@ -485,12 +487,14 @@ def promote(
     version: Annotated[str, typer.Argument(help="Adapter version to make champion of its task, e.g. faq-v2.")],
     config: ConfigOption = None,
     reason: Annotated[str, typer.Option(help="Why; recorded in the alias history.")] = "manual promotion",
+    expected_champion: ExpectedChampionOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Point VERSION's task's champion alias at it (weights and base are verified first). Serving hot-swaps."""
     registry = _registry_or_exit(settings_or_exit(config), _task_of(version))
     try:
-        entry = registry.promote(version, actor=getpass.getuser(), reason=reason)
+        entry = registry.promote(version, actor=getpass.getuser(), reason=reason,
+                                 expected_champion=expected_champion or ...)
     except RegistryError as exc:
         fail(f"{version} not promoted: {exc}")
     emit(as_json, entry.model_dump(mode="json"),
@@ -502,12 +506,14 @@ def rollback(
     config: ConfigOption = None,
     task: TaskOption = None,
     reason: Annotated[str, typer.Option(help="Why; recorded in the alias history.")] = "manual rollback",
+    expected_champion: ExpectedChampionOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Move a task's champion alias back to the version it pointed at before the last promotion."""
     registry = _registry_or_exit(settings_or_exit(config), task)
     try:
-        entry = registry.rollback(actor=getpass.getuser(), reason=reason)
+        entry = registry.rollback(actor=getpass.getuser(), reason=reason,
+                                  expected_champion=expected_champion or ...)
     except RegistryError as exc:
         fail(f"rollback refused: {exc}")
     emit(as_json, entry.model_dump(mode="json"), f"champion rolled back: {entry.previous} -> {entry.version}")

@@ -404,3 +404,23 @@ def test_a_retrain_whose_champion_changed_meanwhile_ends_superseded(tmp_path: Pa
     assert registry.alias("champion") == v1
     passing = Retrain(settings, RunRecord(run_id="run-ok", trigger="test", task="demo"))
     assert passing._release(v2, v1, "gate passed").state == RunState.PASSED and registry.alias("champion") == v2
+
+
+def test_the_cli_promotes_and_rolls_back_only_over_the_champion_it_expects(registry: Registry, tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+
+    v1, v2 = (registry.register(fake_adapter(tmp_path / f"a{i}", bytes([i])), base=BASE).version for i in range(2))
+    registry.promote(v1, actor="ops")
+    config = tmp_path / "flywheel.yaml"
+    config.write_text(yaml.safe_dump({"home": str(tmp_path / "home"), "registry": {"uri": registry.uri}}))
+    refused = CliRunner().invoke(app, ["promote", v2, "--expect", "demo-v7", "--config", str(config)])
+    assert refused.exit_code != 0 and "is demo-v1" in refused.output and "not demo-v7" in refused.output
+    assert registry.alias("champion") == v1
+    moved = CliRunner().invoke(app, ["promote", v2, "--expect", v1, "--config", str(config)])
+    assert moved.exit_code == 0, moved.output
+    assert CliRunner().invoke(app, ["rollback", "--expect", v1, "--config", str(config)]).exit_code != 0
+    assert CliRunner().invoke(app, ["rollback", "--expect", v2, "--config", str(config)]).exit_code == 0
+    assert registry.alias("champion") == v1
