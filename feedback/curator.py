@@ -34,7 +34,7 @@ from kafka.structs import OffsetAndMetadata
 from pydantic import BaseModel, ValidationError
 
 from feedback.bus import kafka_client_config
-from feedback.dataset import CuratedDataset, Manifest, PartFile
+from feedback.dataset import CuratedDataset, Manifest, PartFile, task_counts
 from feedback.local_log import RecordLog, count_records
 from feedback.pii import mask_event, mask_pii
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, decode_event, encode_event
@@ -583,7 +583,8 @@ class Curator:
             for n, start in enumerate(range(0, len(day_rows), self._batch_size)):
                 chunk = day_rows[start:start + self._batch_size]
                 part = PartFile(path=f"day={day}/part-{batch:010d}-{n:03d}.parquet", day=day, batch=batch,
-                                rows=len(chunk), offsets=offsets, positions=positions, created_at=datetime.now(UTC))
+                                rows=len(chunk), offsets=offsets, positions=positions, created_at=datetime.now(UTC),
+                                tasks=task_counts(row.task for row in chunk))
                 self.dataset.write_part(part.path, chunk)
                 self.state.add_part(part)
                 paths.append(part.path)

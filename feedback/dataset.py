@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +58,17 @@ class PartFile(BaseModel):
         "and of the parts before it lies before these (`read_table(until=...)`)."
     )
     created_at: datetime
+    tasks: dict[str, int] | None = Field(
+        None, description="Rows per task in this part (None in parts written before it was kept: read from the part).")
+
+    def after(self, positions: Mapping[str, int]) -> bool:
+        """Whether this part was committed after a snapshot taken at `positions` (a manifest's `positions`)."""
+        return any(position > positions.get(source, 0) for source, position in self.positions.items())
+
+
+def task_counts(tasks: Iterable[str]) -> dict[str, int]:
+    """Rows per task, for a part's `tasks`."""
+    return dict(Counter(tasks))
 
 
 class Manifest(BaseModel):
@@ -111,6 +123,7 @@ class CuratedDataset:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.reviews = ReviewLog(root.parent)
+        self._counts: dict[tuple[str, int], dict[str, int]] = {}  # rows per task of parts that do not say
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -162,15 +175,25 @@ class CuratedDataset:
                 for source_f, offset_f, source_p, offset_p in zip(*columns.to_pydict().values(), strict=True)]
         return table.filter(pa.array(keep, type=pa.bool_()))
 
-    def rows_by_task(self, manifest: Manifest | None = None) -> dict[str, int]:
-        """Curated rows per task (reads only the task column)."""
+    def rows_by_task(self, manifest: Manifest | None = None, after: Mapping[str, int] | None = None
+                     ) -> dict[str, int]:
+        """Curated rows per task, from the manifest's per-part counts; `after`: only the parts committed after a
+        snapshot taken at those positions (a retrain's `snapshot_positions`), i.e. the rows it never saw.
+
+        A part written before parts kept their counts is read once (its task column only) and remembered."""
         manifest = manifest or self.manifest()
-        counts: dict[str, int] = {}
+        counts: Counter[str] = Counter()
         for part in manifest.files:
+            if after is None or part.after(after):
+                counts.update(part.tasks if part.tasks is not None else self._counted(part))
+        return dict(counts)
+
+    def _counted(self, part: PartFile) -> dict[str, int]:
+        key = (part.path, part.rows)  # an erasure rewrites a part with fewer rows
+        if key not in self._counts:
             column = pq.read_table(self.root / part.path, columns=["task"], schema=SCHEMA)["task"]
-            for entry in pc.value_counts(column).to_pylist():
-                counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
-        return counts
+            self._counts[key] = {e["values"]: e["counts"] for e in pc.value_counts(column).to_pylist()}
+        return self._counts[key]
 
     def examples(self, manifest: Manifest | None = None, until: Mapping[str, int] | None = None,
                  task: str | None = None, newest: int | None = None) -> list[CuratedExample]:

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from feedback.curator import dataset_path, state_path
-from feedback.dataset import SCHEMA, CuratedDataset, PartFile, write_atomically
+from feedback.dataset import SCHEMA, CuratedDataset, PartFile, task_counts, write_atomically
 from feedback.local_log import READ_CHUNK
 from feedback.pii import pseudonym
 from feedback.review import ReviewLog
@@ -107,7 +107,8 @@ def _curated(settings: Settings, match: _Matcher, report: Erasure) -> tuple[set[
         kept = table.filter(pc.invert(theirs))
         write_atomically(dataset.root / part.path, lambda tmp, kept=kept: pq.write_table(kept, tmp))
         report.curated_rows += table.num_rows - kept.num_rows
-        rewritten.append(part.model_copy(update={"rows": kept.num_rows}))
+        rewritten.append(part.model_copy(update={"rows": kept.num_rows,
+                                                 "tasks": task_counts(kept["task"].to_pylist())}))
     report.parts_rewritten = len(rewritten)
     if rewritten and state_path(settings).is_file():
         with sqlite3.connect(state_path(settings), timeout=30) as db:  # the curator rewrites the manifest from it

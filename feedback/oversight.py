@@ -325,6 +325,7 @@ def retract(settings: Settings, event_ids: Iterable[str], *, by: str, reason: st
             clean = registry.manifest(clean).parent
         if clean is None:
             raise LookupError(f"task {task}: every ancestor of {champion} learned the retracted feedback")
-        registry.promote(clean, actor=by, reason=f"rolled back from {champion}: retracted feedback ({reason})")
+        registry.promote(clean, actor=by, reason=f"rolled back from {champion}: retracted feedback ({reason})",
+                         expected_champion=champion)
         result.rolled_back[task] = clean
     return result

@@ -27,7 +27,14 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, Field
 
 from flywheel.config import CanarySettings, Settings
-from flywheel.registry import CANARY_ALIAS, HistoryEntry, Registry, known_tasks, registry_for
+from flywheel.registry import (
+    CANARY_ALIAS,
+    HistoryEntry,
+    Registry,
+    RegistryError,
+    known_tasks,
+    registry_for,
+)
 
 log = logging.getLogger("flywheel.canary")
 
@@ -238,9 +245,9 @@ def review(registry: Registry, cfg: CanarySettings, ratings: Callable[[datetime]
     (`Rated`); `figures` the replicas' tallies per version.
     """
     aliases = registry.aliases()
-    canary = aliases.get(CANARY_ALIAS)
+    canary = registry.canary_on_trial(aliases)
     champion = aliases.get("champion")
-    if canary is None or not canary.traffic_fraction or champion is None or champion.version == canary.version:
+    if canary is None or champion is None:
         return None
     now = now or datetime.now(UTC)
     started, step_started = _trial(registry.history(CANARY_ALIAS), canary.version)
@@ -284,15 +291,25 @@ def review(registry: Registry, cfg: CanarySettings, ratings: Callable[[datetime]
 
 
 def apply(registry: Registry, decided: CanaryReview, *, actor: str) -> None:
-    """Carry a review's verdict out on the registry (a hold changes nothing)."""
-    if decided.verdict == "promote":
-        registry.promote(decided.canary, actor=actor, reason=f"canary promoted: {decided.reason}")
-        registry.end_canary(actor=actor, reason=f"promoted to champion: {decided.reason}")
-    elif decided.verdict == "rollback":
-        registry.end_canary(actor=actor, reason=f"rolled back: {decided.reason}")
-    elif decided.verdict == "step_up" and decided.next_share is not None:
-        registry.promote(decided.canary, alias=CANARY_ALIAS, traffic_fraction=decided.next_share, actor=actor,
-                         reason=f"step up to {decided.next_share:.0%}: {decided.reason}")
+    """Carry a review's verdict out on the registry (a hold changes nothing).
+
+    Each verdict is one registry move on the state it was reviewed on: a promotion makes the canary champion
+    and ends its trial in one move, and a move whose champion or canary changed since the review changes
+    nothing (the next look reviews the new state)."""
+    try:
+        if decided.verdict == "promote":
+            registry.promote_canary(decided.canary, expected_champion=decided.champion, actor=actor,
+                                    reason=f"canary promoted: {decided.reason}")
+        elif decided.verdict == "rollback":
+            registry.end_canary(actor=actor, reason=f"rolled back: {decided.reason}", version=decided.canary)
+        elif decided.verdict == "step_up" and decided.next_share is not None:
+            registry.promote(decided.canary, alias=CANARY_ALIAS, traffic_fraction=decided.next_share, actor=actor,
+                             reason=f"step up to {decided.next_share:.0%}: {decided.reason}",
+                             expected_champion=decided.champion)
+    except RegistryError as exc:  # the champion or the canary moved since the review
+        log.warning("event=canary_verdict_stale task=%s version=%s verdict=%s why=%r", decided.task, decided.canary,
+                    decided.verdict, str(exc))
+        return
     if decided.verdict != "hold":
         log.info("event=canary_%s task=%s version=%s share=%.2f reason=%r", decided.verdict, decided.task,
                  decided.canary, decided.share, decided.reason)
@@ -315,6 +332,7 @@ class CanaryController(threading.Thread):
         figures = self.figures()
         for task in known_tasks(self.settings):
             registry = registry_for(self.settings, task)
+            self._complete_half_done(registry)
             decided = review(registry, self.settings.canary, lambda since, t=task: self.ratings(t, since), figures)
             if decided is None:
                 continue
@@ -324,6 +342,17 @@ class CanaryController(threading.Thread):
             apply(registry, decided, actor="canary-controller")
             reviews.append(decided)
         return reviews
+
+    @staticmethod
+    def _complete_half_done(registry: Registry) -> None:
+        """A canary made champion whose trial was never ended (two moves, before they were one, with a failure
+        between): end it now, so nothing waits on a trial that is over."""
+        aliases = registry.aliases()
+        canary, champion = aliases.get(CANARY_ALIAS), aliases.get("champion")
+        if canary and canary.traffic_fraction and champion and champion.version == canary.version:
+            registry.end_canary(actor="canary-controller", version=canary.version,
+                                reason=f"promoted to champion: completing the move left half done ({champion.reason})")
+            log.warning("event=canary_move_completed task=%s version=%s", registry.task, canary.version)
 
     def run(self) -> None:
         log.info("event=canary_controller_started every_s=%s", self.settings.canary.check_every_s)

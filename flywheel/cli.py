@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import importlib.util
 import json
 import logging
 import os
@@ -46,6 +47,8 @@ tasks_app = typer.Typer(help="The tasks this platform serves: list them, declare
 app.add_typer(tasks_app, name="tasks")
 TaskOption = Annotated[str | None, typer.Option("--task", "-t", help="Task name (default: model.task, else the "
                                                 "first configured task).")]
+ExpectedChampionOption = Annotated[str | None, typer.Option(
+    "--expect", help="Move only if this version is still the champion (compare-and-swap); refused if it changed.")]
 bases_app = typer.Typer(help="Inspect quantized base versions in the registry.", no_args_is_help=True)
 app.add_typer(bases_app, name="bases")
 app.add_typer(feedback_app, name="feedback")
@@ -541,12 +544,14 @@ def promote(
     version: Annotated[str, typer.Argument(help="Adapter version to make champion of its task, e.g. faq-v2.")],
     config: ConfigOption = None,
     reason: Annotated[str, typer.Option(help="Why; recorded in the alias history.")] = "manual promotion",
+    expected_champion: ExpectedChampionOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Point VERSION's task's champion alias at it (weights and base are verified first). Serving hot-swaps."""
     registry = _registry_or_exit(settings_or_exit(config), _task_of(version))
     try:
-        entry = registry.promote(version, actor=getpass.getuser(), reason=reason)
+        entry = registry.promote(version, actor=getpass.getuser(), reason=reason,
+                                 expected_champion=expected_champion or ...)
     except RegistryError as exc:
         fail(f"{version} not promoted: {exc}")
     emit(as_json, entry.model_dump(mode="json"),
@@ -558,12 +563,14 @@ def rollback(
     config: ConfigOption = None,
     task: TaskOption = None,
     reason: Annotated[str, typer.Option(help="Why; recorded in the alias history.")] = "manual rollback",
+    expected_champion: ExpectedChampionOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Move a task's champion alias back to the version it pointed at before the last promotion."""
     registry = _registry_or_exit(settings_or_exit(config), task)
     try:
-        entry = registry.rollback(actor=getpass.getuser(), reason=reason)
+        entry = registry.rollback(actor=getpass.getuser(), reason=reason,
+                                  expected_champion=expected_champion or ...)
     except RegistryError as exc:
         fail(f"rollback refused: {exc}")
     emit(as_json, entry.model_dump(mode="json"), f"champion rolled back: {entry.previous} -> {entry.version}")
@@ -634,7 +641,7 @@ def bases_list(config: ConfigOption = None, as_json: JsonOption = False) -> None
     emit(as_json, rows, "\n".join(lines) or "no quantized bases yet (run `flywheel quantize`)")
 
 
-RETRAIN_EXIT = {"passed": 0, "rejected": 0, "insufficient_data": 2, "failed": 1}
+RETRAIN_EXIT = {"passed": 0, "rejected": 0, "superseded": 0, "insufficient_data": 2, "failed": 1}
 
 
 @app.command()
@@ -657,8 +664,8 @@ def retrain(
     """Retrain a task's champion adapter on that task's curated feedback; the gate decides whether it ships.
 
     Without --wait the run starts in the background and its id is printed (see `flywheel status`).
-    Exit codes with --wait: 0 passed or rejected, 2 too little data, 1 failed, 3 another run is busy; with
-    --address also 2 when the cluster cannot be reached.
+    Exit codes with --wait: 0 passed, rejected or superseded (the champion changed meanwhile), 2 too little
+    data, 1 failed, 3 another run is busy; with --address also 2 when the cluster cannot be reached.
     """
     from flywheel.registry import UnknownTaskError, resolve_task
     from flywheel.runs import RetrainBusyError, RunRecord, RunStore, new_run_id
@@ -927,17 +934,25 @@ def bench_autoscale(
 @bench_app.command("canary")
 def bench_canary(
     config: ConfigOption = None,
-    difference: Annotated[float, typer.Option(help="Mean-rating difference (1-5 scale) the raters make.")] = 0.5,
-    runs: Annotated[int, typer.Option(help="Simulated canaries per case.")] = 400,
+    difference: Annotated[float, typer.Option(help="The canary's true mean-rating difference (1-5 scale).")] = 0.3,
+    trials: Annotated[int, typer.Option(help="Simulated trials per case (A/A, and with the difference).")] = 1000,
+    raters: Annotated[int, typer.Option(help="Users who rate in a trial; each keeps their arm.")] = 400,
+    ratings: Annotated[int, typer.Option(help="Ratings per trial at most.")] = 3000,
+    compare_trials: Annotated[int, typer.Option(help="Of those, how many also go through savvi's test "
+                                                     "(0: none; needs the dev extra).")] = 200,
     out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/canary.json"),
     as_json: JsonOption = False,
 ) -> None:
-    """Ratings the canary's sequential test needs to see a rating difference, and how often it is fooled by none
-    (simulated raters, `canary.*` from config)."""
-    from loadtests.bench_canary import run_canary_bench
+    """Whether the canary's verdicts are right, on simulated raters who each have a bias and rate many answers:
+    false verdicts over A/A trials (with their confidence interval), ratings per arm to find --difference, and
+    savvi's anytime-valid test on the same streams (`canary.*` from config)."""
+    from loadtests.bench_canary import Population, run_canary_bench
 
     settings = settings_or_exit(config)
-    report = run_canary_bench(settings.canary, difference=difference, runs=runs)
+    if compare_trials and importlib.util.find_spec("savvi") is None:
+        fail("savvi is not installed (it comes with the dev extra); --compare-trials 0 runs without it", code=2)
+    report = run_canary_bench(settings.canary, difference=difference, trials=trials, compare_trials=compare_trials,
+                              population=Population(raters=raters, ratings=ratings))
     write_report(out, report, "\n".join(report.lines()), as_json)
 
 

@@ -296,6 +296,9 @@ class CanarySettings(BaseModel):
                                                                    "as shares of their requests.")
     max_p99_ratio: float = Field(1.5, gt=0, description="Guardrail: canary p99 latency / champion's.")
     min_guardrail_requests: int = Field(20, ge=1, description="Requests per arm before the guardrails judge.")
+    warmup_requests: int = Field(
+        3, ge=0, description="A version's first requests on a replica since its trial began (its LoRA's first use, "
+        "a cold prefix cache) count as requests and failures but are not timed for the latency guardrail.")
     check_every_s: float = Field(10.0, gt=0, description="How often the canary controller looks.")
     count_anonymous: bool = Field(False, description="Count anonymous ratings (open mode) in the arms; by default "
                                   "only authenticated raters', one per rater per answer.")

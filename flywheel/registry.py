@@ -16,6 +16,12 @@ conditional put on object stores): of two concurrent moves exactly one gets N+1,
 and retries on top of it, so alias and history can never disagree. The checkpoint only saves reading
 the whole history: a reader rolls it forward through any entries written after it.
 
+That makes every move a compare-and-swap: a move may name the champion it expects to replace
+(`expected_champion`), checked against the state it commits on top of, so a writer that decided on
+an old champion (a retrain that gated against it, a canary reviewed against it) gets
+`ChampionChangedError` and changes nothing, never overwriting a promotion made meanwhile. A canary's
+promotion ends its trial in the same entry (`ends`), so there is no half-done state between the two.
+
 Base versions are quantized copies of the base model (`flywheel quantize`). Adapters keep naming the
 unquantized base they were trained against; a base version names it as its `source`, which is how
 serving knows an adapter fits a quantized base.
@@ -40,6 +46,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
+from types import EllipsisType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import fsspec
@@ -172,15 +179,39 @@ class HistoryEntry(BaseModel):
     actor: str
     reason: str = ""
     traffic_fraction: float | None = None
+    ends: str | None = Field(None, description="An alias this move also takes to share 0, in the same entry: a "
+                             "canary promoted to champion ends its trial.")
 
     def record(self) -> AliasRecord:
         """The alias as this move left it."""
         return AliasRecord(version=self.version, set_at=self.at, actor=self.actor, reason=self.reason,
                            traffic_fraction=self.traffic_fraction)
 
+    def apply(self, aliases: dict[str, AliasRecord]) -> None:
+        """Carry this move out on `aliases` (the state before it)."""
+        if self.ends is not None and self.ends in aliases:
+            aliases[self.ends] = AliasRecord(version=aliases[self.ends].version, set_at=self.at, actor=self.actor,
+                                             reason=self.reason, traffic_fraction=0.0)
+        aliases[self.alias] = self.record()
+
 
 class AliasConflictError(RegistryError):
     """Other writers kept moving the task's aliases: this move gave up (nothing was changed)."""
+
+
+class _Unchanged(Exception):
+    """A move found, on the latest state, that it has nothing left to do."""
+
+
+class ChampionChangedError(RegistryError):
+    """A move named the champion it expected to replace, and the champion is another now: nothing was changed."""
+
+    def __init__(self, task: str, expected: str | None, actual: AliasRecord | None) -> None:
+        self.expected = expected
+        self.actual = actual.version if actual else None
+        how = f" (set by {actual.actor} at {actual.set_at:%Y-%m-%d %H:%M:%S}Z: {actual.reason})" if actual else ""
+        super().__init__(f"the champion of task {task!r} is {self.actual or 'none'}{how}, not "
+                         f"{expected or 'none'} as this move expected; nothing was changed")
 
 
 def _sha256_file(path: Path) -> str:
@@ -520,6 +551,14 @@ class Registry:
     def aliases(self) -> dict[str, AliasRecord]:
         return self._alias_state()[1]
 
+    def canary_on_trial(self, aliases: dict[str, AliasRecord] | None = None) -> AliasRecord | None:
+        """The canary alias while a version other than the champion is on trial (a share above 0)."""
+        aliases = self.aliases() if aliases is None else aliases
+        canary, champion = aliases.get(CANARY_ALIAS), aliases.get("champion")
+        if canary is None or not canary.traffic_fraction or (champion and champion.version == canary.version):
+            return None
+        return canary
+
     def alias(self, name: str = "champion") -> str | None:
         record = self.aliases().get(name)
         return record.version if record else None
@@ -542,7 +581,7 @@ class Registry:
             seq += 1
             entry = self._history_entry(self._history_path(seq))
             if entry is not None:
-                aliases[entry.alias] = entry.record()
+                entry.apply(aliases)
         return seq, aliases
 
     def _history_entry(self, path: str) -> HistoryEntry | None:
@@ -559,13 +598,17 @@ class Registry:
             return []
         paths = sorted(p for p in self.fs.ls(folder, detail=False) if _HISTORY_NAME.fullmatch(p.rsplit("/", 1)[-1]))
         entries = [e for e in map(self._history_entry, paths) if e is not None]
-        return [e for e in entries if alias is None or e.alias == alias]
+        return [e for e in entries if alias is None or alias in (e.alias, e.ends)]
 
     def promote(
         self, version: str, *, alias: str = "champion", actor: str, reason: str = "",
-        traffic_fraction: float | None = None,
+        traffic_fraction: float | None = None, expected_champion: str | EllipsisType | None = ...,
     ) -> HistoryEntry:
-        """Point `alias` at `version` after checking its weights and that it fits the current base."""
+        """Point `alias` at `version` after checking its weights and that it fits the current base.
+
+        `expected_champion`: the champion this move was decided against (None: that there is none); if the
+        champion is another when the move commits, ChampionChangedError and nothing changes. `...`: unchecked.
+        """
         manifest = self.verify(version)
         if manifest.status != "ready":
             raise RegistryError(f"{version} is {manifest.status}; only ready versions can be promoted")
@@ -581,14 +624,39 @@ class Registry:
                     )
             return version, current
 
-        return self._move(alias, "promote", onto, actor=actor, reason=reason, traffic_fraction=traffic_fraction)
+        return self._move(alias, "promote", onto, actor=actor, reason=reason, traffic_fraction=traffic_fraction,
+                          expected_champion=expected_champion)
 
-    def rollback(self, *, alias: str = "champion", actor: str, reason: str = "") -> HistoryEntry:
+    def promote_canary(self, version: str, *, expected_champion: str, actor: str, reason: str) -> HistoryEntry:
+        """Make the canary on trial, `version`, champion and end its trial: one move, so never half done.
+
+        Refused (nothing changed) if `version` is no longer on trial or the champion is not `expected_champion`.
+        """
+        manifest = self.verify(version)
+        if manifest.status != "ready":
+            raise RegistryError(f"{version} is {manifest.status}; only ready versions can be promoted")
+
+        def canary_on_trial(aliases: dict[str, AliasRecord]) -> tuple[str, str | None]:
+            canary = aliases.get(CANARY_ALIAS)
+            if canary is None or canary.version != version or not canary.traffic_fraction:
+                raise RegistryError(f"{version} is not on trial as the canary of task {self.task!r}; nothing was "
+                                    "changed")
+            return version, aliases["champion"].version if "champion" in aliases else None
+
+        return self._move("champion", "promote", canary_on_trial, actor=actor, reason=reason,
+                          expected_champion=expected_champion, ends=CANARY_ALIAS)
+
+    def rollback(
+        self, *, alias: str = "champion", actor: str, reason: str = "",
+        expected_champion: str | EllipsisType | None = ...,
+    ) -> HistoryEntry:
         """Undo the latest promotion of `alias` (repeatable: each call goes one step further back)."""
 
         def back(_aliases: dict[str, AliasRecord]) -> tuple[str, str | None]:
             stack: list[str] = []
             for entry in self.history(alias):
+                if entry.alias != alias:  # a move of another alias that also ended this one
+                    continue
                 if entry.action == "promote":
                     stack.append(entry.version)
                 elif stack:
@@ -598,32 +666,49 @@ class Registry:
             self.verify(stack[-2])
             return stack[-2], stack[-1]
 
-        return self._move(alias, "rollback", back, actor=actor, reason=reason)
+        return self._move(alias, "rollback", back, actor=actor, reason=reason, expected_champion=expected_champion)
 
-    def end_canary(self, *, actor: str, reason: str) -> HistoryEntry | None:
-        """Take the canary's share of traffic to 0 (its version stays named, for the record); None if none ran."""
+    def end_canary(self, *, actor: str, reason: str, version: str | None = None) -> HistoryEntry | None:
+        """Take the canary's share of traffic to 0 (its version stays named, for the record); None if none ran.
+
+        `version`: end the trial only if that version is the one on trial (a verdict on one canary must not end
+        another's trial started meanwhile)."""
         current = self.aliases().get(CANARY_ALIAS)
-        if current is None or not current.traffic_fraction:
+        if current is None or not current.traffic_fraction or version not in (None, current.version):
             return None
 
         def keep(aliases: dict[str, AliasRecord]) -> tuple[str, str | None]:
-            return aliases[CANARY_ALIAS].version, aliases[CANARY_ALIAS].version
+            on_trial = aliases[CANARY_ALIAS]
+            if version not in (None, on_trial.version) or not on_trial.traffic_fraction:
+                raise _Unchanged  # ended (or replaced) by another writer meanwhile
+            return on_trial.version, on_trial.version
 
-        return self._move(CANARY_ALIAS, "end", keep, actor=actor, reason=reason, traffic_fraction=0.0)
+        try:
+            return self._move(CANARY_ALIAS, "end", keep, actor=actor, reason=reason, traffic_fraction=0.0)
+        except _Unchanged:
+            return None
 
     def _move(
         self, alias: str, action: Literal["promote", "rollback", "end"],
         choose: Callable[[dict[str, AliasRecord]], tuple[str, str | None]],
         *, actor: str, reason: str, traffic_fraction: float | None = None,
+        expected_champion: str | EllipsisType | None = ..., ends: str | None = None,
     ) -> HistoryEntry:
-        """Commit one alias move on top of the latest state; `choose(aliases)` -> (version, previous)."""
+        """Commit one alias move on top of the latest state; `choose(aliases)` -> (version, previous).
+
+        The expected champion is checked against the very state the entry commits on top of (entry N+1 is
+        created exclusively), so the check and the move are one compare-and-swap."""
         for _attempt in range(MOVE_ATTEMPTS):
             seq, aliases = self._alias_state()
+            champion = aliases.get("champion")
+            if expected_champion is not ... and (champion.version if champion else None) != expected_champion:
+                raise ChampionChangedError(self.task, expected_champion, champion)
             version, previous = choose(aliases)
             entry = HistoryEntry(seq=seq + 1, at=_now(), action=action, alias=alias, version=version,
-                                 previous=previous, actor=actor, reason=reason, traffic_fraction=traffic_fraction)
+                                 previous=previous, actor=actor, reason=reason, traffic_fraction=traffic_fraction,
+                                 ends=ends)
             if self._create_exclusive(self._history_path(entry.seq), entry.model_dump_json()):
-                aliases[alias] = entry.record()
+                entry.apply(aliases)
                 checkpoint = {"seq": entry.seq, "aliases": {k: v.model_dump(mode="json") for k, v in aliases.items()}}
                 self._write_text(self._task_path("aliases.json"), json.dumps(checkpoint, indent=2))
                 return entry

@@ -47,6 +47,7 @@ class RunState(StrEnum):
     REJECTED = "rejected"
     INSUFFICIENT_DATA = "insufficient_data"
     FAILED = "failed"
+    SUPERSEDED = "superseded"  # passed its gate, but the champion it was judged against changed meanwhile
 
 
 class RunRecord(BaseModel):

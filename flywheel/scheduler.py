@@ -1,5 +1,6 @@
 """The retrain schedule inside `flywheel up`: a task's run starts when enough time AND enough new data exist,
-and no canary of the task is still on trial.
+and no canary of the task is still on trial. New data is the task's curated rows committed after the snapshot
+of its last run, whatever that run kept of them (`retrain.max_feedback_rows` caps what a run reads, not this).
 
 Each task is watched on its own (its own runs, its own curated rows); runs still go one at a time.
 """
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 from feedback.dataset import CuratedDataset
 from flywheel.config import Settings
-from flywheel.registry import CANARY_ALIAS, known_tasks, registry_for
+from flywheel.registry import known_tasks, registry_for
 from flywheel.runs import RetrainBusyError, RunStore
 
 log = logging.getLogger("flywheel.scheduler")
@@ -40,10 +41,12 @@ class RetrainScheduler(threading.Thread):
         runs = [r for r in self.store.list() if (r.task or self.settings.default_task) == task]
         last_start = runs[-1].started_at.timestamp() if runs else self.started
         waited = time.time() - last_start
-        seen = max((r.dataset.get("feedback_rows", 0) for r in runs), default=0)
-        new_rows = self.dataset.rows_by_task().get(task, 0) - seen
-        canary = registry_for(self.settings, task).aliases().get(CANARY_ALIAS)
-        if canary is not None and canary.traffic_fraction:
+        # New data: the task's rows curated after the last run's snapshot (by dataset positions), counted from
+        # the manifest's per-part tallies, so a look reads one file however many parts the dataset has.
+        snapshots = [r.dataset["snapshot_positions"] for r in runs if "snapshot_positions" in r.dataset]
+        new_rows = self.dataset.rows_by_task(after=snapshots[-1] if snapshots else None).get(task, 0)
+        canary = registry_for(self.settings, task).canary_on_trial()
+        if canary is not None:
             return False, f"canary {canary.version} is on trial; one candidate at a time"
         if waited < cfg.schedule_interval_s:
             return False, f"{waited:.0f}s since the last run; interval {cfg.schedule_interval_s:.0f}s"

@@ -86,7 +86,10 @@ class AdapterManager:
         probe_prompt: str,
         drain_timeout_s: float,
         loras: LoraResidency | None = None,
+        on_trial: Callable[[str, str], None] | None = None,
     ) -> None:
+        """`on_trial(canary, champion)`: called when this replica first sees a version on trial as the canary."""
+        self.on_trial = on_trial or (lambda _canary, _champion: None)
         self.engine = engine
         self.loras = loras or LoraResidency(engine, capacity=UNBOUNDED)  # a replica shares one among its tasks
         self.registry = registry
@@ -139,7 +142,10 @@ class AdapterManager:
         if aliases is None:
             return
         canary = aliases.get(CANARY_ALIAS)
-        self.canary = canary if canary and canary.traffic_fraction else None
+        trial = canary if canary and canary.traffic_fraction else None
+        if trial is not None and (self.canary is None or self.canary.version != trial.version):
+            self.on_trial(trial.version, self.active.version)
+        self.canary = trial
         target = aliases[self.alias].version if self.alias in aliases else None
         if target == self.active.version:
             self.last_failure = None  # the alias came back: a failed attempt elsewhere is moot
@@ -243,11 +249,22 @@ class VersionTally:
 
 class VersionTallies:
     """Users' requests per version on one replica: how many, how many failed, recent latencies. A canary's
-    guardrails compare these between its version and the champion's."""
+    guardrails compare these between its version and the champion's.
 
-    def __init__(self, keep_versions: int = 16) -> None:
+    They judge the trial, not the version's lifetime: `restart` begins both arms' tallies afresh when a trial
+    starts, and the first `warmup` requests of a version since its tally began (its LoRA's first use in the
+    engine, a cold prefix cache) count as requests and failures but are not timed."""
+
+    def __init__(self, keep_versions: int = 16, warmup: int = 0) -> None:
         self.keep_versions = keep_versions
+        self.warmup = warmup
         self.by_version: dict[str, VersionTally] = {}
+
+    def restart(self, *versions: str) -> None:
+        """Forget what `versions` did so far: a canary trial between them starts now."""
+        for version in versions:
+            self.by_version.pop(version, None)
+        log.info("event=tallies_restarted versions=%s", ",".join(versions))
 
     @contextlib.asynccontextmanager
     async def timed(self, version: str) -> AsyncIterator[None]:
@@ -256,6 +273,7 @@ class VersionTallies:
         while len(self.by_version) > self.keep_versions:
             del self.by_version[next(iter(self.by_version))]
         tally.requests += 1
+        timed = tally.requests > self.warmup
         started = time.perf_counter()
         try:
             yield
@@ -264,7 +282,8 @@ class VersionTallies:
         except Exception:
             tally.failures += 1
             raise
-        tally.latencies_ms.append((time.perf_counter() - started) * 1000)
+        if timed:
+            tally.latencies_ms.append((time.perf_counter() - started) * 1000)
 
     def status(self) -> dict[str, dict[str, float]]:
         return {version: {"requests": t.requests, "failures": t.failures,

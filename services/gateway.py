@@ -618,7 +618,8 @@ class Gateway:
         version = body.version
         registry = registry_for(self.settings, version.rsplit("-v", 1)[0]) if "-v" in version else self.registry
         return await self._move_alias(lambda: registry.promote(
-            version, actor=_actor(caller, body), reason=body.reason or "promoted via /admin/promote"))
+            version, actor=_actor(caller, body), reason=body.reason or "promoted via /admin/promote",
+            expected_champion=body.expected_champion or ...))
 
     @api.post("/admin/rollback", response_model=HistoryEntry, responses=_documented(
         **ADMIN, e404="No such task or version.", e409="Nothing to roll back to.", e422=INVALID))
@@ -628,7 +629,8 @@ class Gateway:
             return caller
         registry = registry_for(self.settings, body.task) if body.task else self.registry
         return await self._move_alias(lambda: registry.rollback(
-            actor=_actor(caller, body), reason=body.reason or "rolled back via /admin/rollback"))
+            actor=_actor(caller, body), reason=body.reason or "rolled back via /admin/rollback",
+            expected_champion=body.expected_champion or ...))
 
     async def _move_alias(self, move: Callable[[], HistoryEntry]) -> JSONResponse:
         try:

@@ -72,7 +72,8 @@ class LLMReplica:
         self._last_discovery = 0.0
         self.ongoing = 0  # requests in this replica now: its queue depth, for /metrics
         self.gate_requests = 0  # scoring requests of evaluation gates, ever
-        self.tallies = VersionTallies()  # users' requests per version: a canary's guardrails
+        # users' requests per version: a canary's guardrails, over its trial, its LoRA's first requests untimed
+        self.tallies = VersionTallies(warmup=self.settings.canary.warmup_requests)
         self.pinned = PinnedAdapters(self.engine, base_sha256=self.base.source_sha256,
                                      capacity=self.settings.serving.max_pinned_adapters,
                                      in_use_elsewhere=self._a_champion_holds, loras=self.loras)
@@ -99,6 +100,7 @@ class LLMReplica:
                         probe_prompt=self.settings.serving.probe_prompt,
                         drain_timeout_s=self.settings.serving.drain_timeout_s,
                         loras=self.loras,
+                        on_trial=self.tallies.restart,
                     )
                     for name in self.specs if name not in self.managers
                 }

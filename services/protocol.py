@@ -226,6 +226,9 @@ class AliasMove(BaseModel):
     task: TaskName | None = Field(None, description="Task to roll back (rollback only; default: the default task).")
     reason: str = ""
     actor: str = Field("admin-api", max_length=128)
+    expected_champion: VersionName | None = Field(
+        None, description="Move only if this is still the champion (compare-and-swap; 409 if it changed). "
+        "Absent: move whatever the champion is.")
 
 
 class CanaryState(BaseModel):

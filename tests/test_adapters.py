@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 import time
@@ -370,3 +371,69 @@ def test_a_full_pinned_residency_travels_as_a_refusal_and_reaches_the_client_as_
     chat = ChatCompletions(llm=None, settings=None, tasks=None, publish=None, metrics=GatewayMetrics())  # type: ignore[arg-type]
     response = chat._engine_refusal(refusal.error(), "demo@demo-v2")
     assert response.status_code == 503 and response.headers["retry-after"] == str(PINNED_RETRY_AFTER_S)
+
+
+class FakeTime:
+    """`time` for services.adapters, whose perf_counter the test moves by hand: latencies exact, not the box's."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+async def test_the_guardrails_judge_the_trial_without_the_new_loras_first_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before its trial, demo-v2 was slow and failing (another load, another time); on trial its first requests
+    load its LoRA. Neither counts: at the configured p99 ratio the trial passes its guardrails, and a canary
+    slow within the trial is still caught."""
+    from flywheel.canary import review
+    from flywheel.config import CanarySettings
+    from services import adapters
+    from services.adapters import VersionTallies
+    from services.status_board import version_figures
+
+    clock = FakeTime()
+    monkeypatch.setattr(adapters, "time", clock)
+    registry = Registry(str(tmp_path / "registry"), "demo")
+    for i in range(2):
+        registry.register(fake_adapter(tmp_path / f"a{i}", bytes([i])), base=BASE)
+    registry.promote("demo-v1", actor="test")
+    cfg = CanarySettings()
+    tallies = VersionTallies(warmup=cfg.warmup_requests)
+    manager = AdapterManager(FakeEngine(), registry, alias="champion", base_sha256=BASE.sha256,
+                             probe_prompt="ping", drain_timeout_s=5, on_trial=tallies.restart)
+    await manager.converge()
+
+    async def serve(version: str, ms: float, n: int, fail: bool = False) -> None:
+        for _ in range(n):
+            with contextlib.suppress(RuntimeError):
+                async with tallies.timed(version):
+                    clock.now += ms / 1000
+                    if fail:
+                        raise RuntimeError("engine error")
+
+    await serve("demo-v1", 100, 40)
+    await serve("demo-v2", 800, 40)  # its lifetime before the trial
+    await serve("demo-v2", 50, 10, fail=True)
+    registry.promote("demo-v2", alias="canary", traffic_fraction=0.05, actor="test")
+    await manager.converge()
+    assert manager.canary is not None and manager.canary.version == "demo-v2"
+    await serve("demo-v2", 2000, cfg.warmup_requests)  # its LoRA's first use
+    await serve("demo-v2", 110, 30)
+    await serve("demo-v1", 100, 30)
+    figures = version_figures([{"versions": tallies.status()}])
+    assert figures["demo-v2"] == {"requests": 30 + cfg.warmup_requests, "failures": 0, "p99_ms": pytest.approx(110)}
+    assert figures["demo-v1"]["requests"] == 30 and figures["demo-v1"]["p99_ms"] == pytest.approx(100)
+    decided = review(registry, cfg, lambda _since: [], figures)
+    assert decided is not None and decided.verdict == "hold", decided.reason
+
+    await serve("demo-v2", 400, 30)  # slow within the trial: the guardrail still sees it
+    await manager.converge()  # the same trial, looked at again: nothing restarts
+    slow = review(registry, cfg, lambda _since: [], version_figures([{"versions": tallies.status()}]))
+    assert slow is not None and slow.verdict == "rollback" and "p99" in slow.reason, slow.reason

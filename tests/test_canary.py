@@ -210,3 +210,97 @@ def test_no_retrain_is_scheduled_while_a_canary_is_on_trial(trial: Registry, tmp
     assert not due and "canary demo-v2 is on trial" in why
     trial.end_canary(actor="test", reason="done")
     assert "on trial" not in scheduler.due("demo")[1]
+
+
+def test_a_promotion_and_the_end_of_its_trial_are_one_move(trial: Registry, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The move's commit (its history entry) lands, then writing the checkpoint fails: a fresh look still sees
+    the canary champion and its trial over, so the scheduler never waits on a trial that ended."""
+    from flywheel.scheduler import RetrainScheduler
+
+    rng = random.Random(6)
+    decided = review(trial, CFG, arms(ratings(rng, 3.0, 40), ratings(rng, 4.2, 40)), {})
+    assert decided is not None and decided.verdict == "promote"
+    seq = len(trial.history())
+    real_write = Registry._write_text
+
+    def checkpoint_fails(self: Registry, path: str, text: str) -> None:
+        if path.endswith("aliases.json"):
+            raise OSError("disk full")
+        real_write(self, path, text)
+
+    monkeypatch.setattr(Registry, "_write_text", checkpoint_fails)
+    with pytest.raises(OSError, match="disk full"):
+        apply(trial, decided, actor="test")
+    monkeypatch.undo()
+    fresh = Registry(trial.uri, "demo")
+    assert len(fresh.history()) == seq + 1  # one move
+    assert fresh.alias("champion") == "demo-v2" and fresh.aliases()[CANARY_ALIAS].traffic_fraction == 0
+    assert [e.action for e in fresh.history(CANARY_ALIAS)][-1] == "promote"  # it ended the trial too
+    settings = Settings(home=tmp_path / "home", registry={"uri": trial.uri})
+    assert "on trial" not in RetrainScheduler(settings, None).due("demo")[1]  # type: ignore[arg-type]
+    assert review(fresh, CFG, arms([], []), {}) is None
+    assert fresh.rollback(actor="ops").version == "demo-v1"  # and it rolls back like any promotion
+
+
+def test_a_move_left_half_done_is_completed_on_the_next_look(trial: Registry, tmp_path: Path) -> None:
+    """A registry written by the two-move promotion, with a failure between: champion moved, trial not ended."""
+    from flywheel.scheduler import RetrainScheduler
+
+    trial.promote("demo-v2", actor="canary-controller", reason="canary promoted: better")  # end_canary never ran
+    settings = Settings(home=tmp_path / "home", registry={"uri": trial.uri}, canary=CFG.model_dump())
+    assert "on trial" not in RetrainScheduler(settings, None).due("demo")[1]  # type: ignore[arg-type]
+    controller = CanaryController(settings, stop=None, ratings=lambda task, since: [],  # type: ignore[arg-type]
+                                  figures=dict)
+    assert controller.check() == []
+    assert trial.aliases()[CANARY_ALIAS].traffic_fraction == 0 and trial.alias("champion") == "demo-v2"
+    ended = trial.history(CANARY_ALIAS)[-1]
+    assert ended.action == "end" and "half done" in ended.reason
+
+
+def test_a_verdict_on_a_state_that_changed_since_the_review_changes_nothing(trial: Registry) -> None:
+    rng = random.Random(8)
+    decided = review(trial, CFG, arms(ratings(rng, 3.0, 40), ratings(rng, 4.2, 40)), {})
+    assert decided is not None and decided.verdict == "promote"
+    trial.end_canary(actor="ops", reason="stopped by hand")
+    trial.promote("demo-v1", alias=CANARY_ALIAS, traffic_fraction=0.05, actor="ops")  # another trial, say
+    before = trial.history()
+    apply(trial, decided, actor="test")  # demo-v2 is no longer on trial: not promoted
+    worse = decided.model_copy(update={"verdict": "rollback"})
+    apply(trial, worse, actor="test")  # a rollback of demo-v2 must not end demo-v1's trial
+    assert trial.history() == before and trial.alias("champion") == "demo-v1"
+
+
+def test_the_canary_bench_at_a_small_size_holds_alpha_and_finds_three_tenths() -> None:
+    """`flywheel bench canary` at a small size (the benchmark runs 1 000 trials): raters with personal biases who
+    rate many answers; A/A trials end in a verdict within alpha, counting every rating as its own rater would not."""
+    from loadtests.bench_canary import Population, run_canary_bench
+
+    cfg = CanarySettings()
+    report = run_canary_bench(cfg, difference=0.3, trials=80, population=Population(raters=300, ratings=1500))
+    assert report.false_verdicts.share <= 1 - cfg.confidence and report.false_verdicts_within_alpha
+    assert report.false_verdicts.low <= 1 - cfg.confidence <= report.false_verdicts.high + 1e-9
+    assert report.false_verdicts_per_rating.low > 1 - cfg.confidence  # what one mean per rater is for
+    assert report.power.found.share >= 0.6 and report.power.ratings_per_arm_median is not None
+    assert 50 < report.power.ratings_per_arm_median < 750
+    assert "within alpha" in "\n".join(report.lines())
+
+
+def test_our_msprt_and_savvis_anytime_valid_test_agree_on_the_same_streams() -> None:
+    """savvi (Lindon et al.'s anytime-valid t-test, a published implementation) beside ours on identical streams.
+    Independent raters: both hold alpha and both find +0.5 in every trial. Correlated raters: savvi, which takes
+    every rating as independent, is fooled in many A/A trials; ours is not."""
+    pytest.importorskip("savvi", reason="savvi comes with the dev extra")
+    from loadtests.bench_canary import Population, run_canary_bench
+
+    cfg = CanarySettings()
+    report = run_canary_bench(cfg, difference=0.5, trials=30, compare_trials=30,
+                              population=Population(raters=80, rater_sd=1.0, ratings=1000))
+    compared = report.savvi
+    assert compared is not None and compared.trials == 30
+    assert compared.independent_ours_aa.verdicts <= 3 and compared.independent_savvi_aa.verdicts <= 3
+    assert compared.independent_ours_power.found.share == compared.independent_savvi_power.found.share == 1.0
+    ours_n = compared.independent_ours_power.ratings_per_arm_median
+    savvi_n = compared.independent_savvi_power.ratings_per_arm_median
+    assert ours_n is not None and savvi_n is not None and 0.33 < ours_n / savvi_n < 3, (ours_n, savvi_n)
+    assert report.false_verdicts.verdicts <= 1 and compared.savvi_aa.low > 1 - cfg.confidence, compared.savvi_aa

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -79,6 +80,8 @@ def test_every_feedback_is_curated_once_and_joined(backend: str, feedback_settin
     day = datetime.now(UTC).strftime("%Y-%m-%d")
     assert all(part.path.startswith(f"day={day}/part-") for part in manifest.files)
     assert all(part.rows <= settings.feedback.curator_batch_size for part in manifest.files)
+    assert all(part.tasks is not None and sum(part.tasks.values()) == part.rows for part in manifest.files)
+    assert CuratedDataset(settings.feedback_dir / "dataset").rows_by_task() == dict(Counter(r.task for r in rows))
 
     # Lineage: rows are selectable by the positions a snapshot covers.
     dataset = CuratedDataset(settings.feedback_dir / "dataset")

@@ -18,6 +18,7 @@ from flywheel.registry import (
     AdapterIntegrityError,
     BaseModelRef,
     BaseRefusedError,
+    ChampionChangedError,
     Registry,
     RegistryError,
     VersionNotFoundError,
@@ -330,3 +331,96 @@ def test_benchmarks_add_their_tasks_to_a_scratch_registry_never_the_users(home_c
     assert set(known_tasks(scratch)) == {settings.default_task, added}
     assert registry_for(scratch, added).alias("champion") == f"{added}-v1"
     assert (set(known_tasks(settings)), users.aliases(), [m.version for m in users.versions()]) == before
+
+
+# -- compare-and-swap: a move names the champion it expects to replace ---------------------------------------------
+
+
+def _promote_expecting(root: str, version: str, expected: str) -> str:
+    try:
+        Registry(root, "demo").promote(version, actor=f"w-{version}", expected_champion=expected)
+    except ChampionChangedError as exc:
+        return f"refused: {exc.actual}"
+    return "moved"
+
+
+def test_a_move_that_expects_another_champion_changes_nothing(registry: Registry, tmp_path: Path) -> None:
+    v1, v2, v3 = (registry.register(fake_adapter(tmp_path / f"a{i}", bytes([i])), base=BASE).version
+                  for i in range(3))
+    registry.promote(v1, actor="ops", expected_champion=None)
+    with pytest.raises(ChampionChangedError, match=r"is demo-v1 .*set by ops.*not none as this move expected"):
+        registry.promote(v2, actor="ops", expected_champion=None)
+    registry.promote(v2, actor="ops", reason="hotfix", expected_champion=v1)
+    before = registry.history()
+    with pytest.raises(ChampionChangedError, match=r"is demo-v2 .*hotfix.*not demo-v1") as refused:
+        registry.promote(v3, actor="retrain", expected_champion=v1)
+    assert (refused.value.expected, refused.value.actual) == (v1, v2)
+    with pytest.raises(ChampionChangedError):
+        registry.promote(v3, alias="canary", traffic_fraction=0.05, actor="retrain", expected_champion=v1)
+    with pytest.raises(ChampionChangedError):
+        registry.rollback(actor="ops", expected_champion=v1)
+    assert registry.history() == before and registry.alias("champion") == v2 and registry.alias("canary") is None
+
+
+def test_of_moves_racing_on_one_expected_champion_exactly_one_lands(registry: Registry, tmp_path: Path) -> None:
+    """Four processes each promote their own version over demo-v1 at once: the first commits, the others see
+    it and change nothing (the check and the move are one compare-and-swap on the history's next entry)."""
+    versions = [registry.register(fake_adapter(tmp_path / f"a{i}", bytes([i])), base=BASE).version
+                for i in range(5)]
+    registry.promote(versions[0], actor="ops")
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("fork")) as pool:
+        outcomes = list(pool.map(_promote_expecting, [registry.uri] * 4, versions[1:], [versions[0]] * 4))
+    assert outcomes.count("moved") == 1, outcomes
+    winner = versions[1 + outcomes.index("moved")]
+    assert registry.alias("champion") == winner
+    assert all(o == f"refused: {winner}" for o in outcomes if o != "moved")
+    assert [(e.previous, e.version) for e in registry.history()] == [(None, versions[0]), (versions[0], winner)]
+
+
+def test_a_retrain_whose_champion_changed_meanwhile_ends_superseded(tmp_path: Path) -> None:
+    """The retrain's decision point: its candidate passed a gate against demo-v1, and an operator promoted
+    demo-v3 while it ran; the run ends `superseded` and demo-v3 stays champion (and no canary starts)."""
+    from flywheel.config import Settings
+    from flywheel.runs import RunRecord, RunState, RunStore
+    from training.pipeline import Retrain
+
+    settings = Settings(home=tmp_path / "home", registry={"uri": str(tmp_path / "registry")})
+    registry = Registry(settings.registry_uri, "demo")
+    v1, v2, v3 = (registry.register(fake_adapter(tmp_path / f"a{i}", bytes([i])), base=BASE).version
+                  for i in range(3))
+    registry.promote(v1, actor="flywheel train")
+    for rollout in ("direct", "canary"):
+        retrain = Retrain(settings, RunRecord(run_id=f"run-{rollout}", trigger="test", task="demo"))
+        retrain.task = retrain.task.model_copy(update={"rollout": rollout})
+        retrain.record.champion_before = registry.alias("champion")
+        registry.promote(v3 if rollout == "direct" else v1, actor="ops", reason="promoted by hand meanwhile")
+        record = retrain._release(v2, retrain.record.champion_before, "gate passed")
+        assert record.state == RunState.SUPERSEDED and record.verdict == "superseded"
+        now = registry.alias("champion")
+        assert "champion changed while the run went on" in record.message and f"is {now}" in record.message
+        assert record.report == {"superseded": {"gated_against": retrain.record.champion_before, "champion_now": now}}
+        assert RunStore(settings.home / "runs").get(record.run_id).state == RunState.SUPERSEDED  # type: ignore[union-attr]
+        assert registry.history()[-1].actor == "ops" and registry.alias("canary") is None
+    assert registry.alias("champion") == v1
+    passing = Retrain(settings, RunRecord(run_id="run-ok", trigger="test", task="demo"))
+    assert passing._release(v2, v1, "gate passed").state == RunState.PASSED and registry.alias("champion") == v2
+
+
+def test_the_cli_promotes_and_rolls_back_only_over_the_champion_it_expects(registry: Registry, tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+
+    v1, v2 = (registry.register(fake_adapter(tmp_path / f"a{i}", bytes([i])), base=BASE).version for i in range(2))
+    registry.promote(v1, actor="ops")
+    config = tmp_path / "flywheel.yaml"
+    config.write_text(yaml.safe_dump({"home": str(tmp_path / "home"), "registry": {"uri": registry.uri}}))
+    refused = CliRunner().invoke(app, ["promote", v2, "--expect", "demo-v7", "--config", str(config)])
+    assert refused.exit_code != 0 and "is demo-v1" in refused.output and "not demo-v7" in refused.output
+    assert registry.alias("champion") == v1
+    moved = CliRunner().invoke(app, ["promote", v2, "--expect", v1, "--config", str(config)])
+    assert moved.exit_code == 0, moved.output
+    assert CliRunner().invoke(app, ["rollback", "--expect", v1, "--config", str(config)]).exit_code != 0
+    assert CliRunner().invoke(app, ["rollback", "--expect", v2, "--config", str(config)]).exit_code == 0
+    assert registry.alias("champion") == v1

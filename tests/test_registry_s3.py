@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from flywheel.config import Settings
-from flywheel.registry import Registry, known_tasks, registry_for
+from flywheel.registry import ChampionChangedError, Registry, known_tasks, registry_for
 from flywheel.tasks import TaskSpec
 from tests.test_registry import BASE, fake_adapter, in_threads
 
@@ -92,3 +92,25 @@ def test_concurrent_writers_on_s3_never_share_a_version_or_a_move(s3_settings: S
     assert sorted(seqs) == list(range(1, 13))
     history = registry.history()
     assert [e.seq for e in history] == list(range(1, 13)) and registry.alias("champion") == history[-1].version
+
+
+def test_a_move_over_an_expected_champion_is_a_compare_and_swap_on_s3(s3_settings: Settings, tmp_path: Path) -> None:
+    """Three writers (separate clients, as on three nodes) promote over faq-v1 at once: exactly one lands."""
+    registry = registry_for(s3_settings, "faq")
+    versions = [registry.register(fake_adapter(tmp_path / f"a{i}", bytes([i])), base=BASE).version for i in range(4)]
+    registry.promote(versions[0], actor="ops")
+
+    def promote_over_v1(version: str) -> str:
+        node = Registry(registry.uri, "faq", cache_dir=tmp_path / version,
+                        storage_options=s3_settings.registry.storage_options)
+        try:
+            node.promote(version, actor="node", expected_champion=versions[0])
+        except ChampionChangedError as exc:
+            return f"refused: {exc.actual}"
+        return version
+
+    outcomes = in_threads(*(lambda v=v: promote_over_v1(v) for v in versions[1:]))
+    landed = [o for o in outcomes if not str(o).startswith("refused")]
+    assert len(landed) == 1 and registry.alias("champion") == landed[0], outcomes
+    assert all(o == f"refused: {landed[0]}" for o in outcomes if o not in landed)
+    assert [e.version for e in registry.history()] == [versions[0], landed[0]]

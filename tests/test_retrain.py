@@ -447,8 +447,7 @@ def test_a_canary_users_prefer_steps_up_and_is_promoted(learning_app: tuple[str,
     champion = registry.alias("champion")
     canary = next(m.version for m in registry.versions() if m.status == "ready" and m.version != champion)
     cfg = settings.model_copy(deep=True)
-    cfg.canary = cfg.canary.model_copy(update={"steps": [0.3, 0.6], "step_s": 0.01, "min_ratings": 12,
-                                               "max_p99_ratio": 10.0})  # latency is noise here; see below
+    cfg.canary = cfg.canary.model_copy(update={"steps": [0.3, 0.6], "step_s": 0.01, "min_ratings": 12})
     registry.promote(canary, alias="canary", traffic_fraction=0.3, actor="test")
     controller = canary_controller(cfg, threading.Event())
 
@@ -499,9 +498,8 @@ def test_a_canary_users_dislike_is_rolled_back_and_the_champion_never_stops(
     champion = registry.alias("champion")
     canary = next(m.version for m in reversed(registry.versions()) if m.status == "ready" and m.version != champion)
     cfg = settings.model_copy(deep=True)
-    # the ratings decide here; on a shared 2-core box the canary's first requests (its LoRA loading) make its
-    # p99 noise, and the latency guardrail has tests of its own (test_canary.py)
-    cfg.canary = cfg.canary.model_copy(update={"steps": [0.5], "min_ratings": 10, "max_p99_ratio": 10.0})
+    # the guardrails at their configured limits: they judge the trial only, without the canary's LoRA loading
+    cfg.canary = cfg.canary.model_copy(update={"steps": [0.5], "min_ratings": 10})
     registry.promote(canary, alias="canary", traffic_fraction=0.5, actor="test")
     time.sleep(1)  # the replicas read the canary within a poll interval
     seen = users_rate(url, [f"critic-{i}" for i in range(40)],

@@ -327,6 +327,7 @@ def test_forget_erases_a_user_from_every_store_and_names_the_versions_that_learn
     registry.verify(version)  # the redacted training rows still match the manifest
     rows = CuratedDataset(settings.feedback_dir / "dataset").examples()
     assert sorted(r.event_id for r in rows) == sorted(ids["bob"])
+    assert CuratedDataset(settings.feedback_dir / "dataset").rows_by_task() == {"faq": 2}  # the parts' counts too
     for path in tmp_path.rglob("*"):
         if path.is_file():
             data = path.read_bytes()

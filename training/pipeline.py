@@ -26,7 +26,7 @@ from feedback.dataset import CuratedDataset
 from feedback.trust import assess, pending_review, trainable
 from flywheel.bases import ServedBase, base_ref, context_length, served_base
 from flywheel.config import Settings
-from flywheel.registry import CANARY_ALIAS, Registry, lora_int_id, registry_for, resolve_task
+from flywheel.registry import CANARY_ALIAS, ChampionChangedError, Registry, lora_int_id, registry_for, resolve_task
 from flywheel.runs import RunRecord, RunState, RunStore
 from services.engines import build_engine
 from services.engines.hf_engine import HFEngine
@@ -212,19 +212,31 @@ class Retrain:
             return self.finish(RunState.INSUFFICIENT_DATA, report.message)
         if not report.passed:
             return self.finish(RunState.REJECTED, "; ".join(report.failures()))
+        return self._release(manifest.version, champion, report.message)
 
-        if self.task.rollout == "canary":  # live ratings decide the rest (flywheel.canary)
-            self.stage("canary")
-            share = self.settings.canary.steps[0]
-            self.registry.promote(manifest.version, alias=CANARY_ALIAS, traffic_fraction=share,
-                                  actor=f"retrain:{self.record.run_id}",
-                                  reason=f"gate passed ({self.record.trigger}); canary at {share:.0%}")
-            return self.finish(RunState.PASSED, f"{manifest.version} is canary for {share:.0%} of users; "
-                                                f"{report.message}")
-        self.stage("promote")
-        self.registry.promote(manifest.version, actor=f"retrain:{self.record.run_id}",
-                              reason=f"gate passed ({self.record.trigger})")
-        return self.finish(RunState.PASSED, f"{manifest.version} is champion; {report.message}")
+    def _release(self, candidate: str, champion: str, gate_message: str) -> RunRecord:
+        """Move the alias a passing candidate earned, on the condition that `champion`, the one it was gated
+        against, is still the champion; if another version was promoted meanwhile the run ends `superseded`
+        and leaves that promotion alone (the candidate stays `ready`: an operator may still promote it)."""
+        actor = f"retrain:{self.record.run_id}"
+        try:
+            if self.task.rollout == "canary":  # live ratings decide the rest (flywheel.canary)
+                self.stage("canary")
+                share = self.settings.canary.steps[0]
+                self.registry.promote(candidate, alias=CANARY_ALIAS, traffic_fraction=share, actor=actor,
+                                      reason=f"gate passed ({self.record.trigger}); canary at {share:.0%}",
+                                      expected_champion=champion)
+                return self.finish(RunState.PASSED, f"{candidate} is canary for {share:.0%} of users; {gate_message}")
+            self.stage("promote")
+            self.registry.promote(candidate, actor=actor, reason=f"gate passed ({self.record.trigger})",
+                                  expected_champion=champion)
+        except ChampionChangedError as exc:
+            message = (f"superseded: {candidate} passed its gate against {champion}, but the champion changed while "
+                       f"the run went on ({exc}); retrain to judge a candidate against {exc.actual or 'no champion'}")
+            self.record.report = {**(self.record.report or {}),
+                                  "superseded": {"gated_against": champion, "champion_now": exc.actual}}
+            return self.finish(RunState.SUPERSEDED, message)
+        return self.finish(RunState.PASSED, f"{candidate} is champion; {gate_message}")
 
     def _withdraw_candidate(self, why: str) -> None:
         """A candidate the gate never concluded on is rejected (a version never stays `evaluating` by mistake)."""
