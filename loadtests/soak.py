@@ -55,7 +55,8 @@ class PhaseReport(BaseModel):
     seconds: float
     requests: int
     failed_requests: int
-    predict_p50_ms: float | None = Field(description="The normal traffic's /predict p50 (answered 200).")
+    predict_p50_ms: float | None = Field(description="The normal traffic's /predict p50 (answered 200, after "
+                                                     "warm-up).")
     predict_p99_ms: float | None
     rss_start_mb: float = Field(description="Resident memory of the serving processes at the phase's first sample "
                                             "(after warm-up in the first phase).")
@@ -256,9 +257,11 @@ class PhaseRun:
     rows: list[dict[str, Any]]
     requests_when_warm: int
     disk_mb_when_warm: float
+    warm_at: float  # wall-clock time warm-up ended: answers before it are not timed
 
     def report(self) -> PhaseReport:
-        latencies = [r["latency_ms"] for r in self.rows if r["kind"] == "predict" and r["status"] == 200]
+        latencies = [r["latency_ms"] for r in self.rows
+                     if r["kind"] == "predict" and r["status"] == 200 and r["t"] >= self.warm_at]
         hostile: dict[str, dict[str, int]] = {}
         for row in self.rows:
             if row["kind"].startswith("hostile_"):
@@ -284,7 +287,7 @@ def _drive(phase: Phase, settings: Settings, url: str, out_dir: Path, *, started
            "FLYWHEEL_MAX_PROMPT_CHARS": str(settings.serving.max_prompt_chars),
            "FLYWHEEL_MAX_CORRECTION_CHARS": str(settings.feedback.max_correction_chars), "FLYWHEEL_HOSTILE_USERS": "1"}
     say(f"phase {phase.name}: {phase.users} Locust users, {phase.seconds:.0f} s")
-    phase_started = time.monotonic()
+    phase_started, warm_at = time.monotonic(), time.time() + warmup_s
     phase_samples: list[MemorySample] = []
     warm: tuple[int, float] | None = None  # (requests so far, MB on disk) once warm
     with start_locust(url, out_dir, env, users=phase.users, spawn_rate=phase.users, seconds=phase.seconds + 60
@@ -308,7 +311,7 @@ def _drive(phase: Phase, settings: Settings, url: str, out_dir: Path, *, started
     samples.append(phase_samples[-1])
     rows = [json.loads(line) for line in requests_log.read_text().splitlines() if line] if requests_log.exists() else []
     return PhaseRun(phase, out_dir, time.monotonic() - phase_started, phase_samples, rows,
-                    *(warm or (0, _feedback_disk_mb(settings))))
+                    *(warm or (0, _feedback_disk_mb(settings))), warm_at=warm_at)
 def _per_1000(warm: tuple[int, float], end: tuple[int, float]) -> float:
     requests = end[0] - warm[0]
     return (end[1] - warm[1]) / requests * 1000 if requests > 0 else 0.0
