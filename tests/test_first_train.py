@@ -6,11 +6,13 @@ and asserts a first adapter that does beat the base is made champion."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from flywheel.registry import registry_for
+from flywheel.registry import AdapterManifest, Registry, registry_for
 from flywheel.tasks import TaskSpec
 from tests.conftest import make_settings
 from tests.test_registry import BASE, fake_adapter
@@ -29,10 +31,22 @@ def split_scores(right: int, n: int = 20) -> SliceScores:
 
 
 def register_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base: int, adapter: int,
-                   force: bool = False) -> tuple[TrainReport, TaskTrainer]:
+                   force: bool = False, meanwhile: Callable[[Registry], None] | None = None,
+                   ) -> tuple[TrainReport, TaskTrainer]:
+    """`meanwhile`: what another process does to the registry right after this train registers its version."""
     monkeypatch.setattr(train_task, "base_ref", lambda _settings: BASE)  # no base model to fingerprint here
     settings = make_settings(tmp_path / "home")
     trainer = TaskTrainer(settings, TRIAGE, TrainRequest(task="triage", data=tmp_path / "data.jsonl", force=force))
+    if meanwhile is not None:
+        register = trainer.registry.register
+
+        def register_then_someone_else_moves(*args: Any, **kwargs: Any) -> AdapterManifest:
+            manifest = register(*args, **kwargs)
+            monkeypatch.setattr(trainer.registry, "register", register)  # the other process registers plainly
+            meanwhile(trainer.registry)
+            return manifest
+
+        monkeypatch.setattr(trainer.registry, "register", register_then_someone_else_moves)
     trainer.scores = {"base": split_scores(base), "candidate": split_scores(adapter)}
     report = TrainReport(task="triage", data={}, evaluation={
         who: s.model_dump(exclude={"per_example"}) for who, s in trainer.scores.items()})
@@ -70,3 +84,15 @@ def test_force_makes_a_first_adapter_champion_and_the_report_says_so(tmp_path: P
     assert registry.alias("champion") == "triage-v1" and report.champion and report.forced
     assert "forced with --force" in report.message
     assert "forced with --force" in registry.history()[-1].reason
+
+
+def test_a_champion_promoted_while_the_first_train_ran_stays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first adapter is promoted only over no champion: one that another process made meanwhile stays."""
+    def another_first_adapter(registry: Registry) -> None:
+        other = registry.register(fake_adapter(tmp_path / "other", b"other"), base=BASE)
+        registry.promote(other.version, actor="someone else")
+
+    report, trainer = register_first(tmp_path, monkeypatch, base=4, adapter=16, meanwhile=another_first_adapter)
+    registry = registry_for(trainer.settings, "triage")
+    assert registry.alias("champion") == "triage-v2" and report.version == "triage-v1" and not report.champion
+    assert "not champion" in report.message and "triage-v2" in report.message, report.message

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from flywheel.bases import base_ref
 from flywheel.config import DEMO_MODEL, Settings
-from flywheel.registry import AdapterManifest, Registry, registry_for
+from flywheel.registry import AdapterManifest, ChampionChangedError, Registry, registry_for
 from flywheel.tasks import DEMO_TASK
 
 Progress = Callable[[str], None]
@@ -97,9 +97,14 @@ def bootstrap(settings: Settings, progress: Progress | None = None) -> Bootstrap
     if champion is None:
         say("training the first LoRA adapter on the demo task")
         manifest = train_demo_adapter(settings, registry, progress=say)
-        registry.promote(manifest.version, actor="bootstrap", reason="first adapter")
-        champion, registered = manifest.version, True
-        say(f"registered {manifest.version} and made it champion")
+        registered = True
+        try:  # only over no champion: a bootstrap racing this one may have promoted its own first
+            registry.promote(manifest.version, actor="bootstrap", reason="first adapter", expected_champion=None)
+            champion = manifest.version
+            say(f"registered {manifest.version} and made it champion")
+        except ChampionChangedError:
+            champion = registry.alias("champion")
+            say(f"registered {manifest.version}; {champion} became champion meanwhile and stays")
     return BootstrapResult(
         base_model=settings.base_model_path, base_built=built, champion=champion, adapter_registered=registered
     )

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from flywheel.bases import base_ref, budget_problem, served_base
 from flywheel.config import GateSettings, Settings
-from flywheel.registry import AdapterManifest, Registry, lora_int_id, registry_for
+from flywheel.registry import AdapterManifest, ChampionChangedError, Registry, lora_int_id, registry_for
 from flywheel.tasks import TaskSpec
 from services.engines import build_engine
 from services.engines.protocol import AdapterHandle
@@ -292,10 +292,14 @@ class TaskTrainer:
         report.version = manifest.version
         if champion is None:
             if serve:
-                self.registry.promote(manifest.version, actor="flywheel train",
-                                      reason=f"first adapter of the task; {why}")
-                report.champion = True
-                report.message = f"{manifest.version} registered and made champion (the task had none): {why}"
+                try:  # only over no champion: one promoted while this trained stays
+                    self.registry.promote(manifest.version, actor="flywheel train", expected_champion=None,
+                                          reason=f"first adapter of the task; {why}")
+                except ChampionChangedError as exc:
+                    report.message = f"{manifest.version} registered as ready but not champion: {exc}"
+                else:
+                    report.champion = True
+                    report.message = f"{manifest.version} registered and made champion (the task had none): {why}"
             else:
                 report.message = (f"{manifest.version} registered as ready but not champion: {why}; the task "
                                   f"serves nothing yet (`flywheel promote {manifest.version}`, or train again with "
