@@ -112,12 +112,14 @@ def ensure_ray(settings: Settings) -> None:
 
 
 def _haproxy_side_ports() -> None:
-    """HAProxy also listens for its stats and Prometheus pages, on fixed ports (Ray's defaults: 8404, 9101). One
-    taken (say, by another flywheel's HAProxy on this box) would stop HAProxy from starting: take a free one."""
+    """HAProxy also listens for its stats and Prometheus pages, on fixed ports (Ray's defaults: 8404, 9101, or the
+    variables' values). One taken (say, by another flywheel's HAProxy on this box, whose choice this process may
+    have inherited) would stop HAProxy from starting: take a free one."""
     for variable, default in HAPROXY_SIDE_PORTS.items():
-        if variable not in os.environ and not _bindable(default):
+        wanted = os.environ.get(variable, str(default))
+        if not (wanted.isdigit() and _bindable(int(wanted))):
             os.environ[variable] = str(free_port("0.0.0.0"))
-            log.info("event=haproxy_port_moved variable=%s from=%d to=%s", variable, default, os.environ[variable])
+            log.info("event=haproxy_port_moved variable=%s from=%s to=%s", variable, wanted, os.environ[variable])
 
 
 def _bindable(port: int) -> bool:

@@ -102,3 +102,18 @@ def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return alive
+
+
+def test_a_haproxy_side_port_inherited_but_taken_is_moved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `flywheel up` started from a process whose own HAProxy holds the side ports it was told (inherited
+    variables) picks free ones instead of crashing HAProxy on start."""
+    from services.app import HAPROXY_SIDE_PORTS, _haproxy_side_ports
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for variable in HAPROXY_SIDE_PORTS:
+            monkeypatch.setenv(variable, port)
+        _haproxy_side_ports()
+        assert all(os.environ[variable] != port for variable in HAPROXY_SIDE_PORTS)
