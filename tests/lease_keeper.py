@@ -9,6 +9,7 @@ continuously under the epoch it holds (the canary controller's moves). One JSON 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -18,7 +19,9 @@ from flywheel.registry import FencedError, Registry
 
 
 def main(uri: str, task: str, name: str, log_path: str, lease_s: float, endpoint: str | None) -> None:
-    registry = Registry(uri, task, storage_options={"endpoint_url": endpoint} if endpoint else None)
+    # short timeouts: a request cut by SIGSTOP fails fast on SIGCONT instead of waiting out botocore's 60 s
+    s3 = {"endpoint_url": endpoint, "config_kwargs": {"connect_timeout": 3, "read_timeout": 3}}
+    registry = Registry(uri, task, storage_options=s3 if endpoint else None)
     lease = StoreLease(registry, name, lease_s)
     versions = [m.version for m in registry.versions()]
     epoch, renewed, n = lease.claim(), time.monotonic(), 0
@@ -31,9 +34,12 @@ def main(uri: str, task: str, name: str, log_path: str, lease_s: float, endpoint
                     outcome = "moved"
                 except FencedError:
                     outcome, epoch = "refused", None  # the loop was taken over: stand by
+                except OSError:  # a request cut short by the pause: not a move; try again
+                    outcome = "failed"
                 log.write(json.dumps({"name": name, "epoch": held, "n": n, "outcome": outcome}) + "\n")
             if epoch is None or time.monotonic() - renewed > lease_s / 3:
-                epoch, renewed = lease.claim(), time.monotonic()
+                with contextlib.suppress(OSError):  # the store did not answer: the lease runs out by itself
+                    epoch, renewed = lease.claim(), time.monotonic()
             time.sleep(0.05)
 
 

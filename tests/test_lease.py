@@ -104,19 +104,21 @@ def test_a_paused_leader_is_fenced_by_the_store_and_no_move_is_lost_or_doubled(
         wait_for(lambda: any(m["name"] == "keeper-b" and m["outcome"] == "moved" for m in moves()), 30)
         assert time.monotonic() - stopped_at < 3 * lease_s  # taken over within the lease (and a renewal)
         first.send_signal(signal.SIGCONT)
-        wait_for(lambda: any(m["name"] == "keeper-a" and m["outcome"] == "refused" for m in moves()), 30)
+        wait_for(lambda: any(m["name"] == "keeper-a" and m["outcome"] == "refused" for m in moves()), 90)
         time.sleep(1)
     finally:
         for process in (first, second):
             process.kill()
             process.wait(timeout=10)
-    a_moves = [m for m in moves() if m["name"] == "keeper-a"]
+    a_moves = [m for m in moves() if m["name"] == "keeper-a" and m["outcome"] != "failed"]
     resumed = next(i for i, m in enumerate(a_moves) if m["outcome"] == "refused")
     assert all(m["outcome"] == "moved" for m in a_moves[:resumed])  # its next write after the pause: refused
     assert not any(m["outcome"] == "moved" for m in a_moves[resumed:])  # and then it stood by
     history = registry.history()
     assert [e.seq for e in history] == list(range(1, len(history) + 1))
-    moved = sorted(f"{m['name']}#{m['n']}" for m in moves() if m["outcome"] == "moved")
-    assert sorted(e.reason for e in history) == moved  # no move lost, none doubled
+    made = [e.reason for e in history]
+    moved = {f"{m['name']}#{m['n']}" for m in moves() if m["outcome"] == "moved"}
+    unanswered = {f"{m['name']}#{m['n']}" for m in moves() if m["outcome"] == "failed"}  # may have landed
+    assert len(made) == len(set(made)) and moved <= set(made) <= moved | unanswered  # none lost, none doubled
     fences = [e.fence for e in history]
     assert fences == sorted(fences) and set(fences) == {1, 2}
