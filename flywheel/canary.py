@@ -319,12 +319,15 @@ class CanaryController(threading.Thread):
     """Reviews every task's canary every `canary.check_every_s` and carries the verdicts out."""
 
     def __init__(self, settings: Settings, stop: threading.Event,
-                 ratings: Callable[[str, datetime], Ratings], figures: Callable[[], VersionFigures]) -> None:
+                 ratings: Callable[[str, datetime], Ratings], figures: Callable[[], VersionFigures],
+                 fence: int | None = None) -> None:
+        """`fence`: the loop lease's epoch its moves carry (refused once another keeper leads); None: unfenced."""
         super().__init__(name="canary-controller", daemon=True)
         self.settings = settings
         self.stop = stop
         self.ratings = ratings
         self.figures = figures
+        self.fence = fence
         self.last_reason: dict[str, str] = {}
 
     def check(self) -> list[CanaryReview]:
@@ -332,6 +335,8 @@ class CanaryController(threading.Thread):
         figures = self.figures()
         for task in known_tasks(self.settings):
             registry = registry_for(self.settings, task)
+            if self.fence is not None:
+                registry = registry.fenced(self.fence)
             self._complete_half_done(registry)
             decided = review(registry, self.settings.canary, lambda since, t=task: self.ratings(t, since), figures)
             if decided is None:

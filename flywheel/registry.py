@@ -33,6 +33,7 @@ Versions are immutable; promotion and rollback move an alias, never weights.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -66,6 +67,7 @@ TASK_SPEC, GOLDEN = "task.json", "golden.jsonl"
 _TASK_NAME = re.compile(TASK_NAME_PATTERN)
 _BASE_VERSION_NAME = re.compile(BASE_VERSION_PATTERN)
 _HISTORY_NAME = re.compile(r"\d{10}\.json")
+LEASE_DIR = ("loop", "lease")  # the loop lease's epochs (flywheel.lease)
 MOVE_ATTEMPTS = 50
 CANARY_ALIAS = "canary"  # a version on trial: its record's traffic_fraction is its share (0: no canary)
 
@@ -181,6 +183,8 @@ class HistoryEntry(BaseModel):
     traffic_fraction: float | None = None
     ends: str | None = Field(None, description="An alias this move also takes to share 0, in the same entry: a "
                              "canary promoted to champion ends its trial.")
+    fence: int | None = Field(None, description="The loop lease's epoch the move was made under (a leader's "
+                              "move); None: made by hand or by a run.")
 
     def record(self) -> AliasRecord:
         """The alias as this move left it."""
@@ -201,6 +205,10 @@ class AliasConflictError(RegistryError):
 
 class _Unchanged(Exception):
     """A move found, on the latest state, that it has nothing left to do."""
+
+
+class FencedError(RegistryError):
+    """A leader's move carried a lease epoch older than the latest: it lost the loop, and nothing was changed."""
 
 
 class ChampionChangedError(RegistryError):
@@ -282,10 +290,28 @@ class Registry:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "flywheel-adapter-cache"
         self._version_re = re.compile(rf"{re.escape(task)}-v(\d+)")
+        self.fence: int | None = None  # set by `fenced`: the loop lease's epoch this leader moves aliases under
+
+    def fenced(self, epoch: int) -> Registry:
+        """This registry for the loop's leader holding lease `epoch` (flywheel.lease): each alias move it makes
+        carries the epoch and is refused (FencedError) once a newer epoch has been claimed or has moved this
+        task's aliases."""
+        leader = copy.copy(self)
+        leader.fence = epoch
+        return leader
+
+    def loop_epoch(self) -> int:
+        """The newest epoch claimed of the loop's lease on this registry (0: never claimed)."""
+        folder = self.path(*LEASE_DIR)
+        self.fs.invalidate_cache(folder)
+        if not self.fs.exists(folder):
+            return 0
+        names = (p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
+        return max((int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()), default=0)
 
     # -- paths ---------------------------------------------------------------------------------------
 
-    def _path(self, *parts: str) -> str:
+    def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
     def _check_version_name(self, version: str) -> None:
@@ -294,10 +320,10 @@ class Registry:
 
     def _version_dir(self, version: str) -> str:
         self._check_version_name(version)
-        return self._path("versions", version)
+        return self.path("versions", version)
 
     def _task_path(self, *parts: str) -> str:
-        return self._path("tasks", self.task, *parts)
+        return self.path("tasks", self.task, *parts)
 
     # -- the task itself -----------------------------------------------------------------------------
 
@@ -306,29 +332,29 @@ class Registry:
         path = self._task_path(TASK_SPEC)
         if not self.fs.exists(path):
             return None
-        return TaskSpec.model_validate_json(self._read_text(path))
+        return TaskSpec.model_validate_json(self.read_text(path))
 
     def save_task_spec(self, spec: TaskSpec) -> None:
         if spec.name != self.task:
             raise RegistryError(f"spec of task {spec.name!r} cannot be stored under task {self.task!r}")
-        self._write_text(self._task_path(TASK_SPEC), spec.model_dump_json(indent=2))
+        self.write_text(self._task_path(TASK_SPEC), spec.model_dump_json(indent=2))
 
     def golden_text(self) -> str | None:
         """The task's golden set as JSONL text (rows of the training data format), if it has one."""
         path = self._task_path(GOLDEN)
         if not self.fs.exists(path):
             return None
-        return self._read_text(path)
+        return self.read_text(path)
 
     def save_golden(self, jsonl: str) -> None:
-        self._write_text(self._task_path(GOLDEN), jsonl)
+        self.write_text(self._task_path(GOLDEN), jsonl)
 
-    def _read_text(self, path: str) -> str:
+    def read_text(self, path: str) -> str:
         """A small file, whole, in one request: a stream read of an object replaced meanwhile fails its ETag
         precondition on S3, where one GET sees the old object or the new one."""
         return self.fs.cat_file(path).decode("utf-8")
 
-    def _write_text(self, path: str, text: str) -> None:
+    def write_text(self, path: str, text: str) -> None:
         """Replace a small file whole: readers see the old or the new text, never a mix."""
         if self.is_local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -343,13 +369,13 @@ class Registry:
 
     def versions(self) -> list[AdapterManifest]:
         """All complete versions, oldest first."""
-        self.fs.invalidate_cache(self._path("versions"))
-        if not self.fs.exists(self._path("versions")):
+        self.fs.invalidate_cache(self.path("versions"))
+        if not self.fs.exists(self.path("versions")):
             return []
         manifests = []
-        for entry in self.fs.ls(self._path("versions"), detail=False):
+        for entry in self.fs.ls(self.path("versions"), detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if self._version_re.fullmatch(name) and self.fs.exists(self._path("versions", name, MANIFEST)):
+            if self._version_re.fullmatch(name) and self.fs.exists(self.path("versions", name, MANIFEST)):
                 manifests.append(self.manifest(name))
         return sorted(manifests, key=lambda m: m.number)
 
@@ -358,16 +384,16 @@ class Registry:
         return self._read_manifest("versions", version, AdapterManifest, "adapter version")
 
     def _read_manifest(self, folder: str, name: str, model: type[ManifestT], what: str) -> ManifestT:
-        path = self._path(folder, name, MANIFEST)
+        path = self.path(folder, name, MANIFEST)
         if not self.fs.exists(path):
             raise VersionNotFoundError(f"{what} {name!r} is not in the registry at {self.uri}")
-        return model.model_validate_json(self._read_text(path))
+        return model.model_validate_json(self.read_text(path))
 
     def _next_number(self) -> int:
         numbers = [0]
-        self.fs.invalidate_cache(self._path("versions"))
-        if self.fs.exists(self._path("versions")):
-            for entry in self.fs.ls(self._path("versions"), detail=False):
+        self.fs.invalidate_cache(self.path("versions"))
+        if self.fs.exists(self.path("versions")):
+            for entry in self.fs.ls(self.path("versions"), detail=False):
                 match = self._version_re.fullmatch(entry.rstrip("/").rsplit("/", 1)[-1])
                 if match:
                     numbers.append(int(match.group(1)))
@@ -390,7 +416,7 @@ class Registry:
         if not any(p.name.startswith("adapter_config") for p in files):
             raise RegistryError(f"{adapter_dir} holds no PEFT adapter (adapter_config.json missing)")
         hashes = {p.name: _sha256_file(p) for p in files}
-        self.fs.makedirs(self._path("versions"), exist_ok=True)
+        self.fs.makedirs(self.path("versions"), exist_ok=True)
         for _attempt in range(100):
             number = self._next_number()
             manifest = AdapterManifest(
@@ -411,7 +437,7 @@ class Registry:
     def _publish(self, target: str, manifest: BaseModel, files: list[Path]) -> bool:
         """Write a version; False when its number was taken meanwhile (the caller picks another)."""
         if self.is_local:
-            staging = Path(self._path(".staging", uuid.uuid4().hex))
+            staging = Path(self.path(".staging", uuid.uuid4().hex))
             staging.mkdir(parents=True)
             for p in files:
                 shutil.copy2(p, staging / p.name)
@@ -423,7 +449,7 @@ class Registry:
                 return False
             return True
         # Claim the name first with an exclusive create: of two writers exactly one uploads into it.
-        if not self._create_exclusive(f"{target}/{CLAIM}", uuid.uuid4().hex):
+        if not self.create_exclusive(f"{target}/{CLAIM}", uuid.uuid4().hex):
             return False
         for p in files:
             self.fs.put_file(str(p), f"{target}/{p.name}")
@@ -440,7 +466,7 @@ class Registry:
         if manifest.status != "evaluating":
             raise RegistryError(f"{version} is {manifest.status}; only an evaluating version can be concluded")
         concluded = manifest.model_copy(update={"status": status, **fields})
-        self._write_text(self._path("versions", version, MANIFEST), concluded.model_dump_json(indent=2))
+        self.write_text(self.path("versions", version, MANIFEST), concluded.model_dump_json(indent=2))
         return concluded
 
     def redact_train_data(self, version: str, keep: Callable[[dict[str, Any]], bool]) -> int:
@@ -454,12 +480,12 @@ class Registry:
         if len(kept) == len(lines):
             return 0
         text = "".join(line + "\n" for line in kept)
-        self._write_text(self._path("versions", version, TRAIN_DATA_FILE), text)
+        self.write_text(self.path("versions", version, TRAIN_DATA_FILE), text)
         if not self.is_local:  # the node's cached copy goes too: the next use downloads the redacted one
             shutil.rmtree(self._cache_dir / version, ignore_errors=True)
         manifest = self.manifest(version)
         files = {**manifest.files, TRAIN_DATA_FILE: hashlib.sha256(text.encode()).hexdigest()}
-        self._write_text(self._path("versions", version, MANIFEST),
+        self.write_text(self.path("versions", version, MANIFEST),
                          manifest.model_copy(update={"files": files}).model_dump_json(indent=2))
         return len(lines) - len(kept)
 
@@ -497,10 +523,10 @@ class Registry:
 
     def bases(self) -> list[BaseManifest]:
         """All complete base versions, oldest first."""
-        if not self.fs.exists(self._path("bases")):
+        if not self.fs.exists(self.path("bases")):
             return []
-        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self._path("bases"), detail=False)]
-        manifests = [self.base_manifest(n) for n in names if self.fs.exists(self._path("bases", n, MANIFEST))]
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self.path("bases"), detail=False)]
+        manifests = [self.base_manifest(n) for n in names if self.fs.exists(self.path("bases", n, MANIFEST))]
         return sorted(manifests, key=lambda m: m.created_at)
 
     def base_manifest(self, name: str) -> BaseManifest:
@@ -517,15 +543,15 @@ class Registry:
         if not any(p.name == "config.json" for p in files):
             raise RegistryError(f"{model_dir} is not a model directory: no config.json")
         hashes = {p.name: _sha256_file(p) for p in files}
-        self.fs.makedirs(self._path("bases"), exist_ok=True)
+        self.fs.makedirs(self.path("bases"), exist_ok=True)
         pattern = re.compile(rf"{re.escape(prefix)}-v(\d+)")
         for _attempt in range(100):
-            entries = self.fs.ls(self._path("bases"), detail=False)
+            entries = self.fs.ls(self.path("bases"), detail=False)
             taken = [pattern.fullmatch(e.rstrip("/").rsplit("/", 1)[-1]) for e in entries]
             number = max([0, *(int(m.group(1)) for m in taken if m)]) + 1
             manifest = BaseManifest(name=f"{prefix}-v{number}", number=number, source=source, created_at=_now(),
                                     status=status, files=hashes, **fields)
-            if self._publish(self._path("bases", manifest.name), manifest, files):
+            if self._publish(self.path("bases", manifest.name), manifest, files):
                 return manifest
         raise RegistryError("could not allocate a base version number after 100 attempts")
 
@@ -542,7 +568,7 @@ class Registry:
                 f"base version {name} was made from {manifest.source.id} ({manifest.source.sha256[:12]}…), "
                 f"not from the configured base ({source_sha256[:12]}…)"
             )
-        local = self._local_copy(self._path("bases", name), f"base-{name}")
+        local = self._local_copy(self.path("bases", name), f"base-{name}")
         _check_files(name, local, manifest.files)
         return local, manifest
 
@@ -566,27 +592,29 @@ class Registry:
     def _history_path(self, seq: int) -> str:
         return self._task_path("history", f"{seq:010d}.json")
 
-    def _alias_state(self) -> tuple[int, dict[str, AliasRecord]]:
-        """(seq of the latest move, aliases after it): the checkpoint, rolled forward."""
+    def _alias_state(self) -> tuple[int, dict[str, AliasRecord], int]:
+        """(seq of the latest move, aliases after it, the newest lease epoch a move carried): the checkpoint,
+        rolled forward."""
         self.fs.invalidate_cache(self._task_path("history"))  # object-store listings are cached; moves are not
-        seq, aliases = 0, {}
+        seq, aliases, fence = 0, {}, 0
         path = self._task_path("aliases.json")
         if self.fs.exists(path):
-            raw = json.loads(self._read_text(path))
+            raw = json.loads(self.read_text(path))
             if "seq" not in raw:  # written before moves were numbered: {alias: record}
                 raw = {"seq": 0, "aliases": raw}
-            seq = raw["seq"]
+            seq, fence = raw["seq"], raw.get("fence", 0)
             aliases = {name: AliasRecord.model_validate(r) for name, r in raw["aliases"].items()}
         while self.fs.exists(self._history_path(seq + 1)):  # moves committed after the checkpoint
             seq += 1
             entry = self._history_entry(self._history_path(seq))
             if entry is not None:
                 entry.apply(aliases)
-        return seq, aliases
+                fence = max(fence, entry.fence or 0)
+        return seq, aliases, fence
 
     def _history_entry(self, path: str) -> HistoryEntry | None:
         try:
-            return HistoryEntry.model_validate_json(self._read_text(path))
+            return HistoryEntry.model_validate_json(self.read_text(path))
         except (OSError, ValidationError) as exc:  # one unreadable entry must not break status or rollback
             log.error("event=history_entry_unreadable task=%s path=%s error=%r", self.task, path, exc)
             return None
@@ -699,24 +727,28 @@ class Registry:
         The expected champion is checked against the very state the entry commits on top of (entry N+1 is
         created exclusively), so the check and the move are one compare-and-swap."""
         for _attempt in range(MOVE_ATTEMPTS):
-            seq, aliases = self._alias_state()
+            seq, aliases, fence = self._alias_state()
+            if self.fence is not None and (newest := max(fence, self.loop_epoch())) > self.fence:
+                raise FencedError(f"this leader's lease (epoch {self.fence}) was taken over (epoch {newest}): "
+                                  f"its move of {alias!r} in task {self.task!r} was refused; nothing was changed")
             champion = aliases.get("champion")
             if expected_champion is not ... and (champion.version if champion else None) != expected_champion:
                 raise ChampionChangedError(self.task, expected_champion, champion)
             version, previous = choose(aliases)
             entry = HistoryEntry(seq=seq + 1, at=_now(), action=action, alias=alias, version=version,
                                  previous=previous, actor=actor, reason=reason, traffic_fraction=traffic_fraction,
-                                 ends=ends)
-            if self._create_exclusive(self._history_path(entry.seq), entry.model_dump_json()):
+                                 ends=ends, fence=self.fence)
+            if self.create_exclusive(self._history_path(entry.seq), entry.model_dump_json()):
                 entry.apply(aliases)
-                checkpoint = {"seq": entry.seq, "aliases": {k: v.model_dump(mode="json") for k, v in aliases.items()}}
-                self._write_text(self._task_path("aliases.json"), json.dumps(checkpoint, indent=2))
+                checkpoint = {"seq": entry.seq, "fence": max(fence, self.fence or 0),
+                              "aliases": {k: v.model_dump(mode="json") for k, v in aliases.items()}}
+                self.write_text(self._task_path("aliases.json"), json.dumps(checkpoint, indent=2))
                 return entry
             log.info("event=alias_move_retry task=%s alias=%s seq=%d", self.task, alias, entry.seq)
         raise AliasConflictError(f"the aliases of task {self.task!r} kept moving under {MOVE_ATTEMPTS} attempts; "
                                  "nothing was changed, try again")
 
-    def _create_exclusive(self, path: str, text: str) -> bool:
+    def create_exclusive(self, path: str, text: str) -> bool:
         """Create `path` holding `text` unless it exists; False if another writer created it first."""
         if self.is_local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)

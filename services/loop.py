@@ -2,14 +2,15 @@
 controller, so every way of starting the app (`flywheel up`, `serve deploy`, a RayService) runs the whole loop.
 
 Several apps may share one registry (an upgrade that runs two RayServices for a while, two app names on one
-cluster): their keepers elect one through a lease held by a named Ray actor. The others stand by, and one
-takes over when the leader stops renewing (its replica died). So one curator reads the consumer group, one
-scheduler starts retrains, and one controller moves canaries.
+cluster): their keepers elect one through a lease in the registry's own store (flywheel.lease), the one thing
+they all share whatever Ray cluster they run in. The others stand by, and one takes over when the leader stops
+renewing. The lease's epoch fences the leader's alias moves, so a keeper paused past its lease cannot move
+an alias once another leads. So one curator reads the consumer group, one scheduler starts retrains, and one
+controller moves canaries.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -21,47 +22,18 @@ from ray import serve
 
 from flywheel.canary import CanaryController
 from flywheel.config import Settings
+from flywheel.lease import StoreLease
 from flywheel.logs import configure_logging
+from flywheel.registry import registry_for
 from services.protocol import LoopHealth
 from services.status_board import get_board, version_figures
 
 log = logging.getLogger("flywheel.loop")
 
-LEASE_NAME = "flywheel-loop-lease"
 
-
-@ray.remote(num_cpus=0)
-class LoopLease:
-    """Who runs the loop of one registry: the keeper that claimed it last, while it keeps renewing."""
-
-    def __init__(self) -> None:
-        self._holder: str | None = None
-        self._expires = 0.0
-
-    def claim(self, keeper: str, lease_s: float) -> bool:
-        now = time.time()
-        if self._holder not in (None, keeper) and now < self._expires:
-            return False
-        self._holder, self._expires = keeper, now + lease_s
-        return True
-
-    def release(self, keeper: str) -> None:
-        if self._holder == keeper:
-            self._holder = None
-
-    def holder(self) -> str | None:
-        return self._holder if time.time() < self._expires else None
-
-
-def get_lease(registry_uri: str) -> Any:
-    """The lease of the loop on `registry_uri`; created by whichever keeper asks first."""
-    key = hashlib.sha256(registry_uri.encode()).hexdigest()[:12]
-    return LoopLease.options(  # type: ignore[attr-defined]
-        name=f"{LEASE_NAME}-{key}", namespace="flywheel", get_if_exists=True, lifetime="detached").remote()
-
-
-def canary_controller(settings: Settings, stop: threading.Event) -> CanaryController:
-    """The canary controller of this app: ratings from the curated dataset, guardrails from the replicas."""
+def canary_controller(settings: Settings, stop: threading.Event, fence: int | None = None) -> CanaryController:
+    """The canary controller of this app: ratings from the curated dataset, guardrails from the replicas;
+    `fence`: the loop lease's epoch its moves are made under."""
     from feedback.dataset import CuratedDataset
 
     dataset = CuratedDataset(settings.feedback_dir / "dataset")
@@ -77,19 +49,20 @@ def canary_controller(settings: Settings, stop: threading.Event) -> CanaryContro
     def ratings(task: str, since: datetime) -> list[tuple[str, float, str | None]]:
         return dataset.ratings(task, since, anonymous=settings.canary.count_anonymous)
 
-    return CanaryController(settings, stop, ratings=ratings, figures=figures)
+    return CanaryController(settings, stop, ratings=ratings, figures=figures, fence=fence)
 
 
-def loop_workers(settings: Settings, stop: threading.Event) -> list[threading.Thread]:
+def loop_workers(settings: Settings, stop: threading.Event, fence: int) -> list[threading.Thread]:
     """The loop's parts, not yet started: the curator (supervised: it outlives a broker that is down), the
-    retrain scheduler if enabled, and the canary controller. All end when `stop` is set."""
+    retrain scheduler if enabled, and the canary controller, whose moves carry the lease's epoch `fence`. All
+    end when `stop` is set."""
     from feedback.supervisor import supervise
     from flywheel.scheduler import RetrainScheduler
 
     workers = [threading.Thread(target=supervise, args=(settings, stop), name="curator", daemon=True)]
     if settings.retrain.schedule_enabled:
         workers.append(RetrainScheduler(settings, stop))
-    workers.append(canary_controller(settings, stop))
+    workers.append(canary_controller(settings, stop, fence))
     return workers
 
 
@@ -102,9 +75,9 @@ class LoopKeeper:
         configure_logging()
         self.settings = Settings.from_shared(settings)
         self.name = f"{self.settings.serving.app_name}#{serve.get_replica_context().replica_id.unique_id}"
-        self.lease = get_lease(self.settings.registry_uri)
+        self.lease = StoreLease(registry_for(self.settings), self.name, self.settings.loop.lease_s)
         self.stop = threading.Event()
-        self.term: tuple[threading.Event, list[threading.Thread]] | None = None
+        self.term: tuple[int, threading.Event, list[threading.Thread]] | None = None  # (epoch, stop, parts)
         self.role: str = "starting"
         self.holder: str | None = None
         self.since = time.time()
@@ -116,57 +89,61 @@ class LoopKeeper:
         renewed_at = 0.0
         while not self.stop.is_set():
             try:
-                if ray.get(self.lease.claim.remote(self.name, lease_s), timeout=lease_s / 3):
+                epoch = self.lease.claim()
+                if epoch is not None:
                     renewed_at = time.monotonic()
-                    self._lead()
+                    self._lead(epoch)
                 else:
-                    self.holder = ray.get(self.lease.holder.remote(), timeout=lease_s / 3)
+                    self.holder = self.lease.holder_now()
                     self._stand_by()
-            except Exception as exc:  # the lease's actor is gone (its node died): ask for it anew
+            except Exception as exc:  # the store is unreachable: the lease cannot be renewed or read
                 log.warning("event=loop_lease_unreachable error=%s", type(exc).__name__)
-                self.lease = get_lease(self.settings.registry_uri)
                 if self.term and time.monotonic() - renewed_at > lease_s:
                     self._stand_by()  # unrenewed past the lease: another keeper may lead by now
             self.stop.wait(lease_s / 3)
         self._stand_by()
         try:
-            ray.get(self.lease.release.remote(self.name), timeout=5)
+            self.lease.release()
         except Exception:  # the lease expires by itself
             log.warning("event=loop_lease_release_failed")
 
-    def _lead(self) -> None:
+    def _lead(self, epoch: int) -> None:
         self.holder = self.name
-        if self.term is not None:
+        if self.term is not None and self.term[0] == epoch:
             return
+        self._end_term()  # parts of an older epoch (lost, then taken again) must not go on under it
         stop = threading.Event()
-        workers = loop_workers(self.settings, stop)
+        workers = loop_workers(self.settings, stop, epoch)
         for worker in workers:
             worker.start()
-        self.term, self.role, self.since = (stop, workers), "leading", time.time()
-        log.info("event=loop_leading keeper=%s parts=%s", self.name, ",".join(w.name for w in workers))
+        self.term, self.role, self.since = (epoch, stop, workers), "leading", time.time()
+        log.info("event=loop_leading keeper=%s epoch=%d parts=%s", self.name, epoch, ",".join(w.name for w in workers))
 
-    def _stand_by(self) -> None:
+    def _end_term(self) -> None:
         if self.term is not None:
-            stop, workers = self.term
+            _, stop, workers = self.term
             stop.set()
             for worker in workers:
                 worker.join(timeout=30)
             self.term = None
             log.info("event=loop_stopped keeper=%s", self.name)
+
+    def _stand_by(self) -> None:
+        self._end_term()
         if self.role != "standby":
             self.role, self.since = "standby", time.time()
             log.info("event=loop_standby keeper=%s leader=%s", self.name, self.holder)
 
     def status(self) -> dict[str, Any]:
-        parts = [w.name for w in self.term[1] if w.is_alive()] if self.term else []
-        return LoopHealth(role=self.role, keeper=self.name, leader=self.holder, since=self.since,
-                          parts=parts).model_dump()
+        parts = [w.name for w in self.term[2] if w.is_alive()] if self.term else []
+        return LoopHealth(role=self.role, keeper=self.name, leader=self.holder, since=self.since, parts=parts,
+                          epoch=self.term[0] if self.term else None).model_dump()
 
     def check_health(self) -> None:
         """Serve restarts a replica whose keeper or parts died; its successor claims the loop again."""
         if not self.keeper.is_alive():
             raise RuntimeError("the loop keeper's thread ended")
-        if self.term and (dead := [w.name for w in self.term[1] if not w.is_alive()]):
+        if self.term and (dead := [w.name for w in self.term[2] if not w.is_alive()]):
             raise RuntimeError(f"loop parts ended: {', '.join(dead)}")
 
     def __del__(self) -> None:

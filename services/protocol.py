@@ -202,6 +202,7 @@ class LoopHealth(BaseModel):
     leader: str | None = Field(None, description="The keeper that runs the loop on this registry now.")
     since: float = Field(0.0, description="Unix time of the last change of role.")
     parts: list[str] = Field(default_factory=list, description="The loop's parts running in this keeper.")
+    epoch: int | None = Field(None, description="While leading: the lease's epoch, which fences its alias moves.")
 
 
 class HealthResponse(BaseModel):

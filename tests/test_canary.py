@@ -222,14 +222,14 @@ def test_a_promotion_and_the_end_of_its_trial_are_one_move(trial: Registry, tmp_
     decided = review(trial, CFG, arms(ratings(rng, 3.0, 40), ratings(rng, 4.2, 40)), {})
     assert decided is not None and decided.verdict == "promote"
     seq = len(trial.history())
-    real_write = Registry._write_text
+    real_write = Registry.write_text
 
     def checkpoint_fails(self: Registry, path: str, text: str) -> None:
         if path.endswith("aliases.json"):
             raise OSError("disk full")
         real_write(self, path, text)
 
-    monkeypatch.setattr(Registry, "_write_text", checkpoint_fails)
+    monkeypatch.setattr(Registry, "write_text", checkpoint_fails)
     with pytest.raises(OSError, match="disk full"):
         apply(trial, decided, actor="test")
     monkeypatch.undo()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
 import yaml
 from typer.testing import CliRunner
 
@@ -79,20 +78,6 @@ def loop_health(url: str) -> dict:
 
 def curated_request_ids(settings: Settings) -> list[str]:
     return CuratedDataset(settings.feedback_dir / "dataset").read_table()["request_id"].to_pylist()
-
-
-def test_the_lease_goes_to_one_keeper_until_it_stops_renewing(served: tuple[str, Settings]) -> None:
-    from services.loop import get_lease
-
-    lease = get_lease(f"memory://lease-test-{time.time()}")
-    assert ray.get(lease.claim.remote("a", 0.5))
-    assert not ray.get(lease.claim.remote("b", 0.5)), "held and renewed: nobody else may take it"
-    assert ray.get(lease.claim.remote("a", 0.5)) and ray.get(lease.holder.remote()) == "a"
-    time.sleep(0.6)
-    assert ray.get(lease.holder.remote()) is None, "unrenewed past its lease: free"
-    assert ray.get(lease.claim.remote("b", 0.5)) and not ray.get(lease.claim.remote("a", 0.5))
-    ray.get(lease.release.remote("b"))
-    assert ray.get(lease.claim.remote("a", 0.5)), "released: free at once"
 
 
 def test_the_app_alone_curates_once_and_retrains_on_schedule(two_apps: tuple[dict[str, str], Settings]) -> None:
