@@ -363,6 +363,16 @@ class CuratorState:
 
 # -- masking and joining ------------------------------------------------------------------------
 
+def decoded(record: SourceRecord) -> PredictionEvent | FeedbackEvent | str:
+    """The event a record holds, or (logged) why it holds none: garbage, or a newer schema_version."""
+    try:
+        return decode_event(record.value)
+    except ValidationError as exc:
+        error = "; ".join(f"{'.'.join(map(str, e['loc'])) or '-'}: {e['msg']}" for e in exc.errors())
+        log.error("event=record_rejected partition=%s offset=%d error=%r", record.partition, record.offset, error)
+        return error
+
+
 def join(
     feedback: Located[FeedbackEvent], prediction: Located[PredictionEvent], default_task: str
 ) -> CuratedExample:
@@ -533,12 +543,9 @@ class Curator:
         return result
 
     def _apply(self, record: SourceRecord, batch: int, result: BatchResult) -> list[CuratedExample]:
-        try:
-            event = decode_event(record.value)
-        except ValidationError as exc:  # not an event we know (garbage, or a newer schema_version)
-            error = "; ".join(f"{'.'.join(map(str, e['loc'])) or '-'}: {e['msg']}" for e in exc.errors())
-            log.error("event=record_rejected partition=%s offset=%d error=%r", record.partition, record.offset, error)
-            self.state.reject(record, error)
+        event = decoded(record)
+        if isinstance(event, str):
+            self.state.reject(record, event)
             result.rejected += 1
             return []
         self._read_up_to_ts = max(self._read_up_to_ts, event.timestamp.timestamp())

@@ -54,13 +54,13 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from feedback.bus import kafka_client_config
-from feedback.curator import BatchResult, Curator, Located, SourceRecord, dataset_path, join, may_rate
+from feedback.curator import BatchResult, Curator, Located, SourceRecord, dataset_path, decoded, join, may_rate
 from feedback.dataset import MANIFEST, SCHEMA, CuratedDataset, Manifest, PartFile
 from feedback.pii import mask_event
-from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, decode_event
+from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent
 from flywheel.config import Settings
 
 log = logging.getLogger("flywheel.feedback.partitioned")
@@ -482,11 +482,8 @@ class PartitionedCurator:
         return True
 
     def _apply(self, state: PairState, record: SourceRecord, result: BatchResult) -> list[CuratedExample]:
-        try:
-            event = decode_event(record.value)
-        except ValidationError as exc:  # not an event we know (garbage, or a newer schema_version)
-            error = "; ".join(f"{'.'.join(map(str, e['loc'])) or '-'}: {e['msg']}" for e in exc.errors())
-            log.error("event=record_rejected partition=%s offset=%d error=%r", record.partition, record.offset, error)
+        event = decoded(record)
+        if isinstance(event, str):
             result.rejected += 1
             return []
         joins: list[tuple[Located[FeedbackEvent], Located[PredictionEvent]]] = []

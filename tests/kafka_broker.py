@@ -118,3 +118,16 @@ def interleaved(pairs: list[tuple[PredictionEvent, FeedbackEvent]]) -> list[Pred
         else:
             events += [fb, pred] if i % 3 == 0 else [pred, fb]
     return events + late
+
+
+def publish(settings: Settings, events: list[PredictionEvent | FeedbackEvent]) -> None:
+    """Put `events` on the settings' bus (the local log or the broker), all of them acknowledged."""
+    from feedback.bus import build_bus
+
+    bus = build_bus(settings)
+    try:
+        for event in events:
+            assert bus.publish(event)
+        assert bus.flush(timeout_s=60), bus.stats()
+    finally:
+        bus.close()

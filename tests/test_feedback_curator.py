@@ -19,7 +19,6 @@ import pytest
 from typer.testing import CliRunner
 
 from feedback import cli
-from feedback.bus import build_bus
 from feedback.curator import Curator, CuratorState, feedback_status
 from feedback.dataset import CuratedDataset, PartFile
 from feedback.local_log import RecordLog
@@ -28,20 +27,10 @@ from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, dec
 from feedback.supervisor import read_health, supervise
 from flywheel.config import Settings
 from loadtests.hostile import ADVERSARIAL_UNITS, repeated
-from tests.kafka_broker import BACKENDS, event_pairs, feedback, interleaved, prediction, write_config
+from tests.kafka_broker import BACKENDS, event_pairs, feedback, interleaved, prediction, publish, write_config
 from tests.timing import fastest_run_s
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _publish(settings: Settings, events: list[PredictionEvent | FeedbackEvent]) -> None:
-    bus = build_bus(settings)
-    try:
-        for event in events:
-            assert bus.publish(event)
-        assert bus.flush(timeout_s=60), bus.stats()
-    finally:
-        bus.close()
 
 
 def _curate(settings: Settings) -> list[CuratedExample]:
@@ -67,7 +56,7 @@ def _assert_exactly_once(rows: list[CuratedExample], pairs: list[tuple[Predictio
 def test_every_feedback_is_curated_once_and_joined(backend: str, feedback_settings: Callable[..., Settings]) -> None:
     settings = feedback_settings(backend)
     pairs = event_pairs(1000)
-    _publish(settings, interleaved(pairs))  # some predictions only after all the feedback
+    publish(settings, interleaved(pairs))  # some predictions only after all the feedback
     started = time.monotonic()
     rows = _curate(settings)
     print(f"curated {len(rows)} rows in {time.monotonic() - started:.2f}s ({backend})")
@@ -97,9 +86,9 @@ def test_duplicates_are_curated_once(backend: str, feedback_settings: Callable[.
     pairs = event_pairs(100)
     events = interleaved(pairs)
     resubmitted = [fb.model_copy(update={"timestamp": datetime.now(UTC)}) for _, fb in pairs[:30]]
-    _publish(settings, events + events[:50] + resubmitted)  # redelivery, and the client sending again
+    publish(settings, events + events[:50] + resubmitted)  # redelivery, and the client sending again
     _assert_exactly_once(_curate(settings), pairs)
-    _publish(settings, events)  # everything again, to a restarted curator
+    publish(settings, events)  # everything again, to a restarted curator
     _assert_exactly_once(_curate(settings), pairs)
     status = feedback_status(settings)
     redelivered = sum(isinstance(event, FeedbackEvent) for event in events[:50])
@@ -116,7 +105,7 @@ def test_curator_killed_mid_run_loses_and_duplicates_nothing(
 ) -> None:
     settings = feedback_settings(backend, curator_batch_size=10, curator_flush_s=0.05)
     pairs = event_pairs(1000)
-    _publish(settings, interleaved(pairs))
+    publish(settings, interleaved(pairs))
     config = write_config(settings, tmp_path / "flywheel.yaml")
     with (tmp_path / "curator.log").open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "feedback.cli", "curator", "-c", str(config)],
@@ -145,7 +134,7 @@ def test_crash_between_parquet_write_and_commit_is_replayed_exactly(
 ) -> None:
     settings = feedback_settings(backend)
     pairs = event_pairs(300)
-    _publish(settings, interleaved(pairs))
+    publish(settings, interleaved(pairs))
     curator = Curator(settings)
     parts = 0
     add_part = CuratorState.add_part
@@ -182,7 +171,7 @@ def test_unmatched_feedback_is_reported_until_its_prediction_arrives(
     hour_ago = datetime.now(UTC) - timedelta(hours=1)
     late_feedback = [fb.model_copy(update={"timestamp": hour_ago}) if i == 0 else fb
                      for i, (_, fb) in enumerate(orphans)]
-    _publish(settings, [e for pair in pairs[10:] for e in pair] + late_feedback)
+    publish(settings, [e for pair in pairs[10:] for e in pair] + late_feedback)
     assert len(_curate(settings)) == 5
 
     status = feedback_status(settings)
@@ -192,7 +181,7 @@ def test_unmatched_feedback_is_reported_until_its_prediction_arrives(
     shown = CliRunner().invoke(cli.app, ["status", "-c", str(config)])
     assert shown.exit_code == 0 and "unmatched 10 (oldest 36" in shown.output
 
-    _publish(settings, [pred for pred, _ in orphans])  # the predictions finally arrive
+    publish(settings, [pred for pred, _ in orphans])  # the predictions finally arrive
     rows = _curate(settings)
     assert len(rows) == 15 and feedback_status(settings).unmatched == 0
     assert {r.event_id for r in rows} == {fb.event_id for _, fb in pairs}
@@ -205,7 +194,7 @@ def test_feedback_for_unknown_requests_cannot_fill_the_state(
     settings = feedback_settings("local", max_unmatched=50, unmatched_retention_s=1800)
     stale = [fb.model_copy(update={"timestamp": datetime.now(UTC) - timedelta(hours=1)}) for _, fb in event_pairs(20)]
     flood = [fb for _, fb in event_pairs(200)]
-    _publish(settings, stale + flood)
+    publish(settings, stale + flood)
     _curate(settings)
     status = feedback_status(settings)
     assert status.unmatched == 50 and status.unmatched_dropped == 170  # the stale 20, then the oldest 150
@@ -277,7 +266,7 @@ def test_pii_is_masked_before_anything_is_stored(feedback_settings: Callable[...
         feedback(chat_id, thumb="down"),
         feedback(orphan_id, correction=f"phone {PII['phone']}"),  # waits in the state DB, masked too
     ]
-    _publish(settings, events)
+    publish(settings, events)
     rows = {row.request_id: row for row in _curate(settings)}
 
     text_row, chat_row = rows[text_id], rows[chat_id]
@@ -310,7 +299,7 @@ def test_records_that_are_not_events_are_kept_aside(feedback_settings: Callable[
     for record in (b"not json at all", newer, encode_event(fb)):
         log.append(record)
     log.close()
-    _publish(settings, [pred])
+    publish(settings, [pred])
     assert len(_curate(settings)) == 1
     status = feedback_status(settings)
     assert (status.rejected, status.curated, status.received) == (2, 1, 1)
@@ -318,7 +307,7 @@ def test_records_that_are_not_events_are_kept_aside(feedback_settings: Callable[
 
 def test_cli_curator_once_status_and_errors(feedback_settings: Callable[..., Settings], tmp_path: Path) -> None:
     settings = feedback_settings("local")
-    _publish(settings, interleaved(event_pairs(40)))
+    publish(settings, interleaved(event_pairs(40)))
     config = str(write_config(settings, tmp_path / "flywheel.yaml"))
     runner = CliRunner()
 
@@ -399,7 +388,7 @@ def test_a_retrain_reads_only_the_newest_rows_it_asks_for(feedback_settings: Cal
     events = []
     for i, (pred, fb) in enumerate(event_pairs(250)):
         events += [pred.model_copy(update={"task": "faq" if i % 5 == 0 else "demo"}), fb]
-    _publish(settings, events)
+    publish(settings, events)
     every = _curate(settings)
     dataset = CuratedDataset(settings.feedback_dir / "dataset")
     assert len(dataset.manifest().files) >= 3
@@ -415,7 +404,7 @@ def test_the_local_log_gives_back_the_space_of_curated_records(feedback_settings
     filler = "shares rose on strong demand " * 40  # ~1 KB prompts: a few MB of log
     pairs = [(pred.model_copy(update={"prompt": f"{i} {filler}"}), fb)
              for i, (pred, fb) in enumerate(event_pairs(3000))]
-    _publish(settings, [e for pair in pairs for e in pair])
+    publish(settings, [e for pair in pairs for e in pair])
     log_path = settings.feedback_dir / "log" / f"{settings.feedback.predictions_topic}.log"
     before = RecordLog(log_path)
     size, on_disk = before.size(), before.disk_bytes()
@@ -429,5 +418,5 @@ def test_the_local_log_gives_back_the_space_of_curated_records(feedback_settings
     finally:
         after.close()
     more = [(pred.model_copy(update={"prompt": f"late {i}"}), fb) for i, (pred, fb) in enumerate(event_pairs(50))]
-    _publish(settings, [e for pair in more for e in pair])
+    publish(settings, [e for pair in more for e in pair])
     assert len(_curate(settings)) == 3050  # positions past the hole still work

@@ -14,13 +14,13 @@ import pytest
 from kafka import KafkaProducer
 from pydantic import ValidationError
 
-from feedback.bus import build_bus, kafka_client_config
+from feedback.bus import kafka_client_config
 from feedback.curator import BatchResult, Located, SourceRecord, dataset_path, feedback_status, join
 from feedback.dataset import CuratedDataset
 from feedback.partitioned import CommitConflict, PairState, PartitionedCurator, PartitionedDataset, commit_name
-from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, encode_event
+from feedback.schemas import CuratedExample, encode_event
 from flywheel.config import Settings
-from tests.kafka_broker import event_pairs, interleaved, write_config
+from tests.kafka_broker import event_pairs, interleaved, publish, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,16 +88,6 @@ def _rows(settings: Settings) -> list[CuratedExample]:
     return [CuratedExample.model_validate(row) for row in table.to_pylist()]
 
 
-def _publish(settings: Settings, events: list[PredictionEvent | FeedbackEvent]) -> None:
-    bus = build_bus(settings)
-    try:
-        for event in events:
-            assert bus.publish(event)
-        assert bus.flush(timeout_s=60), bus.stats()
-    finally:
-        bus.close()
-
-
 @pytest.mark.kafka
 def test_three_curators_one_killed_mid_batch_curate_every_rating_exactly_once(
     feedback_settings: Callable[..., Settings], tmp_path: Path
@@ -133,7 +123,7 @@ def test_three_curators_one_killed_mid_batch_curate_every_rating_exactly_once(
         print(f"group settled in {time.monotonic() - started:.1f}s: {[_read_owned(p) for p in owned]}")
 
         pairs = event_pairs(600)
-        _publish(settings, interleaved(pairs))
+        publish(settings, interleaved(pairs))
         _wait_for("the victim to die mid-batch", lambda: procs[0].poll() is not None, 30, logs)
         assert procs[0].returncode == -signal.SIGKILL, logs[0].read_text()[-3000:]
         assert "dying before commit" in logs[0].read_text()
@@ -198,7 +188,7 @@ def test_a_curator_taking_over_finished_pairs_replays_them_and_writes_nothing_ne
     settings = feedback_settings("kafka", curation="partitioned")
     pairs = event_pairs(200)
     events = interleaved(pairs)
-    _publish(settings, events + events[:60])  # the first 60 events delivered twice
+    publish(settings, events + events[:60])  # the first 60 events delivered twice
     for attempt in range(2):  # the second curator takes every pair over from the end of its chain
         curator = PartitionedCurator(settings, session_timeout_ms=6000)
         try:
