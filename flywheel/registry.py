@@ -51,6 +51,7 @@ from types import EllipsisType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import fsspec
+from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field, ValidationError
 
@@ -750,32 +751,40 @@ class Registry:
 
     def create_exclusive(self, path: str, text: str) -> bool:
         """Create `path` holding `text` unless it exists; False if another writer created it first."""
-        if self.is_local:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            Path(tmp).write_text(text)
-            try:
-                os.link(tmp, path)  # atomic and exclusive: readers see the whole entry or none
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
-            return True
+        return create_exclusive(self.fs, path, text)
+
+
+def create_exclusive(fs: AbstractFileSystem, path: str, text: str, *, private: bool = False) -> bool:
+    """Create `path` on `fs` holding `text` unless it exists; False if another writer created it first.
+    `private`: readable by its owner only, where the store has file modes (a local disk)."""
+    if isinstance(fs, LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        Path(tmp).write_text(text)
+        if private:
+            Path(tmp).chmod(0o600)
         try:
-            with self.fs.open(path, "xb") as f:  # a conditional put (If-None-Match) on stores that have one
-                f.write(text.encode())
-        except (ValueError, NotImplementedError):  # a store without exclusive writes: best effort
-            log.warning("event=no_exclusive_write uri=%s: concurrent writers could collide", self.uri)
-            if self.fs.exists(path):
-                return False
-            with self.fs.open(path, "wb") as f:
-                f.write(text.encode())
-        except OSError:  # FileExistsError, or S3's 412 PreconditionFailed: someone else created it
-            self.fs.invalidate_cache(path.rsplit("/", 1)[0])
-            if self.fs.exists(path):
-                return False
-            raise
+            os.link(tmp, path)  # atomic and exclusive: readers see the whole entry or none
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
         return True
+    try:
+        with fs.open(path, "xb") as f:  # a conditional put (If-None-Match) on stores that have one
+            f.write(text.encode())
+    except (ValueError, NotImplementedError):  # a store without exclusive writes: best effort
+        log.warning("event=no_exclusive_write path=%s: concurrent writers could collide", path)
+        if fs.exists(path):
+            return False
+        with fs.open(path, "wb") as f:
+            f.write(text.encode())
+    except OSError:  # FileExistsError, or S3's 412 PreconditionFailed: someone else created it
+        fs.invalidate_cache(path.rsplit("/", 1)[0])
+        if fs.exists(path):
+            return False
+        raise
+    return True
 
 
 def task_names(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:

@@ -12,16 +12,13 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import time
-import uuid
-from pathlib import Path
 
-from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ValidationError
 
 from flywheel.auth import Authenticator, Caller
+from flywheel.registry import create_exclusive
 
 COOKIE = "flywheel_console"
 LOGIN_COOKIE = "flywheel_console_login"
@@ -52,24 +49,7 @@ def load_secret(authenticator: Authenticator) -> bytes:
     path = f"{store.root.rsplit('/', 1)[0]}/{SECRET_FILE}"
     if store.fs.exists(path):
         return bytes.fromhex(store.fs.cat_file(path).decode().strip())
-    fresh = secrets.token_hex(32)
-    if isinstance(store.fs, LocalFileSystem):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        Path(tmp).write_text(fresh)
-        Path(tmp).chmod(0o600)
-        try:
-            os.link(tmp, path)  # exclusive: two replicas starting at once agree on the first one written
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-    else:
-        try:
-            with store.fs.open(path, "xb") as f:  # a conditional put where the store has one
-                f.write(fresh.encode())
-        except (OSError, ValueError, NotImplementedError):
-            pass  # another replica wrote it first (or the store has no exclusive create): read what is there
+    create_exclusive(store.fs, path, secrets.token_hex(32), private=True)  # the first replica's secret wins
     return bytes.fromhex(store.fs.cat_file(path).decode().strip())
 
 
