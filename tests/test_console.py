@@ -69,10 +69,15 @@ def console_app(root: Path) -> tuple[FastAPI, Settings, Registry, dict[str, str]
     store = KeyStore(settings.registry_uri)
     keys = {name: store.create(name, scopes)[1] for name, scopes in
             (("ops", ["predict", "feedback", "admin"]), ("app", ["predict", "feedback"]))}
+    return console_on(settings), settings, registry, keys
+
+
+def console_on(settings: Settings) -> FastAPI:
+    """A replica's console: its own state (secret, sessions, key cache) over `settings`' registry."""
     app = FastAPI()
     state = ConsoleState(settings, Access(settings))
     install(app, lambda: state)
-    return app, settings, registry, keys
+    return app
 
 
 @pytest.fixture
@@ -174,6 +179,22 @@ def test_an_action_needs_the_sessions_csrf_token_and_is_recorded_with_who_presse
     back = desk.client.post(f"/console/tasks/{task}/rollback", data={"csrf": token})
     assert back.status_code == 303 and desk.registry.alias("champion") == f"{task}-v2"
     assert desk.registry.history("champion")[-1].actor == "ops (console)"
+
+
+def test_logging_out_ends_the_session_on_the_server_not_only_in_this_browser(desk: Desk) -> None:
+    _login(desk.client, desk.keys["ops"])
+    copied = desk.client.cookies[COOKIE]
+    with TestClient(desk.client.app, follow_redirects=False) as other:  # the same key's other session stays open
+        _login(other, desk.keys["ops"])
+        out = desk.client.post("/console/logout", data={"csrf": _csrf(desk.client, "/console")})
+        assert out.status_code == 303 and out.headers["location"] == "/console/login"
+        desk.client.cookies.set(COOKIE, copied, path="/console")  # the cookie, copied before logging out
+        assert desk.client.get("/console").status_code == 303
+        assert other.get("/console").status_code == 200
+    # a second replica (its own state, the same registry) refuses it too
+    with TestClient(console_on(desk.settings), follow_redirects=False) as replica:
+        replica.cookies.set(COOKIE, copied, path="/console")
+        assert replica.get("/console").status_code == 303
 
 
 def test_revoking_the_key_ends_its_sessions(desk: Desk) -> None:

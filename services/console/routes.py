@@ -211,6 +211,7 @@ async def login(request: Request, key: Annotated[str, Form(max_length=512)] = ""
 @router.post("/logout")
 async def logout(request: Request, csrf: Annotated[str, Form()] = "") -> Response:
     session = await _acting(request, csrf)
+    await asyncio.to_thread(_state(request).sessions.end, session)
     log.info("event=console_logout principal=%s", session.caller.principal)
     response = _redirect(request, "/login")
     response.delete_cookie(COOKIE, path=_root(request))
