@@ -13,9 +13,9 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -112,6 +112,25 @@ def current_verdicts(rows: Iterable[CuratedExample]) -> list[CuratedExample]:
             latest.pop(key, None)  # re-insert: the order follows the newest verdict
             latest[key] = row
     return list(latest.values())
+
+
+class DayRating(BaseModel):
+    """One version's ratings on one day."""
+
+    day: date
+    mean: float = Field(description="Mean rating, 1-5 (a thumb up counts 5, down 1).")
+    ratings: int
+
+
+DailyRatings = dict[str, list[DayRating]]  # adapter version -> its days, oldest first
+
+
+class _Rating(NamedTuple):
+    at: datetime
+    task: str
+    version: str
+    value: float
+    rater: str | None
 
 
 class CuratedDataset:
@@ -219,11 +238,29 @@ class CuratedDataset:
     def ratings(self, task: str, since: datetime, manifest: Manifest | None = None, *, anonymous: bool = False
                 ) -> list[tuple[str, float, str | None]]:
         """(adapter version, rating 1-5, rater) of `task`'s answers rated at or after `since` by authenticated raters
-        (`anonymous`: by anyone),
-        one per rater per answer (their latest), retracted ones left out; a thumb up counts 5, down 1. Reads
-        only the parts written since then, and only the columns it needs."""
+        (`anonymous`: by anyone), one per rater per answer (their latest), retracted ones left out; a thumb up counts
+        5, down 1."""
+        return [(r.version, r.value, r.rater) for r in self._rated(since, task, manifest, anonymous=anonymous)]
+
+    def daily_ratings(self, since: datetime, task: str | None = None, manifest: Manifest | None = None, *,
+                      anonymous: bool = True) -> dict[str, DailyRatings]:
+        """Task -> adapter version -> mean rating per day (by day, from `since`'s day), counted as `ratings` counts:
+        every task's at once, or (`task`) one task's."""
+        sums: dict[tuple[str, str, date], list[float]] = {}
+        for r in self._rated(since, task, manifest, anonymous=anonymous):
+            sums.setdefault((r.task, r.version, r.at.date()), []).append(r.value)
+        by_task: dict[str, DailyRatings] = {}
+        for (name, version, day), values in sorted(sums.items(), key=lambda item: item[0][2]):
+            by_task.setdefault(name, {}).setdefault(version, []).append(
+                DayRating(day=day, mean=sum(values) / len(values), ratings=len(values)))
+        return by_task
+
+    def _rated(self, since: datetime, task: str | None, manifest: Manifest | None, *, anonymous: bool
+               ) -> list[_Rating]:
+        """Each rater's latest verdict per answer since `since` (of `task`, or all tasks), oldest first. Reads only
+        the parts written since then, and only the columns it needs."""
         manifest = manifest or self.manifest()
-        latest: dict[tuple[str, str], tuple[datetime, str, float, str | None]] = {}
+        latest: dict[tuple[str, str], _Rating] = {}
         retracted = self.reviews.retracted()
         columns = ["event_id", "request_id", "task", "feedback_ts", "adapter_version", "rating", "thumb", "rater",
                    "authenticated"]
@@ -231,7 +268,9 @@ class CuratedDataset:
             if part.created_at < since:
                 continue
             table = pq.read_table(self.root / part.path, schema=SCHEMA, columns=columns)
-            table = table.filter(pc.and_(pc.equal(table["task"], task), pc.greater_equal(table["feedback_ts"], since)))
+            table = table.filter(pc.greater_equal(table["feedback_ts"], since))
+            if task is not None:
+                table = table.filter(pc.equal(table["task"], task))
             if not anonymous:
                 table = table.filter(pc.equal(table["authenticated"], True))
             for row in table.to_pylist():
@@ -239,11 +278,11 @@ class CuratedDataset:
                 if value is None or row["event_id"] in retracted:
                     continue
                 key = (row["request_id"], row["rater"] or row["event_id"])
-                if key not in latest or latest[key][0] <= row["feedback_ts"]:
+                if key not in latest or latest[key].at <= row["feedback_ts"]:
                     # an anonymous rating names no person (an address is not one): each stands alone
-                    latest[key] = (row["feedback_ts"], row["adapter_version"], float(value),
-                                   row["rater"] if row["authenticated"] else None)
-        return [(version, value, rater) for _, version, value, rater in latest.values()]
+                    latest[key] = _Rating(row["feedback_ts"], row["task"], row["adapter_version"], float(value),
+                                          row["rater"] if row["authenticated"] else None)
+        return list(latest.values())
 
     def export_jsonl(self, path: Path, manifest: Manifest | None = None, until: Mapping[str, int] | None = None
                      ) -> int:

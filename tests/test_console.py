@@ -9,14 +9,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from feedback.dataset import CuratedDataset, Manifest, PartFile
+from feedback.dataset import CuratedDataset, PartFile
 from feedback.oversight import lineage, review_queue
 from feedback.schemas import CuratedExample
 from flywheel.auth import AuthError, KeyStore
@@ -232,18 +232,32 @@ def test_the_gate_report_is_one_click_from_the_version(desk: Desk) -> None:
     assert desk.client.get("/console/tasks/no-such-task").status_code == 404
 
 
-def pending_correction(settings: Settings, task: str) -> CuratedExample:
-    row = CuratedExample(
-        event_id=uuid.uuid4().hex, request_id=uuid.uuid4().hex, task=task, feedback_ts=T0, prediction_ts=T0,
-        adapter_version=f"{task}-v2", prompt_kind="text", prompt="How do I reset my card PIN?", answer="Call us.",
-        reasoning="", rating=1, thumb=None, correction="Use the app's card menu.", comment=None, user_id=None,
-        tenant_id=None, rater=None, authenticated=False, asker=None, feedback_source="f/0", feedback_offset=0,
+def rated(task: str, version: str, at: datetime, rating: int, correction: str | None = None) -> CuratedExample:
+    """A curated answer of `version`, rated (and corrected) at `at` by an anonymous user."""
+    return CuratedExample(
+        event_id=uuid.uuid4().hex, request_id=uuid.uuid4().hex, task=task, feedback_ts=at, prediction_ts=at,
+        adapter_version=version, prompt_kind="text", prompt="How do I reset my card PIN?", answer="Call us.",
+        reasoning="", rating=rating, thumb=None, correction=correction, comment=None, user_id=None, tenant_id=None,
+        rater=None, authenticated=False, asker=None, feedback_source="f/0", feedback_offset=0,
         prediction_source="p/0", prediction_offset=0)
+
+
+def curate(settings: Settings, rows: list[CuratedExample]) -> None:
+    """Add `rows` to the curated dataset as one more part, as the curator would."""
     dataset = CuratedDataset(settings.feedback_dir / "dataset")
-    part = "day=2026-12-01/part-0000000001-000.parquet"
-    dataset.write_part(part, [row])
-    dataset.write_manifest(Manifest(updated_at=T0, files=[PartFile(
-        path=part, day="2026-12-01", batch=1, rows=1, offsets={}, positions={}, created_at=T0)]))
+    manifest = dataset.manifest()
+    batch, now = len(manifest.files) + 1, datetime.now(UTC)
+    part = f"day={now.date()}/part-{batch:010d}-000.parquet"
+    dataset.write_part(part, rows)
+    manifest.files.append(PartFile(path=part, day=str(now.date()), batch=batch, rows=len(rows), offsets={},
+                                   positions={}, created_at=now))
+    dataset.write_manifest(manifest)
+
+
+def pending_correction(settings: Settings, task: str, at: datetime = T0) -> CuratedExample:
+    """A correction of the task's v2 with a rating of 1, waiting for review (one rater, anonymous)."""
+    row = rated(task, f"{task}-v2", at, 1, correction="Use the app's card menu.")
+    curate(settings, [row])
     return row
 
 
@@ -269,18 +283,34 @@ def test_a_pending_correction_is_approved_from_the_review_queue(desk: Desk) -> N
 def test_the_task_page_plots_ratings_per_version_and_the_loop_page_shows_runs_and_the_feedback_plane(
         desk: Desk) -> None:
     task = desk.registry.task
-    pending_correction(desk.settings, task)  # one rating of 1 for v2 on 2026-12-01
+    today = datetime.now(UTC)
+    pending_correction(desk.settings, task, today)  # one rating of 1 for v2 today
     _login(desk.client, desk.keys["ops"])
     page = desk.client.get(f"/console/tasks/{task}")
-    assert '<svg class="chart"' in page.text and f"{task}-v2 2026-12-01: 1.00 from 1 ratings" in page.text
+    assert '<svg class="chart"' in page.text and f"{task}-v2 {today.date()}: 1.00 from 1 ratings" in page.text
     loop = desk.client.get("/console/loop")
     assert loop.status_code == 200 and "No retrains yet." in loop.text
     assert "<dt>Curated</dt>" in loop.text or "cannot be read here" in loop.text
 
 
+def test_the_tasks_page_shows_the_champions_ratings_per_day(desk: Desk) -> None:
+    task, now = desk.registry.task, datetime.now(UTC)
+    champion, other = f"{task}-v2", f"{task}-v3"
+    curate(desk.settings, [rated(task, champion, now - timedelta(days=20), 5),  # before the overview's window
+                           rated(task, champion, now - timedelta(days=2), 2), rated(task, champion, now - timedelta(
+                               days=2), 4), rated(task, champion, now, 5), rated(task, other, now, 1)])
+    _login(desk.client, desk.keys["ops"])
+    cell = re.search(r'<td class="daily">(.*?)</td>', desk.client.get("/console").text, re.S).group(1)
+    assert f'aria-label="{champion}: mean rating per day, the last 14 days"' in cell
+    assert cell.count("<circle") == 2  # two days rated in the window; the other version is not the champion's
+    assert f"{(now - timedelta(days=2)).date()}: 3.00 from 2 ratings" in cell
+    assert f"5.00 (1) on {now:%m-%d}" in cell
+
+
 def test_the_tasks_page_stays_fast_with_30_tasks_and_1000_versions(tmp_path: Path) -> None:
     """A guard (tests/timing.py), not the target: the issue's goal is < 300 ms server-side; this box measured
-    about 0.2 s while busy. An unbounded read (every manifest of every task per row, say) would blow far past."""
+    about 0.2 s while busy, 0.3-0.4 s with the champions' ratings per day on a box loaded by a training run. An
+    unbounded read (every manifest of every task per row, say) would blow far past."""
     app, settings, _, _ = console_app(tmp_path)
     adapter = tmp_path / "adapter-bench"
     adapter.mkdir()
@@ -292,10 +322,14 @@ def test_the_tasks_page_stays_fast_with_30_tasks_and_1000_versions(tmp_path: Pat
         for _ in range(35 if i < 9 else 34):
             registry.register(adapter, base=BaseModelRef(id="tiny", sha256="0" * 64))
         registry.promote(f"{registry.task}-v1", actor="bootstrap")
+    now = datetime.now(UTC)  # and two weeks of ratings of every champion, 2 100 of them, for its ratings per day
+    curate(settings, [rated(f"task-{i % 30:02d}", f"task-{i % 30:02d}-v1", now - timedelta(hours=i % 330), 1 + i % 5)
+                      for i in range(2100)])
     with TestClient(app, follow_redirects=False) as client:
         _login(client, ADMIN_TOKEN)
         page = client.get("/console")
         assert page.text.count('<tr data-task="') == 30 and ", 35 versions" in page.text
+        assert page.text.count('<svg class="chart spark"') == 29  # the default task's champion got none
         seconds = fastest_run_s(lambda: client.get("/console"))
     print(f"tasks page, 30 tasks and 1000 versions: {seconds * 1000:.0f} ms")
     assert seconds < 2.0

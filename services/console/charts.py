@@ -3,36 +3,20 @@ strokes take the page's colours through CSS classes)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from html import escape
 
 from markupsafe import Markup
 
-from feedback.dataset import THUMB_RATING
-from feedback.schemas import CuratedExample
+from feedback.dataset import DailyRatings, DayRating
 
-Series = dict[str, list[tuple[date, float, int]]]  # version -> (day, mean rating, ratings that day), by day
 WIDTH, HEIGHT, PAD, RIGHT = 720, 220, 36, 110  # RIGHT: room for the legend
+SPARK_WIDTH, SPARK_HEIGHT, SPARK_PAD = 140, 30, 4
 
 
-def daily_ratings(rows: Iterable[CuratedExample]) -> Series:
-    """Mean rating (1-5; a thumb up counts 5, down 1) per version per day."""
-    sums: dict[tuple[str, date], list[float]] = defaultdict(list)
-    for row in rows:
-        value = row.rating if row.rating is not None else THUMB_RATING.get(row.thumb or "")
-        if value is not None:
-            sums[(row.adapter_version, row.feedback_ts.date())].append(float(value))
-    series: Series = defaultdict(list)
-    for (version, day), values in sorted(sums.items(), key=lambda item: item[0][1]):
-        series[version].append((day, sum(values) / len(values), len(values)))
-    return dict(series)
-
-
-def rating_chart(series: Series, title: str) -> Markup:
+def rating_chart(series: DailyRatings, title: str) -> Markup:
     """A line per version: mean rating by day, on a 1-5 scale."""
-    days = sorted({day for points in series.values() for day, _, _ in points})
+    days = sorted({point.day for points in series.values() for point in points})
     if not days:
         return Markup("")
     first, span = days[0], max(1, (days[-1] - days[0]).days)
@@ -51,13 +35,35 @@ def rating_chart(series: Series, title: str) -> Markup:
     parts.append(f'<text class="axis" x="{PAD}" y="{HEIGHT - 8}">{days[0]}</text>'
                  f'<text class="axis" x="{WIDTH - RIGHT}" y="{HEIGHT - 8}" text-anchor="end">{days[-1]}</text>')
     for i, (version, points) in enumerate(sorted(series.items())):
-        path = " ".join(f"{x(day):.1f},{y(mean):.1f}" for day, mean, _ in points)
+        path = " ".join(f"{x(p.day):.1f},{y(p.mean):.1f}" for p in points)
         parts.append(f'<g class="series s{i % 6}"><polyline points="{path}"/>')
-        parts += [f'<circle cx="{x(day):.1f}" cy="{y(mean):.1f}" r="3.5"><title>{escape(version)} {day}: '
-                  f'{mean:.2f} from {n} ratings</title></circle>' for day, mean, n in points]
+        parts += [f'<circle cx="{x(p.day):.1f}" cy="{y(p.mean):.1f}" r="3.5"><title>{escape(version)} {p.day}: '
+                  f'{p.mean:.2f} from {p.ratings} ratings</title></circle>' for p in points]
         parts.append(f'<text x="{WIDTH - RIGHT + 10}" y="{PAD + 16 * i}">{escape(version)}</text></g>')
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+def sparkline(points: list[DayRating], days: int, label: str, last_day: date | None = None) -> Markup:
+    """One version's mean rating per day over the `days` up to `last_day` (today, UTC), small enough for a table
+    cell (1-5 scale; a day without ratings has no dot, not a zero)."""
+    last_day = last_day or datetime.now(UTC).date()
+    first = last_day - timedelta(days=days - 1)
+    points = [p for p in points if first <= p.day <= last_day]
+    if not points:
+        return Markup("")
+
+    def x(day: date) -> float:
+        return SPARK_PAD + (SPARK_WIDTH - 2 * SPARK_PAD) * (day - first).days / max(1, days - 1)
+
+    def y(value: float) -> float:
+        return SPARK_HEIGHT - SPARK_PAD - (SPARK_HEIGHT - 2 * SPARK_PAD) * (value - 1) / 4
+
+    path = " ".join(f"{x(p.day):.1f},{y(p.mean):.1f}" for p in points)
+    dots = "".join(f'<circle cx="{x(p.day):.1f}" cy="{y(p.mean):.1f}" r="2"><title>{p.day}: {p.mean:.2f} from '
+                   f'{p.ratings} ratings</title></circle>' for p in points)
+    return Markup(f'<svg class="chart spark" viewBox="0 0 {SPARK_WIDTH} {SPARK_HEIGHT}" role="img" '
+                  f'aria-label="{escape(label)}"><g class="series s0"><polyline points="{path}"/>{dots}</g></svg>')
 
 
 def heat(value: int, row: list[int]) -> int:

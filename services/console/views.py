@@ -7,13 +7,13 @@ Every method blocks on storage; the routes call them in a worker thread.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from feedback.curator import FeedbackStatus, feedback_status
-from feedback.dataset import CuratedDataset
+from feedback.dataset import CuratedDataset, DailyRatings, DayRating
 from feedback.oversight import Lineage, PendingCorrection, Retraction, judge, lineage, retract, review_queue
 from flywheel.canary import CanaryReview, apply, review
 from flywheel.config import Settings
@@ -28,11 +28,11 @@ from flywheel.registry import (
 )
 from flywheel.runs import RunRecord, RunStore
 from flywheel.tasks import TaskSpec
-from services.console.charts import Series, daily_ratings
 
 log = logging.getLogger("flywheel.console")
 RECENT_RUNS = 200  # run records the console reads for "last run" and a task's runs
-RATING_ROWS = 20_000  # a task's newest curated rows the ratings plot reads: bounded however long the history
+OVERVIEW_DAYS = 14  # the champion's ratings per day on the tasks overview: recent parts only, all tasks in one read
+PLOT_DAYS = 90  # a task's plot of mean rating per version: bounded however long the history
 
 
 class NoCanaryError(LookupError):
@@ -51,6 +51,8 @@ class TaskRow(BaseModel):
     last_run: RunRecord | None = None
     pending_reviews: int = 0
     versions: int = 0
+    champion_ratings: list[DayRating] = Field(
+        default_factory=list, description=f"The champion's mean rating per day, the last {OVERVIEW_DAYS} days.")
 
 
 class TimelineEvent(BaseModel):
@@ -71,7 +73,7 @@ class TaskPage(BaseModel):
     timeline: list[TimelineEvent] = Field(description="Newest first.")
     runs: list[RunRecord]
     can_roll_back: bool
-    ratings: Series = Field(default_factory=dict, description="Mean rating per version per day.")
+    ratings: DailyRatings = Field(default_factory=dict, description="Mean rating per version per day.")
 
 
 class LoopPage(BaseModel):
@@ -101,17 +103,24 @@ class Console:
 
     def _review(self, registry: Registry) -> CanaryReview | None:
         """The canary's review as the CLI computes it (the replicas' guardrail figures are left out here)."""
-        dataset = CuratedDataset(self.settings.feedback_dir / "dataset")
+        dataset = self._dataset()
         return review(registry, self.settings.canary, lambda since: dataset.ratings(
             registry.task, since, anonymous=self.settings.canary.count_anonymous), {})
 
-    def _row(self, spec: TaskSpec, registry: Registry, runs: list[RunRecord], pending: int) -> TaskRow:
+    def _dataset(self) -> CuratedDataset:
+        return CuratedDataset(self.settings.feedback_dir / "dataset")
+
+    def _row(self, spec: TaskSpec, registry: Registry, runs: list[RunRecord], pending: int, ratings: DailyRatings
+             ) -> TaskRow:
         aliases = registry.aliases()
         canary = aliases.get(CANARY_ALIAS)
         on_trial = canary is not None and bool(canary.traffic_fraction)
         task_runs = [r for r in runs if (r.task or self.settings.default_task) == spec.name]
+        champion = aliases["champion"].version if "champion" in aliases else None
+        since = _days_ago(OVERVIEW_DAYS).date()
         return TaskRow(
-            name=spec.name, kind=spec.kind, champion=aliases["champion"].version if "champion" in aliases else None,
+            name=spec.name, kind=spec.kind, champion=champion,
+            champion_ratings=[d for d in ratings.get(champion or "", []) if d.day >= since],
             canary=canary.version if canary and on_trial else None,
             canary_share=canary.traffic_fraction if canary and on_trial else None,
             review=self._review(registry) if on_trial else None,
@@ -128,7 +137,8 @@ class Console:
         """Every task: champion, canary and its test, last run, pending reviews."""
         runs = self.runs.list(RECENT_RUNS)
         pending = self._pending()
-        return [self._row(spec, registry_for(self.settings, name), runs, pending.get(name, 0))
+        ratings = self._dataset().daily_ratings(_days_ago(OVERVIEW_DAYS))
+        return [self._row(spec, registry_for(self.settings, name), runs, pending.get(name, 0), ratings.get(name, {}))
                 for name, spec in sorted(known_tasks(self.settings).items())]
 
     def task(self, name: str) -> TaskPage:
@@ -151,11 +161,11 @@ class Console:
                                         + (f" — {r.message}" if r.message else "")) for r in runs]
         timeline.sort(key=lambda e: e.at, reverse=True)
         promotions = [e for e in history if e.alias == "champion" and e.action == "promote"]
-        row = self._row(spec, registry, runs, self._pending(name).get(name, 0))
-        rows = CuratedDataset(self.settings.feedback_dir / "dataset").examples(task=name, newest=RATING_ROWS)
+        ratings = self._dataset().daily_ratings(_days_ago(PLOT_DAYS), name).get(name, {})
+        row = self._row(spec, registry, runs, self._pending(name).get(name, 0), ratings)
         return TaskPage(row=row, spec=spec, versions=versions, aliases={v: sorted(a) for v, a in named.items()},
                         timeline=timeline, runs=list(reversed(runs)), can_roll_back=len(promotions) >= 2,
-                        ratings=daily_ratings(rows))
+                        ratings=ratings)
 
     def loop(self) -> LoopPage:
         """Retrains, newest first, and what the curator has taken in (as `flywheel feedback status`)."""
@@ -206,6 +216,12 @@ class Console:
 
     def retract(self, event_ids: list[str], who: str, reason: str) -> Retraction:
         return retract(self.settings, event_ids, by=who, reason=reason)
+
+
+def _days_ago(days: int) -> datetime:
+    """The start of the day `days - 1` days before today (UTC): `days` whole days, today included."""
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return today - timedelta(days=days - 1)
 
 
 def _history_event(entry: HistoryEntry) -> TimelineEvent:
