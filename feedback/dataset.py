@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 from feedback.review import ReviewLog
 from feedback.schemas import CuratedExample
+from flywheel.config import Settings
 
 MANIFEST = "manifest.json"
 THUMB_RATING = {"up": 5, "down": 1}  # a thumb on the rating scale, where ratings and thumbs are compared
@@ -112,6 +113,13 @@ def current_verdicts(rows: Iterable[CuratedExample]) -> list[CuratedExample]:
             latest.pop(key, None)  # re-insert: the order follows the newest verdict
             latest[key] = row
     return list(latest.values())
+
+
+def canary_ratings(settings: Settings) -> Callable[[str, datetime], list[tuple[str, float, str | None]]]:
+    """`(task, since)` -> the ratings a task's canary is judged on (`canary.count_anonymous` says whose count): what
+    the controller, the admin API, the console and the CLI all review it with."""
+    dataset = CuratedDataset(settings.feedback_dir / "dataset")
+    return lambda task, since: dataset.ratings(task, since, anonymous=settings.canary.count_anonymous)
 
 
 class DayRating(BaseModel):

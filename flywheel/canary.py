@@ -315,6 +315,24 @@ def apply(registry: Registry, decided: CanaryReview, *, actor: str) -> None:
                  decided.canary, decided.share, decided.reason)
 
 
+class NoCanaryError(LookupError):
+    """A canary action on a task that runs none."""
+
+
+def decide_by_hand(registry: Registry, cfg: CanarySettings, ratings: Callable[[datetime], Ratings],
+                   verdict: Literal["promote", "rollback"], *, actor: str, via: str,
+                   figures: VersionFigures | None = None) -> CanaryReview:
+    """Promote or abort `registry`'s task's canary now, whatever its ratings say: the review as it stands, its
+    verdict overruled by `actor` (through `via`: the CLI, the admin API, the console), carried out like the
+    controller's. Raises NoCanaryError when the task runs none."""
+    decided = review(registry, cfg, ratings, figures or {})
+    if decided is None:
+        raise NoCanaryError(f"task {registry.task!r} runs no canary")
+    decided = decided.model_copy(update={"verdict": verdict, "reason": f"by hand ({via}); {decided.reason}"})
+    apply(registry, decided, actor=actor)
+    return decided
+
+
 class CanaryController(threading.Thread):
     """Reviews every task's canary every `canary.check_every_s` and carries the verdicts out."""
 

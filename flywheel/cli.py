@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -28,10 +29,13 @@ from flywheel.logs import configure_logging, stdout_to_stderr
 from flywheel.registry import RegistryError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from datetime import datetime
+
     from pydantic import BaseModel
 
     from flywheel.bases import ServedBase
-    from flywheel.canary import CanaryReview
+    from flywheel.canary import Ratings
     from flywheel.config import Settings
     from flywheel.registry import Registry
 
@@ -345,29 +349,27 @@ def tasks_add(
                                      f"{spec.max_seq_len}{within}")
 
 
-def _canary_review(settings: Settings, task: str | None) -> tuple[Registry, CanaryReview | None]:
-    from feedback.dataset import CuratedDataset
-    from flywheel.canary import review
+def _canary_task(settings: Settings, task: str | None) -> tuple[Registry, Callable[[datetime], Ratings]]:
+    """The task's registry and the ratings its canary is judged on (the replicas' guardrail figures live in the
+    running app: GET /admin/canary shows them)."""
+    from feedback.dataset import canary_ratings
     from flywheel.registry import UnknownTaskError, registry_for, resolve_task
 
     try:
         name = resolve_task(settings, task).name
     except (UnknownTaskError, RegistryError) as exc:
         fail(str(exc), code=2)
-    registry = registry_for(settings, name)
-    dataset = CuratedDataset(settings.feedback_dir / "dataset")
-    # the replicas' guardrail figures live in the running app (GET /admin/canary shows them)
-    return registry, review(registry, settings.canary, lambda since: dataset.ratings(
-        name, since, anonymous=settings.canary.count_anonymous), {})
+    return registry_for(settings, name), partial(canary_ratings(settings), name)
 
 
 @canary_app.command("status")
 def canary_status(config: ConfigOption = None, task: TaskOption = None, as_json: JsonOption = False) -> None:
     """The task's canary: both arms' ratings, the test's estimate and interval, its share, what comes next."""
-    from flywheel.canary import interval
+    from flywheel.canary import interval, review
 
     settings = settings_or_exit(config)
-    registry, decided = _canary_review(settings, task)
+    registry, ratings = _canary_task(settings, task)
+    decided = review(registry, settings.canary, ratings, {})
     if decided is None:
         emit(as_json, {"task": registry.task, "canary": None}, f"task {registry.task} runs no canary")
         return
@@ -401,14 +403,14 @@ def canary_abort(config: ConfigOption = None, task: TaskOption = None, as_json: 
 
 def _canary_by_hand(config: Path | None, task: str | None, verdict: Literal["promote", "rollback"],
                     as_json: bool) -> None:
-    from flywheel.canary import apply
+    from flywheel.canary import NoCanaryError, decide_by_hand
 
     settings = settings_or_exit(config)
-    registry, decided = _canary_review(settings, task)
-    if decided is None:
-        fail(f"task {registry.task} runs no canary", code=2)
-    by_hand = decided.model_copy(update={"verdict": verdict, "reason": f"by hand (cli); {decided.reason}"})
-    apply(registry, by_hand, actor="cli")
+    registry, ratings = _canary_task(settings, task)
+    try:
+        decided = decide_by_hand(registry, settings.canary, ratings, verdict, actor="cli", via="cli")
+    except NoCanaryError as exc:
+        fail(str(exc), code=2)
     emit(as_json, {"task": registry.task, "canary": decided.canary, "verdict": verdict},
          f"task {registry.task}: canary {decided.canary} " + ("is champion" if verdict == "promote"
                                                               else "rolled back; the champion answers everyone"))

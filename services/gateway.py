@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import FastAPI, Request
@@ -38,7 +39,7 @@ from feedback import (
     mask_event,
     read_health,
 )
-from feedback.dataset import CuratedDataset
+from feedback.dataset import canary_ratings
 from feedback.oversight import (
     Lineage,
     PendingCorrection,
@@ -53,7 +54,7 @@ from feedback.pii import pseudonym
 from feedback.review import Judgement, ReviewLog
 from feedback.schemas import Message
 from flywheel.auth import Caller, Scope
-from flywheel.canary import CanaryReview, apply, review
+from flywheel.canary import CanaryReview, NoCanaryError, decide_by_hand, review
 from flywheel.config import Settings
 from flywheel.logs import configure_logging
 from flywheel.r1 import split_reasoning
@@ -672,18 +673,16 @@ class Gateway:
         registry = registry_for(self.settings, task)
 
         def act() -> CanaryReview | None:
-            dataset = CuratedDataset(self.settings.feedback_dir / "dataset")
-            decided = review(registry, self.settings.canary, lambda since: dataset.ratings(
-                task, since, anonymous=self.settings.canary.count_anonymous), figures)
-            if decided is not None and verdict is not None:
-                decided = decided.model_copy(update={"verdict": verdict,
-                                                     "reason": f"by hand (admin API); {decided.reason}"})
-                apply(registry, decided, actor=caller.principal)
-            return decided
+            ratings = partial(canary_ratings(self.settings), task)
+            if verdict is None:
+                return review(registry, self.settings.canary, ratings, figures)
+            return decide_by_hand(registry, self.settings.canary, ratings, verdict, actor=caller.principal,
+                                  via="admin API", figures=figures)
 
-        decided = await asyncio.to_thread(act)
-        if decided is None and verdict is not None:
-            return JSONResponse(status_code=409, content={"error": f"task {task!r} runs no canary"})
+        try:
+            decided = await asyncio.to_thread(act)
+        except NoCanaryError as exc:
+            return JSONResponse(status_code=409, content={"error": str(exc)})
         return CanaryState(task=task, review=decided)
 
     @api.get("/admin/feedback/review", response_model=list[PendingCorrection], responses=_documented(

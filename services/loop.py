@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime
 from typing import Any
 
 import ray
@@ -34,9 +33,8 @@ log = logging.getLogger("flywheel.loop")
 def canary_controller(settings: Settings, stop: threading.Event, fence: int | None = None) -> CanaryController:
     """The canary controller of this app: ratings from the curated dataset, guardrails from the replicas;
     `fence`: the loop lease's epoch its moves are made under."""
-    from feedback.dataset import CuratedDataset
+    from feedback.dataset import canary_ratings
 
-    dataset = CuratedDataset(settings.feedback_dir / "dataset")
     board = get_board(settings.registry_uri, settings.serving.alias)
 
     def figures() -> dict[str, dict[str, float]]:
@@ -46,10 +44,7 @@ def canary_controller(settings: Settings, stop: threading.Event, fence: int | No
             log.warning("event=canary_figures_unavailable", exc_info=True)
             return {}
 
-    def ratings(task: str, since: datetime) -> list[tuple[str, float, str | None]]:
-        return dataset.ratings(task, since, anonymous=settings.canary.count_anonymous)
-
-    return CanaryController(settings, stop, ratings=ratings, figures=figures, fence=fence)
+    return CanaryController(settings, stop, ratings=canary_ratings(settings), figures=figures, fence=fence)
 
 
 def loop_workers(settings: Settings, stop: threading.Event, fence: int) -> list[threading.Thread]:

@@ -5,16 +5,28 @@ The whole canary through real Serve + vLLM is in test_retrain (raters who like o
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from flywheel.canary import CanaryController, apply, review, sequential_difference, sequential_trial
+from flywheel.canary import (
+    CanaryController,
+    NoCanaryError,
+    apply,
+    decide_by_hand,
+    review,
+    sequential_difference,
+    sequential_trial,
+)
+from flywheel.cli import app
 from flywheel.config import CanarySettings, Settings
-from flywheel.registry import CANARY_ALIAS, BaseModelRef, Registry
+from flywheel.registry import CANARY_ALIAS, BaseModelRef, Registry, registry_for
 from services.adapters import traffic_bucket
+from tests.conftest import make_settings
 from tests.test_registry import fake_adapter
 
 BASE = BaseModelRef(id="demo", sha256="a" * 64)
@@ -269,6 +281,44 @@ def test_a_verdict_on_a_state_that_changed_since_the_review_changes_nothing(tria
     worse = decided.model_copy(update={"verdict": "rollback"})
     apply(trial, worse, actor="test")  # a rollback of demo-v2 must not end demo-v1's trial
     assert trial.history() == before and trial.alias("champion") == "demo-v1"
+
+
+def test_by_hand_a_canary_is_promoted_or_aborted_now_whatever_its_ratings(trial: Registry) -> None:
+    """The one sequence the CLI, the admin API and the console share."""
+    rng = random.Random(9)
+    few = arms(ratings(rng, 3.0, 5), ratings(rng, 3.0, 5))  # too few for any verdict of the test's own
+    aborted = decide_by_hand(trial, CFG, few, "rollback", actor="ops (console)", via="console")
+    assert aborted.verdict == "rollback" and aborted.reason.startswith("by hand (console); too few ratings")
+    assert trial.aliases()[CANARY_ALIAS].traffic_fraction == 0 and trial.alias("champion") == "demo-v1"
+    assert trial.history(CANARY_ALIAS)[-1].actor == "ops (console)"
+    with pytest.raises(NoCanaryError, match="task 'demo' runs no canary"):
+        decide_by_hand(trial, CFG, few, "promote", actor="ops", via="console")
+    trial.promote("demo-v2", alias=CANARY_ALIAS, traffic_fraction=0.05, actor="test")
+    decide_by_hand(trial, CFG, few, "promote", actor="cli", via="cli")
+    assert trial.alias("champion") == "demo-v2" and trial.aliases()[CANARY_ALIAS].traffic_fraction == 0
+    promoted = trial.history("champion")[-1]
+    assert promoted.actor == "cli" and "by hand (cli)" in promoted.reason
+
+
+def test_the_cli_aborts_and_promotes_a_canary_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = make_settings(tmp_path / "home")
+    registry = registry_for(settings)
+    for i in range(3):
+        registry.register(fake_adapter(tmp_path / f"a{i}", bytes([i])), base=BASE)
+    registry.promote(f"{registry.task}-v1", actor="test")
+    registry.promote(f"{registry.task}-v2", alias=CANARY_ALIAS, traffic_fraction=0.05, actor="test")
+    monkeypatch.setenv("FLYWHEEL_HOME", str(settings.home))
+    monkeypatch.delenv("FLYWHEEL_CONFIG", raising=False)
+    cli = CliRunner()
+    aborted = cli.invoke(app, ["canary", "abort", "--json"])
+    assert aborted.exit_code == 0 and json.loads(aborted.stdout)["verdict"] == "rollback", aborted.output
+    assert registry.aliases()[CANARY_ALIAS].traffic_fraction == 0 and registry.alias("champion").endswith("-v1")
+    none = cli.invoke(app, ["canary", "promote"])
+    assert none.exit_code == 2 and "runs no canary" in none.stderr
+    registry.promote(f"{registry.task}-v3", alias=CANARY_ALIAS, traffic_fraction=0.05, actor="test")
+    assert cli.invoke(app, ["canary", "promote"]).exit_code == 0
+    assert registry.alias("champion") == f"{registry.task}-v3"
+    assert registry.history("champion")[-1].actor == "cli"
 
 
 def test_the_canary_bench_at_a_small_size_holds_alpha_and_finds_three_tenths() -> None:

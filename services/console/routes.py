@@ -21,13 +21,14 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from flywheel.auth import AuthError, Caller
+from flywheel.canary import NoCanaryError
 from flywheel.config import Settings
 from flywheel.registry import RegistryError, UnknownTaskError, VersionNotFoundError
 from flywheel.runs import RetrainBusyError
 from services.access import Access, Denied
 from services.console.charts import heat, rating_chart, sparkline
 from services.console.session import COOKIE, LOGIN_COOKIE, SESSION_TTL_S, Session, Sessions, load_secret
-from services.console.views import OVERVIEW_DAYS, Console, NoCanaryError
+from services.console.views import OVERVIEW_DAYS, Console
 
 log = logging.getLogger("flywheel.console")
 HERE = Path(__file__).parent

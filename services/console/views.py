@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from feedback.curator import FeedbackStatus, feedback_status
-from feedback.dataset import CuratedDataset, DailyRatings, DayRating
+from feedback.dataset import CuratedDataset, DailyRatings, DayRating, canary_ratings
 from feedback.oversight import Lineage, PendingCorrection, Retraction, judge, lineage, retract, review_queue
-from flywheel.canary import CanaryReview, apply, review
+from flywheel.canary import CanaryReview, decide_by_hand, review
 from flywheel.config import Settings
 from flywheel.registry import (
     CANARY_ALIAS,
@@ -33,10 +34,6 @@ log = logging.getLogger("flywheel.console")
 RECENT_RUNS = 200  # run records the console reads for "last run" and a task's runs
 OVERVIEW_DAYS = 14  # the champion's ratings per day on the tasks overview: recent parts only, all tasks in one read
 PLOT_DAYS = 90  # a task's plot of mean rating per version: bounded however long the history
-
-
-class NoCanaryError(LookupError):
-    """A canary action on a task that runs none."""
 
 
 class TaskRow(BaseModel):
@@ -103,9 +100,7 @@ class Console:
 
     def _review(self, registry: Registry) -> CanaryReview | None:
         """The canary's review as the CLI computes it (the replicas' guardrail figures are left out here)."""
-        dataset = self._dataset()
-        return review(registry, self.settings.canary, lambda since: dataset.ratings(
-            registry.task, since, anonymous=self.settings.canary.count_anonymous), {})
+        return review(registry, self.settings.canary, partial(canary_ratings(self.settings), registry.task), {})
 
     def _dataset(self) -> CuratedDataset:
         return CuratedDataset(self.settings.feedback_dir / "dataset")
@@ -196,13 +191,8 @@ class Console:
 
     def canary(self, task: str, verdict: Literal["promote", "rollback"], who: str) -> CanaryReview:
         """Promote or abort the task's canary now, whatever its ratings say (as `flywheel canary promote|abort`)."""
-        registry = self._registry(task)
-        decided = self._review(registry)
-        if decided is None:
-            raise NoCanaryError(f"task {task!r} runs no canary")
-        decided = decided.model_copy(update={"verdict": verdict, "reason": f"by hand (console); {decided.reason}"})
-        apply(registry, decided, actor=who)
-        return decided
+        return decide_by_hand(self._registry(task), self.settings.canary,
+                              partial(canary_ratings(self.settings), task), verdict, actor=who, via="console")
 
     def retrain(self, task: str, who: str) -> RunRecord:
         """Start a retrain in the background (RetrainBusyError if one runs); the run record names who asked."""
