@@ -1,7 +1,8 @@
 """The console in a real browser (Debian's Chromium, headless, driven by Playwright) against the real Serve app:
 log in (a wrong key is refused), see the demo task's champion, promote a version with the button and see /predict
-answer with it, roll it back, abort a canary. Every page is screenshotted and the browser's console must stay free of
-errors."""
+answer with it, roll it back, abort a canary; approve a correction in the review queue and find it reviewed on its
+lineage page; start a retrain and see its run end with a verdict. Every page is screenshotted and the browser's
+console must stay free of errors."""
 
 from __future__ import annotations
 
@@ -126,15 +127,68 @@ def test_every_page_names_its_controls_and_reads_clearly_in_light_and_dark(
     found = page.evaluate(A11Y_PROBLEMS)
     assert any('"faint"' in p for p in found) and any(p.startswith("unlabelled <input") for p in found), found
     page.reload()
-    page.get_by_label("Admin key").fill(ADMIN_TOKEN)
-    page.get_by_role("button", name="Log in").click()
-    page.wait_for_url(f"{url}/console")
+    _log_in(page, url)
     shots = _screenshots()
     for name, path in (("tasks", ""), ("task", f"/tasks/{task}"), ("version", f"/tasks/{task}/versions/{task}-v2"),
                        ("loop", "/loop"), ("review", "/review"), ("lineage", f"/lineage?id={task}-v2")):
         page.goto(f"{url}/console{path}")
         assert page.evaluate(A11Y_PROBLEMS) == [], path
         page.screenshot(path=shots / f"{name}-{scheme}.png", full_page=True)
+    assert errors == []
+
+
+def _log_in(page: Any, url: str) -> None:
+    page.goto(f"{url}/console/login")
+    page.get_by_label("Admin key").fill(ADMIN_TOKEN)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(f"{url}/console")
+
+
+def test_a_correction_approved_in_the_review_queue_is_reviewed_on_its_lineage_page(
+        browser_page: tuple[Any, list[str]], console_server: tuple[str, Registry]) -> None:
+    url, _ = console_server
+    page, errors = browser_page
+    _log_in(page, url)
+    page.get_by_role("navigation", name="Console").get_by_role("link", name="Review queue").click()
+    event_id = page.locator("tr[data-event]").get_attribute("data-event")
+    page.get_by_label(f"Select correction {event_id}").check()
+    page.get_by_label("Reason (recorded)").fill("the card menu is right")
+    page.get_by_role("button", name="Approve selected").click()
+    page.wait_for_selector("p.done")
+    assert "approved 1" in page.locator("p.done").inner_text() and "Nothing waits for review." in page.content()
+
+    page.get_by_role("link", name="Lineage").click()
+    page.get_by_label("Version, request id or event id").fill(event_id)
+    page.get_by_role("button", name="Search").click()
+    event = page.locator(f'section[data-event="{event_id}"]')
+    assert event.locator("dd.trust").inner_text() == "reviewed"
+    assert "approve by admin-token (console): the card menu is right" in event.inner_text()
+    assert errors == []
+
+
+def test_start_retrain_asks_first_then_its_run_shows_with_its_verdict(
+        browser_page: tuple[Any, list[str]], console_server: tuple[str, Registry]) -> None:
+    """The console's home holds one pending correction: the retrain ends at its dataset stage, insufficient_data,
+    in seconds (a real `flywheel retrain` child), and the page shows the run from start to verdict."""
+    url, registry = console_server
+    page, errors = browser_page
+    asked: list[str] = []
+    page.on("dialog", lambda dialog: asked.append(dialog.message))  # _page's own handler says yes
+    _log_in(page, url)
+    page.goto(f"{url}/console/tasks/{registry.task}")
+    page.get_by_role("button", name="Start retrain").click()
+    page.wait_for_selector("p.done")
+    assert asked == [f"Start a retrain of {registry.task} now? The gate decides whether it ships."]
+    run_id = page.locator("p.done").inner_text().split()[1]
+    assert "by console:admin-token" in page.locator("ol.timeline").inner_text()
+    page.goto(f"{url}/console/loop")
+    verdict = page.locator(f'tr[data-run="{run_id}"] .verdict')
+    deadline = time.monotonic() + 120
+    while verdict.inner_text() == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        page.reload()
+    assert verdict.inner_text() == "insufficient_data"
+    assert "at least 20 are needed" in page.locator(f'tr[data-run="{run_id}"]').inner_text()
     assert errors == []
 
 
