@@ -22,6 +22,7 @@ from feedback.schemas import CuratedExample
 from flywheel.auth import AuthError, KeyStore
 from flywheel.config import Settings
 from flywheel.registry import BaseModelRef, Registry, registry_for
+from flywheel.runs import RunRecord, RunState, RunStore
 from flywheel.tasks import TaskSpec
 from services.access import Access
 from services.console import ConsoleState, install
@@ -305,6 +306,33 @@ def test_the_tasks_page_shows_the_champions_ratings_per_day(desk: Desk) -> None:
     assert cell.count("<circle") == 2  # two days rated in the window; the other version is not the champion's
     assert f"{(now - timedelta(days=2)).date()}: 3.00 from 2 ratings" in cell
     assert f"5.00 (1) on {now:%m-%d}" in cell
+
+
+def trained_run(settings: Settings, task: str) -> RunRecord:
+    """A finished run whose report carries, as the training plane writes them, a loss curve (eval every 20 steps)
+    and why training stopped."""
+    curve = [{"step": s, "train_loss": 2.0 - s / 100, "eval_loss": 2.1 - s / 120 if s % 20 == 0 else None}
+             for s in range(10, 110, 10)]
+    record = RunRecord(run_id="run-20261205-080000-aaaaaa", trigger="test", task=task, state=RunState.REJECTED,
+                       report={"loss_curve": curve, "stop_reason": "eval loss stopped improving (patience 2)"})
+    RunStore(settings.home / "runs").save(record)
+    return record
+
+
+def test_the_runs_page_draws_a_runs_loss_curve_and_why_it_stopped_and_nothing_for_a_run_without(desk: Desk) -> None:
+    trained_run(desk.settings, desk.registry.task)
+    RunStore(desk.settings.home / "runs").save(RunRecord(run_id="run-20261205-070000-bbbbbb", trigger="test",
+                                                         state=RunState.REJECTED, report={"verdict": "rejected"}))
+    _login(desk.client, desk.keys["ops"])
+    page = desk.client.get("/console/loop").text
+    drawn = re.search(r'<tr data-run="run-20261205-080000-aaaaaa">.*?<td class="loss">(.*?)</td>', page, re.S).group(1)
+    assert 'aria-label="run-20261205-080000-aaaaaa: train and eval loss by step"' in drawn
+    train, evaluated = re.findall(r'<polyline points="([^"]+)"', drawn)
+    assert len(train.split()) == 10 and len(evaluated.split()) == 5  # eval every 20 steps: its own points only
+    assert "train 1.000 at step 100" in drawn and "eval 1.267 at step 100" in drawn
+    assert "stopped: eval loss stopped improving (patience 2)" in drawn
+    plain = re.search(r'<tr data-run="run-20261205-070000-bbbbbb">.*?<td class="loss">(.*?)</td>', page, re.S).group(1)
+    assert plain.strip() == "—"
 
 
 def test_the_tasks_page_stays_fast_with_30_tasks_and_1000_versions(tmp_path: Path) -> None:

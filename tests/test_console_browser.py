@@ -20,7 +20,7 @@ import uvicorn
 from flywheel.config import Settings
 from flywheel.registry import Registry
 from tests.conftest import ADMIN_TOKEN, free_port
-from tests.test_console import console_app, pending_correction
+from tests.test_console import console_app, pending_correction, trained_run
 from tests.test_serving import wait_for_version
 
 # What a basic accessibility check asks of a page: every control has a name a screen reader reads (a label, an
@@ -96,6 +96,7 @@ def console_server(tmp_path: Path) -> Iterator[tuple[str, Registry]]:
     app, settings, registry, _ = console_app(tmp_path)
     registry.promote(f"{registry.task}-v3", alias="canary", traffic_fraction=0.2, actor="gate")
     pending_correction(settings, registry.task)
+    trained_run(settings, registry.task)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -3,12 +3,14 @@ strokes take the page's colours through CSS classes)."""
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, date, datetime, timedelta
 from html import escape
 
 from markupsafe import Markup
 
 from feedback.dataset import DailyRatings, DayRating
+from services.console.views import LossPoint
 
 WIDTH, HEIGHT, PAD, RIGHT = 720, 220, 36, 110  # RIGHT: room for the legend
 SPARK_WIDTH, SPARK_HEIGHT, SPARK_PAD = 140, 30, 4
@@ -44,9 +46,39 @@ def rating_chart(series: DailyRatings, title: str) -> Markup:
     return Markup("".join(parts))
 
 
+def loss_chart(curve: list[LossPoint], label: str) -> Markup:
+    """Train and eval loss by step: a line each (a point without that loss is skipped, so eval's line joins its own
+    evaluations), scaled to the losses seen."""
+    lines = {"train": [(p.step, p.train_loss) for p in curve if _finite(p.train_loss)],
+             "eval": [(p.step, p.eval_loss) for p in curve if _finite(p.eval_loss)]}
+    steps = [step for line in lines.values() for step, _ in line]
+    losses = [loss for line in lines.values() for _, loss in line]
+    if not steps:
+        return Markup("")
+    first, step_span = min(steps), max(1, max(steps) - min(steps))
+    low, loss_span = min(losses), (max(losses) - min(losses)) or 1.0
+    width, height, pad, right = 260, 70, 4, 44  # right: room for the legend
+
+    def xy(step: int, loss: float) -> str:
+        return (f"{pad + (width - pad - right) * (step - first) / step_span:.1f},"
+                f"{height - pad - (height - 2 * pad) * (loss - low) / loss_span:.1f}")
+
+    parts = [f'<svg class="chart loss" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">']
+    for i, (name, line) in enumerate(lines.items()):
+        if line:
+            parts.append(f'<g class="series s{i}"><polyline points="{" ".join(xy(*p) for p in line)}"/>'
+                         f'<text x="{width - right + 6}" y="{pad + 12 + 16 * i}">{name}</text></g>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def sparkline(points: list[DayRating], days: int, label: str, last_day: date | None = None) -> Markup:
     """One version's mean rating per day over the `days` up to `last_day` (today, UTC), small enough for a table
-    cell (1-5 scale; a day without ratings has no dot, not a zero)."""
+    cell (1-5 scale, its ends drawn; a day without ratings has no dot, not a zero)."""
     last_day = last_day or datetime.now(UTC).date()
     first = last_day - timedelta(days=days - 1)
     points = [p for p in points if first <= p.day <= last_day]
@@ -62,8 +94,10 @@ def sparkline(points: list[DayRating], days: int, label: str, last_day: date | N
     path = " ".join(f"{x(p.day):.1f},{y(p.mean):.1f}" for p in points)
     dots = "".join(f'<circle cx="{x(p.day):.1f}" cy="{y(p.mean):.1f}" r="2"><title>{p.day}: {p.mean:.2f} from '
                    f'{p.ratings} ratings</title></circle>' for p in points)
+    scale = "".join(f'<line class="grid" x1="0" x2="{SPARK_WIDTH}" y1="{y(v):.1f}" y2="{y(v):.1f}"/>' for v in (1, 5))
     return Markup(f'<svg class="chart spark" viewBox="0 0 {SPARK_WIDTH} {SPARK_HEIGHT}" role="img" '
-                  f'aria-label="{escape(label)}"><g class="series s0"><polyline points="{path}"/>{dots}</g></svg>')
+                  f'aria-label="{escape(label)}">{scale}<g class="series s0"><polyline points="{path}"/>{dots}</g>'
+                  '</svg>')
 
 
 def heat(value: int, row: list[int]) -> int:

@@ -26,7 +26,7 @@ from flywheel.config import Settings
 from flywheel.registry import RegistryError, UnknownTaskError, VersionNotFoundError
 from flywheel.runs import RetrainBusyError
 from services.access import Access, Denied
-from services.console.charts import heat, rating_chart, sparkline
+from services.console.charts import heat, loss_chart, rating_chart, sparkline
 from services.console.session import COOKIE, LOGIN_COOKIE, SESSION_TTL_S, Session, Sessions, load_secret
 from services.console.views import OVERVIEW_DAYS, Console
 
@@ -47,7 +47,8 @@ templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["when"] = lambda at: at.strftime("%Y-%m-%d %H:%M:%S") if isinstance(at, datetime) else "-"
 templates.env.filters["pct"] = lambda v: "-" if v is None else f"{v:.0%}"
 templates.env.filters["num"] = lambda v, digits=2: "-" if v is None else f"{v:.{digits}f}"
-templates.env.globals.update(rating_chart=rating_chart, heat=heat, sparkline=sparkline, overview_days=OVERVIEW_DAYS)
+templates.env.globals.update(rating_chart=rating_chart, heat=heat, sparkline=sparkline, loss_chart=loss_chart,
+                             overview_days=OVERVIEW_DAYS)
 templates.env.filters["pretty"] = lambda v: json.dumps(v, indent=1, default=str, ensure_ascii=False)
 
 

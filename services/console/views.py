@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from feedback.curator import FeedbackStatus, feedback_status
 from feedback.dataset import CuratedDataset, DailyRatings, DayRating, canary_ratings
@@ -73,10 +73,30 @@ class TaskPage(BaseModel):
     ratings: DailyRatings = Field(default_factory=dict, description="Mean rating per version per day.")
 
 
+class LossPoint(BaseModel):
+    step: int
+    train_loss: float | None = None
+    eval_loss: float | None = None
+
+
+class TrainingCurve(BaseModel):
+    """What a run's report says of its training so far (the training plane writes it as it goes): loss by step and,
+    once it stopped, why."""
+
+    loss_curve: list[LossPoint] = Field(default_factory=list)
+    stop_reason: str | None = None
+
+    def latest(self, loss: Literal["train_loss", "eval_loss"]) -> LossPoint | None:
+        """The newest point that has this loss (eval runs every so many steps, not at each)."""
+        return next((p for p in reversed(self.loss_curve) if getattr(p, loss) is not None), None)
+
+
 class LoopPage(BaseModel):
     """The loop's moving parts: retrains (running and recent) and the feedback plane."""
 
     runs: list[RunRecord] = Field(description="Newest first.")
+    curves: dict[str, TrainingCurve] = Field(default_factory=dict, description="Run id -> its training curve, for "
+                                             "the runs whose report has one.")
     feedback: FeedbackStatus | None
     feedback_error: str | None = None
 
@@ -165,11 +185,13 @@ class Console:
     def loop(self) -> LoopPage:
         """Retrains, newest first, and what the curator has taken in (as `flywheel feedback status`)."""
         runs = list(reversed(self.runs.list(50)))
+        curves = {r.run_id: curve for r in runs if (curve := _training_curve(r)) is not None}
         try:
-            return LoopPage(runs=runs, feedback=feedback_status(self.settings))
+            return LoopPage(runs=runs, curves=curves, feedback=feedback_status(self.settings))
         except OSError as exc:  # the curator's state cannot be read here: say so, show the runs
             log.warning("event=console_feedback_status_unreadable error=%r", exc)
-            return LoopPage(runs=runs, feedback=None, feedback_error=f"the feedback plane cannot be read here ({exc})")
+            return LoopPage(runs=runs, curves=curves, feedback=None,
+                            feedback_error=f"the feedback plane cannot be read here ({exc})")
 
     def version(self, task: str, version: str) -> AdapterManifest:
         """A version's manifest: its gate report, metrics, data and training config."""
@@ -206,6 +228,19 @@ class Console:
 
     def retract(self, event_ids: list[str], who: str, reason: str) -> Retraction:
         return retract(self.settings, event_ids, by=who, reason=reason)
+
+
+def _training_curve(record: RunRecord) -> TrainingCurve | None:
+    """The run report's loss curve and stop reason; None when it has neither (older runs, or none written yet) or
+    when they are not in the shape the console reads (said once in the log, the rest of the page still shown)."""
+    report = record.report or {}
+    if not report.get("loss_curve") and not report.get("stop_reason"):
+        return None
+    try:
+        return TrainingCurve.model_validate(report)
+    except ValidationError as exc:
+        log.warning("event=console_loss_curve_unreadable run_id=%s error=%r", record.run_id, str(exc))
+        return None
 
 
 def _days_ago(days: int) -> datetime:
