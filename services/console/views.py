@@ -149,7 +149,7 @@ class Console:
         return counts
 
     def tasks(self) -> list[TaskRow]:
-        """Every task: champion, canary and its test, last run, pending reviews."""
+        """Every task: champion and its ratings per day, canary and its test, last run, pending reviews."""
         runs = self.runs.list(RECENT_RUNS)
         pending = self._pending()
         ratings = self._dataset().daily_ratings(_days_ago(OVERVIEW_DAYS))
