@@ -662,6 +662,7 @@ def retrain(
     run_id: Annotated[str | None, typer.Option(hidden=True)] = None,
     trigger: Annotated[str, typer.Option(hidden=True)] = "cli",
     lock_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+    fence: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Retrain a task's champion adapter on that task's curated feedback; the gate decides whether it ships.
 
@@ -701,6 +702,7 @@ def retrain(
     run_id = run_id or new_run_id()
     record = store.get(run_id) or RunRecord(run_id=run_id, trigger=trigger, task=task)
     record.task, record.host, record.pid = task, socket.gethostname(), os.getpid()
+    record.fence = fence if fence is not None else record.fence
     try:
         with store.exclusive(inherited_fd=lock_fd), store.heartbeat(run_id), stdout_to_stderr():  # stdout: --json
             result = Retrain(settings, record, say=progress).run()

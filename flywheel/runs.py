@@ -63,6 +63,8 @@ class RunRecord(BaseModel):
     started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None
     champion_before: str | None = None
+    fence: int | None = Field(None, description="The loop lease's epoch of the leader that started it (a scheduled "
+                              "run): its alias moves are refused once a newer leader has taken the loop over.")
     version: str | None = None
     dataset: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -134,19 +136,20 @@ class RunStore:
         finally:
             os.close(fd)
 
-    def launch_retrain(self, settings: Settings, trigger: str, task: str) -> RunRecord:
+    def launch_retrain(self, settings: Settings, trigger: str, task: str, fence: int | None = None) -> RunRecord:
         """`flywheel retrain` of `task` in a fresh process, with these exact settings (and this Ray cluster,
-        if any). The settings and secrets travel in the child's environment: nothing is written to disk."""
+        if any). The settings and secrets travel in the child's environment: nothing is written to disk.
+        `fence`: the loop lease epoch of the leader starting it, which the run's alias moves carry."""
         import ray
 
         if ray.is_initialized():
             settings = settings.model_copy(update={"ray": settings.ray.model_copy(
                 update={"address": ray.get_runtime_context().gcs_address})})
         return self.launch([sys.executable, "-m", "flywheel.cli", "retrain", "--task", task], trigger, task,
-                           env=settings.child_env())
+                           env=settings.child_env(), fence=fence)
 
     def launch(self, command: list[str], trigger: str, task: str | None = None,
-               env: dict[str, str] | None = None) -> RunRecord:
+               env: dict[str, str] | None = None, fence: int | None = None) -> RunRecord:
         """Start `command` (a `flywheel retrain` child) holding the lock; return the new run's record.
 
         The child gets the locked descriptor as `--lock-fd`; this process drops its copy, so the lock
@@ -157,14 +160,15 @@ class RunStore:
         try:
             with (self.root / f"{run_id}.log").open("ab") as log_file:
                 child = subprocess.Popen(
-                    [*command, "--run-id", run_id, "--trigger", trigger, "--lock-fd", str(fd)],
+                    [*command, "--run-id", run_id, "--trigger", trigger, "--lock-fd", str(fd),
+                     *(["--fence", str(fence)] if fence is not None else [])],
                     pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                     start_new_session=True, env=env,
                 )
         finally:
             os.close(fd)
         threading.Thread(target=child.wait, name=f"reap-{run_id}", daemon=True).start()
-        record = RunRecord(run_id=run_id, trigger=trigger, pid=child.pid, task=task)
+        record = RunRecord(run_id=run_id, trigger=trigger, pid=child.pid, task=task, fence=fence)
         self.save(record)
         self.beat(run_id)  # for the child's start-up, until its own heartbeat begins
         return record

@@ -24,10 +24,11 @@ class RetrainScheduler(threading.Thread):
     """Starts a retrain whenever one is due; `may_start` (checked just before each launch) can veto it."""
 
     def __init__(self, settings: Settings, stop: threading.Event, check_every_s: float = 5.0,
-                 may_start: Callable[[], bool] = lambda: True) -> None:
+                 may_start: Callable[[], bool] = lambda: True, fence: int | None = None) -> None:
         super().__init__(name="retrain-scheduler", daemon=True)
         self.settings = settings
         self.stop = stop
+        self.fence = fence  # the loop lease's epoch: the runs it starts move aliases under it
         self.check_every_s = check_every_s
         self.may_start = may_start
         self.store = RunStore(settings.home / "runs")
@@ -64,7 +65,7 @@ class RetrainScheduler(threading.Thread):
                         continue  # nothing to start from: `flywheel train` gives a task its first adapter
                     go, why = self.due(task)
                     if go and self.may_start():
-                        record = self.store.launch_retrain(self.settings, "schedule", task)
+                        record = self.store.launch_retrain(self.settings, "schedule", task, fence=self.fence)
                         log.info("event=retrain_triggered run_id=%s task=%s by=schedule why=%r", record.run_id,
                                  task, why)
                         break  # one run at a time

@@ -49,14 +49,14 @@ def canary_controller(settings: Settings, stop: threading.Event, fence: int | No
 
 def loop_workers(settings: Settings, stop: threading.Event, fence: int) -> list[threading.Thread]:
     """The loop's parts, not yet started: the curator (supervised: it outlives a broker that is down), the
-    retrain scheduler if enabled, and the canary controller, whose moves carry the lease's epoch `fence`. All
-    end when `stop` is set."""
+    retrain scheduler if enabled, and the canary controller; the controller's moves and those of the runs the
+    scheduler starts carry the lease's epoch `fence`. All end when `stop` is set."""
     from feedback.supervisor import supervise
     from flywheel.scheduler import RetrainScheduler
 
     workers = [threading.Thread(target=supervise, args=(settings, stop), name="curator", daemon=True)]
     if settings.retrain.schedule_enabled:
-        workers.append(RetrainScheduler(settings, stop))
+        workers.append(RetrainScheduler(settings, stop, fence=fence))
     workers.append(canary_controller(settings, stop, fence))
     return workers
 

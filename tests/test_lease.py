@@ -63,6 +63,39 @@ def test_a_move_under_an_epoch_the_history_has_passed_is_refused(tmp_path: Path)
     assert Registry(registry.uri, "demo").alias("champion") == "demo-v1"  # from a fresh reader, checkpoint too
 
 
+def test_a_scheduled_retrain_moves_aliases_under_its_leaders_epoch(tmp_path: Path) -> None:
+    """The scheduler hands the leader's epoch to the runs it starts: a run whose leader lost the loop meanwhile
+    ends `superseded` and leaves the aliases to the new leader; under the current epoch it promotes."""
+    from flywheel.config import Settings
+    from flywheel.runs import RunRecord, RunState, RunStore
+    from training.pipeline import Retrain
+
+    settings = Settings(home=tmp_path / "home", registry={"uri": str(tmp_path / "registry")})
+    registry = Registry(settings.registry_uri, "demo")
+    two_versions(registry, tmp_path)
+    registry.promote("demo-v1", actor="flywheel train")
+    a, b = StoreLease(registry, "keeper-a", lease_s=60), StoreLease(registry, "keeper-b", lease_s=60)
+    assert a.claim() == 1
+
+    store = RunStore(settings.home / "runs")
+    launched = store.launch([sys.executable, "-c", "import sys; print(sys.argv[1:])"], "schedule", "demo", fence=1)
+    assert launched.fence == 1 and store.get(launched.run_id).fence == 1  # type: ignore[union-attr]
+    deadline = time.monotonic() + 30
+    while "--fence" not in (store.root / f"{launched.run_id}.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "'--fence', '1'" in (store.root / f"{launched.run_id}.log").read_text()  # the child is told
+
+    a.release()
+    assert b.claim() == 2  # a new leader while the run went on
+    stale = Retrain(settings, RunRecord(run_id="run-stale", trigger="schedule", task="demo", fence=1))
+    record = stale._release("demo-v2", "demo-v1", "gate passed")
+    assert record.state == RunState.SUPERSEDED and "lost the loop" in record.message, record.message
+    assert registry.alias("champion") == "demo-v1" and len(registry.history()) == 1
+    current = Retrain(settings, RunRecord(run_id="run-current", trigger="schedule", task="demo", fence=2))
+    assert current._release("demo-v2", "demo-v1", "gate passed").state == RunState.PASSED
+    assert registry.alias("champion") == "demo-v2" and registry.history()[-1].fence == 2
+
+
 def test_a_paused_leader_is_fenced_by_the_store_and_no_move_is_lost_or_doubled(
     s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:

@@ -26,7 +26,15 @@ from feedback.dataset import CuratedDataset
 from feedback.trust import assess, pending_review, trainable
 from flywheel.bases import ServedBase, base_ref, context_length, served_base
 from flywheel.config import Settings
-from flywheel.registry import CANARY_ALIAS, ChampionChangedError, Registry, lora_int_id, registry_for, resolve_task
+from flywheel.registry import (
+    CANARY_ALIAS,
+    ChampionChangedError,
+    FencedError,
+    Registry,
+    lora_int_id,
+    registry_for,
+    resolve_task,
+)
 from flywheel.runs import RunRecord, RunState, RunStore
 from services.engines import build_engine
 from services.engines.hf_engine import HFEngine
@@ -63,7 +71,9 @@ class Retrain:
         self.store = RunStore(settings.home / "runs", keep=settings.retrain.keep_runs)
         self.task = resolve_task(settings, record.task)
         self.record.task = self.task.name
-        self.registry: Registry = registry_for(settings, self.task.name)
+        task_registry = registry_for(settings, self.task.name)
+        # a run the loop's leader started moves aliases under its lease: refused once another leader took over
+        self.registry: Registry = task_registry if record.fence is None else task_registry.fenced(record.fence)
         self.workdir = self.store.root / record.run_id
         self._say = say or (lambda _msg: None)
 
@@ -230,6 +240,10 @@ class Retrain:
             self.stage("promote")
             self.registry.promote(candidate, actor=actor, reason=f"gate passed ({self.record.trigger})",
                                   expected_champion=champion)
+        except FencedError as exc:
+            return self.finish(RunState.SUPERSEDED, f"superseded: {candidate} passed its gate, but the loop's "
+                               f"leader that started this run lost the loop meanwhile ({exc}); the new leader "
+                               "decides what runs next")
         except ChampionChangedError as exc:
             message = (f"superseded: {candidate} passed its gate against {champion}, but the champion changed while "
                        f"the run went on ({exc}); retrain to judge a candidate against {exc.actual or 'no champion'}")
