@@ -159,6 +159,11 @@ class ServingSettings(BaseModel):
     poll_interval_s: float = Field(0.2, gt=0, description="How often replicas re-read the alias.")
     probe_prompt: str = "ping"
     drain_timeout_s: float = Field(30.0, gt=0, description="Wait this long for old-version requests.")
+    request_log: Literal["file", "stderr", "off"] = Field(
+        "file", description="Where each replica's one line per request (/predict, /v1, /feedback) goes. `file`: "
+        "`<home>/logs/requests-<host>-<pid>.log` (rotated at 64 MiB, 3 kept), written by a thread of its own, off "
+        "the request path. `stderr`: beside the replica's other logs, which Ray forwards to the driver through one "
+        "log monitor and the GCS: a cost that grows with load. `off`: none (the metrics still count requests).")
     max_pinned_adapters: int = Field(
         2, ge=1, description="Versions asked for by name (`task@version`) each replica keeps loaded beside the "
         "champions; the least recently used idle one is unloaded beyond this.")

@@ -56,7 +56,7 @@ from feedback.schemas import Message
 from flywheel.auth import Caller, Scope
 from flywheel.canary import CanaryReview, NoCanaryError, decide_by_hand, review
 from flywheel.config import Settings
-from flywheel.logs import configure_logging
+from flywheel.logs import REQUEST_LOGGER, configure_logging, configure_request_log
 from flywheel.r1 import split_reasoning
 from flywheel.registry import (
     AdapterIntegrityError,
@@ -101,6 +101,7 @@ from services.protocol import (
 from services.status_board import get_board, version_figures
 
 log = logging.getLogger("flywheel.gateway")
+request_log = logging.getLogger(REQUEST_LOGGER)
 LINEAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # versions, request ids and event ids: nothing else is looked up
 RECENT_FEEDBACK = 100_000  # feedback events this replica remembers the author of
 TASKS_TTL_S = 2.0  # how stale the gateway's view of tasks and aliases may be (new tasks come from `flywheel train`)
@@ -255,9 +256,10 @@ class Gateway:
     def __init__(self, llm: DeploymentHandle | LocalLLM, settings: dict[str, Any], loop: DeploymentHandle | None = None
                  ) -> None:
         configure_logging()
+        self.settings = Settings.from_shared(settings)
+        configure_request_log(self.settings.serving.request_log, self.settings.home / "logs")
         self.llm: LLMClient = llm if isinstance(llm, LocalLLM) else RemoteLLM(llm)  # Serve hands us the handle
         self.loop = loop
-        self.settings = Settings.from_shared(settings)
         self.registry = registry_for(self.settings)
         self._cache_registry_views()
         self.board = get_board(self.settings.registry_uri, self.settings.serving.alias)
@@ -396,7 +398,7 @@ class Gateway:
         self.metrics.latency.labels("/predict", version).observe(latency)
         self.metrics.tokens.labels("prompt", version).inc(completion.usage.prompt_tokens)
         self.metrics.tokens.labels("completion", version).inc(completion.usage.completion_tokens)
-        log.info("event=predict request_id=%s task=%s version=%s replica=%s tokens=%d truncated=%s stream=%s "
+        request_log.info("event=predict request_id=%s task=%s version=%s replica=%s tokens=%d truncated=%s stream=%s "
                  "ms=%.1f", request_id, completion.task, version, completion.replica,
                  completion.usage.completion_tokens, completion.truncated, body.stream, latency * 1000)
         response = PredictResponse(
@@ -495,7 +497,7 @@ class Gateway:
             self.metrics.requests.labels("/feedback", "503").inc()
             return JSONResponse(status_code=503, content={"error": "feedback could not be stored; retry"})
         self.metrics.requests.labels("/feedback", "202").inc()
-        log.info("event=feedback event_id=%s request_id=%s rating=%s thumb=%s correction=%s", event.event_id,
+        request_log.info("event=feedback event_id=%s request_id=%s rating=%s thumb=%s correction=%s", event.event_id,
                  event.request_id, event.rating, event.thumb, event.correction is not None)
         return JSONResponse(status_code=202, content=FeedbackAccepted(event_id=event.event_id).model_dump())
 

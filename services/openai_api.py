@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from feedback.schemas import Message, PredictionEvent
 from flywheel.config import Settings
+from flywheel.logs import REQUEST_LOGGER
 from flywheel.registry import AdapterIntegrityError, UnknownTaskError, VersionNotFoundError
 from flywheel.tasks import TaskSpec
 from services.adapters import PINNED_RETRY_AFTER_S, PinnedAdaptersBusyError
@@ -42,6 +43,7 @@ from services.openai_protocol import (
 from services.protocol import Usage, client_message
 
 log = logging.getLogger("flywheel.openai")
+request_log = logging.getLogger(REQUEST_LOGGER)
 
 ROUTE = "/v1/chat/completions"
 COMPLETION_ID_PREFIX = "chatcmpl-"
@@ -207,7 +209,7 @@ class ChatCompletions:
         self.metrics.latency.labels(ROUTE, version).observe(latency)
         self.metrics.tokens.labels("prompt", version).inc(usage.prompt_tokens)
         self.metrics.tokens.labels("completion", version).inc(usage.completion_tokens)
-        log.info("event=chat request_id=%s task=%s version=%s stream=%s tokens=%d ms=%.1f", request_id, task,
+        request_log.info("event=chat request_id=%s task=%s version=%s stream=%s tokens=%d ms=%.1f", request_id, task,
                  version, body.stream, usage.completion_tokens, latency * 1000)
         await self.publish(PredictionEvent(
             request_id=request_id, task=task,

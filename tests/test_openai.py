@@ -58,6 +58,19 @@ def test_models_complete_stream_and_rate_with_the_official_client(client: openai
     rated = httpx.post(f"{url}/feedback", json={"request_id": completion.id, "rating": 5})
     assert rated.status_code == 202, rated.text
 
+    # each served request is one line in the replica's own request log (`serving.request_log: file`)
+    def logged() -> str:
+        return "".join(p.read_text() for p in (served[1].home / "logs").glob("requests-*.log"))
+
+    deadline = time.monotonic() + 10  # written by the log's own thread
+    while rated.json()["event_id"] not in logged() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines = logged()
+    chat_id = completion.id.removeprefix("chatcmpl-")
+    for line in (f"event=chat request_id={chat_id}", f"event=predict request_id={predicted['request_id']}",
+                 f"event=feedback event_id={rated.json()['event_id']}"):
+        assert line in lines, lines[-2000:]
+
 
 def test_clear_openai_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
