@@ -382,6 +382,46 @@ def test_the_supervisor_rebuilds_a_curator_that_failed_to_start_or_crashed(
     assert read_health(settings).state == "stopped"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_running_curator_catches_up_with_a_burst_of_2000_predictions(
+    backend: str, feedback_settings: Callable[..., Settings],
+) -> None:
+    """The keeper's curator (supervised, in a thread) and a burst the serving plane could send in seconds: it
+    curates all of it, exactly once; publishing and curating it take under 5 s of this process's CPU (a busy
+    box moves wall time, not CPU time); and it reports no lag afterwards."""
+    settings = feedback_settings(backend)
+    stop = threading.Event()
+    curating = threading.Thread(target=supervise, args=(settings, stop), daemon=True)
+    curating.start()
+    try:
+        deadline = time.monotonic() + 60
+        while (read_health(settings) is None or read_health(settings).state != "running") \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pairs = event_pairs(2000)
+        rated = pairs[::10]  # one answer in ten is rated, as on a busy service
+        started_cpu, started = time.process_time(), time.monotonic()
+        publish(settings, [event for prediction_, feedback_ in pairs
+                           for event in ((prediction_, feedback_) if (prediction_, feedback_) in rated
+                                         else (prediction_,))])
+        published = time.monotonic()
+        while feedback_status(settings).curated < len(rated) and time.monotonic() < published + 120:
+            time.sleep(0.05)
+        caught_up, cpu_s = time.monotonic(), time.process_time() - started_cpu
+        status = feedback_status(settings)
+        print(f"{backend}: 2000 predictions + {len(rated)} ratings published in {published - started:.2f}s, "
+              f"curated {caught_up - published:.2f}s after the burst, {cpu_s:.2f}s CPU in all")
+        assert (status.received, status.curated, status.duplicates) == (len(rated), len(rated), 0)
+        assert cpu_s < 5.0
+        deadline = time.monotonic() + 30
+        while (health := read_health(settings)).lag_records and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert health.lag_records == 0 and health.lag_seconds == 0, health
+    finally:
+        stop.set()
+        curating.join(timeout=60)
+
+
 def test_a_retrain_reads_only_the_newest_rows_it_asks_for(feedback_settings: Callable[..., Settings]) -> None:
     """`newest` stops reading at the newest parts: a long history does not grow a retrain's memory."""
     settings = feedback_settings("local")
