@@ -9,12 +9,17 @@ during the run moves both sides alike:
    hundreds of tokens, where the demo model answers in about ten)
 3. p50 time to the first streamed token, flywheel ÷ vLLM (goal <= 1.2)
 4. throughput at 16 concurrent chat completions (the servers take turns at it too), flywheel ÷ vLLM
-   (goal >= 0.9), and the p50 meanwhile
+   (goal >= 0.9), and the p50 meanwhile; each server's throughput in each of its TURNS windows, so a decline
+   from run to run in one process shows (goal: the windows within 10 % of each other)
 5. flywheel's /v1/chat/completions p50 ÷ its /predict p50
 6. flywheel with 2, 8 and 32 tasks on one replica (each a copy of the adapter): p50 and throughput
+7. what each part of the default costs: 1-4 again with the loop off, with the request log sent through Ray's
+   log forwarding to the driver instead of its file, and with no request log
 
-1-4 run for each of SETUPS (ingress × topology), the default last; 5-6 on the default, after the others so that
-their tasks are not there for the others to watch.
+1-4 run for each of SETUPS (ingress × topology), the default last, as `flywheel up` runs it: the loop on (its
+curator ingesting every prediction event), prediction events logged, the request log in its file. 5-6 on the
+default, after the others so that their tasks are not there for the others to watch; then 7.
+The rate limit per caller is lifted: the benchmark measures serving, not `auth.rate`.
 """
 
 from __future__ import annotations
@@ -52,6 +57,12 @@ class Side(BaseModel):
     ttft_p50_ms: float
     rps_at_16: float
     p50_at_16_ms: float = Field(description="While 16 run at once (the throughput phase).")
+    rps_by_window: list[float] = Field(description="Throughput in each of the server's windows, in order.")
+
+    @property
+    def window_spread(self) -> float:
+        """Slowest window's throughput over the fastest's (1: steady)."""
+        return min(self.rps_by_window) / max(self.rps_by_window)
 
 
 class Ratios(BaseModel):
@@ -90,12 +101,22 @@ class Pair(BaseModel):
             f"{r.throughput:.2f} (goal >= 0.9)",
             f"[{name}] p50 at 16 concurrent: flywheel {ours.p50_at_16_ms:.0f} / vLLM {v.p50_at_16_ms:.0f} ms = "
             f"{r.p50_at_16:.2f} (goal <= 1.1)",
+            f"[{name}] throughput by window: flywheel {_rates(ours)} (slowest/fastest {ours.window_spread:.2f}), "
+            f"vLLM {_rates(v)} ({v.window_spread:.2f}) (goal >= 0.9)",
         ]
+
+
+def _rates(side: Side) -> str:
+    return ", ".join(f"{rps:.1f}" for rps in side.rps_by_window)
 
 
 # (serving.ingress, serving.topology): Serve's proxy, then HAProxy with a separate gateway, then the default for a
 # lone replica (HAProxy straight to the replica that is the ingress and the engine at once).
 SETUPS = (("serve", "fused"), ("haproxy", "split"), ("haproxy", "fused"))
+# What the default pays for, each taken away on its own: (name, settings changed).
+COSTS = (("loop off", {"loop": {"enabled": False}}),
+         ("request log through Ray's forwarding", {"serving": {"request_log": "stderr"}}),
+         ("request log off", {"serving": {"request_log": "off"}}))
 
 
 def setup_name(ingress: str, topology: str) -> str:
@@ -107,12 +128,15 @@ class OpenAIBenchReport(BaseModel):
                                    "beside vLLM's server.")
     chat_over_predict_p50: float
     by_tasks: dict[int, dict[str, float]]
+    costs: dict[str, Pair] = Field(description="The default setup with one part changed (COSTS), beside vLLM's "
+                                   "server: compare each with the default's pair.")
 
     def lines(self) -> list[str]:
         tasks = "; ".join(f"{n} tasks: p50 {r['p50_ms']:.0f} ms, {r['rps_at_16']:.1f} rps"
                           for n, r in self.by_tasks.items())
         pairs = [line for name, pair in self.pairs.items() for line in pair.lines(name)]
-        return [*pairs, f"/v1/chat/completions p50 / /predict p50 = {self.chat_over_predict_p50:.2f}", tasks]
+        costs = [line for name, pair in self.costs.items() for line in pair.lines(f"default, {name}")]
+        return [*pairs, f"/v1/chat/completions p50 / /predict p50 = {self.chat_over_predict_p50:.2f}", tasks, *costs]
 
 
 class Server(BaseModel):
@@ -167,10 +191,12 @@ async def _in_turns(client: httpx.AsyncClient, servers: list[Server], probe: Pro
     return [statistics.median(s) * 1000 for s in samples]
 
 
-async def _load(client: httpx.AsyncClient, servers: list[Server], seconds: float) -> list[tuple[float, float]]:
-    """Each server's requests per second and p50 (ms) with 16 in flight, `seconds` in all: TURNS windows each,
-    the servers taking turns."""
+async def _load(client: httpx.AsyncClient, servers: list[Server], seconds: float
+                ) -> list[tuple[float, float, list[float]]]:
+    """Each server's requests per second, p50 (ms) with 16 in flight, and requests per second in each of its
+    windows: `seconds` in all, TURNS windows each, the servers taking turns."""
     latencies: list[list[float]] = [[] for _ in servers]
+    by_window: list[list[float]] = [[] for _ in servers]
     window = seconds / TURNS
 
     async def worker(k: int, n: int, deadline: float) -> None:
@@ -182,10 +208,11 @@ async def _load(client: httpx.AsyncClient, servers: list[Server], seconds: float
     for turn in range(TURNS):
         for i in range(len(servers)):
             k = (i + turn) % len(servers)
-            deadline = time.monotonic() + window
+            deadline, before = time.monotonic() + window, len(latencies[k])
             await asyncio.gather(*(worker(k, n, deadline) for n in range(16)))
+            by_window[k].append((len(latencies[k]) - before) / window)
             await asyncio.sleep(IDLE_S)
-    return [(len(x) / seconds, statistics.median(x) * 1000) for x in latencies]
+    return [(len(x) / seconds, statistics.median(x) * 1000, by_window[k]) for k, x in enumerate(latencies)]
 
 
 async def _warm(client: httpx.AsyncClient, server: Server) -> None:
@@ -203,7 +230,7 @@ async def _measure(servers: list[Server], seconds: float) -> list[Side]:
         ttft = await _in_turns(client, servers, _first_token, 8)
         loaded = await _load(client, servers, seconds)
     return [Side(p50_ms=p50[i], long_p50_ms=long_p50[i], ttft_p50_ms=ttft[i], rps_at_16=loaded[i][0],
-                 p50_at_16_ms=loaded[i][1]) for i in range(len(servers))]
+                 p50_at_16_ms=loaded[i][1], rps_by_window=loaded[i][2]) for i in range(len(servers))]
 
 
 async def _pair(flywheel: Server, vllm: Server, seconds: float) -> Pair:
@@ -216,7 +243,7 @@ async def _many_tasks(server: Server, seconds: float) -> dict[str, float]:
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=24)) as client:
         await _warm(client, server)
         [p50] = await _in_turns(client, [server], _chat, max(3, len(server.models) // TURNS))
-        [(rps, _)] = await _load(client, [server], seconds)
+        [(rps, _, _)] = await _load(client, [server], seconds)
     return {"p50_ms": p50, "rps_at_16": rps}
 
 
@@ -301,6 +328,7 @@ def _register_copy(registry: Registry, source: Registry, adapter: Path) -> str:
 def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable[[str], None] = print
                      ) -> OpenAIBenchReport:
     bootstrap(settings, progress=say)
+    settings = settings.model_copy(update={"auth": settings.auth.model_copy(update={"rate": "1000000/second"})})
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-openai-") as scratch:
         settings = scratch_registry(settings, Path(scratch) / "registry")
         return _run(settings, seconds, say)
@@ -336,10 +364,23 @@ def _run(settings: Settings, seconds: float, say: Callable[[str], None]) -> Open
                     by_tasks[count] = asyncio.run(_many_tasks(Server(url=url, models=tasks), seconds / 2))
             finally:
                 serve_app.shutdown()  # a Ray of its own for each: HAProxy or not is a Ray-wide choice
+        costs = {}
+        for name, changed in COSTS:
+            say(f"starting flywheel (default, {name}) beside vLLM's server")
+            url = serve_app.run(_changed(settings, changed), timeout_s=600)
+            try:
+                costs[name] = asyncio.run(_pair(Server(url=url, models=[settings.default_task]), vllm, seconds))
+            finally:
+                serve_app.shutdown()
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
-    return OpenAIBenchReport(pairs=pairs, chat_over_predict_p50=chat_over_predict, by_tasks=by_tasks)
+    return OpenAIBenchReport(pairs=pairs, chat_over_predict_p50=chat_over_predict, by_tasks=by_tasks, costs=costs)
+
+
+def _changed(settings: Settings, changed: dict[str, dict[str, object]]) -> Settings:
+    return settings.model_copy(update={section: getattr(settings, section).model_copy(update=fields)
+                                       for section, fields in changed.items()})
 
 
 def _with_serving(settings: Settings, **serving: str) -> Settings:
