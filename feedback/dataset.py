@@ -115,10 +115,11 @@ def current_verdicts(rows: Iterable[CuratedExample]) -> list[CuratedExample]:
     return list(latest.values())
 
 
-def canary_ratings(settings: Settings) -> Callable[[str, datetime], list[tuple[str, float, str | None]]]:
+def canary_ratings(settings: Settings, dataset: CuratedDataset | None = None
+                   ) -> Callable[[str, datetime], list[tuple[str, float, str | None]]]:
     """`(task, since)` -> the ratings a task's canary is judged on (`canary.count_anonymous` says whose count): what
-    the controller, the admin API, the console and the CLI all review it with."""
-    dataset = CuratedDataset(settings.feedback_dir / "dataset")
+    the controller, the admin API, the console and the CLI all review it with (`dataset`: a reader to share)."""
+    dataset = dataset or CuratedDataset(settings.feedback_dir / "dataset")
     return lambda task, since: dataset.ratings(task, since, anonymous=settings.canary.count_anonymous)
 
 
@@ -141,6 +142,23 @@ class _Rating(NamedTuple):
     rater: str | None
 
 
+class _RatedRow(NamedTuple):
+    """A part's row that carries a rating, in the columns ratings are counted from."""
+
+    at: datetime
+    task: str
+    version: str
+    value: float
+    rater: str | None
+    authenticated: bool
+    event_id: str
+    request_id: str
+
+
+RATED_COLUMNS = ["event_id", "request_id", "task", "feedback_ts", "adapter_version", "rating", "thumb", "rater",
+                 "authenticated"]
+
+
 class CuratedDataset:
     """Writer (for the curator) and reader (for the learning plane and `flywheel feedback export`).
 
@@ -151,6 +169,9 @@ class CuratedDataset:
         self.root = root
         self.reviews = ReviewLog(root.parent)
         self._counts: dict[tuple[str, int], dict[str, int]] = {}  # rows per task of parts that do not say
+        # the rated rows of each part read for ratings: a committed part changes only when an erasure rewrites it
+        # (fewer rows, a new mtime), so polling readers (the canary controller, the console) read each part once
+        self._rated_rows: dict[tuple[str, int, int], list[_RatedRow]] = {}
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -270,27 +291,36 @@ class CuratedDataset:
         manifest = manifest or self.manifest()
         latest: dict[tuple[str, str], _Rating] = {}
         retracted = self.reviews.retracted()
-        columns = ["event_id", "request_id", "task", "feedback_ts", "adapter_version", "rating", "thumb", "rater",
-                   "authenticated"]
+        read: dict[tuple[str, int, int], list[_RatedRow]] = {}
         for part in manifest.files:
             if part.created_at < since:
                 continue
-            table = pq.read_table(self.root / part.path, schema=SCHEMA, columns=columns)
-            table = table.filter(pc.greater_equal(table["feedback_ts"], since))
-            if task is not None:
-                table = table.filter(pc.equal(table["task"], task))
-            if not anonymous:
-                table = table.filter(pc.equal(table["authenticated"], True))
-            for row in table.to_pylist():
-                value = row["rating"] if row["rating"] is not None else THUMB_RATING.get(row["thumb"] or "")
-                if value is None or row["event_id"] in retracted:
+            for row in self._part_ratings(part, read):
+                counted = row.at >= since and task in (None, row.task) and (anonymous or row.authenticated)
+                if not counted or row.event_id in retracted:
                     continue
-                key = (row["request_id"], row["rater"] or row["event_id"])
-                if key not in latest or latest[key].at <= row["feedback_ts"]:
+                key = (row.request_id, row.rater or row.event_id)
+                if key not in latest or latest[key].at <= row.at:
                     # an anonymous rating names no person (an address is not one): each stands alone
-                    latest[key] = _Rating(row["feedback_ts"], row["task"], row["adapter_version"], float(value),
-                                          row["rater"] if row["authenticated"] else None)
+                    latest[key] = _Rating(row.at, row.task, row.version, row.value,
+                                          row.rater if row.authenticated else None)
+        self._rated_rows = read  # parts that left the window are forgotten
         return list(latest.values())
+
+    def _part_ratings(self, part: PartFile, read: dict[tuple[str, int, int], list[_RatedRow]]) -> list[_RatedRow]:
+        path = self.root / part.path
+        key = (part.path, part.rows, path.stat().st_mtime_ns)
+        rows = self._rated_rows.get(key)
+        if rows is None:
+            rows = []
+            for row in pq.read_table(path, schema=SCHEMA, columns=RATED_COLUMNS).to_pylist():
+                value = row["rating"] if row["rating"] is not None else THUMB_RATING.get(row["thumb"] or "")
+                if value is not None:
+                    rows.append(_RatedRow(row["feedback_ts"], row["task"], row["adapter_version"], float(value),
+                                          row["rater"], bool(row["authenticated"]), row["event_id"],
+                                          row["request_id"]))
+        read[key] = rows
+        return rows
 
     def export_jsonl(self, path: Path, manifest: Manifest | None = None, until: Mapping[str, int] | None = None
                      ) -> int:

@@ -871,6 +871,31 @@ def bench_trust(
     ]), as_json)
 
 
+@bench_app.command("console")
+def bench_console(
+    config: ConfigOption = None,
+    requests: Annotated[int, typer.Option(help="/predict requests with the console polling, and as many without."
+                                          )] = 200,
+    poll_s: Annotated[float, typer.Option(help="How often each open console page reloads.")] = 1.0,
+    port: Annotated[int, typer.Option(help="Port for the benchmark's own Serve app.")] = 8767,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/console.json"),
+    as_json: JsonOption = False,
+) -> None:
+    """What an open console costs: /predict p50 with the console's pages polling vs without."""
+    from loadtests.bench_console import run_console_bench
+
+    configure_logging()
+    settings = settings_or_exit(config)
+    settings.serving.port = port
+    r = run_console_bench(settings, requests=requests, poll_s=poll_s, say=progress)
+    pages = ", ".join(f"{page} {ms:.0f} ms" for page, ms in r.page_p50_ms.items())
+    write_report(out, r, "\n".join([
+        f"/predict p50 with the console polling every {r.poll_s:g} s {r.polled_p50_ms:.1f} ms / without "
+        f"{r.quiet_p50_ms:.1f} ms = {r.polled_over_quiet_p50:.3f} (goal <= 1.02)",
+        f"console pages p50 ({r.pages_loaded} loads): {pages}",
+    ]), as_json)
+
+
 @bench_app.command("openai")
 def bench_openai(
     config: ConfigOption = None,

@@ -276,9 +276,32 @@ def test_a_pending_correction_is_approved_from_the_review_queue(desk: Desk) -> N
                                                      "reason": "checked"})
     assert done.status_code == 303 and "approved+1" in done.headers["location"]
     assert review_queue(desk.settings) == []
+    assert f'href="/console/review?task={task}">' not in desk.client.get("/console").text  # the judgement shows
     assert lineage(desk.settings, row.event_id).event.trust == "reviewed"
     found = desk.client.get(f"/console/lineage?id={row.event_id}")
     assert found.status_code == 200 and "reviewed" in found.text and "approve by ops (console)" in found.text
+
+
+def test_a_polling_reader_reads_each_part_once_yet_sees_new_and_rewritten_parts(tmp_path: Path) -> None:
+    """The console and the canary controller keep one dataset reader; it remembers the ratings of each part it
+    read, and a new part or one an erasure rewrote (fewer rows) is read again."""
+    settings = Settings(home=tmp_path)
+    reader = CuratedDataset(settings.feedback_dir / "dataset")
+    now = datetime.now(UTC)
+    kept, erased = rated("faq", "faq-v1", now, 5), rated("faq", "faq-v1", now, 1)
+    curate(settings, [kept, erased])
+
+    def values() -> list[float]:
+        return sorted(value for _, value, _ in reader.ratings("faq", now - timedelta(hours=1), anonymous=True))
+
+    assert values() == [1.0, 5.0]
+    curate(settings, [rated("faq", "faq-v2", now, 3)])
+    assert values() == [1.0, 3.0, 5.0]
+    manifest = reader.manifest()
+    reader.write_part(manifest.files[0].path, [kept])  # as `users forget` rewrites a part
+    manifest.files[0].rows = 1
+    reader.write_manifest(manifest)
+    assert values() == [3.0, 5.0]
 
 
 def test_the_task_page_plots_ratings_per_version_and_the_loop_page_shows_runs_and_the_feedback_plane(

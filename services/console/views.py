@@ -110,6 +110,10 @@ class Console:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runs = RunStore(settings.home / "runs")
+        self.dataset = CuratedDataset(settings.feedback_dir / "dataset")  # one reader: it remembers parts read
+        self.canary_ratings = canary_ratings(settings, self.dataset)
+        # the queue reads and assesses every curated row: computed again only when rows or judgements change
+        self._queue: tuple[tuple[object, ...], list[PendingCorrection]] | None = None
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -120,10 +124,7 @@ class Console:
 
     def _review(self, registry: Registry) -> CanaryReview | None:
         """The canary's review as the CLI computes it (the replicas' guardrail figures are left out here)."""
-        return review(registry, self.settings.canary, partial(canary_ratings(self.settings), registry.task), {})
-
-    def _dataset(self) -> CuratedDataset:
-        return CuratedDataset(self.settings.feedback_dir / "dataset")
+        return review(registry, self.settings.canary, partial(self.canary_ratings, registry.task), {})
 
     def _row(self, spec: TaskSpec, registry: Registry, runs: list[RunRecord], pending: int, ratings: DailyRatings
              ) -> TaskRow:
@@ -142,9 +143,9 @@ class Console:
             last_run=task_runs[-1] if task_runs else None, pending_reviews=pending,
             versions=len(registry.versions()))
 
-    def _pending(self, task: str | None = None) -> dict[str, int]:
+    def _pending(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for item in review_queue(self.settings, task):
+        for item in self.review_queue():
             counts[item.task] = counts.get(item.task, 0) + 1
         return counts
 
@@ -152,7 +153,7 @@ class Console:
         """Every task: champion and its ratings per day, canary and its test, last run, pending reviews."""
         runs = self.runs.list(RECENT_RUNS)
         pending = self._pending()
-        ratings = self._dataset().daily_ratings(_days_ago(OVERVIEW_DAYS))
+        ratings = self.dataset.daily_ratings(_days_ago(OVERVIEW_DAYS))
         return [self._row(spec, registry_for(self.settings, name), runs, pending.get(name, 0), ratings.get(name, {}))
                 for name, spec in sorted(known_tasks(self.settings).items())]
 
@@ -176,8 +177,8 @@ class Console:
                                         + (f" — {r.message}" if r.message else "")) for r in runs]
         timeline.sort(key=lambda e: e.at, reverse=True)
         promotions = [e for e in history if e.alias == "champion" and e.action == "promote"]
-        ratings = self._dataset().daily_ratings(_days_ago(PLOT_DAYS), name).get(name, {})
-        row = self._row(spec, registry, runs, self._pending(name).get(name, 0), ratings)
+        ratings = self.dataset.daily_ratings(_days_ago(PLOT_DAYS), name).get(name, {})
+        row = self._row(spec, registry, runs, self._pending().get(name, 0), ratings)
         return TaskPage(row=row, spec=spec, versions=versions, aliases={v: sorted(a) for v, a in named.items()},
                         timeline=timeline, runs=list(reversed(runs)), can_roll_back=len(promotions) >= 2,
                         ratings=ratings)
@@ -198,7 +199,14 @@ class Console:
         return self._registry(task).manifest(version)
 
     def review_queue(self, task: str | None = None) -> list[PendingCorrection]:
-        return review_queue(self.settings, task)
+        """Pending corrections (of `task`, or every task's)."""
+        reviews = self.dataset.reviews.path
+        stamp = (tuple((part.path, part.rows) for part in self.dataset.manifest().files),
+                 reviews.stat().st_mtime_ns if reviews.exists() else None, tuple(sorted(known_tasks(self.settings))))
+        cached = self._queue
+        if cached is None or cached[0] != stamp:
+            cached = self._queue = (stamp, review_queue(self.settings))
+        return [item for item in cached[1] if task is None or item.task == task]
 
     def lineage(self, identifier: str) -> Lineage:
         return lineage(self.settings, identifier)
@@ -214,7 +222,7 @@ class Console:
     def canary(self, task: str, verdict: Literal["promote", "rollback"], who: str) -> CanaryReview:
         """Promote or abort the task's canary now, whatever its ratings say (as `flywheel canary promote|abort`)."""
         return decide_by_hand(self._registry(task), self.settings.canary,
-                              partial(canary_ratings(self.settings), task), verdict, actor=who, via="console")
+                              partial(self.canary_ratings, task), verdict, actor=who, via="console")
 
     def retrain(self, task: str, who: str) -> RunRecord:
         """Start a retrain in the background (RetrainBusyError if one runs); the run record names who asked."""
