@@ -390,11 +390,18 @@ class TrainSettings(BaseModel):
 
     Fields left None take the base model's defaults (`training_defaults`): what a tiny base needs to learn
     a new task is not what a 1.5B R1-Distill needs, so those numbers belong to the base, not to code.
-    Steps follow from epochs and the data's size.
+    Steps follow from the data: passes over it (more for a small dataset, the way hosted fine-tuning services
+    pick epochs by size), ended early once the validation loss stops falling, within a step cap and a time budget.
     """
 
-    epochs: float | None = Field(None, gt=0, description="Passes over the training split.")
+    epochs: float | None = Field(None, gt=0, description="Passes over a training split large enough to need no more.")
+    min_examples_seen: int | None = Field(
+        None, ge=1, description="A smaller split gets more passes, until training sees at least this many examples "
+        "(up to max_epochs).")
+    max_epochs: float | None = Field(None, gt=0, description="The most passes a small split gets.")
     max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps, whatever the epochs say.")
+    max_train_seconds: float | None = Field(
+        None, gt=0, description="Time budget of the training loop; the best checkpoint so far is kept. None: none.")
     learning_rate: float | None = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
     lora_r: int | None = Field(None, ge=1)
@@ -410,15 +417,25 @@ class TrainSettings(BaseModel):
         0.9, gt=0, le=1, description="MinHash Jaccard similarity above which a row is a near-duplicate."
     )
 
+    def epochs_for(self, rows: int) -> float:
+        """Passes over a training split of `rows` rows: `epochs`, more for a small split (`min_examples_seen`)."""
+        epochs = self.epochs or 1.0
+        if self.min_examples_seen and self.min_examples_seen > epochs * rows:
+            epochs = self.min_examples_seen / max(rows, 1)
+            if self.max_epochs:
+                epochs = max(min(epochs, self.max_epochs), self.epochs or 1.0)
+        return epochs
+
 
 def training_defaults(base: str) -> dict[str, Any]:
     """Training numbers that suit `base` when `train.*` leaves them unset."""
-    if base == DEMO_MODEL:  # a 2-layer random-init model: a new task needs every linear layer and many steps
-        return {"epochs": 12.0, "learning_rate": 2e-3, "lora_r": 32, "lora_alpha": 64,
-                "lora_target_modules": "all-linear"}
-    # a real R1-Distill base learns a task with the seeds' q/v rank-16 LoRA in a few epochs
-    return {"epochs": 3.0, "learning_rate": 2e-4, "lora_r": 16, "lora_alpha": 32,
-            "lora_target_modules": ["q_proj", "v_proj"]}
+    if base == DEMO_MODEL:  # a 2-layer model: a new task needs every linear layer and hundreds of steps (README)
+        return {"epochs": 12.0, "min_examples_seen": 3200, "max_epochs": 100.0, "max_steps": 600,
+                "learning_rate": 2e-3, "lora_r": 32, "lora_alpha": 64, "lora_target_modules": "all-linear"}
+    # a real R1-Distill base learns a task with the seeds' q/v rank-16 LoRA in a few epochs; a small set gets
+    # more, until 100 examples are seen, at most 25 (the rule hosted fine-tuning services use)
+    return {"epochs": 3.0, "min_examples_seen": 100, "max_epochs": 25.0, "max_steps": 2000,
+            "learning_rate": 2e-4, "lora_r": 16, "lora_alpha": 32, "lora_target_modules": ["q_proj", "v_proj"]}
 
 
 class QuantizeSettings(BaseModel):

@@ -72,13 +72,13 @@ class DataBenchReport(BaseModel):
     dedupe_s: float
     dedupe_rows_per_s: float
     exact_removed: int
-    near_removed: int
+    near_found: int
     prepare_s: float = Field(description="prepare_dataset on the rows as JSONL: read → … → split.")
     prepare_rows_per_s: float
 
     def summary(self) -> str:
         return (f"dedupe: {self.rows} rows in {self.dedupe_s:.1f} s = {self.dedupe_rows_per_s:.0f} rows/s "
-                f"({self.exact_removed} exact, {self.near_removed} near duplicates removed)\n"
+                f"({self.exact_removed} exact duplicates removed, {self.near_found} near duplicates found)\n"
                 f"prepare_dataset (read, validate, normalise, mask PII, dedupe, split): {self.prepare_s:.1f} s = "
                 f"{self.prepare_rows_per_s:.0f} rows/s")
 
@@ -96,7 +96,7 @@ def run_data_bench(rows: int = 100_000, seed: int = 0) -> DataBenchReport:
         prepare_dataset(path, spec)
         prepare_s = time.perf_counter() - started
     return DataBenchReport(rows=rows, dedupe_s=dedupe_s, dedupe_rows_per_s=rows / dedupe_s, exact_removed=exact,
-                           near_removed=near, prepare_s=prepare_s, prepare_rows_per_s=rows / prepare_s)
+                           near_found=near, prepare_s=prepare_s, prepare_rows_per_s=rows / prepare_s)
 
 
 class OwnTaskBenchReport(BaseModel):

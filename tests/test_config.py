@@ -12,7 +12,7 @@ import typer
 import yaml
 
 from flywheel.cli_common import settings_or_exit
-from flywheel.config import Settings, load_settings
+from flywheel.config import Settings, TrainSettings, load_settings
 from flywheel.runs import RunStore
 
 TOKEN, PASSWORD = "tok-7f3a9c", "pw-51bd20"
@@ -127,3 +127,18 @@ def test_a_credential_in_storage_options_is_refused_without_echoing_it(
     allowed = {"endpoint_url": "http://minio:9000", "key_prefix": "a", "config_kwargs": {"signature_version": "s3v4"}}
     assert load_settings(home=tmp_path / "home", registry={"storage_options": allowed}).registry.storage_options \
         == allowed
+
+
+def test_small_datasets_get_more_epochs_the_way_hosted_services_pick_them() -> None:
+    train = TrainSettings(epochs=3, min_examples_seen=100, max_epochs=25)
+    assert train.epochs_for(1_000) == 3  # large enough: the base's epochs
+    assert train.epochs_for(20) == 5  # small: until 100 examples are seen
+    assert train.epochs_for(2) == 25  # tiny: no more than max_epochs
+    assert TrainSettings(epochs=3).epochs_for(20) == 3  # without a floor on examples seen, epochs as given
+    assert TrainSettings(epochs=40, max_epochs=25).epochs_for(20) == 40  # epochs asked for outright are taken
+
+
+def test_every_base_has_a_step_cap_and_a_floor_on_examples_seen() -> None:
+    for base in ("demo", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"):
+        train = Settings(model={"base": base}).training()
+        assert train.max_steps and train.min_examples_seen and train.epochs

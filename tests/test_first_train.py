@@ -48,8 +48,10 @@ def register_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base: int, a
 
         monkeypatch.setattr(trainer.registry, "register", register_then_someone_else_moves)
     trainer.scores = {"base": split_scores(base), "candidate": split_scores(adapter)}
-    report = TrainReport(task="triage", data={}, evaluation={
-        who: s.model_dump(exclude={"per_example"}) for who, s in trainer.scores.items()})
+    report = TrainReport(task="triage", data={"splits": {"train": 42, "val": 9, "test": 20}}, evaluation={
+        who: s.model_dump(exclude={"per_example"}) for who, s in trainer.scores.items()},
+        training={"steps": 240, "planned_steps": 240, "stop_reason": "cap",
+                  "lora": {"r": 16, "target_modules": ["q_proj", "v_proj"]}})
     test = [Example(messages=[Turn(role="user", content=f"message {i}")], answer="urgent", line=i) for i in range(20)]
     trainer._register(Splits(train=[], val=[], test=test), fake_adapter(tmp_path / "adapter"), report)
     return report, trainer
@@ -68,6 +70,11 @@ def test_a_first_adapter_that_does_not_beat_the_base_is_registered_but_not_champ
     assert report.beats_base["rows"] == 20
     lines = report.lines()
     assert any("against the base: failed" in line for line in lines)
+    # not learned, and what to change: it stopped at the step cap, on little data, with a small adapter
+    assert report.learned is False and "NOT LEARNED" in report.message
+    assert [a.split(":")[0] for a in report.advice] == ["more steps", "more data", "a larger adapter"]
+    assert any(line.startswith("  not learned: ") and "more steps" in line for line in lines), lines
+    assert any(line.startswith("  training: 240 of 240 planned steps, stopped by the step cap") for line in lines)
     assert any(line.startswith("  test candidate: accuracy 0.000 on 20 examples") for line in lines), lines
 
 
@@ -75,6 +82,7 @@ def test_a_first_adapter_that_beats_the_base_is_champion(tmp_path: Path, monkeyp
     report, trainer = register_first(tmp_path, monkeypatch, base=4, adapter=16)
     assert registry_for(trainer.settings, "triage").alias("champion") == "triage-v1"
     assert report.champion and not report.forced and "beats the bare base" in report.message
+    assert report.learned and not report.advice
 
 
 def test_force_makes_a_first_adapter_champion_and_the_report_says_so(tmp_path: Path,

@@ -4,18 +4,19 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, EvalPrediction
 
 from training.demo_model import build_demo_base
 from training.demo_task import ANSWERS, QUOTES, REASONING, DemoExample, generate_examples
 from training.kto import KtoExample
 from training.ray_train import TrainJob, TrainOutcome, connect_ray, train_on_ray, write_rows
-from training.sft import SftConfig, collate, completion_text, encode_example, train_lora
+from training.sft import SftConfig, collate, completion_text, encode_example, reproduced_share, train_lora
 
 BASE_STEPS = 150
 STEPS = 20
@@ -95,6 +96,10 @@ def scratch_run(base_dir: Path, train_path: Path) -> tuple[TrainOutcome, list[st
 def test_sft_on_ray_learns_and_writes_an_adapter(scratch_run: tuple[TrainOutcome, list[str]]) -> None:
     outcome, lines = scratch_run
     assert outcome.method == "sft" and outcome.steps == STEPS and not outcome.stopped_early
+    assert outcome.stop_reason == "steps"
+    # without validation data the curve has a point every 10 steps: the mean training loss since the one before
+    assert [(p.step, p.eval_loss) for p in outcome.loss_curve] == [(10, None), (20, None)]
+    assert outcome.loss_curve[-1].train_loss < outcome.loss_curve[0].train_loss
     assert outcome.last_loss < outcome.first_loss
     assert outcome.best_eval_loss is None
     assert outcome.train_tokens > 0 and outcome.tokens_per_s > 0
@@ -134,6 +139,29 @@ def test_incremental_run_starts_from_the_champion(base_dir: Path, scratch_run: t
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_the_time_budget_stops_training(base_dir: Path, train_examples: list[DemoExample]) -> None:
+    result = train_lora(base_dir, train_examples, base_dir.parent / "budget", SftConfig(steps=500, max_seconds=1.0))
+    assert result.stop_reason == "time_budget" and result.stopped_early and result.steps < 500
+
+
+def test_greedy_reproduction_counts_an_example_only_when_every_target_token_is_the_greedy_one() -> None:
+    labels = np.array([[-100, -100, 5, 6], [-100, 7, 8, -100], [-100, -100, 9, -100]])
+    greedy = np.array([[0, 5, 6, 1], [7, 8, 3, 3], [0, 4, 2, 2]])  # predicted at i: the token at i + 1
+    shares = reproduced_share(EvalPrediction(predictions=greedy, label_ids=labels))
+    assert shares == {"reproduced": pytest.approx(2 / 3)}
+
+
+def test_corrections_train_until_greedy_decoding_gives_them(base_dir: Path) -> None:
+    """A corrections retrain's stop: once every eval example comes back exactly, training ends before its cap."""
+    corrections = [mislabelled(ex) for ex in generate_examples(8, seed=46)]
+    path = write_rows(base_dir.parent / "corrections.parquet", corrections)
+    job = TrainJob(base_dir=base_dir, train_path=path, eval_path=path, out_dir=base_dir.parent / "reproduced",
+                   sft=SftConfig(steps=80, batch_size=8), eval_steps=5, stop_when_reproduced=True)
+    outcome = train_on_ray(job)
+    assert outcome.stop_reason == "reproduced" and outcome.steps < 80, outcome.loss_curve
+    assert outcome.loss_curve[-1].eval_reproduced == 1.0 and outcome.loss_curve[0].eval_reproduced < 1.0
+
+
 def test_early_stopping_stops_once_eval_loss_rises(base_dir: Path) -> None:
     # Wrong labels on news the base already reads right: every step raises the loss on correct labels.
     train = [mislabelled(ex) for ex in generate_examples(64, seed=44)]
@@ -152,8 +180,10 @@ def test_early_stopping_stops_once_eval_loss_rises(base_dir: Path) -> None:
     )
     outcome = train_on_ray(job, progress=lines.append)
     evals = [float(line.rsplit("eval_loss=", 1)[1]) for line in lines if "eval_loss=" in line]
-    assert outcome.stopped_early and outcome.steps < 40
+    assert outcome.stopped_early and outcome.steps < 40 and outcome.stop_reason == "plateau"
     assert outcome.steps == 2 * len(evals)
+    assert [p.step for p in outcome.loss_curve] == list(range(2, outcome.steps + 1, 2))
+    assert [p.eval_loss for p in outcome.loss_curve] == pytest.approx(evals, abs=1e-4)
     assert evals[-1] > evals[-2]  # the rise that stopped it
     assert outcome.best_eval_loss == pytest.approx(min(evals), abs=1e-4)
     # The saved adapter is the best checkpoint, not the last weights.

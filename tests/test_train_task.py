@@ -87,13 +87,14 @@ def write_messy_support(path: Path) -> int:
     return len(lines)
 
 
-def flywheel_train(settings: Settings, tmp_path: Path, *args: str) -> tuple[int, dict, str]:
-    """`flywheel train ... --json` in a child process that joins this session's Ray cluster."""
+def flywheel_train(settings: Settings, tmp_path: Path, *args: str, max_steps: int = 240) -> tuple[int, dict, str]:
+    """`flywheel train ... --json` in a child process that joins this session's Ray cluster (steps capped)."""
     import ray
 
     config = tmp_path / "flywheel.yaml"
     config.write_text(yaml.safe_dump(settings.shareable()))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "FLYWHEEL_TRAIN__MAX_STEPS": "240"}
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "FLYWHEEL_TRAIN__MAX_STEPS": str(max_steps)}
     done = subprocess.run([sys.executable, "-m", "flywheel.cli", "train", "--config", str(config), *args, "--json"],
                           capture_output=True, text=True, env=env, timeout=1200)
     payload = json.loads(done.stdout) if done.returncode == 0 else {}

@@ -100,6 +100,7 @@ class Messy:
         self.labels["positive"] += 1
         changed = long_text[:100] + ("x" if long_text[100] != "x" else "y") + long_text[101:]
         self.add({"prompt": changed, "completion": "positive"}, "near_dup", shape="prompt_completion")
+        self.labels["positive"] += 1  # a paraphrase: kept
         self.add({"prompt": "Call jane.doe@example.com or 13812345678 about the merger, shares fell sharply",
                   "completion": "negative"}, "pii", shape="prompt_completion")
         self.labels["negative"] += 1
@@ -152,8 +153,8 @@ def test_messy_file_counts_every_defect_with_its_line(messy: Messy) -> None:
     assert all(rows.count == len(rows.lines) for rows in report.invalid.values())
     assert report.rows_read == len(messy.rows) - 1  # the blank line is no row
     assert report.formats == dict(messy.shapes)
-    assert (report.duplicates_removed, report.near_duplicates_removed) == (2, 1)
-    assert report.rows_kept == messy.kept == 124
+    assert (report.duplicates_removed, report.near_duplicates_kept) == (2, 1)
+    assert report.rows_kept == messy.kept == 125
     assert report.label_distribution == {label: messy.labels[label] for label in LABELS}
     assert report.imbalance_warning is None
     assert report.token_lengths is not None and report.token_lengths.max > SENTIMENT.max_seq_len
@@ -162,7 +163,10 @@ def test_messy_file_counts_every_defect_with_its_line(messy: Messy) -> None:
     kept = splits.train + splits.val + splits.test
     by_line = {e.line: e for e in kept}
     assert len(by_line) == len(kept) == messy.kept
-    assert at["near_original"] in by_line and at["near_dup"] not in by_line
+    assert at["near_original"] in by_line and at["near_dup"] in by_line  # a near duplicate is kept, in one split
+    split_of = {e.line: name for name, rows in (("train", splits.train), ("val", splits.val), ("test", splits.test))
+                for e in rows}
+    assert split_of[at["near_original"]] == split_of[at["near_dup"]]
     assert at["dup_exact"] not in by_line and at["dup_case_space"] not in by_line and 3 in by_line and 4 in by_line
     assert by_line[at["label_case"]].answer == "positive"
     think = by_line[at["think"]]
@@ -173,7 +177,7 @@ def test_messy_file_counts_every_defect_with_its_line(messy: Messy) -> None:
     lines = report.lines()
     assert f"invalid malformed_json: 1 (line {at['malformed']})" in lines
     assert f"invalid unknown_shape: 2 (lines {at['unknown_shape']}, {at['not_an_object']})" in lines
-    assert "exact duplicates removed: 2" in lines and "rows kept: 124" in lines
+    assert any(line.startswith("exact duplicates removed: 2 (") for line in lines) and "rows kept: 125" in lines
 
 
 def test_personal_data_never_reaches_a_kept_example(messy: Messy) -> None:
@@ -416,9 +420,29 @@ def test_near_duplicates_follow_the_jaccard_threshold() -> None:
     kept, exact, near = dedupe(rows, 0.9)
     assert (len(kept), exact, near) == (3, 0, 0)
     kept, exact, near = dedupe(rows, similarity - 0.05)
-    assert [e.prompt for e in kept] == [text, rows[2].prompt] and near == 1
+    assert kept == rows and near == 1  # found and kept
     kept, _, near = dedupe([*rows, example(text, "a")], None)
     assert (len(kept), near) == (3, 0)
+
+
+def test_paraphrases_that_differ_by_a_greeting_survive_dedupe_and_exact_copies_do_not(tmp_path: Path) -> None:
+    """What a user saw: 31 of 96 triage rows removed as near duplicates that differed by a two-character greeting."""
+    questions = {f"My order number {n} arrived broken, what should I do next": f"Ask for a refund {n}."
+                 for n in range(12)}
+    rows = [{"prompt": f"{greeting}{q}?", "completion": a} for q, a in questions.items() for greeting in ("", "Hi ")]
+    copies = [dict(rows[0]), {"prompt": rows[1]["prompt"].upper(), "completion": rows[1]["completion"]}]
+    splits, report = prepare_dataset(write_lines(tmp_path / "greetings.jsonl", rows + copies),
+                                     TaskSpec(name="support", kind="generation"), val_size=4, test_size=4)
+
+    assert report.duplicates_removed == 2 and report.rows_kept == 24
+    assert report.near_duplicates_kept >= 12
+    assert any(line.startswith("near duplicates kept:") for line in report.lines())
+    assert any(line.startswith("exact duplicates removed: 2 (") for line in report.lines())
+    splits_of: dict[str, set[str]] = {}
+    for name, part in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+        for e in part:
+            splits_of.setdefault(e.prompt.removeprefix("Hi "), set()).add(name)
+    assert len(splits_of) == 12 and all(len(names) == 1 for names in splits_of.values())  # never learned and tested
 
 
 def test_signatures_estimate_jaccard() -> None:
@@ -440,7 +464,7 @@ def test_dedupe_finds_the_near_duplicates_among_20_000_rows() -> None:
         prompt = rows[i].prompt
         rows[i + 1] = example(prompt[:40] + ("#" if prompt[40] != "#" else "%") + prompt[41:], rows[i].answer, i + 2)
     kept, exact, near = dedupe(rows, 0.9)
-    assert exact == 0 and 900 <= near <= 1_000 and len(kept) == 20_000 - near
+    assert exact == 0 and 900 <= near <= 1_000 and len(kept) == 20_000
 
 
 # ------------------------------------------------------------------------------------------------ splits
@@ -498,7 +522,7 @@ def test_split_keeps_each_prompt_in_one_split_whatever_its_answers(tmp_path: Pat
 
     splits, report = prepare_dataset(path, SUPPORT, seed=4)
 
-    assert report.duplicates_removed == report.near_duplicates_removed == 0  # the rows differ by their answers
+    assert report.duplicates_removed == 0 and report.rows_kept == len(rows + near)  # the rows differ by their answers
     train, val, test = _prompts(splits.train, splits.val, splits.test)
     assert not train & test and not train & val and not val & test
     for q in questions[:10]:  # a near-duplicate prompt goes where its original goes

@@ -123,7 +123,8 @@ def fit_kto(
         eval_dataset=_dataset(tokenizer, eval_rows) if evaluate else None,
         processing_class=tokenizer,
         callbacks=trainer_callbacks(
-            "kto", progress=progress, early_stopping_patience=early_stopping_patience, extra=callbacks
+            "kto", progress=progress, early_stopping_patience=early_stopping_patience,
+            max_seconds=config.max_seconds, extra=callbacks,
         ),
     )
     return model, run_trainer(trainer, started)

@@ -67,6 +67,8 @@ class TrainJob(BaseModel):
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after this many evaluations without a lower eval loss; None: off."
     )
+    stop_when_reproduced: bool = Field(
+        False, description="SFT: stop at the first evaluation where greedy decoding reproduces every eval example.")
     checkpoint_dir: Path | None = Field(
         None, description="Ray Train storage for run state and checkpoints; None: a temp dir removed afterwards."
     )
@@ -91,6 +93,8 @@ class TrainJob(BaseModel):
     def _early_stopping_needs_eval(self) -> "TrainJob":
         if self.early_stopping_patience is not None and self.eval_path is None:
             raise ValueError("early_stopping_patience needs eval_path")
+        if self.stop_when_reproduced and (self.eval_path is None or self.method != "sft"):
+            raise ValueError("stop_when_reproduced needs eval_path and method sft")
         return self
 
 
@@ -169,6 +173,7 @@ def _train_worker(config: dict[str, Any]) -> TrainResult:
             is_rank0 = ray.train.get_context().get_world_rank() == 0
             model, result = fit_sft(
                 job.base_dir, train_rows, job.sft, Path(scratch), eval_examples=eval_rows,
+                stop_when_reproduced=job.stop_when_reproduced,
                 tensorboard_dir=job.tensorboard_dir if is_rank0 else None, **options
             )
     if ray.train.get_context().get_world_rank() == 0:

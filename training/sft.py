@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from pydantic import BaseModel, Field, computed_field
@@ -24,6 +25,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     EarlyStoppingCallback,
+    EvalPrediction,
     PreTrainedTokenizerBase,
     PrinterCallback,
     Trainer,
@@ -72,6 +74,21 @@ class SftConfig(BaseModel):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Ignored when starting from an adapter.")
     max_seq_len: int = Field(256, gt=0, description="Examples are truncated to this many tokens.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_seconds: float | None = Field(
+        None, gt=0, description="Time budget of the training loop: stop (keeping the best checkpoint) once spent.")
+
+
+StopReason = Literal["plateau", "steps", "time_budget", "reproduced"]
+
+
+class LossPoint(BaseModel):
+    """The losses at one evaluation: the mean training loss since the previous one, and the validation loss."""
+
+    step: int
+    train_loss: float
+    eval_loss: float | None = None
+    eval_reproduced: float | None = Field(
+        None, description="Share of eval examples greedy decoding reproduces exactly (when asked to stop on it).")
 
 
 class TrainResult(BaseModel):
@@ -87,6 +104,11 @@ class TrainResult(BaseModel):
     best_eval_loss: float | None = Field(None, description="Lowest eval loss; None without eval data.")
     trainable_share: float | None = Field(None, description="Trainable (LoRA) parameters / all parameters.")
     stopped_early: bool = Field(False, description="Early stopping ended the run before `steps`.")
+    stop_reason: StopReason = Field(
+        "steps", description="Why training ended: the validation loss stopped falling (`plateau`), every planned "
+        "step was taken (`steps`), the time budget was spent (`time_budget`), or greedy decoding reproduced every "
+        "eval example (`reproduced`, when asked to stop then).")
+    loss_curve: list[LossPoint] = Field(default_factory=list, description="The losses at each evaluation.")
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -193,6 +215,54 @@ class _Progress(TrainerCallback):
                 )
 
 
+class _TimeBudget(TrainerCallback):
+    """Ends training once the loop has run `seconds`; the Trainer then restores the best checkpoint."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = 0.0
+        self.spent = False
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.deadline = time.perf_counter() + self.seconds
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if time.perf_counter() >= self.deadline and state.global_step < state.max_steps:
+            self.spent = True
+            # evaluate (and checkpoint) now, so the steps since the last evaluation can still be the best
+            control.should_evaluate = control.should_save = args.eval_strategy != "no"
+            control.should_training_stop = True
+
+
+def _greedy_tokens(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
+def reproduced_share(prediction: EvalPrediction) -> dict[str, float]:
+    """Share of eval examples whose every target token is the model's greedy choice given the tokens before it:
+    exactly the examples greedy decoding reproduces from their prompt."""
+    predicted, labels = np.asarray(prediction.predictions), np.asarray(prediction.label_ids)
+    target = labels[:, 1:]  # the token at i is predicted at i - 1
+    scored = target != IGNORE_INDEX
+    wrong = (predicted[:, :-1] != target) & scored
+    return {"reproduced": float((~wrong.any(axis=1)).mean())}
+
+
+class _StopWhenReproduced(TrainerCallback):
+    """Ends training at the first evaluation where greedy decoding reproduces every eval example."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if metrics and metrics.get("eval_reproduced", 0.0) >= 1.0:
+            self.done = True
+            control.should_training_stop = True
+
+
 class _StepClock(TrainerCallback):
     """Times the loop step by step: the median survives the stalls of a busy machine, the total does not."""
 
@@ -288,10 +358,13 @@ def trainer_callbacks(
     *,
     progress: Callable[[str], None] | None,
     early_stopping_patience: int | None,
+    max_seconds: float | None = None,
     extra: Sequence[TrainerCallback] = (),
 ) -> list[TrainerCallback]:
-    """Progress lines, early stopping on eval loss (when asked) and the caller's own callbacks."""
+    """Progress lines, early stopping on eval loss (when asked), the time budget and the caller's own callbacks."""
     callbacks = list(extra)
+    if max_seconds is not None:
+        callbacks.append(_TimeBudget(max_seconds))
     if progress is not None:
         callbacks.append(_Progress(progress, method))
     if early_stopping_patience is not None:
@@ -310,6 +383,12 @@ def run_trainer(trainer: Trainer, started: float) -> TrainResult:
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
     eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    budget = next((c for c in trainer.callback_handler.callbacks if isinstance(c, _TimeBudget)), None)
+    reproduced = next((c for c in trainer.callback_handler.callbacks if isinstance(c, _StopWhenReproduced)), None)
+    stopped_early = trainer.state.global_step < trainer.state.max_steps
+    reason: StopReason = ("time_budget" if budget is not None and budget.spent
+                          else "reproduced" if reproduced is not None and reproduced.done
+                          else "plateau" if stopped_early else "steps")
     return TrainResult(
         first_loss=losses[0],
         last_loss=losses[-1],
@@ -319,9 +398,30 @@ def run_trainer(trainer: Trainer, started: float) -> TrainResult:
         train_seconds=loop_seconds,
         step_seconds_p50=statistics.median(clock.seconds),
         best_eval_loss=min(eval_losses) if eval_losses else None,
-        stopped_early=trainer.state.global_step < trainer.state.max_steps,
+        stopped_early=stopped_early,
+        stop_reason=reason,
+        loss_curve=loss_curve(history, every=trainer.args.eval_steps or 10),
         trainable_share=_trainable_share(trainer.model),
     )
+
+
+def loss_curve(history: Sequence[dict[str, float]], *, every: int) -> list[LossPoint]:
+    """One point per evaluation from the Trainer's log history (without evaluations: one per `every` steps, and
+    the last step), each with the mean training loss of the steps since the point before."""
+    train = [(int(e["step"]), e["loss"]) for e in history if "loss" in e]
+    evals = {int(e["step"]): e for e in history if "eval_loss" in e}
+    last = train[-1][0] if train else 0
+    ends = sorted(evals) if evals else sorted({*range(every, last + 1, every), last} - {0})
+    points, start = [], 0
+    for end in ends:
+        window = [loss for step, loss in train if start < step <= end]
+        if window:
+            evaluation = evals.get(end, {})
+            points.append(LossPoint(step=end, train_loss=statistics.fmean(window),
+                                    eval_loss=evaluation.get("eval_loss"),
+                                    eval_reproduced=evaluation.get("eval_reproduced")))
+        start = end
+    return points
 
 
 def _trainable_share(model: Any) -> float | None:
@@ -348,6 +448,7 @@ def fit_sft(
     use_gpu: bool = False,
     eval_steps: int = 10,
     early_stopping_patience: int | None = None,
+    stop_when_reproduced: bool = False,
     progress: Callable[[str], None] | None = None,
     callbacks: Sequence[TrainerCallback] = (),
     tensorboard_dir: Path | None = None,
@@ -359,8 +460,8 @@ def fit_sft(
     """
     if not examples:
         raise ValueError("SFT needs at least one example")
-    if early_stopping_patience is not None and not eval_examples:
-        raise ValueError("early stopping needs eval examples")
+    if (early_stopping_patience is not None or stop_when_reproduced) and not eval_examples:
+        raise ValueError("stopping on the eval examples needs eval examples")
     started = time.perf_counter()
     torch.set_flush_denormal(True)
     torch.manual_seed(config.seed)
@@ -380,8 +481,12 @@ def fit_sft(
         eval_dataset=eval_set or None,  # type: ignore[arg-type]
         data_collator=lambda batch: collate(batch, pad_id),
         callbacks=trainer_callbacks(
-            "sft", progress=progress, early_stopping_patience=early_stopping_patience, extra=callbacks
+            "sft", progress=progress, early_stopping_patience=early_stopping_patience,
+            max_seconds=config.max_seconds, extra=[*callbacks, _StopWhenReproduced()] if stop_when_reproduced
+            else callbacks,
         ),
+        **({"compute_metrics": reproduced_share, "preprocess_logits_for_metrics": _greedy_tokens}
+           if stop_when_reproduced else {}),
     )
     return model, run_trainer(trainer, started)
 

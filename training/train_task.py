@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from flywheel.bases import base_ref, budget_problem, served_base
-from flywheel.config import GateSettings, Settings
+from flywheel.config import GateSettings, Settings, TrainSettings
 from flywheel.registry import AdapterManifest, ChampionChangedError, Registry, lora_int_id, registry_for
 from flywheel.tasks import TaskSpec
 from services.engines import build_engine
@@ -34,7 +34,7 @@ from training.gate import GateCheck, first_champion
 from training.metrics import ClassificationReport, confusion_png
 from training.ray_train import TrainJob, connect_ray, train_on_ray
 from training.retrain_data import TrainExample, write_train_data
-from training.sft import LoraSpec, SftConfig, chat_text, completion_text
+from training.sft import LoraSpec, SftConfig, StopReason, chat_text, completion_text
 from training.user_data import DataReport, Example, Splits, prepare_dataset
 
 log = logging.getLogger("flywheel.train")
@@ -75,21 +75,72 @@ class TrainReport(BaseModel):
     beats_base: dict[str, Any] | None = Field(
         None, description="A first adapter's test against the bare base on the test split (the gate's check).")
     forced: bool = Field(False, description="Made champion by --force although it did not beat the base.")
+    learned: bool | None = Field(
+        None, description="The adapter scores above the bare base on the test split; None: no test split.")
+    advice: list[str] = Field(default_factory=list, description="What to change when the adapter learned nothing.")
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     message: str = ""
 
     def lines(self) -> list[str]:
         out = [f"task {self.task}: {self.message}"]
         out += [f"  stage {k}: {v:.1f} s" for k, v in self.stage_seconds.items()]
+        if self.training:
+            out.append(training_line(self.training))
         for who, scores in self.evaluation.items():
             out.append(f"  test {who}: {scores['metric']} {scores['score']:.3f} on {scores['n']} examples"
                        + (f" ({scores['too_long']} too long for the context)" if scores.get("too_long") else "")
                        + f", format validity {scores['format_validity']:.2f}, truncated {scores['truncated']:.2f}")
         if self.beats_base:
             out.append(f"  against the base: {self.beats_base['outcome']}, {self.beats_base['detail']}")
+        if self.learned is False:
+            out.append("  not learned: the adapter scores no better than the bare base on the test split; try "
+                       + "; or ".join(self.advice))
         if self.golden:
             out.append(f"  golden set: {self.golden}")
         return out
+
+
+STOP_REASONS = {"plateau": "the validation loss stopped falling", "cap": "the step cap (train.max_steps)",
+                "epochs": "every planned epoch", "time_budget": "the time budget (train.max_train_seconds)"}
+
+
+def training_line(training: dict[str, Any]) -> str:
+    """The run in one line: steps taken, why it stopped, and the loss curve's ends."""
+    curve = training.get("loss_curve") or []
+    line = (f"  training: {training['steps']} of {training['planned_steps']} planned steps, stopped by "
+            f"{STOP_REASONS.get(training['stop_reason'], training['stop_reason'])}")
+    if curve:
+        line += f"; training loss {curve[0]['train_loss']:.3f} -> {curve[-1]['train_loss']:.3f}"
+    evals = [p for p in curve if p.get("eval_loss") is not None]
+    if evals:
+        best = min(evals, key=lambda p: p["eval_loss"])
+        line += (f", validation loss {evals[0]['eval_loss']:.3f} -> best {best['eval_loss']:.3f} "
+                 f"at step {best['step']} (kept)")
+    return line
+
+
+def not_learned_advice(report: TrainReport, cfg: TrainSettings) -> list[str]:
+    """What to change when an adapter scores no better than the bare base, from how its training went."""
+    training, splits = report.training, report.data.get("splits") or {}
+    advice = []
+    if training.get("stop_reason") in ("cap", "time_budget", "epochs"):
+        advice.append(f"more steps: training ended at step {training.get('steps')} by "
+                      f"{STOP_REASONS[training['stop_reason']]} before the validation loss stopped falling")
+    if splits.get("train", 0) < 200:
+        advice.append(f"more data: {splits.get('train', 0)} training rows; several phrasings of each question help")
+    lora = training.get("lora") or {}
+    if lora.get("target_modules") != "all-linear" or lora.get("r", 0) < 32:
+        advice.append(f"a larger adapter: LoRA r={lora.get('r')} on {lora.get('target_modules')}; try "
+                      "train.lora_r 32 with train.lora_target_modules all-linear")
+    return advice or [f"a higher learning rate than {cfg.learning_rate}, or a larger base model"]
+
+
+def stop_reason(trainer_reason: StopReason, *, capped: bool) -> str:
+    """Why training ended, as the report says it: `plateau`, `time_budget`, or every planned step taken, which
+    the step cap (`cap`) or the epochs (`epochs`) set."""
+    if trainer_reason == "steps":
+        return "cap" if capped else "epochs"
+    return trainer_reason
 
 
 def first_adapter_verdict(scores: dict[str, SliceScores], spec: TaskSpec, policy: GateSettings, *,
@@ -190,14 +241,15 @@ class TaskTrainer:
             eval_path = workdir / "val.parquet"
             pq.write_table(pa.Table.from_pylist(_training_rows(self.spec, splits.val)), eval_path)
         steps_per_epoch = math.ceil(len(splits.train) / cfg.batch_size)
-        steps = max(1, round(steps_per_epoch * (cfg.epochs or 1.0)))
-        if cfg.max_steps:
-            steps = min(steps, cfg.max_steps)
+        epochs = cfg.epochs_for(len(splits.train))
+        by_epochs = max(1, round(steps_per_epoch * epochs))
+        steps = min(by_epochs, cfg.max_steps or by_epochs)
         lora = LoraSpec(r=cfg.lora_r or 16, alpha=cfg.lora_alpha or 32,
                         target_modules=cfg.lora_target_modules or ["q_proj", "v_proj"])
         out_dir = workdir / "adapter"
         self.say(f"training {self.spec.name} on {len(splits.train)} rows ({len(splits.val)} for validation): "
-                 f"{steps} steps, LoRA r={lora.r} on {lora.target_modules}, lr {cfg.learning_rate}")
+                 f"up to {steps} steps ({epochs:g} epochs{', capped' if steps < by_epochs else ''}), "
+                 f"LoRA r={lora.r} on {lora.target_modules}, lr {cfg.learning_rate}")
         patience = cfg.early_stopping_patience if eval_path is not None else None
         connect_ray(address=self.settings.ray.address)
         outcome = train_on_ray(
@@ -207,7 +259,8 @@ class TaskTrainer:
                 eval_path=eval_path,
                 out_dir=out_dir,
                 sft=SftConfig(steps=steps, learning_rate=cfg.learning_rate or 2e-4, batch_size=cfg.batch_size,
-                              lora=lora, seed=cfg.seed, max_seq_len=self.spec.max_seq_len),
+                              lora=lora, seed=cfg.seed, max_seq_len=self.spec.max_seq_len,
+                              max_seconds=cfg.max_train_seconds),
                 num_workers=self.settings.retrain.num_workers,
                 use_gpu=self.settings.retrain.use_gpu,
                 gpus_per_worker=self.settings.retrain.gpus_per_worker,
@@ -221,7 +274,8 @@ class TaskTrainer:
             progress=self.say,
         )
         report.training = outcome.model_dump(mode="json", exclude={"adapter_dir"}) | {
-            "lora": lora.model_dump(), "planned_steps": steps, "epochs": cfg.epochs}
+            "lora": lora.model_dump(), "planned_steps": steps, "epochs": epochs,
+            "stop_reason": stop_reason(outcome.stop_reason, capped=steps < by_epochs)}
         report.trainable_share = outcome.trainable_share
         # TensorBoard reads the loss curves from the version's directory (`tensorboard --logdir <registry>`)
         for event_file in (out_dir.parent / "tensorboard").rglob("events.out.tfevents*"):
@@ -311,6 +365,10 @@ class TaskTrainer:
         if scores:
             report.message += (f"; test {scores['candidate']['metric']}: base {scores['base']['score']:.3f} -> "
                                f"adapter {scores['candidate']['score']:.3f}")
+            report.learned = scores["candidate"]["score"] > scores["base"]["score"]
+            if not report.learned:
+                report.advice = not_learned_advice(report, self.settings.training())
+                report.message += "; NOT LEARNED (see the advice)"
         self._timed("register", started)
         return manifest
 

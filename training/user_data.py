@@ -14,12 +14,13 @@ A `reasoning` (or `think`) field is the R1 reasoning; `<think>…</think>` insid
 into it.
 
 Bad rows are counted by type with their line numbers and skipped (`strict` stops at the first). Every
-text is NFKC- and whitespace-normalised, then PII-masked before anything is kept. Duplicates go
-exactly (`Example.key`) and then near-exactly (MinHash over character 5-grams: signatures computed
+text is NFKC- and whitespace-normalised, then PII-masked before anything is kept. Exact copies
+(`Example.key`) are removed; near duplicates (MinHash over character 5-grams: signatures computed
 with numpy for all rows at once, candidates found by datasketch's MinHashLSH and confirmed by the
-signatures' agreement). The split is seeded, stratified by label for classification, and grouped by
-prompt: rows whose prompts are equal (folded) or near-duplicates go to one split together, so one
-prompt with several answers never lands in both train and test. A held-out `--eval-file` loses the
+shingles' Jaccard) are counted and kept: they are paraphrases a small dataset needs. The split is
+seeded, stratified by label for classification, and grouped by prompt: rows whose prompts are equal
+(folded) or near-duplicates go to one split together, so no prompt (or paraphrase of it) lands in both
+train and test. A held-out `--eval-file` loses the
 rows whose prompt train or validation holds.
 
 Line numbers are 1-based: the physical line of JSONL and CSV rows (a CSV header is line 1), the
@@ -146,8 +147,10 @@ class DataReport(BaseModel):
     rows_read: int = 0
     rows_kept: int = Field(0, description="Valid rows left after deduplication.")
     invalid: dict[str, InvalidRows] = Field(default_factory=dict)
-    duplicates_removed: int = 0
-    near_duplicates_removed: int = 0
+    duplicates_removed: int = Field(0, description="Exact copies removed: the same turns and answer up to case "
+                                    "and spacing.")
+    near_duplicates_kept: int = Field(0, description="Near duplicates of an earlier row (paraphrases) kept, in "
+                                      "the same split as the rows they resemble.")
     pii_masked_rows: int = 0
     leaked_removed: int = 0
     label_distribution: dict[str, int] = Field(default_factory=dict, description="Classification: kept rows.")
@@ -165,9 +168,11 @@ class DataReport(BaseModel):
         for reason, rows in self.invalid.items():
             out.append(f"invalid {reason}: {rows.count} ({_listed(self.unit, rows)})")
         if self.duplicates_removed:
-            out.append(f"exact duplicates removed: {self.duplicates_removed}")
-        if self.near_duplicates_removed:
-            out.append(f"near duplicates removed: {self.near_duplicates_removed}")
+            out.append(f"exact duplicates removed: {self.duplicates_removed} (the same turns and answer up to case "
+                       "and spacing)")
+        if self.near_duplicates_kept:
+            out.append(f"near duplicates kept: {self.near_duplicates_kept} (paraphrases of another row: none removed, "
+                       "each put in the same split as the rows it resembles)")
         if self.pii_masked_rows:
             out.append(f"rows with personal data masked: {self.pii_masked_rows}")
         out.append(f"rows kept: {self.rows_kept}")
@@ -733,10 +738,12 @@ def _sketches(texts: Sequence[str]) -> list[LeanMinHash]:
 
 def dedupe(examples: Sequence[Example], threshold: float | None = DEFAULT_NEAR_DUP_THRESHOLD,
            ) -> tuple[list[Example], int, int]:
-    """(kept, exact duplicates removed, near duplicates removed); the first occurrence is kept.
+    """(kept, exact duplicates removed, near duplicates kept); the first occurrence of a copy is kept.
 
-    Exact: equal `key()`. Near: Jaccard similarity of the character 5-grams of the folded prompt +
-    answer >= `threshold` with a row kept before it (None: exact only).
+    Exact copies (equal `key()`) are removed. Near duplicates (Jaccard similarity of the character 5-grams of
+    the folded prompt + answer >= `threshold` with an earlier row; None: not looked for) are only counted: they
+    are paraphrases (a greeting more, a word changed) that a small dataset needs, and the split keeps each
+    with the rows it resembles (`prompt_groups`), so none is learned and tested on.
     """
     seen: set[str] = set()
     unique: list[Example] = []
@@ -750,12 +757,13 @@ def dedupe(examples: Sequence[Example], threshold: float | None = DEFAULT_NEAR_D
         return unique, exact, 0
     index = _NearIndex(threshold)
     texts = [_shingle_text(e) for e in unique]
-    kept: list[Example] = []
-    for example, text, sketch in zip(unique, texts, _sketches(texts), strict=True):
-        if not index.near(text, sketch):
+    near = 0
+    for text, sketch in zip(texts, _sketches(texts), strict=True):
+        if index.near(text, sketch):
+            near += 1
+        else:
             index.add(text, sketch)
-            kept.append(example)
-    return kept, exact, len(unique) - len(kept)
+    return unique, exact, near
 
 
 def drop_overlap(train: Sequence[Example], heldout: Sequence[Example], *,
@@ -1011,7 +1019,7 @@ def prepare_dataset(
     holds dropped) and `path` is split into train/val only. Raises DataError for unusable input.
     """
     examples, report = load_examples(path, task, columns=columns, strict=strict, count_tokens=count_tokens)
-    kept, report.duplicates_removed, report.near_duplicates_removed = dedupe(examples, near_dup_threshold)
+    kept, report.duplicates_removed, report.near_duplicates_kept = dedupe(examples, near_dup_threshold)
     report.rows_kept = len(kept)
     if task.kind == "classification":
         counts = Counter(e.answer for e in kept)
@@ -1023,7 +1031,7 @@ def prepare_dataset(
     else:
         heldout, heldout_report = load_examples(eval_file, task, columns=columns, strict=strict,
                                                 count_tokens=count_tokens)
-        heldout, heldout_report.duplicates_removed, heldout_report.near_duplicates_removed = dedupe(
+        heldout, heldout_report.duplicates_removed, heldout_report.near_duplicates_kept = dedupe(
             heldout, near_dup_threshold)
         heldout_report.rows_kept = len(heldout)
         splits = split_examples(kept, task, val_size=val_size, test_size=0, seed=seed, balance=balance,
