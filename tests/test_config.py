@@ -52,7 +52,7 @@ def test_a_launched_retrain_writes_no_settings_file(
     secret_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     launched: dict[str, object] = {}
-    monkeypatch.setattr(RunStore, "launch", lambda self, command, trigger, task, env: launched.update(
+    monkeypatch.setattr(RunStore, "launch", lambda self, command, trigger, task, env, fence: launched.update(
         command=command, env=env))
     store = RunStore(secret_settings.home / "runs")
     store.launch_retrain(secret_settings, "admin", "demo")

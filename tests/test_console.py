@@ -332,18 +332,26 @@ def test_the_tasks_page_shows_the_champions_ratings_per_day(desk: Desk) -> None:
 
 
 def trained_run(settings: Settings, task: str) -> RunRecord:
-    """A finished run whose report carries, as the training plane writes them, a loss curve (eval every 20 steps)
-    and why training stopped."""
+    """A finished run whose training outcome carries, as the training plane writes it, a loss curve (eval every 20
+    steps) and why training stopped; its version's manifest keeps the same training record."""
     curve = [{"step": s, "train_loss": 2.0 - s / 100, "eval_loss": 2.1 - s / 120 if s % 20 == 0 else None}
              for s in range(10, 110, 10)]
+    training = {"loss_curve": curve, "stop_reason": "plateau", "steps": 100}
+    registry = registry_for(settings, task)
+    adapter = settings.home / "trained-run-adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"trained by the run")
+    version = registry.register(adapter, base=BaseModelRef(id="tiny", sha256="0" * 64), status="rejected",
+                                training=training).version
     record = RunRecord(run_id="run-20261205-080000-aaaaaa", trigger="test", task=task, state=RunState.REJECTED,
-                       report={"loss_curve": curve, "stop_reason": "eval loss stopped improving (patience 2)"})
+                       version=version, metrics=training)
     RunStore(settings.home / "runs").save(record)
     return record
 
 
 def test_the_runs_page_draws_a_runs_loss_curve_and_why_it_stopped_and_nothing_for_a_run_without(desk: Desk) -> None:
-    trained_run(desk.settings, desk.registry.task)
+    run = trained_run(desk.settings, desk.registry.task)
     RunStore(desk.settings.home / "runs").save(RunRecord(run_id="run-20261205-070000-bbbbbb", trigger="test",
                                                          state=RunState.REJECTED, report={"verdict": "rejected"}))
     _login(desk.client, desk.keys["ops"])
@@ -353,9 +361,13 @@ def test_the_runs_page_draws_a_runs_loss_curve_and_why_it_stopped_and_nothing_fo
     train, evaluated = re.findall(r'<polyline points="([^"]+)"', drawn)
     assert len(train.split()) == 10 and len(evaluated.split()) == 5  # eval every 20 steps: its own points only
     assert "train 1.000 at step 100" in drawn and "eval 1.267 at step 100" in drawn
-    assert "stopped: eval loss stopped improving (patience 2)" in drawn
+    assert "stopped: plateau" in drawn
     plain = re.search(r'<tr data-run="run-20261205-070000-bbbbbb">.*?<td class="loss">(.*?)</td>', page, re.S).group(1)
     assert plain.strip() == "—"
+    task, version = desk.registry.task, run.version  # the version's gate report page draws the same curve
+    version_page = desk.client.get(f"/console/tasks/{task}/versions/{version}").text
+    assert f'aria-label="{version}: train and eval loss by step"' in version_page and "stopped: plateau" in version_page
+    assert "loss by step" not in desk.client.get(f"/console/tasks/{task}/versions/{task}-v1").text
 
 
 def test_the_tasks_page_stays_fast_with_30_tasks_and_1000_versions(tmp_path: Path) -> None:

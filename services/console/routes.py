@@ -239,8 +239,8 @@ async def task(request: Request, task: str, done: str = "") -> Response:
 @router.get("/tasks/{task}/versions/{version}")
 async def version(request: Request, task: str, version: str) -> Response:
     session = await _session(request)
-    manifest = await _run(_state(request).views.version, task, version)
-    return _page(request, "version.html", session=session, task=task, manifest=manifest)
+    manifest, curve = await _run(_state(request).views.version, task, version)
+    return _page(request, "version.html", session=session, task=task, manifest=manifest, curve=curve)
 
 
 @router.get("/loop")

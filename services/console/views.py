@@ -80,8 +80,8 @@ class LossPoint(BaseModel):
 
 
 class TrainingCurve(BaseModel):
-    """What a run's report says of its training so far (the training plane writes it as it goes): loss by step and,
-    once it stopped, why."""
+    """What a training outcome says (a run's metrics, a version's training record, as the training plane writes
+    them): loss at each evaluation and why training stopped."""
 
     loss_curve: list[LossPoint] = Field(default_factory=list)
     stop_reason: str | None = None
@@ -186,7 +186,7 @@ class Console:
     def loop(self) -> LoopPage:
         """Retrains, newest first, and what the curator has taken in (as `flywheel feedback status`)."""
         runs = list(reversed(self.runs.list(50)))
-        curves = {r.run_id: curve for r in runs if (curve := _training_curve(r)) is not None}
+        curves = {r.run_id: curve for r in runs if (curve := _training_curve(r.metrics, r.run_id)) is not None}
         try:
             return LoopPage(runs=runs, curves=curves, feedback=feedback_status(self.settings))
         except OSError as exc:  # the curator's state cannot be read here: say so, show the runs
@@ -194,9 +194,10 @@ class Console:
             return LoopPage(runs=runs, curves=curves, feedback=None,
                             feedback_error=f"the feedback plane cannot be read here ({exc})")
 
-    def version(self, task: str, version: str) -> AdapterManifest:
-        """A version's manifest: its gate report, metrics, data and training config."""
-        return self._registry(task).manifest(version)
+    def version(self, task: str, version: str) -> tuple[AdapterManifest, TrainingCurve | None]:
+        """A version's manifest (its gate report, metrics, data and training config) and its training's loss curve."""
+        manifest = self._registry(task).manifest(version)
+        return manifest, _training_curve(manifest.training, version)
 
     def review_queue(self, task: str | None = None) -> list[PendingCorrection]:
         """Pending corrections (of `task`, or every task's)."""
@@ -238,16 +239,17 @@ class Console:
         return retract(self.settings, event_ids, by=who, reason=reason)
 
 
-def _training_curve(record: RunRecord) -> TrainingCurve | None:
-    """The run report's loss curve and stop reason; None when it has neither (older runs, or none written yet) or
-    when they are not in the shape the console reads (said once in the log, the rest of the page still shown)."""
-    report = record.report or {}
-    if not report.get("loss_curve") and not report.get("stop_reason"):
+def _training_curve(training: dict[str, Any] | None, owner: str) -> TrainingCurve | None:
+    """The loss curve and stop reason of a training outcome (a run's metrics, a version's training record); None
+    when it has neither (older runs, or not trained yet) or when they are not in the shape the console reads (said
+    in the log, the rest of the page still shown)."""
+    training = training or {}
+    if not training.get("loss_curve") and not training.get("stop_reason"):
         return None
     try:
-        return TrainingCurve.model_validate(report)
+        return TrainingCurve.model_validate(training)
     except ValidationError as exc:
-        log.warning("event=console_loss_curve_unreadable run_id=%s error=%r", record.run_id, str(exc))
+        log.warning("event=console_loss_curve_unreadable of=%s error=%r", owner, str(exc))
         return None
 
 
