@@ -7,6 +7,8 @@ Every method blocks on storage; the routes call them in a worker thread.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, Literal
@@ -27,12 +29,15 @@ from flywheel.registry import (
     known_tasks,
     registry_for,
 )
-from flywheel.runs import RunRecord, RunStore
+from flywheel.runs import RunRecord, RunState, RunStore
 from flywheel.tasks import TaskSpec
 
 log = logging.getLogger("flywheel.console")
 RECENT_RUNS = 200  # run records the console reads for "last run" and a task's runs
 OVERVIEW_DAYS = 14  # the champion's ratings per day on the tasks overview: recent parts only, all tasks in one read
+LIVE_LOG_BYTES = 64 * 1024  # of a running run's log, read for its latest losses
+PROGRESS_LINE = re.compile(  # the training plane's progress lines (training/sft.py), bounded: linear on any log
+    r"event=train_progress method=\w{1,9} step=(\d{1,9})/\d{1,9} (loss|eval_loss)=(\d{1,9}\.\d{1,9})")
 PLOT_DAYS = 90  # a task's plot of mean rating per version: bounded however long the history
 
 
@@ -186,13 +191,31 @@ class Console:
     def loop(self) -> LoopPage:
         """Retrains, newest first, and what the curator has taken in (as `flywheel feedback status`)."""
         runs = list(reversed(self.runs.list(50)))
-        curves = {r.run_id: curve for r in runs if (curve := _training_curve(r.metrics, r.run_id)) is not None}
+        curves = {r.run_id: curve for r in runs if (curve := _training_curve(r.metrics, r.run_id)
+                                                    or self._live_curve(r)) is not None}
         try:
             return LoopPage(runs=runs, curves=curves, feedback=feedback_status(self.settings))
         except OSError as exc:  # the curator's state cannot be read here: say so, show the runs
             log.warning("event=console_feedback_status_unreadable error=%r", exc)
             return LoopPage(runs=runs, curves=curves, feedback=None,
                             feedback_error=f"the feedback plane cannot be read here ({exc})")
+
+    def _live_curve(self, record: RunRecord) -> TrainingCurve | None:
+        """A running run's losses so far, from the progress lines its training writes to the run's log (the last
+        LIVE_LOG_BYTES of it: the newest points)."""
+        if record.state != RunState.RUNNING:
+            return None
+        try:
+            with (self.runs.root / f"{record.run_id}.log").open("rb") as run_log:
+                run_log.seek(max(0, run_log.seek(0, os.SEEK_END) - LIVE_LOG_BYTES))
+                tail = run_log.read().decode("utf-8", "replace")
+        except OSError:  # no log here (a run started with --wait, or on another machine)
+            return None
+        points: dict[int, LossPoint] = {}
+        for step, key, value in PROGRESS_LINE.findall(tail):
+            point = points.setdefault(int(step), LossPoint(step=int(step)))
+            setattr(point, "train_loss" if key == "loss" else "eval_loss", float(value))
+        return TrainingCurve(loss_curve=sorted(points.values(), key=lambda p: p.step)) if points else None
 
     def version(self, task: str, version: str) -> tuple[AdapterManifest, TrainingCurve | None]:
         """A version's manifest (its gate report, metrics, data and training config) and its training's loss curve."""
