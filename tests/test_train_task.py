@@ -138,7 +138,9 @@ def test_train_a_classification_task_from_a_messy_export(served: tuple[str, Sett
 
     scores = report["evaluation"]
     assert scores["candidate"]["metric"] == "accuracy" and "confusion_png" in scores["candidate"]
-    assert scores["candidate"]["score"] >= scores["base"]["score"] + 0.4, scores  # the margin this test states
+    # learned, not merely better than the base (issue 23: a classification task of ~200 rows reaches 0.9 on its own
+    # test split; this one measured 0.974 after its 240 capped steps)
+    assert scores["candidate"]["score"] >= max(0.9, scores["base"]["score"] + 0.4), (scores, report["training"])
     assert report["version"] == "triage-v1" and report["champion"] and not report["forced"]
     assert report["beats_base"]["outcome"] == "passed", report["beats_base"]  # champion because it beats the base
     registry = registry_for(settings, "triage")
