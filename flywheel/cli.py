@@ -125,6 +125,8 @@ def up(
     try:
         serve_app.ensure_ray(settings)
         signal.signal(signal.SIGTERM, stop_signals.on_signal)  # after ray.init, which installs a handler of its own
+        # Ctrl-C too, and even where a shell started us in the background with SIGINT ignored
+        signal.signal(signal.SIGINT, stop_signals.on_signal)
         url = serve_app.run(settings)
         typer.echo(f"flywheel is serving at {url}  (POST {url}/predict, POST {url}/feedback, GET {url}/healthz; "
                    "Ctrl-C stops)")
@@ -144,7 +146,7 @@ def up(
 
 
 class StopSignals:
-    """SIGTERM for `flywheel up`: the first stops serving as Ctrl-C does, even while Serve is still starting.
+    """SIGTERM and SIGINT for `flywheel up`: the first stops serving, even while Serve is still starting.
 
     A second one while the cleanup runs is ignored: raised there, it cut the cleanup short and left Ray's
     and vLLM's processes behind (a supervisor repeats SIGTERM before its kill timeout). The third forces

@@ -1,8 +1,9 @@
-"""`flywheel up` as an operator runs it: a broker that is not there, then SIGTERM.
+"""`flywheel up` as an operator runs it: a broker that is not there, then a stop signal.
 
 The process serves although the feedback stream cannot be reached (the curator waits, /healthz says so),
-and SIGTERM stops everything it started, Ray's agents and the ingress included, and exits 0. Once with each
-ingress: HAProxy (the default, which every other test goes through too) and Serve's own proxy.
+and SIGTERM (or Ctrl-C's SIGINT, even to a process a shell started in the background with SIGINT ignored)
+stops everything it started, Ray's agents and the ingress included, and exits 0. Once with each ingress:
+HAProxy (the default, which every other test goes through too) and Serve's own proxy.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from tests.conftest import make_settings
 pytestmark = [pytest.mark.serve]
 
 
-@pytest.mark.parametrize(("ingress", "listener"), [("haproxy", "haproxy"), ("serve", "ProxyActor")])
-def test_up_serves_without_its_broker_and_sigterm_stops_everything(home_copy: Path, tmp_path: Path, ingress: str,
-                                                                   listener: str) -> None:
+@pytest.mark.parametrize(("ingress", "listener", "stop"),
+                         [("haproxy", "haproxy", signal.SIGTERM), ("serve", "ProxyActor", signal.SIGINT)])
+def test_up_serves_without_its_broker_and_a_stop_signal_stops_everything(
+        home_copy: Path, tmp_path: Path, ingress: str, listener: str, stop: signal.Signals) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         nobody = f"127.0.0.1:{s.getsockname()[1]}"
@@ -42,7 +44,8 @@ def test_up_serves_without_its_broker_and_sigterm_stops_everything(home_copy: Pa
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, as on an operator's box
     log = (tmp_path / "up.log").open("w")
     up = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "up", "--config", str(config)], env=env,
-                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as `cmd &` in a script
     url = f"http://127.0.0.1:{settings.serving.port}"
     try:
         health = _wait_until_curator_waits(url, up, timeout_s=600)
@@ -63,7 +66,7 @@ def test_up_serves_without_its_broker_and_sigterm_stops_everything(home_copy: Pa
         with httpx.stream("POST", f"{url}/v1/chat/completions", json={**chat, "stream": True}, timeout=60) as stream:
             lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
         assert len(lines) >= 3 and lines[-1] == "data: [DONE]", lines
-        up.send_signal(signal.SIGTERM)
+        up.send_signal(stop)
         assert up.wait(timeout=180) == 0, (tmp_path / "up.log").read_text()[-3000:]
     finally:
         if up.poll() is None:
