@@ -906,8 +906,9 @@ def bench_openai(
     out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/openai.json"),
     as_json: JsonOption = False,
 ) -> None:
-    """flywheel's OpenAI API vs vLLM's own OpenAI server (same base and adapter): throughput, p50, first token;
-    then 2, 8 and 32 tasks on one replica."""
+    """flywheel's OpenAI API (as `flywheel up` runs it) vs vLLM's own OpenAI server (same base and adapter):
+    throughput (per window too), p50, first token; then 2, 8 and 32 tasks on one replica; then what each part
+    costs (the loop off, the request log through Ray's forwarding, no request log)."""
     from loadtests.bench_openai import run_openai_bench
 
     configure_logging()
