@@ -55,10 +55,16 @@ def configure_request_log(mode: Literal["file", "stderr", "off"], directory: Pat
     if mode == "off":
         logger.disabled = True
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    writer = logging.handlers.RotatingFileHandler(
-        directory / f"requests-{socket.gethostname()}-{os.getpid()}.log", maxBytes=REQUEST_LOG_BYTES, backupCount=3,
-        encoding="utf-8")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        writer = logging.handlers.RotatingFileHandler(
+            directory / f"requests-{socket.gethostname()}-{os.getpid()}.log", maxBytes=REQUEST_LOG_BYTES,
+            backupCount=3, encoding="utf-8")
+    except OSError as exc:  # a read-only or full home must not keep a replica from serving
+        logger.propagate = True
+        logging.getLogger("flywheel").warning("event=request_log_unwritable dir=%s error=%r: request lines go to "
+                                              "stderr", directory, exc)
+        return
     writer.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(lines, writer)

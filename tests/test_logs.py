@@ -30,3 +30,11 @@ def test_request_lines_go_where_the_mode_says_and_other_logs_stay_on_stderr(mode
     assert ("event=predict request_id=r-1" in ran.stderr) == (mode == "stderr")
     assert ("event=predict request_id=r-1" in in_file) == (mode == "file")  # written before the process ended
     assert len(files) == (mode == "file")
+
+
+def test_an_unwritable_request_log_directory_sends_the_lines_to_stderr(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    ran = subprocess.run([sys.executable, "-c", REPLICA, "file", str(blocked / "logs")], cwd=ROOT, text=True,
+                         capture_output=True, timeout=60, check=True)
+    assert "event=request_log_unwritable" in ran.stderr and "event=predict request_id=r-1" in ran.stderr
