@@ -672,7 +672,7 @@ def retrain(
     Exit codes with --wait: 0 passed, rejected or superseded (the champion changed meanwhile), 2 too little
     data, 1 failed, 3 another run is busy; with --address also 2 when the cluster cannot be reached.
     """
-    from flywheel.registry import UnknownTaskError, resolve_task
+    from flywheel.registry import UnknownTaskError, registry_for, resolve_task
     from flywheel.runs import RetrainBusyError, RunRecord, RunStore, new_run_id
 
     configure_logging()
@@ -690,6 +690,9 @@ def retrain(
         task = resolve_task(settings, task).name
     except (UnknownTaskError, RegistryError) as exc:
         fail(str(exc), code=2)
+    if fence is not None and not 0 < fence <= registry_for(settings, task).loop_epoch():
+        # an epoch never claimed would fence out the real leader's moves from then on
+        fail(f"--fence {fence} is not an epoch the loop's lease has reached", code=2)
     store = RunStore(settings.home / "runs")
     if not wait and lock_fd is None:
         try:

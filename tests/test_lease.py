@@ -96,6 +96,22 @@ def test_a_scheduled_retrain_moves_aliases_under_its_leaders_epoch(tmp_path: Pat
     assert registry.alias("champion") == "demo-v2" and registry.history()[-1].fence == 2
 
 
+def test_retrain_refuses_a_fence_the_lease_never_reached(tmp_path: Path) -> None:
+    """`--fence` (the scheduler's) under an epoch never claimed would lock the real leader out of every later move."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+    from flywheel.tasks import TaskSpec
+
+    config = tmp_path / "flywheel.yaml"
+    config.write_text(yaml.safe_dump({"home": str(tmp_path / "home"), "registry": {"uri": str(tmp_path / "reg")}}))
+    Registry(str(tmp_path / "reg"), "demo").save_task_spec(TaskSpec(name="demo", kind="generation", metric="token_f1"))
+    refused = CliRunner().invoke(app, ["retrain", "--task", "demo", "--fence", "99", "--config", str(config)])
+    assert refused.exit_code == 2 and "--fence 99 is not an epoch" in refused.output, refused.output
+    assert Registry(str(tmp_path / "reg"), "demo").history() == []
+
+
 def test_a_paused_leader_is_fenced_by_the_store_and_no_move_is_lost_or_doubled(
     s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:
