@@ -45,7 +45,10 @@ def loop_settings(home: Path, port: int, app: str, engine: str, replicas: int = 
     settings.retrain.steps = 80
     settings.retrain.gate.max_latency_ratio = 3.0  # shared 2-core CI boxes: latency is noise, not signal
     settings.retrain.schedule_interval_s = 1.0
-    settings.retrain.schedule_min_new_examples = 150  # all of the raters' 155 rows, give or take a batch
+    # Every one of the raters' rows, so the retrain's data is the same on every run; and half of it replay, so
+    # that one run in a few does not forget enough of the champion's data to fail the golden check (0.3 did).
+    settings.retrain.schedule_min_new_examples = len(DRIFTED[5:])
+    settings.retrain.replay_fraction = 0.5
     return settings
 
 
