@@ -714,7 +714,8 @@ def retrain(
     except RetrainBusyError as exc:
         fail(str(exc), code=3)
     payload = {"run_id": result.run_id, "task": result.task, "verdict": result.verdict, "version": result.version,
-               "report": result.report, "message": result.message, "dataset": result.dataset}
+               "report": result.report, "message": result.message, "dataset": result.dataset,
+               "training": result.metrics}
     emit(as_json, payload, f"{result.run_id}: {result.verdict} {result.version or ''} — {result.message}")
     raise typer.Exit(RETRAIN_EXIT[result.verdict])
 

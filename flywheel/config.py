@@ -376,6 +376,11 @@ class RetrainSettings(BaseModel):
         300.0, ge=0, description="How long a retrain's workers may wait for free CPUs/GPUs (or for the cluster to "
         "add them) before the run fails saying what is missing.")
     early_stopping_patience: int | None = None
+    corrections_max_steps: int = Field(
+        160, ge=1, description="Small-data policy: the cap on steps. Training stops before it once greedy decoding "
+        "gives every confirmed correction on its own prompt, or once the loss on them stopped falling for "
+        "corrections_patience evaluations (one every 10 steps); the best checkpoint is kept.")
+    corrections_patience: int = Field(3, ge=1)
     schedule_enabled: bool = True
     schedule_interval_s: float = Field(600.0, gt=0, description="Scheduler: at least this long between runs.")
     schedule_min_new_examples: int = Field(50, ge=1, description="Scheduler: and at least this many new rows.")

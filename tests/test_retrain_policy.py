@@ -11,8 +11,9 @@ from flywheel.config import Settings
 from flywheel.registry import registry_for
 from flywheel.runs import RunRecord, RunState
 from tests.test_registry import BASE, fake_adapter
-from tests.test_trust import T0, row
+from tests.test_trust import T0, learnable, row
 from training.pipeline import Retrain
+from training.retrain_data import TrainExample, build_retrain_data, confirmed_batch
 
 
 @pytest.mark.parametrize(("prompts", "golden", "why"), [
@@ -43,3 +44,25 @@ def test_a_small_data_retrain_that_could_not_be_judged_stops_before_training(
     assert done.dataset["policy"] == "confirmed_corrections" and done.dataset["confirmed"] == prompts
     assert done.stage == "dataset" and done.version is None  # nothing trained, nothing registered
     assert [m.version for m in registry.versions()] == ["faq-v1"]
+
+
+def test_a_corrections_batch_replays_none_of_the_answers_users_corrected_away() -> None:
+    """The champion learned `Billing, then Cancel.` for three phrasings; users corrected one of them. Replaying
+    the other two would teach the old answer back: they are left out, the rest of the replay keeps its weight
+    (repeated when the pool is small), and a classification label is never left out."""
+    old, new = "Billing, then Cancel.", "Help, then 01."
+    phrasings = ["How do I cancel my plan?", "What is the way to cancel my plan?", "Can you cancel my plan?"]
+    champion = [TrainExample(prompt=p, reasoning="", answer=old, source="dataset") for p in phrasings]
+    champion += [TrainExample(prompt=f"How do I {q}?", reasoning="", answer=a, source="dataset")
+                 for q, a in [("export my data", "Account, then Export."), ("mute alerts", "Alerts, then Mute.")]]
+    items = learnable([row(f"k{k}", prompt=phrasings[0], correction=new, at=k) for k in range(3)])
+    data = build_retrain_data(items, champion, holdout_fraction=0.0, replay_fraction=0.0)
+    assert [(e.prompt, e.answer, e.replaces) for e in data.confirmed] == [(phrasings[0], new, "Call us.")]
+
+    batch = confirmed_batch(data, champion, replay_per_row=2, generation=True)
+    assert [e.answer for e in batch if e.source == "correction"] == [new] * 3  # one row per agreeing rater
+    replayed = [e for e in batch if e.source == "replay"]
+    assert len(replayed) == 6 and {e.answer for e in replayed} == {"Account, then Export.", "Alerts, then Mute."}
+
+    labels = confirmed_batch(data, champion, replay_per_row=2, generation=False)
+    assert old in {e.answer for e in labels if e.source == "replay"}

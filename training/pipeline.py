@@ -146,7 +146,7 @@ class Retrain:
         if data.confirmed and cfg.method == "sft" and (fresh < cfg.min_examples or len(data.holdout) < needed):
             policy = "confirmed_corrections"
             batch = confirmed_batch(data, champion_data, replay_per_row=cfg.small_data_replay_per_row,
-                                    retracted=retracted)
+                                    generation=self.task.kind == "generation", retracted=retracted)
             data = data.model_copy(update={"train": batch, "holdout": data.confirmed,
                                            "replay": sum(e.source == "replay" for e in batch)})
         self.record.dataset = {
@@ -178,7 +178,7 @@ class Retrain:
         # candidate that only works unquantized must not pass.
         base = served_base(self.settings, self.registry)
         self.stage("train")
-        candidate_dir = self._train(data, champion_dir, kto_rows, base)
+        candidate_dir = self._train(data, champion_dir, kto_rows, base, policy)
 
         # Registered first, as `evaluating`: the serving replicas load it by name to score it, privately.
         self.stage("register")
@@ -269,8 +269,12 @@ class Retrain:
         return LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         target_modules=cfg.lora_target_modules)
 
-    def _train(self, data: RetrainData, champion_dir: Path, kto_rows: list[KtoExample], base: ServedBase) -> Path:
+    def _train(self, data: RetrainData, champion_dir: Path, kto_rows: list[KtoExample], base: ServedBase,
+               policy: str) -> Path:
+        """Train the candidate from the champion. Under the small-data policy the hold-out is the confirmed
+        corrections: training goes on (up to its cap) until they are learned or their loss stops falling."""
         cfg = self.settings.retrain
+        corrections = policy == "confirmed_corrections"
         if cfg.train_on == "quantized" and not base.quantized:
             raise ValueError("retrain.train_on=quantized needs model.quantized_base (run `flywheel quantize`)")
         train_base = base.path if cfg.train_on == "quantized" else self.settings.base_model_path
@@ -297,8 +301,9 @@ class Retrain:
                 eval_path=eval_path,
                 out_dir=out_dir,
                 method=cfg.method,
-                sft=SftConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
-                              grad_accum=cfg.grad_accum, lora=self._lora_spec(), max_seq_len=self.task.max_seq_len),
+                sft=SftConfig(steps=cfg.corrections_max_steps if corrections else cfg.steps,
+                              learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                              lora=self._lora_spec(), max_seq_len=self.task.max_seq_len),
                 init_adapter=champion_dir,
                 num_workers=cfg.num_workers,
                 use_gpu=cfg.use_gpu,
@@ -306,7 +311,9 @@ class Retrain:
                 cpus_per_worker=cfg.cpus_per_worker,
                 torch_threads=cfg.torch_threads,
                 resource_wait_s=cfg.resource_wait_s,
-                early_stopping_patience=cfg.early_stopping_patience if eval_path else None,
+                early_stopping_patience=(cfg.corrections_patience if corrections
+                                         else cfg.early_stopping_patience if eval_path else None),
+                stop_when_reproduced=corrections,
                 checkpoint_dir=self.workdir / "checkpoints",
             ),
             progress=self._say,

@@ -48,6 +48,7 @@ class TrainExample(BaseModel):
     at: datetime | None = None
     event_ids: list[str] = Field(default_factory=list, description="The curated feedback events it came from.")
     raters: list[str] = Field(default_factory=list, description="The distinct raters behind it.")
+    replaces: str | None = Field(None, description="A correction's: the served answer it corrects.")
 
 
 class RetrainData(BaseModel):
@@ -83,7 +84,8 @@ def target_of(row: CuratedExample) -> TrainExample | None:
     origin = {"at": row.feedback_ts, "event_ids": [row.event_id], "raters": [rater_of(row)]}
     if row.correction:
         reasoning, answer = split_reasoning(row.correction) if "</think>" in row.correction else ("", row.correction)
-        return TrainExample(prompt=prompt, reasoning=reasoning, answer=answer.strip(), source="correction", **origin)
+        return TrainExample(prompt=prompt, reasoning=reasoning, answer=answer.strip(), source="correction",
+                            replaces=row.answer, **origin)
     if (row.rating is not None and row.rating >= 4) or row.thumb == "up":
         return TrainExample(prompt=prompt, reasoning=row.reasoning, answer=row.answer, source="approved", **origin)
     return None
@@ -233,13 +235,33 @@ def well_rated(items: Sequence[Assessed], version: str, *, limit: int) -> list[T
 
 
 def confirmed_batch(
-    data: RetrainData, champion_data: Sequence[TrainExample], *, replay_per_row: int,
+    data: RetrainData, champion_data: Sequence[TrainExample], *, replay_per_row: int, generation: bool,
     retracted: set[str] | frozenset[str] = frozenset(), seed: int = 0,
 ) -> list[TrainExample]:
     """Training rows for the small-data policy: every confirmed correction, weighted by the raters who agree
-    on it, plus a replay of the champion's own data large enough that the rest is not forgotten."""
+    on it, plus a replay of the champion's own data large enough that the rest is not forgotten (the pool is
+    repeated when it is smaller than that).
+
+    On a generation task a correction supersedes the answer it corrects: replayed rows teaching that answer
+    (the corrected prompt's other phrasings, most likely) would teach back what users corrected away, so the
+    replay leaves them out. A classification label stays right for other prompts, so there nothing is left out.
+    """
     weighted = [e for e in data.confirmed for _ in range(data.confirmations[e.prompt])]
     confirmed_prompts = {e.prompt for e in data.confirmed}
-    pool = [e for e in champion_data if e.prompt not in confirmed_prompts and not retracted.intersection(e.event_ids)]
-    replay = random.Random(seed).sample(pool, min(len(weighted) * replay_per_row, len(pool)))
+    superseded = _superseded_answers(data.confirmed, champion_data) if generation else set()
+    pool = [e for e in champion_data if e.prompt not in confirmed_prompts and not retracted.intersection(e.event_ids)
+            and normalized(e.answer) not in superseded]
+    wanted = len(weighted) * replay_per_row
+    shuffled = random.Random(seed).sample(pool, len(pool))
+    replay = [shuffled[i % len(shuffled)] for i in range(wanted)] if shuffled else []
     return weighted + [e.model_copy(update={"source": "replay"}) for e in replay]
+
+
+def _superseded_answers(corrections: Sequence[TrainExample], champion_data: Sequence[TrainExample]) -> set[str]:
+    """The answers corrections replace: the one the champion was trained to give on a corrected prompt, or
+    where it had none, the served one. An answer a correction gives again is not superseded."""
+    trained: dict[str, list[str]] = {}
+    for e in champion_data:
+        trained.setdefault(normalized_prompt(e.prompt), []).append(e.answer)
+    old = [a for e in corrections for a in trained.get(normalized_prompt(e.prompt)) or [e.replaces or ""] if a]
+    return {normalized(a) for a in old} - {normalized(e.answer) for e in corrections}
