@@ -7,7 +7,7 @@ The serving plane needs only what is exported here; the curator and the dataset 
 from feedback.bus import EventBus, KafkaBus, LocalLogBus, build_bus
 from feedback.pii import mask_event
 from feedback.schemas import FeedbackAccepted, FeedbackEvent, FeedbackRequest, PredictionEvent
-from feedback.supervisor import read_health
+from feedback.supervisor import overall, read_curators, read_health
 
 __all__ = [
     "EventBus",
@@ -19,5 +19,7 @@ __all__ = [
     "PredictionEvent",
     "build_bus",
     "mask_event",
+    "overall",
+    "read_curators",
     "read_health",
 ]

@@ -78,6 +78,8 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
                                   for p, n in sorted(report.positions.items())) or "-"),
         f"dataset: {report.dataset} ({report.parts} parts)",
         f"curator: {_describe(report.curator)}",
+        *(f"  {h.host} pid {h.pid}: {_describe(h)}, {h.lag_records} behind" for h in report.curators
+          if len(report.curators) > 1),
         "on disk: " + "  ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in report.disk_bytes.items()),
     ]
     emit(as_json, report.model_dump(mode="json"), "\n".join(lines))

@@ -39,7 +39,7 @@ from feedback.local_log import RecordLog, count_records
 from feedback.pii import mask_event, mask_pii
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, decode_event, encode_event
 from feedback.spool import spooled_pending
-from feedback.supervisor import CuratorHealth, read_health, report_lag
+from feedback.supervisor import CuratorHealth, read_curators, read_health, report_lag
 from flywheel.config import Settings
 
 log = logging.getLogger("flywheel.feedback.curator")
@@ -654,7 +654,8 @@ class FeedbackStatus(BaseModel):
     log_end: dict[str, int]  # local log only: where the log ends (positions == log_end: caught up)
     parts: int
     dataset: str
-    curator: CuratorHealth | None  # the running curator's state (None: never started on this host)
+    curator: CuratorHealth | None  # curation as a whole (`read_health`; None: no curator ever started)
+    curators: list[CuratorHealth]  # each curator's own last word, newest first
     disk_bytes: dict[str, int]  # what each store takes on disk: log, spool, state, dataset
 
 
@@ -689,7 +690,7 @@ def feedback_status(settings: Settings) -> FeedbackStatus:
         predictions=counters["predictions"],
         spooled=spooled_pending(spool_dir) if spool_dir.is_dir() else 0,
         positions=positions, log_end=log_end, parts=parts, dataset=str(dataset_path(settings)),
-        curator=read_health(settings),
+        curator=read_health(settings), curators=read_curators(settings),
         disk_bytes={name: _disk_bytes(settings.feedback_dir / name) for name in ("log", "spool", "curator", "dataset")},
     )
 

@@ -57,10 +57,21 @@ from kafka.structs import OffsetAndMetadata
 from pydantic import BaseModel
 
 from feedback.bus import kafka_client_config
-from feedback.curator import BatchResult, Curator, Located, SourceRecord, dataset_path, decoded, join, may_rate
+from feedback.curator import (
+    PROGRESS_EVERY_S,
+    BatchResult,
+    Curator,
+    Located,
+    SourceRecord,
+    dataset_path,
+    decoded,
+    join,
+    may_rate,
+)
 from feedback.dataset import MANIFEST, SCHEMA, CuratedDataset, Manifest, PartFile
 from feedback.pii import mask_event
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent
+from feedback.supervisor import report_lag
 from flywheel.config import Settings
 
 log = logging.getLogger("flywheel.feedback.partitioned")
@@ -297,6 +308,8 @@ class PartitionedCurator:
         self._rebalanced = threading.Event()
         self._last_prune = time.monotonic()
         self._manifest_written = float("-inf")
+        self._reported = float("-inf")
+        self._newest_read_ts = time.time()  # the newest record read: with records behind it, the lag's age
         self._consumer = KafkaConsumer(
             **kafka_client_config(fs),
             group_id=fs.consumer_group,
@@ -386,6 +399,18 @@ class PartitionedCurator:
                 backoff = min(backoff * 2, 30.0)
             if time.monotonic() - self._manifest_written > MANIFEST_EVERY_S:
                 self._publish_manifest()
+            if time.monotonic() - self._reported > PROGRESS_EVERY_S:
+                self._report_progress()
+
+    def _report_progress(self) -> None:
+        """How far behind this curator is on the pairs it owns (for /healthz and `flywheel feedback status`)."""
+        behind = 0
+        for pair, state in list(self._pairs.items()):
+            for tp, read in zip(self._tps(pair), state.next, strict=True):
+                highwater = self._consumer.highwater(tp)  # from the last fetch: no request to the broker
+                behind += max(0, highwater - (read or 0)) if highwater is not None else 0
+        report_lag(self.settings, behind, max(0.0, time.time() - self._newest_read_ts) if behind else 0.0)
+        self._reported = time.monotonic()
 
     def drain(self, timeout_s: float = 120.0) -> BatchResult:
         """Curate until this curator's pairs are read to their end; TimeoutError if that takes over `timeout_s`."""
@@ -430,6 +455,9 @@ class PartitionedCurator:
             self._rebalanced.clear()
             return BatchResult()
         result = BatchResult(records=len(records))
+        if records:  # a broker before 0.10 keeps no timestamps: the time they were read, then
+            stamps = [r.timestamp / 1000 for _, r in records if r.timestamp is not None and r.timestamp >= 0]
+            self._newest_read_ts = max(self._newest_read_ts, *stamps) if stamps else time.time()
         by_pair: dict[int, list[tuple[int, SourceRecord]]] = defaultdict(list)
         for tp, record in records:
             side = PREDICTIONS if tp.topic == self._topics[PREDICTIONS] else FEEDBACK

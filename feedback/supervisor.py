@@ -3,7 +3,8 @@
 A broker that is down or unknown when the platform starts, or that goes away later, must never stop
 serving: the supervisor builds the curator, runs it, and after any failure (no broker, a version probe
 that gets no answer, a crash) waits and tries again, 1 s doubling to a minute. Its state goes to a
-small file beside the curator's database, which `/healthz` and `flywheel feedback status` read.
+small file of its own (several curators may run: partitioned curation), which `/healthz` and
+`flywheel feedback status` read.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -26,6 +28,10 @@ from flywheel.runs import process_alive
 log = logging.getLogger("flywheel.feedback.supervisor")
 
 FIRST_RETRY_S, MAX_RETRY_S = 1.0, 60.0
+# A live curator writes at least this often (its lag every few seconds; a waiting one at each retry, a minute
+# apart at most): one on another host that has been silent for longer is taken as gone.
+SILENT_S = 3 * MAX_RETRY_S
+FORGET_S = 7 * 86400.0  # a stopped curator's file is removed after this long
 
 
 class CuratorHealth(BaseModel):
@@ -37,6 +43,7 @@ class CuratorHealth(BaseModel):
     host: str = ""  # the node it runs on: only there can the pid be checked
     lag_records: int = 0  # logged but not yet curated, at the last report (every few seconds)
     lag_seconds: float = 0.0  # how far behind the newest event read that is
+    updated: float = 0.0  # unix time of its last report
 
 
 class Runnable(Protocol):
@@ -45,20 +52,52 @@ class Runnable(Protocol):
     def close(self) -> None: ...
 
 
-def health_path(settings: Settings) -> Path:
-    return settings.feedback_dir / "curator" / "health.json"
+def health_dir(settings: Settings) -> Path:
+    return settings.feedback_dir / "curator" / "health"
+
+
+def _own_path(settings: Settings) -> Path:
+    return health_dir(settings) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', socket.gethostname())}-{os.getpid()}.json"
+
+
+def read_curators(settings: Settings) -> list[CuratorHealth]:
+    """Each curator's last word, newest first: `stopped` where its process is gone (this host) or it has been
+    silent for SILENT_S (another host, where its pid means nothing)."""
+    found = []
+    for path in health_dir(settings).glob("*.json"):
+        try:
+            health = CuratorHealth.model_validate_json(path.read_text())
+        except (OSError, ValidationError):
+            continue  # removed meanwhile, or being replaced
+        found.append(_checked(health))
+    return sorted(found, key=lambda h: h.updated, reverse=True)
+
+
+def _checked(health: CuratorHealth) -> CuratorHealth:
+    if health.state == "stopped":
+        return health
+    if health.host in ("", socket.gethostname()):
+        if not process_alive(health.pid):
+            return health.model_copy(update={"state": "stopped", "detail": "the process running it is gone"})
+    elif time.time() - health.updated > SILENT_S:
+        return health.model_copy(update={"state": "stopped",
+                                          "detail": f"no report from it for {time.time() - health.updated:.0f}s"})
+    return health
 
 
 def read_health(settings: Settings) -> CuratorHealth | None:
-    """The supervisor's last word; `stopped` if the process that wrote it is gone. None: never started."""
-    try:
-        health = CuratorHealth.model_validate_json(health_path(settings).read_text())
-    except (OSError, ValidationError):
-        return None
-    here = health.host in ("", socket.gethostname())
-    if health.state != "stopped" and here and not process_alive(health.pid):
-        return health.model_copy(update={"state": "stopped", "detail": "the process running it is gone"})
-    return health
+    """Curation as a whole (`overall`). None: no curator ever started."""
+    return overall(read_curators(settings))
+
+
+def overall(curators: list[CuratorHealth]) -> CuratorHealth | None:
+    """While any curator runs, the newest running one with every running curator's lag summed (each owns its
+    own partitions); else the newest word of one that is starting or waiting; else the last one stopped."""
+    running = [h for h in curators if h.state == "running"]
+    if running:
+        return running[0].model_copy(update={"lag_records": sum(h.lag_records for h in running),
+                                             "lag_seconds": max(h.lag_seconds for h in running)})
+    return next((h for h in curators if h.state != "stopped"), curators[0] if curators else None)
 
 
 def _record(settings: Settings, state: str, detail: str = "", retries: int = 0) -> None:
@@ -67,17 +106,31 @@ def _record(settings: Settings, state: str, detail: str = "", retries: int = 0) 
 
 
 def _write(settings: Settings, health: CuratorHealth) -> None:
-    path = health_path(settings)
+    path = _own_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(health.model_dump()))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(health.model_copy(update={"updated": time.time()}).model_dump()))
     os.replace(tmp, path)
+
+
+def _forget_the_gone(settings: Settings) -> None:
+    """Remove the files of this host's curators whose process is gone, and of any stopped for FORGET_S."""
+    for path in health_dir(settings).glob("*.json"):
+        try:
+            health = _checked(CuratorHealth.model_validate_json(path.read_text()))
+        except (OSError, ValidationError):
+            continue
+        here = health.host in ("", socket.gethostname())
+        if health.state == "stopped" and ((here and health.pid != os.getpid())
+                                          or time.time() - health.updated > FORGET_S):
+            path.unlink(missing_ok=True)
 
 
 def report_lag(settings: Settings, records: int, seconds: float) -> None:
     """The running curator's lag; kept beside the supervisor's state (a curator run alone reports too)."""
-    current = read_health(settings)
-    if current is None or current.pid != os.getpid():
+    try:
+        current = CuratorHealth.model_validate_json(_own_path(settings).read_text())
+    except (OSError, ValidationError):  # a curator run alone, without a supervisor
         current = CuratorHealth(state="running", since=time.time(), pid=os.getpid(), host=socket.gethostname())
     _write(settings, current.model_copy(update={"lag_records": records, "lag_seconds": round(seconds, 3)}))
 
@@ -87,6 +140,7 @@ def supervise(settings: Settings, stop: threading.Event, build: Callable[[Settin
     if build is None:
         from feedback.partitioned import build_curator as build
     retries = 0
+    _forget_the_gone(settings)
     _record(settings, "starting")
     while not stop.is_set():
         try:

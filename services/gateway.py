@@ -37,6 +37,8 @@ from feedback import (
     PredictionEvent,
     build_bus,
     mask_event,
+    overall,
+    read_curators,
     read_health,
 )
 from feedback.dataset import canary_ratings
@@ -586,9 +588,11 @@ class Gateway:
 
     def _feedback_health(self) -> FeedbackHealth:
         bus = self.bus.stats()
-        curator = read_health(self.settings)
+        curators = read_curators(self.settings)
+        curator = overall(curators)
         return FeedbackHealth(backend=bus["backend"], connected=bus.get("connected", True), pending=bus["pending"],
-                              curator=curator.state if curator else None)
+                              curator=curator.state if curator else None,
+                              curators_running=sum(h.state == "running" for h in curators))
 
     # -- admin: token-protected operations ----------------------------------------------------------
 

@@ -188,8 +188,9 @@ class FeedbackHealth(BaseModel):
     connected: bool = Field(description="The gateway's producer reaches the broker (always true for the local log).")
     pending: int = Field(description="Events in the gateway's spool waiting for the broker.")
     curator: Literal["starting", "running", "waiting", "stopped"] | None = Field(
-        None, description="The curator on this host: `waiting` while the broker cannot be reached; None: never "
-        "started here. `flywheel feedback status` says why.")
+        None, description="Curation as a whole: `running` while any curator runs, `waiting` while none can "
+        "reach the broker; None: no curator ever started. `flywheel feedback status` says why, curator by curator.")
+    curators_running: int = Field(0, description="Curators running now (partitioned curation runs several).")
 
 
 class LoopHealth(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from feedback.dataset import CuratedDataset, PartFile
 from feedback.local_log import RecordLog
 from feedback.pii import mask_event, mask_pii, pseudonym
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, decode_event, encode_event
-from feedback.supervisor import read_health, supervise
+from feedback.supervisor import CuratorHealth, read_curators, read_health, supervise
 from flywheel.config import Settings
 from loadtests.hostile import ADVERSARIAL_UNITS, repeated
 from tests.kafka_broker import BACKENDS, event_pairs, feedback, interleaved, prediction, publish, write_config
@@ -380,6 +381,42 @@ def test_the_supervisor_rebuilds_a_curator_that_failed_to_start_or_crashed(
     supervise(settings, stop, build=build)
     assert attempts == ["refused", "refused", "ran", "closed", "ran", "closed"]
     assert read_health(settings).state == "stopped"
+
+
+def test_each_curator_reports_in_its_own_file_and_a_gone_or_silent_one_counts_as_stopped(
+    feedback_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Partitioned curation runs curators on several hosts. Each writes its own health file; /healthz sums the
+    running ones' lag. One on this host whose process is gone, or one elsewhere that has been silent too long,
+    counts as stopped, and a new supervisor here removes this host's gone ones."""
+    from feedback import supervisor as module
+
+    settings = feedback_settings("local")
+    folder = module.health_dir(settings)
+    folder.mkdir(parents=True)
+    now = time.time()
+
+    def write(name: str, **fields: object) -> None:
+        health = CuratorHealth.model_validate({"state": "running", "since": now - 60, "updated": now, **fields})
+        (folder / f"{name}.json").write_text(health.model_dump_json())
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    write("here-dead", pid=int(dead.stdout), host=socket.gethostname(), lag_records=7)
+    write("node-b", pid=1, host="node-b", lag_records=30, lag_seconds=2.0)
+    write("node-c", pid=1, host="node-c", lag_records=12, lag_seconds=9.0, updated=now - 5)
+    write("node-d", pid=1, host="node-d", lag_records=99, updated=now - module.SILENT_S - 1)
+    states = {h.host: h.state for h in read_curators(settings)}
+    assert states == {socket.gethostname(): "stopped", "node-b": "running", "node-c": "running",
+                      "node-d": "stopped"}, states
+    whole = read_health(settings)
+    assert (whole.state, whole.host, whole.lag_records, whole.lag_seconds) == ("running", "node-b", 42, 9.0)
+
+    stop = threading.Event()
+    stop.set()  # the supervisor starts, finds nothing to do, and says so
+    supervise(settings, stop, build=lambda _: pytest.fail("not built: told to stop"))
+    mine = [h for h in read_curators(settings) if h.host == socket.gethostname()]
+    assert [(h.pid, h.state) for h in mine] == [(os.getpid(), "stopped")], mine  # the dead one's file is gone
+    assert {h.host for h in read_curators(settings)} == {socket.gethostname(), "node-b", "node-c", "node-d"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

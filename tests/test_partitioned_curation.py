@@ -19,6 +19,7 @@ from feedback.curator import BatchResult, Located, SourceRecord, dataset_path, f
 from feedback.dataset import CuratedDataset
 from feedback.partitioned import CommitConflict, PairState, PartitionedCurator, PartitionedDataset, commit_name
 from feedback.schemas import CuratedExample, encode_event
+from feedback.supervisor import read_curators, read_health
 from flywheel.config import Settings
 from tests.kafka_broker import event_pairs, interleaved, publish, write_config
 
@@ -141,6 +142,12 @@ def test_three_curators_one_killed_mid_batch_curate_every_rating_exactly_once(
         _wait_for("manifest.json to name every part", lambda: sum(p.rows for p in written.manifest().files) ==
                   len(pairs), 15, logs)
         time.sleep(1.0)  # anything curated twice would show up now
+        # each curator says how it is doing in its own file: the victim is gone, the survivors run, caught up
+        _wait_for("the survivors to report no lag",
+                  lambda: (health := read_health(settings)) is not None and health.lag_records == 0, 15, logs)
+        curators = {h.pid: h for h in read_curators(settings)}
+        assert curators[procs[0].pid].state == "stopped", curators
+        assert [curators[proc.pid].state for proc in procs[1:]] == ["running", "running"], curators
     finally:
         for proc in procs:
             if proc.poll() is None:
