@@ -239,10 +239,12 @@ class Authenticator:
         return (Caller(principal=key.name, tenant=key.tenant, authenticated=True, scopes=frozenset(key.scopes),
                        rate=key.rate), key.sha256)
 
-    @property
-    def stale(self) -> bool:
-        """The next key lookup reads the store."""
-        return time.monotonic() - self._read_at > self.cache_s
+    def reads_store(self, authorization: str) -> bool:
+        """Authenticating `authorization` now would read the key store: it names a key, and the cache is older
+        than `cache_s`. (No header, the admin token or an SDK's placeholder never read it.)"""
+        token = bearer_token(authorization) if authorization else None
+        return (token is not None and time.monotonic() - self._read_at > self.cache_s
+                and _KEY_RE.fullmatch(token.decode("latin-1")) is not None)
 
     @staticmethod
     def _anonymous(client: str) -> Caller:

@@ -2,8 +2,8 @@
 
 Every route but /healthz, /metrics and the API document goes through `Access.admit`; those two go through
 `Access.throttle` (no key, but a rate per client address). Rate limits are per
-caller (a key's principal; an anonymous caller's client address) and per replica, with `limits`' moving
-window; a caller over its rate gets 429 with `Retry-After`.
+caller (a key's principal; an anonymous caller's client address) and per replica, over a moving window
+(`MovingWindow`); a caller over its rate gets 429 with `Retry-After`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from limits import RateLimitItem, parse
-from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
 
 from flywheel.auth import Authenticator, AuthError, Caller, KeyStore, Scope, require
 from flywheel.config import Settings
@@ -40,6 +39,33 @@ class Denied(Exception):
         return response
 
 
+class MovingWindow:
+    """Per-caller rate limits over a moving window, kept on the event loop with no thread: each caller's last
+    `amount` hits, oldest first; a hit counts when fewer than `amount` lie within the window. (The `limits`
+    library's memory storage starts a timer thread every 10 ms while requests flow, in the process that serves
+    them.) Callers idle for longer than their window are forgotten every SWEEP_EVERY hits."""
+
+    SWEEP_EVERY = 4096
+
+    def __init__(self) -> None:
+        self._hits: dict[tuple[str, str], tuple[float, deque[float]]] = {}
+        self._until_sweep = self.SWEEP_EVERY
+
+    def hit(self, rate: RateLimitItem, who: str) -> float | None:
+        """None: within `rate`, and counted. Otherwise the seconds until a hit would be."""
+        now = time.monotonic()
+        window, hits = self._hits.get((str(rate), who)) or self._hits.setdefault(
+            (str(rate), who), (float(rate.get_expiry()), deque(maxlen=rate.amount)))
+        if len(hits) == hits.maxlen and now - hits[0] < window:
+            return hits[0] + window - now
+        hits.append(now)
+        self._until_sweep -= 1
+        if not self._until_sweep:
+            self._until_sweep = self.SWEEP_EVERY
+            self._hits = {key: kept for key, kept in self._hits.items() if now - kept[1][-1] < kept[0]}
+        return None
+
+
 class Access:
     def __init__(self, settings: Settings) -> None:
         self.mode = settings.auth_mode
@@ -48,14 +74,14 @@ class Access:
             admin_token=settings.admin_token.get_secret_value(), cache_s=settings.auth.key_cache_s)
         self._default_rate = parse(settings.auth.rate)
         self._rates: dict[str, RateLimitItem] = {}
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._window = MovingWindow()
 
     async def admit(self, request: Request, scope: Scope) -> Caller:
         """The caller, allowed `scope` and within its rate; Denied otherwise."""
         header = request.headers.get("authorization", "")
         client = request.client.host if request.client else "unknown"
         try:
-            if self.authenticator.stale:  # the key store is read off the event loop (an object store is slow)
+            if self.authenticator.reads_store(header):  # off the event loop: an object store is slow
                 caller = await asyncio.to_thread(self.authenticator.authenticate, header, client)
             else:
                 caller = self.authenticator.authenticate(header, client)
@@ -86,8 +112,7 @@ class Access:
         self._hit(rate, caller.principal)
 
     def _hit(self, rate: RateLimitItem, who: str) -> None:
-        if self._limiter.hit(rate, who):
-            return
-        reset_at = self._limiter.get_window_stats(rate, who).reset_time
-        retry = max(1, math.ceil(reset_at - time.time()))
-        raise Denied(429, f"rate limit {rate} exceeded; retry in {retry} s", {"retry-after": str(retry)})
+        wait = self._window.hit(rate, who)
+        if wait is not None:
+            retry = max(1, math.ceil(wait))
+            raise Denied(429, f"rate limit {rate} exceeded; retry in {retry} s", {"retry-after": str(retry)})

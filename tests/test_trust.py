@@ -6,6 +6,7 @@ The unit half runs on fabricated curated rows; the last tests drive the real gat
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pyarrow.parquet as pq
 import pytest
+from limits import parse
 from starlette.requests import Request
 
 from feedback.bus import build_bus
@@ -28,7 +30,7 @@ from flywheel.auth import Authenticator, AuthError, KeyStore
 from flywheel.config import Settings
 from flywheel.registry import BaseModelRef, registry_for
 from flywheel.tasks import TaskSpec
-from services.access import Access, Denied
+from services.access import Access, Denied, MovingWindow
 from tests.conftest import ADMIN_TOKEN
 from training.retrain_data import TrainExample, build_retrain_data, well_rated, write_train_data
 
@@ -118,6 +120,36 @@ async def test_the_door_answers_401_403_and_429_with_retry_after(tmp_path: Path)
             statuses.append(exc.status)
             assert int(exc.headers["retry-after"]) >= 1
     assert statuses == [200, 200, 200, 429]
+
+
+def test_rates_are_a_moving_window_per_caller_kept_without_threads_or_store_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 per minute: a fourth hit within the minute of the first is refused until that first hit leaves the
+    window (not until a fixed window resets); each caller counts alone; nothing starts a thread per request,
+    and an anonymous caller never sends the key lookup to a worker thread."""
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    window, rate = MovingWindow(), parse("3/minute")
+    threads = threading.active_count()
+    for at in (0, 10, 20):
+        clock[0] = 1000.0 + at
+        assert window.hit(rate, "a") is None
+    clock[0] = 1050.0
+    assert window.hit(rate, "a") == pytest.approx(10.0)  # the hit at 0 leaves the window at 60
+    assert window.hit(rate, "b") is None
+    clock[0] = 1060.0
+    assert window.hit(rate, "a") is None and window.hit(rate, "a") == pytest.approx(10.0)
+    assert threading.active_count() == threads
+    clock[0] = 2000.0  # everyone idle past the window: a sweep forgets them
+    for n in range(MovingWindow.SWEEP_EVERY):
+        window.hit(parse("100000/second"), f"burst-{n % 2}")
+    assert {who for _, who in window._hits} == {"burst-0", "burst-1"}
+
+    settings = Settings(home=tmp_path, auth={"mode": "open"})
+    _, key = KeyStore(settings.registry_uri).create("k", ["predict"])
+    door = Access(settings).authenticator
+    assert not door.reads_store("") and not door.reads_store("Bearer unused")  # an SDK's placeholder is no key
+    assert door.reads_store(f"Bearer {key}")
 
 
 # -- one vote per rater, trust ---------------------------------------------------------------------
