@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 
 from feedback.bus import kafka_client_config
 from feedback.curator import BatchResult, Located, SourceRecord, feedback_status, join
-from feedback.dataset import curated_dataset
+from feedback.dataset import CuratedDataset, curated_dataset
 from feedback.partitioned import (
     CommitConflict,
     PairState,
@@ -280,8 +281,8 @@ def test_a_commit_is_created_once(store: str, tmp_path: Path, request: pytest.Fi
     """The second writer of a pair's batch from the same start is refused (a hard link on a disk, a conditional
     put on S3); its parts stay invisible."""
     on_store = _on_s3(request, monkeypatch) if store == "s3" else {}
-    dataset = PartitionedDataset(str(on_store.get("dataset_uri", tmp_path)), "p", "f",
-                                 on_store.get("dataset_storage_options"))
+    uri, options = str(on_store.get("dataset_uri", tmp_path)), on_store.get("dataset_storage_options")
+    dataset = PartitionedDataset(uri, "p", "f", options)
     (pred, fb), = event_pairs(1)
     row = join(Located(fb, "f/0", 0), Located(pred, "p/0", 0), "demo")
     first = dataset.write_batch(0, (0, 0), (1, 1), [row], 0)
@@ -293,3 +294,8 @@ def test_a_commit_is_created_once(store: str, tmp_path: Path, request: pytest.Fi
     assert len(dataset.remove_orphans(0, dataset.commits(0))) == 1  # never committable: removed
     assert dataset.curated.read_table(dataset.manifest()).num_rows == 1
     assert len(dataset.parts()) == 1
+    dataset.publish_manifest()  # and what a retrain, the scheduler and the canary read there
+    reader = CuratedDataset(uri, options, review_dir=tmp_path)
+    assert reader.rows_by_task() == {"demo": 1} and [r.event_id for r in reader.examples()] == [fb.event_id]
+    assert reader.ratings("demo", datetime(2000, 1, 1, tzinfo=UTC), anonymous=True) == [
+        (pred.adapter_version, float(fb.rating), fb.rater)]
