@@ -299,3 +299,15 @@ def test_a_commit_is_created_once(store: str, tmp_path: Path, request: pytest.Fi
     assert reader.rows_by_task() == {"demo": 1} and [r.event_id for r in reader.examples()] == [fb.event_id]
     assert reader.ratings("demo", datetime(2000, 1, 1, tzinfo=UTC), anonymous=True) == [
         (pred.adapter_version, float(fb.rating), fb.rater)]
+
+
+@pytest.mark.kafka
+def test_the_curation_bench_at_a_small_size_curates_every_rating_in_both_runs(
+    feedback_settings: Callable[..., Settings],
+) -> None:
+    """`flywheel bench curation` (3 000 ratings by default) on the session's broker."""
+    from loadtests.bench_curation import run_curation_bench
+
+    report = run_curation_bench(feedback_settings("kafka"), ratings=200, say=print, timeout_s=90)
+    assert report.one_curator_per_s > 0 and report.three_curators_per_s > 0 and report.published_per_s > 0
+    assert report.three_over_one == report.three_curators_per_s / report.one_curator_per_s
