@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from feedback.bus import kafka_client_config
 from feedback.curator import BatchResult, Located, SourceRecord, feedback_status, join
 from feedback.dataset import CuratedDataset, curated_dataset
+from feedback.oversight import author_of, events_matching
 from feedback.partitioned import (
     CommitConflict,
     PairState,
@@ -299,6 +300,10 @@ def test_a_commit_is_created_once(store: str, tmp_path: Path, request: pytest.Fi
     assert reader.rows_by_task() == {"demo": 1} and [r.event_id for r in reader.examples()] == [fb.event_id]
     assert reader.ratings("demo", datetime(2000, 1, 1, tzinfo=UTC), anonymous=True) == [
         (pred.adapter_version, float(fb.rating), fb.rater)]
+    settings = Settings(home=tmp_path / "home", feedback={
+        "curation": "partitioned", "kafka_bootstrap": "127.0.0.1:9", "dataset_uri": uri,
+        "dataset_storage_options": options or {}})
+    assert author_of(settings, fb.event_id) == fb.rater and events_matching(settings, rater=fb.rater) == [fb.event_id]
 
 
 @pytest.mark.kafka
