@@ -16,8 +16,8 @@ from typing import Annotated
 import typer
 from kafka.errors import KafkaError
 
-from feedback.curator import dataset_path, feedback_status
-from feedback.dataset import CuratedDataset
+from feedback.curator import feedback_status
+from feedback.dataset import curated_dataset
 from feedback.erasure import forget
 from feedback.oversight import Lineage, events_matching, judge, lineage, review_queue
 from feedback.oversight import retract as retract_events
@@ -99,7 +99,7 @@ def export(
     as_json: JsonOption = False,
 ) -> None:
     """Write the curated dataset (every part the manifest names) as JSON lines."""
-    dataset = CuratedDataset(dataset_path(settings_or_exit(config)))
+    dataset = curated_dataset(settings_or_exit(config))
     try:
         rows = dataset.export_jsonl(out)
     except OSError as exc:

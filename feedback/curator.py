@@ -34,7 +34,7 @@ from kafka.structs import OffsetAndMetadata
 from pydantic import BaseModel, ValidationError
 
 from feedback.bus import kafka_client_config
-from feedback.dataset import CuratedDataset, Manifest, PartFile, task_counts
+from feedback.dataset import Manifest, PartFile, curated_dataset, task_counts
 from feedback.local_log import RecordLog, count_records
 from feedback.pii import mask_event, mask_pii
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent, decode_event, encode_event
@@ -447,7 +447,7 @@ class Curator:
         self._read_up_to_ts = time.time()  # the newest event read: with records behind it, the lag's age
         self._lag_known = False
         self.state = CuratorState(state_path(settings))
-        self.dataset = CuratedDataset(dataset_path(settings))
+        self.dataset = curated_dataset(settings)
         self._recover()
         if source is not None:
             self.source = source
@@ -630,10 +630,6 @@ def state_path(settings: Settings) -> Path:
     return settings.feedback_dir / "curator" / "state.db"
 
 
-def dataset_path(settings: Settings) -> Path:
-    return settings.feedback_dir / "dataset"
-
-
 # -- status -------------------------------------------------------------------------------------
 
 class FeedbackStatus(BaseModel):
@@ -662,10 +658,9 @@ class FeedbackStatus(BaseModel):
 def feedback_status(settings: Settings) -> FeedbackStatus:
     """Read-only: safe to call while a curator and publishers are running."""
     if settings.feedback.curation == "partitioned":  # no state but the commits: what they hold, where they end
-        from feedback.partitioned import PartitionedDataset
+        from feedback.partitioned import partitioned_dataset
 
-        manifest = PartitionedDataset(dataset_path(settings), settings.feedback.predictions_topic,
-                                      settings.feedback.feedback_topic).manifest()
+        manifest = partitioned_dataset(settings).manifest()
         counters = dict.fromkeys(COUNTERS, 0) | {"curated": sum(part.rows for part in manifest.files)}
         unmatched, oldest, positions, parts = 0, None, manifest.positions, len(manifest.files)
     else:
@@ -689,7 +684,7 @@ def feedback_status(settings: Settings) -> FeedbackStatus:
         duplicates=counters["duplicates"], refused=counters["refused"], rejected=counters["rejected"],
         predictions=counters["predictions"],
         spooled=spooled_pending(spool_dir) if spool_dir.is_dir() else 0,
-        positions=positions, log_end=log_end, parts=parts, dataset=str(dataset_path(settings)),
+        positions=positions, log_end=log_end, parts=parts, dataset=settings.dataset_uri,
         curator=read_health(settings), curators=read_curators(settings),
         disk_bytes={name: _disk_bytes(settings.feedback_dir / name) for name in ("log", "spool", "curator", "dataset")},
     )

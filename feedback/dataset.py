@@ -1,6 +1,7 @@
 """The curated dataset: Parquet parts partitioned by day, and a manifest of what each part covers.
 
-Layout under `<feedback_dir>/dataset`: `day=YYYY-MM-DD/part-<batch>-<n>.parquet` and `manifest.json`.
+Layout under `feedback.dataset_uri` (default `<feedback_dir>/dataset`; partitioned curation may put it on an
+object store, read and written through fsspec): `day=YYYY-MM-DD/part-<batch>-<n>.parquet` and `manifest.json`.
 Parts are written atomically (temp file, fsync, rename). The curator lists a part in its state in the
 same transaction that records the positions it consumed, then rewrites the manifest from that state,
 so the manifest names only committed parts: readers go through it and never see a part from a batch
@@ -15,11 +16,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
 
 from feedback.review import ReviewLog
@@ -89,6 +92,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A Parquet file of `table`, whole, for a store that takes a file in one put."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return cast(bytes, sink.getvalue().to_pybytes())
+
+
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)`, fsync the result, rename it onto `path`, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +129,7 @@ def canary_ratings(settings: Settings, dataset: CuratedDataset | None = None
                    ) -> Callable[[str, datetime], list[tuple[str, float, str | None]]]:
     """`(task, since)` -> the ratings a task's canary is judged on (`canary.count_anonymous` says whose count): what
     the controller, the admin API, the console and the CLI all review it with (`dataset`: a reader to share)."""
-    dataset = dataset or CuratedDataset(settings.feedback_dir / "dataset")
+    dataset = dataset or curated_dataset(settings)
     return lambda task, since: dataset.ratings(task, since, anonymous=settings.canary.count_anonymous)
 
 
@@ -159,36 +169,61 @@ RATED_COLUMNS = ["event_id", "request_id", "task", "feedback_ts", "adapter_versi
                  "authenticated"]
 
 
+def curated_dataset(settings: Settings) -> CuratedDataset:
+    """The curated dataset where `feedback.dataset_uri` puts it, its review log under the feedback directory."""
+    return CuratedDataset(settings.dataset_uri, settings.feedback.dataset_storage_options,
+                          review_dir=settings.feedback_dir)
+
+
 class CuratedDataset:
     """Writer (for the curator) and reader (for the learning plane and `flywheel feedback export`).
 
     Readers see the current verdicts: one per rater per answer, retracted rows (feedback.review) left out.
     """
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.reviews = ReviewLog(root.parent)
+    def __init__(self, root: Path | str, storage_options: dict[str, Any] | None = None,
+                 review_dir: Path | None = None) -> None:
+        """`root`: a local path or an fsspec URL; `review_dir`: where the review log is (default: beside a local
+        `root`; give it for an object store)."""
+        self.fs, self.root = fsspec.core.url_to_fs(str(root), **(storage_options or {}))
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.arrow_fs = None if self.is_local else self.fs  # pyarrow reads local paths natively
+        self.reviews = ReviewLog(review_dir or Path(self.root).parent)
         self._counts: dict[tuple[str, int], dict[str, int]] = {}  # rows per task of parts that do not say
         # the rated rows of each part read for ratings: a committed part changes only when an erasure rewrites it
-        # (fewer rows, a new mtime), so polling readers (the canary controller, the console) read each part once
-        self._rated_rows: dict[tuple[str, int, int], list[_RatedRow]] = {}
+        # (fewer rows, a new file), so polling readers (the canary controller, the console) read each part once
+        self._rated_rows: dict[tuple[str, int, str], list[_RatedRow]] = {}
 
     # -- writing -------------------------------------------------------------------------------
 
+    def path(self, relative: str) -> str:
+        """Where a file of the dataset is on its store (`fs`)."""
+        return f"{self.root}/{relative}"
+
     def write_part(self, relative_path: str, rows: list[CuratedExample]) -> None:
-        table = pa.Table.from_pylist([row.model_dump() for row in rows], schema=SCHEMA)
-        write_atomically(self.root / relative_path, lambda tmp: pq.write_table(table, tmp))
+        self.write_table(relative_path, pa.Table.from_pylist([row.model_dump() for row in rows], schema=SCHEMA))
+
+    def write_table(self, relative_path: str, table: pa.Table) -> None:
+        self._put(relative_path, parquet_bytes(table))
 
     def write_manifest(self, manifest: Manifest) -> None:
-        text = manifest.model_dump_json(indent=1)
-        write_atomically(self.root / MANIFEST, lambda tmp: tmp.write_text(text))
+        self._put(MANIFEST, manifest.model_dump_json(indent=1).encode())
+
+    def _put(self, relative_path: str, data: bytes) -> None:
+        """Replace a file whole: readers see the old one or the new one (a rename here, one PUT on an object store)."""
+        if self.is_local:
+            write_atomically(Path(self.path(relative_path)), lambda tmp: tmp.write_bytes(data))
+        else:
+            self.fs.pipe_file(self.path(relative_path), data)
 
     def remove_unlisted(self, listed: Iterable[str]) -> list[str]:
-        """Delete parts (and temp files) the manifest does not name: leftovers of a crashed batch."""
+        """Delete parts (and temp files) the manifest does not name: leftovers of a crashed batch (the single
+        curator's, whose dataset is on a local disk)."""
         keep = set(listed)
         removed = []
-        for path in sorted(self.root.glob("day=*/*")):
-            relative = path.relative_to(self.root).as_posix()
+        root = Path(self.root)
+        for path in sorted(root.glob("day=*/*")):
+            relative = path.relative_to(root).as_posix()
             if relative not in keep:
                 path.unlink()
                 removed.append(relative)
@@ -197,10 +232,15 @@ class CuratedDataset:
     # -- reading -------------------------------------------------------------------------------
 
     def manifest(self) -> Manifest:
-        path = self.root / MANIFEST
-        if not path.is_file():
+        try:  # read, not listed first: an object store's listings may be cached
+            text = self.fs.cat_file(self.path(MANIFEST))
+        except FileNotFoundError:
             return Manifest(updated_at=datetime.now(UTC))
-        return Manifest.model_validate_json(path.read_text())
+        return Manifest.model_validate_json(text)
+
+    def read_part(self, relative_path: str, **options: Any) -> pa.Table:
+        """One part's rows; `options` as pyarrow's `read_table` takes them (columns, filters)."""
+        return pq.read_table(self.path(relative_path), schema=SCHEMA, filesystem=self.arrow_fs, **options)
 
     def read_table(self, manifest: Manifest | None = None, until: Mapping[str, int] | None = None) -> pa.Table:
         """Rows of the parts `manifest` names (default: the current one), PII already masked.
@@ -213,7 +253,7 @@ class CuratedDataset:
         return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
     def _read_part(self, part: PartFile, until: Mapping[str, int] | None, task: str | None = None) -> pa.Table:
-        table = pq.read_table(self.root / part.path, schema=SCHEMA)
+        table = self.read_part(part.path)
         if task is not None:
             table = table.filter(pc.equal(table["task"], task))
         if until is None:
@@ -239,7 +279,7 @@ class CuratedDataset:
     def _counted(self, part: PartFile) -> dict[str, int]:
         key = (part.path, part.rows)  # an erasure rewrites a part with fewer rows
         if key not in self._counts:
-            column = pq.read_table(self.root / part.path, columns=["task"], schema=SCHEMA)["task"]
+            column = self.read_part(part.path, columns=["task"])["task"]
             self._counts[key] = {e["values"]: e["counts"] for e in pc.value_counts(column).to_pylist()}
         return self._counts[key]
 
@@ -291,7 +331,7 @@ class CuratedDataset:
         manifest = manifest or self.manifest()
         latest: dict[tuple[str, str], _Rating] = {}
         retracted = self.reviews.retracted()
-        read: dict[tuple[str, int, int], list[_RatedRow]] = {}
+        read: dict[tuple[str, int, str], list[_RatedRow]] = {}
         for part in manifest.files:
             if part.created_at < since:
                 continue
@@ -307,13 +347,12 @@ class CuratedDataset:
         self._rated_rows = read  # parts that left the window are forgotten
         return list(latest.values())
 
-    def _part_ratings(self, part: PartFile, read: dict[tuple[str, int, int], list[_RatedRow]]) -> list[_RatedRow]:
-        path = self.root / part.path
-        key = (part.path, part.rows, path.stat().st_mtime_ns)
+    def _part_ratings(self, part: PartFile, read: dict[tuple[str, int, str], list[_RatedRow]]) -> list[_RatedRow]:
+        key = (part.path, part.rows, self.fs.ukey(self.path(part.path)))
         rows = self._rated_rows.get(key)
         if rows is None:
             rows = []
-            for row in pq.read_table(path, schema=SCHEMA, columns=RATED_COLUMNS).to_pylist():
+            for row in self.read_part(part.path, columns=RATED_COLUMNS).to_pylist():
                 value = row["rating"] if row["rating"] is not None else THUMB_RATING.get(row["thumb"] or "")
                 if value is not None:
                     rows.append(_RatedRow(row["feedback_ts"], row["task"], row["adapter_version"], float(value),

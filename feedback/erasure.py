@@ -24,11 +24,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from feedback.curator import dataset_path, state_path
-from feedback.dataset import SCHEMA, CuratedDataset, PartFile, task_counts, write_atomically
+from feedback.curator import state_path
+from feedback.dataset import PartFile, curated_dataset, task_counts
 from feedback.local_log import READ_CHUNK
 from feedback.pii import pseudonym
 from feedback.review import ReviewLog
@@ -87,9 +86,9 @@ def forget(settings: Settings, user: str) -> Erasure:
 
 def _curated(settings: Settings, match: _Matcher, report: Erasure) -> tuple[set[str], set[str]]:
     """Rewrite the parts holding the user's rows; (their event ids, their request ids)."""
-    dataset = CuratedDataset(dataset_path(settings))
+    dataset = curated_dataset(settings)
     parts = dataset.manifest().files
-    tables = {part.path: pq.read_table(dataset.root / part.path, schema=SCHEMA) for part in parts}
+    tables = {part.path: dataset.read_part(part.path) for part in parts}
     request_ids: set[str] = set()
     for table in tables.values():
         for column in ("rater", "asker", "user_id"):
@@ -105,7 +104,7 @@ def _curated(settings: Settings, match: _Matcher, report: Erasure) -> tuple[set[
             continue
         event_ids |= set(table.filter(theirs)["event_id"].to_pylist())
         kept = table.filter(pc.invert(theirs))
-        write_atomically(dataset.root / part.path, lambda tmp, kept=kept: pq.write_table(kept, tmp))
+        dataset.write_table(part.path, kept)
         report.curated_rows += table.num_rows - kept.num_rows
         rewritten.append(part.model_copy(update={"rows": kept.num_rows,
                                                  "tasks": task_counts(kept["task"].to_pylist())}))

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from feedback.curator import state_path
-from feedback.dataset import SCHEMA, CuratedDataset, current_verdicts
+from feedback.dataset import SCHEMA, CuratedDataset, curated_dataset, current_verdicts
 from feedback.review import Judgement
 from feedback.schemas import CuratedExample
 from feedback.trust import Assessed, Trust, assess, pending_review
@@ -45,13 +45,9 @@ class PendingCorrection(BaseModel):
     at: datetime
 
 
-def _dataset(settings: Settings) -> CuratedDataset:
-    return CuratedDataset(settings.feedback_dir / "dataset")
-
-
 def assessed_rows(settings: Settings, task: str | None = None) -> list[Assessed]:
     """The current verdicts of `task` (default: every task), each task's assessed on its own."""
-    dataset = _dataset(settings)
+    dataset = curated_dataset(settings)
     decisions = dataset.reviews.decisions()
     by_task: dict[str, list[CuratedExample]] = {}
     for row in dataset.examples(task=task):
@@ -80,7 +76,7 @@ def review_queue(settings: Settings, task: str | None = None) -> list[PendingCor
 def judge(settings: Settings, event_ids: Iterable[str], action: Literal["approve", "reject", "retract"], by: str,
           reason: str = "") -> tuple[list[str], list[str]]:
     """Record `action` on each event; returns (judged, unknown ids). Approving makes a row `reviewed`."""
-    dataset = _dataset(settings)
+    dataset = curated_dataset(settings)
     wanted = list(dict.fromkeys(event_ids))
     known = _existing_events(dataset, set(wanted))
     judged = [e for e in wanted if e in known]
@@ -91,7 +87,7 @@ def judge(settings: Settings, event_ids: Iterable[str], action: Literal["approve
 def _existing_events(dataset: CuratedDataset, event_ids: set[str]) -> set[str]:
     found: set[str] = set()
     for part in dataset.manifest().files:
-        column = pq.read_table(dataset.root / part.path, columns=["event_id"], schema=SCHEMA)["event_id"]
+        column = dataset.read_part(part.path, columns=["event_id"])["event_id"]
         found |= set(pc.filter(column, pc.is_in(column, value_set=_strings(event_ids))).to_pylist())
     return found
 
@@ -102,16 +98,16 @@ def _strings(values: Iterable[str]) -> pa.Array:
 
 def author_of(settings: Settings, event_id: str) -> str | None:
     """The rater of a curated event (None: no such event, or one from before identities)."""
-    rows = _rows_where(_dataset(settings), "event_id", event_id)
+    rows = _rows_where(curated_dataset(settings), "event_id", event_id)
     return rows[0]["rater"] if rows else None
 
 
 def events_matching(settings: Settings, *, rater: str | None = None, request_id: str | None = None) -> list[str]:
     """Event ids of every curated row by `rater`, or about `request_id`."""
-    dataset = _dataset(settings)
+    dataset = curated_dataset(settings)
     ids: list[str] = []
     for part in dataset.manifest().files:
-        table = pq.read_table(dataset.root / part.path, columns=["event_id", "request_id", "rater"], schema=SCHEMA)
+        table = dataset.read_part(part.path, columns=["event_id", "request_id", "rater"])
         if rater is not None:
             table = table.filter(pc.equal(table["rater"], rater))
         if request_id is not None:
@@ -226,7 +222,7 @@ def _version_lineage(settings: Settings, version: str) -> VersionLineage:
 
 
 def _event_lineage(settings: Settings, event_id: str) -> EventLineage:
-    dataset = _dataset(settings)
+    dataset = curated_dataset(settings)
     table = _rows_where(dataset, "event_id", event_id)
     row = CuratedExample.model_validate(table[0]) if table else None
     judgements = [j for j in dataset.reviews.judgements() if j.event_id == event_id]
@@ -246,14 +242,16 @@ def _event_lineage(settings: Settings, event_id: str) -> EventLineage:
 
 def _rows_where(dataset: CuratedDataset, column: str, value: str) -> list[dict[str, Any]]:
     """Curated rows whose `column` is `value`: the parts scanned as one dataset, in parallel."""
-    paths = [str(dataset.root / part.path) for part in dataset.manifest().files]
+    paths = [dataset.path(part.path) for part in dataset.manifest().files]
     if not paths:
         return []
     match = ds.field(column) == value
     # first only the one column, to learn which parts hold a match; then those parts' whole rows
-    scanner = ds.dataset(paths, schema=SCHEMA, format="parquet").scanner(columns=[column], filter=match)
+    scanner = ds.dataset(paths, schema=SCHEMA, format="parquet", filesystem=dataset.arrow_fs).scanner(
+        columns=[column], filter=match)
     holding = sorted({tagged.fragment.path for tagged in scanner.scan_batches() if tagged.record_batch.num_rows})
-    return [row for path in holding for row in pq.read_table(path, schema=SCHEMA, filters=match).to_pylist()]
+    return [row for path in holding for row in pq.read_table(path, schema=SCHEMA, filters=match,
+                                                              filesystem=dataset.arrow_fs).to_pylist()]
 
 
 def _waiting_prediction(settings: Settings, request_id: str) -> str | None:
@@ -273,7 +271,7 @@ def lineage(settings: Settings, identifier: str) -> Lineage:
             return Lineage(kind="version", version=_version_lineage(settings, identifier))
         except (RegistryError, OSError, ValueError) as exc:
             raise LookupError(f"no version {identifier!r}") from exc
-    dataset = _dataset(settings)
+    dataset = curated_dataset(settings)
     answered = _rows_where(dataset, "request_id", identifier)
     version = answered[0]["adapter_version"] if answered else _waiting_prediction(settings, identifier)
     if version is not None:

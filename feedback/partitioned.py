@@ -8,10 +8,12 @@ pairs it owns. A rebalance moves pairs between curators; nothing is shared betwe
 
 Output: a chain of commits per pair. Each batch of a pair covers offsets [start, end) of both its
 partitions, `start` being the `end` of the pair's previous commit (0, 0 for the first). It is written as
-  1. Parquet parts `day=<D>/part-p<pair>-<pred start>-<pred end>-<fb start>-<fb end>.parquet` (atomic
-     rename; the name follows from the range, so a rewrite of the same range replaces, never adds), then
+  1. Parquet parts `day=<D>/part-p<pair>-<pred start>-<pred end>-<fb start>-<fb end>.parquet` (atomic: a
+     rename here, one PUT on an object store; the name follows from the range, so a rewrite of the same range
+     replaces, never adds), then
   2. the commit `commits/pair=<pair>/<pred start>-<fb start>.json`, which names those parts and `end`,
-     created only if that name is still free (a hard link here; `If-None-Match: *` on an object store).
+     created only if that name is still free (a hard link on a disk; `If-None-Match: *` on an object store,
+     which `feedback.dataset_uri` may name: curators on many machines then share no volume).
 Only a commit makes rows visible: readers go through the commits (`PartitionedDataset.manifest()`, also
 written to `manifest.json` by every curator after its commits). A crash before the commit leaves parts no
 commit names (invisible; rewritten or removed later); a crash after it leaves a complete batch. Two
@@ -36,6 +38,7 @@ at those limits: it may then drop a join the original would have made later, nev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -49,7 +52,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError
@@ -63,23 +67,24 @@ from feedback.curator import (
     Curator,
     Located,
     SourceRecord,
-    dataset_path,
     decoded,
     join,
     may_rate,
 )
-from feedback.dataset import MANIFEST, SCHEMA, CuratedDataset, Manifest, PartFile
+from feedback.dataset import MANIFEST, SCHEMA, CuratedDataset, Manifest, PartFile, parquet_bytes
 from feedback.pii import mask_event
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent
 from feedback.supervisor import report_lag
 from flywheel.config import Settings
+from flywheel.registry import create_exclusive
 
 log = logging.getLogger("flywheel.feedback.partitioned")
 
 COMMITS = "commits"
 PREDICTIONS, FEEDBACK = 0, 1  # a pair's sides, the index into every (predictions, feedback) tuple
 Offsets = tuple[int, int]
-_PART = re.compile(r"part-p(\d+)-(\d+)-(\d+)-(\d+)-(\d+)\.parquet$")
+_PART = re.compile(r"day=[^/]+/part-p(\d+)-(\d+)-(\d+)-(\d+)-(\d+)\.parquet")
+_COMMIT = re.compile(rf"{COMMITS}/pair=\d+/\d+-\d+\.json")
 
 
 class CommitConflict(Exception):
@@ -137,12 +142,25 @@ def _write_new(path: Path, write: Callable[[Path], object], *, replace: bool) ->
     _fsync(path.parent)
 
 
+def _store(fs: AbstractFileSystem, path: str, data: bytes, *, exclusive: bool) -> None:
+    """Put `data` at `path` whole: replacing what is there, or (`exclusive`) only if nothing is (CommitConflict).
+    A local disk: a temp file of this writer's own, renamed or hard-linked; an object store: one PUT, conditional
+    (If-None-Match) when exclusive."""
+    if isinstance(fs, LocalFileSystem):
+        _write_new(Path(path), lambda tmp: tmp.write_bytes(data), replace=not exclusive)
+    elif not exclusive:
+        fs.pipe_file(path, data)
+    elif not create_exclusive(fs, path, data.decode()):
+        raise CommitConflict(path)
+
+
 class PartitionedDataset:
     """The curated dataset as chains of commits, one chain per pair; see the module docstring."""
 
-    def __init__(self, root: Path, predictions_topic: str, feedback_topic: str) -> None:
-        self.root = root
-        self.curated = CuratedDataset(root)
+    def __init__(self, root: Path | str, predictions_topic: str, feedback_topic: str,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.curated = CuratedDataset(root, storage_options)
+        self.fs, self.root = self.curated.fs, self.curated.root
         self._topics = (predictions_topic, feedback_topic)
         self._read: dict[str, PairCommit] = {}  # commits never change: each is read once
 
@@ -151,12 +169,11 @@ class PartitionedDataset:
 
     def commits(self, pair: int | None = None) -> list[PairCommit]:
         """The committed batches (of one pair), in chain order."""
-        pattern = "pair=*/*.json" if pair is None else f"pair={pair:04d}/*.json"
+        folder = COMMITS if pair is None else f"{COMMITS}/pair={pair:04d}"
         found = []
-        for path in (self.root / COMMITS).glob(pattern):
-            key = path.relative_to(self.root).as_posix()
+        for key in self._find(folder, _COMMIT):
             if key not in self._read:
-                self._read[key] = PairCommit.model_validate_json(path.read_text())
+                self._read[key] = PairCommit.model_validate_json(self.fs.cat_file(self.curated.path(key)))
             found.append(self._read[key])
         return sorted(found, key=lambda commit: (commit.pair, commit.start))
 
@@ -174,13 +191,25 @@ class PartitionedDataset:
         for day, day_rows in sorted(by_day.items()):
             name = part_name(pair, day, start, end)
             table = pa.Table.from_pylist([row.model_dump() for row in day_rows], schema=SCHEMA)
-            _write_new(self.root / name, lambda tmp, table=table: pq.write_table(table, tmp), replace=True)
+            _store(self.fs, self.curated.path(name), parquet_bytes(table), exclusive=False)
             files.append(PartFile(path=name, day=day, batch=sequence, rows=len(day_rows), offsets=offsets,
                                   positions=positions, created_at=now))
         commit = PairCommit(pair=pair, start=start, end=end, files=files, created_at=now)
-        text = commit.model_dump_json(indent=1)
-        _write_new(self.root / commit_name(pair, start), lambda tmp: tmp.write_text(text), replace=False)
+        _store(self.fs, self.curated.path(commit_name(pair, start)), commit.model_dump_json(indent=1).encode(),
+               exclusive=True)
         return commit
+
+    def parts(self) -> list[str]:
+        """Every part written, committed or not."""
+        return self._find("", _PART)
+
+    def _find(self, folder: str, name: re.Pattern[str]) -> list[str]:
+        """Files under `folder` (relative to the root) whose relative path matches `name`, listed afresh: an
+        object store's cached listing would miss what other curators wrote since."""
+        self.fs.invalidate_cache()
+        listed = self.fs.find(self.curated.path(folder) if folder else self.root)
+        found = (path.removeprefix(f"{self.root}/") for path in listed)
+        return [relative for relative in found if name.fullmatch(relative)]
 
     def remove_orphans(self, pair: int, chain: Iterable[PairCommit]) -> list[str]:
         """Delete parts of `pair` that no commit names and none ever can: another batch was committed from
@@ -189,11 +218,11 @@ class PartitionedDataset:
         named = {part.path for commit in chain for part in commit.files}
         taken = {commit.start for commit in chain}
         removed = []
-        for path in self.root.glob(f"day=*/part-p{pair:04d}-*.parquet"):
-            relative = path.relative_to(self.root).as_posix()
-            match = _PART.search(path.name)
-            if match and relative not in named and (int(match[2]), int(match[4])) in taken:
-                path.unlink(missing_ok=True)
+        for relative in self.parts():
+            match = _PART.fullmatch(relative)
+            if match and int(match[1]) == pair and relative not in named and (int(match[2]), int(match[4])) in taken:
+                with contextlib.suppress(FileNotFoundError):  # another curator removed it first
+                    self.fs.rm_file(self.curated.path(relative))
                 removed.append(relative)
         return removed
 
@@ -217,8 +246,7 @@ class PartitionedDataset:
         except ValueError:  # not written by this code: replace it
             current = -1
         if len(manifest.files) != current:  # commits are only ever added: a count tells a stale manifest
-            text = manifest.model_dump_json(indent=1)
-            _write_new(self.root / MANIFEST, lambda tmp: tmp.write_text(text), replace=True)
+            _store(self.fs, self.curated.path(MANIFEST), manifest.model_dump_json(indent=1).encode(), exclusive=False)
         return manifest
 
 
@@ -303,7 +331,7 @@ class PartitionedCurator:
         self._topics = (fs.predictions_topic, fs.feedback_topic)
         self._batch_size = fs.curator_batch_size
         self._flush_s = fs.curator_flush_s
-        self.dataset = PartitionedDataset(dataset_path(settings), *self._topics)
+        self.dataset = partitioned_dataset(settings)
         self._pairs: dict[int, PairState] = {}
         self._rebalanced = threading.Event()
         self._last_prune = time.monotonic()
@@ -566,6 +594,13 @@ class PartitionedCurator:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+
+def partitioned_dataset(settings: Settings) -> PartitionedDataset:
+    """The chains of commits where `feedback.dataset_uri` puts the curated dataset."""
+    feedback = settings.feedback
+    return PartitionedDataset(settings.dataset_uri, feedback.predictions_topic, feedback.feedback_topic,
+                              feedback.dataset_storage_options)
 
 
 def build_curator(settings: Settings) -> Curator | PartitionedCurator:

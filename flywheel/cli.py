@@ -877,6 +877,24 @@ def bench_trust(
     ]), as_json)
 
 
+@bench_app.command("curation")
+def bench_curation(
+    config: ConfigOption = None,
+    ratings: Annotated[int, typer.Option(help="Ratings (a prediction and its feedback each) per run.")] = 3000,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/curation.json"),
+    as_json: JsonOption = False,
+) -> None:
+    """Ratings curated per second by 1 and by 3 partitioned curators in one group (feedback.kafka_bootstrap, or
+    the dev broker started for it), the dataset under feedback.dataset_uri."""
+    from loadtests.bench_curation import run_curation_bench
+
+    configure_logging()
+    r = run_curation_bench(settings_or_exit(config), ratings=ratings, say=progress)
+    write_report(out, r, f"{r.ratings} ratings: 3 curators {r.three_curators_per_s:.0f}/s / 1 curator "
+                 f"{r.one_curator_per_s:.0f}/s = {r.three_over_one:.2f}x (published at {r.published_per_s:.0f}/s; "
+                 f"dataset: {r.dataset_uri})", as_json)
+
+
 @bench_app.command("console")
 def bench_console(
     config: ConfigOption = None,

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import fsspec
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -31,6 +32,7 @@ from flywheel.auth import is_loopback, valid_rate
 from flywheel.tasks import DEMO_TASK, BaseVersionName, TaskName, TaskSpec
 
 DEMO_MODEL = "demo"
+LOCAL_PROTOCOLS = ("file", "local")  # fsspec's names for this machine's disk
 DEMO_CONTEXT = 512  # tokens of context the demo base is built with (known before it is built)
 SHARED_SETTINGS_ENV = "FLYWHEEL_SETTINGS_JSON"
 ADMIN_TOKEN_ENV, SASL_PASSWORD_ENV = "FLYWHEEL_ADMIN_TOKEN", "FLYWHEEL_FEEDBACK__SASL_PASSWORD"  # where secrets travel
@@ -57,6 +59,21 @@ class ModelSettings(BaseModel):
 _CREDENTIAL_NAME = re.compile(r"secret|passw|token|credential|access_key|(^|_)key$", re.IGNORECASE)
 
 
+def refuse_credentials(options: dict[str, Any], setting: str) -> dict[str, Any]:
+    """Storage options travel with every job and replica's settings: a credential among them would be on show."""
+    def named(value: Any, path: str) -> list[str]:
+        if not isinstance(value, dict):
+            return []
+        found = [f"{path}{key}" for key in value if _CREDENTIAL_NAME.search(str(key))]
+        return found + [hit for key, inner in value.items() for hit in named(inner, f"{path}{key}.")]
+
+    if found := named(options, f"{setting}."):
+        raise ValueError(f"{', '.join(found)} looks like a credential: give it to the process that uses it in "
+                         "its environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_"
+                         "CREDENTIALS…), never in the settings, which travel with every job")
+    return options
+
+
 class RegistrySettings(BaseModel):
     uri: str = Field("", description="Local path or fsspec URL (s3:// with the `s3` extra, gs:// with `gcs`). "
                      "Empty: `<home>/registry`.")
@@ -68,18 +85,7 @@ class RegistrySettings(BaseModel):
     @field_validator("storage_options")
     @classmethod
     def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
-        """These options travel with every job and replica's settings: a credential here would be on show."""
-        def named(value: Any, path: str) -> list[str]:
-            if not isinstance(value, dict):
-                return []
-            found = [f"{path}{key}" for key in value if _CREDENTIAL_NAME.search(str(key))]
-            return found + [hit for key, inner in value.items() for hit in named(inner, f"{path}{key}.")]
-
-        if found := named(options, "registry.storage_options."):
-            raise ValueError(f"{', '.join(found)} looks like a credential: give it to the process that uses it in "
-                             "its environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_"
-                             "CREDENTIALS…), never in the settings, which travel with every job")
-        return options
+        return refuse_credentials(options, "registry.storage_options")
 
 
 class VLLMSettings(BaseModel):
@@ -244,11 +250,34 @@ class FeedbackSettings(BaseModel):
         100_000, ge=1, description="Most feedback waiting for a prediction; the oldest beyond it is dropped (a "
         "client can send feedback for any well-formed request id).")
 
+    dataset_uri: str = Field(
+        "", description="Where the curated dataset lives: a local path, or (with `curation: partitioned`) an fsspec "
+        "URL such as s3://bucket/dataset (the `s3` extra), so curators on many machines share it with no "
+        "ReadWriteMany volume. Empty: `<home>/feedback/dataset`.")
+    dataset_storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for `dataset_uri`, e.g. {endpoint_url: http://minio:9000}. "
+        "Credentials come from the environment (AWS_ACCESS_KEY_ID…), not from here.")
+
+    @field_validator("dataset_storage_options")
+    @classmethod
+    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return refuse_credentials(options, "feedback.dataset_storage_options")
+
     @model_validator(mode="after")
     def _partitioned_needs_kafka(self) -> FeedbackSettings:
         if self.curation == "partitioned" and not self.kafka_bootstrap:
             raise ValueError("feedback.curation partitioned needs feedback.kafka_bootstrap (the local log has one "
                              "partition and one curator)")
+        return self
+
+    @model_validator(mode="after")
+    def _object_store_needs_partitioned(self) -> FeedbackSettings:
+        protocol = fsspec.utils.get_protocol(self.dataset_uri) if self.dataset_uri else "file"
+        if protocol not in fsspec.available_protocols():
+            raise ValueError(f"feedback.dataset_uri {self.dataset_uri!r}: fsspec knows no {protocol}:// store")
+        if protocol not in LOCAL_PROTOCOLS and self.curation != "partitioned":
+            raise ValueError(f"feedback.dataset_uri {self.dataset_uri!r} is on an object store: that needs "
+                             "feedback.curation partitioned (the single curator keeps its dataset on a local disk)")
         return self
 
 
@@ -605,8 +634,13 @@ class Settings(BaseSettings):
 
     @property
     def feedback_dir(self) -> Path:
-        """Local log, spool, curator state and curated dataset live under here."""
+        """Local log, spool, curator state, reviews and (by default) the curated dataset live under here."""
         return self.home / "feedback"
+
+    @property
+    def dataset_uri(self) -> str:
+        """Where the curated dataset lives (`feedback.dataset_uri`): a local path or an fsspec URL."""
+        return self.feedback.dataset_uri or str(self.feedback_dir / "dataset")
 
     @property
     def base_model_path(self) -> str:

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from feedback.dataset import CuratedDataset
+from feedback.dataset import curated_dataset
 from flywheel.config import Settings
 from flywheel.registry import known_tasks, registry_for
 from flywheel.runs import RetrainBusyError, RunStore
@@ -32,7 +32,7 @@ class RetrainScheduler(threading.Thread):
         self.check_every_s = check_every_s
         self.may_start = may_start
         self.store = RunStore(settings.home / "runs")
-        self.dataset = CuratedDataset(settings.feedback_dir / "dataset")
+        self.dataset = curated_dataset(settings)
         self.started = time.time()
 
     def due(self, task: str | None = None) -> tuple[bool, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel
 
-from feedback.dataset import CuratedDataset, Manifest, PartFile
+from feedback.dataset import Manifest, PartFile, curated_dataset
 from feedback.erasure import forget
 from feedback.oversight import lineage
 from feedback.schemas import CuratedExample
@@ -74,7 +74,7 @@ def scratch_home(root: Path, rows: int, versions: int) -> tuple[Settings, Curate
     """A home with `rows` curated rows of task `faq` (1 % by user `bench-user`) and `versions` versions each
     trained on a slice of them. Returns the settings, one row of that user's, and the newest version."""
     settings = Settings(home=root, tasks=[{"name": "faq", "kind": "generation", "metric": "token_f1"}])
-    dataset = CuratedDataset(settings.feedback_dir / "dataset")
+    dataset = curated_dataset(settings)
     t0 = datetime(2026, 12, 1, tzinfo=UTC)
     parts, all_rows = [], []
     for batch, start in enumerate(range(0, rows, ROWS_PER_PART), start=1):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import typer
 import yaml
+from pydantic import ValidationError
 
 from flywheel.cli_common import settings_or_exit
 from flywheel.config import Settings, TrainSettings, load_settings
@@ -112,21 +113,35 @@ def test_no_secret_travels_in_a_deployment_runtime_env_or_init_args(
     assert "FLYWHEEL_ADMIN_TOKEN" in caplog.text and TOKEN not in caplog.text
 
 
+@pytest.mark.parametrize(("section", "field"),
+                         [("registry", "storage_options"), ("feedback", "dataset_storage_options")])
 def test_a_credential_in_storage_options_is_refused_without_echoing_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    section: str, field: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "flywheel.yaml"
     for options in ({"key": "AKIA-1", "secret": "s3cr3t-value"},
                     {"client_kwargs": {"aws_secret_access_key": "s3cr3t-value"}}, {"token": "s3cr3t-value"}):
-        config.write_text(yaml.safe_dump({"home": str(tmp_path / "home"), "registry": {"storage_options": options}}))
+        config.write_text(yaml.safe_dump({"home": str(tmp_path / "home"), section: {field: options}}))
         with pytest.raises(typer.Exit):
             settings_or_exit(config)
         refused = capsys.readouterr().err
-        assert "looks like a credential" in refused and "registry.storage_options" in refused
+        assert "looks like a credential" in refused and f"{section}.{field}" in refused
         assert "s3cr3t-value" not in refused
     allowed = {"endpoint_url": "http://minio:9000", "key_prefix": "a", "config_kwargs": {"signature_version": "s3v4"}}
-    assert load_settings(home=tmp_path / "home", registry={"storage_options": allowed}).registry.storage_options \
+    assert getattr(getattr(load_settings(home=tmp_path / "home", **{section: {field: allowed}}), section), field) \
         == allowed
+
+
+def test_the_curated_dataset_goes_on_an_object_store_only_with_partitioned_curation(tmp_path: Path) -> None:
+    assert Settings(home=tmp_path).dataset_uri == str(tmp_path / "feedback" / "dataset")
+    with pytest.raises(ValidationError, match=r"needs feedback\.curation partitioned"):
+        Settings(home=tmp_path, feedback={"dataset_uri": "s3://bucket/dataset"})
+    with pytest.raises(ValidationError, match="fsspec knows no nope:// store"):
+        Settings(home=tmp_path, feedback={"dataset_uri": "nope://bucket/dataset"})
+    remote = Settings(home=tmp_path, feedback={"dataset_uri": "s3://bucket/dataset", "curation": "partitioned",
+                                               "kafka_bootstrap": "kafka:9092"})
+    assert remote.dataset_uri == "s3://bucket/dataset"
+    assert Settings(home=tmp_path, feedback={"dataset_uri": str(tmp_path / "d")}).dataset_uri == str(tmp_path / "d")
 
 
 def test_small_datasets_get_more_epochs_the_way_hosted_services_pick_them() -> None:

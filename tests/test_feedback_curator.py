@@ -152,8 +152,9 @@ def test_crash_between_parquet_write_and_commit_is_replayed_exactly(
         curator.drain(timeout_s=120)
     curator.close()  # the dead process's consumer leaves the group
     monkeypatch.undo()
-    dataset = CuratedDataset(settings.feedback_dir / "dataset")
-    on_disk = {p.relative_to(dataset.root).as_posix() for p in dataset.root.glob("day=*/*.parquet")}
+    root = settings.feedback_dir / "dataset"
+    dataset = CuratedDataset(root)
+    on_disk = {p.relative_to(root).as_posix() for p in root.glob("day=*/*.parquet")}
     listed = {part.path for part in dataset.manifest().files}
     assert listed < on_disk, "the crashed batch left parts the manifest does not name"
 

@@ -7,21 +7,34 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import pytest
 from kafka import KafkaProducer
 from pydantic import ValidationError
 
 from feedback.bus import kafka_client_config
-from feedback.curator import BatchResult, Located, SourceRecord, dataset_path, feedback_status, join
-from feedback.dataset import CuratedDataset
-from feedback.partitioned import CommitConflict, PairState, PartitionedCurator, PartitionedDataset, commit_name
+from feedback.curator import BatchResult, Located, SourceRecord, feedback_status, join
+from feedback.dataset import CuratedDataset, curated_dataset
+from feedback.oversight import author_of, events_matching
+from feedback.partitioned import (
+    CommitConflict,
+    PairState,
+    PartitionedCurator,
+    PartitionedDataset,
+    commit_name,
+    partitioned_dataset,
+)
 from feedback.schemas import CuratedExample, encode_event
 from feedback.supervisor import read_curators, read_health
 from flywheel.config import Settings
 from tests.kafka_broker import event_pairs, interleaved, publish, write_config
+from tests.test_registry_s3 import s3_endpoint  # noqa: F401 - the moto server fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 CURATOR = """
 import json, os, signal, sys, threading
 from pathlib import Path
+from typing import Any
 from feedback import partitioned
 from flywheel.cli_common import settings_or_exit
 from flywheel.logs import configure_logging
@@ -38,16 +52,16 @@ from flywheel.logs import configure_logging
 config, owned, die_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 configure_logging()
 if die_at:
-    write_new, commits = partitioned._write_new, 0
-    def dying(path, write, *, replace):
+    store, commits = partitioned._store, 0
+    def dying(fs, path, data, *, exclusive):
         global commits
-        if not replace:
+        if exclusive:
             commits += 1
             if commits == die_at:
                 print("dying before commit", path, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
-        write_new(path, write, replace=replace)
-    partitioned._write_new = dying
+        store(fs, path, data, exclusive=exclusive)
+    partitioned._store = dying
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
 curator = partitioned.PartitionedCurator(settings_or_exit(config), session_timeout_ms=6000)
@@ -82,18 +96,33 @@ def _wait_for(what: str, check: Callable[[], bool], timeout_s: float, logs: list
 
 def _rows(settings: Settings) -> list[CuratedExample]:
     """What a reader sees: the rows of every committed part (straight from the commits)."""
-    fs = settings.feedback
-    root = dataset_path(settings)
-    manifest = PartitionedDataset(root, fs.predictions_topic, fs.feedback_topic).manifest()
-    table = CuratedDataset(root).read_table(manifest)
+    dataset = partitioned_dataset(settings)
+    table = dataset.curated.read_table(dataset.manifest())
     return [CuratedExample.model_validate(row) for row in table.to_pylist()]
 
 
+def _on_s3(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Feedback settings that put the dataset in a fresh bucket of the moto S3 server, credentials in the
+    environment (the curators' processes inherit it), as on a cluster."""
+    endpoint = request.getfixturevalue("s3_endpoint")
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    bucket = f"curated-{uuid.uuid4().hex[:8]}"
+    options = {"endpoint_url": endpoint}
+    fsspec.filesystem("s3", **options).mkdir(bucket)
+    return {"dataset_uri": f"s3://{bucket}/dataset", "dataset_storage_options": options}
+
+
 @pytest.mark.kafka
+@pytest.mark.parametrize("store", ["disk", "s3"])
 def test_three_curators_one_killed_mid_batch_curate_every_rating_exactly_once(
-    feedback_settings: Callable[..., Settings], tmp_path: Path
+    store: str, feedback_settings: Callable[..., Settings], tmp_path: Path, request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    settings = feedback_settings("kafka", curation="partitioned", curator_batch_size=20, curator_flush_s=0.05)
+    on_store = _on_s3(request, monkeypatch) if store == "s3" else {}
+    settings = feedback_settings("kafka", curation="partitioned", curator_batch_size=20, curator_flush_s=0.05,
+                                 **on_store)
     fs = settings.feedback
     producer = KafkaProducer(**kafka_client_config(fs))  # the broker creates both topics (num.partitions=4)
     try:
@@ -128,17 +157,21 @@ def test_three_curators_one_killed_mid_batch_curate_every_rating_exactly_once(
         _wait_for("the victim to die mid-batch", lambda: procs[0].poll() is not None, 30, logs)
         assert procs[0].returncode == -signal.SIGKILL, logs[0].read_text()[-3000:]
         assert "dying before commit" in logs[0].read_text()
-        root = dataset_path(settings)
-        named = {part.path for commit in PartitionedDataset(root, fs.predictions_topic, fs.feedback_topic).commits()
-                 for part in commit.files}
-        uncommitted = {p.relative_to(root).as_posix() for p in root.glob("day=*/part-*.parquet")} - named
+        dataset = partitioned_dataset(settings)  # the victim's pairs stand still until the group rebalances
+        written_parts = {path for path in dataset.parts()
+                         for pair in victim_pairs or [] if f"/part-p{pair:04d}-" in path}
+        uncommitted = written_parts - {part.path for commit in dataset.commits() for part in commit.files}
         assert uncommitted, "the victim died with no part written: not mid-batch"
+        # its rows are on the store, and no reader sees them (until a survivor curates them again and commits)
+        unseen = {event for path in uncommitted
+                  for event in dataset.curated.read_part(path, columns=["event_id"])["event_id"].to_pylist()}
+        assert unseen and unseen.isdisjoint(row.event_id for row in _rows(settings))
         died = time.monotonic()
 
         _wait_for("every rating curated", lambda: len(_rows(settings)) >= len(pairs), 60, logs)
         print(f"victim {victim_pairs} died; all {len(pairs)} curated {time.monotonic() - died:.1f}s later "
               f"({time.monotonic() - started:.1f}s in all)")
-        written = CuratedDataset(root)  # and what readers of manifest.json see, once the curators rewrote it
+        written = curated_dataset(settings)  # and what readers of manifest.json see, once the curators rewrote it
         _wait_for("manifest.json to name every part", lambda: sum(p.rows for p in written.manifest().files) ==
                   len(pairs), 15, logs)
         time.sleep(1.0)  # anything curated twice would show up now
@@ -174,12 +207,14 @@ def test_three_curators_one_killed_mid_batch_curate_every_rating_exactly_once(
     survivors = logs[1].read_text() + logs[2].read_text()
     for pair in victim_pairs or []:  # taken over from the victim's chain, its cache replayed from the topics
         assert f"event=pair_taken pair={pair} chain_end=" in survivors
-    written_ids = CuratedDataset(dataset_path(settings)).read_table()["event_id"].to_pylist()  # via manifest.json
+    written_ids = curated_dataset(settings).read_table()["event_id"].to_pylist()  # via manifest.json
     assert sorted(written_ids) == sorted(ids)
     status = feedback_status(settings)
     assert status.curated == len(pairs) and set(status.positions) == {
         f"{topic}/{p}" for topic in (fs.predictions_topic, fs.feedback_topic) for p in partitions}
     assert not (settings.feedback_dir / "curator" / "state.db").exists()  # no SQLite anywhere
+    if store == "s3":
+        assert status.dataset == settings.dataset_uri and not (settings.feedback_dir / "dataset").exists()
 
 
 def test_partitioned_curation_needs_kafka(tmp_path: Path) -> None:
@@ -216,7 +251,7 @@ def _offline_curator(settings: Settings) -> PartitionedCurator:
     """A curator's pair logic without a consumer group: the test hands it records itself."""
     curator = PartitionedCurator.__new__(PartitionedCurator)
     curator.settings, curator._topics = settings, ("p", "f")
-    curator.dataset = PartitionedDataset(dataset_path(settings), "p", "f")
+    curator.dataset = PartitionedDataset(settings.dataset_uri, "p", "f")
     curator._consumer = _NoBroker()  # type: ignore[assignment]
     return curator
 
@@ -237,21 +272,47 @@ def test_a_takeover_commits_nothing_until_both_partitions_reach_the_chains_end(t
     assert len(state.pending) == 2 and len(second.dataset.commits(0)) == 1  # feedback 6, 7 not read yet
     second._curate_pair(state, feedback[6:], BatchResult())
     assert [c.end for c in second.dataset.commits(0)] == [(4, 8), (12, 12)]
-    rows = CuratedDataset(dataset_path(settings)).read_table(second.dataset.manifest())["event_id"].to_pylist()
+    rows = curated_dataset(settings).read_table(second.dataset.manifest())["event_id"].to_pylist()
     assert sorted(rows) == sorted(fb.event_id for _, fb in pairs)
 
 
-def test_a_commit_is_created_once(tmp_path: Path) -> None:
-    """The second writer of a pair's batch from the same start is refused; its parts stay invisible."""
-    dataset = PartitionedDataset(tmp_path, "p", "f")
+@pytest.mark.parametrize("store", ["disk", "s3"])
+def test_a_commit_is_created_once(store: str, tmp_path: Path, request: pytest.FixtureRequest,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second writer of a pair's batch from the same start is refused (a hard link on a disk, a conditional
+    put on S3); its parts stay invisible."""
+    on_store = _on_s3(request, monkeypatch) if store == "s3" else {}
+    uri, options = str(on_store.get("dataset_uri", tmp_path)), on_store.get("dataset_storage_options")
+    dataset = PartitionedDataset(uri, "p", "f", options)
     (pred, fb), = event_pairs(1)
     row = join(Located(fb, "f/0", 0), Located(pred, "p/0", 0), "demo")
     first = dataset.write_batch(0, (0, 0), (1, 1), [row], 0)
     with pytest.raises(CommitConflict):
         dataset.write_batch(0, (0, 0), (2, 3), [row], 0)
-    assert (tmp_path / commit_name(0, (0, 0))).is_file()
+    assert dataset.fs.isfile(dataset.curated.path(commit_name(0, (0, 0))))
     assert [c.end for c in dataset.commits(0)] == [(1, 1)] and dataset.manifest().files == first.files
-    assert len(list(tmp_path.glob("day=*/*.parquet"))) == 2
+    assert len(dataset.parts()) == 2
     assert len(dataset.remove_orphans(0, dataset.commits(0))) == 1  # never committable: removed
-    assert CuratedDataset(tmp_path).read_table(dataset.manifest()).num_rows == 1
+    assert dataset.curated.read_table(dataset.manifest()).num_rows == 1
+    assert len(dataset.parts()) == 1
+    dataset.publish_manifest()  # and what a retrain, the scheduler and the canary read there
+    reader = CuratedDataset(uri, options, review_dir=tmp_path)
+    assert reader.rows_by_task() == {"demo": 1} and [r.event_id for r in reader.examples()] == [fb.event_id]
+    assert reader.ratings("demo", datetime(2000, 1, 1, tzinfo=UTC), anonymous=True) == [
+        (pred.adapter_version, float(fb.rating), fb.rater)]
+    settings = Settings(home=tmp_path / "home", feedback={
+        "curation": "partitioned", "kafka_bootstrap": "127.0.0.1:9", "dataset_uri": uri,
+        "dataset_storage_options": options or {}})
+    assert author_of(settings, fb.event_id) == fb.rater and events_matching(settings, rater=fb.rater) == [fb.event_id]
 
+
+@pytest.mark.kafka
+def test_the_curation_bench_at_a_small_size_curates_every_rating_in_both_runs(
+    feedback_settings: Callable[..., Settings],
+) -> None:
+    """`flywheel bench curation` (3 000 ratings by default) on the session's broker."""
+    from loadtests.bench_curation import run_curation_bench
+
+    report = run_curation_bench(feedback_settings("kafka"), ratings=200, say=print, timeout_s=90)
+    assert report.one_curator_per_s > 0 and report.three_curators_per_s > 0 and report.published_per_s > 0
+    assert report.three_over_one == report.three_curators_per_s / report.one_curator_per_s

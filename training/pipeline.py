@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from feedback.dataset import CuratedDataset
+from feedback.dataset import curated_dataset
 from feedback.trust import assess, pending_review, trainable
 from flywheel.bases import ServedBase, base_ref, context_length, served_base
 from flywheel.config import Settings
@@ -112,7 +112,7 @@ class Retrain:
             raise RuntimeError(f"task {self.task.name} has no champion adapter to start from: train one with "
                                f"`flywheel train --task {self.task.name} --data FILE` first")
         self.record.champion_before = champion
-        dataset = CuratedDataset(self.settings.feedback_dir / "dataset")
+        dataset = curated_dataset(self.settings)
         snapshot = dataset.manifest()
         rows = dataset.examples(snapshot, task=self.task.name, newest=cfg.max_feedback_rows)
 

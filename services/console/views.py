@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from feedback.curator import FeedbackStatus, feedback_status
-from feedback.dataset import CuratedDataset, DailyRatings, DayRating, canary_ratings
+from feedback.dataset import DailyRatings, DayRating, canary_ratings, curated_dataset
 from feedback.oversight import Lineage, PendingCorrection, Retraction, judge, lineage, retract, review_queue
 from flywheel.canary import CanaryReview, decide_by_hand, review
 from flywheel.config import Settings
@@ -115,7 +115,7 @@ class Console:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runs = RunStore(settings.home / "runs")
-        self.dataset = CuratedDataset(settings.feedback_dir / "dataset")  # one reader: it remembers parts read
+        self.dataset = curated_dataset(settings)  # one reader: it remembers parts read
         self.canary_ratings = canary_ratings(settings, self.dataset)
         # the queue reads and assesses every curated row: computed again only when rows or judgements change
         self._queue: tuple[tuple[object, ...], list[PendingCorrection]] | None = None
