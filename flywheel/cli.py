@@ -895,6 +895,23 @@ def bench_curation(
                  f"dataset: {r.dataset_uri})", as_json)
 
 
+@bench_app.command("fencing")
+def bench_fencing(
+    config: ConfigOption = None,
+    moves: Annotated[int, typer.Option(help="Alias moves of each kind (unfenced, fenced).")] = 200,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/fencing.json"),
+    as_json: JsonOption = False,
+) -> None:
+    """What fencing adds to an alias move: p50 of champion moves by a fenced leader vs unfenced ones, on a
+    scratch registry on the configured store (registry.uri's disk or object store), removed afterwards."""
+    from loadtests.bench_fencing import run_fencing_bench
+
+    configure_logging()
+    r = run_fencing_bench(settings_or_exit(config), moves=moves, say=progress)
+    write_report(out, r, f"{r.moves} moves each on {r.registry}: fenced p50 {r.fenced_p50_ms:.1f} ms / unfenced "
+                 f"{r.unfenced_p50_ms:.1f} ms = {r.ratio:.2f}x (+{r.added_ms:.1f} ms)", as_json)
+
+
 @bench_app.command("console")
 def bench_console(
     config: ConfigOption = None,

@@ -114,3 +114,15 @@ def test_a_move_over_an_expected_champion_is_a_compare_and_swap_on_s3(s3_setting
     assert len(landed) == 1 and registry.alias("champion") == landed[0], outcomes
     assert all(o == f"refused: {landed[0]}" for o in outcomes if o not in landed)
     assert [e.version for e in registry.history()] == [versions[0], landed[0]]
+
+
+def test_bench_fencing_measures_both_kinds_of_move_and_leaves_nothing_behind(s3_settings: Settings) -> None:
+    from loadtests.bench_fencing import run_fencing_bench
+
+    report = run_fencing_bench(s3_settings, moves=10, say=print)
+    assert report.registry.startswith(s3_settings.registry.uri + "-bench-fencing-")
+    assert report.unfenced_p50_ms > 0 and report.fenced_p50_ms > 0 and report.ratio > 0
+    fs = registry_for(s3_settings).fs
+    bucket = s3_settings.registry.uri.removeprefix("s3://").split("/")[0]
+    fs.invalidate_cache()
+    assert not [p for p in fs.ls(bucket) if "bench-fencing" in p], "the scratch registry was removed"
