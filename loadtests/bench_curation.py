@@ -118,14 +118,20 @@ def _rate(settings: Settings, curators: int, events: list[PredictionEvent | Feed
         wait_for("complete dataset", lambda: _curated(settings) >= ratings)
         return _Run(ratings / (time.monotonic() - started), ratings / published_s)
     finally:
-        for proc in procs:
+        stop_all(procs)
+
+
+def stop_all(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
+    """SIGTERM every process still running, then wait for each; kill one that outlasts `timeout_s`."""
+    for proc in procs:
+        if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run_curation_bench(settings: Settings, *, ratings: int, say: Callable[[str], None],

@@ -33,6 +33,7 @@ from feedback.partitioned import (
 from feedback.schemas import CuratedExample, encode_event
 from feedback.supervisor import read_curators, read_health
 from flywheel.config import Settings
+from loadtests.bench_curation import stop_all
 from tests.kafka_broker import event_pairs, interleaved, publish, write_config
 from tests.test_registry_s3 import s3_endpoint  # noqa: F401 - the moto server fixture
 
@@ -182,15 +183,7 @@ def test_three_curators_one_killed_mid_batch_curate_every_rating_exactly_once(
         assert curators[procs[0].pid].state == "stopped", curators
         assert [curators[proc.pid].state for proc in procs[1:]] == ["running", "running"], curators
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(procs, timeout_s=20)
 
     rows = _rows(settings)
     ids = [row.event_id for row in rows]
