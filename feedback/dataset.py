@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, date, datetime
@@ -22,12 +23,14 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
 
 from feedback.review import ReviewLog
 from feedback.schemas import CuratedExample
 from flywheel.config import Settings
+from flywheel.registry import create_exclusive
 
 MANIFEST = "manifest.json"
 THUMB_RATING = {"up": 5, "down": 1}  # a thumb on the rating scale, where ratings and thumbs are compared
@@ -84,7 +87,7 @@ class Manifest(BaseModel):
     files: list[PartFile] = Field(default_factory=list)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -110,7 +113,7 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 def current_verdicts(rows: Iterable[CuratedExample]) -> list[CuratedExample]:
@@ -167,6 +170,43 @@ class _RatedRow(NamedTuple):
 
 RATED_COLUMNS = ["event_id", "request_id", "task", "feedback_ts", "adapter_version", "rating", "thumb", "rater",
                  "authenticated"]
+
+
+class CommitConflict(Exception):
+    """Another writer created this file first (a curator's commit of a pair from this start)."""
+
+
+def _write_new(path: Path, write: Callable[[Path], object], *, replace: bool) -> None:
+    """Write through a temp file of this writer's own (two curators may write the same name at once), then
+    rename it onto `path` (`replace`), or link it there only if `path` does not exist (CommitConflict)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        _fsync(tmp)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise CommitConflict(str(path)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync(path.parent)
+
+
+def put_whole(fs: AbstractFileSystem, path: str, data: bytes, *, exclusive: bool) -> None:
+    """Put `data` at `path` whole, never half-written: replacing what is there, or (`exclusive`) only if nothing
+    is (CommitConflict).
+    A local disk: a temp file of this writer's own, renamed or hard-linked; an object store: one PUT, conditional
+    (If-None-Match) when exclusive."""
+    if isinstance(fs, LocalFileSystem):
+        _write_new(Path(path), lambda tmp: tmp.write_bytes(data), replace=not exclusive)
+    elif not exclusive:
+        fs.pipe_file(path, data)
+    elif not create_exclusive(fs, path, data.decode()):
+        raise CommitConflict(path)
 
 
 def curated_dataset(settings: Settings) -> CuratedDataset:

@@ -40,20 +40,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import threading
 import time
-import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 import pyarrow as pa
-from fsspec import AbstractFileSystem
-from fsspec.implementations.local import LocalFileSystem
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError
@@ -71,12 +67,20 @@ from feedback.curator import (
     join,
     may_rate,
 )
-from feedback.dataset import MANIFEST, SCHEMA, CuratedDataset, Manifest, PartFile, parquet_bytes
+from feedback.dataset import (
+    MANIFEST,
+    SCHEMA,
+    CommitConflict,
+    CuratedDataset,
+    Manifest,
+    PartFile,
+    parquet_bytes,
+    put_whole,
+)
 from feedback.pii import mask_event
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent
 from feedback.supervisor import report_lag
 from flywheel.config import Settings
-from flywheel.registry import create_exclusive
 
 log = logging.getLogger("flywheel.feedback.partitioned")
 
@@ -85,10 +89,6 @@ PREDICTIONS, FEEDBACK = 0, 1  # a pair's sides, the index into every (prediction
 Offsets = tuple[int, int]
 _PART = re.compile(r"day=[^/]+/part-p(\d+)-(\d+)-(\d+)-(\d+)-(\d+)\.parquet")
 _COMMIT = re.compile(rf"{COMMITS}/pair=\d+/\d+-\d+\.json")
-
-
-class CommitConflict(Exception):
-    """Another curator committed this pair from this start first."""
 
 
 class PartitionMismatch(ValueError):
@@ -112,46 +112,6 @@ def part_name(pair: int, day: str, start: Offsets, end: Offsets) -> str:
 
 def commit_name(pair: int, start: Offsets) -> str:
     return f"{COMMITS}/pair={pair:04d}/{start[PREDICTIONS]:012d}-{start[FEEDBACK]:012d}.json"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new(path: Path, write: Callable[[Path], object], *, replace: bool) -> None:
-    """Write through a temp file of this writer's own (two curators may write the same name at once), then
-    rename it onto `path` (`replace`), or link it there only if `path` does not exist (CommitConflict)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        _fsync(tmp)
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise CommitConflict(str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync(path.parent)
-
-
-def _store(fs: AbstractFileSystem, path: str, data: bytes, *, exclusive: bool) -> None:
-    """Put `data` at `path` whole: replacing what is there, or (`exclusive`) only if nothing is (CommitConflict).
-    A local disk: a temp file of this writer's own, renamed or hard-linked; an object store: one PUT, conditional
-    (If-None-Match) when exclusive."""
-    if isinstance(fs, LocalFileSystem):
-        _write_new(Path(path), lambda tmp: tmp.write_bytes(data), replace=not exclusive)
-    elif not exclusive:
-        fs.pipe_file(path, data)
-    elif not create_exclusive(fs, path, data.decode()):
-        raise CommitConflict(path)
 
 
 class PartitionedDataset:
@@ -191,11 +151,11 @@ class PartitionedDataset:
         for day, day_rows in sorted(by_day.items()):
             name = part_name(pair, day, start, end)
             table = pa.Table.from_pylist([row.model_dump() for row in day_rows], schema=SCHEMA)
-            _store(self.fs, self.curated.path(name), parquet_bytes(table), exclusive=False)
+            put_whole(self.fs, self.curated.path(name), parquet_bytes(table), exclusive=False)
             files.append(PartFile(path=name, day=day, batch=sequence, rows=len(day_rows), offsets=offsets,
                                   positions=positions, created_at=now))
         commit = PairCommit(pair=pair, start=start, end=end, files=files, created_at=now)
-        _store(self.fs, self.curated.path(commit_name(pair, start)), commit.model_dump_json(indent=1).encode(),
+        put_whole(self.fs, self.curated.path(commit_name(pair, start)), commit.model_dump_json(indent=1).encode(),
                exclusive=True)
         return commit
 
@@ -246,7 +206,8 @@ class PartitionedDataset:
         except ValueError:  # not written by this code: replace it
             current = -1
         if len(manifest.files) != current:  # commits are only ever added: a count tells a stale manifest
-            _store(self.fs, self.curated.path(MANIFEST), manifest.model_dump_json(indent=1).encode(), exclusive=False)
+            put_whole(self.fs, self.curated.path(MANIFEST), manifest.model_dump_json(indent=1).encode(),
+                      exclusive=False)
         return manifest
 
 

@@ -3,13 +3,14 @@
 A broker that is down or unknown when the platform starts, or that goes away later, must never stop
 serving: the supervisor builds the curator, runs it, and after any failure (no broker, a version probe
 that gets no answer, a crash) waits and tries again, 1 s doubling to a minute. Its state goes to a
-small file of its own (several curators may run: partitioned curation), which `/healthz` and
-`flywheel feedback status` read.
+small file of its own (several curators may run: partitioned curation) beside the curated dataset, on its
+store (`curators/<host>-<pid>.json`): curators on many machines that share no volume report where
+`/healthz` on any replica and `flywheel feedback status` look.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import re
@@ -17,11 +18,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal, Protocol
 
+from fsspec import AbstractFileSystem
 from pydantic import BaseModel, ValidationError
 
+from feedback.dataset import curated_dataset, put_whole
 from flywheel.config import Settings
 from flywheel.runs import process_alive
 
@@ -32,6 +34,7 @@ FIRST_RETRY_S, MAX_RETRY_S = 1.0, 60.0
 # apart at most): one on another host that has been silent for longer is taken as gone.
 SILENT_S = 3 * MAX_RETRY_S
 FORGET_S = 7 * 86400.0  # a stopped curator's file is removed after this long
+HEALTH_FOLDER = "curators"
 
 
 class CuratorHealth(BaseModel):
@@ -52,24 +55,38 @@ class Runnable(Protocol):
     def close(self) -> None: ...
 
 
-def health_dir(settings: Settings) -> Path:
-    return settings.feedback_dir / "curator" / "health"
+def health_store(settings: Settings) -> tuple[AbstractFileSystem, str]:
+    """The store and folder the curators report in: `curators/` in the curated dataset's root."""
+    dataset = curated_dataset(settings)
+    return dataset.fs, dataset.path(HEALTH_FOLDER)
 
 
-def _own_path(settings: Settings) -> Path:
-    return health_dir(settings) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', socket.gethostname())}-{os.getpid()}.json"
+def _own_path(settings: Settings) -> tuple[AbstractFileSystem, str]:
+    fs, folder = health_store(settings)
+    return fs, f"{folder}/{re.sub(r'[^A-Za-z0-9_.-]', '_', socket.gethostname())}-{os.getpid()}.json"
+
+
+def _reports(settings: Settings) -> list[tuple[AbstractFileSystem, str, CuratorHealth]]:
+    """Every curator's file, as it is on the store now (a cached listing would hide new curators)."""
+    fs, folder = health_store(settings)
+    fs.invalidate_cache(folder)
+    try:
+        paths = [p for p in fs.ls(folder, detail=False) if p.endswith(".json")]
+    except FileNotFoundError:
+        return []
+    found = []
+    for path in paths:
+        try:
+            found.append((fs, path, CuratorHealth.model_validate_json(fs.cat_file(path))))
+        except (OSError, ValidationError):
+            continue  # removed meanwhile
+    return found
 
 
 def read_curators(settings: Settings) -> list[CuratorHealth]:
     """Each curator's last word, newest first: `stopped` where its process is gone (this host) or it has been
     silent for SILENT_S (another host, where its pid means nothing)."""
-    found = []
-    for path in health_dir(settings).glob("*.json"):
-        try:
-            health = CuratorHealth.model_validate_json(path.read_text())
-        except (OSError, ValidationError):
-            continue  # removed meanwhile, or being replaced
-        found.append(_checked(health))
+    found = [_checked(health) for _, _, health in _reports(settings)]
     return sorted(found, key=lambda h: h.updated, reverse=True)
 
 
@@ -106,30 +123,26 @@ def _record(settings: Settings, state: str, detail: str = "", retries: int = 0) 
 
 
 def _write(settings: Settings, health: CuratorHealth) -> None:
-    path = _own_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(health.model_copy(update={"updated": time.time()}).model_dump()))
-    os.replace(tmp, path)
+    fs, path = _own_path(settings)
+    put_whole(fs, path, health.model_copy(update={"updated": time.time()}).model_dump_json().encode(), exclusive=False)
 
 
 def _forget_the_gone(settings: Settings) -> None:
     """Remove the files of this host's curators whose process is gone, and of any stopped for FORGET_S."""
-    for path in health_dir(settings).glob("*.json"):
-        try:
-            health = _checked(CuratorHealth.model_validate_json(path.read_text()))
-        except (OSError, ValidationError):
-            continue
+    for fs, path, report in _reports(settings):
+        health = _checked(report)
         here = health.host in ("", socket.gethostname())
         if health.state == "stopped" and ((here and health.pid != os.getpid())
                                           or time.time() - health.updated > FORGET_S):
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # another supervisor removed it first
+                fs.rm_file(path)
 
 
 def report_lag(settings: Settings, records: int, seconds: float) -> None:
     """The running curator's lag; kept beside the supervisor's state (a curator run alone reports too)."""
+    fs, path = _own_path(settings)
     try:
-        current = CuratorHealth.model_validate_json(_own_path(settings).read_text())
+        current = CuratorHealth.model_validate_json(fs.cat_file(path))
     except (OSError, ValidationError):  # a curator run alone, without a supervisor
         current = CuratorHealth(state="running", since=time.time(), pid=os.getpid(), host=socket.gethostname())
     _write(settings, current.model_copy(update={"lag_records": records, "lag_seconds": round(seconds, 3)}))

@@ -393,13 +393,13 @@ def test_each_curator_reports_in_its_own_file_and_a_gone_or_silent_one_counts_as
     from feedback import supervisor as module
 
     settings = feedback_settings("local")
-    folder = module.health_dir(settings)
-    folder.mkdir(parents=True)
+    fs, folder = module.health_store(settings)
+    fs.makedirs(folder, exist_ok=True)
     now = time.time()
 
     def write(name: str, **fields: object) -> None:
         health = CuratorHealth.model_validate({"state": "running", "since": now - 60, "updated": now, **fields})
-        (folder / f"{name}.json").write_text(health.model_dump_json())
+        fs.pipe_file(f"{folder}/{name}.json", health.model_dump_json().encode())
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     write("here-dead", pid=int(dead.stdout), host=socket.gethostname(), lag_records=7)

@@ -53,7 +53,7 @@ from flywheel.logs import configure_logging
 config, owned, die_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 configure_logging()
 if die_at:
-    store, commits = partitioned._store, 0
+    store, commits = partitioned.put_whole, 0
     def dying(fs, path, data, *, exclusive):
         global commits
         if exclusive:
@@ -62,7 +62,7 @@ if die_at:
                 print("dying before commit", path, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
         store(fs, path, data, exclusive=exclusive)
-    partitioned._store = dying
+    partitioned.put_whole = dying
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
 curator = partitioned.PartitionedCurator(settings_or_exit(config), session_timeout_ms=6000)
@@ -182,6 +182,10 @@ def test_three_curators_one_killed_mid_batch_curate_every_rating_exactly_once(
         curators = {h.pid: h for h in read_curators(settings)}
         assert curators[procs[0].pid].state == "stopped", curators
         assert [curators[proc.pid].state for proc in procs[1:]] == ["running", "running"], curators
+        if store == "s3":  # the reports are beside the dataset: a pod sharing no volume with them sees them
+            another_pod = Settings(home=tmp_path / "another-pod", feedback=settings.feedback.model_dump())
+            assert {h.pid: h.state for h in read_curators(another_pod)} == {
+                pid: h.state for pid, h in curators.items()}
     finally:
         stop_all(procs, timeout_s=20)
 
