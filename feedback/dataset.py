@@ -11,8 +11,6 @@ that crashed before its commit (the curator deletes such leftovers when it start
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, date, datetime
@@ -23,14 +21,13 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
 
-from feedback.review import ReviewLog
+from feedback.review import REVIEWS_FOLDER, ReviewLog
 from feedback.schemas import CuratedExample
+from feedback.store import put_whole, write_new
 from flywheel.config import Settings
-from flywheel.registry import create_exclusive
 
 MANIFEST = "manifest.json"
 THUMB_RATING = {"up": 5, "down": 1}  # a thumb on the rating scale, where ratings and thumbs are compared
@@ -87,33 +84,11 @@ class Manifest(BaseModel):
     files: list[PartFile] = Field(default_factory=list)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def parquet_bytes(table: pa.Table) -> bytes:
     """A Parquet file of `table`, whole, for a store that takes a file in one put."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return cast(bytes, sink.getvalue().to_pybytes())
-
-
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp_path)`, fsync the result, rename it onto `path`, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync(path.parent)
 
 
 def current_verdicts(rows: Iterable[CuratedExample]) -> list[CuratedExample]:
@@ -172,47 +147,10 @@ RATED_COLUMNS = ["event_id", "request_id", "task", "feedback_ts", "adapter_versi
                  "authenticated"]
 
 
-class CommitConflict(Exception):
-    """Another writer created this file first (a curator's commit of a pair from this start)."""
-
-
-def _write_new(path: Path, write: Callable[[Path], object], *, replace: bool) -> None:
-    """Write through a temp file of this writer's own (two curators may write the same name at once), then
-    rename it onto `path` (`replace`), or link it there only if `path` does not exist (CommitConflict)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        _fsync(tmp)
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise CommitConflict(str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync(path.parent)
-
-
-def put_whole(fs: AbstractFileSystem, path: str, data: bytes, *, exclusive: bool) -> None:
-    """Put `data` at `path` whole, never half-written: replacing what is there, or (`exclusive`) only if nothing
-    is (CommitConflict).
-    A local disk: a temp file of this writer's own, renamed or hard-linked; an object store: one PUT, conditional
-    (If-None-Match) when exclusive."""
-    if isinstance(fs, LocalFileSystem):
-        _write_new(Path(path), lambda tmp: tmp.write_bytes(data), replace=not exclusive)
-    elif not exclusive:
-        fs.pipe_file(path, data)
-    elif not create_exclusive(fs, path, data.decode()):
-        raise CommitConflict(path)
-
-
 def curated_dataset(settings: Settings) -> CuratedDataset:
-    """The curated dataset where `feedback.dataset_uri` puts it, its review log under the feedback directory."""
+    """The curated dataset where `feedback.dataset_uri` puts it, its review log beside it."""
     return CuratedDataset(settings.dataset_uri, settings.feedback.dataset_storage_options,
-                          review_dir=settings.feedback_dir)
+                          legacy_reviews=settings.feedback_dir / "review.jsonl")
 
 
 class CuratedDataset:
@@ -222,13 +160,14 @@ class CuratedDataset:
     """
 
     def __init__(self, root: Path | str, storage_options: dict[str, Any] | None = None,
-                 review_dir: Path | None = None) -> None:
-        """`root`: a local path or an fsspec URL; `review_dir`: where the review log is (default: beside a local
-        `root`; give it for an object store)."""
+                 legacy_reviews: Path | None = None) -> None:
+        """`root`: a local path or an fsspec URL; `legacy_reviews`: an older home's review log, adopted into the
+        one beside the dataset (default: beside a local `root`)."""
         self.fs, self.root = fsspec.core.url_to_fs(str(root), **(storage_options or {}))
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.arrow_fs = None if self.is_local else self.fs  # pyarrow reads local paths natively
-        self.reviews = ReviewLog(review_dir or Path(self.root).parent)
+        self.reviews = ReviewLog(self.fs, self.path(REVIEWS_FOLDER), legacy_reviews or (
+            Path(self.root).parent / "review.jsonl" if self.is_local else None))
         self._counts: dict[tuple[str, int], dict[str, int]] = {}  # rows per task of parts that do not say
         # the rated rows of each part read for ratings: a committed part changes only when an erasure rewrites it
         # (fewer rows, a new file), so polling readers (the canary controller, the console) read each part once
@@ -250,11 +189,8 @@ class CuratedDataset:
         self._put(MANIFEST, manifest.model_dump_json(indent=1).encode())
 
     def _put(self, relative_path: str, data: bytes) -> None:
-        """Replace a file whole: readers see the old one or the new one (a rename here, one PUT on an object store)."""
-        if self.is_local:
-            write_atomically(Path(self.path(relative_path)), lambda tmp: tmp.write_bytes(data))
-        else:
-            self.fs.pipe_file(self.path(relative_path), data)
+        """Replace a file whole: readers see the old one or the new one."""
+        put_whole(self.fs, self.path(relative_path), data, exclusive=False)
 
     def remove_unlisted(self, listed: Iterable[str]) -> list[str]:
         """Delete parts (and temp files) the manifest does not name: leftovers of a crashed batch (the single
@@ -406,5 +342,5 @@ class CuratedDataset:
         """Write the rows as JSON lines (atomically); returns how many."""
         rows = self.examples(manifest, until)
         lines = "".join(json.dumps(row.model_dump(mode="json"), ensure_ascii=False) + "\n" for row in rows)
-        write_atomically(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+        write_new(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"), replace=True)
         return len(rows)

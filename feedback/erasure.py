@@ -30,7 +30,6 @@ from feedback.curator import state_path
 from feedback.dataset import PartFile, curated_dataset, task_counts
 from feedback.local_log import READ_CHUNK
 from feedback.pii import pseudonym
-from feedback.review import ReviewLog
 from flywheel.config import Settings
 from flywheel.registry import known_tasks, registry_for
 
@@ -72,7 +71,7 @@ def forget(settings: Settings, user: str) -> Erasure:
     report.log_records = _blank_records(sorted((settings.feedback_dir / "log").glob("*.log")), match, request_ids)
     report.spool_records = _blank_records(sorted((settings.feedback_dir / "spool").glob("*.log")), match,
                                           request_ids)
-    report.judgements = ReviewLog(settings.feedback_dir).rewrite_without(event_ids)
+    report.judgements = curated_dataset(settings).reviews.rewrite_without(event_ids)
     for task in known_tasks(settings):
         registry = registry_for(settings, task)
         for manifest in registry.versions():

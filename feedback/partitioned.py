@@ -70,15 +70,14 @@ from feedback.curator import (
 from feedback.dataset import (
     MANIFEST,
     SCHEMA,
-    CommitConflict,
     CuratedDataset,
     Manifest,
     PartFile,
     parquet_bytes,
-    put_whole,
 )
 from feedback.pii import mask_event
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent
+from feedback.store import CommitConflict, put_whole
 from feedback.supervisor import report_lag
 from flywheel.config import Settings
 

@@ -23,7 +23,8 @@ from typing import Literal, Protocol
 from fsspec import AbstractFileSystem
 from pydantic import BaseModel, ValidationError
 
-from feedback.dataset import curated_dataset, put_whole
+from feedback.dataset import curated_dataset
+from feedback.store import put_whole
 from flywheel.config import Settings
 from flywheel.runs import process_alive
 

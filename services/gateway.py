@@ -41,7 +41,7 @@ from feedback import (
     read_curators,
     read_health,
 )
-from feedback.dataset import canary_ratings
+from feedback.dataset import canary_ratings, curated_dataset
 from feedback.oversight import (
     Lineage,
     PendingCorrection,
@@ -53,7 +53,7 @@ from feedback.oversight import (
     review_queue,
 )
 from feedback.pii import pseudonym
-from feedback.review import Judgement, ReviewLog
+from feedback.review import Judgement
 from feedback.schemas import Message
 from flywheel.auth import Caller, Scope
 from flywheel.canary import CanaryReview, NoCanaryError, decide_by_hand, review
@@ -273,7 +273,7 @@ class Gateway:
         runs = RunStore(self.settings.home / "runs")
         self.access = Access(self.settings)
         self.console = ConsoleState(self.settings, self.access)
-        self.reviews = ReviewLog(self.settings.feedback_dir)
+        self.reviews = curated_dataset(self.settings).reviews
         self._recent_feedback: OrderedDict[str, str] = OrderedDict()  # event id -> rater, for DELETE /feedback
         self.metrics.watch(OpsCollector(self.bus.stats, lambda: read_health(self.settings), runs.summary))
         self.chat = ChatCompletions(self.llm, self.settings, self._known_tasks, self._publish, self.metrics)

@@ -293,7 +293,7 @@ def test_a_commit_is_created_once(store: str, tmp_path: Path, request: pytest.Fi
     assert dataset.curated.read_table(dataset.manifest()).num_rows == 1
     assert len(dataset.parts()) == 1
     dataset.publish_manifest()  # and what a retrain, the scheduler and the canary read there
-    reader = CuratedDataset(uri, options, review_dir=tmp_path)
+    reader = CuratedDataset(uri, options)
     assert reader.rows_by_task() == {"demo": 1} and [r.event_id for r in reader.examples()] == [fb.event_id]
     assert reader.ratings("demo", datetime(2000, 1, 1, tzinfo=UTC), anonymous=True) == [
         (pred.adapter_version, float(fb.rating), fb.rater)]

@@ -20,10 +20,10 @@ from starlette.requests import Request
 
 from feedback.bus import build_bus
 from feedback.curator import Curator
-from feedback.dataset import CuratedDataset, Manifest, PartFile, current_verdicts
+from feedback.dataset import CuratedDataset, Manifest, PartFile, curated_dataset, current_verdicts
 from feedback.erasure import forget
 from feedback.oversight import lineage, retract, review_queue
-from feedback.review import Judgement, ReviewLog
+from feedback.review import Judgement
 from feedback.schemas import CuratedExample, FeedbackRequest, PredictionEvent
 from feedback.trust import assess, pending_review, trainable
 from flywheel.auth import Authenticator, AuthError, KeyStore
@@ -32,6 +32,7 @@ from flywheel.registry import BaseModelRef, registry_for
 from flywheel.tasks import TaskSpec
 from services.access import Access, Denied, MovingWindow
 from tests.conftest import ADMIN_TOKEN
+from tests.test_registry_s3 import s3_endpoint  # noqa: F401 - the moto server fixture
 from training.retrain_data import TrainExample, build_retrain_data, well_rated, write_train_data
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
@@ -285,6 +286,43 @@ def test_golden_prompts_are_never_trained_on_and_are_counted() -> None:
     assert plain.golden_held_out == 0 and "Can I freeze   my card?" in {e.prompt for e in plain.confirmed}
 
 
+def test_every_pod_sees_each_review_decision_on_the_datasets_store(
+    tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+) -> None:
+    """Two pods that share no volume, one curated dataset on the S3 API server: a retraction judged on one is
+    final on the other (the review log lives beside the dataset); an erasure rewrites only the batch that held
+    its event, and an older home's review.jsonl is adopted once, with no copy left behind."""
+    import fsspec
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    bucket = f"reviews-{uuid.uuid4().hex[:8]}"
+    fsspec.filesystem("s3", endpoint_url=s3_endpoint).mkdir(bucket)
+    feedback = {"curation": "partitioned", "kafka_bootstrap": "127.0.0.1:9", "dataset_uri": f"s3://{bucket}/dataset",
+                "dataset_storage_options": {"endpoint_url": s3_endpoint}}
+    pod_a, pod_b = (Settings(home=tmp_path / name, feedback=feedback) for name in ("pod-a", "pod-b"))
+    legacy = pod_a.feedback_dir / "review.jsonl"  # judged before the log moved beside the dataset
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text(Judgement(event_id="e-old", action="retract", by="cli:ops").model_dump_json() + "\n")
+
+    curated_dataset(pod_a).reviews.append([Judgement(event_id="e1", action="approve", by="lead"),
+                                           Judgement(event_id="e2", action="approve", by="lead")])
+    curated_dataset(pod_b).reviews.append([Judgement(event_id="e1", action="retract", by="alice")])
+    curated_dataset(pod_a).reviews.append([Judgement(event_id="e1", action="approve", by="lead")])  # too late
+    on_b = curated_dataset(pod_b).reviews
+    assert on_b.retracted() == {"e1", "e-old"} and on_b.decisions()["e2"].action == "approve"
+    assert not legacy.exists() and not list(legacy.parent.glob("review.jsonl*"))
+    before = on_b.files()
+    assert len(before) == 4 and before[0].endswith("00000000T000000000000-review.jsonl")
+
+    assert curated_dataset(pod_a).reviews.rewrite_without({"e2"}) == 1
+    after = curated_dataset(pod_b).reviews
+    assert "e2" not in after.decisions() and after.retracted() == {"e1", "e-old"}
+    assert len(after.files()) == 4 and set(after.files()) - set(before) == {after.files()[1]}  # same place
+    assert on_b.decisions().keys() == {"e1", "e-old"}  # a reader that had cached the old batch reads anew
+
+
 def test_retraction_and_review_through_the_dataset_and_lineage(tmp_path: Path) -> None:
     """A retracted row leaves every reader; lineage names the versions that trained on it."""
     settings = Settings(home=tmp_path, tasks=[{"name": "faq", "kind": "generation", "metric": "token_f1"}])
@@ -311,7 +349,7 @@ def test_retraction_and_review_through_the_dataset_and_lineage(tmp_path: Path) -
     assert done.retracted == [rows[0].event_id] and done.unknown == ["nope"] and done.trained == {"faq": [version]}
     assert rows[0].event_id not in {r.event_id for r in dataset.examples()}
     assert lineage(settings, rows[0].event_id).event.retracted
-    assert ReviewLog(settings.feedback_dir).retracted() == {rows[0].event_id}
+    assert curated_dataset(settings).reviews.retracted() == {rows[0].event_id}
 
 
 def test_forget_erases_a_user_from_every_store_and_names_the_versions_that_learned(tmp_path: Path) -> None:

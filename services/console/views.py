@@ -224,9 +224,8 @@ class Console:
 
     def review_queue(self, task: str | None = None) -> list[PendingCorrection]:
         """Pending corrections (of `task`, or every task's)."""
-        reviews = self.dataset.reviews.path
         stamp = (tuple((part.path, part.rows) for part in self.dataset.manifest().files),
-                 reviews.stat().st_mtime_ns if reviews.exists() else None, tuple(sorted(known_tasks(self.settings))))
+                 tuple(self.dataset.reviews.files()), tuple(sorted(known_tasks(self.settings))))
         cached = self._queue
         if cached is None or cached[0] != stamp:
             cached = self._queue = (stamp, review_queue(self.settings))
