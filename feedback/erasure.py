@@ -3,8 +3,8 @@
 A user is a rater or asker identity (a key's name, `key/end-user`), or an end user's id as an app backend
 forwarded it (matched raw and as its pseudonym). What goes, everywhere flywheel stores it:
 
-- curated Parquet parts: rewritten without their rows (each atomically; the curator's state and the
-  manifest follow);
+- curated Parquet parts: rewritten without their rows (each atomically; the curator's state, or for
+  partitioned output an erasure record beside the commits, and the manifest follow);
 - the curator's join state: their waiting predictions and feedback;
 - the local log and the spool: their records are overwritten in place with NUL bytes, which every reader
   skips, so the byte positions the curator keeps stay valid;
@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 from feedback.curator import state_path
 from feedback.dataset import PartFile, curated_dataset, task_counts
 from feedback.local_log import READ_CHUNK
+from feedback.partitioned import partitioned_dataset
 from feedback.pii import pseudonym
 from flywheel.config import Settings
 from flywheel.registry import known_tasks, registry_for
@@ -86,7 +87,8 @@ def forget(settings: Settings, user: str) -> Erasure:
 def _curated(settings: Settings, match: _Matcher, report: Erasure) -> tuple[set[str], set[str]]:
     """Rewrite the parts holding the user's rows; (their event ids, their request ids)."""
     dataset = curated_dataset(settings)
-    parts = dataset.manifest().files
+    partitioned = partitioned_dataset(settings) if settings.feedback.curation == "partitioned" else None
+    parts = (partitioned or dataset).manifest().files  # the commits themselves, published or not
     tables = {part.path: dataset.read_part(part.path) for part in parts}
     request_ids: set[str] = set()
     for table in tables.values():
@@ -108,6 +110,10 @@ def _curated(settings: Settings, match: _Matcher, report: Erasure) -> tuple[set[
         rewritten.append(part.model_copy(update={"rows": kept.num_rows,
                                                  "tasks": task_counts(kept["task"].to_pylist())}))
     report.parts_rewritten = len(rewritten)
+    if rewritten and partitioned is not None:
+        partitioned.record_erasure(rewritten)
+        partitioned.publish_manifest()
+        return event_ids, request_ids
     if rewritten and state_path(settings).is_file():
         with sqlite3.connect(state_path(settings), timeout=30) as db:  # the curator rewrites the manifest from it
             db.execute("PRAGMA secure_delete = ON")

@@ -31,7 +31,9 @@ everything before it was read; one side read ahead must not claim the other). No
 and the chain: no SQLite, nothing a network filesystem must lock. A takeover re-reads what the topics retain
 (keep their retention near `prediction_retention_s`, which bounds the cache anyway); a snapshot of the cache
 beside the commits would make takeovers cheaper. The group's committed offsets are set to each commit's end
-for lag monitoring and never read back. Pruning (`prediction_retention_s`, `unmatched_retention_s`,
+for lag monitoring and never read back. An erasure (`flywheel users forget`) rewrites the parts that held a
+user's rows and records their new counts in `erasures/<time>-<id>.json`, which the manifest lays over the
+commits (commits never change). Pruning (`prediction_retention_s`, `unmatched_retention_s`,
 `max_unmatched` per pair) goes by event time, so a replay decides as the original did except for events
 at those limits: it may then drop a join the original would have made later, never write one twice.
 """
@@ -43,6 +45,7 @@ import logging
 import re
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -88,6 +91,14 @@ PREDICTIONS, FEEDBACK = 0, 1  # a pair's sides, the index into every (prediction
 Offsets = tuple[int, int]
 _PART = re.compile(r"day=[^/]+/part-p(\d+)-(\d+)-(\d+)-(\d+)-(\d+)\.parquet")
 _COMMIT = re.compile(rf"{COMMITS}/pair=\d+/\d+-\d+\.json")
+ERASURES = "erasures"
+_ERASURE = re.compile(rf"{ERASURES}/[0-9T]+-[0-9a-f]+\.json")
+
+
+class ErasedParts(BaseModel):
+    """Parts an erasure rewrote, with what they hold now."""
+
+    files: list[PartFile]
 
 
 class PartitionMismatch(ValueError):
@@ -122,6 +133,7 @@ class PartitionedDataset:
         self.fs, self.root = self.curated.fs, self.curated.root
         self._topics = (predictions_topic, feedback_topic)
         self._read: dict[str, PairCommit] = {}  # commits never change: each is read once
+        self._erasures: dict[str, ErasedParts] = {}  # nor do erasure records
 
     def sources(self, pair: int) -> tuple[str, str]:
         return f"{self._topics[PREDICTIONS]}/{pair}", f"{self._topics[FEEDBACK]}/{pair}"
@@ -135,6 +147,21 @@ class PartitionedDataset:
                 self._read[key] = PairCommit.model_validate_json(self.fs.cat_file(self.curated.path(key)))
             found.append(self._read[key])
         return sorted(found, key=lambda commit: (commit.pair, commit.start))
+
+    def record_erasure(self, rewritten: list[PartFile]) -> None:
+        """Say what the parts an erasure rewrote hold now (their commits keep what they held when committed)."""
+        name = f"{ERASURES}/{datetime.now(UTC):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:12]}.json"
+        put_whole(self.fs, self.curated.path(name), ErasedParts(files=rewritten).model_dump_json().encode(),
+                  exclusive=True)
+
+    def _erased(self) -> dict[str, PartFile]:
+        """Each part an erasure rewrote, as the latest erasure left it."""
+        current: dict[str, PartFile] = {}
+        for key in sorted(self._find(ERASURES, _ERASURE)):
+            if key not in self._erasures:
+                self._erasures[key] = ErasedParts.model_validate_json(self.fs.cat_file(self.curated.path(key)))
+            current |= {part.path: part for part in self._erasures[key].files}
+        return current
 
     def write_batch(self, pair: int, start: Offsets, end: Offsets, rows: list[CuratedExample],
                     sequence: int) -> PairCommit:
@@ -192,8 +219,9 @@ class PartitionedDataset:
         for commit in commits:  # chain order: the last commit of a pair has its end
             predictions, feedback = self.sources(commit.pair)
             positions[predictions], positions[feedback] = commit.end
-        files = [part for commit in sorted(commits, key=lambda c: (c.created_at, c.pair, c.start))
-                 for part in commit.files]
+        erased = self._erased()
+        in_order = sorted(commits, key=lambda c: (c.created_at, c.pair, c.start))
+        files = [erased.get(part.path, part) for commit in in_order for part in commit.files]
         return Manifest(updated_at=datetime.now(UTC), positions=positions, files=files)
 
     def publish_manifest(self) -> Manifest:
@@ -201,10 +229,10 @@ class PartitionedDataset:
         later write includes all it missed)."""
         manifest = self.manifest()
         try:
-            current = len(self.curated.manifest().files)
+            current = [(part.path, part.rows) for part in self.curated.manifest().files]
         except ValueError:  # not written by this code: replace it
-            current = -1
-        if len(manifest.files) != current:  # commits are only ever added: a count tells a stale manifest
+            current = None
+        if [(part.path, part.rows) for part in manifest.files] != current:  # a commit or an erasure since
             put_whole(self.fs, self.curated.path(MANIFEST), manifest.model_dump_json(indent=1).encode(),
                       exclusive=False)
         return manifest

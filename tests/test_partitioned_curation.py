@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from feedback.bus import kafka_client_config
 from feedback.curator import BatchResult, Located, SourceRecord, feedback_status, join
 from feedback.dataset import CuratedDataset, curated_dataset
+from feedback.erasure import forget
 from feedback.oversight import author_of, events_matching
 from feedback.partitioned import (
     CommitConflict,
@@ -301,6 +302,35 @@ def test_a_commit_is_created_once(store: str, tmp_path: Path, request: pytest.Fi
         "curation": "partitioned", "kafka_bootstrap": "127.0.0.1:9", "dataset_uri": uri,
         "dataset_storage_options": options or {}})
     assert author_of(settings, fb.event_id) == fb.rater and events_matching(settings, rater=fb.rater) == [fb.event_id]
+
+
+@pytest.mark.parametrize("store", ["disk", "s3"])
+def test_an_erasure_of_partitioned_output_reaches_every_reader(store: str, tmp_path: Path,
+                                                              request: pytest.FixtureRequest,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`flywheel users forget` on partitioned output: the part that held the user's rows is rewritten, the
+    erasure's record laid over the commits (which never change) says what it holds now, and every reader (the
+    chains, manifest.json, the rows, the counts the scheduler reads) sees the user gone."""
+    on_store = _on_s3(request, monkeypatch) if store == "s3" else {}
+    settings = Settings(home=tmp_path / "home", feedback={
+        "curation": "partitioned", "kafka_bootstrap": "127.0.0.1:9",
+        "dataset_uri": str(on_store.get("dataset_uri", tmp_path / "dataset")),
+        "dataset_storage_options": on_store.get("dataset_storage_options", {})})
+    writer = partitioned_dataset(settings)
+    pairs = event_pairs(3)
+    rows = [join(Located(fb, "f/0", i), Located(pred, "p/0", i), "demo") for i, (pred, fb) in enumerate(pairs)]
+    writer.write_batch(0, (0, 0), (3, 3), rows, 0)
+    writer.publish_manifest()
+
+    report = forget(settings, pairs[1][1].rater)
+    assert (report.curated_rows, report.parts_rewritten) == (1, 1), report
+    assert [part.rows for part in partitioned_dataset(settings).manifest().files] == [2]  # a fresh reader
+    assert [commit.files[0].rows for commit in writer.commits(0)] == [3]  # the commit is as it was
+    reader = curated_dataset(settings)  # through manifest.json
+    assert reader.rows_by_task() == {"demo": 2}
+    assert sorted(r.event_id for r in reader.examples()) == sorted([pairs[0][1].event_id, pairs[2][1].event_id])
+    writer.publish_manifest()  # a curator publishing later keeps the erasure
+    assert curated_dataset(settings).rows_by_task() == {"demo": 2}
 
 
 @pytest.mark.kafka
