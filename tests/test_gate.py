@@ -11,7 +11,15 @@ from flywheel.config import Settings
 from flywheel.tasks import TaskSpec
 from services.engines.protocol import AdapterHandle, ChatMessage, Generation, PromptTooLongError, SamplingOptions
 from training.evaluate import EvalExample, SliceScores, evaluate, parity
-from training.gate import decide, decide_confirmed, first_champion, min_holdout, small_data_problem
+from training.gate import (
+    decide,
+    decide_confirmed,
+    exact_loss_bound,
+    first_champion,
+    min_holdout,
+    min_noninferiority_rows,
+    small_data_problem,
+)
 
 POLICY = Settings().retrain.gate
 ALPHA = POLICY.significance_alpha
@@ -206,8 +214,8 @@ def binary(right: int, n: int) -> SliceScores:
 def small_data(**arms: tuple[SliceScores, SliceScores]) -> tuple[dict[str, SliceScores], dict[str, SliceScores]]:
     """(champion, candidate): three confirmed corrections the candidate learned, a golden set and well-rated
     answers on which both are alike, unless `arms` says otherwise."""
-    slices = {"new": (binary(0, 3), binary(3, 3)), "golden": (binary(14, 20), binary(14, 20)),
-              "rated": (binary(18, 20), binary(18, 20)), **arms}
+    slices = {"new": (binary(0, 3), binary(3, 3)), "golden": (binary(70, 100), binary(70, 100)),
+              "rated": (binary(90, 100), binary(90, 100)), **arms}
     return ({k: v[0] for k, v in slices.items()}, {k: v[1] for k, v in slices.items()})
 
 
@@ -215,8 +223,8 @@ def test_the_small_data_policy_passes_a_candidate_that_learned_and_lost_nothing(
     report = confirmed(*small_data())
     assert report.verdict == "passed", report
     checks = {c.name: c for c in report.checks}
-    assert {n: c.rows for n, c in checks.items()} == {"confirmed_corrections": 3, "golden_regression": 20,
-                                                      "well_rated_answers": 20, "format_validity": 43,
+    assert {n: c.rows for n, c in checks.items()} == {"confirmed_corrections": 3, "golden_regression": 100,
+                                                      "well_rated_answers": 100, "format_validity": 203,
                                                       "latency": 3}
     golden = checks["golden_regression"]
     assert golden.threshold == POLICY.noninferiority_margin and "non-inferiority margin" in golden.detail
@@ -272,9 +280,9 @@ def test_a_golden_set_the_champion_scores_zero_on_proves_nothing() -> None:
 
 def test_golden_non_regression_is_judged_on_the_interval_not_the_point_estimate() -> None:
     """The candidate gets 4 golden answers wrong that the champion got right, and 4 others right: level on
-    average (the old check passed a drop of 0.000), but the drop's upper bound is far above the margin."""
-    golden = (scores([1.0] * 4 + [0.0] * 4 + [1.0] * 12, "exact_match"),
-              scores([0.0] * 4 + [1.0] * 4 + [1.0] * 12, "exact_match"))
+    average (the old check passed a drop of 0.000), but the drop's upper bound is above the margin."""
+    golden = (scores([1.0] * 4 + [0.0] * 4 + [1.0] * 92, "exact_match"),
+              scores([0.0] * 4 + [1.0] * 4 + [1.0] * 92, "exact_match"))
     report = confirmed(*small_data(golden=golden))
     assert report.verdict == "rejected" and "golden_regression" in report.message, report
     check = next(c for c in report.checks if c.name == "golden_regression")
@@ -282,25 +290,25 @@ def test_golden_non_regression_is_judged_on_the_interval_not_the_point_estimate(
 
 
 def test_the_small_data_policy_rejects_a_candidate_that_loses_well_rated_answers() -> None:
-    """The candidate learned its three corrections, holds the golden set, but no longer gives 6 of the 20
+    """The candidate learned its three corrections, holds the golden set, but no longer gives 30 of the 100
     answers users rated well: it is rejected (the old policy never looked at them)."""
-    report = confirmed(*small_data(rated=(binary(18, 20), binary(12, 20))))
+    report = confirmed(*small_data(rated=(binary(90, 100), binary(60, 100))))
     assert report.verdict == "rejected" and "well_rated_answers" in report.message, report
     rated = next(c for c in report.checks if c.name == "well_rated_answers")
-    assert rated.rows == 20 and rated.value == pytest.approx(0.3)
+    assert rated.rows == 100 and rated.value == pytest.approx(0.3)
     unrated = confirmed(*small_data(rated=(scores([], "exact_match"), scores([], "exact_match"))))
     assert unrated.verdict == "insufficient_data" and "well_rated_answers" in unrated.message, unrated
 
 
 def test_the_small_data_policy_judges_a_macro_f1_task_by_macro_f1() -> None:
     labels = MACRO_F1.labels
-    golden = labelled(["a", "b"] * 10, ["a", "b"] * 10, labels)
-    rated = labelled(["a"] * 10, ["a"] * 10, labels)
+    golden = labelled(["a", "b"] * 40, ["a", "b"] * 40, labels)
+    rated = labelled(["a"] * 60, ["a"] * 60, labels)
     slices = {"new": (labelled(["a"] * 3, ["b"] * 3, labels), labelled(["b"] * 3, ["b"] * 3, labels)),
               "golden": (golden, golden), "rated": (rated, rated)}
     report = confirmed({k: v[0] for k, v in slices.items()}, {k: v[1] for k, v in slices.items()}, MACRO_F1)
     assert report.verdict == "passed", report
-    worse = labelled(["a", "a"] * 10, ["a", "b"] * 10, labels)  # never says b any more: macro-F1 halves
+    worse = labelled(["a", "a"] * 40, ["a", "b"] * 40, labels)  # never says b any more: macro-F1 halves
     slices["golden"] = (golden, worse)
     report = confirmed({k: v[0] for k, v in slices.items()}, {k: v[1] for k, v in slices.items()}, MACRO_F1)
     assert report.verdict == "rejected" and "golden macro_f1 1.000 -> 0.333" in report.message, report
@@ -314,3 +322,29 @@ def test_a_first_adapter_serves_only_when_it_beats_the_bare_base() -> None:
     assert first_champion(binary(5, 20), binary(17, 20), spec, POLICY).passed
     tiny = first_champion(binary(0, 3), binary(3, 3), spec, POLICY)
     assert tiny.outcome == "insufficient_data" and "at least 5" in tiny.detail
+
+
+@pytest.mark.parametrize("kept", [2, 3, 5])
+def test_a_few_well_rated_answers_all_kept_prove_nothing(kept: int) -> None:
+    """With a handful of answers all kept, the bootstrap interval of the drop collapsed to [0, 0] and the check
+    passed: a true 20 % loss over 5 answers passed a third of the time. The exact bound is wide: not passed."""
+    report = confirmed(*small_data(rated=(binary(kept, kept), binary(kept, kept))))
+    assert report.verdict == "insufficient_data", report
+    rated = next(c for c in report.checks if c.name == "well_rated_answers")
+    assert rated.outcome == "insufficient_data" and rated.rows == kept
+    assert "cannot show a drop within the margin" in rated.detail and "at least 59" in rated.detail, rated.detail
+
+
+def test_many_well_rated_answers_all_kept_pass() -> None:
+    report = confirmed(*small_data(rated=(binary(200, 200), binary(200, 200))))
+    assert report.verdict == "passed", report
+    rated = next(c for c in report.checks if c.name == "well_rated_answers")
+    assert rated.passed and rated.ci_high == pytest.approx(1 - ALPHA ** (1 / 200))  # the rule of three, exact
+
+
+def test_the_exact_loss_bound_is_clopper_pearson() -> None:
+    """Our use of scipy's binomtest against known Clopper-Pearson bounds: none of 3 lost, 1 - 0.05**(1/3); 4 of
+    100 lost, 0.0892 (one-sided 95 %); and the fewest examples a 5 % margin needs, 59."""
+    assert exact_loss_bound(0, 3, 0.05) == pytest.approx(1 - 0.05 ** (1 / 3))
+    assert exact_loss_bound(4, 100, 0.05) == pytest.approx(0.0892, abs=1e-4)
+    assert min_noninferiority_rows(0.05, 0.05) == 59 and exact_loss_bound(0, 58, 0.05) > 0.05
