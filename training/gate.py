@@ -14,6 +14,10 @@ upper end of the drop's one-sided 1 - alpha bound, exact for 0/1 metrics) on the
 of the champion that users rated well (it still gives them). A set the champion scores 0.000 on proves nothing: it is
 `insufficient_data`, never a pass.
 
+Both policies judge the golden set alike (`golden_check`, the same non-inferiority check), so the held-out
+policy too says `insufficient_data` for a golden set too small to show non-inferiority or one the champion
+scores 0.000 on.
+
 `first_champion` is the same test for a task's first adapter against the bare base on the test split.
 """
 
@@ -114,16 +118,9 @@ def min_holdout(spec: TaskSpec, alpha: float) -> int:
 
 def golden_check(champion: SliceScores | None, candidate: SliceScores | None, spec: TaskSpec,
                  policy: GateSettings) -> GateCheck:
-    if champion is None or candidate is None or candidate.n == 0:
-        return _check("golden_regression", ok=False, value=None, threshold=policy.max_golden_regression, rows=0,
-                      detail="the task has no golden set to check regressions on")
-    test = paired_test(champion, candidate, spec, policy.significance_alpha)
-    drop = -test.gain
-    interval = (None, None) if test.ci_low is None or test.ci_high is None else (-test.ci_high, -test.ci_low)
-    return _check("golden_regression", ok=drop <= policy.max_golden_regression, value=drop,
-                  threshold=policy.max_golden_regression, rows=test.n, interval=interval,
-                  detail=f"golden {candidate.metric} {test.champion:.3f} -> {test.candidate:.3f} on {test.n} "
-                         f"examples (drop {drop:+.3f}, {_interval_text(interval, test.confidence)})")
+    """The golden set's non-regression, judged alike by both policies (`noninferiority_check`)."""
+    return noninferiority_check("golden_regression", "golden", champion, candidate, spec, policy,
+                                missing=_no_golden(spec))
 
 
 def _interval_text(interval: tuple[float | None, float | None], confidence: float) -> str:
@@ -323,8 +320,7 @@ def decide_confirmed(
                detail=f"{new_c.n} confirmed corrections honoured on their own prompts: {metric} "
                       f"{new_k.score:.3f} -> {new_c.score:.3f} (gain {test.gain:+.3f}, "
                       f"{_interval_text(interval, test.confidence)})"),
-        noninferiority_check("golden_regression", "golden", champion.get(golden_slice), golden, spec, policy,
-                             missing=_no_golden(spec)),
+        golden_check(champion.get(golden_slice), golden, spec, policy),
         noninferiority_check(
             "well_rated_answers", "answers users rated well", champion.get(rated_slice), candidate.get(rated_slice),
             spec, policy, missing=NO_WELL_RATED),
