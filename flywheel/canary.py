@@ -9,7 +9,7 @@ from the replicas (failures, p99 latency); `apply` carries the verdict out throu
 history keeps the figures:
 
 - a guardrail broken, or worse at the configured confidence: roll back (share 0) at once;
-- too few ratings in either arm: hold, and say so;
+- too few ratings, or too few distinct raters (`min_raters`), in either arm: hold, and say so;
 - better at that confidence: promote to champion;
 - otherwise step up once the step has lasted `step_s`; at the deadline, hold or roll back (config).
 """
@@ -150,19 +150,29 @@ def sequential_difference(
 
 def sequential_trial(
     rated: list[tuple[bool, float, str | None]], *, alpha: float, effect_sd: float, min_ratings: int,
+    min_raters: int = 2,
 ) -> SequentialResult:
     """`sequential_difference` looked at after every rating, in arrival order ((in arm B?, rating, rater)).
 
-    Once both arms have `min_ratings`, every look counts: the p-value is the running minimum over the counted
-    looks and the interval their running intersection, both as valid as one look's; the first that excludes 0
-    ends the trial, so later ratings never reverse a verdict."""
+    Once both arms have `min_ratings` ratings from `min_raters` distinct raters, every look counts: the p-value is
+    the running minimum over the counted looks and the interval their running intersection, both as valid as one
+    look's; the first that excludes 0 ends the trial, so later ratings never reverse a verdict. Below
+    `min_raters` the variance of the raters' means rests on too few units to trust (2 raters per arm gave 16 %
+    false verdicts in simulated A/A trials).
+
+    The trial's ratings are pooled across its share steps, and that is sound: a user keeps their arm as the
+    share steps up (the buckets are sticky, and a larger share only adds users to the canary, never moves one
+    back), and the estimate is one mean per rater, so a step changes only how many raters each arm gets, not
+    what any rater's ratings measure. Raters who join at a later step are more raters of the same two arms; the
+    mSPRT's validity does not depend on how many arrive when."""
     arms = _Arm(), _Arm()
     look: _Look | None = None
     counting = False
     for in_b, rating, rater in rated:
         arms[in_b].add(rating, rater)
         now = _msprt(*arms, alpha=alpha, effect_sd=effect_sd)
-        if now is None or min(arms[0].ratings, arms[1].ratings) < min_ratings:
+        if (now is None or min(arms[0].ratings, arms[1].ratings) < min_ratings
+                or min(arms[0].raters, arms[1].raters) < min_raters):
             look = now
             continue
         if counting and look is not None:
@@ -258,7 +268,8 @@ def review(registry: Registry, cfg: CanarySettings, ratings: Callable[[datetime]
     arms = {arm: _arm(name, values[arm], figures)
             for arm, name in (("champion", champion.version), ("canary", canary.version))}
     test = sequential_trial([(version == canary.version, v, rater) for version, v, rater in rated],
-                            alpha=1 - cfg.confidence, effect_sd=cfg.effect_sd, min_ratings=cfg.min_ratings)
+                            alpha=1 - cfg.confidence, effect_sd=cfg.effect_sd, min_ratings=cfg.min_ratings,
+                            min_raters=cfg.min_raters)
     share = canary.traffic_fraction
     later = [s for s in cfg.steps if s > share + 1e-9]
     deadline = started + timedelta(seconds=cfg.deadline_s)
@@ -274,6 +285,10 @@ def review(registry: Registry, cfg: CanarySettings, ratings: Callable[[datetime]
     elif min(test.n_a, test.n_b) < cfg.min_ratings:
         verdict, reason = "hold", (f"too few ratings for a verdict: champion {test.n_a}, canary {test.n_b}, "
                                    f"{cfg.min_ratings} needed in each")
+    elif min(test.raters_a, test.raters_b) < cfg.min_raters:
+        verdict, reason = "hold", (f"too few raters for a verdict: champion {test.raters_a}, canary "
+                                   f"{test.raters_b}, {cfg.min_raters} needed in each (canary.min_raters); "
+                                   f"{figures_text}")
     elif test.high is not None and test.high < 0:
         verdict, reason = "rollback", f"worse: {figures_text}"
     elif test.low is not None and test.low > 0:

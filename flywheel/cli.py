@@ -271,16 +271,21 @@ def adapters_import(
     except UnknownTaskError as exc:
         fail(f"{exc}; declare it in config (`tasks:`) or with `flywheel tasks add`", code=2)
     registry = _registry_or_exit(settings, spec.name)
+    champion = registry.alias("champion")  # the one this import replaces, if any: the move names it
     try:
         summary = check_adapter_fits(path, settings.base_model_path)
-        manifest = registry.register(path, base=base_ref(settings), parent=registry.alias("champion"),
+        manifest = registry.register(path, base=base_ref(settings), parent=champion,
                                      lora=summary, training={"source": "import", "path": path.name})
     except (AdapterImportError, RegistryError) as exc:
         fail(f"{path} not imported: {exc}", code=2)
     registry.save_task_spec(spec) if registry.task_spec() is None else None
-    promoted = registry.alias("champion") is None or promote_it
+    promoted = champion is None or promote_it
     if promoted:
-        registry.promote(manifest.version, actor=getpass.getuser(), reason=f"imported from {path.name}")
+        try:
+            registry.promote(manifest.version, actor=getpass.getuser(), reason=f"imported from {path.name}",
+                             expected_champion=champion)
+        except RegistryError as exc:  # a champion was made meanwhile: leave it, say so
+            fail(f"{path} imported as {manifest.version} (ready) but not made champion: {exc}", code=1)
     emit(as_json, {"version": manifest.version, "champion": promoted, "lora": summary},
          f"imported {path} as {manifest.version}" + (" (champion)" if promoted else " (ready)"))
 

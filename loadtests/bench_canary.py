@@ -66,7 +66,8 @@ def decided(result: SequentialResult) -> bool:
 
 def ours(stream: Stream, cfg: CanarySettings) -> tuple[bool, float]:
     """(a verdict?, ratings per arm when the trial ended) with the canary's own test."""
-    result = sequential_trial(stream, alpha=1 - cfg.confidence, effect_sd=cfg.effect_sd, min_ratings=cfg.min_ratings)
+    result = sequential_trial(stream, alpha=1 - cfg.confidence, effect_sd=cfg.effect_sd, min_ratings=cfg.min_ratings,
+                              min_raters=cfg.min_raters)
     return decided(result), (result.n_a + result.n_b) / 2
 
 
@@ -149,6 +150,7 @@ class CanaryBenchReport(BaseModel):
     confidence: float
     effect_sd: float
     min_ratings: int
+    min_raters: int = 2
     population: Population
     difference: float
     false_verdicts: Share = Field(description="A/A trials, correlated raters, one mean per rater (ours).")
@@ -163,7 +165,7 @@ class CanaryBenchReport(BaseModel):
         lines = [
             f"{p.raters} raters (bias sd {p.rater_sd}, own sd {p.noise_sd}), canary share {p.share:.0%}, up to "
             f"{p.ratings} ratings a trial, alpha {alpha:.2f}, effect_sd {self.effect_sd}, min {self.min_ratings} "
-            f"ratings per arm",
+            f"ratings from {self.min_raters} raters per arm",
             f"A/A: a verdict in {self.false_verdicts.text()} of trials, "
             f"{'within' if self.false_verdicts_within_alpha else 'OVER'} alpha {alpha:.0%}; counting every rating "
             f"as a rater of its own: {self.false_verdicts_per_rating.text()}",
@@ -195,8 +197,8 @@ def run_canary_bench(cfg: CanarySettings, *, difference: float = 0.3, trials: in
     aa = list(_streams(seed, population, 0.0, trials))
     shifted = list(_streams(seed + 1, population, difference, trials))
     report = CanaryBenchReport(
-        confidence=cfg.confidence, effect_sd=cfg.effect_sd, min_ratings=cfg.min_ratings, population=population,
-        difference=difference,
+        confidence=cfg.confidence, effect_sd=cfg.effect_sd, min_ratings=cfg.min_ratings, min_raters=cfg.min_raters,
+        population=population, difference=difference,
         false_verdicts=(false := Share.of([ours(s, cfg)[0] for s in aa])),
         false_verdicts_within_alpha=false.share <= 1 - cfg.confidence,
         false_verdicts_per_rating=Share.of([ours([(b, v, None) for b, v, _ in s], cfg)[0] for s in aa]),

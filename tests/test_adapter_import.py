@@ -52,3 +52,27 @@ def test_an_adapter_that_fits_is_registered_ready_beside_the_champion(cli: CliRu
     assert payload["version"] == "demo-v3" and payload["champion"] is False
     assert payload["lora"]["matrices_checked"] > 0
     assert registry.manifest("demo-v3").status == "ready" and registry.alias("champion") == "demo-v1"
+
+
+def test_an_import_names_the_champion_it_replaces_and_leaves_one_made_meanwhile(
+        cli: CliRunner, home_copy: Path, tmp_path: Path, monkeypatch) -> None:
+    """`--promote` decided against demo-v1; someone promotes demo-v2 while the import registers: the import is
+    registered ready, not champion, and says why (it used to overwrite the promotion made meanwhile)."""
+    from flywheel.registry import Registry
+
+    registry = registry_for(make_settings(home_copy), "demo")
+    copy = tmp_path / "trained-elsewhere"
+    shutil.copytree(registry.local_path("demo-v2"), copy)
+    (copy / MANIFEST).unlink()
+    register = Registry.register
+
+    def register_then_someone_promotes(self, *args, **kwargs):
+        manifest = register(self, *args, **kwargs)
+        Registry.promote(self, "demo-v2", actor="someone else", reason="meanwhile")
+        return manifest
+
+    monkeypatch.setattr(Registry, "register", register_then_someone_promotes)
+    result = cli.invoke(app, ["adapters", "import", "--task", "demo", str(copy), "--promote"])
+    assert result.exit_code == 1, result.output
+    assert "not made champion" in result.stderr and "demo-v2" in result.stderr, result.stderr
+    assert registry.alias("champion") == "demo-v2" and registry.manifest("demo-v3").status == "ready"

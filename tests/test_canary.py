@@ -354,3 +354,27 @@ def test_our_msprt_and_savvis_anytime_valid_test_agree_on_the_same_streams() -> 
     savvi_n = compared.independent_savvi_power.ratings_per_arm_median
     assert ours_n is not None and savvi_n is not None and 0.33 < ours_n / savvi_n < 3, (ours_n, savvi_n)
     assert report.false_verdicts.verdicts <= 1 and compared.savvi_aa.low > 1 - cfg.confidence, compared.savvi_aa
+
+
+def rated_by(raters: int, champion_mean: float, canary_mean: float, per_rater: int = 20):
+    """Each arm rated by `raters` users, `per_rater` answers each, interleaved; the canary far better."""
+    rng = random.Random(raters)
+    rated = []
+    for _ in range(per_rater):
+        for r in range(raters):
+            rated.append(("demo-v1", float(min(5, max(1, round(rng.gauss(champion_mean, 0.5))))), f"k-{r}"))
+            rated.append(("demo-v2", float(min(5, max(1, round(rng.gauss(canary_mean, 0.5))))), f"c-{r}"))
+    return lambda _since: rated
+
+
+def test_a_verdict_waits_for_enough_distinct_raters_in_each_arm(trial: Registry) -> None:
+    """Two raters per arm, each rating the canary far better 20 times: strong evidence from too few people (2
+    raters per arm gave 16 % false verdicts in simulated A/A trials). It holds until `canary.min_raters` each."""
+    assert CFG.min_raters == 5
+    few = review(trial, CFG, rated_by(2, 2.0, 4.5), {})
+    assert few is not None and few.verdict == "hold", few.reason
+    assert "too few raters" in few.reason and "canary.min_raters" in few.reason
+    assert few.test.low is not None and few.test.low > 0  # the evidence looks strong: it rests on 2 people
+    enough = review(trial, CFG, rated_by(5, 2.0, 4.5), {})
+    assert enough is not None and enough.verdict == "promote", enough.reason
+    assert (enough.test.raters_a, enough.test.raters_b) == (5, 5)

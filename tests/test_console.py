@@ -170,16 +170,46 @@ def test_an_action_needs_the_sessions_csrf_token_and_is_recorded_with_who_presse
         refused = desk.client.post(f"/console/tasks/{task}/promote", data=data, headers=headers)
         assert refused.status_code == 403
     assert desk.registry.alias("champion") == f"{task}-v2"
-    done = desk.client.post(f"/console/tasks/{task}/promote", data={"version": f"{task}-v3", "csrf": token})
+    done = desk.client.post(f"/console/tasks/{task}/promote", data={"version": f"{task}-v3", "csrf": token,
+                                                                    "expected_champion": f"{task}-v2"})
     assert done.status_code == 303 and done.headers["location"].startswith(f"/console/tasks/{task}?done=")
     assert desk.registry.alias("champion") == f"{task}-v3"
     entry = desk.registry.history("champion")[-1]
     assert (entry.action, entry.version, entry.actor) == ("promote", f"{task}-v3", "ops (console)")
     page = desk.client.get(done.headers["location"])
     assert f"{task}-v3 is champion" in page.text and "by ops (console)" in page.text
-    back = desk.client.post(f"/console/tasks/{task}/rollback", data={"csrf": token})
+    back = desk.client.post(f"/console/tasks/{task}/rollback", data={"csrf": token,
+                                                                     "expected_champion": f"{task}-v3"})
     assert back.status_code == 303 and desk.registry.alias("champion") == f"{task}-v2"
     assert desk.registry.history("champion")[-1].actor == "ops (console)"
+
+
+EXPECTED = re.compile(r'name="expected_champion" value="([^"]*)"')
+
+
+def test_promote_and_rollback_name_the_champion_the_page_showed_and_are_refused_if_it_moved(desk: Desk) -> None:
+    """Two operators open the task page; one promotes v3. The other's rollback and promote forms still name v2,
+    the champion their page showed: each is refused with a message saying who moved it, and nothing changes."""
+    task = desk.registry.task
+    _login(desk.client, desk.keys["ops"])
+    page = desk.client.get(f"/console/tasks/{task}")
+    token = CSRF.search(page.text).group(1)
+    assert set(EXPECTED.findall(page.text)) == {f"{task}-v2"}  # every promote and rollback form carries it
+    desk.registry.promote(f"{task}-v3", actor="someone else", reason="a hotfix")
+    back = desk.client.post(f"/console/tasks/{task}/rollback",
+                            data={"csrf": token, "expected_champion": f"{task}-v2"})
+    assert back.status_code == 409, back.text
+    assert f"is {task}-v3" in back.text and "someone else" in back.text and "reload the page" in back.text
+    stale = desk.client.post(f"/console/tasks/{task}/promote",
+                             data={"version": f"{task}-v1", "csrf": token, "expected_champion": f"{task}-v2"})
+    assert stale.status_code == 409 and desk.registry.alias("champion") == f"{task}-v3"
+    unnamed = desk.client.post(f"/console/tasks/{task}/promote", data={"version": f"{task}-v1", "csrf": token})
+    assert unnamed.status_code == 400 and "which champion" in unnamed.text
+    assert desk.registry.alias("champion") == f"{task}-v3"
+    fresh = desk.client.get(f"/console/tasks/{task}")
+    assert set(EXPECTED.findall(fresh.text)) == {f"{task}-v3"}
+    done = desk.client.post(f"/console/tasks/{task}/rollback", data={"csrf": token, "expected_champion": f"{task}-v3"})
+    assert done.status_code == 303 and desk.registry.alias("champion") == f"{task}-v2"
 
 
 def test_logging_out_ends_the_session_on_the_server_not_only_in_this_browser(desk: Desk) -> None:

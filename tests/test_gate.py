@@ -11,11 +11,19 @@ from flywheel.config import Settings
 from flywheel.tasks import TaskSpec
 from services.engines.protocol import AdapterHandle, ChatMessage, Generation, PromptTooLongError, SamplingOptions
 from training.evaluate import EvalExample, SliceScores, evaluate, parity
-from training.gate import decide, decide_confirmed, first_champion, min_holdout, small_data_problem
+from training.gate import (
+    decide,
+    decide_confirmed,
+    exact_loss_bound,
+    first_champion,
+    min_holdout,
+    min_noninferiority_rows,
+    small_data_problem,
+)
 
 POLICY = Settings().retrain.gate
 ALPHA = POLICY.significance_alpha
-GOLDEN = [1.0, 0.0] * 10
+GOLDEN = [1.0, 0.0] * 40
 
 
 def scores(per_example: list[float], metric: str = "token_f1", *, too_long: int = 0,
@@ -40,7 +48,7 @@ def judge(champion: SliceScores, candidate: SliceScores, spec: TaskSpec, golden:
           | None = None):
     golden = golden or (scores(GOLDEN, candidate.metric), scores(GOLDEN, candidate.metric))
     if spec.gate_metric == "macro_f1":
-        golden = (labelled(["a", "b"] * 5, ["a", "b"] * 5, spec.labels),) * 2
+        golden = (labelled(["a", "b"] * 40, ["a", "b"] * 40, spec.labels),) * 2
     return decide({"new": champion, "golden": golden[0]}, {"new": candidate, "golden": golden[1]}, spec=spec,
                   new_slice="new", golden_slice="golden", parity=None, policy=POLICY)
 
@@ -101,7 +109,7 @@ def test_every_check_says_how_many_rows_it_rests_on_and_the_gain_has_an_interval
     report = judge(scores([0.2, 0.3] * 10), scores([0.9, 0.8] * 10), spec)
     assert report.verdict == "passed", report
     rows = {c.name: c.rows for c in report.checks}
-    assert rows == {"improvement": 20, "significance": 20, "golden_regression": 20, "format_validity": 40,
+    assert rows == {"improvement": 20, "significance": 20, "golden_regression": 80, "format_validity": 100,
                     "latency": 20}
     gain = next(c for c in report.checks if c.name == "improvement")
     assert gain.ci_low is not None and gain.ci_high is not None and gain.ci_low <= gain.value <= gain.ci_high
@@ -189,7 +197,9 @@ async def test_prompts_too_long_for_the_context_are_reported_apart_not_held_agai
     assert validity.passed and validity.rows == 2 * 16 and "8 prompts too long" in validity.detail, validity
     probe = next(c for c in report.checks if c.name == "engine_parity")
     assert (probe.value, probe.rows) == (1.0, POLICY.parity_prompts), probe
-    assert report.verdict == "passed", report
+    # nothing failed; the golden set here is the hold-out, which the champion scores 0.000 on: it proves nothing
+    assert report.verdict == "insufficient_data" and report.failures() == [
+        f"golden_regression: {next(c for c in report.checks if c.name == 'golden_regression').detail}"], report
 
 
 def confirmed(champion: dict[str, SliceScores], candidate: dict[str, SliceScores], spec: TaskSpec | None = None,
@@ -206,8 +216,8 @@ def binary(right: int, n: int) -> SliceScores:
 def small_data(**arms: tuple[SliceScores, SliceScores]) -> tuple[dict[str, SliceScores], dict[str, SliceScores]]:
     """(champion, candidate): three confirmed corrections the candidate learned, a golden set and well-rated
     answers on which both are alike, unless `arms` says otherwise."""
-    slices = {"new": (binary(0, 3), binary(3, 3)), "golden": (binary(14, 20), binary(14, 20)),
-              "rated": (binary(18, 20), binary(18, 20)), **arms}
+    slices = {"new": (binary(0, 3), binary(3, 3)), "golden": (binary(70, 100), binary(70, 100)),
+              "rated": (binary(90, 100), binary(90, 100)), **arms}
     return ({k: v[0] for k, v in slices.items()}, {k: v[1] for k, v in slices.items()})
 
 
@@ -215,8 +225,8 @@ def test_the_small_data_policy_passes_a_candidate_that_learned_and_lost_nothing(
     report = confirmed(*small_data())
     assert report.verdict == "passed", report
     checks = {c.name: c for c in report.checks}
-    assert {n: c.rows for n, c in checks.items()} == {"confirmed_corrections": 3, "golden_regression": 20,
-                                                      "well_rated_answers": 20, "format_validity": 43,
+    assert {n: c.rows for n, c in checks.items()} == {"confirmed_corrections": 3, "golden_regression": 100,
+                                                      "well_rated_answers": 100, "format_validity": 203,
                                                       "latency": 3}
     golden = checks["golden_regression"]
     assert golden.threshold == POLICY.noninferiority_margin and "non-inferiority margin" in golden.detail
@@ -231,11 +241,11 @@ def test_the_small_data_policy_rejects_a_candidate_that_does_not_give_the_confir
 def test_the_held_out_policy_rejects_a_golden_regression_however_good_the_new_slice() -> None:
     spec = TaskSpec(name="faq", metric="exact_match")
     better = (binary(4, 20), binary(18, 20))
-    report = judge(*better, spec, golden=(binary(18, 20), binary(10, 20)))
+    report = judge(*better, spec, golden=(binary(90, 100), binary(50, 100)))
     assert report.verdict == "rejected" and "golden_regression" in report.message, report
     golden = next(c for c in report.checks if c.name == "golden_regression")
-    assert golden.rows == 20 and golden.value == pytest.approx(0.4)
-    assert judge(*better, spec, golden=(binary(18, 20), binary(18, 20))).verdict == "passed"
+    assert golden.rows == 100 and golden.value == pytest.approx(0.4)
+    assert judge(*better, spec, golden=(binary(90, 100), binary(90, 100))).verdict == "passed"
 
 
 def test_the_small_data_policy_needs_enough_confirmed_prompts() -> None:
@@ -272,9 +282,9 @@ def test_a_golden_set_the_champion_scores_zero_on_proves_nothing() -> None:
 
 def test_golden_non_regression_is_judged_on_the_interval_not_the_point_estimate() -> None:
     """The candidate gets 4 golden answers wrong that the champion got right, and 4 others right: level on
-    average (the old check passed a drop of 0.000), but the drop's upper bound is far above the margin."""
-    golden = (scores([1.0] * 4 + [0.0] * 4 + [1.0] * 12, "exact_match"),
-              scores([0.0] * 4 + [1.0] * 4 + [1.0] * 12, "exact_match"))
+    average (the old check passed a drop of 0.000), but the drop's upper bound is above the margin."""
+    golden = (scores([1.0] * 4 + [0.0] * 4 + [1.0] * 92, "exact_match"),
+              scores([0.0] * 4 + [1.0] * 4 + [1.0] * 92, "exact_match"))
     report = confirmed(*small_data(golden=golden))
     assert report.verdict == "rejected" and "golden_regression" in report.message, report
     check = next(c for c in report.checks if c.name == "golden_regression")
@@ -282,25 +292,25 @@ def test_golden_non_regression_is_judged_on_the_interval_not_the_point_estimate(
 
 
 def test_the_small_data_policy_rejects_a_candidate_that_loses_well_rated_answers() -> None:
-    """The candidate learned its three corrections, holds the golden set, but no longer gives 6 of the 20
+    """The candidate learned its three corrections, holds the golden set, but no longer gives 30 of the 100
     answers users rated well: it is rejected (the old policy never looked at them)."""
-    report = confirmed(*small_data(rated=(binary(18, 20), binary(12, 20))))
+    report = confirmed(*small_data(rated=(binary(90, 100), binary(60, 100))))
     assert report.verdict == "rejected" and "well_rated_answers" in report.message, report
     rated = next(c for c in report.checks if c.name == "well_rated_answers")
-    assert rated.rows == 20 and rated.value == pytest.approx(0.3)
+    assert rated.rows == 100 and rated.value == pytest.approx(0.3)
     unrated = confirmed(*small_data(rated=(scores([], "exact_match"), scores([], "exact_match"))))
     assert unrated.verdict == "insufficient_data" and "well_rated_answers" in unrated.message, unrated
 
 
 def test_the_small_data_policy_judges_a_macro_f1_task_by_macro_f1() -> None:
     labels = MACRO_F1.labels
-    golden = labelled(["a", "b"] * 10, ["a", "b"] * 10, labels)
-    rated = labelled(["a"] * 10, ["a"] * 10, labels)
+    golden = labelled(["a", "b"] * 40, ["a", "b"] * 40, labels)
+    rated = labelled(["a"] * 60, ["a"] * 60, labels)
     slices = {"new": (labelled(["a"] * 3, ["b"] * 3, labels), labelled(["b"] * 3, ["b"] * 3, labels)),
               "golden": (golden, golden), "rated": (rated, rated)}
     report = confirmed({k: v[0] for k, v in slices.items()}, {k: v[1] for k, v in slices.items()}, MACRO_F1)
     assert report.verdict == "passed", report
-    worse = labelled(["a", "a"] * 10, ["a", "b"] * 10, labels)  # never says b any more: macro-F1 halves
+    worse = labelled(["a", "a"] * 40, ["a", "b"] * 40, labels)  # never says b any more: macro-F1 halves
     slices["golden"] = (golden, worse)
     report = confirmed({k: v[0] for k, v in slices.items()}, {k: v[1] for k, v in slices.items()}, MACRO_F1)
     assert report.verdict == "rejected" and "golden macro_f1 1.000 -> 0.333" in report.message, report
@@ -314,3 +324,63 @@ def test_a_first_adapter_serves_only_when_it_beats_the_bare_base() -> None:
     assert first_champion(binary(5, 20), binary(17, 20), spec, POLICY).passed
     tiny = first_champion(binary(0, 3), binary(3, 3), spec, POLICY)
     assert tiny.outcome == "insufficient_data" and "at least 5" in tiny.detail
+
+
+@pytest.mark.parametrize("kept", [2, 3, 5])
+def test_a_few_well_rated_answers_all_kept_prove_nothing(kept: int) -> None:
+    """With a handful of answers all kept, the bootstrap interval of the drop collapsed to [0, 0] and the check
+    passed: a true 20 % loss over 5 answers passed a third of the time. The exact bound is wide: not passed."""
+    report = confirmed(*small_data(rated=(binary(kept, kept), binary(kept, kept))))
+    assert report.verdict == "insufficient_data", report
+    rated = next(c for c in report.checks if c.name == "well_rated_answers")
+    assert rated.outcome == "insufficient_data" and rated.rows == kept
+    assert "cannot show a drop within the margin" in rated.detail and "at least 59" in rated.detail, rated.detail
+
+
+def test_many_well_rated_answers_all_kept_pass() -> None:
+    report = confirmed(*small_data(rated=(binary(200, 200), binary(200, 200))))
+    assert report.verdict == "passed", report
+    rated = next(c for c in report.checks if c.name == "well_rated_answers")
+    assert rated.passed and rated.ci_high == pytest.approx(1 - ALPHA ** (1 / 200))  # the rule of three, exact
+
+
+def test_the_exact_loss_bound_is_clopper_pearson() -> None:
+    """Our use of scipy's binomtest against known Clopper-Pearson bounds: none of 3 lost, 1 - 0.05**(1/3); 4 of
+    100 lost, 0.0892 (one-sided 95 %); and the fewest examples a 5 % margin needs, 59."""
+    assert exact_loss_bound(0, 3, 0.05) == pytest.approx(1 - 0.05 ** (1 / 3))
+    assert exact_loss_bound(4, 100, 0.05) == pytest.approx(0.0892, abs=1e-4)
+    assert min_noninferiority_rows(0.05, 0.05) == 59 and exact_loss_bound(0, 58, 0.05) > 0.05
+
+
+def test_the_held_out_policy_judges_the_golden_set_by_non_inferiority_not_the_point_estimate() -> None:
+    """The held-out policy passed a golden set on the point estimate of the drop: 4 answers lost and 4 gained of
+    100 is a drop of 0.000, but its exact bound (0.089) is above the margin; and 20 golden examples all kept cannot
+    show non-inferiority within 5 % at all. Both policies judge the golden set alike."""
+    spec = TaskSpec(name="faq", metric="exact_match")
+    better = (binary(4, 20), binary(18, 20))
+    level = (scores([1.0] * 4 + [0.0] * 4 + [1.0] * 92, "exact_match"),
+             scores([0.0] * 4 + [1.0] * 4 + [1.0] * 92, "exact_match"))
+    report = judge(*better, spec, golden=level)
+    assert report.verdict == "rejected" and "golden_regression" in report.message, report
+    golden = next(c for c in report.checks if c.name == "golden_regression")
+    assert golden.value == 0.0 and golden.ci_high == pytest.approx(exact_loss_bound(4, 100, ALPHA))
+    assert golden.threshold == POLICY.noninferiority_margin and "non-inferiority margin" in golden.detail
+    few = judge(*better, spec, golden=(binary(20, 20), binary(20, 20)))
+    assert few.verdict == "insufficient_data" and "cannot show a drop within the margin" in few.message, few
+
+
+def test_the_held_out_policy_says_a_golden_set_the_champion_scores_zero_on_proves_nothing() -> None:
+    spec = TaskSpec(name="faq", metric="exact_match")
+    report = judge(binary(4, 20), binary(18, 20), spec, golden=(binary(0, 100), binary(0, 100)))
+    assert report.verdict == "insufficient_data", report
+    golden = next(c for c in report.checks if c.name == "golden_regression")
+    assert golden.outcome == "insufficient_data" and golden.rows == 100 and "prove nothing" in golden.detail
+
+
+def test_the_retired_golden_setting_is_refused_with_its_replacement() -> None:
+    from pydantic import ValidationError
+
+    from flywheel.config import GateSettings
+
+    with pytest.raises(ValidationError, match="noninferiority_margin"):
+        GateSettings(max_golden_regression=0.02)  # type: ignore[call-arg]

@@ -144,23 +144,23 @@ def test_generation_gate_uses_the_tasks_metric_with_a_paired_permutation_test() 
     champion = [token_f1(a, reference) for a in champion_answers]
     candidate = [token_f1(a, reference) for a in candidate_answers]
     assert all(v > 0 for v in candidate)  # characters, not an ASCII tokenizer: Chinese is scored
-    report = decide({"new": _scores(champion), "golden": _scores([0.5] * 8)},
-                    {"new": _scores(candidate), "golden": _scores([0.5] * 8)},
+    report = decide({"new": _scores(champion), "golden": _scores([0.5] * 80)},
+                    {"new": _scores(candidate), "golden": _scores([0.5] * 80)},
                     spec=spec, new_slice="new", golden_slice="golden", parity=1.0,
                     policy=Settings().retrain.gate)
     assert report.verdict == "passed", report
     significance = next(c for c in report.checks if c.name == "significance")
     assert "paired permutation" in significance.detail and significance.value < 0.05
 
-    worse = decide({"new": _scores(candidate), "golden": _scores([0.5] * 8)},
-                   {"new": _scores(champion), "golden": _scores([0.5] * 8)},
+    worse = decide({"new": _scores(candidate), "golden": _scores([0.5] * 80)},
+                   {"new": _scores(champion), "golden": _scores([0.5] * 80)},
                    spec=spec, new_slice="new", golden_slice="golden", parity=1.0, policy=Settings().retrain.gate)
     assert worse.verdict == "rejected"
 
 
 def test_a_hold_out_too_small_to_ever_be_significant_is_insufficient_data_not_a_rejection() -> None:
     spec = TaskSpec(name="s", kind="classification", labels=["a", "b"])
-    golden = _scores([1.0, 0.0] * 5, "accuracy")
+    golden = _scores([1.0, 0.0] * 40, "accuracy")  # enough for the golden non-inferiority check
     tiny = decide({"new": _scores([0.0] * 4, "accuracy"), "golden": golden},
                   {"new": _scores([1.0] * 4, "accuracy"), "golden": golden},
                   spec=spec, new_slice="new", golden_slice="golden", parity=None, policy=Settings().retrain.gate)

@@ -10,15 +10,20 @@ alpha, or any check with no rows to score, gives `insufficient_data`, never a pa
 The small-data policy (`decide_confirmed`) judges a batch of corrections users confirmed by repeating
 them. It needs at least `retrain.min_confirmed_prompts` of them and a golden set; the candidate must give
 those answers on their own prompts, and be non-inferior to the champion within `noninferiority_margin` (the
-upper end of the drop's one-sided 1 - alpha bound) on the golden set and on the answers of the champion
-that users rated well (it still gives them). A set the champion scores 0.000 on proves nothing: it is
+upper end of the drop's one-sided 1 - alpha bound, exact for 0/1 metrics) on the golden set and on the answers
+of the champion that users rated well (it still gives them). A set the champion scores 0.000 on proves nothing: it is
 `insufficient_data`, never a pass.
+
+Both policies judge the golden set alike (`golden_check`, the same non-inferiority check), so the held-out
+policy too says `insufficient_data` for a golden set too small to show non-inferiority or one the champion
+scores 0.000 on.
 
 `first_champion` is the same test for a task's first adapter against the bare base on the test split.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, Field, computed_field
@@ -113,16 +118,9 @@ def min_holdout(spec: TaskSpec, alpha: float) -> int:
 
 def golden_check(champion: SliceScores | None, candidate: SliceScores | None, spec: TaskSpec,
                  policy: GateSettings) -> GateCheck:
-    if champion is None or candidate is None or candidate.n == 0:
-        return _check("golden_regression", ok=False, value=None, threshold=policy.max_golden_regression, rows=0,
-                      detail="the task has no golden set to check regressions on")
-    test = paired_test(champion, candidate, spec, policy.significance_alpha)
-    drop = -test.gain
-    interval = (None, None) if test.ci_low is None or test.ci_high is None else (-test.ci_high, -test.ci_low)
-    return _check("golden_regression", ok=drop <= policy.max_golden_regression, value=drop,
-                  threshold=policy.max_golden_regression, rows=test.n, interval=interval,
-                  detail=f"golden {candidate.metric} {test.champion:.3f} -> {test.candidate:.3f} on {test.n} "
-                         f"examples (drop {drop:+.3f}, {_interval_text(interval, test.confidence)})")
+    """The golden set's non-regression, judged alike by both policies (`noninferiority_check`)."""
+    return noninferiority_check("golden_regression", "golden", champion, candidate, spec, policy,
+                                missing=_no_golden(spec))
 
 
 def _interval_text(interval: tuple[float | None, float | None], confidence: float) -> str:
@@ -206,22 +204,62 @@ def decide(
     return _report(metric, checks + _serving_checks(candidate, new_c, new_k, parity, policy))
 
 
+def exact_loss_bound(lost: int, n: int, alpha: float) -> float:
+    """The one-sided 1 - alpha upper bound of the share of examples lost (`lost` of `n`), exact (Clopper-Pearson,
+    scipy.stats.binomtest): however few the examples, it never collapses to what they happened to show."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(lost, n, alternative="less").proportion_ci(confidence_level=1 - alpha,
+                                                                       method="exact").high)
+
+
+def min_noninferiority_rows(alpha: float, margin: float) -> int | None:
+    """The fewest examples whose exact bound could be within `margin` at all: none lost, 1 - alpha**(1/n) <= margin
+    (the closed form of `exact_loss_bound(0, n, alpha)`). None when no number of examples can (margin 0)."""
+    if margin <= 0:
+        return None
+    n = max(1, math.ceil(math.log(alpha) / math.log1p(-margin)))
+    while exact_loss_bound(0, n, alpha) > margin:  # the closed form's rounding, at most a step
+        n += 1
+    return n
+
+
 def noninferiority_check(name: str, what: str, champion: SliceScores | None, candidate: SliceScores | None,
                          spec: TaskSpec, policy: GateSettings, *, missing: str) -> GateCheck:
     """Whether the candidate is no worse than the champion on `what` by more than `policy.noninferiority_margin`:
-    the upper end of the drop's one-sided 1 - alpha bound must be within it. No rows, no interval (one pair), or a
-    champion at 0.000 (no drop could show) is `insufficient_data`: it proves nothing either way."""
-    margin = policy.noninferiority_margin
+    the upper end of the drop's one-sided 1 - alpha bound must be within it. Both policies judge the golden set with
+    it, and the small-data policy the answers users rated well.
+
+    For 0/1 metrics the bound is exact: the drop is at most the share of examples the candidate lost (gains do not
+    buy losses back), bounded by Clopper-Pearson. For continuous metrics and macro-F1 it is the bootstrap interval's
+    upper end. Either way, too few examples for the bound to be within the margin even with none lost (3 answers
+    all kept bound a loss of 63 % at alpha 0.05; it takes 59 for a 5 % margin), no rows, or a champion at 0.000 (no
+    drop could show) is `insufficient_data`: it proves nothing either way."""
+    margin, alpha = policy.noninferiority_margin, policy.significance_alpha
     if champion is None or candidate is None or candidate.n == 0:
         return _check(name, ok=False, value=None, threshold=margin, rows=0, detail=missing)
-    test = paired_test(champion, candidate, spec, policy.significance_alpha)
+    test = paired_test(champion, candidate, spec, alpha)
     drop = -test.gain
-    interval = (None, None) if test.ci_low is None or test.ci_high is None else (-test.ci_high, -test.ci_low)
+    if spec.binary_metric:
+        lost = sum(c < k for k, c in zip(champion.per_example, candidate.per_example, strict=True))
+        interval: tuple[float | None, float | None] = (None, exact_loss_bound(lost, test.n, alpha))
+        bound = f"{lost} of {test.n} lost, exact one-sided {1 - alpha:.0%} bound {interval[1]:+.3f}"
+    else:
+        interval = (None, None) if test.ci_low is None or test.ci_high is None else (-test.ci_high, -test.ci_low)
+        bound = _interval_text(interval, test.confidence)
     figures = (f"{what} {candidate.metric} {test.champion:.3f} -> {test.candidate:.3f} on {test.n} examples (drop "
-               f"{drop:+.3f}, {_interval_text(interval, test.confidence)}; non-inferiority margin {margin:.3f})")
-    if test.champion == 0.0 or interval[1] is None:
-        why = ("the champion scores 0.000 on them, so no regression could show: they prove nothing"
-               if test.champion == 0.0 else "one example gives no interval")
+               f"{drop:+.3f}, {bound}; non-inferiority margin {margin:.3f})")
+    needed = min_noninferiority_rows(alpha, margin)
+    why = None
+    if test.champion == 0.0:
+        why = "the champion scores 0.000 on them, so no regression could show: they prove nothing"
+    elif needed is None or test.n < needed:
+        why = (f"{test.n} examples cannot show a drop within the margin: with none lost the exact bound is "
+               f"{exact_loss_bound(0, test.n, alpha):.3f}; it takes at least {needed} examples" if needed else
+               "a non-inferiority margin of 0 can never be shown")
+    elif interval[1] is None:
+        why = "one example gives no interval"
+    if why:
         return GateCheck(name=name, outcome="insufficient_data", value=drop, threshold=margin, rows=test.n,
                          detail=f"{figures}: {why}", ci_low=interval[0], ci_high=interval[1])
     return _check(name, ok=interval[1] <= margin, value=drop, threshold=margin, rows=test.n, interval=interval,
@@ -282,8 +320,7 @@ def decide_confirmed(
                detail=f"{new_c.n} confirmed corrections honoured on their own prompts: {metric} "
                       f"{new_k.score:.3f} -> {new_c.score:.3f} (gain {test.gain:+.3f}, "
                       f"{_interval_text(interval, test.confidence)})"),
-        noninferiority_check("golden_regression", "golden", champion.get(golden_slice), golden, spec, policy,
-                             missing=_no_golden(spec)),
+        golden_check(champion.get(golden_slice), golden, spec, policy),
         noninferiority_check(
             "well_rated_answers", "answers users rated well", champion.get(rated_slice), candidate.get(rated_slice),
             spec, policy, missing=NO_WELL_RATED),

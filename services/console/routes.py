@@ -23,7 +23,7 @@ from fastapi.templating import Jinja2Templates
 from flywheel.auth import AuthError, Caller
 from flywheel.canary import NoCanaryError
 from flywheel.config import Settings
-from flywheel.registry import RegistryError, UnknownTaskError, VersionNotFoundError
+from flywheel.registry import ChampionChangedError, RegistryError, UnknownTaskError, VersionNotFoundError
 from flywheel.runs import RetrainBusyError
 from services.access import Access, Denied
 from services.console.charts import heat, loss_chart, rating_chart, sparkline
@@ -159,6 +159,9 @@ async def _run(call: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(call, *args)
     except (UnknownTaskError, VersionNotFoundError) as exc:
         raise Refused(404, str(exc)) from None
+    except ChampionChangedError as exc:
+        raise Refused(409, f"{exc}. Someone moved it since this page was shown: reload the page and decide "
+                           "again.") from None
     except (RegistryError, NoCanaryError, RetrainBusyError) as exc:
         raise Refused(409, str(exc)) from None
 
@@ -272,20 +275,31 @@ async def lineage(request: Request, id: str = "") -> Response:  # the query is `
 
 # -- actions: each needs the CSRF token, asks for confirmation in the page, and is recorded with who did it --
 
+def _shown_champion(expected_champion: str | None) -> str | None:
+    """The champion the page showed when the form was drawn ("" for none); a form without it is refused, so every
+    move from the console names the champion it replaces."""
+    if expected_champion is None:
+        raise Refused(400, "This form does not say which champion it was shown: reload the page and try again.")
+    return expected_champion or None
+
+
 @router.post("/tasks/{task}/promote")
 async def promote(request: Request, task: str, version: Annotated[str, Form(max_length=80)],
-                  csrf: Annotated[str, Form()] = "") -> Response:
+                  csrf: Annotated[str, Form()] = "",
+                  expected_champion: Annotated[str | None, Form(max_length=80)] = None) -> Response:
     session = await _acting(request, csrf)
-    entry = await _run(_state(request).views.promote, task, version, _who(session))
+    entry = await _run(_state(request).views.promote, task, version, _who(session),
+                       _shown_champion(expected_champion))
     log.info("event=console_promote task=%s version=%s previous=%s by=%s", task, entry.version, entry.previous,
              session.caller.principal)
     return _redirect(request, f"/tasks/{task}", done=f"{entry.version} is champion (was {entry.previous or '-'})")
 
 
 @router.post("/tasks/{task}/rollback")
-async def rollback(request: Request, task: str, csrf: Annotated[str, Form()] = "") -> Response:
+async def rollback(request: Request, task: str, csrf: Annotated[str, Form()] = "",
+                   expected_champion: Annotated[str | None, Form(max_length=80)] = None) -> Response:
     session = await _acting(request, csrf)
-    entry = await _run(_state(request).views.rollback, task, _who(session))
+    entry = await _run(_state(request).views.rollback, task, _who(session), _shown_champion(expected_champion))
     log.info("event=console_rollback task=%s version=%s previous=%s by=%s", task, entry.version, entry.previous,
              session.caller.principal)
     return _redirect(request, f"/tasks/{task}", done=f"rolled back: {entry.previous} → {entry.version}")

@@ -236,11 +236,17 @@ class Console:
 
     # -- acting: each move is recorded with who pressed the button -----------------------------------
 
-    def promote(self, task: str, version: str, who: str, reason: str = "") -> HistoryEntry:
-        return self._registry(task).promote(version, actor=who, reason=reason or "promoted in the console")
+    def promote(self, task: str, version: str, who: str, expected_champion: str | None, reason: str = ""
+                ) -> HistoryEntry:
+        """Make `version` champion, refused (ChampionChangedError) unless the champion is still
+        `expected_champion`, the one the page showed (None: it showed none)."""
+        return self._registry(task).promote(version, actor=who, reason=reason or "promoted in the console",
+                                            expected_champion=expected_champion)
 
-    def rollback(self, task: str, who: str, reason: str = "") -> HistoryEntry:
-        return self._registry(task).rollback(actor=who, reason=reason or "rolled back in the console")
+    def rollback(self, task: str, who: str, expected_champion: str | None, reason: str = "") -> HistoryEntry:
+        """Roll the champion back, refused unless it is still `expected_champion`, the one the page showed."""
+        return self._registry(task).rollback(actor=who, reason=reason or "rolled back in the console",
+                                             expected_champion=expected_champion)
 
     def canary(self, task: str, verdict: Literal["promote", "rollback"], who: str) -> CanaryReview:
         """Promote or abort the task's canary now, whatever its ratings say (as `flywheel canary promote|abort`)."""
