@@ -232,16 +232,19 @@ def noninferiority_check(name: str, what: str, champion: SliceScores | None, can
 
     For 0/1 metrics the bound is exact: the drop is at most the share of examples the candidate lost (gains do not
     buy losses back), bounded by Clopper-Pearson. For continuous metrics and macro-F1 it is the bootstrap interval's
-    upper end. Either way, too few examples for the bound to be within the margin even with none lost (3 answers
-    all kept bound a loss of 63 % at alpha 0.05; it takes 59 for a 5 % margin), no rows, or a champion at 0.000 (no
-    drop could show) is `insufficient_data`: it proves nothing either way."""
+    upper end. A set too small for the bound to be within the margin even with none lost (3 answers all kept bound
+    a loss of 63 % at alpha 0.05; it takes 59 for a 5 % margin) is held to no loss at all instead: the candidate
+    passes only if it scores no example lower than the champion, and the report says the set was too small to
+    show the margin and how many it would take (a user's golden set of 20 questions must still let a correction
+    through, and "lost none of 20" is what an operator can defend). No rows, or a champion at 0.000 (no drop could
+    show), is `insufficient_data`: it proves nothing either way."""
     margin, alpha = policy.noninferiority_margin, policy.significance_alpha
     if champion is None or candidate is None or candidate.n == 0:
         return _check(name, ok=False, value=None, threshold=margin, rows=0, detail=missing)
     test = paired_test(champion, candidate, spec, alpha)
     drop = -test.gain
+    lost = sum(c < k for k, c in zip(champion.per_example, candidate.per_example, strict=True))
     if spec.binary_metric:
-        lost = sum(c < k for k, c in zip(champion.per_example, candidate.per_example, strict=True))
         interval: tuple[float | None, float | None] = (None, exact_loss_bound(lost, test.n, alpha))
         bound = f"{lost} of {test.n} lost, exact one-sided {1 - alpha:.0%} bound {interval[1]:+.3f}"
     else:
@@ -250,18 +253,16 @@ def noninferiority_check(name: str, what: str, champion: SliceScores | None, can
     figures = (f"{what} {candidate.metric} {test.champion:.3f} -> {test.candidate:.3f} on {test.n} examples (drop "
                f"{drop:+.3f}, {bound}; non-inferiority margin {margin:.3f})")
     needed = min_noninferiority_rows(alpha, margin)
-    why = None
     if test.champion == 0.0:
-        why = "the champion scores 0.000 on them, so no regression could show: they prove nothing"
-    elif needed is None or test.n < needed:
-        why = (f"{test.n} examples cannot show a drop within the margin: with none lost the exact bound is "
-               f"{exact_loss_bound(0, test.n, alpha):.3f}; it takes at least {needed} examples" if needed else
-               "a non-inferiority margin of 0 can never be shown")
-    elif interval[1] is None:
-        why = "one example gives no interval"
-    if why:
         return GateCheck(name=name, outcome="insufficient_data", value=drop, threshold=margin, rows=test.n,
-                         detail=f"{figures}: {why}", ci_low=interval[0], ci_high=interval[1])
+                         detail=f"{figures}: the champion scores 0.000 on them, so no regression could show: they "
+                                "prove nothing", ci_low=interval[0], ci_high=interval[1])
+    if needed is None or test.n < needed or interval[1] is None:
+        too_few = (f"{test.n} examples are too few to show a drop within the margin (with none lost the exact bound "
+                   f"is {exact_loss_bound(0, test.n, alpha):.3f}; it takes {needed})" if needed else
+                   "a margin of 0 can never be shown")
+        return _check(name, ok=lost == 0, value=drop, threshold=margin, rows=test.n, interval=interval,
+                      detail=f"{figures}: {too_few}, so they are held to no loss: {lost} of {test.n} scored lower")
     return _check(name, ok=interval[1] <= margin, value=drop, threshold=margin, rows=test.n, interval=interval,
                   detail=figures)
 
