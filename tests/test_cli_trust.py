@@ -4,6 +4,7 @@ what would be launched is recorded instead."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,3 +100,76 @@ def test_retract_retrain_starts_from_the_clean_ancestor_not_the_champion_that_le
     assert "faq: retrain r-test started" in out
     help_text = CliRunner().invoke(app, ["feedback", "retract", "--help"]).output
     assert "Implies" in help_text and "--rollback" in help_text
+
+
+# -- keys, lineage, users forget -------------------------------------------------------------------------
+
+def test_keys_create_prints_the_key_once_list_never_shows_it_and_revoke_shows_in_list(
+    home: tuple[Path, Settings],
+) -> None:
+    config, _ = home
+    code, out = run("keys", "create", "mobile-app", "--scopes", "predict,feedback", config=config)
+    assert code == 0, out
+    key = out.splitlines()[0]
+    assert key.startswith("fw_") and "scopes predict,feedback" in out and "not shown again" in out
+
+    code, listed = run("keys", "list", config=config)
+    assert code == 0 and "mobile-app" in listed and "predict,feedback" in listed
+    assert key not in listed and key[3:] not in listed  # never the secret, not even without its prefix
+
+    code, out = run("keys", "revoke", "mobile-app", config=config)
+    assert code == 0 and "revoked mobile-app" in out, out
+    assert run("keys", "list", config=config)[1].splitlines() == ["no active keys", "(1 revoked: --revoked lists them)"]
+    code, listed = run("keys", "list", "--revoked", config=config)
+    assert code == 0 and "mobile-app" in listed and " revoked 20" in listed and key not in listed
+    code, listed = run("keys", "list", "--revoked", "--json", config=config)
+    assert code == 0 and key not in listed
+    assert [(k["name"], k["revoked_at"] is not None) for k in json.loads(listed)] == [("mobile-app", True)]
+
+    code, out = run("keys", "create", "x", "--scopes", "predict,root", config=config)
+    assert code == 2 and "--scopes takes a comma-separated list of" in out
+    code, out = run("keys", "revoke", "nobody", config=config)
+    assert code == 1 and "no active key named 'nobody'" in out
+
+
+@pytest.mark.parametrize("identifier", [uuid.uuid4().hex, "faq-v9", "not-an-id"])
+def test_lineage_of_an_unknown_id_is_a_clear_error_without_a_traceback(
+    home: tuple[Path, Settings], tmp_path: Path, identifier: str,
+) -> None:
+    config, settings = home
+    curated(settings, [correction("k0", "Use the app's card menu.")])
+    version(settings, tmp_path, [])
+    result = CliRunner().invoke(app, ["lineage", identifier, "--json", "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # typer's Exit, not an error escaping
+    assert "Traceback" not in result.output and "error: no " in result.output and identifier in result.output
+
+
+def test_lineage_of_an_unknown_id_on_an_empty_home_is_a_clear_error(home: tuple[Path, Settings]) -> None:
+    config, _ = home
+    result = CliRunner().invoke(app, ["lineage", uuid.uuid4().hex, "--json", "--config", str(config)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "error: no version, curated request or feedback event" in result.output
+
+
+def test_users_forget_reports_what_it_removed(home: tuple[Path, Settings], tmp_path: Path) -> None:
+    config, settings = home
+    code, out = run("users", "forget", "nobody", config=config)  # an empty home: nothing to remove, no error
+    assert code == 0 and "forgot nobody: 0 curated rows" in out, out
+
+    mine, theirs = correction("alice", "Use the app's card menu."), correction("bob", "Use the app's card menu.")
+    curated(settings, [mine, theirs])
+    learned = version(settings, tmp_path, [mine.event_id])
+    code, out = run("users", "forget", "alice", "--json", config=config)
+    assert code == 0, out
+    report = json.loads(out)
+    assert report["curated_rows"] == 1 and report["training_rows"] == 1 and report["trained"] == {"faq": [learned]}
+    rows = CuratedDataset(settings.feedback_dir / "dataset").examples()
+    assert [r.rater for r in rows] == ["bob"]
+
+
+@pytest.mark.parametrize("command", [["keys", "create"], ["keys", "list"], ["keys", "revoke"], ["lineage"],
+                                     ["users", "forget"], ["feedback", "retract"]])
+def test_the_trust_commands_explain_themselves(command: list[str]) -> None:
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output and "--config" in result.output
