@@ -173,3 +173,17 @@ def test_users_forget_reports_what_it_removed(home: tuple[Path, Settings], tmp_p
 def test_the_trust_commands_explain_themselves(command: list[str]) -> None:
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage:" in result.output and "--config" in result.output
+
+
+def test_bench_trust_without_predict_measures_lineage_and_forget_on_a_small_scratch_home(
+    home: tuple[Path, Settings], tmp_path: Path,
+) -> None:
+    """`--no-predict` starts no model and no Serve app: the lineage and forget phases alone, as on a small box."""
+    config, _ = home
+    out = tmp_path / "trust.json"
+    code, text = run("bench", "trust", "--no-predict", "--rows", "1000", "--out", str(out), config=config)
+    assert code == 0, text
+    assert "/predict: not measured (--no-predict)" in text and "lineage on 1000 curated rows, 5 versions" in text
+    report = json.loads(out.read_text())
+    assert report["requests_each"] == 0 and report["key_over_open_p50"] is None
+    assert report["forgot_rows"] == 10 and report["lineage_event_s"] > 0
