@@ -162,7 +162,9 @@ def retract(
     reason: Annotated[str, typer.Option(help="Why (required: recorded with the retraction).")] = "",
     rollback: Annotated[bool, typer.Option(help="Move each affected task's champion to its newest ancestor that "
                                            "never learned them (ending a canary that carries them).")] = False,
-    retrain: Annotated[bool, typer.Option(help="Then start a retrain of each affected task without them.")] = False,
+    retrain: Annotated[bool, typer.Option(help="Then start a retrain of each affected task without them. Implies "
+                                          "--rollback: a retrain starts from the champion, so a champion that "
+                                          "learned them is first rolled back to its clean ancestor.")] = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -177,7 +179,8 @@ def retract(
     if not ids:
         fail("nothing to retract: give event ids, --rater or --request (matching curated rows)", code=2)
     try:
-        result = retract_events(settings, ids, by=_operator(), reason=reason, rollback=rollback)
+        # a retrain starts from the champion: never from one that learned the retracted rows
+        result = retract_events(settings, ids, by=_operator(), reason=reason, rollback=rollback or retrain)
     except (LookupError, RegistryError) as exc:
         fail(str(exc))
     runs = {}
@@ -191,6 +194,8 @@ def retract(
     trained = "; ".join(f"{t}: {', '.join(v)}" for t, v in result.trained.items()) or "none"
     text = (f"retracted {len(result.retracted)} rows; versions that trained on them: {trained}"
             + "".join(f"\n{t}: champion rolled back to {v}" for t, v in result.rolled_back.items())
+            + ("\n(--retrain implies --rollback: each retrain starts from the clean ancestor)"
+               if retrain and not rollback and result.rolled_back else "")
             + "".join(f"\n{t}: retrain {r} started" for t, r in runs.items())
             + (f"\nunknown event ids: {', '.join(result.unknown)}" if result.unknown else ""))
     emit(as_json, {**result.model_dump(), "retrains": runs}, text)

@@ -73,10 +73,13 @@ def _valid_name(name: str) -> bool:
 def list_keys(config: ConfigOption = None, as_json: JsonOption = False,
               revoked: Annotated[bool, typer.Option("--revoked", help="Also list revoked keys.")] = False) -> None:
     """Keys by name, scopes, tenant, rate and state (never the keys themselves)."""
-    keys = [k for k in _store(config).all() if revoked or k.active]
+    every = _store(config).all()
+    keys = [k for k in every if revoked or k.active]
     lines = [f"{k.name:<24} {k.key_id}  {','.join(k.scopes):<36} tenant={k.tenant or '-'} rate={k.rate or 'default'}"
              + ("" if k.active else f"  revoked {k.revoked_at:%Y-%m-%d %H:%M}") for k in keys]
-    emit(as_json, [k.model_dump(mode="json", exclude={"sha256"}) for k in keys], "\n".join(lines) or "no keys")
+    hidden = len(every) - len(keys)
+    text = ("\n".join(lines) or "no active keys") + (f"\n({hidden} revoked: --revoked lists them)" if hidden else "")
+    emit(as_json, [k.model_dump(mode="json", exclude={"sha256"}) for k in keys], text)
 
 
 @app.command("revoke")

@@ -5,6 +5,8 @@
 2. lineage: a lineage query (an event, a request, a version) on a scratch home with `rows` curated rows and
             versions that trained on them
 3. forget:  `users forget` of one user with 1 % of those rows, on the same scratch home
+
+`predict=False` leaves out the first (no model, no Serve app): the other two on a box that cannot serve.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from feedback.dataset import Manifest, PartFile, curated_dataset
 from feedback.erasure import forget
@@ -35,10 +37,10 @@ ROWS_PER_PART = 200  # the curator's default batch
 
 
 class TrustBenchReport(BaseModel):
-    requests_each: int
-    open_p50_ms: float
-    key_p50_ms: float
-    key_over_open_p50: float
+    requests_each: int = Field(description="0: the auth phase was left out (`--no-predict`).")
+    open_p50_ms: float | None
+    key_p50_ms: float | None
+    key_over_open_p50: float | None
     curated_rows: int
     versions: int
     lineage_event_s: float
@@ -116,10 +118,12 @@ def _timed(work: Callable[[], object]) -> float:
 
 
 def run_trust_bench(settings: Settings, *, requests: int = 200, rows: int = 100_000, versions: int = 5,
-                    say: Callable[[str], None] = print) -> TrustBenchReport:
-    say("bootstrapping (if needed)")
-    bootstrap(settings, progress=say)
-    open_p50, key_p50 = _auth_phase(settings, requests, say)
+                    predict: bool = True, say: Callable[[str], None] = print) -> TrustBenchReport:
+    open_p50 = key_p50 = None
+    if predict:
+        say("bootstrapping (if needed)")
+        bootstrap(settings, progress=say)
+        open_p50, key_p50 = _auth_phase(settings, requests, say)
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-trust-") as scratch:
         say(f"building a scratch home with {rows} curated rows and {versions} versions")
         home, row, version = scratch_home(Path(scratch), rows, versions)
@@ -132,6 +136,7 @@ def run_trust_bench(settings: Settings, *, requests: int = 200, rows: int = 100_
         erased = forget(home, "bench-user")
         forget_s = time.perf_counter() - started
     return TrustBenchReport(
-        requests_each=requests, open_p50_ms=open_p50, key_p50_ms=key_p50, key_over_open_p50=key_p50 / open_p50,
+        requests_each=requests if predict else 0, open_p50_ms=open_p50, key_p50_ms=key_p50,
+        key_over_open_p50=key_p50 / open_p50 if key_p50 is not None and open_p50 else None,
         curated_rows=rows, versions=versions, lineage_event_s=event_s, lineage_request_s=request_s,
         lineage_version_s=version_s, forget_s=forget_s, forgot_rows=erased.curated_rows)

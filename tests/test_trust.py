@@ -20,7 +20,7 @@ from starlette.requests import Request
 
 from feedback.bus import build_bus
 from feedback.curator import Curator
-from feedback.dataset import CuratedDataset, Manifest, PartFile, curated_dataset, current_verdicts
+from feedback.dataset import CuratedDataset, Manifest, PartFile, canary_ratings, curated_dataset, current_verdicts
 from feedback.erasure import forget
 from feedback.oversight import lineage, retract, review_queue
 from feedback.review import Judgement
@@ -350,6 +350,32 @@ def test_retraction_and_review_through_the_dataset_and_lineage(tmp_path: Path) -
     assert rows[0].event_id not in {r.event_id for r in dataset.examples()}
     assert lineage(settings, rows[0].event_id).event.retracted
     assert curated_dataset(settings).reviews.retracted() == {rows[0].event_id}
+
+
+def test_the_canary_counts_one_rater_rating_one_answer_three_times_once_by_their_last_verdict(
+    tmp_path: Path,
+) -> None:
+    """k0 rates one answer 3 times (1, 2, then 5; the last in a later part): the canary sees one rating, 5. k1 on
+    the same answer is a rater of their own; an anonymous rating is left out (canary.count_anonymous is off)."""
+    settings = Settings(home=tmp_path, tasks=[{"name": "faq", "kind": "generation", "metric": "token_f1"}])
+    dataset = CuratedDataset(settings.feedback_dir / "dataset")
+    answer = uuid.uuid4().hex
+    first = [row("k0", request=answer, rating=1, at=0, comment="meh"), row("k0", request=answer, rating=2, at=1),
+             row("k1", request=answer, rating=4, at=1), row(None, request=answer, rating=1, at=1)]
+    last = [row("k0", request=answer, rating=5, at=2, comment="actually fine")]
+    parts = []
+    for batch, rows in enumerate((first, last), start=1):
+        path = f"day=2026-12-01/part-{batch:010d}-000.parquet"
+        dataset.write_part(path, rows)
+        parts.append(PartFile(path=path, day="2026-12-01", batch=batch, rows=len(rows), offsets={}, positions={},
+                              created_at=T0))
+    dataset.write_manifest(Manifest(updated_at=T0, files=parts))
+
+    seen = canary_ratings(settings)("faq", T0)  # what the canary controller, admin API and CLI review with
+
+    assert sorted(seen, key=lambda r: str(r[2])) == [("faq-v1", 5.0, "k0"), ("faq-v1", 4.0, "k1")]
+    day = dataset.daily_ratings(T0, "faq", anonymous=False)["faq"]["faq-v1"]
+    assert [(d.ratings, d.mean) for d in day] == [(2, 4.5)]
 
 
 def test_forget_erases_a_user_from_every_store_and_names_the_versions_that_learned(tmp_path: Path) -> None:
