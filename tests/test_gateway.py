@@ -17,7 +17,7 @@ from feedback.schemas import FeedbackEvent, PredictionEvent
 from flywheel.registry import registry_for
 from flywheel.tasks import TaskSpec
 from services.access import Access
-from services.adapters import PINNED_RETRY_AFTER_S, PinnedAdaptersBusyError
+from services.adapters import BUSY_RETRY_AFTER_S, PinnedAdaptersBusyError
 from services.gateway import Gateway, TtlCache
 from services.metrics import GatewayMetrics, RecentAnswers
 from services.protocol import PredictRequest
@@ -68,7 +68,7 @@ async def test_a_pinned_version_with_no_room_is_a_503_with_retry_after(tmp_path:
     gateway = bare_gateway(settings=settings, llm=BusyLLM(), metrics=GatewayMetrics(), access=Access(settings),
                            _tasks=TtlCache(lambda: {"demo": TaskSpec(name="demo")}, ttl_s=60))
     response = await gateway.predict(PredictRequest(prompt="hello", task="demo", version="demo-v2"), local_request())
-    assert response.status_code == 503 and response.headers["retry-after"] == str(PINNED_RETRY_AFTER_S)
+    assert response.status_code == 503 and response.headers["retry-after"] == str(BUSY_RETRY_AFTER_S)
     assert "demo-v2" in json.loads(response.body)["error"]
 
 
