@@ -284,10 +284,12 @@ class Gateway:
 
     def _cache_registry_views(self) -> None:
         """What every request's task check and the unauthenticated /healthz and /v1/models read: from the
-        registry at most once per TASKS_TTL_S, however often they are called."""
+        registry (and the curators' reports on its store) at most once per TASKS_TTL_S, however often they are
+        called."""
         self._tasks = TtlCache(lambda: known_tasks(self.settings), TASKS_TTL_S)
         self._champions = TtlCache(self._read_champions, TASKS_TTL_S)
         self._ready_versions = TtlCache(self._read_ready_versions, TASKS_TTL_S)
+        self._feedback_view = TtlCache(self._feedback_health, TASKS_TTL_S)
 
     async def _known_tasks(self) -> dict[str, TaskSpec]:
         return await self._tasks.get()
@@ -573,7 +575,7 @@ class Gateway:
             base_model=self.settings.model.quantized_base or self.settings.model.base,
             quantization=next((r["quantization"] for r in replicas if r.get("quantization")), None),
             replicas=[_without_failure_details(r) for r in replicas],
-            feedback=await asyncio.to_thread(self._feedback_health),
+            feedback=await self._feedback_view.get(),
             loop=await self._loop_health(),
         )
 

@@ -101,6 +101,29 @@ async def test_models_and_healthz_answer_from_a_cached_view_of_the_registry(tmp_
     assert await gateway._champions.get() == {"demo": "demo-v2"}
 
 
+async def test_healthz_reads_the_curator_reports_once_for_a_burst(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The curators' reports sit on the dataset's store: a client polling /healthz must not read them per call."""
+    settings = make_settings(tmp_path)
+    reads: list[int] = []
+    gateway_globals = Gateway.func_or_class._feedback_health.__globals__  # (Serve's ingress copies the module's)
+    read_curators = gateway_globals["read_curators"]
+    monkeypatch.setitem(gateway_globals, "read_curators", lambda s: reads.append(len(reads)) or read_curators(s))
+
+    async def no_replicas() -> list[dict]:
+        return []
+
+    gateway = bare_gateway(settings=settings, access=Access(settings), metrics=GatewayMetrics(), loop=None,
+                           bus=SimpleNamespace(stats=lambda: {"backend": "local", "pending": 0}),
+                           _refresh_replicas=no_replicas)
+    gateway._cache_registry_views()
+    first = await gateway.healthz(local_request())
+    assert (await gateway.healthz(local_request())).feedback == first.feedback and len(reads) == 1
+    gateway._feedback_view.ttl_s = 0
+    await gateway.healthz(local_request())
+    assert len(reads) == 2  # stale: read again
+
+
 async def test_a_correction_that_is_not_one_of_a_classification_tasks_labels_is_a_422(tmp_path: Path) -> None:
     """It used to be curated, confirmed and trained on, teaching the model to answer outside its labels."""
     from collections import OrderedDict
