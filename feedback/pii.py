@@ -16,12 +16,15 @@ or a phone number into a stable pseudonym (one person still counts as one person
 
 from __future__ import annotations
 
+import datetime
+import functools
 import hashlib
 import re
 import string
 from itertools import accumulate
 
 from stdnum.cn import ric
+from stdnum.exceptions import ValidationError
 
 from feedback.schemas import FeedbackEvent, PredictionEvent
 
@@ -126,9 +129,40 @@ def _mask_emails(text: str) -> str:
     return "".join(pieces) + text[copied:]
 
 
+def _is_resident_id(number: str) -> bool:
+    """`ric.is_valid(number)` for a number of `_RESIDENT_ID`'s shape, the cheap checks first: the check digit
+    (ISO 7064 mod 11-2), then the birth date, then the place of birth, looked up once per region and year.
+
+    `ric.is_valid` cleans the number four times and searches its region database for every one: ~30 µs
+    an ID, so text made of thousands of valid IDs took over 100 ms.
+    """
+    number = number.upper()
+    if number[-1] != ric.calc_check_digit(number):
+        return False
+    try:
+        datetime.date(int(number[6:10]), int(number[10:12]), int(number[12:14]))
+    except ValueError:
+        return False
+    return _born_in_a_known_place(number[:6], number[6:10])
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _born_in_a_known_place(region: str, year: str) -> bool:
+    """Whether `region` was a county in `year` (`ric.get_birth_place` reads only those two of a number).
+
+    A region its database knows only as a province (110001) makes it raise KeyError, not a ValidationError
+    (python-stdnum 2.x), which `ric.is_valid` lets through: that names no county either.
+    """
+    try:
+        ric.get_birth_place(f"{region}{year}0101000X")
+    except (ValidationError, KeyError):
+        return False
+    return True
+
+
 def _mask_resident_id(match: re.Match[str]) -> str:
     # The shape alone also fits order and tracking numbers: only a valid check digit makes it an ID.
-    return ID_TOKEN if ric.is_valid(match.group()) else match.group()
+    return ID_TOKEN if _is_resident_id(match.group()) else match.group()
 
 
 def mask_pii(text: str) -> str:

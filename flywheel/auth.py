@@ -214,10 +214,12 @@ class Authenticator:
     def login(self, token: str, client: str) -> tuple[Caller, str]:
         """A key typed into a form (the console's login): the caller it makes and its subject (the key id, or
         `admin-token`), for a session that names the key without holding it; AuthError if it is no known key."""
-        caller = self.authenticate(f"Bearer {token}", client)
+        sent = token.strip().encode()  # a form's text is Unicode: its UTF-8 bytes are what a header would carry
+        if not sent:
+            raise AuthError(401, "unknown API key or admin token")
+        caller = self._caller(sent, client)
         if not caller.authenticated:  # open mode takes an unknown token for no key: a login needs a real one
             raise AuthError(401, "unknown API key or admin token")
-        sent = token.strip().encode("latin-1", errors="replace")
         if self._admin_token and hmac.compare_digest(sent, self._admin_token):
             return caller, ADMIN_TOKEN_PRINCIPAL
         match = _KEY_RE.fullmatch(token.strip())
@@ -260,6 +262,10 @@ class Authenticator:
             if self.mode == "keys":
                 raise AuthError(401, "an API key is required: Authorization: Bearer <key> (flywheel keys create)")
             return self._anonymous(client)
+        return self._caller(token, client)
+
+    def _caller(self, token: bytes, client: str) -> Caller:
+        """The caller a bearer token (the bytes the client sent) makes; AuthError(401) for an unknown or revoked key."""
         if self._admin_token and hmac.compare_digest(token, self._admin_token):
             return Caller(principal=ADMIN_TOKEN_PRINCIPAL, authenticated=True, scopes=frozenset(SCOPES))
         match = _KEY_RE.fullmatch(token.decode("latin-1"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 ADVERSARIAL_UNITS = (
     "a", "a.", "a@", "a@a.", "a-", "a_", "1-", "1 ", "@a.",  # emails: a local part searched from every start
-    "1", "11010519900307123 ", "110105199003071234",  # resident IDs
+    "1", "11010519900307123 ", "110105199003071234", "11010519900307128X ",  # resident IDs (the last valid)
     "86 ", "+86-", "138 ", "0086",  # mobile numbers
     "4 ", "4-", "44 ", "1.", "1,",  # digit runs and cards: thousands of short groups
     " ",

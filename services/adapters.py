@@ -11,7 +11,8 @@ to 10 min), and at once if the alias moves.
 beside the champions: loaded on demand, the least recently used idle one unloaded past its capacity.
 
 `LoraResidency` is the one door to the engine's LoRAs for all of them: more tasks than the engine holds
-still answer, each LoRA loaded when a request needs it and the least recently used idle one removed.
+still answer, each LoRA loaded when a request needs it (one load per LoRA: a slow one holds up no other) and
+the least recently used idle one removed; when every one is answering requests, a new one is refused (503).
 """
 
 from __future__ import annotations
@@ -298,11 +299,15 @@ class PinnedCounters:
     load_seconds: float = 0.0
 
 
-class PinnedAdaptersBusyError(RuntimeError):
-    """Every place for a version asked for by name holds one answering requests: the caller's 503."""
+class AdaptersBusyError(RuntimeError):
+    """Every place for one more LoRA holds one answering requests: the caller's 503, with `Retry-After`."""
 
 
-PINNED_RETRY_AFTER_S = 2  # what that 503 tells the client to wait: about one request's time
+class PinnedAdaptersBusyError(AdaptersBusyError):
+    """Every place for a version asked for by name holds one answering requests."""
+
+
+BUSY_RETRY_AFTER_S = 2  # what that 503 tells the client to wait: about one request's time
 
 
 class PinnedAdapters:
@@ -427,9 +432,12 @@ class LoraResidency:
     """The LoRAs in the engine (champions, canaries, pinned versions, candidates under evaluation): loaded on
     demand, at most `capacity` at once, the least recently used idle one removed to make room.
 
-    More tasks than fit still answer, each with its own version: a request waits for its LoRA's load. The
-    engine's own cache is sized above `capacity`, so it never evicts by itself: every load and eviction is
-    counted here, per version, and a LoRA a request is running on is never removed under it.
+    More tasks than fit still answer, each with its own version: a request waits for its LoRA's load, and only
+    for its own: each LoRA has one load of its own (concurrent requests for it await that one), and nothing
+    shared is held across the engine's work. At capacity, a load that finds every resident LoRA answering
+    requests is refused (AdaptersBusyError) rather than loaded past it. The engine's own cache is sized above
+    `capacity`, so it never evicts by itself: every load and eviction is counted here, per version, and a LoRA
+    a request is running on is never removed under it.
     """
 
     def __init__(self, engine: Engine, capacity: int) -> None:
@@ -437,20 +445,18 @@ class LoraResidency:
         self.capacity = capacity
         self.resident: OrderedDict[int, Resident] = OrderedDict()  # least recently used first
         self.counters = LoraCounters()
-        self._lock = asyncio.Lock()
+        self._loading: dict[int, asyncio.Future[None]] = {}  # one load per LoRA, its requests await it
+        self._removing: dict[int, asyncio.Future[None]] = {}  # a LoRA is loaded again only once it is removed
+        self._places_reserved = 0  # places taken by LoRAs now loading
 
     async def load(self, handle: AdapterHandle) -> None:
         """Make `handle` resident (a swap preloads its version before the flip)."""
-        async with self._lock:
-            await self._resident(handle)
+        await self._resident(handle)
 
     @contextlib.asynccontextmanager
     async def using(self, handle: AdapterHandle) -> AsyncIterator[None]:
         """Hold `handle` resident while a request runs on it, loading it first if it was evicted."""
-        entry = self.resident.get(handle.int_id)
-        if entry is None:  # asyncio: nothing runs between the lookup and the count on the fast path
-            async with self._lock:
-                entry = await self._resident(handle)
+        entry = await self._resident(handle)  # no await from its lookup to the count: never evicted in between
         self.resident.move_to_end(handle.int_id)
         entry.users += 1
         try:
@@ -460,36 +466,64 @@ class LoraResidency:
 
     async def unload(self, handle: AdapterHandle) -> None:
         """Remove a retired version (swapped out and drained, or an unpinned one) now, unless a request uses it."""
-        async with self._lock:
-            entry = self.resident.get(handle.int_id)
-            if entry is not None and not entry.users:
-                del self.resident[handle.int_id]
-                await self.engine.remove_adapter(handle)
+        if (loading := self._loading.get(handle.int_id)) is not None:  # retired while loading: once it is in
+            await asyncio.wait([loading])
+        entry = self.resident.get(handle.int_id)
+        if entry is not None and not entry.users:
+            del self.resident[handle.int_id]
+            await self._remove(handle)
 
     async def _resident(self, handle: AdapterHandle) -> Resident:
-        entry = self.resident.get(handle.int_id)
-        if entry is not None:
-            return entry
-        await self._make_room()
-        started = time.perf_counter()
-        await self.engine.add_adapter(handle)
+        """The entry of `handle`, loaded if needed; returns with no await after its lookup."""
+        while (entry := self.resident.get(handle.int_id)) is None:  # (loaded, it may be evicted before we resume)
+            loading = self._loading.get(handle.int_id)
+            if loading is None:
+                loading = self._loading[handle.int_id] = asyncio.ensure_future(self._load(handle))
+                loading.add_done_callback(lambda done, int_id=handle.int_id: self._loaded(int_id, done))
+            await asyncio.shield(loading)  # a request that goes away leaves the load to the others
+        return entry
+
+    def _loaded(self, int_id: int, load: asyncio.Future[None]) -> None:
+        del self._loading[int_id]
+        if not load.cancelled():
+            load.exception()  # seen: an error whose requests all went away is not reported as never retrieved
+
+    async def _load(self, handle: AdapterHandle) -> None:
+        evicted = self._reserve_place()
+        try:
+            for entry in evicted:
+                await self._remove(entry.handle)
+            if (removing := self._removing.get(handle.int_id)) is not None:  # evicted a moment ago: gone first
+                await asyncio.wait([removing])
+            started = time.perf_counter()
+            await self.engine.add_adapter(handle)
+        finally:
+            self._places_reserved -= 1
         seconds = time.perf_counter() - started
         _add(self.counters.loads, handle.name, 1)
         _add(self.counters.load_seconds, handle.name, seconds)
-        entry = self.resident[handle.int_id] = Resident(handle)
+        self.resident[handle.int_id] = Resident(handle)
         log.info("event=lora_loaded version=%s ms=%.0f resident=%d", handle.name, seconds * 1000, len(self.resident))
-        return entry
 
-    async def _make_room(self) -> None:
-        for int_id, entry in list(self.resident.items()):
-            if len(self.resident) < self.capacity:
-                return
-            if entry.users:
-                continue
-            del self.resident[int_id]
-            await self.engine.remove_adapter(entry.handle)
+    def _reserve_place(self) -> list[Resident]:
+        """Take a place for one more LoRA, evicting the least recently used idle ones to free it; AdaptersBusyError
+        when there are too few. No await from the count to the reservation: two loads never take the same place."""
+        excess = len(self.resident) + self._places_reserved + 1 - self.capacity
+        idle = [entry for entry in self.resident.values() if not entry.users][:max(0, excess)]
+        if len(idle) < excess:
+            raise AdaptersBusyError(f"all {self.capacity} loaded adapters are answering requests")
+        for entry in idle:
+            del self.resident[entry.handle.int_id]
             _add(self.counters.evictions, entry.handle.name, 1)
             log.info("event=lora_evicted version=%s resident=%d", entry.handle.name, len(self.resident))
+        self._places_reserved += 1
+        return idle
+
+    async def _remove(self, handle: AdapterHandle) -> None:
+        """Remove from the engine a LoRA already taken out of `resident`; a load of it waits for this."""
+        removing = self._removing[handle.int_id] = asyncio.ensure_future(self.engine.remove_adapter(handle))
+        removing.add_done_callback(lambda _done: self._removing.pop(handle.int_id, None))
+        await asyncio.shield(removing)
 
     def status(self) -> dict:
         return {"capacity": self.capacity, "resident": [e.handle.name for e in self.resident.values()],

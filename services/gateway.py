@@ -73,7 +73,7 @@ from flywheel.registry import (
 from flywheel.runs import RetrainBusyError, RunStore
 from flywheel.tasks import TaskName, TaskSpec
 from services.access import Access, Denied
-from services.adapters import PINNED_RETRY_AFTER_S, PinnedAdaptersBusyError
+from services.adapters import BUSY_RETRY_AFTER_S, AdaptersBusyError
 from services.body_limit import BodySizeLimit
 from services.console import ConsoleState
 from services.console import install as install_console
@@ -284,10 +284,12 @@ class Gateway:
 
     def _cache_registry_views(self) -> None:
         """What every request's task check and the unauthenticated /healthz and /v1/models read: from the
-        registry at most once per TASKS_TTL_S, however often they are called."""
+        registry (and the curators' reports on its store) at most once per TASKS_TTL_S, however often they are
+        called."""
         self._tasks = TtlCache(lambda: known_tasks(self.settings), TASKS_TTL_S)
         self._champions = TtlCache(self._read_champions, TASKS_TTL_S)
         self._ready_versions = TtlCache(self._read_ready_versions, TASKS_TTL_S)
+        self._feedback_view = TtlCache(self._feedback_health, TASKS_TTL_S)
 
     async def _known_tasks(self) -> dict[str, TaskSpec]:
         return await self._tasks.get()
@@ -353,11 +355,11 @@ class Gateway:
             return self._reject(404, "version", f"{body.version} is not a servable version of task {task!r}")
         except UnknownTaskError:  # registered a moment ago: this replica has not seen it yet
             return self._reject(404, "task", f"task {task!r} is not loaded yet; retry in a few seconds")
-        except PinnedAdaptersBusyError:
+        except AdaptersBusyError:
             self.metrics.requests.labels("/predict", "503").inc()
-            return JSONResponse(status_code=503, headers={"retry-after": str(PINNED_RETRY_AFTER_S)}, content={
-                "error": f"every pinned version is answering requests; retry {body.version} in "
-                         f"{PINNED_RETRY_AFTER_S} s", "request_id": request_id})
+            return JSONResponse(status_code=503, headers={"retry-after": str(BUSY_RETRY_AFTER_S)}, content={
+                "error": f"no room to load {body.version or task} now: every loaded version is answering "
+                         f"requests; retry in {BUSY_RETRY_AFTER_S} s", "request_id": request_id})
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception as exc:  # engine or replica trouble is ours, not the caller's: 503, logged
@@ -573,7 +575,7 @@ class Gateway:
             base_model=self.settings.model.quantized_base or self.settings.model.base,
             quantization=next((r["quantization"] for r in replicas if r.get("quantization")), None),
             replicas=[_without_failure_details(r) for r in replicas],
-            feedback=await asyncio.to_thread(self._feedback_health),
+            feedback=await self._feedback_view.get(),
             loop=await self._loop_health(),
         )
 

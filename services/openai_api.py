@@ -24,7 +24,7 @@ from flywheel.config import Settings
 from flywheel.logs import REQUEST_LOGGER
 from flywheel.registry import AdapterIntegrityError, UnknownTaskError, VersionNotFoundError
 from flywheel.tasks import TaskSpec
-from services.adapters import PINNED_RETRY_AFTER_S, PinnedAdaptersBusyError
+from services.adapters import BUSY_RETRY_AFTER_S, AdaptersBusyError
 from services.engines.protocol import SamplingOptions
 from services.llm_client import REFUSALS, LLMClient, open_stream
 from services.metrics import GatewayMetrics
@@ -141,10 +141,10 @@ class ChatCompletions:
         if isinstance(exc, UnknownTaskError):
             return self._reject(404, "the model is not loaded yet; retry in a few seconds", "model",
                                 "model_not_found")
-        if isinstance(exc, PinnedAdaptersBusyError):
-            busy = self._reject(503, f"every pinned model is answering requests; retry `{model}` in "
-                                f"{PINNED_RETRY_AFTER_S} s", "model", "pinned_models_busy")
-            busy.headers["retry-after"] = str(PINNED_RETRY_AFTER_S)
+        if isinstance(exc, AdaptersBusyError):
+            busy = self._reject(503, f"no room to load `{model}` now: every loaded model is answering requests; "
+                                f"retry in {BUSY_RETRY_AFTER_S} s", "model", "models_busy")
+            busy.headers["retry-after"] = str(BUSY_RETRY_AFTER_S)
             return busy
         if isinstance(exc, VersionNotFoundError | AdapterIntegrityError):  # details name registry paths: logs only
             log.info("event=pinned_refused model=%s error=%r", model, exc)

@@ -12,7 +12,7 @@ from flywheel.canary import CanaryReview
 from flywheel.jsontypes import PositiveInt, Seed
 from flywheel.registry import AdapterIntegrityError, UnknownTaskError, VersionNotFoundError
 from flywheel.tasks import TaskName, VersionName
-from services.adapters import PinnedAdaptersBusyError
+from services.adapters import AdaptersBusyError, PinnedAdaptersBusyError
 from services.engines.protocol import ChatMessage, Generation, PromptTooLongError
 
 # What a replica refuses because of the request (the caller's 4xx) or for want of room right now (503), by
@@ -20,7 +20,7 @@ from services.engines.protocol import ChatMessage, Generation, PromptTooLongErro
 REFUSED: dict[type[Exception], str] = {
     PromptTooLongError: "prompt_too_long", UnknownTaskError: "unknown_task",
     VersionNotFoundError: "unknown_version", AdapterIntegrityError: "unservable_version",
-    PinnedAdaptersBusyError: "pinned_adapters_busy",
+    PinnedAdaptersBusyError: "pinned_adapters_busy", AdaptersBusyError: "adapters_busy",
 }
 
 
@@ -28,7 +28,8 @@ class Refusal(BaseModel):
     """A request an LLM replica will not run, returned rather than raised: a raised error is logged by
     Serve with its whole traceback, which a hostile client could have written once per request."""
 
-    kind: Literal["prompt_too_long", "unknown_task", "unknown_version", "unservable_version", "pinned_adapters_busy"]
+    kind: Literal["prompt_too_long", "unknown_task", "unknown_version", "unservable_version", "pinned_adapters_busy",
+                  "adapters_busy"]
     message: str
 
     @classmethod

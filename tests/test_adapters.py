@@ -31,6 +31,8 @@ class FakeEngine:
         self.fail_probe: set[str] = set()
         self.release = asyncio.Event()
         self.release.set()
+        self.slow_load: dict[str, asyncio.Event] = {}  # adapters whose load waits for their event
+        self.slow_load_started = asyncio.Event()
 
     async def start(self) -> None: ...
 
@@ -39,6 +41,9 @@ class FakeEngine:
     async def add_adapter(self, adapter: AdapterHandle) -> None:
         if adapter.name in self.fail_load:
             raise RuntimeError("cannot load")
+        if (may_finish := self.slow_load.get(adapter.name)) is not None:
+            self.slow_load_started.set()
+            await may_finish.wait()
         self.resident.add(adapter.name)
 
     async def remove_adapter(self, adapter: AdapterHandle) -> None:
@@ -296,6 +301,63 @@ async def test_lora_residency_loads_on_demand_and_evicts_the_least_recently_used
     assert "t2-v1" not in engine.resident
 
 
+def lora_handles(count: int) -> list[AdapterHandle]:
+    return [AdapterHandle(name=f"t{i}-v1", int_id=i, path=Path("/nowhere")) for i in range(1, count + 1)]
+
+
+async def run_on_lora(loras, engine: FakeEngine, handle: AdapterHandle) -> str:
+    async with loras.using(handle):
+        return (await engine.generate([], SamplingOptions(max_tokens=1), handle, "r")).text
+
+
+async def test_a_slow_lora_load_never_holds_up_requests_for_other_loras() -> None:
+    """The engine's load of one LoRA can take seconds: a request for another must not wait on it."""
+    from services.adapters import LoraResidency
+
+    engine, (a, b) = FakeEngine(), lora_handles(2)
+    loras = LoraResidency(engine, capacity=4)
+    engine.slow_load["t1-v1"] = slow_may_finish = asyncio.Event()
+    slow = [asyncio.create_task(run_on_lora(loras, engine, a)) for _ in range(3)]
+    await engine.slow_load_started.wait()
+    try:  # (the timeout only keeps a regression from hanging: the order is what is asserted)
+        assert await asyncio.wait_for(run_on_lora(loras, engine, b), timeout=5) == "t2-v1"
+        assert not any(task.done() for task in slow) and "t1-v1" not in engine.resident
+    finally:
+        slow_may_finish.set()
+    assert await asyncio.gather(*slow) == ["t1-v1"] * 3
+    assert loras.status()["loads"] == {"t1-v1": 1, "t2-v1": 1}  # three requests for t1 waited on one load
+
+
+async def test_lora_residency_refuses_past_capacity_when_every_lora_is_busy_or_loading() -> None:
+    from services.adapters import AdaptersBusyError, LoraResidency
+
+    engine, (a, b, c) = FakeEngine(), lora_handles(3)
+    loras = LoraResidency(engine, capacity=2)
+    engine.release.clear()
+    busy = [asyncio.create_task(run_on_lora(loras, engine, handle)) for handle in (a, b)]
+    while sum(entry.users for entry in loras.resident.values()) < 2:  # both requests run on their LoRA
+        await asyncio.sleep(0)
+    with pytest.raises(AdaptersBusyError):
+        async with loras.using(c):
+            pass
+    assert engine.resident == {"t1-v1", "t2-v1"} and loras.status()["evictions"] == {}
+    engine.release.set()
+    assert await asyncio.gather(*busy) == ["t1-v1", "t2-v1"]
+    assert await run_on_lora(loras, engine, c) == "t3-v1"  # idle now: a, the least recently used, makes room
+    assert engine.resident == {"t2-v1", "t3-v1"} and loras.status()["evictions"] == {"t1-v1": 1}
+
+    engine = FakeEngine()  # a LoRA being loaded holds its place
+    loras = LoraResidency(engine, capacity=1)
+    engine.slow_load["t1-v1"] = slow_may_finish = asyncio.Event()
+    loading = asyncio.create_task(loras.load(a))
+    await engine.slow_load_started.wait()
+    with pytest.raises(AdaptersBusyError):
+        await asyncio.wait_for(loras.load(b), timeout=5)
+    slow_may_finish.set()
+    await loading
+    assert engine.resident == {"t1-v1"}
+
+
 async def test_versions_whose_names_hash_alike_get_distinct_lora_ids_and_their_own_weights() -> None:
     """demo-v29595 and demo-v56814 share the 31-bit sha256 prefix the ids once were: one engine holding both
     answered for one with the other's weights."""
@@ -361,16 +423,18 @@ async def test_pinned_versions_never_exceed_capacity_when_every_one_is_busy(setu
     assert set(pinned.slots) == {"demo-v3"} and "demo-v2" not in engine.resident
 
 
-def test_a_full_pinned_residency_travels_as_a_refusal_and_reaches_the_client_as_503_with_retry_after() -> None:
-    from services.adapters import PINNED_RETRY_AFTER_S, PinnedAdaptersBusyError
+def test_a_full_residency_travels_as_a_refusal_and_reaches_the_client_as_503_with_retry_after() -> None:
+    from services.adapters import BUSY_RETRY_AFTER_S, AdaptersBusyError, PinnedAdaptersBusyError
     from services.openai_api import ChatCompletions
     from services.protocol import Refusal
 
-    refusal = Refusal.of(PinnedAdaptersBusyError("all 2 pinned versions are answering requests"))
-    assert isinstance(refusal.error(), PinnedAdaptersBusyError)
     chat = ChatCompletions(llm=None, settings=None, tasks=None, publish=None, metrics=GatewayMetrics())  # type: ignore[arg-type]
-    response = chat._engine_refusal(refusal.error(), "demo@demo-v2")
-    assert response.status_code == 503 and response.headers["retry-after"] == str(PINNED_RETRY_AFTER_S)
+    for busy in (PinnedAdaptersBusyError("all 2 pinned versions are answering requests"),
+                 AdaptersBusyError("all 6 loaded adapters are answering requests")):
+        refusal = Refusal.of(busy)
+        assert type(refusal.error()) is type(busy)
+        response = chat._engine_refusal(refusal.error(), "demo@demo-v2")
+        assert response.status_code == 503 and response.headers["retry-after"] == str(BUSY_RETRY_AFTER_S)
 
 
 class FakeTime:

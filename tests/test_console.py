@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from feedback.dataset import CuratedDataset, PartFile
 from feedback.oversight import lineage, review_queue
 from feedback.schemas import CuratedExample
-from flywheel.auth import AuthError, KeyStore
+from flywheel.auth import Authenticator, AuthError, KeyStore
 from flywheel.config import Settings
 from flywheel.registry import BaseModelRef, Registry, registry_for
 from flywheel.runs import RunRecord, RunState, RunStore
@@ -442,6 +442,15 @@ def test_a_login_names_its_key_by_id_and_the_session_ends_with_the_key(tmp_path:
     store.revoke("ops")
     time.sleep(settings.auth.key_cache_s + 0.1)
     assert authenticator.subject(record.key_id) is None and authenticator.subject("0" * 12) is None
+
+
+def test_a_non_ascii_admin_token_logs_in_through_the_form(tmp_path: Path) -> None:
+    authenticator = Authenticator(KeyStore(str(tmp_path / "registry")), mode="keys", admin_token="tökén", cache_s=0.0)
+    caller, subject = authenticator.login(" tökén ", "10.0.0.1")  # a form's text: Unicode, compared as UTF-8 bytes
+    assert (caller.principal, subject) == ("admin-token", "admin-token")
+    for wrong in ("tokén", "t\xf6k\xe9n".encode().decode("latin-1"), ""):
+        with pytest.raises(AuthError):
+            authenticator.login(wrong, "10.0.0.1")
 
 
 def test_a_correction_is_retracted_from_its_lineage_with_a_reason(desk: Desk) -> None:

@@ -17,7 +17,7 @@ from feedback.schemas import FeedbackEvent, PredictionEvent
 from flywheel.registry import registry_for
 from flywheel.tasks import TaskSpec
 from services.access import Access
-from services.adapters import PINNED_RETRY_AFTER_S, PinnedAdaptersBusyError
+from services.adapters import BUSY_RETRY_AFTER_S, PinnedAdaptersBusyError
 from services.gateway import Gateway, TtlCache
 from services.metrics import GatewayMetrics, RecentAnswers
 from services.protocol import PredictRequest
@@ -68,7 +68,7 @@ async def test_a_pinned_version_with_no_room_is_a_503_with_retry_after(tmp_path:
     gateway = bare_gateway(settings=settings, llm=BusyLLM(), metrics=GatewayMetrics(), access=Access(settings),
                            _tasks=TtlCache(lambda: {"demo": TaskSpec(name="demo")}, ttl_s=60))
     response = await gateway.predict(PredictRequest(prompt="hello", task="demo", version="demo-v2"), local_request())
-    assert response.status_code == 503 and response.headers["retry-after"] == str(PINNED_RETRY_AFTER_S)
+    assert response.status_code == 503 and response.headers["retry-after"] == str(BUSY_RETRY_AFTER_S)
     assert "demo-v2" in json.loads(response.body)["error"]
 
 
@@ -99,6 +99,29 @@ async def test_models_and_healthz_answer_from_a_cached_view_of_the_registry(tmp_
     gateway._ready_versions.ttl_s = gateway._champions.ttl_s = 0
     assert await model_ids() == {"demo", "demo@demo-v1", "demo@demo-v2"}
     assert await gateway._champions.get() == {"demo": "demo-v2"}
+
+
+async def test_healthz_reads_the_curator_reports_once_for_a_burst(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The curators' reports sit on the dataset's store: a client polling /healthz must not read them per call."""
+    settings = make_settings(tmp_path)
+    reads: list[int] = []
+    gateway_globals = Gateway.func_or_class._feedback_health.__globals__  # (Serve's ingress copies the module's)
+    read_curators = gateway_globals["read_curators"]
+    monkeypatch.setitem(gateway_globals, "read_curators", lambda s: reads.append(len(reads)) or read_curators(s))
+
+    async def no_replicas() -> list[dict]:
+        return []
+
+    gateway = bare_gateway(settings=settings, access=Access(settings), metrics=GatewayMetrics(), loop=None,
+                           bus=SimpleNamespace(stats=lambda: {"backend": "local", "pending": 0}),
+                           _refresh_replicas=no_replicas)
+    gateway._cache_registry_views()
+    first = await gateway.healthz(local_request())
+    assert (await gateway.healthz(local_request())).feedback == first.feedback and len(reads) == 1
+    gateway._feedback_view.ttl_s = 0
+    await gateway.healthz(local_request())
+    assert len(reads) == 2  # stale: read again
 
 
 async def test_a_correction_that_is_not_one_of_a_classification_tasks_labels_is_a_422(tmp_path: Path) -> None:
