@@ -339,7 +339,8 @@ class CanarySettings(BaseModel):
                                                                           "current share, or roll back.")
     max_error_rate_increase: float = Field(0.02, ge=0, description="Guardrail: canary failures minus champion's, "
                                                                    "as shares of their requests.")
-    max_p99_ratio: float = Field(1.5, gt=0, description="Guardrail: canary p99 latency / champion's.")
+    max_p99_ratio: float = Field(1.5, gt=0, description="Guardrail: canary p99 latency / champion's, judged once "
+                                 "each arm has 100 timed requests on a replica (a p99 of fewer is one stall).")
     min_guardrail_requests: int = Field(20, ge=1, description="Requests per arm before the guardrails judge.")
     warmup_requests: int = Field(
         3, ge=0, description="A version's first requests on a replica since its trial began (its LoRA's first use, "

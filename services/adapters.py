@@ -36,6 +36,8 @@ log = logging.getLogger("flywheel.adapters")
 
 BASE_VERSION = "base"
 TALLY_WINDOW = 512  # latencies kept per version for its p99
+# below this many timed requests a "p99" is the slowest one or two, a single stall: the latency guardrail waits
+P99_MIN_SAMPLES = 100
 RETRY_FIRST_S, RETRY_MAX_S = 10.0, 600.0  # a failed swap is retried after 10 s, 20 s, 40 s … at most 10 min
 UNBOUNDED = 1 << 30  # LoRAs a lone manager may keep loaded (a replica bounds them: `LoraResidency`)
 
@@ -254,7 +256,8 @@ class VersionTallies:
 
     They judge the trial, not the version's lifetime: `restart` begins both arms' tallies afresh when a trial
     starts, and the first `warmup` requests of a version since its tally began (its LoRA's first use in the
-    engine, a cold prefix cache) count as requests and failures but are not timed."""
+    engine, a cold prefix cache) count as requests and failures but are not timed. A version's p99 is 0 (not
+    known) until P99_MIN_SAMPLES of its requests were timed."""
 
     def __init__(self, keep_versions: int = 16, warmup: int = 0) -> None:
         self.keep_versions = keep_versions
@@ -288,7 +291,8 @@ class VersionTallies:
 
     def status(self) -> dict[str, dict[str, float]]:
         return {version: {"requests": t.requests, "failures": t.failures,
-                          "p99_ms": percentile(list(t.latencies_ms), 0.99) or 0.0}
+                          "p99_ms": (percentile(list(t.latencies_ms), 0.99) or 0.0)
+                          if len(t.latencies_ms) >= P99_MIN_SAMPLES else 0.0}
                 for version, t in self.by_version.items()}
 
 
