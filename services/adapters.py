@@ -304,7 +304,7 @@ class PinnedCounters:
 
 
 class AdaptersBusyError(RuntimeError):
-    """Every place for one more LoRA holds one answering requests: the caller's 503, with `Retry-After`."""
+    """Every place for one more pinned version holds one answering requests: the caller's 503, with `Retry-After`."""
 
 
 class PinnedAdaptersBusyError(AdaptersBusyError):
@@ -438,10 +438,9 @@ class LoraResidency:
 
     More tasks than fit still answer, each with its own version: a request waits for its LoRA's load, and only
     for its own: each LoRA has one load of its own (concurrent requests for it await that one), and nothing
-    shared is held across the engine's work. At capacity, a load that finds every resident LoRA answering
-    requests is refused (AdaptersBusyError) rather than loaded past it. The engine's own cache is sized above
-    `capacity`, so it never evicts by itself: every load and eviction is counted here, per version, and a LoRA
-    a request is running on is never removed under it.
+    shared is held across the engine's work. The engine's own cache is sized above `capacity`, so it never
+    evicts by itself: every load and eviction is counted here, per version, and a LoRA a request is running on
+    is never removed under it.
     """
 
     def __init__(self, engine: Engine, capacity: int) -> None:
@@ -510,12 +509,15 @@ class LoraResidency:
         log.info("event=lora_loaded version=%s ms=%.0f resident=%d", handle.name, seconds * 1000, len(self.resident))
 
     def _reserve_place(self) -> list[Resident]:
-        """Take a place for one more LoRA, evicting the least recently used idle ones to free it; AdaptersBusyError
-        when there are too few. No await from the count to the reservation: two loads never take the same place."""
+        """Take a place for one more LoRA, evicting the least recently used idle ones to free it. When every loaded
+        LoRA is answering requests, the new one goes past `capacity` for a while (the engine's cache is sized with
+        room for that) rather than refuse a swap or a task's request; later loads evict back down. No await from
+        the count to the reservation: two loads never take the same place."""
         excess = len(self.resident) + self._places_reserved + 1 - self.capacity
         idle = [entry for entry in self.resident.values() if not entry.users][:max(0, excess)]
         if len(idle) < excess:
-            raise AdaptersBusyError(f"all {self.capacity} loaded adapters are answering requests")
+            log.warning("event=lora_capacity_exceeded capacity=%d answering=%d", self.capacity,
+                        len(self.resident) - len(idle))
         for entry in idle:
             del self.resident[entry.handle.int_id]
             _add(self.counters.evictions, entry.handle.name, 1)

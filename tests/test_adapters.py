@@ -328,8 +328,11 @@ async def test_a_slow_lora_load_never_holds_up_requests_for_other_loras() -> Non
     assert loras.status()["loads"] == {"t1-v1": 1, "t2-v1": 1}  # three requests for t1 waited on one load
 
 
-async def test_lora_residency_refuses_past_capacity_when_every_lora_is_busy_or_loading() -> None:
-    from services.adapters import AdaptersBusyError, LoraResidency
+async def test_lora_residency_never_takes_a_place_twice_and_removes_no_lora_in_use() -> None:
+    """Every place busy: the new LoRA goes past capacity rather than refuse (a swap, or a task's request), and a
+    LoRA answering is never removed; once idle, the next load evicts back down. A LoRA being loaded holds its
+    place: two loads never both count it free."""
+    from services.adapters import LoraResidency
 
     engine, (a, b, c) = FakeEngine(), lora_handles(3)
     loras = LoraResidency(engine, capacity=2)
@@ -337,25 +340,26 @@ async def test_lora_residency_refuses_past_capacity_when_every_lora_is_busy_or_l
     busy = [asyncio.create_task(run_on_lora(loras, engine, handle)) for handle in (a, b)]
     while sum(entry.users for entry in loras.resident.values()) < 2:  # both requests run on their LoRA
         await asyncio.sleep(0)
-    with pytest.raises(AdaptersBusyError):
-        async with loras.using(c):
-            pass
-    assert engine.resident == {"t1-v1", "t2-v1"} and loras.status()["evictions"] == {}
+    await loras.load(c)
+    assert engine.resident == {"t1-v1", "t2-v1", "t3-v1"} and loras.status()["evictions"] == {}
     engine.release.set()
     assert await asyncio.gather(*busy) == ["t1-v1", "t2-v1"]
-    assert await run_on_lora(loras, engine, c) == "t3-v1"  # idle now: a, the least recently used, makes room
-    assert engine.resident == {"t2-v1", "t3-v1"} and loras.status()["evictions"] == {"t1-v1": 1}
+    await loras.load(a)  # resident already: nothing moves
+    d = lora_handles(4)[3]
+    assert await run_on_lora(loras, engine, d) == "t4-v1"  # idle now: back down to capacity
+    assert len(engine.resident) == 2 and sum(loras.status()["evictions"].values()) == 2
 
-    engine = FakeEngine()  # a LoRA being loaded holds its place
+    engine = FakeEngine()
     loras = LoraResidency(engine, capacity=1)
     engine.slow_load["t1-v1"] = slow_may_finish = asyncio.Event()
     loading = asyncio.create_task(loras.load(a))
     await engine.slow_load_started.wait()
-    with pytest.raises(AdaptersBusyError):
-        await asyncio.wait_for(loras.load(b), timeout=5)
+    other = asyncio.create_task(loras.load(b))  # a's place is taken while it loads: b goes past, evicting nothing
+    await asyncio.wait_for(other, timeout=5)
+    assert engine.resident == {"t2-v1"} and loras.status()["evictions"] == {}
     slow_may_finish.set()
     await loading
-    assert engine.resident == {"t1-v1"}
+    assert engine.resident == {"t1-v1", "t2-v1"}
 
 
 async def test_versions_whose_names_hash_alike_get_distinct_lora_ids_and_their_own_weights() -> None:
