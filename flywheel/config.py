@@ -299,7 +299,7 @@ class GateSettings(BaseModel):
         "(both policies) and, in the small-data policy, on the champion's answers users rated well, in the task's "
         "metric. Judged on the upper end of the drop's one-sided 1 - significance_alpha bound (exact for 0/1 "
         "metrics), not on the point estimate; a set too small for that bound to fit the margin even with nothing "
-        "lost (59 examples at 0.05) is insufficient data. Shown in the gate report.")
+        "lost (59 examples at 0.05) is held to no loss instead (no example scored lower). Shown in the gate report.")
     parity_prompts: int = Field(8, ge=1, description="Prompts in the engine-parity probe.")
     serving_concurrency: int = Field(
         1, ge=1, description="Scoring requests the gate keeps in flight on the serving replicas: its bounded share "

@@ -14,9 +14,8 @@ upper end of the drop's one-sided 1 - alpha bound, exact for 0/1 metrics) on the
 of the champion that users rated well (it still gives them). A set the champion scores 0.000 on proves nothing: it is
 `insufficient_data`, never a pass.
 
-Both policies judge the golden set alike (`golden_check`, the same non-inferiority check), so the held-out
-policy too says `insufficient_data` for a golden set too small to show non-inferiority or one the champion
-scores 0.000 on.
+Both policies judge the golden set alike (`golden_check`, the same non-inferiority check): a golden set too
+small to show non-inferiority is held to no loss, and one the champion scores 0.000 on is `insufficient_data`.
 
 `first_champion` is the same test for a task's first adapter against the bare base on the test split.
 """
