@@ -185,5 +185,19 @@ def test_bench_trust_without_predict_measures_lineage_and_forget_on_a_small_scra
     assert code == 0, text
     assert "/predict: not measured (--no-predict)" in text and "lineage on 1000 curated rows, 5 versions" in text
     report = json.loads(out.read_text())
-    assert report["requests_each"] == 0 and report["key_over_open_p50"] is None
+    assert report["requests_each"] == 0 and report["key_over_open"] is None
     assert report["forgot_rows"] == 10 and report["lineage_event_s"] > 0
+
+
+def test_bench_trusts_key_ratio_is_the_median_of_back_to_back_pairs_with_a_distribution_free_interval() -> None:
+    from loadtests.bench_trust import AuthTimings
+
+    # The level moves between pairs (the box's drift); within a pair the key costs 2 %.
+    pairs = [(level * 1.02, level) for level in [40.0, 70.0] * 50]
+    ratio, (low, high) = AuthTimings(pairs).ratio()
+    assert ratio == pytest.approx(1.02) and low == pytest.approx(1.02) and high == pytest.approx(1.02)
+    key_p50, open_p50 = AuthTimings(pairs).p50s()
+    assert key_p50 == pytest.approx(open_p50 * 1.02)
+    spread = [(50.0 + i, 50.0) for i in range(-20, 21)]  # ratios 0.6 .. 1.4, median 1.0
+    ratio, (low, high) = AuthTimings(spread).ratio()
+    assert ratio == pytest.approx(1.0) and low < 1.0 < high and high - low < 0.4
