@@ -26,8 +26,8 @@ from pydantic import BaseModel, Field
 
 from feedback.review import REVIEWS_FOLDER, ReviewLog
 from feedback.schemas import CuratedExample
-from feedback.store import put_whole, write_new
 from flywheel.config import Settings
+from flywheel.store import put_whole, write_new
 
 MANIFEST = "manifest.json"
 THUMB_RATING = {"up": 5, "down": 1}  # a thumb on the rating scale, where ratings and thumbs are compared

@@ -80,9 +80,9 @@ from feedback.dataset import (
 )
 from feedback.pii import mask_event
 from feedback.schemas import CuratedExample, FeedbackEvent, PredictionEvent
-from feedback.store import CommitConflict, put_whole
 from feedback.supervisor import report_lag
 from flywheel.config import Settings
+from flywheel.store import CommitConflict, put_whole
 
 log = logging.getLogger("flywheel.feedback.partitioned")
 

@@ -20,7 +20,7 @@ from typing import Literal
 from fsspec import AbstractFileSystem
 from pydantic import BaseModel, Field
 
-from feedback.store import put_whole
+from flywheel.store import put_whole
 
 Action = Literal["approve", "reject", "retract"]
 REVIEWS_FOLDER = "reviews"

@@ -24,9 +24,9 @@ from fsspec import AbstractFileSystem
 from pydantic import BaseModel, ValidationError
 
 from feedback.dataset import curated_dataset
-from feedback.store import put_whole
 from flywheel.config import Settings
 from flywheel.runs import process_alive
+from flywheel.store import put_whole
 
 log = logging.getLogger("flywheel.feedback.supervisor")
 

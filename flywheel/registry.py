@@ -303,12 +303,7 @@ class Registry:
 
     def loop_epoch(self) -> int:
         """The newest epoch claimed of the loop's lease on this registry (0: never claimed)."""
-        folder = self.path(*LEASE_DIR)
-        self.fs.invalidate_cache(folder)
-        if not self.fs.exists(folder):
-            return 0
-        names = (p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
-        return max((int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()), default=0)
+        return latest_epoch(self.fs, self.path(*LEASE_DIR))
 
     # -- paths ---------------------------------------------------------------------------------------
 
@@ -785,6 +780,15 @@ def create_exclusive(fs: AbstractFileSystem, path: str, text: str, *, private: b
             return False
         raise
     return True
+
+
+def latest_epoch(fs: AbstractFileSystem, folder: str) -> int:
+    """The highest epoch claimed in `folder`, whose claims are `<epoch>.json` files (0: none)."""
+    fs.invalidate_cache(folder)
+    if not fs.exists(folder):
+        return 0
+    names = (p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
+    return max((int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()), default=0)
 
 
 def task_names(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:

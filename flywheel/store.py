@@ -1,5 +1,6 @@
-"""Files written whole to the curated dataset's store, a local disk or an object store: a reader sees the old
-file or the new one, never half of one, and an exclusive write loses cleanly to one that came first."""
+"""Files written whole to a store, a local disk or an object store (the curated dataset's, the retrain runs'): a
+reader sees the old file or the new one, never half of one, and an exclusive write loses cleanly to one that came
+first."""
 
 from __future__ import annotations
 
