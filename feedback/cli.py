@@ -185,7 +185,7 @@ def retract(
         fail(str(exc))
     runs = {}
     if retrain:
-        store = RunStore(settings.home / "runs", keep=settings.retrain.keep_runs)
+        store = RunStore.for_settings(settings)
         for task in result.trained:
             try:
                 runs[task] = store.launch_retrain(settings, "retraction", task).run_id

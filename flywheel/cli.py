@@ -668,7 +668,8 @@ def retrain(
     )] = False,
     run_id: Annotated[str | None, typer.Option(hidden=True)] = None,
     trigger: Annotated[str, typer.Option(hidden=True)] = "cli",
-    lock_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+    lock: Annotated[int | None, typer.Option(hidden=True, help="The retrain lock's epoch its launcher claimed."
+                                             )] = None,
     fence: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Retrain a task's champion adapter on that task's curated feedback; the gate decides whether it ships.
@@ -698,8 +699,8 @@ def retrain(
     if fence is not None and not 0 < fence <= registry_for(settings, task).loop_epoch():
         # an epoch never claimed would fence out the real leader's moves from then on
         fail(f"--fence {fence} is not an epoch the loop's lease has reached", code=2)
-    store = RunStore(settings.home / "runs")
-    if not wait and lock_fd is None:
+    store = RunStore.for_settings(settings)
+    if not wait and lock is None:
         try:
             record = store.launch_retrain(settings, trigger, task)
         except RetrainBusyError as exc:
@@ -714,7 +715,7 @@ def retrain(
     record.task, record.host, record.pid = task, socket.gethostname(), os.getpid()
     record.fence = fence if fence is not None else record.fence
     try:
-        with store.exclusive(inherited_fd=lock_fd), store.heartbeat(run_id), stdout_to_stderr():  # stdout: --json
+        with store.exclusive(run_id, claimed=lock), store.heartbeat(run_id), stdout_to_stderr():  # stdout: --json
             result = Retrain(settings, record, say=progress).run()
     except RetrainBusyError as exc:
         fail(str(exc), code=3)
@@ -775,7 +776,7 @@ def status(
         "engine": settings.serving.engine,
         "base_model": settings.model.base,
         "quantized_base": settings.model.quantized_base,
-        "runs": [r.model_dump(mode="json", exclude={"report"}) for r in RunStore(settings.home / "runs").list(5)],
+        "runs": [r.model_dump(mode="json", exclude={"report"}) for r in RunStore.for_settings(settings).list(5)],
     }
     if url:
         try:

@@ -1,17 +1,24 @@
 """Retrain runs: one JSON record per run, and a lock so only one retrain runs at a time.
 
 Shared by the training plane (which does runs) and the serving plane (whose admin routes and
-scheduler start them and show their state). The lock is an OS file lock held by the process doing the
-run, so a crashed run releases it by dying. A running run beats a heartbeat file beside its record; a
-record left `running` whose heartbeat went silent reads `failed`, from whichever machine reads it (a PID
-is consulted only on its own machine, to notice a death sooner).
-A launcher takes the lock itself and hands the open descriptor to the child, so two triggers racing
-cannot both start a run.
+scheduler start them and show their state). Runs live in a store every machine of the loop can read: the
+local home's `runs/` folder, or, when the registry is on an object store, a `runs/` folder beside the
+registry's own (pods of a cluster share no disk).
+
+A running run beats a heartbeat file beside its record; a record left `running` whose heartbeat went
+silent reads `failed`, from whichever machine reads it (a PID is consulted only on its own machine, to
+notice a death sooner).
+
+The lock is a lease on the same store, not an OS file lock (which means nothing to another pod): a claim
+is an epoch, `lock/<epoch>.json` naming the run, created exclusively (a hard link on a disk, a conditional
+put on S3), so of two triggers racing for the next epoch exactly one wins. The claim is held while its run
+is: the run's heartbeat keeps it, its finish releases it, and a run judged dead (silent too long, or its
+process gone on this machine) frees it. A launcher claims for the run it starts and hands the epoch to the
+child (`--lock N`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -29,10 +36,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, Field, ValidationError
 
 from flywheel.auth import is_loopback
 from flywheel.config import SHARED_SETTINGS_ENV, Settings
+from flywheel.registry import create_exclusive, latest_epoch
+from flywheel.store import put_whole
 
 log = logging.getLogger("flywheel.runs")
 
@@ -76,12 +87,24 @@ class RunRecord(BaseModel):
         return self.state.value
 
 
+class LockClaim(BaseModel):
+    """One epoch of the retrain lock: the run it was claimed for, and whether that run has let it go."""
+
+    epoch: int
+    run_id: str
+    host: str = Field(default_factory=socket.gethostname)
+    pid: int = Field(default_factory=os.getpid, description="The claimer: a launcher until its child has a record.")
+    claimed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    released_at: datetime | None = None
+
+
 def new_run_id() -> str:
     return f"run-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 HEARTBEAT_S = 5.0  # how often a running run says it is alive
 STALE_AFTER_S = 60.0  # a running run silent this long is dead, read from any machine (clock skew included)
+COUNT_ATTEMPTS = 50  # tries at adding a finished run to the outcome counts while other runs add theirs
 
 
 def process_alive(pid: int) -> bool:
@@ -97,44 +120,123 @@ def process_alive(pid: int) -> bool:
         return True
 
 
-OUTCOMES = "outcomes.json"
-
-
 class RunStore:
-    def __init__(self, root: Path, keep: int = 500) -> None:
-        """`keep`: finished runs whose record and log are kept; older ones go when a run finishes."""
-        self.root = root
+    def __init__(self, uri: str | Path, keep: int = 500, *, storage_options: dict[str, Any] | None = None,
+                 local_dir: Path | None = None) -> None:
+        """Runs at `uri`, a local path or an fsspec URL opened with `storage_options` (credentials come from the
+        environment or those options, never from a record). `local_dir`: this machine's folder for the logs and
+        work of the runs it does (default: `uri` itself, when that is a local path). `keep`: finished runs whose
+        record and log are kept; older ones go when a run finishes."""
+        self.fs, self.root = fsspec.core.url_to_fs(str(uri).rstrip("/"), **(storage_options or {}))
+        if local_dir is None and not isinstance(self.fs, LocalFileSystem):
+            raise ValueError(f"runs on {uri} need a local_dir for the logs of the runs this machine does")
+        self.local_dir = local_dir or Path(self.root)
         self.keep = keep
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.fs, LocalFileSystem):  # an object store has no folders to make
+            Path(self.root).mkdir(parents=True, exist_ok=True)
 
-    def _lock(self) -> int:
-        """An open descriptor holding the retrain lock, or RetrainBusyError naming the running run."""
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    @classmethod
+    def for_settings(cls, settings: Settings) -> RunStore:
+        """The runs of the loop these settings run: the home's `runs/` when the registry is on this machine's
+        disk, else `runs/` beside the registry on its store, where every pod sees them."""
+        local_dir = settings.home / "runs"
+        registry_fs, _ = fsspec.core.url_to_fs(settings.registry_uri, **settings.registry.storage_options)
+        if isinstance(registry_fs, LocalFileSystem):
+            return cls(local_dir, keep=settings.retrain.keep_runs)
+        return cls(f"{settings.registry_uri.rstrip('/')}/runs", keep=settings.retrain.keep_runs,
+                   storage_options=settings.registry.storage_options, local_dir=local_dir)
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def _read(self, name: str) -> str:
+        with self.fs.open(self._path(name), "rb") as f:
+            return f.read().decode()
+
+    def _write(self, name: str, text: str) -> None:
+        put_whole(self.fs, self._path(name), text.encode(), exclusive=False)
+
+    def _names(self, folder: str = "") -> list[str]:
+        """The files in the store's root (or `folder` under it), fresh: another machine may have written since."""
+        path = self._path(folder) if folder else self.root
+        self.fs.invalidate_cache(path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            running = [r.run_id for r in self.list() if r.state == RunState.RUNNING]
-            raise RetrainBusyError(
-                f"a retrain is already running ({', '.join(running) or 'starting'}); one at a time"
-            ) from None
-        return fd
+            return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+
+    # -- the lock ------------------------------------------------------------------------------------
+
+    def _claim_name(self, epoch: int) -> str:
+        return f"lock/{epoch:010d}.json"
+
+    def _holder(self) -> tuple[int, LockClaim | None]:
+        """The latest epoch of the lock, and its claim while that holds the lock (None: the lock is free)."""
+        epoch = latest_epoch(self.fs, self._path("lock"))
+        if epoch == 0:
+            return 0, None
+        try:
+            claim = LockClaim.model_validate_json(self._read(self._claim_name(epoch)))
+        except (OSError, ValidationError):  # pruned meanwhile, or damaged: not a claim anyone holds
+            return epoch, None
+        if claim.released_at is not None:
+            return epoch, None
+        # a run not yet recorded (its launcher is starting it) is judged by its claim, as a record would be
+        run = self.get(claim.run_id) or self._judged(RunRecord(
+            run_id=claim.run_id, trigger="lock", host=claim.host, pid=claim.pid, started_at=claim.claimed_at))
+        return epoch, claim if run.state == RunState.RUNNING else None
+
+    def _busy_error(self, claim: LockClaim) -> RetrainBusyError:
+        return RetrainBusyError(f"a retrain is already running ({claim.run_id}); one at a time")
+
+    def claim(self, run_id: str) -> int:
+        """Take the retrain lock for `run_id`: its epoch, or RetrainBusyError naming the running run."""
+        epoch, holder = self._holder()
+        if holder is not None:
+            raise self._busy_error(holder)
+        claim = LockClaim(epoch=epoch + 1, run_id=run_id)
+        if not create_exclusive(self.fs, self._path(self._claim_name(claim.epoch)), claim.model_dump_json()):
+            _, winner = self._holder()  # another trigger claimed this epoch first
+            raise self._busy_error(winner or claim.model_copy(update={"run_id": "starting"}))
+        log.info("event=retrain_lock_claimed run_id=%s epoch=%d", run_id, claim.epoch)
+        return claim.epoch
+
+    def release(self, epoch: int) -> None:
+        """Let the lock go (it is free at once), and forget the epochs before it."""
+        name = self._claim_name(epoch)
+        try:
+            claim = LockClaim.model_validate_json(self._read(name))
+        except FileNotFoundError:  # a run that took the lock over (this one went silent) has forgotten it
+            return
+        self._write(name, claim.model_copy(update={"released_at": datetime.now(UTC)}).model_dump_json())
+        self._forget_before("lock", epoch)
 
     def busy(self) -> bool:
-        try:
-            os.close(self._lock())
-        except RetrainBusyError:
-            return True
-        return False
+        return self._holder()[1] is not None
 
     @contextmanager
-    def exclusive(self, inherited_fd: int | None = None) -> Iterator[None]:
-        """Hold the retrain lock for the block (or keep the one a launcher handed over)."""
-        fd = inherited_fd if inherited_fd is not None else self._lock()
+    def exclusive(self, run_id: str, claimed: int | None = None) -> Iterator[None]:
+        """Hold the retrain lock for `run_id` through the block: claim it, or keep the epoch a launcher claimed
+        for it (`claimed`, refused if another run has taken the lock since). The run's heartbeat keeps it; the
+        block's end releases it, and leaves the run's log in the store."""
+        if claimed is None:
+            epoch = self.claim(run_id)
+        else:
+            latest, holder = self._holder()
+            if holder is None or holder.run_id != run_id or latest != claimed:
+                raise RetrainBusyError(f"the retrain lock's epoch {claimed} is no longer {run_id}'s: "
+                                       f"{holder.run_id if holder else 'nobody'} holds it")
+            epoch = claimed
         try:
             yield
         finally:
-            os.close(fd)
+            try:
+                self.publish_log(run_id)
+            finally:
+                self.release(epoch)
+
+    # -- starting a run ------------------------------------------------------------------------------
 
     def launch_retrain(self, settings: Settings, trigger: str, task: str, fence: int | None = None) -> RunRecord:
         """`flywheel retrain` of `task` in a fresh process, with these exact settings (and this Ray cluster,
@@ -152,36 +254,33 @@ class RunStore:
                env: dict[str, str] | None = None, fence: int | None = None) -> RunRecord:
         """Start `command` (a `flywheel retrain` child) holding the lock; return the new run's record.
 
-        The child gets the locked descriptor as `--lock-fd`; this process drops its copy, so the lock
-        lives exactly as long as the child.
+        This process claims the lock for the new run and hands the epoch to the child as `--lock`; from then
+        the child's heartbeat holds it, and its finish releases it. Its output goes to a log on this machine.
         """
-        fd = self._lock()
         run_id = new_run_id()
-        try:
-            with (self.root / f"{run_id}.log").open("ab") as log_file:
-                child = subprocess.Popen(
-                    [*command, "--run-id", run_id, "--trigger", trigger, "--lock-fd", str(fd),
-                     *(["--fence", str(fence)] if fence is not None else [])],
-                    pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                    start_new_session=True, env=env,
-                )
-        finally:
-            os.close(fd)
+        epoch = self.claim(run_id)
+        with (self.local_dir / f"{run_id}.log").open("ab") as log_file:
+            child = subprocess.Popen(
+                [*command, "--run-id", run_id, "--trigger", trigger, "--lock", str(epoch),
+                 *(["--fence", str(fence)] if fence is not None else [])],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True, env=env,
+            )
         threading.Thread(target=child.wait, name=f"reap-{run_id}", daemon=True).start()
         record = RunRecord(run_id=run_id, trigger=trigger, pid=child.pid, task=task, fence=fence)
         self.save(record)
         self.beat(run_id)  # for the child's start-up, until its own heartbeat begins
         return record
 
+    # -- liveness ------------------------------------------------------------------------------------
+
     def beat(self, run_id: str) -> None:
         """Say that `run_id` is alive now (a file of its own: the run's record is written by its stages)."""
-        tmp = self.root / f".{run_id}.{uuid.uuid4().hex}.beat"
-        tmp.write_text(datetime.now(UTC).isoformat())
-        os.replace(tmp, self.root / f"{run_id}.beat")
+        self._write(f"{run_id}.beat", datetime.now(UTC).isoformat())
 
     def last_beat(self, run_id: str) -> datetime | None:
         try:
-            return datetime.fromisoformat((self.root / f"{run_id}.beat").read_text())
+            return datetime.fromisoformat(self._read(f"{run_id}.beat"))
         except (OSError, ValueError):
             return None
 
@@ -194,7 +293,7 @@ class RunStore:
             while True:
                 try:
                     self.beat(run_id)
-                except OSError as exc:  # a full or flaky disk: the run goes on; readers may call it dead
+                except OSError as exc:  # a full or flaky store: the run goes on; readers may call it dead
                     log.warning("event=heartbeat_failed run_id=%s error=%s", run_id, exc)
                 if stop.wait(every_s):
                     return
@@ -207,36 +306,78 @@ class RunStore:
             stop.set()
             beating.join()
 
+    # -- logs ----------------------------------------------------------------------------------------
+
+    def publish_log(self, run_id: str) -> None:
+        """Copy the log of a run this machine did into the store beside its record, for any machine to read."""
+        local = self.local_dir / f"{run_id}.log"
+        if local.exists() and Path(self._path(local.name)) != local:
+            self.fs.put_file(str(local), self._path(local.name))
+
+    def read_log(self, run_id: str, last_bytes: int) -> str | None:
+        """The last `last_bytes` of a run's log: this machine's own while the run works here, else the store's copy
+        of a finished run; None where neither is (a run started with --wait, or still working on another pod)."""
+        local = self.local_dir / f"{run_id}.log"
+        fs, path = (LocalFileSystem(), str(local)) if local.exists() else (self.fs, self._path(local.name))
+        try:
+            with fs.open(path, "rb") as run_log:
+                run_log.seek(max(0, run_log.seek(0, os.SEEK_END) - last_bytes))
+                return run_log.read().decode("utf-8", "replace")
+        except OSError:
+            return None
+
+    # -- records -------------------------------------------------------------------------------------
+
     def save(self, record: RunRecord) -> None:
-        path = self.root / f"{record.run_id}.json"
+        name = f"{record.run_id}.json"
         finishing = record.finished_at is not None and not (
-            path.exists() and RunRecord.model_validate_json(path.read_text()).finished_at is not None)
-        tmp = self.root / f".{record.run_id}.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(record.model_dump_json(indent=2))
-        os.replace(tmp, path)
+            (before := self._record(record.run_id)) is not None and before.finished_at is not None)
+        self._write(name, record.model_dump_json(indent=2))
         if finishing:
             self._count_outcome(record)
         if record.finished_at is not None:
             self._forget_old()
 
     def _count_outcome(self, record: RunRecord) -> None:
-        """Verdicts ever, per task: a counter that survives the pruning of old records (for /metrics)."""
-        fd = os.open(self.root / ".outcomes.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            counts = self.outcomes()
-            key = (record.task or "-", record.state.value)
+        """Verdicts ever, per task: a counter that survives the pruning of old records (for /metrics).
+
+        Each count is a new file, `outcomes/<seq>.json`, created exclusively: two runs finishing at once on two
+        pods cannot both write the next one, so the loser reads the winner's counts and adds its own (a store has
+        no lock to hold across a read and a write; one small file per finished run, ever, would cost /metrics a
+        read of each)."""
+        key = (record.task or "-", record.state.value)
+        for _ in range(COUNT_ATTEMPTS):
+            seq, counts = self._latest_outcomes()
             counts[key] = counts.get(key, 0) + 1
-            tmp = self.root / f".{OUTCOMES}.{uuid.uuid4().hex}.tmp"
-            tmp.write_text(json.dumps([[task, verdict, n] for (task, verdict), n in sorted(counts.items())]))
-            os.replace(tmp, self.root / OUTCOMES)
-        finally:
-            os.close(fd)
+            text = json.dumps([[task, verdict, n] for (task, verdict), n in sorted(counts.items())])
+            if create_exclusive(self.fs, self._path(f"outcomes/{seq + 1:010d}.json"), text):
+                self._forget_before("outcomes", seq)  # a reader of `seq` that listed before this may still read it
+                return
+        log.warning("event=outcome_not_counted run_id=%s verdict=%s: other runs kept counting first",
+                    record.run_id, record.state)
+
+    def _latest_outcomes(self) -> tuple[int, dict[tuple[str, str], int]]:
+        """The newest count's number and counts (0, {}: none yet)."""
+        for _ in range(COUNT_ATTEMPTS):
+            seq = latest_epoch(self.fs, self._path("outcomes"))
+            if seq == 0:
+                return 0, {}
+            try:
+                return seq, {(task, verdict): n for task, verdict, n in
+                             json.loads(self._read(f"outcomes/{seq:010d}.json"))}
+            except FileNotFoundError:  # forgotten since the listing, under two newer counts: look again
+                continue
+        raise OSError(f"the outcome counts in {self.root} kept changing while read")
+
+    def _forget_before(self, folder: str, seq: int) -> None:
+        """Delete the numbered files (`<n>.json`) in `folder` older than `seq`: only the newest ones count."""
+        for name in self._names(folder):
+            if name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) < seq:
+                self.fs.rm_file(self._path(f"{folder}/{name}"))
 
     def outcomes(self) -> dict[tuple[str, str], int]:
         """(task, verdict) -> finished runs, ever."""
-        path = self.root / OUTCOMES
-        return {(task, verdict): n for task, verdict, n in json.loads(path.read_text())} if path.exists() else {}
+        return self._latest_outcomes()[1]
 
     def summary(self) -> dict[str, Any]:
         """What /metrics shows of retraining: verdicts ever, gate rejections in a row, the last gate's scores.
@@ -263,36 +404,48 @@ class RunStore:
         return {"outcomes": self.outcomes(), "rejections_in_a_row": rejections, "gate": gate}
 
     def _forget_old(self) -> None:
-        """Delete the oldest finished runs' records and logs beyond `keep` (run ids sort by start time)."""
-        finished = [p for p in sorted(self.root.glob("run-*.json"))
-                    if RunRecord.model_validate_json(p.read_text()).finished_at is not None]
-        for path in finished[:max(0, len(finished) - self.keep)]:
-            path.unlink(missing_ok=True)
-            path.with_suffix(".log").unlink(missing_ok=True)
-            path.with_suffix(".beat").unlink(missing_ok=True)
+        """Delete the oldest finished runs' records and logs beyond `keep`."""
+        finished = [n for n in self._run_ids() if (r := self._record(n)) is not None and r.finished_at is not None]
+        for run_id in finished[:max(0, len(finished) - self.keep)]:
+            for name in (f"{run_id}.json", f"{run_id}.log", f"{run_id}.beat"):
+                if self.fs.exists(self._path(name)):
+                    self.fs.rm_file(self._path(name))
+            (self.local_dir / f"{run_id}.log").unlink(missing_ok=True)
 
-    def get(self, run_id: str) -> RunRecord | None:
-        path = self.root / f"{run_id}.json"
-        if not path.exists():
+    def _record(self, run_id: str) -> RunRecord | None:
+        """The record as its run last wrote it."""
+        try:
+            return RunRecord.model_validate_json(self._read(f"{run_id}.json"))
+        except FileNotFoundError:
             return None
-        record = RunRecord.model_validate_json(path.read_text())
+
+    def _judged(self, record: RunRecord) -> RunRecord:
+        """`record`, `failed` if it says running but its run is dead: silent too long, or (known at once on its own
+        machine) its process gone."""
         if record.state == RunState.RUNNING:
-            last = self.last_beat(run_id) or record.started_at
+            last = self.last_beat(record.run_id) or record.started_at
             silent_s = (datetime.now(UTC) - last).total_seconds()
             if silent_s > STALE_AFTER_S:
                 record.state = RunState.FAILED
                 record.message = f"the run died at {record.stage}: no heartbeat for {silent_s:.0f} s"
-            elif record.host == socket.gethostname() and not process_alive(record.pid):  # known at once here
+            elif record.host == socket.gethostname() and not process_alive(record.pid):
                 record.state = RunState.FAILED
                 record.message = f"the run died at {record.stage}: its process {record.pid} is gone"
         return record
 
+    def get(self, run_id: str) -> RunRecord | None:
+        record = self._record(run_id)
+        return self._judged(record) if record is not None else None
+
+    def _run_ids(self) -> list[str]:
+        """Every recorded run, oldest first (run ids sort by start time)."""
+        return [n[:-5] for n in self._names() if n.startswith("run-") and n.endswith(".json")]
+
     def list(self, limit: int | None = None) -> list[RunRecord]:
-        names = sorted(p.stem for p in self.root.glob("run-*.json"))
+        names = self._run_ids()
         if limit:
             names = names[-limit:]
         return [r for r in (self.get(n) for n in names) if r]
-
 
 
 JOB_AGENT_WAIT_S = 60.0  # how long a submission waits for a freshly started cluster's job agent

@@ -31,7 +31,7 @@ class RetrainScheduler(threading.Thread):
         self.fence = fence  # the loop lease's epoch: the runs it starts move aliases under it
         self.check_every_s = check_every_s
         self.may_start = may_start
-        self.store = RunStore(settings.home / "runs")
+        self.store = RunStore.for_settings(settings)
         self.dataset = curated_dataset(settings)
         self.started = time.time()
 

@@ -230,7 +230,7 @@ def platform(settings: Settings, plan: DemoPlan, route_prefix: str) -> Iterator[
             if thread.is_alive():
                 thread.join(timeout=30)
         curator.close()
-        _stop_runs(RunStore(settings.home / "runs"))
+        _stop_runs(RunStore.for_settings(settings))
         if ray_was_up:
             serve.delete(settings.serving.app_name)
         else:
@@ -395,7 +395,7 @@ def build_report(settings: Settings, *, out_dir: Path, seed: int, quick: bool, u
     registry = registry_for(settings)
     swaps = [Swap(at=e.at, at_s=e.at.timestamp() - t0, from_=e.previous, to=e.version, action=e.action)
              for e in registry.history("champion") if e.at.timestamp() >= t0]
-    runs = [r for r in RunStore(settings.home / "runs").list() if r.started_at.timestamp() >= t0]
+    runs = [r for r in RunStore.for_settings(settings).list() if r.started_at.timestamp() >= t0]
     canary = [CanaryMove(at_s=e.at.timestamp() - t0, version=e.version, share=e.traffic_fraction or 0.0,
                          action=e.action, reason=e.reason)
               for e in registry.history(CANARY_ALIAS) if e.at.timestamp() >= t0]
@@ -464,7 +464,7 @@ def run_demo(settings: Settings, *, out_dir: Path, quick: bool, url: str | None 
             url, stop_scheduler = stack.enter_context(platform(settings, plan, route_prefix))
         champion_before = registry.alias("champion")
         t0 = time.time()
-        runs = RunStore(settings.home / "runs")
+        runs = RunStore.for_settings(settings)
 
         def deciding() -> bool:  # a retrain running, or a canary still on trial: the load waits for them
             canary = registry.aliases().get(CANARY_ALIAS)

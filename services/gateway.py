@@ -270,7 +270,7 @@ class Gateway:
         self._replicas: list[dict[str, Any]] = []
         self.answers = RecentAnswers()
         self.metrics.watch(ReplicaCollector(lambda: self._replicas, self._champion))
-        runs = RunStore(self.settings.home / "runs")
+        runs = RunStore.for_settings(self.settings)
         self.access = Access(self.settings)
         self.console = ConsoleState(self.settings, self.access)
         self.reviews = curated_dataset(self.settings).reviews
@@ -607,7 +607,7 @@ class Gateway:
         task = task or self.settings.default_task
         if task not in await self._known_tasks():
             return JSONResponse(status_code=404, content={"error": f"unknown task {task!r}"})
-        store = RunStore(self.settings.home / "runs")
+        store = RunStore.for_settings(self.settings)
         try:
             record = await asyncio.to_thread(store.launch_retrain, self.settings, "admin", task)
         except RetrainBusyError as exc:
@@ -772,7 +772,7 @@ class Gateway:
         caller = await self._admit(request, "admin")
         if isinstance(caller, JSONResponse):
             return caller
-        runs = await asyncio.to_thread(RunStore(self.settings.home / "runs").list, 10)
+        runs = await asyncio.to_thread(RunStore.for_settings(self.settings).list, 10)
         return {
             "champion": await asyncio.to_thread(self._champion),
             "replicas": await self._refresh_replicas(),

@@ -55,7 +55,7 @@ def test_a_launched_retrain_writes_no_settings_file(
     launched: dict[str, object] = {}
     monkeypatch.setattr(RunStore, "launch", lambda self, command, trigger, task, env, fence: launched.update(
         command=command, env=env))
-    store = RunStore(secret_settings.home / "runs")
+    store = RunStore.for_settings(secret_settings)
     store.launch_retrain(secret_settings, "admin", "demo")
     assert "--config" not in launched["command"] and launched["command"][-2:] == ["--task", "demo"]
     assert launched["env"]["FLYWHEEL_ADMIN_TOKEN"] == TOKEN  # type: ignore[index]

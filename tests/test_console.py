@@ -376,13 +376,13 @@ def trained_run(settings: Settings, task: str) -> RunRecord:
                                 training=training).version
     record = RunRecord(run_id="run-20261205-080000-aaaaaa", trigger="test", task=task, state=RunState.REJECTED,
                        version=version, metrics=training)
-    RunStore(settings.home / "runs").save(record)
+    RunStore.for_settings(settings).save(record)
     return record
 
 
 def test_the_runs_page_draws_a_runs_loss_curve_and_why_it_stopped_and_nothing_for_a_run_without(desk: Desk) -> None:
     run = trained_run(desk.settings, desk.registry.task)
-    RunStore(desk.settings.home / "runs").save(RunRecord(run_id="run-20261205-070000-bbbbbb", trigger="test",
+    RunStore.for_settings(desk.settings).save(RunRecord(run_id="run-20261205-070000-bbbbbb", trigger="test",
                                                          state=RunState.REJECTED, report={"verdict": "rejected"}))
     _login(desk.client, desk.keys["ops"])
     page = desk.client.get("/console/loop").text

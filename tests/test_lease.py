@@ -77,13 +77,13 @@ def test_a_scheduled_retrain_moves_aliases_under_its_leaders_epoch(tmp_path: Pat
     a, b = StoreLease(registry, "keeper-a", lease_s=60), StoreLease(registry, "keeper-b", lease_s=60)
     assert a.claim() == 1
 
-    store = RunStore(settings.home / "runs")
+    store = RunStore.for_settings(settings)
     launched = store.launch([sys.executable, "-c", "import sys; print(sys.argv[1:])"], "schedule", "demo", fence=1)
     assert launched.fence == 1 and store.get(launched.run_id).fence == 1  # type: ignore[union-attr]
     deadline = time.monotonic() + 30
-    while "--fence" not in (store.root / f"{launched.run_id}.log").read_text() and time.monotonic() < deadline:
+    while "--fence" not in (store.local_dir / f"{launched.run_id}.log").read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "'--fence', '1'" in (store.root / f"{launched.run_id}.log").read_text()  # the child is told
+    assert "'--fence', '1'" in (store.local_dir / f"{launched.run_id}.log").read_text()  # the child is told
 
     a.release()
     assert b.claim() == 2  # a new leader while the run went on

@@ -103,7 +103,7 @@ def test_the_app_alone_curates_once_and_retrains_on_schedule(two_apps: tuple[dic
     assert sorted(curated) == sorted(sent), "every rated request curated exactly once"
 
     # The scheduler in the leading keeper starts the retrain; it is judged on loop-a's replicas and promoted.
-    store = RunStore(settings.home / "runs")
+    store = RunStore.for_settings(settings)
     scored_before = gate_requests(a)
     assert wait_for(lambda: any(r.state != RunState.RUNNING for r in store.list()), timeout_s=1200), store.list()
     [run] = store.list()

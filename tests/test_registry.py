@@ -399,7 +399,7 @@ def test_a_retrain_whose_champion_changed_meanwhile_ends_superseded(tmp_path: Pa
         now = registry.alias("champion")
         assert "champion changed while the run went on" in record.message and f"is {now}" in record.message
         assert record.report == {"superseded": {"gated_against": retrain.record.champion_before, "champion_now": now}}
-        assert RunStore(settings.home / "runs").get(record.run_id).state == RunState.SUPERSEDED  # type: ignore[union-attr]
+        assert RunStore.for_settings(settings).get(record.run_id).state == RunState.SUPERSEDED  # type: ignore[union-attr]
         assert registry.history()[-1].actor == "ops" and registry.alias("canary") is None
     assert registry.alias("champion") == v1
     passing = Retrain(settings, RunRecord(run_id="run-ok", trigger="test", task="demo"))

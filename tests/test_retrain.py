@@ -155,7 +155,7 @@ def test_wrong_labels_are_rejected_and_the_champion_stays(learning_app: tuple[st
     # the ops path: serving starts the run in a process of its own, which joins the cluster and is judged there
     started = httpx.post(f"{url}/admin/retrain", headers=AUTH)
     assert started.status_code == 202, started.text
-    store = RunStore(settings.home / "runs")
+    store = RunStore.for_settings(settings)
     run_id = started.json()["run_id"]
     assert wait_for(lambda: store.get(run_id).state != "running", timeout_s=1500), store.get(run_id)
     record = store.get(run_id)
@@ -164,7 +164,7 @@ def test_wrong_labels_are_rejected_and_the_champion_stays(learning_app: tuple[st
     assert registry.manifest(record.version).status == "rejected"
     assert "golden_regression" in record.message
     assert record.report["engine"]["engine"] == "serving"
-    run_log = (store.root / f"{run_id}.log").read_text()
+    run_log = (store.local_dir / f"{run_id}.log").read_text()
     assert "event=gate_engine" in run_log and "event=engine_started engine=vllm" not in run_log, run_log[-3000:]
     assert httpx.post(f"{url}/predict", json={"prompt": "hi"}).json()["adapter_version"] == champion
 
@@ -186,7 +186,7 @@ def test_admin_retrain_is_exclusive_and_a_killed_run_changes_nothing(
     second = httpx.post(f"{url}/admin/retrain", headers=AUTH)
     assert second.status_code == 409 and "already running" in second.json()["error"]
 
-    store = RunStore(settings.home / "runs")
+    store = RunStore.for_settings(settings)
     deadline = time.monotonic() + 120
     while (record := store.get(run_id)) and record.stage != "train" and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -23,11 +23,11 @@ def test_old_finished_runs_are_forgotten_and_running_ones_kept(tmp_path: Path) -
     for i in range(6):
         record = RunRecord(run_id=f"run-20260101-0000{i + 1:02d}-bbbbbb", trigger="schedule",
                            state=RunState.PASSED, finished_at=datetime.now(UTC))
-        (store.root / f"{record.run_id}.log").write_text("training …\n")
+        (store.local_dir / f"{record.run_id}.log").write_text("training …\n")
         store.save(record)
         finished.append(record.run_id)
     assert [r.run_id for r in store.list()] == [running.run_id, *finished[-3:]]
-    assert sorted(p.name for p in store.root.glob("*.log")) == [f"{r}.log" for r in finished[-3:]]
+    assert sorted(p.name for p in store.local_dir.glob("*.log")) == [f"{r}.log" for r in finished[-3:]]
 
 
 def test_the_summary_counts_verdicts_ever_and_rejections_in_a_row(tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_a_run_is_alive_while_it_beats_and_dead_once_it_stops_read_from_any_mach
         time.sleep(0.2)
         assert reader.get(record.run_id).state == RunState.RUNNING
     old = (datetime.now(UTC) - timedelta(seconds=STALE_AFTER_S + 1)).isoformat()
-    (writer.root / f"{record.run_id}.beat").write_text(old)  # the beats stopped long ago
+    (writer.local_dir / f"{record.run_id}.beat").write_text(old)  # the beats stopped long ago
     dead = reader.get(record.run_id)
     assert dead.state == RunState.FAILED and "died at train: no heartbeat" in dead.message
 

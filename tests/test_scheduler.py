@@ -62,7 +62,7 @@ def test_new_data_is_what_was_curated_after_the_last_runs_snapshot(settings: Set
     assert scheduler.due("demo") == (True, "240 new curated rows after 3600s")  # no run yet: every row is new
 
     hour_ago = datetime.now(UTC) - timedelta(hours=1)
-    RunStore(settings.home / "runs").save(RunRecord(
+    RunStore.for_settings(settings).save(RunRecord(
         run_id="run-20261205-040000-aaaaaa", task="demo", trigger="schedule", state=RunState.PASSED,
         started_at=hour_ago, finished_at=hour_ago, dataset={"feedback_rows": 100,
                                                             "snapshot_positions": snapshot.positions}))

@@ -68,13 +68,13 @@ class Retrain:
     def __init__(self, settings: Settings, record: RunRecord, say: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.record = record
-        self.store = RunStore(settings.home / "runs", keep=settings.retrain.keep_runs)
+        self.store = RunStore.for_settings(settings)
         self.task = resolve_task(settings, record.task)
         self.record.task = self.task.name
         task_registry = registry_for(settings, self.task.name)
         # a run the loop's leader started moves aliases under its lease: refused once another leader took over
         self.registry: Registry = task_registry if record.fence is None else task_registry.fenced(record.fence)
-        self.workdir = self.store.root / record.run_id
+        self.workdir = self.store.local_dir / record.run_id
         self._say = say or (lambda _msg: None)
 
     def stage(self, name: str) -> None:

@@ -7,7 +7,6 @@ Every method blocks on storage; the routes call them in a worker thread.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -114,7 +113,7 @@ def _verdict(manifest: AdapterManifest) -> str:
 class Console:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.runs = RunStore(settings.home / "runs")
+        self.runs = RunStore.for_settings(settings)
         self.dataset = curated_dataset(settings)  # one reader: it remembers parts read
         self.canary_ratings = canary_ratings(settings, self.dataset)
         # the queue reads and assesses every curated row: computed again only when rows or judgements change
@@ -205,11 +204,8 @@ class Console:
         LIVE_LOG_BYTES of it: the newest points)."""
         if record.state != RunState.RUNNING:
             return None
-        try:
-            with (self.runs.root / f"{record.run_id}.log").open("rb") as run_log:
-                run_log.seek(max(0, run_log.seek(0, os.SEEK_END) - LIVE_LOG_BYTES))
-                tail = run_log.read().decode("utf-8", "replace")
-        except OSError:  # no log here (a run started with --wait, or on another machine)
+        tail = self.runs.read_log(record.run_id, LIVE_LOG_BYTES)
+        if tail is None:  # no log here (a run started with --wait, or working on another machine)
             return None
         points: dict[int, LossPoint] = {}
         for step, key, value in PROGRESS_LINE.findall(tail):
