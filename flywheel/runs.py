@@ -132,6 +132,7 @@ class RunStore:
             raise ValueError(f"runs on {uri} need a local_dir for the logs of the runs this machine does")
         self.local_dir = local_dir or Path(self.root)
         self.keep = keep
+        self._finished: dict[str, RunRecord] = {}  # records of finished runs read here: final, so read once
         self.local_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(self.fs, LocalFileSystem):  # an object store has no folders to make
             Path(self.root).mkdir(parents=True, exist_ok=True)
@@ -178,7 +179,7 @@ class RunStore:
             return 0, None
         try:
             claim = LockClaim.model_validate_json(self._read(self._claim_name(epoch)))
-        except (OSError, ValidationError):  # pruned meanwhile, or damaged: not a claim anyone holds
+        except (OSError, ValidationError):  # forgotten since the listing, or damaged: not a claim anyone holds
             return epoch, None
         if claim.released_at is not None:
             return epoch, None
@@ -233,8 +234,9 @@ class RunStore:
         finally:
             try:
                 self.publish_log(run_id)
-            finally:
-                self.release(epoch)
+            except OSError as exc:  # the outcome is in the record; the log stays on this machine (its `host`)
+                log.warning("event=run_log_not_published run_id=%s error=%s", run_id, exc)
+            self.release(epoch)
 
     # -- starting a run ------------------------------------------------------------------------------
 
@@ -259,13 +261,17 @@ class RunStore:
         """
         run_id = new_run_id()
         epoch = self.claim(run_id)
-        with (self.local_dir / f"{run_id}.log").open("ab") as log_file:
-            child = subprocess.Popen(
-                [*command, "--run-id", run_id, "--trigger", trigger, "--lock", str(epoch),
-                 *(["--fence", str(fence)] if fence is not None else [])],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                start_new_session=True, env=env,
-            )
+        try:
+            with (self.local_dir / f"{run_id}.log").open("ab") as log_file:
+                child = subprocess.Popen(
+                    [*command, "--run-id", run_id, "--trigger", trigger, "--lock", str(epoch),
+                     *(["--fence", str(fence)] if fence is not None else [])],
+                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                    start_new_session=True, env=env,
+                )
+        except BaseException:  # no child to hold the lock: free it now, not when the claim goes stale
+            self.release(epoch)
+            raise
         threading.Thread(target=child.wait, name=f"reap-{run_id}", daemon=True).start()
         record = RunRecord(run_id=run_id, trigger=trigger, pid=child.pid, task=task, fence=fence)
         self.save(record)
@@ -333,6 +339,7 @@ class RunStore:
         finishing = record.finished_at is not None and not (
             (before := self._record(record.run_id)) is not None and before.finished_at is not None)
         self._write(name, record.model_dump_json(indent=2))
+        self._finished.pop(record.run_id, None)
         if finishing:
             self._count_outcome(record)
         if record.finished_at is not None:
@@ -407,17 +414,23 @@ class RunStore:
         """Delete the oldest finished runs' records and logs beyond `keep`."""
         finished = [n for n in self._run_ids() if (r := self._record(n)) is not None and r.finished_at is not None]
         for run_id in finished[:max(0, len(finished) - self.keep)]:
+            self._finished.pop(run_id, None)
             for name in (f"{run_id}.json", f"{run_id}.log", f"{run_id}.beat"):
                 if self.fs.exists(self._path(name)):
                     self.fs.rm_file(self._path(name))
             (self.local_dir / f"{run_id}.log").unlink(missing_ok=True)
 
     def _record(self, run_id: str) -> RunRecord | None:
-        """The record as its run last wrote it."""
+        """The record as its run last wrote it (a copy: callers may change theirs)."""
+        if run_id in self._finished:
+            return self._finished[run_id].model_copy(deep=True)
         try:
-            return RunRecord.model_validate_json(self._read(f"{run_id}.json"))
+            record = RunRecord.model_validate_json(self._read(f"{run_id}.json"))
         except FileNotFoundError:
             return None
+        if record.finished_at is not None:  # /metrics and the console list every run: on S3, a GET each
+            self._finished[run_id] = record.model_copy(deep=True)
+        return record
 
     def _judged(self, record: RunRecord) -> RunRecord:
         """`record`, `failed` if it says running but its run is dead: silent too long, or (known at once on its own

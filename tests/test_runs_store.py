@@ -12,8 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from flywheel import runs
+from flywheel.cli import app as cli
 from flywheel.config import Settings
 from flywheel.runs import RetrainBusyError, RunRecord, RunState, RunStore
 from tests.test_registry_s3 import s3_endpoint  # noqa: F401 - the moto server fixture
@@ -141,3 +143,15 @@ def test_no_storage_secret_is_written_to_the_store(pod: Pod) -> None:
     assert any(f.endswith(f"{launched.run_id}.json") for f in files) and any("/lock/" in f for f in files)
     for path in files:
         assert SECRET not in store.fs.cat_file(path).decode(), path
+
+
+def test_a_retrain_handed_a_claim_that_is_not_its_own_runs_nothing(tmp_path: Path) -> None:
+    """`flywheel retrain --lock N` (a launcher's child) runs only while epoch N is still its run's claim."""
+    config = tmp_path / "flywheel.yaml"
+    config.write_text(f"home: {tmp_path / 'home'}\n")
+    store = RunStore.for_settings(Settings(home=tmp_path / "home"))
+    epoch = store.claim("run-20260101-000000-aaaaaa")
+    refused = CliRunner().invoke(cli, ["retrain", "--config", str(config), "--task", "demo", "--lock", str(epoch),
+                                       "--run-id", "run-20260101-000000-bbbbbb"])
+    assert refused.exit_code == 3 and "no longer run-20260101-000000-bbbbbb's" in refused.output, refused.output
+    assert store.get("run-20260101-000000-bbbbbb") is None and store.busy()
