@@ -202,7 +202,7 @@ def test_admin_retrain_is_exclusive_and_a_killed_run_changes_nothing(
     assert status["champion"] == champion
     assert [m.version for m in registry.versions()] == versions
     assert httpx.post(f"{url}/predict", json={"prompt": "hi"}).json()["adapter_version"] == champion
-    assert not store.busy()  # the lock died with the run
+    assert not store.busy()  # a dead run holds no lock
 
 
 def task_like_demo(settings: Settings, name: str, tmp_path: Path, rollout: str = "direct") -> Registry:
