@@ -668,8 +668,7 @@ def retrain(
     )] = False,
     run_id: Annotated[str | None, typer.Option(hidden=True)] = None,
     trigger: Annotated[str, typer.Option(hidden=True)] = "cli",
-    lock: Annotated[int | None, typer.Option(hidden=True, help="The retrain lock's epoch its launcher claimed."
-                                             )] = None,
+    lock: Annotated[int | None, typer.Option(hidden=True)] = None,  # the retrain lock's epoch its launcher claimed
     fence: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Retrain a task's champion adapter on that task's curated feedback; the gate decides whether it ships.
