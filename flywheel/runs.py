@@ -104,6 +104,7 @@ def new_run_id() -> str:
 
 HEARTBEAT_S = 5.0  # how often a running run says it is alive
 STALE_AFTER_S = 60.0  # a running run silent this long is dead, read from any machine (clock skew included)
+LEGACY_OUTCOMES = "outcomes.json"  # a home's counts from before they were numbered: the first numbered one adds to it
 COUNT_ATTEMPTS = 50  # tries at adding a finished run to the outcome counts while other runs add theirs
 
 
@@ -367,13 +368,13 @@ class RunStore:
         """The newest count's number and counts (0, {}: none yet)."""
         for _ in range(COUNT_ATTEMPTS):
             seq = latest_epoch(self.fs, self._path("outcomes"))
-            if seq == 0:
-                return 0, {}
             try:
                 return seq, {(task, verdict): n for task, verdict, n in
-                             json.loads(self._read(f"outcomes/{seq:010d}.json"))}
-            except FileNotFoundError:  # forgotten since the listing, under two newer counts: look again
-                continue
+                             json.loads(self._read(f"outcomes/{seq:010d}.json" if seq else LEGACY_OUTCOMES))}
+            except FileNotFoundError:
+                if seq == 0:
+                    return 0, {}
+                continue  # forgotten since the listing, under two newer counts: look again
         raise OSError(f"the outcome counts in {self.root} kept changing while read")
 
     def _forget_before(self, folder: str, seq: int) -> None:

@@ -99,3 +99,13 @@ def test_a_run_on_this_machine_whose_process_is_gone_is_dead_at_once(tmp_path: P
     store.beat("run-20260101-000000-eeeeee")
     dead = store.get("run-20260101-000000-eeeeee")
     assert dead.state == RunState.FAILED and "its process" in dead.message
+
+
+def test_a_home_counted_in_one_outcomes_file_keeps_its_counts(tmp_path: Path) -> None:
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "outcomes.json").write_text('[["demo", "passed", 7]]')  # as homes counted before issue 24
+    store = RunStore(tmp_path / "runs")
+    assert store.outcomes() == {("demo", "passed"): 7}
+    store.save(RunRecord(run_id="run-20260101-000000-ffffff", trigger="schedule", task="demo",
+                         state=RunState.PASSED, finished_at=datetime.now(UTC)))
+    assert store.outcomes() == {("demo", "passed"): 8}
