@@ -8,9 +8,10 @@ during the run moves both sides alike:
 2. the same for answers of R1 length (`ignore_eos`, LONG_TOKENS tokens: a DeepSeek-R1-Distill model thinks for
    hundreds of tokens, where the demo model answers in about ten)
 3. p50 time to the first streamed token, flywheel ÷ vLLM (goal <= 1.2)
-4. throughput at 16 concurrent chat completions (the servers take turns at it too), flywheel ÷ vLLM
-   (goal >= 0.9), and the p50 meanwhile; each server's throughput in each of its TURNS windows, so a decline
-   from run to run in one process shows (goal: the windows within 10 % of each other)
+4. throughput at 16 concurrent chat completions (the servers take turns at it too, after a warm-up at 16 that
+   is not counted: a server's first seconds under load are slower), flywheel ÷ vLLM (goal >= 0.9), and the p50
+   meanwhile. The default setup is loaded in RUNS consecutive runs, each of TURNS windows per server, so a
+   decline from run to run in one process shows (goal: the runs within 10 % of each other)
 5. flywheel's /v1/chat/completions p50 ÷ its /predict p50
 6. flywheel with 2, 8 and 32 tasks on one replica (each a copy of the adapter): p50 and throughput
 7. what each part of the default costs: 1-4 again with the loop off, with the request log sent through Ray's
@@ -48,6 +49,8 @@ PROMPT = "Analyze the sentiment of this news: Acme shares surged after record qu
 MAX_TOKENS = 32
 LONG_TOKENS = 256  # an R1-length answer: what a DeepSeek-R1-Distill model's thinking and answer come to
 TURNS = 4  # blocks per measure and server, alternating
+RUNS = 3  # consecutive throughput runs of the default setup
+WARM_LOAD_S = 8.0  # the uncounted warm-up at 16 concurrent, both servers in turns
 IDLE_S = 1.5  # between blocks: vLLM's engine busy-polls for 1 s after its last request, then sleeps
 
 
@@ -55,14 +58,14 @@ class Side(BaseModel):
     p50_ms: float = Field(description="One request at a time.")
     long_p50_ms: float = Field(description=f"One request at a time, {LONG_TOKENS}-token answers.")
     ttft_p50_ms: float
-    rps_at_16: float
+    rps_at_16: float = Field(description="Over all the runs.")
     p50_at_16_ms: float = Field(description="While 16 run at once (the throughput phase).")
-    rps_by_window: list[float] = Field(description="Throughput in each of the server's windows, in order.")
+    rps_by_run: list[float] = Field(description="Throughput in each consecutive run, in order.")
 
     @property
-    def window_spread(self) -> float:
-        """Slowest window's throughput over the fastest's (1: steady)."""
-        return min(self.rps_by_window) / max(self.rps_by_window)
+    def run_spread(self) -> float:
+        """Slowest run's throughput over the fastest's (1: steady)."""
+        return min(self.rps_by_run) / max(self.rps_by_run)
 
 
 class Ratios(BaseModel):
@@ -101,13 +104,15 @@ class Pair(BaseModel):
             f"{r.throughput:.2f} (goal >= 0.9)",
             f"[{name}] p50 at 16 concurrent: flywheel {ours.p50_at_16_ms:.0f} / vLLM {v.p50_at_16_ms:.0f} ms = "
             f"{r.p50_at_16:.2f} (goal <= 1.1)",
-            f"[{name}] throughput by window: flywheel {_rates(ours)} (slowest/fastest {ours.window_spread:.2f}), "
-            f"vLLM {_rates(v)} ({v.window_spread:.2f}) (goal >= 0.9)",
-        ]
+        ] + ([
+            f"[{name}] throughput by run: flywheel {_rates(ours)} (slowest/fastest {ours.run_spread:.2f}), "
+            f"vLLM {_rates(v)} ({v.run_spread:.2f}); flywheel / vLLM by run "
+            f"{', '.join(f'{a / b:.2f}' for a, b in zip(ours.rps_by_run, v.rps_by_run, strict=True))} "
+            "(goal: slowest/fastest >= 0.9)"] if len(ours.rps_by_run) > 1 else [])
 
 
 def _rates(side: Side) -> str:
-    return ", ".join(f"{rps:.1f}" for rps in side.rps_by_window)
+    return ", ".join(f"{rps:.1f}" for rps in side.rps_by_run)
 
 
 # (serving.ingress, serving.topology): Serve's proxy, then HAProxy with a separate gateway, then the default for a
@@ -124,6 +129,7 @@ def setup_name(ingress: str, topology: str) -> str:
 
 
 class OpenAIBenchReport(BaseModel):
+    replicas: int = Field(description="flywheel's LLM replicas in every setup; vLLM's server is one.")
     pairs: dict[str, Pair] = Field(description="flywheel with each (serving.ingress, serving.topology) of SETUPS "
                                    "beside vLLM's server.")
     chat_over_predict_p50: float
@@ -136,7 +142,8 @@ class OpenAIBenchReport(BaseModel):
                           for n, r in self.by_tasks.items())
         pairs = [line for name, pair in self.pairs.items() for line in pair.lines(name)]
         costs = [line for name, pair in self.costs.items() for line in pair.lines(f"default, {name}")]
-        return [*pairs, f"/v1/chat/completions p50 / /predict p50 = {self.chat_over_predict_p50:.2f}", tasks, *costs]
+        return [f"flywheel with {self.replicas} LLM replica(s), vLLM's server with one", *pairs,
+                f"/v1/chat/completions p50 / /predict p50 = {self.chat_over_predict_p50:.2f}", tasks, *costs]
 
 
 class Server(BaseModel):
@@ -192,11 +199,10 @@ async def _in_turns(client: httpx.AsyncClient, servers: list[Server], probe: Pro
 
 
 async def _load(client: httpx.AsyncClient, servers: list[Server], seconds: float
-                ) -> list[tuple[float, float, list[float]]]:
-    """Each server's requests per second, p50 (ms) with 16 in flight, and requests per second in each of its
-    windows: `seconds` in all, TURNS windows each, the servers taking turns."""
+                ) -> list[tuple[float, float]]:
+    """Each server's requests per second and p50 (ms) with 16 in flight: `seconds` each, in TURNS windows, the
+    servers taking turns."""
     latencies: list[list[float]] = [[] for _ in servers]
-    by_window: list[list[float]] = [[] for _ in servers]
     window = seconds / TURNS
 
     async def worker(k: int, n: int, deadline: float) -> None:
@@ -208,11 +214,10 @@ async def _load(client: httpx.AsyncClient, servers: list[Server], seconds: float
     for turn in range(TURNS):
         for i in range(len(servers)):
             k = (i + turn) % len(servers)
-            deadline, before = time.monotonic() + window, len(latencies[k])
+            deadline = time.monotonic() + window
             await asyncio.gather(*(worker(k, n, deadline) for n in range(16)))
-            by_window[k].append((len(latencies[k]) - before) / window)
             await asyncio.sleep(IDLE_S)
-    return [(len(x) / seconds, statistics.median(x) * 1000, by_window[k]) for k, x in enumerate(latencies)]
+    return [(len(x) / seconds, statistics.median(x) * 1000) for x in latencies]
 
 
 async def _warm(client: httpx.AsyncClient, server: Server) -> None:
@@ -220,21 +225,24 @@ async def _warm(client: httpx.AsyncClient, server: Server) -> None:
         await _chat(client, server.url, model)  # and each adapter loaded
 
 
-async def _measure(servers: list[Server], seconds: float) -> list[Side]:
-    """Each server's side, measured in turns."""
+async def _measure(servers: list[Server], seconds: float, runs: int) -> list[Side]:
+    """Each server's side, measured in turns; the throughput phase `runs` times in a row."""
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=24)) as client:
         for server in servers:
             await _warm(client, server)
         p50 = await _in_turns(client, servers, _chat, 8)
         long_p50 = await _in_turns(client, servers, _long_chat, 2)
         ttft = await _in_turns(client, servers, _first_token, 8)
-        loaded = await _load(client, servers, seconds)
-    return [Side(p50_ms=p50[i], long_p50_ms=long_p50[i], ttft_p50_ms=ttft[i], rps_at_16=loaded[i][0],
-                 p50_at_16_ms=loaded[i][1], rps_by_window=loaded[i][2]) for i in range(len(servers))]
+        await _load(client, servers, WARM_LOAD_S)
+        loaded = [await _load(client, servers, seconds) for _ in range(runs)]
+    return [Side(p50_ms=p50[i], long_p50_ms=long_p50[i], ttft_p50_ms=ttft[i],
+                 rps_at_16=statistics.mean(run[i][0] for run in loaded),
+                 p50_at_16_ms=statistics.median(run[i][1] for run in loaded),
+                 rps_by_run=[run[i][0] for run in loaded]) for i in range(len(servers))]
 
 
-async def _pair(flywheel: Server, vllm: Server, seconds: float) -> Pair:
-    ours, theirs = await _measure([flywheel, vllm], seconds)
+async def _pair(flywheel: Server, vllm: Server, seconds: float, runs: int = 1) -> Pair:
+    ours, theirs = await _measure([flywheel, vllm], seconds, runs)
     return Pair(flywheel=ours, vllm=theirs, ratios=Ratios.of(ours, theirs))
 
 
@@ -243,7 +251,7 @@ async def _many_tasks(server: Server, seconds: float) -> dict[str, float]:
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=24)) as client:
         await _warm(client, server)
         [p50] = await _in_turns(client, [server], _chat, max(3, len(server.models) // TURNS))
-        [(rps, _, _)] = await _load(client, [server], seconds)
+        [(rps, _)] = await _load(client, [server], seconds)
     return {"p50_ms": p50, "rps_at_16": rps}
 
 
@@ -325,10 +333,13 @@ def _register_copy(registry: Registry, source: Registry, adapter: Path) -> str:
         return registry.register(Path(copy), base=source.manifest(adapter.name).base_model).version
 
 
-def run_openai_bench(settings: Settings, *, seconds: float = 15.0, say: Callable[[str], None] = print
-                     ) -> OpenAIBenchReport:
+def run_openai_bench(settings: Settings, *, seconds: float = 15.0, replicas: int = 1,
+                     say: Callable[[str], None] = print) -> OpenAIBenchReport:
+    """`replicas`: flywheel's LLM replicas in every setup (vLLM's server is one), for what several cost: behind
+    HAProxy with `fused` a TaskRouter picks each request's replica, with `split` a gateway sits in front."""
     bootstrap(settings, progress=say)
     settings = settings.model_copy(update={"auth": settings.auth.model_copy(update={"rate": "1000000/second"})})
+    settings = _changed(settings, {"serving": {"replicas": replicas, "autoscaling": None}})
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-openai-") as scratch:
         settings = scratch_registry(settings, Path(scratch) / "registry")
         return _run(settings, seconds, say)
@@ -351,8 +362,10 @@ def _run(settings: Settings, seconds: float, say: Callable[[str], None]) -> Open
             url = serve_app.run(_with_serving(settings, ingress=ingress, topology=topology), timeout_s=600)
             try:
                 say(f"measuring flywheel ({name}) and vLLM's server in turns")
-                pairs[name] = asyncio.run(_pair(Server(url=url, models=[settings.default_task]), vllm, seconds))
-                if (ingress, topology) != SETUPS[-1]:
+                default = (ingress, topology) == SETUPS[-1]
+                pairs[name] = asyncio.run(_pair(Server(url=url, models=[settings.default_task]), vllm, seconds,
+                                                runs=RUNS if default else 1))
+                if not default:
                     continue
                 predict = asyncio.run(_predict_p50(url))
                 chat_over_predict = pairs[name].flywheel.p50_ms / predict
@@ -375,7 +388,8 @@ def _run(settings: Settings, seconds: float, say: Callable[[str], None]) -> Open
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
-    return OpenAIBenchReport(pairs=pairs, chat_over_predict_p50=chat_over_predict, by_tasks=by_tasks, costs=costs)
+    return OpenAIBenchReport(replicas=settings.serving.replicas, pairs=pairs, chat_over_predict_p50=chat_over_predict,
+                             by_tasks=by_tasks, costs=costs)
 
 
 def _changed(settings: Settings, changed: dict[str, dict[str, object]]) -> Settings:
