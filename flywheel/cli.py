@@ -950,19 +950,21 @@ def bench_console(
 def bench_openai(
     config: ConfigOption = None,
     seconds: Annotated[float, typer.Option(help="Length of each throughput phase.")] = 15.0,
+    replicas: Annotated[int, typer.Option(min=1, help="flywheel's LLM replicas (vLLM's server is one): with 2 or more, "
+                                          "the fused setup behind HAProxy routes by task at the ingress.")] = 1,
     port: Annotated[int, typer.Option(help="Port for the benchmark's own Serve app.")] = 8766,
     out: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path("bench-out/openai.json"),
     as_json: JsonOption = False,
 ) -> None:
     """flywheel's OpenAI API (as `flywheel up` runs it) vs vLLM's own OpenAI server (same base and adapter):
-    throughput (per window too), p50, first token; then 2, 8 and 32 tasks on one replica; then what each part
+    throughput (three runs in a row for the default), p50, first token; then 2, 8 and 32 tasks; then what each part
     costs (the loop off, the request log through Ray's forwarding, no request log)."""
     from loadtests.bench_openai import run_openai_bench
 
     configure_logging()
     settings = settings_or_exit(config)
     settings.serving.port = port
-    report = run_openai_bench(settings, seconds=seconds, say=progress)
+    report = run_openai_bench(settings, seconds=seconds, replicas=replicas, say=progress)
     write_report(out, report, "\n".join(report.lines()), as_json)
 
 

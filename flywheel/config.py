@@ -143,12 +143,13 @@ class ServingSettings(BaseModel):
         "7 ms less per request on a 2-core box), or `serve`, Serve's own proxy (a Ray actor per node, one more "
         "hop). A Ray-wide choice: a cluster's own environment decides for it (`RAY_SERVE_ENABLE_HA_PROXY=1`).")
     topology: Literal["auto", "fused", "split"] = Field(
-        "auto", description="How the HTTP gateway meets the engine; `auto`: `fused` for one fixed LLM replica, "
-        "`split` for several or autoscaling. `fused`: every LLM replica is also the HTTP "
-        "ingress, so a request reaches its engine with no hop between replicas (the lowest latency; HAProxy spreads "
-        "requests over the replicas without regard to task). `split`: a CPU-only gateway deployment in front of the "
-        "LLM replicas, scaled apart from them; Serve's multiplexing sends a task's requests to replicas that hold "
-        "its adapter, which matters when many replicas each hold fewer tasks than there are.")
+        "auto", description="How the HTTP gateway meets the engine; `auto`: `fused` for one fixed LLM replica or "
+        "behind HAProxy, `split` for several or autoscaling behind Serve's proxy. `fused`: every LLM replica is also "
+        "the HTTP ingress, so a request reaches its engine with no hop between replicas (the lowest latency); with "
+        "several behind HAProxy, HAProxy asks a TaskRouter which replica answers each request, so a task's requests "
+        "go to the replicas that hold its adapter (behind Serve's proxy they are spread by load alone). `split`: a "
+        "CPU-only gateway deployment in front of the LLM replicas, scaled apart from them; Serve's multiplexing "
+        "sends a task's requests to replicas that hold its adapter.")
     replicas: int = Field(1, ge=1, description="LLM replicas, when `autoscaling` is not set.")
 
     autoscaling: AutoscalingSettings | None = Field(
@@ -178,7 +179,7 @@ class ServingSettings(BaseModel):
     def fused(self) -> bool:
         """Whether each LLM replica is its own HTTP ingress (see `topology`)."""
         if self.topology == "auto":
-            return self.autoscaling is None and self.replicas == 1
+            return (self.autoscaling is None and self.replicas == 1) or self.ingress == "haproxy"
         return self.topology == "fused"
 
 

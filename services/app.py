@@ -18,17 +18,22 @@ import httpx
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve._private import build_app as serve_builder
 
 from flywheel.config import Settings, load_settings
 from services.fused import FusedServer
 from services.gateway import Gateway
 from services.llm_server import LLMServer
 from services.loop import LoopKeeper
+from services.task_router import ROUTE_BODY_BYTES, TaskRouter
 
 log = logging.getLogger("flywheel.app")
 
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # Ray Serve's HAProxy mode (`serving.ingress: haproxy`)
 HAPROXY_SIDE_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+# HAProxy hands the TaskRouter each request's body (the task is in it), up to this many bytes
+TASK_ROUTER_ENV = {"RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+                   "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE": str(ROUTE_BODY_BYTES)}
 
 
 def _replica_env(settings: Settings) -> dict[str, str]:
@@ -60,9 +65,23 @@ def build_app(settings: Settings) -> Application:
     engine_resources = {"num_cpus": settings.serving.replica_cpus, "num_gpus": settings.serving.replica_gpus,
                         "runtime_env": {"env_vars": _replica_env(settings)}}
     if settings.serving.fused:
-        return FusedServer.options(**engine_replicas, ray_actor_options=engine_resources).bind(payload, loop)
+        fused = FusedServer.options(**engine_replicas, ray_actor_options=engine_resources).bind(payload, loop)
+        return _with_task_router(fused, settings)
     llm = LLMServer.options(**engine_replicas, ray_actor_options=engine_resources).bind(payload)
     return Gateway.options(logging_config=QUIET, ray_actor_options={"num_cpus": 0}).bind(llm, payload, loop)
+
+
+def _with_task_router(fused: Application, settings: Settings) -> Application:
+    """Several fused replicas behind HAProxy: HAProxy asks a TaskRouter which replica answers each request, so a
+    task's requests reach the replicas holding its LoRA with no gateway hop (`services.task_router`). One replica
+    needs no choice; Serve's own proxy cannot ask one (it spreads requests by load alone)."""
+    several = settings.serving.autoscaling is not None or settings.serving.replicas > 1
+    if not (several and serve_builder.RAY_SERVE_ENABLE_HA_PROXY):
+        return fused
+    # Ray Serve's ingress request router, as Ray Serve LLM's direct ingress attaches its own (an internal hook in
+    # Ray 2.60, pinned by constraints.txt)
+    return fused._with_ingress_request_router(TaskRouter.options(logging_config=QUIET).bind(
+        fused, settings.default_task))
 
 
 def replica_count(settings: Settings) -> dict[str, Any]:
@@ -100,12 +119,16 @@ def ensure_ray(settings: Settings) -> None:
                  "Serve's proxy (RAY_SERVE_ENABLE_HA_PROXY)'")
     elif settings.serving.ingress == "haproxy":
         os.environ[HAPROXY_ENV] = "1"  # read by Serve's controller and replicas in the Ray started below
+        serve_builder.RAY_SERVE_ENABLE_HA_PROXY = True  # and by Serve's app builder here, which read it at import
+        for variable, value in TASK_ROUTER_ENV.items():
+            os.environ.setdefault(variable, value)
         # A gateway replica that stops keeps answering this long, for load balancers to drop it (Ray's default
         # is 30 s). Here HAProxy is on the same node and hears of it at once, so a stop need not wait 30 s.
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
         _haproxy_side_ports()
     else:
         os.environ[HAPROXY_ENV] = "0"  # the setting decides for a Ray flywheel starts, not an inherited variable
+        serve_builder.RAY_SERVE_ENABLE_HA_PROXY = False
     if not settings.ray.address:  # the Ray started here passes this environment to every worker it starts
         os.environ.update(settings.secret_env())
     ray.init(address=settings.ray.address, log_to_driver=True, namespace="flywheel", **local)

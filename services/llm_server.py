@@ -152,9 +152,11 @@ class LLMReplica:
         finally:
             self.ongoing -= 1
 
-    async def _mark_task_served(self) -> None:
-        if task := serve.get_multiplexed_model_id():  # set by the gateway
-            await self._route_hint(task)
+    async def _mark_task_served(self, task: str | None) -> None:
+        """Tell Serve's routers this replica answers `task` (a split gateway's handle, a fused replicas' TaskRouter
+        send its requests here next). The task the request asks for, not a header a client may have set."""
+        if (task or self.settings.default_task) in self.specs:
+            await self._route_hint(task or self.settings.default_task)
 
     @staticmethod
     def _replica_id() -> str:
@@ -188,7 +190,7 @@ class LLMReplica:
 
         Without a `version`, the task's champion answers, or its canary for users in the canary's share."""
         try:
-            await self._mark_task_served()
+            await self._mark_task_served(task)
             return await self._generate(messages, options, request_id, task, version, user)
         except REFUSABLE as exc:
             return self._refuse(exc, request_id)
@@ -223,7 +225,7 @@ class LLMReplica:
         The first event comes with the first tokens, or is the refusal of a request that cannot be run.
         """
         try:
-            await self._mark_task_served()
+            await self._mark_task_served(task)
             async for event in self._stream(messages, options, request_id, task, version, user):
                 yield event
         except REFUSABLE as exc:

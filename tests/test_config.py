@@ -62,10 +62,13 @@ def test_a_launched_retrain_writes_no_settings_file(
     assert not any(p.is_file() for p in secret_settings.home.rglob("*"))
 
 
-def test_a_lone_llm_replica_is_its_own_ingress_and_several_sit_behind_a_gateway() -> None:
+def test_llm_replicas_are_their_own_ingress_unless_several_sit_behind_serves_proxy() -> None:
     assert Settings().serving.fused, "one replica: no hop between a gateway and the engine"
-    assert not Settings(serving={"replicas": 2}).serving.fused, "several: Serve routes each task to its replicas"
-    assert not Settings(serving={"autoscaling": {"max_replicas": 2}}).serving.fused
+    assert Settings(serving={"replicas": 2}).serving.fused, "several behind HAProxy: a TaskRouter picks each one"
+    assert Settings(serving={"autoscaling": {"max_replicas": 2}}).serving.fused
+    several_behind_serve = {"ingress": "serve", "replicas": 2}
+    assert not Settings(serving=several_behind_serve).serving.fused, "Serve's proxy cannot ask a TaskRouter"
+    assert not Settings(serving={"ingress": "serve", "autoscaling": {"max_replicas": 2}}).serving.fused
     assert Settings(serving={"replicas": 2, "topology": "fused"}).serving.fused
     assert not Settings(serving={"topology": "split"}).serving.fused
     with pytest.raises(ValueError, match="topology"):
@@ -157,3 +160,34 @@ def test_every_base_has_a_step_cap_and_a_floor_on_examples_seen() -> None:
     for base in ("demo", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"):
         train = Settings(model={"base": base}).training()
         assert train.max_steps and train.min_examples_seen and train.epochs
+
+
+def test_several_fused_replicas_behind_haproxy_get_a_task_router_and_one_does_not(monkeypatch) -> None:
+    from ray.serve._private import build_app as serve_builder
+
+    from services.app import build_app
+
+    monkeypatch.setattr(serve_builder, "RAY_SERVE_ENABLE_HA_PROXY", True)
+    several = build_app(Settings(serving={"replicas": 2}))
+    assert several._ingress_request_router._bound_deployment.name == "TaskRouter"
+    assert build_app(Settings())._ingress_request_router is None, "one replica: nothing to choose"
+    monkeypatch.setattr(serve_builder, "RAY_SERVE_ENABLE_HA_PROXY", False)
+    assert build_app(Settings(serving={"replicas": 2, "topology": "fused"}))._ingress_request_router is None
+
+
+@pytest.mark.parametrize(("body", "task"), [
+    (b'{"model": "sentiment", "messages": []}', "sentiment"),
+    (b'{"model": "sentiment@sentiment-v3"}', "sentiment"),
+    (b'{"task": "faq", "prompt": "hi"}', "faq"),
+    (b'{"prompt": "hi"}', "demo"),
+    (b'{"model": "Not A Task"}', None),
+    (b'{"model": 7}', None),
+    (b'[1, 2]', None),
+    (b'{"model": "sentim', None),
+    (b'\xff\xfe', None),
+    (b'', None),
+])
+def test_the_task_router_reads_the_task_a_body_asks_for(body: bytes, task: str | None) -> None:
+    from services.task_router import task_of
+
+    assert task_of(body, "demo") == task
