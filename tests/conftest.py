@@ -1,14 +1,18 @@
-"""Shared fixtures: a bootstrapped demo home (built once per session) and a live Serve app on it."""
+"""Shared fixtures: a bootstrapped demo home (built once per session), a live Serve app on it, and the S3 API
+server the registry lives on in the object-store tests."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -108,3 +112,26 @@ def served(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 @pytest.fixture
 def served_registry(served: tuple[str, Settings]) -> Registry:
     return registry_for(served[1])
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 API server, run locally: where the registry lives on an object store in the tests."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(endpoint, timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the moto S3 server did not start") from None
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -36,7 +36,6 @@ from feedback.supervisor import read_curators, read_health
 from flywheel.config import Settings
 from loadtests.bench_curation import stop_all
 from tests.kafka_broker import event_pairs, interleaved, publish, write_config
-from tests.test_registry_s3 import s3_endpoint  # noqa: F401 - the moto server fixture
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,6 @@ from flywheel import runs
 from flywheel.cli import app as cli
 from flywheel.config import Settings
 from flywheel.runs import RetrainBusyError, RunRecord, RunState, RunStore
-from tests.test_registry_s3 import s3_endpoint  # noqa: F401 - the moto server fixture
 
 SECRET = "s3cret-" + uuid.uuid4().hex
 Pod = Callable[[str], RunStore]  # a pod's RunStore, by the pod's name: its own home, the runs shared

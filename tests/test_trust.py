@@ -32,7 +32,6 @@ from flywheel.registry import BaseModelRef, registry_for
 from flywheel.tasks import TaskSpec
 from services.access import Access, Denied, MovingWindow
 from tests.conftest import ADMIN_TOKEN
-from tests.test_registry_s3 import s3_endpoint  # noqa: F401 - the moto server fixture
 from training.retrain_data import TrainExample, build_retrain_data, well_rated, write_train_data
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
@@ -287,7 +286,7 @@ def test_golden_prompts_are_never_trained_on_and_are_counted() -> None:
 
 
 def test_every_pod_sees_each_review_decision_on_the_datasets_store(
-    tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two pods that share no volume, one curated dataset on the S3 API server: a retraction judged on one is
     final on the other (the review log lives beside the dataset); an erasure rewrites only the batch that held
