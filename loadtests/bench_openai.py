@@ -26,6 +26,7 @@ The rate limit per caller is lifted: the benchmark measures serving, not `auth.r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -61,6 +62,9 @@ class Side(BaseModel):
     rps_at_16: float = Field(description="Over all the runs.")
     p50_at_16_ms: float = Field(description="While 16 run at once (the throughput phase).")
     rps_by_run: list[float] = Field(description="Throughput in each consecutive run, in order.")
+    keeper_core_per_100_rps: float | None = Field(
+        None, description="The loop's keeper (curator, scheduler, canary controller) over the throughput runs: the "
+        "share of one core it used per 100 requests/s served (each request one prediction event to curate).")
 
     @property
     def run_spread(self) -> float:
@@ -108,7 +112,10 @@ class Pair(BaseModel):
             f"[{name}] throughput by run: flywheel {_rates(ours)} (slowest/fastest {ours.run_spread:.2f}), "
             f"vLLM {_rates(v)} ({v.run_spread:.2f}); flywheel / vLLM by run "
             f"{', '.join(f'{a / b:.2f}' for a, b in zip(ours.rps_by_run, v.rps_by_run, strict=True))} "
-            "(goal: slowest/fastest >= 0.9)"] if len(ours.rps_by_run) > 1 else [])
+            "(goal: slowest/fastest >= 0.9)"] if len(ours.rps_by_run) > 1 else []) + ([
+            f"[{name}] the loop's keeper (curator, scheduler, canary controller): "
+            f"{ours.keeper_core_per_100_rps:.1%} of a core per 100 requests/s"]
+            if ours.keeper_core_per_100_rps is not None else [])
 
 
 def _rates(side: Side) -> str:
@@ -149,6 +156,23 @@ class OpenAIBenchReport(BaseModel):
 class Server(BaseModel):
     url: str
     models: list[str] = Field(description="Asked in turn.")
+    keeper_pid: int | None = Field(None, description="flywheel's loop keeper process on this machine, to time.")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def keeper_pid(app_name: str) -> int | None:
+    """The process of the app's LoopKeeper replica (a Ray worker titled `ray::ServeReplica:<app>:LoopKeeper`)."""
+    title = f"ServeReplica:{app_name}:LoopKeeper".encode()
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and title in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+    return None
 
 
 def _body(model: str, **extra: object) -> dict[str, object]:
@@ -234,11 +258,18 @@ async def _measure(servers: list[Server], seconds: float, runs: int) -> list[Sid
         long_p50 = await _in_turns(client, servers, _long_chat, 2)
         ttft = await _in_turns(client, servers, _first_token, 8)
         await _load(client, servers, WARM_LOAD_S)
+        keeper_before = {i: cpu_seconds(s.keeper_pid) for i, s in enumerate(servers) if s.keeper_pid}
         loaded = [await _load(client, servers, seconds) for _ in range(runs)]
-    return [Side(p50_ms=p50[i], long_p50_ms=long_p50[i], ttft_p50_ms=ttft[i],
-                 rps_at_16=statistics.mean(run[i][0] for run in loaded),
-                 p50_at_16_ms=statistics.median(run[i][1] for run in loaded),
-                 rps_by_run=[run[i][0] for run in loaded]) for i in range(len(servers))]
+    sides = []
+    for i, server in enumerate(servers):
+        rps = statistics.mean(run[i][0] for run in loaded)
+        # the keeper's CPU seconds per request this server took, times 100: its share of a core per 100 requests/s
+        keeper = ((cpu_seconds(server.keeper_pid) - keeper_before[i]) / (rps * runs * seconds) * 100
+                  if i in keeper_before else None)
+        sides.append(Side(p50_ms=p50[i], long_p50_ms=long_p50[i], ttft_p50_ms=ttft[i], rps_at_16=rps,
+                          p50_at_16_ms=statistics.median(run[i][1] for run in loaded),
+                          rps_by_run=[run[i][0] for run in loaded], keeper_core_per_100_rps=keeper))
+    return sides
 
 
 async def _pair(flywheel: Server, vllm: Server, seconds: float, runs: int = 1) -> Pair:
@@ -363,8 +394,9 @@ def _run(settings: Settings, seconds: float, say: Callable[[str], None]) -> Open
             try:
                 say(f"measuring flywheel ({name}) and vLLM's server in turns")
                 default = (ingress, topology) == SETUPS[-1]
-                pairs[name] = asyncio.run(_pair(Server(url=url, models=[settings.default_task]), vllm, seconds,
-                                                runs=RUNS if default else 1))
+                ours = Server(url=url, models=[settings.default_task],
+                              keeper_pid=keeper_pid(settings.serving.app_name) if default else None)
+                pairs[name] = asyncio.run(_pair(ours, vllm, seconds, runs=RUNS if default else 1))
                 if not default:
                     continue
                 predict = asyncio.run(_predict_p50(url))
