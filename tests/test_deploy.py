@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from flywheel.config import Settings, load_settings
+from flywheel.runs import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -294,10 +295,8 @@ def test_ray_is_behind_its_token_and_only_serves_port_is_open_to_everyone() -> N
     assert [port["port"] for port in one(K8S / "monitoring.yaml", "Service")["spec"]["ports"]] == [8000]
 
 
-def test_ray_pods_mount_the_config_map_and_the_shared_home() -> None:
+def test_ray_pods_mount_the_config_map_and_a_home_of_their_own() -> None:
     configmap = one(K8S / "configmap.yaml", "ConfigMap")
-    claim = one(K8S / "pvc.yaml", "PersistentVolumeClaim")
-    assert "ReadWriteMany" in claim["spec"]["accessModes"]  # the serving cluster writes, retrain jobs read
     config_path = Path(serve_config()["applications"][0]["args"]["config"])
     assert config_path.name in configmap["data"]
     home = yaml.safe_load(flywheel_yaml())["home"]
@@ -305,9 +304,20 @@ def test_ray_pods_mount_the_config_map_and_the_shared_home() -> None:
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
         assert mounts[str(config_path.parent)]["configMap"]["name"] == configmap["metadata"]["name"], where
-        assert mounts[home]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"], where
+        assert "emptyDir" in mounts[home], where  # spool, HF cache, logs: scratch of this pod only
+        assert not any("persistentVolumeClaim" in v for v in volumes.values()), where
         assert {"name": "FLYWHEEL_CONFIG", "value": str(config_path)} in container["env"], where
         assert pod["securityContext"]["runAsNonRoot"] is True, where
+
+
+def test_pods_share_only_the_object_store_and_the_broker(cluster_settings: Settings) -> None:
+    # No ReadWriteMany volume: the registry, run records, the curated dataset and its review log are on S3.
+    resources = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    assert "PersistentVolumeClaim" not in {d["kind"] for r in resources for d in docs(K8S / r)}
+    assert cluster_settings.registry_uri.startswith("s3://")
+    assert cluster_settings.dataset_uri.startswith("s3://")
+    assert cluster_settings.feedback.curation == "partitioned" and cluster_settings.feedback.kafka_bootstrap
+    assert RunStore.for_settings(cluster_settings).fs.protocol[0] == "s3"  # run records and the retrain lock
 
 
 def test_configmap_is_a_valid_flywheel_config_for_a_real_base(cluster_settings: Settings) -> None:
