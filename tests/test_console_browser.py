@@ -239,14 +239,14 @@ def test_an_admin_logs_in_sees_the_champion_and_moves_it_with_the_buttons(
         page.screenshot(path=shots / "task.png", full_page=True)
 
         page.get_by_role("button", name="Roll back champion").click()
-        page.wait_for_function("document.querySelector('p.done').innerText.includes('rolled back')")
+        page.wait_for_function("document.querySelector('p.done')?.innerText.includes('rolled back')")
         assert served_registry.alias("champion") == "demo-v1"
         wait_for_version(url, "demo-v1")
 
         served_registry.promote("demo-v2", alias="canary", traffic_fraction=0.1, actor="test", reason="a trial")
         page.reload()
         page.get_by_role("button", name="Abort canary").click()
-        page.wait_for_function("document.querySelector('p.done').innerText.includes('aborted')")
+        page.wait_for_function("document.querySelector('p.done')?.innerText.includes('aborted')")
         assert served_registry.aliases()["canary"].traffic_fraction == 0.0
 
         page.goto(f"{url}/console/tasks/demo/versions/demo-v2")
