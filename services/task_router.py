@@ -38,7 +38,7 @@ def task_of(body: bytes, default_task: str) -> str | None:
     default task for a body that names none; None for a body that is not a JSON object or names no valid task."""
     try:
         request = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON (bytes that are not UTF-8 included), or nested past Python's stack
         return None
     if not isinstance(request, dict):
         return None
