@@ -714,8 +714,8 @@ def retrain(
     record.task, record.host, record.pid = task, socket.gethostname(), os.getpid()
     record.fence = fence if fence is not None else record.fence
     try:
-        with store.exclusive(run_id, claimed=lock), store.heartbeat(run_id), stdout_to_stderr():  # stdout: --json
-            result = Retrain(settings, record, say=progress).run()
+        with store.exclusive(run_id, claimed=lock) as record.lock, store.heartbeat(run_id), stdout_to_stderr():
+            result = Retrain(settings, record, say=progress).run()  # stdout carries --json's answer alone
     except RetrainBusyError as exc:
         fail(str(exc), code=3)
     payload = {"run_id": result.run_id, "task": result.task, "verdict": result.verdict, "version": result.version,

@@ -209,7 +209,8 @@ class _Unchanged(Exception):
 
 
 class FencedError(RegistryError):
-    """A leader's move carried a lease epoch older than the latest: it lost the loop, and nothing was changed."""
+    """A move by a writer that lost its right to move (the loop's lease, or a retrain's lock, was taken over):
+    nothing was changed."""
 
 
 class ChampionChangedError(RegistryError):
@@ -292,6 +293,7 @@ class Registry:
         self._cache_dir = cache_dir or Path(tempfile.gettempdir()) / "flywheel-adapter-cache"
         self._version_re = re.compile(rf"{re.escape(task)}-v(\d+)")
         self.fence: int | None = None  # set by `fenced`: the loop lease's epoch this leader moves aliases under
+        self.lost: Callable[[], str | None] | None = None  # set by `guarded`: why this writer may no longer move
 
     def fenced(self, epoch: int) -> Registry:
         """This registry for the loop's leader holding lease `epoch` (flywheel.lease): each alias move it makes
@@ -300,6 +302,13 @@ class Registry:
         leader = copy.copy(self)
         leader.fence = epoch
         return leader
+
+    def guarded(self, lost: Callable[[], str | None]) -> Registry:
+        """This registry for a writer whose right to move aliases can lapse (a retrain holding the retrain lock):
+        before each move `lost()` says why it has lapsed (the move is refused with FencedError), or None."""
+        writer = copy.copy(self)
+        writer.lost = lost
+        return writer
 
     def loop_epoch(self) -> int:
         """The newest epoch claimed of the loop's lease on this registry (0: never claimed)."""
@@ -725,8 +734,13 @@ class Registry:
         for _attempt in range(MOVE_ATTEMPTS):
             seq, aliases, fence = self._alias_state()
             if self.fence is not None and (newest := max(fence, self.loop_epoch())) > self.fence:
-                raise FencedError(f"this leader's lease (epoch {self.fence}) was taken over (epoch {newest}): "
-                                  f"its move of {alias!r} in task {self.task!r} was refused; nothing was changed")
+                why: str | None = (f"the loop's lease it was made under (epoch {self.fence}) was taken over "
+                                   f"(epoch {newest})")
+            else:
+                why = self.lost() if self.lost is not None else None
+            if why:
+                raise FencedError(f"{why}: its move of {alias!r} in task {self.task!r} was refused; nothing was "
+                                  "changed")
             champion = aliases.get("champion")
             if expected_champion is not ... and (champion.version if champion else None) != expected_champion:
                 raise ChampionChangedError(self.task, expected_champion, champion)

@@ -19,6 +19,7 @@ child (`--lock N`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -76,6 +77,8 @@ class RunRecord(BaseModel):
     champion_before: str | None = None
     fence: int | None = Field(None, description="The loop lease's epoch of the leader that started it (a scheduled "
                               "run): its alias moves are refused once a newer leader has taken the loop over.")
+    lock: int | None = Field(None, description="The retrain lock's epoch the run holds: its alias moves are refused "
+                             "once another run has taken the lock over (this one's heartbeat was silent too long).")
     version: str | None = None
     dataset: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -103,6 +106,8 @@ def new_run_id() -> str:
 
 
 HEARTBEAT_S = 5.0  # how often a running run says it is alive
+LOG_EVERY_BEATS = 6  # a running run's log reaches the store every 30 s: its tail (S3 cannot append) ...
+LOG_TAIL_BYTES = 1 << 20  # ... this long, more than a console shows; the whole log once the run ends
 STALE_AFTER_S = 60.0  # a running run silent this long is dead, read from any machine (clock skew included)
 LEGACY_OUTCOMES = "outcomes.json"  # a home's counts from before they were numbered: the first numbered one adds to it
 COUNT_ATTEMPTS = 50  # tries at adding a finished run to the outcome counts while other runs add theirs
@@ -217,11 +222,23 @@ class RunStore:
     def busy(self) -> bool:
         return self._holder()[1] is not None
 
+    def lock_lost(self, run_id: str, epoch: int) -> str | None:
+        """Why `run_id` no longer holds the lock's `epoch` (another run has claimed a newer one); None while it does."""
+        latest = latest_epoch(self.fs, self._path("lock"))
+        if latest == epoch:
+            return None
+        try:
+            taker = LockClaim.model_validate_json(self._read(self._claim_name(latest))).run_id
+        except (OSError, ValidationError):
+            taker = "another run"
+        return (f"run {run_id}'s retrain lock (epoch {epoch}) was taken over by {taker} (epoch {latest}) while its "
+                f"heartbeat was silent over {STALE_AFTER_S:.0f} s")
+
     @contextmanager
-    def exclusive(self, run_id: str, claimed: int | None = None) -> Iterator[None]:
-        """Hold the retrain lock for `run_id` through the block: claim it, or keep the epoch a launcher claimed
-        for it (`claimed`, refused if another run has taken the lock since). The run's heartbeat keeps it; the
-        block's end releases it, and leaves the run's log in the store."""
+    def exclusive(self, run_id: str, claimed: int | None = None) -> Iterator[int]:
+        """Hold the retrain lock for `run_id` through the block (which gets its epoch): claim it, or keep the epoch
+        a launcher claimed for it (`claimed`, refused if another run has taken the lock since). The run's heartbeat
+        keeps it; the block's end releases it, and leaves the run's log in the store."""
         if claimed is None:
             epoch = self.claim(run_id)
         else:
@@ -231,7 +248,7 @@ class RunStore:
                                        f"{holder.run_id if holder else 'nobody'} holds it")
             epoch = claimed
         try:
-            yield
+            yield epoch
         finally:
             try:
                 self.publish_log(run_id)
@@ -293,13 +310,18 @@ class RunStore:
 
     @contextmanager
     def heartbeat(self, run_id: str, every_s: float = HEARTBEAT_S) -> Iterator[None]:
-        """Beat for `run_id` every `every_s` while the block runs."""
+        """Beat for `run_id` every `every_s` while the block runs, and copy its log (if it changed) to the store
+        every LOG_EVERY_BEATS beats, for a console on another pod to follow the run."""
         stop = threading.Event()
 
         def beat_until_stopped() -> None:
-            while True:
+            published_size = -1
+            for beats in itertools.count(1):
                 try:
                     self.beat(run_id)
+                    if beats % LOG_EVERY_BEATS == 0 and (size := self._local_log_size(run_id)) != published_size:
+                        self.publish_log(run_id, last_bytes=LOG_TAIL_BYTES)
+                        published_size = size
                 except OSError as exc:  # a full or flaky store: the run goes on; readers may call it dead
                     log.warning("event=heartbeat_failed run_id=%s error=%s", run_id, exc)
                 if stop.wait(every_s):
@@ -315,15 +337,26 @@ class RunStore:
 
     # -- logs ----------------------------------------------------------------------------------------
 
-    def publish_log(self, run_id: str) -> None:
-        """Copy the log of a run this machine did into the store beside its record, for any machine to read."""
+    def _local_log_size(self, run_id: str) -> int:
         local = self.local_dir / f"{run_id}.log"
-        if local.exists() and Path(self._path(local.name)) != local:
+        return local.stat().st_size if local.exists() else -1
+
+    def publish_log(self, run_id: str, last_bytes: int | None = None) -> None:
+        """Copy the log of a run this machine does into the store beside its record, for any machine to read: the
+        whole log, or (while the run works) its last `last_bytes`."""
+        local = self.local_dir / f"{run_id}.log"
+        if not local.exists() or Path(self._path(local.name)) == local:
+            return
+        if last_bytes is None:
             self.fs.put_file(str(local), self._path(local.name))
+            return
+        with local.open("rb") as run_log:
+            run_log.seek(max(0, run_log.seek(0, os.SEEK_END) - last_bytes))
+            put_whole(self.fs, self._path(local.name), run_log.read(), exclusive=False)
 
     def read_log(self, run_id: str, last_bytes: int) -> str | None:
         """The last `last_bytes` of a run's log: this machine's own while the run works here, else the store's copy
-        of a finished run; None where neither is (a run started with --wait, or still working on another pod)."""
+        (up to 30 s behind while the run works on another pod); None where neither is (a run started with --wait)."""
         local = self.local_dir / f"{run_id}.log"
         fs, path = (LocalFileSystem(), str(local)) if local.exists() else (self.fs, self._path(local.name))
         try:

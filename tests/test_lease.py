@@ -127,11 +127,47 @@ def test_a_scheduled_retrain_moves_aliases_under_its_leaders_epoch(tmp_path: Pat
     assert b.claim() == 2  # a new leader while the run went on
     stale = Retrain(settings, RunRecord(run_id="run-stale", trigger="schedule", task="demo", fence=1))
     record = stale._release("demo-v2", "demo-v1", "gate passed")
-    assert record.state == RunState.SUPERSEDED and "lost the loop" in record.message, record.message
+    assert record.state == RunState.SUPERSEDED and "lease it was made under (epoch 1) was taken over (epoch 2)" \
+        in record.message, record.message
     assert registry.alias("champion") == "demo-v1" and len(registry.history()) == 1
     current = Retrain(settings, RunRecord(run_id="run-current", trigger="schedule", task="demo", fence=2))
     assert current._release("demo-v2", "demo-v1", "gate passed").state == RunState.PASSED
     assert registry.alias("champion") == "demo-v2" and registry.history()[-1].fence == 2
+
+
+def test_a_retrain_whose_lock_was_taken_over_while_it_was_silent_moves_no_alias(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A manual retrain holds the retrain lock by its heartbeat. Cut off from the store past STALE_AFTER_S (an S3
+    outage), it is judged dead and another run takes the lock over; when it comes back, its release is refused
+    by the lock's newer epoch, not made beside the other run's."""
+    from flywheel import runs
+    from flywheel.config import Settings
+    from flywheel.runs import RunRecord, RunState, RunStore
+    from training.pipeline import Retrain
+
+    settings = Settings(home=tmp_path / "home", registry={"uri": str(tmp_path / "registry")})
+    registry = Registry(settings.registry_uri, "demo")
+    two_versions(registry, tmp_path)
+    registry.promote("demo-v1", actor="flywheel train")
+    store = RunStore.for_settings(settings)
+    monkeypatch.setattr(runs, "STALE_AFTER_S", 0.3)
+    with store.exclusive("run-20260101-000000-aaaaaa") as epoch:
+        silent = Retrain(settings, RunRecord(run_id="run-20260101-000000-aaaaaa", trigger="admin", task="demo",
+                                             lock=epoch))
+        store.save(silent.record)
+        store.beat(silent.record.run_id)
+        time.sleep(0.5)  # no beat reached the store
+        taken = store.claim("run-20260101-000000-bbbbbb")
+        record = silent._release("demo-v2", "demo-v1", "gate passed")
+    assert taken == epoch + 1
+    assert record.state == RunState.SUPERSEDED and (
+        f"retrain lock (epoch {epoch}) was taken over by run-20260101-000000-bbbbbb (epoch {taken})") in record.message
+    assert registry.alias("champion") == "demo-v1" and len(registry.history()) == 1
+    holder = Retrain(settings, RunRecord(run_id="run-20260101-000000-bbbbbb", trigger="admin", task="demo",
+                                         lock=taken))
+    assert holder._release("demo-v2", "demo-v1", "gate passed").state == RunState.PASSED
+    assert registry.alias("champion") == "demo-v2"
 
 
 def test_retrain_refuses_a_fence_the_lease_never_reached(tmp_path: Path) -> None:
@@ -299,8 +335,8 @@ def test_real_keepers_in_two_ray_clusters_one_leads_and_a_paused_one_is_fenced(
     registry on the S3 API server and one broker: exactly one keeper leads, and its canary controller ends each
     canary trial at its deadline under its epoch. SIGSTOP the leader's replica and the other cluster's keeper
     takes over within the lease; SIGCONT it and it stands by, its next move (if it makes one before its renewal
-    finds the newer claim) refused by the store's fencing. Every trial is ended exactly once, at its deadline,
-    and no move under the old epoch lands after one under the new."""
+    finds the newer claim) refused by the store's fencing, as a move under its epoch is. Every trial is ended
+    exactly once, at its deadline, and no move under the old epoch lands after one under the new."""
     env = keepers_env(monkeypatch)
     registry = s3_registry(s3_endpoint, tmp_path)
     registry.promote("demo-v1", actor="ops")
@@ -343,6 +379,9 @@ def test_real_keepers_in_two_ray_clusters_one_leads_and_a_paused_one_is_fenced(
         leader.signal(signal.SIGCONT)
         until(lambda: role(leader) == "standby", 60, statuses)  # once its parts have stopped
         assert (leader.status() or {})["leader"] == (other.status() or {})["keeper"]
+        # the move it would make under its old epoch, whichever of its threads woke first: refused by the store
+        with pytest.raises(FencedError, match=f"epoch {old_epoch}. was taken over .epoch {new_epoch}"):
+            ops.fenced(old_epoch).promote("demo-v1", actor="canary-controller", reason="the old leader's move")
         ended = ends_under(new_epoch)
         until(lambda: ends_under(new_epoch) >= ended + 2, 30, registry.history)  # the new leader goes on
         stop_ops.set()

@@ -74,6 +74,9 @@ class Retrain:
         task_registry = registry_for(settings, self.task.name)
         # a run the loop's leader started moves aliases under its lease: refused once another leader took over
         self.registry: Registry = task_registry if record.fence is None else task_registry.fenced(record.fence)
+        if record.lock is not None:  # and under the retrain lock: refused once another run took the lock over
+            lock = record.lock
+            self.registry = self.registry.guarded(lambda: self.store.lock_lost(record.run_id, lock))
         self.workdir = self.store.local_dir / record.run_id
         self._say = say or (lambda _msg: None)
 
@@ -241,9 +244,8 @@ class Retrain:
             self.registry.promote(candidate, actor=actor, reason=f"gate passed ({self.record.trigger})",
                                   expected_champion=champion)
         except FencedError as exc:
-            return self.finish(RunState.SUPERSEDED, f"superseded: {candidate} passed its gate, but the loop's "
-                               f"leader that started this run lost the loop meanwhile ({exc}); the new leader "
-                               "decides what runs next")
+            return self.finish(RunState.SUPERSEDED, f"superseded: {candidate} passed its gate, but {exc}; whoever "
+                               "leads the loop or holds the retrain lock now decides what runs next")
         except ChampionChangedError as exc:
             message = (f"superseded: {candidate} passed its gate against {champion}, but the champion changed while "
                        f"the run went on ({exc}); retrain to judge a candidate against {exc.actual or 'no champion'}")
