@@ -106,14 +106,26 @@ def test_the_lock_is_free_once_its_run_finishes_or_goes_silent(pod: Pod, monkeyp
     assert not a.busy() and a.claim("run-20260101-000000-dddddd") == epoch + 1
 
 
-def test_a_finished_runs_log_is_readable_from_another_pod(pod: Pod) -> None:
+def test_a_runs_log_is_followed_from_another_pod_while_it_works_and_whole_once_it_ends(
+    pod: Pod, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runs, "LOG_TAIL_BYTES", 4096)
     a, b = pod("pod-a"), pod("pod-b")
     run_id = "run-20260101-000000-aaaaaa"
-    with a.exclusive(run_id):
-        (a.local_dir / f"{run_id}.log").write_text("step=1 loss=2.0\n" * 1000 + "gate passed\n")
-        assert b.read_log(run_id, 100) is None  # still working on pod-a: its log is there only
-        assert a.read_log(run_id, 12) == "gate passed\n"
+    local_log = a.local_dir / f"{run_id}.log"
+    a.local_dir.mkdir(parents=True, exist_ok=True)
+    with a.exclusive(run_id), a.heartbeat(run_id, every_s=0.02):
+        local_log.write_text("step=1 loss=2.0\n" * 1000 + "step=2 loss=1.5\n")
+        assert a.read_log(run_id, 16) == "step=2 loss=1.5\n"  # its own pod reads the log itself
+        deadline = time.monotonic() + 10
+        while b.read_log(run_id, 16) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert b.read_log(run_id, 16) == "step=2 loss=1.5\n"  # a tail copied by its heartbeat
+        assert len(b.read_log(run_id, 1 << 20) or "") == 4096
+        with local_log.open("a") as more:
+            more.write("gate passed\n")
     assert b.read_log(run_id, 12) == "gate passed\n"
+    assert len(b.read_log(run_id, 1 << 20) or "") == local_log.stat().st_size  # whole once the run ended
 
 
 def test_outcomes_finished_at_once_on_many_pods_are_all_counted(pod: Pod) -> None:

@@ -205,7 +205,7 @@ class Console:
         if record.state != RunState.RUNNING:
             return None
         tail = self.runs.read_log(record.run_id, LIVE_LOG_BYTES)
-        if tail is None:  # no log here (a run started with --wait, or working on another machine)
+        if tail is None:  # no log anywhere (a run started with --wait)
             return None
         points: dict[int, LossPoint] = {}
         for step, key, value in PROGRESS_LINE.findall(tail):
