@@ -18,19 +18,21 @@ import json
 import re
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
 from ray import serve
 from ray.serve._private.constants import SERVE_MULTIPLEXED_MODEL_ID
 from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from flywheel.tasks import TASK_NAME_PATTERN
 
 ROUTE_BODY_BYTES = 1 << 20  # HAProxy forwards at most this much of a body to the router (its buffer size)
 TRUNCATED_HEADER = "x-body-truncated"  # set by HAProxy when it forwards only the head of a body
 _TASK_NAME = re.compile(TASK_NAME_PATTERN)
-
-router_app = FastAPI()
+# HAProxy waits on this answer before every POST's first byte reaches a replica: Serve runs the router's code and
+# its handle's router on the replica's own event loop (no hop between threads)
+SAME_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
 def task_of(body: bytes, default_task: str) -> str | None:
@@ -47,15 +49,18 @@ def task_of(body: bytes, default_task: str) -> str | None:
     return task if task and _TASK_NAME.fullmatch(task) else None
 
 
-@serve.deployment(name="TaskRouter", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
-@serve.ingress(router_app)
+@serve.deployment(name="TaskRouter", max_ongoing_requests=1000,
+                  ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SAME_LOOP_ENV}})
 class TaskRouter:
+    """Answers HAProxy's `POST /internal/route` (a plain ASGI callable: no web framework on this hot path)."""
+
     def __init__(self, replicas: DeploymentHandle, default_task: str) -> None:
         self.replicas = replicas
         self.default_task = default_task
 
-    @router_app.post("/internal/route")
-    async def route(self, request: Request) -> dict[str, Any]:
+    async def __call__(self, request: Request) -> JSONResponse:
+        if request.method != "POST" or not request.url.path.endswith("/internal/route"):
+            return JSONResponse({"detail": "HAProxy asks POST /internal/route"}, status_code=404)
         body = await request.body()
         task = None if TRUNCATED_HEADER in request.headers else task_of(body, self.default_task)
         handle = self.replicas.options(multiplexed_model_id=task) if task else self.replicas
@@ -64,12 +69,13 @@ class TaskRouter:
             async with handle.choose_replica(_reserve=False) as selection:
                 replica = selection._replica  # the replica's HTTP endpoint: not in the public fields in Ray 2.60
                 endpoint = replica.backend_http_endpoint
-        except DeploymentUnavailableError as exc:
-            raise HTTPException(503, "no LLM replica is available") from exc
+        except DeploymentUnavailableError:
+            return JSONResponse({"detail": "no LLM replica is available"}, status_code=503)
         if endpoint is None:
-            raise HTTPException(503, f"replica {selection.replica_id} has no HTTP endpoint yet")
+            return JSONResponse({"detail": f"replica {selection.replica_id} has no HTTP endpoint yet"},
+                                status_code=503)
         host, port = endpoint
         answer: dict[str, Any] = {"host": host, "port": port, "replica_id": replica.replica_id.to_full_id_str()}
         if task:
             answer["request_headers"] = {SERVE_MULTIPLEXED_MODEL_ID: task}
-        return answer
+        return JSONResponse(answer)
