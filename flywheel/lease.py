@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, ValidationError
 
-from flywheel.registry import LEASE_DIR, Registry
+from flywheel.registry import LEASE_DIR, Registry, forget_epochs_before
 
 log = logging.getLogger("flywheel.lease")
 
@@ -89,6 +89,7 @@ class StoreLease:
             return None  # another keeper claimed this epoch first
         self._beat(epoch)
         self.epoch = epoch
+        forget_epochs_before(self.store.fs, self.store.path(*LEASE_DIR), epoch - 1)  # the last one stays, for ops
         log.info("event=lease_claimed holder=%s epoch=%d after=%s", self.holder, epoch,
                  state.claim.holder if state else None)
         return epoch

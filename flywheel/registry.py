@@ -33,6 +33,7 @@ Versions are immutable; promotion and rollback move an alias, never weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -803,6 +804,17 @@ def latest_epoch(fs: AbstractFileSystem, folder: str) -> int:
         return 0
     names = (p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
     return max((int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()), default=0)
+
+
+def forget_epochs_before(fs: AbstractFileSystem, folder: str, epoch: int) -> None:
+    """Delete the files of epochs older than `epoch` in `folder` (`<epoch>.json`, and a lease's `<epoch>.beat`):
+    only the newest count, and a folder listed on every renewal must not grow forever."""
+    fs.invalidate_cache(folder)
+    for path in fs.ls(folder, detail=False) if fs.exists(folder) else []:
+        number, _, kind = path.rsplit("/", 1)[-1].partition(".")
+        if number.isdigit() and kind in ("json", "beat") and int(number) < epoch:
+            with contextlib.suppress(FileNotFoundError):  # another writer forgot it first
+                fs.rm_file(path)
 
 
 def task_names(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:

@@ -43,7 +43,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from flywheel.auth import is_loopback
 from flywheel.config import SHARED_SETTINGS_ENV, Settings
-from flywheel.registry import create_exclusive, latest_epoch
+from flywheel.registry import create_exclusive, forget_epochs_before, latest_epoch
 from flywheel.store import put_whole
 
 log = logging.getLogger("flywheel.runs")
@@ -217,7 +217,7 @@ class RunStore:
         except FileNotFoundError:  # a run that took the lock over (this one went silent) has forgotten it
             return
         self._write(name, claim.model_copy(update={"released_at": datetime.now(UTC)}).model_dump_json())
-        self._forget_before("lock", epoch)
+        forget_epochs_before(self.fs, self._path("lock"), epoch)
 
     def busy(self) -> bool:
         return self._holder()[1] is not None
@@ -392,7 +392,8 @@ class RunStore:
             counts[key] = counts.get(key, 0) + 1
             text = json.dumps([[task, verdict, n] for (task, verdict), n in sorted(counts.items())])
             if create_exclusive(self.fs, self._path(f"outcomes/{seq + 1:010d}.json"), text):
-                self._forget_before("outcomes", seq)  # a reader of `seq` that listed before this may still read it
+                # the one before stays: a reader that listed before this may still read it
+                forget_epochs_before(self.fs, self._path("outcomes"), seq)
                 return
         log.warning("event=outcome_not_counted run_id=%s verdict=%s: other runs kept counting first",
                     record.run_id, record.state)
@@ -409,12 +410,6 @@ class RunStore:
                     return 0, {}
                 continue  # forgotten since the listing, under two newer counts: look again
         raise OSError(f"the outcome counts in {self.root} kept changing while read")
-
-    def _forget_before(self, folder: str, seq: int) -> None:
-        """Delete the numbered files (`<n>.json`) in `folder` older than `seq`: only the newest ones count."""
-        for name in self._names(folder):
-            if name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) < seq:
-                self.fs.rm_file(self._path(f"{folder}/{name}"))
 
     def outcomes(self) -> dict[tuple[str, str], int]:
         """(task, verdict) -> finished runs, ever."""

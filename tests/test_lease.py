@@ -91,6 +91,18 @@ def test_a_release_hands_the_loop_over_at_once(tmp_path: Path) -> None:
     assert b.claim() == 2 and a.claim() is None
 
 
+def test_a_keeper_that_takes_the_loop_over_forgets_all_but_the_epoch_before(tmp_path: Path) -> None:
+    """Every renewal lists the lease's folder: years of takeovers (each pod restart one) must not make it long."""
+    registry = Registry(str(tmp_path / "registry"), "demo")
+    keepers = [StoreLease(registry, f"keeper-{n}", lease_s=60) for n in range(2)]
+    for epoch in range(1, 8):
+        assert keepers[epoch % 2].claim() == epoch
+        keepers[epoch % 2].release()
+    assert sorted(p.name for p in (tmp_path / "registry" / "loop" / "lease").iterdir()) == [
+        "0000000006.beat", "0000000006.json", "0000000007.beat", "0000000007.json"]
+    assert keepers[0].claim() == 8 and registry.loop_epoch() == 8
+
+
 def test_a_move_under_an_epoch_the_history_has_passed_is_refused(tmp_path: Path) -> None:
     """The history itself fences: once a newer epoch moved this task's aliases, an older one cannot."""
     registry = Registry(str(tmp_path / "registry"), "demo")
