@@ -9,8 +9,10 @@ object store is measured as well as a disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -18,17 +20,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kafka import KafkaProducer
 from pydantic import BaseModel, Field
 
 from feedback.bus import build_bus, kafka_client_config
-from feedback.partitioned import PartitionedCurator, partitioned_dataset
+from feedback.partitioned import PairCommit, PartitionedCurator, PartitionedDataset, commit_name, partitioned_dataset
 from feedback.schemas import FeedbackEvent, FeedbackRequest, PredictionEvent
 from flywheel.config import Settings, load_settings
 from flywheel.logs import configure_logging
+from flywheel.store import put_whole
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_SH = REPO / "deploy" / "local" / "kafka.sh"
@@ -42,6 +46,14 @@ class CurationBenchReport(BaseModel):
     three_over_one: float
     published_per_s: float = Field(description="How fast the bench published (the slower run's): a ceiling on "
                                    "both rates, shared with the curators' CPU on a small box.")
+    manifest: list[ManifestCost] = Field(description="What publishing the manifest costs as commits accumulate "
+                                         "(on the same store; a curator waits 9 times as long between two).")
+
+
+class ManifestCost(BaseModel):
+    commits: int
+    publish_s: float = Field(description="A curator's publication of the manifest: every commit listed (p50 of 3).")
+    cold_s: float = Field(description="A curator's first manifest: every commit listed and read.")
 
 
 class _Run(NamedTuple):
@@ -134,8 +146,42 @@ def stop_all(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
             proc.wait()
 
 
+def manifest_cost(uri: str, storage_options: dict[str, Any], sizes: tuple[int, ...]) -> list[ManifestCost]:
+    """Commits of empty batches written under `uri` up to each of `sizes`, and what the manifest costs then; the
+    scratch folder is removed at the end."""
+    dataset = PartitionedDataset(uri, "p", "f", storage_options)
+    try:
+        return _manifest_cost(dataset, uri, storage_options, sizes)
+    finally:
+        with contextlib.suppress(OSError):
+            dataset.fs.rm(dataset.root, recursive=True)
+
+
+def _manifest_cost(dataset: PartitionedDataset, uri: str, storage_options: dict[str, Any], sizes: tuple[int, ...]
+                   ) -> list[ManifestCost]:
+    costs, written, now = [], 0, datetime.now(UTC)
+    for size in sizes:
+        for n in range(written, size):  # over 4 pairs, as a topic's partitions would spread them
+            start = (n // 4 * 10, n // 4 * 10)
+            commit = PairCommit(pair=n % 4, start=start, end=(start[0] + 10, start[1] + 10), files=[], created_at=now)
+            put_whole(dataset.fs, dataset.curated.path(commit_name(commit.pair, start)),
+                      commit.model_dump_json().encode(), exclusive=True)
+        written = size
+        started = time.perf_counter()
+        fresh = PartitionedDataset(uri, "p", "f", storage_options)
+        fresh.manifest()
+        cold = time.perf_counter() - started
+        publish = []
+        for _ in range(3):
+            started = time.perf_counter()
+            fresh.publish_manifest()
+            publish.append(time.perf_counter() - started)
+        costs.append(ManifestCost(commits=size, publish_s=statistics.median(publish), cold_s=cold))
+    return costs
+
+
 def run_curation_bench(settings: Settings, *, ratings: int, say: Callable[[str], None],
-                       timeout_s: float = 300.0) -> CurationBenchReport:
+                       timeout_s: float = 300.0, commits: tuple[int, ...] = (1000, 5000)) -> CurationBenchReport:
     events = _events(ratings)
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-curation-") as scratch:
         broker_dir = Path(scratch) / "kafka"
@@ -165,7 +211,12 @@ def run_curation_bench(settings: Settings, *, ratings: int, say: Callable[[str],
         finally:
             if settings.feedback.kafka_bootstrap is None:
                 subprocess.run([str(KAFKA_SH), "stop", str(broker_dir)], capture_output=True, timeout=120)
-    return CurationBenchReport(ratings=ratings, dataset_uri=settings.feedback.dataset_uri or "(a local scratch dir)",
+        base = settings.feedback.dataset_uri or str(Path(scratch) / "datasets")
+        scratch_uri = f"{base.rstrip('/')}/bench-manifest-{uuid.uuid4().hex[:8]}"
+        say(f"the manifest's cost at {', '.join(map(str, commits))} commits ({scratch_uri})")
+        manifest = manifest_cost(scratch_uri, settings.feedback.dataset_storage_options, commits)
+    return CurationBenchReport(manifest=manifest, ratings=ratings,
+                               dataset_uri=settings.feedback.dataset_uri or "(a local scratch dir)",
                                one_curator_per_s=rates[1].curated_per_s, three_curators_per_s=rates[3].curated_per_s,
                                three_over_one=rates[3].curated_per_s / rates[1].curated_per_s,
                                published_per_s=min(run.published_per_s for run in rates.values()))

@@ -171,6 +171,8 @@ def test_several_fused_replicas_behind_haproxy_get_a_task_router_and_one_does_no
     several = build_app(Settings(serving={"replicas": 2}))
     assert several._ingress_request_router._bound_deployment.name == "TaskRouter"
     assert build_app(Settings())._ingress_request_router is None, "one replica: nothing to choose"
+    autoscaled = build_app(Settings(serving={"autoscaling": {"min_replicas": 1, "max_replicas": 4}}))
+    assert autoscaled._ingress_request_router._bound_deployment.name == "TaskRouter", "it may scale to several"
     monkeypatch.setattr(serve_builder, "RAY_SERVE_ENABLE_HA_PROXY", False)
     assert build_app(Settings(serving={"replicas": 2, "topology": "fused"}))._ingress_request_router is None
 

@@ -273,6 +273,31 @@ def test_a_takeover_commits_nothing_until_both_partitions_reach_the_chains_end(t
     assert sorted(rows) == sorted(fb.event_id for _, fb in pairs)
 
 
+def test_the_manifest_is_published_less_often_as_listing_every_commit_takes_longer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Publishing lists every commit (2 s for 10 000 on moto's server): a curator spends at most about a tenth of
+    its time on it, whatever the dataset's size."""
+    curator = _offline_curator(Settings(home=tmp_path))
+    curator._manifest_written, curator._manifest_gap_s = float("-inf"), 0.0
+    published: list[float] = []
+
+    def slow_publish() -> None:
+        time.sleep(0.05)  # a long listing
+        published.append(time.monotonic())
+
+    monkeypatch.setattr(curator.dataset, "publish_manifest", slow_publish)
+    curator._publish_manifest_if_due(committed=True)
+    assert len(published) == 1 and curator._manifest_gap_s >= 0.45
+    curator._publish_manifest_if_due(committed=True)
+    assert len(published) == 1  # a commit right after waits for the gap
+    time.sleep(curator._manifest_gap_s)
+    curator._publish_manifest_if_due(committed=True)
+    assert len(published) == 2
+    curator._publish_manifest_if_due(committed=False)
+    assert len(published) == 2  # without a commit of its own: every MANIFEST_EVERY_S at most
+
+
 @pytest.mark.parametrize("store", ["disk", "s3"])
 def test_a_commit_is_created_once(store: str, tmp_path: Path, request: pytest.FixtureRequest,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,6 +364,7 @@ def test_the_curation_bench_at_a_small_size_curates_every_rating_in_both_runs(
     """`flywheel bench curation` (3 000 ratings by default) on the session's broker."""
     from loadtests.bench_curation import run_curation_bench
 
-    report = run_curation_bench(feedback_settings("kafka"), ratings=200, say=print, timeout_s=90)
+    report = run_curation_bench(feedback_settings("kafka"), ratings=200, say=print, timeout_s=90, commits=(20, 60))
     assert report.one_curator_per_s > 0 and report.three_curators_per_s > 0 and report.published_per_s > 0
     assert report.three_over_one == report.three_curators_per_s / report.one_curator_per_s
+    assert [m.commits for m in report.manifest] == [20, 60] and all(m.publish_s > 0 for m in report.manifest)
